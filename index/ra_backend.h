@@ -1,0 +1,40 @@
+/* The table every index backend fills (internal to index/). A backend sees the keys
+ * through the ra_kv it is handed at each call; ra_head holds the lock that keeps those
+ * rows stable during the call. Row ids are int32 into the ra_kv. Scores are raw inner
+ * products q.k. `scanned` counts distinct keys whose inner product was computed. */
+#ifndef RA_BACKEND_H
+#define RA_BACKEND_H
+
+#include "ra_index.h"
+#include "ra_kv.h"
+
+typedef struct ra_backend_ops {
+    const char *name;
+    /* Build over rows [0, n) of kv from nq fp32 training queries [nq][dim] (may be 0). */
+    ra_status (*build)(void **state, const ra_kv *kv, size_t n, const float *train_q, size_t nq,
+                       const ra_index_opts *opts);
+    /* Rows [first, first + n) were appended to kv: make them searchable. */
+    ra_status (*add)(void *state, const ra_kv *kv, size_t first, size_t n);
+    /* Top-k by inner product. Must be safe to call concurrently from several threads. */
+    ra_status (*search)(void *state, const ra_kv *kv, const float *q, const ra_search_params *p,
+                        int32_t *ids, float *scores, int *n_out, ra_search_stats *st);
+    size_t (*bytes)(void *state);
+    void (*destroy)(void *state);
+} ra_backend_ops;
+
+extern const ra_backend_ops ra_backend_flat;  /* index/flat.c (FAISS IndexFlatIP) */
+extern const ra_backend_ops ra_backend_ivf;   /* index/faiss_ivf.c */
+extern const ra_backend_ops ra_backend_hnsw;  /* index/faiss_hnsw.c */
+extern const ra_backend_ops ra_backend_graph; /* index/graph.c */
+
+/* Exact top-k by plain SIMD scan over rows [0, n) (no FAISS): the reference and the
+ * fallback while a build runs. */
+ra_status ra_exact_topk(const ra_kv *kv, size_t n, const float *q, int k, int32_t *ids,
+                        float *scores, int *n_out);
+
+/* Exact top-K keys of each of nq queries through FAISS (BLAS): ids [nq][K], scores
+ * [nq][K]; rows with fewer than K keys are padded with -1. Multi-threaded. */
+ra_status ra_exact_knn_batch(const ra_kv *kv, size_t n, const float *q, size_t nq, int K,
+                             int32_t *ids, float *scores);
+
+#endif

@@ -1,0 +1,98 @@
+/* The per-head retrieval interface the daemon uses: ra_head owns one (layer, KV head)'s
+ * K/V store and its search index, and answers "partial attention of this query over
+ * the top-k keys". Index kinds are backends behind one table (ra_backend.h): exact
+ * scan (FAISS IndexFlatIP), IVF-Flat and HNSW through the FAISS C API, and the
+ * attention-aware graph. A build runs in a background thread; until it is done,
+ * searches are answered by an exact scan, never refused. Keys appended after the
+ * build are inserted into the index and searchable at once.
+ *
+ * Thread-safety: every ra_head_* call may be made from any thread; searches run
+ * concurrently with each other, appends and the end of a build are exclusive. */
+#ifndef RA_INDEX_H
+#define RA_INDEX_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ra_kv.h"
+#include "ratd/status.h"
+
+typedef enum ra_index_kind {
+    RA_INDEX_GRAPH = 0, /* attention-aware graph (default) */
+    RA_INDEX_FLAT = 1,  /* exact scan */
+    RA_INDEX_IVF = 2,   /* FAISS IVF-Flat */
+    RA_INDEX_HNSW = 3   /* FAISS HNSW32,Flat */
+} ra_index_kind;
+
+const char *ra_index_kind_name(ra_index_kind k);
+
+/* Index options; zero fields take the defaults (ra_index_opts_default). */
+typedef struct ra_index_opts {
+    ra_index_kind kind;
+    int graph_knn;      /* K: exact top-K keys per training query */
+    int graph_degree;   /* M: max out-degree */
+    int graph_build_ef; /* candidate list when inserting keys */
+    int graph_entries;  /* entry points */
+    int n_train;        /* max training queries used (sampled) */
+    int ivf_nlist;      /* IVF lists (0: ~4*sqrt(n)) */
+    int hnsw_m;         /* HNSW M */
+    int threads;        /* build threads (0: all) */
+    uint64_t seed;
+} ra_index_opts;
+
+void ra_index_opts_default(ra_index_opts *o);
+
+/* Search-time knobs: `effort` is the backend's own dial (graph: candidate list size,
+ * IVF: nprobe, HNSW: efSearch; 0 = default). `warm`/`n_warm`: previous step's row ids
+ * for this query head (may be NULL), used as extra entry points by the graph. */
+typedef struct ra_search_params {
+    int k;
+    int effort;
+    const int32_t *warm;
+    int n_warm;
+} ra_search_params;
+
+typedef struct ra_search_stats {
+    uint64_t scanned;   /* distinct keys whose inner product was computed */
+    uint64_t hops;      /* graph nodes expanded (0 for others) */
+    int exact_fallback; /* 1 when answered by exact scan because the index was not built */
+} ra_search_stats;
+
+typedef struct ra_head ra_head;
+
+ra_status ra_head_create(ra_head **out, int dim, ra_dtype dtype, const ra_index_opts *opts,
+                         ra_mem *acct);
+/* Waits for a running build, then frees everything. */
+void ra_head_destroy(ra_head *h);
+
+/* Appends n tokens: k, v are [n][dim] of the head's dtype; pos n positions. Validated
+ * (finite, sizes) before anything changes. If an index is built, inserts them. */
+ra_status ra_head_append(ra_head *h, const void *k, const void *v, const int64_t *pos, size_t n);
+
+/* Starts building the index over the keys present now, from nq training queries
+ * (fp32 [nq][dim], copied). background=1 returns at once; 0 waits. A second call while
+ * a build runs returns RA_EBUSY. Keys appended during the build are inserted at its end. */
+ra_status ra_head_build(ra_head *h, const float *train_q, size_t nq, int background);
+/* 1 when the index is built and in use. */
+int ra_head_ready(ra_head *h);
+/* Waits until no build is running. */
+void ra_head_wait(ra_head *h);
+
+/* Top-k rows by inner product q.k (fp32 q[dim]); writes up to k ids (row ids) and raw
+ * scores, best first; *n_out = min(k, count) or fewer if the index returns fewer. */
+ra_status ra_head_search(ra_head *h, const float *q, const ra_search_params *p, int32_t *ids,
+                         float *scores, int *n_out, ra_search_stats *st);
+
+/* Search + partial attention: o[dim], lse (scale = 1/sqrt(dim) if scale <= 0).
+ * ids/scores (each of k entries, may be NULL) receive the retrieved row ids and raw
+ * scores; positions of ids through ra_head_positions(). n == 0 gives o = 0, lse = -INF. */
+ra_status ra_head_attend(ra_head *h, const float *q, const ra_search_params *p, float scale,
+                         float *o, float *lse, int32_t *ids, float *scores, int *n_out,
+                         ra_search_stats *st);
+
+size_t ra_head_count(ra_head *h);
+/* Copies the positions of n row ids (caller sized). */
+void ra_head_positions(ra_head *h, const int32_t *ids, size_t n, int64_t *pos);
+size_t ra_head_bytes(ra_head *h);
+
+#endif

@@ -1,0 +1,50 @@
+/* SIMD kernels of index/: inner products and partial attention over keys and values
+ * stored as fp32, fp16 or bf16. One implementation per ISA level (scalar, AVX2+F16C+FMA,
+ * AVX-512F[+BF16]); the best one the CPU supports is chosen once at run time, and tests
+ * force each level in turn to compare it with the scalar reference. Queries and results
+ * are always fp32; storage is converted in registers. */
+#ifndef RA_KERNELS_H
+#define RA_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ratd/status.h"
+
+typedef enum ra_isa {
+    RA_ISA_SCALAR = 0,
+    RA_ISA_AVX2 = 1,   /* AVX2 + FMA + F16C */
+    RA_ISA_AVX512 = 2  /* AVX-512F (+ AVX512BW) */
+} ra_isa;
+
+/* Best ISA this CPU supports (cached). */
+ra_isa ra_kern_isa_best(void);
+/* ISA in use; ra_kern_isa_set() forces one (tests); returns RA_ENOTSUP if the CPU lacks it. */
+ra_isa ra_kern_isa_get(void);
+ra_status ra_kern_isa_set(ra_isa isa);
+const char *ra_kern_isa_name(ra_isa isa);
+
+/* out[i] = q . row(first + i) for i < n; rows are `dim` elements of type t, contiguous. */
+void ra_kern_dot_range(const float *q, const void *rows, ra_dtype t, int dim, size_t first, size_t n,
+                       float *out);
+/* out[i] = q . row(ids[i]) for i < n (gather). */
+void ra_kern_dot_gather(const float *q, const void *rows, ra_dtype t, int dim, const int32_t *ids,
+                        size_t n, float *out);
+/* One inner product. */
+float ra_kern_dot(const float *q, const void *row, ra_dtype t, int dim);
+
+/* Partial attention over a set S given the raw scores s_i = q.k_i (i < n) of its members:
+ *   z_i = scale * s_i;  lse = log sum_i e^{z_i};  o = sum_i e^{z_i - lse} v_{ids[i]}
+ * V rows are `dim` elements of type t. o has dim floats. With n == 0: o = 0, lse = -INF.
+ * fp32 accumulation. */
+void ra_kern_partial_attention(const float *scores, const int32_t *ids, size_t n, float scale,
+                               const void *vrows, ra_dtype t, int dim, float *o, float *lse);
+
+/* Convert n elements of type t to fp32 / from fp32 (round to nearest even). */
+void ra_kern_to_f32(const void *src, ra_dtype t, size_t n, float *dst);
+void ra_kern_from_f32(const float *src, ra_dtype t, size_t n, void *dst);
+
+/* 1 when every one of n elements of type t is finite. */
+int ra_kern_all_finite(const void *src, ra_dtype t, size_t n);
+
+#endif

@@ -1,0 +1,45 @@
+/* Storage of one head's offloaded keys and values: rows of `dim` elements in the
+ * session's dtype, the token position of each row, append-only. Row ids are dense
+ * int32 (0..n-1) in insertion order; every index backend speaks row ids and this
+ * store maps them back to positions. Memory is accounted against an optional
+ * budget (ra_mem). Not synchronized: the owner (ra_head) locks. */
+#ifndef RA_KV_H
+#define RA_KV_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ratd/status.h"
+
+/* A daemon-wide memory account: `limit` bytes (0 = unlimited), `used` updated atomically. */
+typedef struct ra_mem {
+    size_t limit;
+    size_t used; /* accessed with __atomic builtins */
+} ra_mem;
+
+/* Reserve / release bytes on an account (acct may be NULL). RA_ENOMEM when over the limit. */
+ra_status ra_mem_reserve(ra_mem *acct, size_t bytes);
+void ra_mem_release(ra_mem *acct, size_t bytes);
+
+typedef struct ra_kv ra_kv;
+
+#define RA_KV_MAX_ROWS ((size_t)1 << 30)
+
+ra_status ra_kv_create(ra_kv **out, int dim, ra_dtype dtype, ra_mem *acct);
+void ra_kv_destroy(ra_kv *kv);
+
+/* Appends n rows. k and v are n*dim elements of the store's dtype, pos n positions.
+ * Rejects NaN/Inf (RA_ENONFINITE) and overflow (RA_ETOOBIG) before changing anything. */
+ra_status ra_kv_append(ra_kv *kv, const void *k, const void *v, const int64_t *pos, size_t n);
+
+size_t ra_kv_count(const ra_kv *kv);
+int ra_kv_dim(const ra_kv *kv);
+ra_dtype ra_kv_dtype(const ra_kv *kv);
+/* Contiguous rows; the pointers change when ra_kv_append grows the store. */
+const void *ra_kv_keys(const ra_kv *kv);
+const void *ra_kv_values(const ra_kv *kv);
+const int64_t *ra_kv_positions(const ra_kv *kv);
+/* Bytes held (for stats). */
+size_t ra_kv_bytes(const ra_kv *kv);
+
+#endif
