@@ -1,0 +1,250 @@
+/* libratd-client: the C API a decoder links to talk to a ratd daemon.
+ *
+ * One ra_client is one connection (a ZeroMQ DEALER socket) to one daemon. Requests
+ * are synchronous (send, then wait for the reply) except Attend, which also has a
+ * send-now / wait-later form so a decoder can overlap its own GPU work with the
+ * daemon's retrieval. Every wait has a timeout (RA_ETIMEDOUT).
+ *
+ * Errors: every fallible call returns an ra_status (include/ratd/status.h, text
+ * through ra_strerror()); out-parameters are written only on RA_OK. The message of
+ * the last failed call (the daemon's own text when the daemon refused the request,
+ * else a local one) is ra_client_errmsg().
+ *
+ * Results go into arrays the caller sized; the library never hands out memory the
+ * caller has to free, except the ra_client itself (ra_client_close).
+ *
+ * Tensor layouts (row-major, contiguous):
+ *   K, V       [n_kv_heads][n_tokens][head_dim]   session dtype (f32, f16 or bf16 bits)
+ *   positions  [n_tokens] int64                    token positions in the sequence
+ *   train q    [n_q_heads][n_queries][head_dim]   fp32 (prefill queries for the index)
+ *   attend q   [n_q_heads][head_dim]              fp32
+ *   o          [n_q_heads][head_dim]              fp32
+ *   lse        [n_q_heads]                        fp32 (natural log; -INF if no key)
+ *   top-k      [n_q_heads][top_k] int64 positions and fp32 raw scores q.k, best first
+ *
+ * Thread-safety: an ra_client is NOT thread-safe (like a ZeroMQ socket). Use each
+ * ra_client from one thread at a time (a caller may hand it between threads behind its
+ * own lock); open one ra_client per thread for parallel traffic. Different clients are
+ * independent. */
+#ifndef RATD_CLIENT_H
+#define RATD_CLIENT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ratd/status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The wire protocol version this library speaks. */
+#define RA_CLIENT_PROTOCOL_VERSION 1u
+
+typedef struct ra_client ra_client;
+
+typedef struct ra_client_opts {
+    int timeout_ms;   /* bound of every wait; <= 0: 30000 */
+    int max_inflight; /* asynchronous attends outstanding at once; <= 0: 64 */
+} ra_client_opts;
+
+void ra_client_opts_default(ra_client_opts *o);
+
+/* Connects to `endpoint` ("ipc:///path" or "tcp://host:port"). Does no network I/O:
+ * an absent daemon shows up as RA_ETIMEDOUT on the first request (call
+ * ra_client_hello to check the daemon and the protocol version). opts may be NULL. */
+ra_status ra_client_open(ra_client **out, const char *endpoint, const ra_client_opts *opts);
+/* Closes the socket, abandons outstanding requests, frees the client. NULL is a no-op. */
+void ra_client_close(ra_client *c);
+
+/* Message of the last failed call on this client ("" after a success). Valid until the
+ * next call on the same client. Never NULL. */
+const char *ra_client_errmsg(const ra_client *c);
+
+/* Changes the wait bound of later calls (<= 0: 30000 ms). */
+void ra_client_set_timeout(ra_client *c, int timeout_ms);
+
+/* ---- Hello -------------------------------------------------------------------- */
+
+/* Capability bits of a daemon. */
+#define RA_CAP_F16 (1u << 0)
+#define RA_CAP_BF16 (1u << 1)
+#define RA_CAP_GRAPH (1u << 2)
+#define RA_CAP_FAISS (1u << 3)
+#define RA_CAP_TOPK (1u << 4) /* returns top-k positions and scores on request */
+#define RA_CAP_NUMA (1u << 5) /* workers and memory bound to a NUMA node / cpuset */
+
+/* The daemon's limits: a request beyond any of them is refused (RA_ETOOBIG/RA_EINVAL). */
+typedef struct ra_server_limits {
+    uint64_t max_frame_bytes;   /* one tensor frame */
+    uint64_t max_message_bytes; /* all frames of one request */
+    uint64_t mem_limit;         /* daemon-wide memory budget, 0 = none */
+    uint32_t max_sessions;
+    uint32_t max_layers;
+    uint32_t max_heads;
+    uint32_t max_dim;
+    uint32_t max_top_k;
+    uint32_t max_tokens;  /* tokens per Offload/Append message */
+    uint32_t max_queries; /* training queries per head per Offload */
+} ra_server_limits;
+
+typedef struct ra_server_info {
+    uint32_t protocol_version;
+    uint32_t capabilities; /* RA_CAP_* */
+    char server_version[32];
+    uint32_t workers;
+    int32_t numa_node; /* -1 when not bound */
+    ra_server_limits limits;
+} ra_server_info;
+
+/* Exchanges protocol versions; a daemon that speaks another version answers
+ * RA_EVERSION and the message names both versions. info may be NULL. */
+ra_status ra_client_hello(ra_client *c, ra_server_info *info);
+
+/* ---- Sessions ----------------------------------------------------------------- */
+
+/* Index kinds; same values as the daemon's. */
+typedef enum ra_client_index_kind {
+    RA_CLIENT_INDEX_GRAPH = 0, /* attention-aware graph (default) */
+    RA_CLIENT_INDEX_FLAT = 1,  /* exact scan */
+    RA_CLIENT_INDEX_IVF = 2,   /* FAISS IVF-Flat */
+    RA_CLIENT_INDEX_HNSW = 3   /* FAISS HNSW */
+} ra_client_index_kind;
+
+/* Index options; 0 means "daemon default" for every field. */
+typedef struct ra_client_index_opts {
+    ra_client_index_kind kind;
+    int graph_knn;      /* exact top-K keys per training query */
+    int graph_degree;   /* max out-degree */
+    int graph_build_ef; /* candidate list when inserting */
+    int graph_entries;  /* entry points */
+    int n_train;        /* training queries used per KV head (sampled) */
+    int ivf_nlist;
+    int hnsw_m;
+    int threads; /* build threads */
+    uint64_t seed;
+} ra_client_index_opts;
+
+typedef struct ra_session_desc {
+    int n_layers;
+    int n_q_heads;  /* query heads; a multiple of n_kv_heads (GQA) */
+    int n_kv_heads; /* query head h uses KV head h / (n_q_heads / n_kv_heads) */
+    int head_dim;
+    ra_dtype dtype; /* storage and wire dtype of K and V */
+    ra_client_index_opts index;
+} ra_session_desc;
+
+/* Zeroes *d (defaults: graph index, fp16). */
+void ra_session_desc_init(ra_session_desc *d);
+
+/* Creates a session on the daemon; *session is its id (never 0). */
+ra_status ra_client_session_create(ra_client *c, const ra_session_desc *d, uint64_t *session);
+/* Frees the session and everything of it on the daemon. */
+ra_status ra_client_session_drop(ra_client *c, uint64_t session);
+
+/* ---- Tokens ------------------------------------------------------------------- */
+
+/* One layer's tokens for Offload / Append. Pointers are only read during the call. */
+typedef struct ra_kv_batch {
+    int n_kv_heads;
+    int head_dim;
+    ra_dtype dtype;
+    size_t n_tokens;
+    const void *k;          /* [n_kv_heads][n_tokens][head_dim] */
+    const void *v;          /* [n_kv_heads][n_tokens][head_dim] */
+    const int64_t *pos;     /* [n_tokens] */
+    int n_q_heads;          /* Offload only: heads of q_train (0: no training queries) */
+    size_t n_queries;       /* Offload only: queries per head */
+    const float *q_train;   /* Offload only: [n_q_heads][n_queries][head_dim] fp32 */
+} ra_kv_batch;
+
+/* Prefill: stores the tokens of one layer and starts building that layer's index in the
+ * background from the training queries (every query head sharing a KV head trains it).
+ * Attend is answered by an exact scan until the index is built. */
+ra_status ra_client_offload(ra_client *c, uint64_t session, int layer, const ra_kv_batch *b);
+/* Decode: tokens leaving the GPU window; searchable by the next Attend. */
+ra_status ra_client_append(ra_client *c, uint64_t session, int layer, const ra_kv_batch *b);
+
+/* ---- Attend ------------------------------------------------------------------- */
+
+typedef struct ra_attend_req {
+    int n_q_heads;
+    int head_dim;
+    const float *q; /* [n_q_heads][head_dim] fp32 */
+    int top_k;      /* keys retrieved per query head (> 0, <= limits.max_top_k) */
+    int effort;     /* search effort (graph: candidate list; 0: default) */
+    float scale;    /* softmax scale; <= 0: 1/sqrt(head_dim) */
+    int want_topk;  /* 1: also return the retrieved positions and scores */
+} ra_attend_req;
+
+/* Caller-sized result arrays (see the layouts at the top). pos/scores/counts are used
+ * only when want_topk was set, and may be NULL otherwise. */
+typedef struct ra_attend_out {
+    float *o;       /* [n_q_heads][head_dim] */
+    float *lse;     /* [n_q_heads] */
+    int64_t *pos;   /* [n_q_heads][top_k]; rows shorter than top_k padded with -1 */
+    float *scores;  /* [n_q_heads][top_k]; padding -INF */
+    int32_t *counts; /* [n_q_heads]: entries filled per head */
+} ra_attend_out;
+
+/* Partial attention over the offloaded tokens of one layer, per query head. */
+ra_status ra_client_attend(ra_client *c, uint64_t session, int layer, const ra_attend_req *r,
+                           ra_attend_out *out);
+
+/* Asynchronous form: sends the request now (q is copied before return) and gives a
+ * ticket; ra_client_attend_wait blocks until that reply arrives (or timeout_ms passes,
+ * < 0: the client's timeout) and writes it into out, whose arrays must match the
+ * request (n_q_heads, head_dim, top_k, want_topk). On RA_ETIMEDOUT the ticket stays
+ * valid: wait again, or drop it with ra_client_attend_cancel. Any other return of
+ * wait consumes the ticket. Other calls on the client may be made in between. */
+typedef uint64_t ra_ticket;
+ra_status ra_client_attend_send(ra_client *c, uint64_t session, int layer,
+                                const ra_attend_req *r, ra_ticket *ticket);
+ra_status ra_client_attend_wait(ra_client *c, ra_ticket ticket, ra_attend_out *out,
+                                int timeout_ms);
+/* Forgets a ticket; its reply is discarded when it arrives. */
+void ra_client_attend_cancel(ra_client *c, ra_ticket ticket);
+
+/* ---- Stats -------------------------------------------------------------------- */
+
+typedef enum ra_op {
+    RA_OP_HELLO = 0,
+    RA_OP_CREATE = 1,
+    RA_OP_OFFLOAD = 2,
+    RA_OP_APPEND = 3,
+    RA_OP_ATTEND = 4,
+    RA_OP_DROP = 5,
+    RA_OP_STATS = 6,
+    RA_OP_COUNT = 7
+} ra_op;
+
+typedef struct ra_op_stats {
+    uint64_t count;
+    uint64_t errors;
+    uint64_t total_us; /* time from a request's arrival to its reply */
+    uint64_t max_us;
+} ra_op_stats;
+
+typedef struct ra_server_stats {
+    uint64_t sessions;  /* live now */
+    uint64_t requests;  /* all requests served, including refused ones */
+    uint64_t errors;    /* replies with a status other than RA_OK */
+    uint64_t bad_messages; /* malformed input: garbage, truncated, too big */
+    uint64_t bytes_in;
+    uint64_t bytes_out;
+    uint64_t mem_used;  /* accounted bytes (K, V, indexes) */
+    uint64_t mem_limit; /* 0 = none */
+    uint64_t tokens;    /* tokens stored, all sessions */
+    double uptime_s;
+    ra_op_stats ops[RA_OP_COUNT];
+} ra_server_stats;
+
+const char *ra_op_name(ra_op op);
+
+/* Daemon-wide counters. */
+ra_status ra_client_stats(ra_client *c, ra_server_stats *st);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
