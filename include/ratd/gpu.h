@@ -1,0 +1,194 @@
+/* ratd's device side: the sink+window KV cache of a decoder, partial decode attention
+ * over it, the exact log-sum-exp merge with ratd's answer, and the staging of the tokens
+ * that go to ratd (the middle of the prefill for Offload, the tokens leaving the window
+ * for Append). Two backends share this API: CUDA (when built with it and a device is
+ * present) and a CPU reference that always exists and defines the numerics (fp32
+ * accumulation). This header includes no CUDA header and is usable from C and C++.
+ *
+ * Model of one cache. `batch` sequences advance in lockstep; each layer keeps, per
+ * sequence and KV head, the first `sink` tokens and a ring of the last `window` tokens.
+ * Token positions count from 0 per sequence. New tokens fill the sink first, then the
+ * window; once the window is full, every new token evicts the oldest window token,
+ * which is staged for Append. Every token is on exactly one side (here or in ratd).
+ *
+ * Layouts (row-major, elements of the cache's dtype unless said otherwise):
+ *   prefill K, V      [batch][n_tokens][n_kv_heads][head_dim]   (as a projection writes them)
+ *   step q            [batch][n_q_heads][head_dim]
+ *   step k, v         [batch][n_kv_heads][head_dim]
+ *   o (partial)       [batch][n_q_heads][head_dim]  float32
+ *   lse               [batch][n_q_heads]            float32, natural log; -INFINITY = empty set
+ *   staged K, V       per (sequence, KV head) `n_tokens` contiguous rows of head_dim (see
+ *                     ra_gpu_staged for the strides); positions int64, one per token
+ * GQA: query head h uses KV head h / (n_q_heads / n_kv_heads).
+ * Scores are s = scale * q.k (scale defaults to 1/sqrt(head_dim), as ratd's).
+ *
+ * Memory kinds. Every call that takes tensors names where they live:
+ *   RA_GPU_MEM_HOST    ordinary host memory; the call copies in and out and returns when
+ *                      its outputs are written (CUDA: it waits on the cache's stream only).
+ *   RA_GPU_MEM_DEVICE  CUDA device memory (CUDA backend only; the CPU backend answers
+ *                      RA_ENOTSUP). The call enqueues its work on the cache's stream and
+ *                      returns at once; outputs are ready when that stream reaches them
+ *                      (ra_gpu_cache_stream, ra_gpu_cache_sync). No call on the decode path
+ *                      waits for the whole device.
+ * Pointers must be 16-byte aligned; device pointers are checked to be device memory
+ * (unless cfg.skip_pointer_check) so that a host pointer gives RA_EINVAL, not a crash.
+ *
+ * Errors: every fallible call returns ra_status and writes out-parameters only on
+ * success. A failing CUDA call gives RA_EDEVICE with the CUDA message in
+ * ra_gpu_cache_last_error(). If the failure happened before the step changed anything
+ * the cache stays usable; if device state may be inconsistent (an asynchronous fault,
+ * a sticky CUDA error) the cache is marked broken and every later call on it returns
+ * RA_ESTATE: destroy it. A cache is not thread-safe: one thread at a time. */
+#ifndef RATD_GPU_H
+#define RATD_GPU_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ratd/status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct ra_gpu_cache ra_gpu_cache;
+
+typedef enum ra_gpu_backend {
+    RA_GPU_BACKEND_AUTO = 0, /* CUDA when built with it and a device is present, else CPU */
+    RA_GPU_BACKEND_CPU = 1,
+    RA_GPU_BACKEND_CUDA = 2 /* RA_ENOTSUP if not built with CUDA, RA_EDEVICE if no device */
+} ra_gpu_backend;
+
+typedef enum ra_gpu_mem {
+    RA_GPU_MEM_HOST = 0,
+    RA_GPU_MEM_DEVICE = 1
+} ra_gpu_mem;
+
+typedef struct ra_gpu_config {
+    unsigned n_layers;
+    unsigned n_q_heads;  /* a multiple of n_kv_heads */
+    unsigned n_kv_heads;
+    unsigned head_dim;   /* CUDA: 64 or 128; CPU: 1..1024 */
+    ra_dtype dtype;      /* F16 or BF16; F32 on the CPU backend only */
+    unsigned sink;       /* may be 0 */
+    unsigned window;     /* >= 1 */
+    unsigned batch;      /* sequences, >= 1 */
+    ra_gpu_backend backend;
+    int device;               /* CUDA device ordinal (CUDA backend) */
+    unsigned evict_capacity;  /* staged evicted tokens per layer before Append must drain
+                                 them (ra_gpu_cache_evicted_release); 0 = 64 */
+    float scale;              /* softmax scale; 0 = 1/sqrt(head_dim) */
+    int skip_pointer_check;   /* nonzero: trust device pointers (saves a driver call each) */
+} ra_gpu_config;
+
+/* Fills *cfg with defaults (backend AUTO, device 0, evict_capacity 64, scale 1/sqrt(d)),
+ * shapes zero: the caller sets them. */
+void ra_gpu_config_init(ra_gpu_config *cfg);
+
+/* 1 when this build has the CUDA backend and a CUDA device is visible, else 0. */
+int ra_gpu_cuda_available(void);
+
+/* Creates a cache; allocates all device memory up front (sink + window per layer,
+ * sequence and KV head, workspaces, eviction staging in pinned host memory).
+ * RA_EINVAL for bad shapes, RA_ENOTSUP for a dtype/head_dim the backend lacks,
+ * RA_ENOMEM / RA_EDEVICE when memory or the device fails. */
+ra_status ra_gpu_cache_create(const ra_gpu_config *cfg, ra_gpu_cache **out);
+/* Frees everything, including staged buffers; waits for the cache's pending work. NULL ok. */
+void ra_gpu_cache_destroy(ra_gpu_cache *c);
+
+/* The backend actually in use (never AUTO). */
+ra_gpu_backend ra_gpu_cache_backend(const ra_gpu_cache *c);
+const ra_gpu_config *ra_gpu_cache_config(const ra_gpu_cache *c);
+/* Text of the last error on this cache ("" if none); valid until the next call on it. */
+const char *ra_gpu_cache_last_error(const ra_gpu_cache *c);
+/* 1 when a device fault left the cache unusable. */
+int ra_gpu_cache_broken(const ra_gpu_cache *c);
+
+/* The CUDA stream (a cudaStream_t) the cache works on; NULL on the CPU backend.
+ * set_stream makes the cache enqueue on the caller's stream instead (NULL: back to its
+ * own); call it between steps, never with work of the cache in flight elsewhere. */
+void *ra_gpu_cache_stream(const ra_gpu_cache *c);
+ra_status ra_gpu_cache_set_stream(ra_gpu_cache *c, void *cuda_stream);
+/* Waits until all work enqueued by the cache is done (its stream only). */
+ra_status ra_gpu_cache_sync(ra_gpu_cache *c);
+
+/* Forgets every token of every layer (a new batch of sequences). Staged data is dropped. */
+ra_status ra_gpu_cache_reset(ra_gpu_cache *c);
+
+/* Tokens seen so far per sequence on a layer, and how many of them are held locally
+ * (sink + window part). */
+ra_status ra_gpu_cache_tokens(const ra_gpu_cache *c, unsigned layer, unsigned *n_seen,
+                              unsigned *n_local);
+
+/* One layer's K and V after the decoder's own prefill of n_tokens per sequence (layout
+ * above). The layer must be empty (RA_ESTATE otherwise; ra_gpu_cache_reset first).
+ * Keeps tokens [0, min(sink, n)) in the sink and the last min(window, n - sink) in the
+ * window; stages the middle [sink, n - window) in pinned host memory for Offload
+ * (ra_gpu_cache_offload_view). With MEM_DEVICE the copies are asynchronous.
+ * RA_EBUSY if the layer's previous offload stage was not released. */
+ra_status ra_gpu_ingest_prefill(ra_gpu_cache *c, unsigned layer, ra_gpu_mem mem, const void *k,
+                                const void *v, unsigned n_tokens);
+
+/* A view of staged tokens in pinned host memory, ready to hand to libratd-client.
+ * K of sequence b, KV head h: n_tokens rows of head_dim elements starting at element
+ * b * seq_stride + h * head_stride of `k` (same for `v`). Positions: pos[b * pos_stride + i]. */
+typedef struct ra_gpu_staged {
+    unsigned n_tokens; /* per sequence (the same for all) */
+    unsigned batch, n_kv_heads, head_dim;
+    ra_dtype dtype;
+    const void *k;
+    const void *v;
+    const int64_t *pos;
+    size_t seq_stride;  /* elements */
+    size_t head_stride; /* elements */
+    size_t pos_stride;  /* int64 entries */
+} ra_gpu_staged;
+
+/* The middle tokens staged by ingest_prefill of `layer` (n_tokens 0 if none). Waits for
+ * the staging copies of that layer only. Valid until ra_gpu_cache_offload_release. */
+ra_status ra_gpu_cache_offload_view(ra_gpu_cache *c, unsigned layer, ra_gpu_staged *out);
+/* Marks the offload stage of a layer consumed; its pinned buffer is kept for reuse
+ * until ra_gpu_cache_trim. */
+ra_status ra_gpu_cache_offload_release(ra_gpu_cache *c, unsigned layer);
+/* Frees pinned buffers of released offload stages. */
+void ra_gpu_cache_trim(ra_gpu_cache *c);
+
+/* One decode step of one layer: appends the new k, v (position n_seen) to the cache,
+ * then computes for every query head the partial attention over all local tokens (sink
+ * + window, the new token included): o, lse (layout above). If the window was full the
+ * oldest window token is staged for Append first; RA_EBUSY (nothing changed) if the
+ * eviction stage already holds evict_capacity tokens. */
+ra_status ra_gpu_attend_local(ra_gpu_cache *c, unsigned layer, ra_gpu_mem mem, const void *q,
+                              const void *k_new, const void *v_new, float *o, float *lse);
+
+/* Tokens evicted from a layer's window since the last release, oldest first (positions
+ * increasing). Waits for that layer's last step only. Valid until the release. */
+ra_status ra_gpu_cache_evicted_view(ra_gpu_cache *c, unsigned layer, ra_gpu_staged *out);
+ra_status ra_gpu_cache_evicted_release(ra_gpu_cache *c, unsigned layer);
+
+/* Exact merge of two partial attentions over disjoint token sets, per (sequence, query
+ * head) row: m = max(lse_a, lse_b), o = (e^(lse_a-m) o_a + e^(lse_b-m) o_b) /
+ * (e^(lse_a-m) + e^(lse_b-m)), lse = m + log(e^(lse_a-m) + e^(lse_b-m)). An empty side
+ * (lse -INFINITY) contributes nothing; both empty gives o = 0, lse = -INFINITY.
+ * o_local/lse_local are attend_local's outputs; o_remote (fp32, fp16 or bf16, `remote_dtype`)
+ * and lse_remote (fp32) are ratd's reply; o_out is written in out_dtype (F32, or the
+ * cache's dtype); lse_out may be NULL. o_out may alias o_local when out_dtype is F32.
+ * Shapes: batch * n_q_heads rows of head_dim. */
+ra_status ra_gpu_merge(ra_gpu_cache *c, ra_gpu_mem mem, const float *o_local,
+                       const float *lse_local, const void *o_remote, ra_dtype remote_dtype,
+                       const float *lse_remote, void *o_out, ra_dtype out_dtype, float *lse_out);
+
+/* Exact inner-product k-nearest neighbours for index builds: for each of nq queries
+ * ([nq][dim]) the top_k keys ([nk][dim], both in `dtype`) by q.k (no scale), written to
+ * ids [nq][top_k] (int32 row of the key) and scores [nq][top_k] (float32), best first.
+ * Equal to the CPU backend up to ties and fp32 rounding. top_k <= min(nk, 1024).
+ * CUDA: cuBLAS GEMM (fp32 accumulation) + a top-k selection kernel; with MEM_HOST the
+ * inputs are copied to the device first. Synchronous. Uses the cache's backend and stream. */
+ra_status ra_gpu_knn(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype, const void *queries,
+                     size_t nq, const void *keys, size_t nk, unsigned dim, unsigned top_k,
+                     int32_t *ids, float *scores);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
