@@ -42,4 +42,11 @@ const int64_t *ra_kv_positions(const ra_kv *kv);
 /* Bytes held (for stats). */
 size_t ra_kv_bytes(const ra_kv *kv);
 
+/* A read-only view of rows [0, count now) that stays valid while the store grows
+ * (for a background build that reads without the owner's lock). Pin and unpin under
+ * the owner's exclusive lock; the view is freed by ra_kv_unpin only, and must not be
+ * appended to (RA_ESTATE). Arrays replaced while pinned are freed at the last unpin. */
+ra_status ra_kv_pin(ra_kv *kv, ra_kv **view);
+void ra_kv_unpin(ra_kv *kv, ra_kv *view);
+
 #endif

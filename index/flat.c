@@ -1,0 +1,353 @@
+/* Exact search, three ways: ra_exact_topk (a plain SIMD scan with a bounded heap: the
+ * reference answer and the fallback while an index is being built; no copy of the
+ * keys), ra_exact_knn_batch (many queries at once through FAISS IndexFlatIP, i.e.
+ * BLAS sgemm, for the graph build), and ra_backend_flat, the exact baseline behind the
+ * backend table (FAISS IndexFlatIP over an fp32 copy of the keys). Also the FAISS
+ * helpers the other FAISS backends share. */
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <faiss/c_api/IndexFlat_c.h>
+#include <faiss/c_api/Index_c.h>
+#include <faiss/c_api/error_c.h>
+
+#include "faiss_util.h"
+#include "ra_backend.h"
+#include "ra_kernels.h"
+#include "ra_log.h"
+
+/* ---------- FAISS helpers ---------- */
+
+ra_status ra_index_faiss_error(const char *what, int rc)
+{
+    const char *e = faiss_get_last_error();
+    char msg[512];
+    snprintf(msg, sizeof msg, "%s", e ? e : "(no message)");
+    RA_ERROR("faiss: %s failed (rc %d): %s", what, rc, msg);
+    if (strstr(msg, "bad_alloc") || strstr(msg, "memory"))
+        return RA_ENOMEM;
+    return RA_EINTERNAL;
+}
+
+void ra_index_rows_f32(const ra_kv *kv, size_t first, size_t n, float *dst)
+{
+    int dim = ra_kv_dim(kv);
+    ra_dtype t = ra_kv_dtype(kv);
+    const char *k = (const char *)ra_kv_keys(kv) + first * (size_t)dim * ra_dtype_size(t);
+    ra_kern_to_f32(k, t, n * (size_t)dim, dst);
+}
+
+ra_status ra_index_faiss_add_rows(void *faiss_index, const ra_kv *kv, size_t first, size_t n)
+{
+    enum { CHUNK = 16384 };
+    int dim = ra_kv_dim(kv);
+    size_t c = n < CHUNK ? n : CHUNK;
+    if (n == 0)
+        return RA_OK;
+    float *buf = malloc(c * (size_t)dim * sizeof(float));
+    if (!buf)
+        return RA_ENOMEM;
+    ra_status st = RA_OK;
+    for (size_t i = 0; i < n; i += c) {
+        size_t m = n - i < c ? n - i : c;
+        ra_index_rows_f32(kv, first + i, m, buf);
+        int rc = faiss_Index_add((FaissIndex *)faiss_index, (idx_t)m, buf);
+        if (rc) {
+            st = ra_index_faiss_error("Index_add", rc);
+            break;
+        }
+    }
+    free(buf);
+    return st;
+}
+
+void ra_index_omp_single(void (*fn)(void *), void *arg)
+{
+    int old = omp_get_max_threads();
+    if (old != 1)
+        omp_set_num_threads(1);
+    fn(arg);
+    if (old != 1)
+        omp_set_num_threads(old);
+}
+
+/* ---------- exact top-k by scan ---------- */
+
+/* Order: higher score first, ties by lower row id, so every exact path agrees. */
+static inline int worse(float sa, int32_t ia, float sb, int32_t ib)
+{
+    return sa < sb || (sa == sb && ia > ib);
+}
+
+static void sift_down(float *s, int32_t *id, int n, int i)
+{
+    for (;;) {
+        int l = 2 * i + 1, r = l + 1, m = i;
+        if (l < n && worse(s[l], id[l], s[m], id[m]))
+            m = l;
+        if (r < n && worse(s[r], id[r], s[m], id[m]))
+            m = r;
+        if (m == i)
+            return;
+        float ts = s[i];
+        s[i] = s[m];
+        s[m] = ts;
+        int32_t ti = id[i];
+        id[i] = id[m];
+        id[m] = ti;
+        i = m;
+    }
+}
+
+static void sift_up(float *s, int32_t *id, int i)
+{
+    while (i > 0) {
+        int p = (i - 1) / 2;
+        if (!worse(s[i], id[i], s[p], id[p]))
+            return;
+        float ts = s[i];
+        s[i] = s[p];
+        s[p] = ts;
+        int32_t ti = id[i];
+        id[i] = id[p];
+        id[p] = ti;
+        i = p;
+    }
+}
+
+ra_status ra_exact_topk(const ra_kv *kv, size_t n, const float *q, int k, int32_t *ids,
+                        float *scores, int *n_out)
+{
+    if (!kv || !q || k <= 0 || !ids || !scores || !n_out || n > ra_kv_count(kv))
+        return RA_EINVAL;
+    enum { BLOCK = 512 };
+    float buf[BLOCK];
+    int dim = ra_kv_dim(kv);
+    ra_dtype t = ra_kv_dtype(kv);
+    const void *keys = ra_kv_keys(kv);
+    /* The caller's arrays are the heap: no allocation on the hot path. */
+    int cnt = 0;
+    for (size_t b = 0; b < n; b += BLOCK) {
+        size_t m = n - b < BLOCK ? n - b : BLOCK;
+        ra_kern_dot_range(q, keys, t, dim, b, m, buf);
+        size_t i = 0;
+        for (; i < m && cnt < k; i++) {
+            scores[cnt] = buf[i];
+            ids[cnt] = (int32_t)(b + i);
+            sift_up(scores, ids, cnt);
+            cnt++;
+        }
+        float thr = cnt ? scores[0] : -INFINITY;
+        for (; i < m; i++) {
+            if (buf[i] > thr) { /* ties lose to the earlier, lower id */
+                scores[0] = buf[i];
+                ids[0] = (int32_t)(b + i);
+                sift_down(scores, ids, cnt, 0);
+                thr = scores[0];
+            }
+        }
+    }
+    for (int e = cnt - 1; e > 0; e--) { /* heap sort: worst to the back */
+        float ts = scores[0];
+        scores[0] = scores[e];
+        scores[e] = ts;
+        int32_t ti = ids[0];
+        ids[0] = ids[e];
+        ids[e] = ti;
+        sift_down(scores, ids, e, 0);
+    }
+    *n_out = cnt;
+    return RA_OK;
+}
+
+/* ---------- batched exact k-NN through FAISS ---------- */
+
+ra_status ra_exact_knn_batch(const ra_kv *kv, size_t n, const float *q, size_t nq, int K,
+                             int32_t *ids, float *scores)
+{
+    if (!kv || (nq && !q) || K <= 0 || !ids || !scores || n > ra_kv_count(kv))
+        return RA_EINVAL;
+    /* Keys go through FAISS in slices so the fp32 copy stays bounded; results of the
+     * slices are merged per query. */
+    enum { SLICE = 1 << 18 };
+    int dim = ra_kv_dim(kv);
+    size_t slice = n < SLICE ? n : SLICE;
+    ra_status st = RA_OK;
+    float *kf = NULL, *cd = NULL, *md = NULL;
+    idx_t *cl = NULL;
+    int32_t *mi = NULL;
+    FaissIndexFlatIP *idx = NULL;
+
+    for (size_t i = 0; i < nq * (size_t)K; i++) {
+        ids[i] = -1;
+        scores[i] = -INFINITY;
+    }
+    if (n == 0 || nq == 0)
+        return RA_OK;
+    int rc = faiss_IndexFlatIP_new_with(&idx, dim);
+    if (rc) {
+        st = ra_index_faiss_error("IndexFlatIP_new", rc);
+        goto fail;
+    }
+    kf = malloc(slice * (size_t)dim * sizeof(float));
+    cd = malloc(nq * (size_t)K * sizeof(float));
+    cl = malloc(nq * (size_t)K * sizeof(idx_t));
+    md = malloc((size_t)K * sizeof(float));
+    mi = malloc((size_t)K * sizeof(int32_t));
+    if (!kf || !cd || !cl || !md || !mi) {
+        st = RA_ENOMEM;
+        RA_ERROR("exact_knn_batch: out of memory (%zu keys, %zu queries, K %d)", n, nq, K);
+        goto fail;
+    }
+    for (size_t b = 0; b < n; b += slice) {
+        size_t m = n - b < slice ? n - b : slice;
+        int kk = (size_t)K < m ? K : (int)m;
+        ra_index_rows_f32(kv, b, m, kf);
+        if ((rc = faiss_Index_reset((FaissIndex *)idx)) ||
+            (rc = faiss_Index_add((FaissIndex *)idx, (idx_t)m, kf)) ||
+            (rc = faiss_Index_search((FaissIndex *)idx, (idx_t)nq, q, kk, cd, cl))) {
+            st = ra_index_faiss_error("IndexFlatIP add/search", rc);
+            goto fail;
+        }
+        for (size_t j = 0; j < nq; j++) {
+            int32_t *oi = ids + j * (size_t)K;
+            float *os = scores + j * (size_t)K;
+            const float *ns = cd + j * (size_t)kk;
+            const idx_t *ni = cl + j * (size_t)kk;
+            if (b == 0) {
+                for (int r = 0; r < kk; r++) {
+                    oi[r] = ni[r] < 0 ? -1 : (int32_t)(ni[r] + (idx_t)b);
+                    os[r] = ni[r] < 0 ? -INFINITY : ns[r];
+                }
+                continue;
+            }
+            int a = 0, c = 0;
+            for (int r = 0; r < K; r++) { /* merge two lists sorted best first */
+                int take_new = c < kk && ni[c] >= 0 &&
+                               (a >= K || oi[a] < 0 || ns[c] > os[a]);
+                if (take_new) {
+                    md[r] = ns[c];
+                    mi[r] = (int32_t)(ni[c] + (idx_t)b);
+                    c++;
+                } else if (a < K) {
+                    md[r] = os[a];
+                    mi[r] = oi[a];
+                    a++;
+                } else {
+                    md[r] = -INFINITY;
+                    mi[r] = -1;
+                }
+            }
+            memcpy(os, md, (size_t)K * sizeof(float));
+            memcpy(oi, mi, (size_t)K * sizeof(int32_t));
+        }
+    }
+fail:
+    if (idx)
+        faiss_Index_free((FaissIndex *)idx);
+    free(kf);
+    free(cd);
+    free(cl);
+    free(md);
+    free(mi);
+    return st;
+}
+
+/* ---------- the exact baseline backend ---------- */
+
+typedef struct flat_state {
+    FaissIndexFlatIP *idx;
+    int dim;
+} flat_state;
+
+static void flat_destroy(void *state)
+{
+    flat_state *s = state;
+    if (!s)
+        return;
+    if (s->idx)
+        faiss_Index_free((FaissIndex *)s->idx);
+    free(s);
+}
+
+static ra_status flat_build(void **state, const ra_kv *kv, size_t n, const float *train_q,
+                            size_t nq, const ra_index_opts *opts)
+{
+    flat_state *s = calloc(1, sizeof *s);
+    if (!s)
+        return RA_ENOMEM;
+    s->dim = ra_kv_dim(kv);
+    int rc = faiss_IndexFlatIP_new_with(&s->idx, s->dim);
+    if (rc) {
+        ra_status st = ra_index_faiss_error("IndexFlatIP_new", rc);
+        flat_destroy(s);
+        return st;
+    }
+    ra_status st = ra_index_faiss_add_rows(s->idx, kv, 0, n);
+    if (st != RA_OK) {
+        flat_destroy(s);
+        return st;
+    }
+    *state = s;
+    return RA_OK;
+}
+
+static ra_status flat_add(void *state, const ra_kv *kv, size_t first, size_t n)
+{
+    flat_state *s = state;
+    return ra_index_faiss_add_rows(s->idx, kv, first, n);
+}
+
+static ra_status flat_search(void *state, const ra_kv *kv, const float *q,
+                             const ra_search_params *p, int32_t *ids, float *scores, int *n_out,
+                             ra_search_stats *st)
+{
+    flat_state *s = state;
+    idx_t nt = faiss_Index_ntotal((FaissIndex *)s->idx);
+    int k = (idx_t)p->k < nt ? p->k : (int)nt;
+    if (k <= 0) {
+        *n_out = 0;
+        return RA_OK;
+    }
+    idx_t lab_stack[256];
+    idx_t *lab = k <= 256 ? lab_stack : malloc((size_t)k * sizeof(idx_t));
+    if (!lab)
+        return RA_ENOMEM;
+    int rc = faiss_Index_search((FaissIndex *)s->idx, 1, q, k, scores, lab);
+    ra_status ret = RA_OK;
+    if (rc) {
+        ret = ra_index_faiss_error("IndexFlatIP_search", rc);
+    } else {
+        int m = 0;
+        for (int i = 0; i < k; i++)
+            if (lab[i] >= 0) {
+                ids[m] = (int32_t)lab[i];
+                scores[m] = scores[i];
+                m++;
+            }
+        *n_out = m;
+        if (st)
+            st->scanned += (uint64_t)nt;
+    }
+    if (lab != lab_stack)
+        free(lab);
+    return ret;
+}
+
+static size_t flat_bytes(void *state)
+{
+    flat_state *s = state;
+    return sizeof *s + (size_t)faiss_Index_ntotal((FaissIndex *)s->idx) * (size_t)s->dim * 4;
+}
+
+const ra_backend_ops ra_backend_flat = {
+    .name = "flat",
+    .build = flat_build,
+    .add = flat_add,
+    .search = flat_search,
+    .bytes = flat_bytes,
+    .destroy = flat_destroy,
+};

@@ -1,0 +1,508 @@
+/* ra_head (ra_index.h): one (layer, KV head)'s K/V store plus its search index, and the
+ * locking that lets searches, appends and a background build overlap. A writer-
+ * preferring rwlock guards the store and the index: searches share it, appends and the
+ * swap-in of a finished build take it exclusively. The build itself runs without the
+ * lock on a pinned view of the rows present when it started (ra_kv_pin), so decode-time
+ * appends and searches go on meanwhile; searches are answered by an exact scan (or the
+ * previous index on a rebuild) until the new index is swapped in, and rows appended
+ * during the build are inserted into it just before the swap. */
+#define _GNU_SOURCE
+#include <math.h>
+#include <omp.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ra_backend.h"
+#include "ra_index.h"
+#include "ra_kernels.h"
+#include "ra_log.h"
+
+#define RA_HEAD_MAX_K 65536
+#define RA_HEAD_MAX_TRAIN ((size_t)1 << 24)
+
+struct ra_head {
+    pthread_rwlock_t lock;
+    ra_kv *kv;
+    ra_mem *acct;
+    ra_index_opts opts;
+    const ra_backend_ops *ops;
+    void *state;          /* the index in use, NULL while none is built */
+    size_t index_charged; /* bytes of `state` charged on acct */
+    int ready;            /* atomic: state is complete and in use */
+
+    pthread_mutex_t bmu; /* guards the fields below */
+    pthread_cond_t bcv;
+    int building;
+    int thr_live; /* a build thread exists that nobody joined yet */
+    pthread_t thr;
+    ra_status last_build;
+
+    /* the running build's job (owned by the build while building) */
+    ra_kv *view;
+    size_t n_build;
+    float *train_q;
+    size_t nq;
+};
+
+const char *ra_index_kind_name(ra_index_kind k)
+{
+    switch (k) {
+    case RA_INDEX_GRAPH: return "graph";
+    case RA_INDEX_FLAT: return "flat";
+    case RA_INDEX_IVF: return "ivf";
+    case RA_INDEX_HNSW: return "hnsw";
+    }
+    return "?";
+}
+
+void ra_index_opts_default(ra_index_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->kind = RA_INDEX_GRAPH;
+    o->graph_knn = 32;
+    o->graph_degree = 32;
+    o->graph_build_ef = 64;
+    o->graph_entries = 16;
+    o->n_train = 8192;
+    o->ivf_nlist = 0; /* ~4*sqrt(n) at build */
+    o->hnsw_m = 32;
+    o->threads = 0;
+    o->seed = 1;
+}
+
+static void opts_fill(ra_index_opts *o, const ra_index_opts *in)
+{
+    ra_index_opts d;
+    ra_index_opts_default(&d);
+    if (!in) {
+        *o = d;
+        return;
+    }
+    *o = *in;
+#define DEF(f)                                                                                 \
+    if (o->f <= 0)                                                                             \
+        o->f = d.f;
+    DEF(graph_knn)
+    DEF(graph_degree)
+    DEF(graph_build_ef)
+    DEF(graph_entries)
+    DEF(n_train)
+    DEF(hnsw_m)
+#undef DEF
+    if (o->ivf_nlist < 0)
+        o->ivf_nlist = 0;
+    if (o->threads < 0)
+        o->threads = 0;
+    if (o->seed == 0)
+        o->seed = d.seed;
+}
+
+static const ra_backend_ops *kind_ops(ra_index_kind k)
+{
+    switch (k) {
+    case RA_INDEX_FLAT: return &ra_backend_flat;
+    case RA_INDEX_IVF: return &ra_backend_ivf;
+    case RA_INDEX_HNSW: return &ra_backend_hnsw;
+    case RA_INDEX_GRAPH:
+#ifdef RA_HAVE_GRAPH
+        return &ra_backend_graph;
+#else
+    {
+        static int said;
+        if (!__atomic_exchange_n(&said, 1, __ATOMIC_RELAXED))
+            RA_WARN("index: this build has no graph backend (index/graph.c missing); graph "
+                    "heads use the exact flat index");
+        return &ra_backend_flat;
+    }
+#endif
+    }
+    return NULL;
+}
+
+/* Charges (or refunds) the index's size on the account. Growth through appends is
+ * charged unconditionally: the rows were accepted, the index must follow them. */
+static void charge_index(ra_head *h, size_t now)
+{
+    if (now > h->index_charged)
+        __atomic_add_fetch(&h->acct->used, now - h->index_charged, __ATOMIC_RELAXED);
+    else
+        ra_mem_release(h->acct, h->index_charged - now);
+    h->index_charged = now;
+}
+
+ra_status ra_head_create(ra_head **out, int dim, ra_dtype dtype, const ra_index_opts *opts,
+                         ra_mem *acct)
+{
+    if (!out) {
+        RA_ERROR("head: NULL out pointer");
+        return RA_EINVAL;
+    }
+    if (opts && (opts->kind < RA_INDEX_GRAPH || opts->kind > RA_INDEX_HNSW)) {
+        RA_ERROR("head: unknown index kind %d", (int)opts->kind);
+        return RA_EINVAL;
+    }
+    ra_head *h = calloc(1, sizeof *h);
+    if (!h)
+        return RA_ENOMEM;
+    ra_status st = ra_kv_create(&h->kv, dim, dtype, acct);
+    if (st != RA_OK) {
+        free(h);
+        return st;
+    }
+    opts_fill(&h->opts, opts);
+    h->ops = kind_ops(h->opts.kind);
+    h->acct = acct;
+    static ra_mem no_acct; /* so charge_index needs no NULL test; never limited */
+    if (!h->acct)
+        h->acct = &no_acct;
+    pthread_rwlockattr_t ra;
+    pthread_rwlockattr_init(&ra);
+    /* Appends must not starve behind a stream of searches. */
+    pthread_rwlockattr_setkind_np(&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&h->lock, &ra);
+    pthread_rwlockattr_destroy(&ra);
+    pthread_mutex_init(&h->bmu, NULL);
+    pthread_cond_init(&h->bcv, NULL);
+    *out = h;
+    return RA_OK;
+}
+
+void ra_head_wait(ra_head *h)
+{
+    if (!h)
+        return;
+    pthread_mutex_lock(&h->bmu);
+    while (h->building)
+        pthread_cond_wait(&h->bcv, &h->bmu);
+    int join = h->thr_live;
+    pthread_t t = h->thr;
+    h->thr_live = 0;
+    pthread_mutex_unlock(&h->bmu);
+    if (join)
+        pthread_join(t, NULL);
+}
+
+void ra_head_destroy(ra_head *h)
+{
+    if (!h)
+        return;
+    ra_head_wait(h);
+    if (h->state)
+        h->ops->destroy(h->state);
+    charge_index(h, 0);
+    ra_kv_destroy(h->kv);
+    pthread_rwlock_destroy(&h->lock);
+    pthread_mutex_destroy(&h->bmu);
+    pthread_cond_destroy(&h->bcv);
+    free(h);
+}
+
+ra_status ra_head_append(ra_head *h, const void *k, const void *v, const int64_t *pos, size_t n)
+{
+    if (!h)
+        return RA_EINVAL;
+    pthread_rwlock_wrlock(&h->lock);
+    size_t first = ra_kv_count(h->kv);
+    ra_status st = ra_kv_append(h->kv, k, v, pos, n);
+    if (st == RA_OK && n && h->state) {
+        ra_status ast = h->ops->add(h->state, h->kv, first, n);
+        if (ast != RA_OK) {
+            /* The rows are stored; an index missing them would silently lose them, so
+             * drop it and answer exactly until the next build. */
+            RA_ERROR("head: %s index insert of %zu rows failed (%s); falling back to exact "
+                     "scan until the next build",
+                     h->ops->name, n, ra_strerror(ast));
+            h->ops->destroy(h->state);
+            h->state = NULL;
+            charge_index(h, 0);
+            __atomic_store_n(&h->ready, 0, __ATOMIC_RELEASE);
+        } else {
+            charge_index(h, h->ops->bytes(h->state));
+        }
+    }
+    pthread_rwlock_unlock(&h->lock);
+    return st;
+}
+
+static void *build_main(void *arg)
+{
+    ra_head *h = arg;
+    if (h->opts.threads > 0)
+        omp_set_num_threads(h->opts.threads); /* this thread's FAISS/OpenMP team */
+    double t0 = ra_now_s();
+    void *state = NULL;
+    ra_status st = h->ops->build(&state, h->view, h->n_build, h->train_q, h->nq, &h->opts);
+    double t1 = ra_now_s();
+
+    void *old = NULL;
+    pthread_rwlock_wrlock(&h->lock);
+    size_t now = ra_kv_count(h->kv);
+    if (st == RA_OK && now > h->n_build) {
+        st = h->ops->add(state, h->kv, h->n_build, now - h->n_build);
+        if (st != RA_OK)
+            RA_ERROR("head: inserting %zu rows appended during the build failed (%s)",
+                     now - h->n_build, ra_strerror(st));
+    }
+    if (st == RA_OK) {
+        size_t bytes = h->ops->bytes(state);
+        size_t delta = bytes > h->index_charged ? bytes - h->index_charged : 0;
+        st = ra_mem_reserve(h->acct, delta);
+        if (st != RA_OK) {
+            RA_ERROR("head: %s index of %zu bytes exceeds the memory limit; staying on the "
+                     "previous index or exact scan",
+                     h->ops->name, bytes);
+        } else {
+            h->index_charged += delta;
+            old = h->state;
+            h->state = state;
+            state = NULL;
+            charge_index(h, bytes);
+            __atomic_store_n(&h->ready, 1, __ATOMIC_RELEASE);
+        }
+    } else {
+        RA_ERROR("head: %s build over %zu keys failed (%s); searches stay exact", h->ops->name,
+                 h->n_build, ra_strerror(st));
+    }
+    ra_kv_unpin(h->kv, h->view);
+    h->view = NULL;
+    pthread_rwlock_unlock(&h->lock);
+
+    if (state)
+        h->ops->destroy(state);
+    if (old)
+        h->ops->destroy(old);
+    if (st == RA_OK)
+        RA_DEBUG("head: %s index over %zu keys (+%zu appended) built in %.3f s", h->ops->name,
+                 h->n_build, now - h->n_build, t1 - t0);
+    free(h->train_q);
+    h->train_q = NULL;
+    pthread_mutex_lock(&h->bmu);
+    h->last_build = st;
+    h->building = 0;
+    pthread_cond_broadcast(&h->bcv);
+    pthread_mutex_unlock(&h->bmu);
+    return NULL;
+}
+
+ra_status ra_head_build(ra_head *h, const float *train_q, size_t nq, int background)
+{
+    if (!h)
+        return RA_EINVAL;
+    int dim = ra_kv_dim(h->kv);
+    if (nq && !train_q) {
+        RA_ERROR("head: build with %zu training queries but a NULL array", nq);
+        return RA_EINVAL;
+    }
+    if (nq > RA_HEAD_MAX_TRAIN) {
+        RA_ERROR("head: %zu training queries exceed the limit %zu", nq, RA_HEAD_MAX_TRAIN);
+        return RA_ETOOBIG;
+    }
+    if (nq && !ra_kern_all_finite(train_q, RA_DTYPE_F32, nq * (size_t)dim)) {
+        RA_ERROR("head: training queries contain NaN or Inf");
+        return RA_ENONFINITE;
+    }
+    pthread_mutex_lock(&h->bmu);
+    if (h->building) {
+        pthread_mutex_unlock(&h->bmu);
+        return RA_EBUSY;
+    }
+    h->building = 1;
+    int join = h->thr_live;
+    pthread_t t = h->thr;
+    h->thr_live = 0;
+    pthread_mutex_unlock(&h->bmu);
+    if (join)
+        pthread_join(t, NULL);
+
+    ra_status st = RA_OK;
+    float *tq = NULL;
+    if (nq) {
+        tq = malloc(nq * (size_t)dim * sizeof(float));
+        if (!tq) {
+            RA_ERROR("head: out of memory copying %zu training queries", nq);
+            st = RA_ENOMEM;
+            goto fail;
+        }
+        memcpy(tq, train_q, nq * (size_t)dim * sizeof(float));
+    }
+    pthread_rwlock_wrlock(&h->lock);
+    st = ra_kv_pin(h->kv, &h->view);
+    h->n_build = ra_kv_count(h->kv);
+    pthread_rwlock_unlock(&h->lock);
+    if (st != RA_OK)
+        goto fail;
+    h->train_q = tq;
+    h->nq = nq;
+    if (background) {
+        int rc = pthread_create(&h->thr, NULL, build_main, h);
+        if (rc == 0) {
+            pthread_mutex_lock(&h->bmu);
+            h->thr_live = 1;
+            pthread_mutex_unlock(&h->bmu);
+            return RA_OK;
+        }
+        RA_WARN("head: cannot start a build thread (errno %d); building in the caller", rc);
+    }
+    build_main(h);
+    pthread_mutex_lock(&h->bmu);
+    st = h->last_build;
+    pthread_mutex_unlock(&h->bmu);
+    return st;
+fail:
+    free(tq);
+    pthread_mutex_lock(&h->bmu);
+    h->building = 0;
+    pthread_cond_broadcast(&h->bcv);
+    pthread_mutex_unlock(&h->bmu);
+    return st;
+}
+
+int ra_head_ready(ra_head *h) { return h ? __atomic_load_n(&h->ready, __ATOMIC_ACQUIRE) : 0; }
+
+static ra_status check_search(ra_head *h, const float *q, const ra_search_params *p)
+{
+    if (!h || !q || !p) {
+        RA_ERROR("head: search with a NULL argument");
+        return RA_EINVAL;
+    }
+    if (p->k <= 0 || p->k > RA_HEAD_MAX_K) {
+        RA_ERROR("head: top_k %d out of range [1, %d]", p->k, RA_HEAD_MAX_K);
+        return RA_EINVAL;
+    }
+    if (p->effort < 0 || p->n_warm < 0 || (p->n_warm && !p->warm)) {
+        RA_ERROR("head: bad search parameters (effort %d, n_warm %d)", p->effort, p->n_warm);
+        return RA_EINVAL;
+    }
+    if (!ra_kern_all_finite(q, RA_DTYPE_F32, (size_t)ra_kv_dim(h->kv))) {
+        RA_ERROR("head: query contains NaN or Inf");
+        return RA_ENONFINITE;
+    }
+    return RA_OK;
+}
+
+/* Under the read lock. */
+static ra_status search_locked(ra_head *h, const float *q, const ra_search_params *p,
+                               int32_t *ids, float *scores, int *n_out, ra_search_stats *st)
+{
+    ra_search_stats s = {0};
+    ra_status r;
+    int n = 0;
+    if (h->state && __atomic_load_n(&h->ready, __ATOMIC_ACQUIRE)) {
+        ra_search_params pp = *p;
+        if (pp.warm && pp.n_warm) { /* drop stale ids rather than trust every backend */
+            size_t cnt = ra_kv_count(h->kv);
+            for (int i = 0; i < pp.n_warm; i++)
+                if (pp.warm[i] < 0 || (size_t)pp.warm[i] >= cnt) {
+                    pp.warm = NULL;
+                    pp.n_warm = 0;
+                    break;
+                }
+        }
+        r = h->ops->search(h->state, h->kv, q, &pp, ids, scores, &n, &s);
+    } else {
+        size_t cnt = ra_kv_count(h->kv);
+        r = ra_exact_topk(h->kv, cnt, q, p->k, ids, scores, &n);
+        s.scanned = cnt;
+        s.exact_fallback = 1;
+    }
+    if (r == RA_OK) {
+        *n_out = n;
+        if (st)
+            *st = s;
+    }
+    return r;
+}
+
+ra_status ra_head_search(ra_head *h, const float *q, const ra_search_params *p, int32_t *ids,
+                         float *scores, int *n_out, ra_search_stats *st)
+{
+    ra_status r = check_search(h, q, p);
+    if (r != RA_OK)
+        return r;
+    if (!ids || !scores || !n_out) {
+        RA_ERROR("head: search with NULL result arrays");
+        return RA_EINVAL;
+    }
+    pthread_rwlock_rdlock(&h->lock);
+    r = search_locked(h, q, p, ids, scores, n_out, st);
+    pthread_rwlock_unlock(&h->lock);
+    return r;
+}
+
+ra_status ra_head_attend(ra_head *h, const float *q, const ra_search_params *p, float scale,
+                         float *o, float *lse, int32_t *ids, float *scores, int *n_out,
+                         ra_search_stats *st)
+{
+    ra_status r = check_search(h, q, p);
+    if (r != RA_OK)
+        return r;
+    if (!o || !lse) {
+        RA_ERROR("head: attend with NULL outputs");
+        return RA_EINVAL;
+    }
+    enum { STACK_K = 1024 };
+    int32_t ids_stack[STACK_K];
+    float sc_stack[STACK_K];
+    int32_t *I = ids;
+    float *S = scores;
+    void *heap = NULL;
+    if (!I || !S) {
+        if (p->k <= STACK_K) {
+            I = I ? I : ids_stack;
+            S = S ? S : sc_stack;
+        } else {
+            heap = malloc((size_t)p->k * (sizeof(int32_t) + sizeof(float)));
+            if (!heap)
+                return RA_ENOMEM;
+            I = I ? I : heap;
+            S = S ? S : (float *)((char *)heap + (size_t)p->k * sizeof(int32_t));
+        }
+    }
+    int dim = ra_kv_dim(h->kv);
+    if (!(scale > 0.f))
+        scale = 1.0f / sqrtf((float)dim);
+    int n = 0;
+    pthread_rwlock_rdlock(&h->lock);
+    r = search_locked(h, q, p, I, S, &n, st);
+    if (r == RA_OK)
+        ra_kern_partial_attention(S, I, (size_t)n, scale, ra_kv_values(h->kv), ra_kv_dtype(h->kv),
+                                  dim, o, lse);
+    pthread_rwlock_unlock(&h->lock);
+    free(heap);
+    if (r == RA_OK && n_out)
+        *n_out = n;
+    return r;
+}
+
+size_t ra_head_count(ra_head *h)
+{
+    if (!h)
+        return 0;
+    pthread_rwlock_rdlock(&h->lock);
+    size_t n = ra_kv_count(h->kv);
+    pthread_rwlock_unlock(&h->lock);
+    return n;
+}
+
+void ra_head_positions(ra_head *h, const int32_t *ids, size_t n, int64_t *pos)
+{
+    if (!h || !ids || !pos)
+        return;
+    pthread_rwlock_rdlock(&h->lock);
+    size_t cnt = ra_kv_count(h->kv);
+    const int64_t *P = ra_kv_positions(h->kv);
+    for (size_t i = 0; i < n; i++)
+        pos[i] = ids[i] >= 0 && (size_t)ids[i] < cnt ? P[ids[i]] : -1;
+    pthread_rwlock_unlock(&h->lock);
+}
+
+size_t ra_head_bytes(ra_head *h)
+{
+    if (!h)
+        return 0;
+    pthread_rwlock_rdlock(&h->lock);
+    size_t b = sizeof *h + ra_kv_bytes(h->kv) + (h->state ? h->ops->bytes(h->state) : 0);
+    pthread_rwlock_unlock(&h->lock);
+    return b;
+}

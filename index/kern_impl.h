@@ -1,0 +1,35 @@
+/* Internal to index/: the per-ISA kernel table behind ra_kernels.h. Each ISA file
+ * (kernels.c scalar, kernels_avx2.c, kernels_avx512.c) fills one table; kernels.c picks
+ * one at run time. Functions are per dtype so the hot loops carry no dtype switch. */
+#ifndef RA_KERN_IMPL_H
+#define RA_KERN_IMPL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ra_kernels.h"
+
+typedef void (*ra_kern_dot_range_fn)(const float *q, const void *rows, int dim, size_t first,
+                                     size_t n, float *out);
+typedef void (*ra_kern_dot_gather_fn)(const float *q, const void *rows, int dim,
+                                      const int32_t *ids, size_t n, float *out);
+/* acc[j] += w * row[j] for j < dim */
+typedef void (*ra_kern_axpy_fn)(float w, const void *row, int dim, float *acc);
+typedef void (*ra_kern_to_f32_fn)(const void *src, size_t n, float *dst);
+typedef void (*ra_kern_from_f32_fn)(const float *src, size_t n, void *dst);
+
+typedef struct ra_kern_table {
+    ra_kern_dot_range_fn dot_range[3];
+    ra_kern_dot_gather_fn dot_gather[3];
+    ra_kern_axpy_fn axpy[3];
+    ra_kern_to_f32_fn to_f32[3];
+    ra_kern_from_f32_fn from_f32[3];
+} ra_kern_table;
+
+extern const ra_kern_table ra_kern_table_scalar;
+/* Filled only when the compiler can target the ISA; NULL entries are never used
+ * because kernels.c checks the CPU first. */
+extern const ra_kern_table ra_kern_table_avx2;
+extern const ra_kern_table ra_kern_table_avx512;
+
+#endif

@@ -1,0 +1,184 @@
+/* AVX2 + FMA + F16C kernels (this file alone is compiled with -mavx2 -mfma -mf16c;
+ * kernels.c calls into it only after the CPU said yes). fp16 rows convert with
+ * vcvtph2ps, bf16 rows by a 16-bit shift, both in registers; the exact scan computes
+ * four rows per pass so each q chunk is loaded once and the four horizontal sums share
+ * one hadd tree. Tails (dim % 8) take the scalar conversion. */
+#include <immintrin.h>
+#include <string.h>
+
+#include "kern_impl.h"
+#include "ra_half.h"
+
+static inline __m256 ld8_f32(const void *p) { return _mm256_loadu_ps((const float *)p); }
+static inline __m256 ld8_f16(const void *p)
+{
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+static inline __m256 ld8_bf16(const void *p)
+{
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+static inline float ld1_f32(const void *p, int j) { return ((const float *)p)[j]; }
+static inline float ld1_f16(const void *p, int j) { return ra_f16_to_f32(((const uint16_t *)p)[j]); }
+static inline float ld1_bf16(const void *p, int j) { return ra_bf16_to_f32(((const uint16_t *)p)[j]); }
+
+static inline float hsum1(__m256 a)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d)
+{
+    __m256 ab = _mm256_hadd_ps(a, b);
+    __m256 cd = _mm256_hadd_ps(c, d);
+    __m256 abcd = _mm256_hadd_ps(ab, cd);
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+#define AVX2_DTYPE(NAME, ESZ)                                                                  \
+    static inline float dot1_##NAME(const float *q, const char *r, int dim)                    \
+    {                                                                                          \
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                             \
+        int j = 0;                                                                             \
+        for (; j + 16 <= dim; j += 16) {                                                       \
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), ld8_##NAME(r + j * ESZ), a0);         \
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + j + 8), ld8_##NAME(r + (j + 8) * ESZ),    \
+                                 a1);                                                          \
+        }                                                                                      \
+        for (; j + 8 <= dim; j += 8)                                                           \
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), ld8_##NAME(r + j * ESZ), a0);         \
+        float s = hsum1(_mm256_add_ps(a0, a1));                                                \
+        for (; j < dim; j++)                                                                   \
+            s += q[j] * ld1_##NAME(r, j);                                                      \
+        return s;                                                                              \
+    }                                                                                          \
+    static inline void dot4_##NAME(const float *q, const char *r0, const char *r1,             \
+                                   const char *r2, const char *r3, int dim, float *out)        \
+    {                                                                                          \
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                             \
+        __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();                             \
+        int j = 0;                                                                             \
+        for (; j + 8 <= dim; j += 8) {                                                         \
+            __m256 qv = _mm256_loadu_ps(q + j);                                                \
+            a0 = _mm256_fmadd_ps(qv, ld8_##NAME(r0 + j * ESZ), a0);                            \
+            a1 = _mm256_fmadd_ps(qv, ld8_##NAME(r1 + j * ESZ), a1);                            \
+            a2 = _mm256_fmadd_ps(qv, ld8_##NAME(r2 + j * ESZ), a2);                            \
+            a3 = _mm256_fmadd_ps(qv, ld8_##NAME(r3 + j * ESZ), a3);                            \
+        }                                                                                      \
+        __m128 s = hsum4(a0, a1, a2, a3);                                                      \
+        if (j < dim) {                                                                         \
+            float t[4] = {0, 0, 0, 0};                                                         \
+            for (; j < dim; j++) {                                                             \
+                t[0] += q[j] * ld1_##NAME(r0, j);                                              \
+                t[1] += q[j] * ld1_##NAME(r1, j);                                              \
+                t[2] += q[j] * ld1_##NAME(r2, j);                                              \
+                t[3] += q[j] * ld1_##NAME(r3, j);                                              \
+            }                                                                                  \
+            s = _mm_add_ps(s, _mm_loadu_ps(t));                                                \
+        }                                                                                      \
+        _mm_storeu_ps(out, s);                                                                 \
+    }                                                                                          \
+    static void dot_range_##NAME(const float *q, const void *rows, int dim, size_t first,      \
+                                 size_t n, float *out)                                         \
+    {                                                                                          \
+        size_t rb = (size_t)dim * ESZ;                                                         \
+        const char *b = (const char *)rows + first * rb;                                       \
+        size_t i = 0;                                                                          \
+        for (; i + 4 <= n; i += 4, b += 4 * rb)                                                \
+            dot4_##NAME(q, b, b + rb, b + 2 * rb, b + 3 * rb, dim, out + i);                   \
+        for (; i < n; i++, b += rb)                                                            \
+            out[i] = dot1_##NAME(q, b, dim);                                                   \
+    }                                                                                          \
+    static void dot_gather_##NAME(const float *q, const void *rows, int dim,                   \
+                                  const int32_t *ids, size_t n, float *out)                    \
+    {                                                                                          \
+        size_t rb = (size_t)dim * ESZ;                                                         \
+        const char *b = rows;                                                                  \
+        size_t i = 0;                                                                          \
+        for (; i + 4 <= n; i += 4) {                                                           \
+            if (i + 8 <= n)                                                                    \
+                for (int c = 4; c < 8; c++)                                                    \
+                    __builtin_prefetch(b + (size_t)ids[i + c] * rb, 0, 1);                     \
+            dot4_##NAME(q, b + (size_t)ids[i] * rb, b + (size_t)ids[i + 1] * rb,               \
+                        b + (size_t)ids[i + 2] * rb, b + (size_t)ids[i + 3] * rb, dim,         \
+                        out + i);                                                              \
+        }                                                                                      \
+        for (; i < n; i++)                                                                     \
+            out[i] = dot1_##NAME(q, b + (size_t)ids[i] * rb, dim);                             \
+    }                                                                                          \
+    static void axpy_##NAME(float w, const void *row, int dim, float *acc)                     \
+    {                                                                                          \
+        const char *r = row;                                                                   \
+        __m256 wv = _mm256_set1_ps(w);                                                         \
+        int j = 0;                                                                             \
+        for (; j + 8 <= dim; j += 8)                                                           \
+            _mm256_storeu_ps(acc + j, _mm256_fmadd_ps(wv, ld8_##NAME(r + j * ESZ),             \
+                                                      _mm256_loadu_ps(acc + j)));              \
+        for (; j < dim; j++)                                                                   \
+            acc[j] += w * ld1_##NAME(r, j);                                                    \
+    }                                                                                          \
+    static void to_f32_##NAME(const void *src, size_t n, float *dst)                           \
+    {                                                                                          \
+        const char *s = src;                                                                   \
+        size_t i = 0;                                                                          \
+        for (; i + 8 <= n; i += 8)                                                             \
+            _mm256_storeu_ps(dst + i, ld8_##NAME(s + i * ESZ));                                \
+        for (; i < n; i++)                                                                     \
+            dst[i] = ld1_##NAME(s + i * ESZ, 0);                                               \
+    }
+
+AVX2_DTYPE(f32, 4)
+AVX2_DTYPE(f16, 2)
+AVX2_DTYPE(bf16, 2)
+
+static void from_f32_f32(const float *src, size_t n, void *dst) { memcpy(dst, src, n * 4); }
+
+static void from_f32_f16(const float *src, size_t n, void *dst)
+{
+    uint16_t *d = dst;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(d + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    for (; i < n; i++)
+        d[i] = ra_f32_to_f16(src[i]);
+}
+
+/* Round to nearest even on bit 16, NaN kept quiet: the same integer recipe as
+ * ra_f32_to_bf16 (vcvtneps2bf16 would flush subnormals, so it is not used). */
+static inline __m128i bf16_8(__m256 x)
+{
+    __m256i u = _mm256_castps_si256(x);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+    __m256i abs = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
+    __m256i nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7f800000));
+    __m256i qn = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    r = _mm256_blendv_epi8(r, qn, nan);
+    __m256i p = _mm256_packus_epi32(r, _mm256_setzero_si256());
+    p = _mm256_permute4x64_epi64(p, 0xD8);
+    return _mm256_castsi256_si128(p);
+}
+
+static void from_f32_bf16(const float *src, size_t n, void *dst)
+{
+    uint16_t *d = dst;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(d + i), bf16_8(_mm256_loadu_ps(src + i)));
+    for (; i < n; i++)
+        d[i] = ra_f32_to_bf16(src[i]);
+}
+
+const ra_kern_table ra_kern_table_avx2 = {
+    .dot_range = {dot_range_f32, dot_range_f16, dot_range_bf16},
+    .dot_gather = {dot_gather_f32, dot_gather_f16, dot_gather_bf16},
+    .axpy = {axpy_f32, axpy_f16, axpy_bf16},
+    .to_f32 = {to_f32_f32, to_f32_f16, to_f32_bf16},
+    .from_f32 = {from_f32_f32, from_f32_f16, from_f32_bf16},
+};

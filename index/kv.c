@@ -1,0 +1,257 @@
+/* The append-only K/V/position store of one head (ra_kv.h) and the memory account
+ * (ra_mem). Rows live in three contiguous 64-byte-aligned arrays so the scan kernels
+ * stream them; growth is geometric and reserved on the account before anything is
+ * allocated, so an oversized append is a clean RA_ENOMEM, never an OOM kill.
+ *
+ * Pinned views exist for the background index build: it reads rows [0, n) without the
+ * head lock while appends continue. A view shares the arrays of the moment; when the
+ * store must grow while pinned, the old arrays are retired instead of freed (rows are
+ * append-only, so the view's rows never change) and released at the last unpin. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ra_kernels.h"
+#include "ra_kv.h"
+#include "ra_log.h"
+
+ra_status ra_mem_reserve(ra_mem *acct, size_t bytes)
+{
+    if (!acct || bytes == 0)
+        return RA_OK;
+    size_t used = __atomic_add_fetch(&acct->used, bytes, __ATOMIC_RELAXED);
+    if (acct->limit && used > acct->limit) {
+        __atomic_sub_fetch(&acct->used, bytes, __ATOMIC_RELAXED);
+        return RA_ENOMEM;
+    }
+    return RA_OK;
+}
+
+void ra_mem_release(ra_mem *acct, size_t bytes)
+{
+    if (acct && bytes)
+        __atomic_sub_fetch(&acct->used, bytes, __ATOMIC_RELAXED);
+}
+
+typedef struct ra_kv_retired {
+    void *k, *v;
+    int64_t *pos;
+    size_t bytes;
+    struct ra_kv_retired *next;
+} ra_kv_retired;
+
+struct ra_kv {
+    int dim;
+    ra_dtype dtype;
+    size_t row_bytes;
+    size_t n, cap;
+    void *k, *v;
+    int64_t *pos;
+    ra_mem *acct;
+    size_t held; /* bytes of k, v, pos reserved on acct */
+    int pins;
+    ra_kv_retired *retired;
+    ra_kv *parent; /* set for a pinned view */
+};
+
+#define RA_KV_MAX_DIM 65536
+
+static void *alloc64(size_t bytes)
+{
+    if (bytes == 0)
+        bytes = 64;
+    bytes = (bytes + 63) & ~(size_t)63;
+    return aligned_alloc(64, bytes);
+}
+
+static size_t kv_bytes_for(const ra_kv *kv, size_t cap)
+{
+    return cap * (2 * kv->row_bytes + sizeof(int64_t));
+}
+
+ra_status ra_kv_create(ra_kv **out, int dim, ra_dtype dtype, ra_mem *acct)
+{
+    if (!out || dim <= 0 || dim > RA_KV_MAX_DIM || ra_dtype_size(dtype) == 0) {
+        RA_ERROR("kv: bad arguments (dim %d, dtype %d)", dim, (int)dtype);
+        return RA_EINVAL;
+    }
+    ra_kv *kv = calloc(1, sizeof *kv);
+    if (!kv)
+        return RA_ENOMEM;
+    kv->dim = dim;
+    kv->dtype = dtype;
+    kv->row_bytes = (size_t)dim * ra_dtype_size(dtype);
+    kv->acct = acct;
+    *out = kv;
+    return RA_OK;
+}
+
+static void free_retired(ra_kv *kv)
+{
+    while (kv->retired) {
+        ra_kv_retired *r = kv->retired;
+        kv->retired = r->next;
+        free(r->k);
+        free(r->v);
+        free(r->pos);
+        ra_mem_release(kv->acct, r->bytes);
+        free(r);
+    }
+}
+
+void ra_kv_destroy(ra_kv *kv)
+{
+    if (!kv)
+        return;
+    if (kv->parent) { /* a view: only ra_kv_unpin may free it */
+        RA_ERROR("kv: ra_kv_destroy called on a pinned view (ignored)");
+        return;
+    }
+    if (kv->pins)
+        RA_ERROR("kv: destroyed with %d pinned views outstanding", kv->pins);
+    free_retired(kv);
+    free(kv->k);
+    free(kv->v);
+    free(kv->pos);
+    ra_mem_release(kv->acct, kv->held);
+    free(kv);
+}
+
+static ra_status kv_grow(ra_kv *kv, size_t need)
+{
+    size_t cap = kv->cap + kv->cap / 2;
+    if (cap < need)
+        cap = need;
+    if (cap < 256)
+        cap = 256;
+    if (cap > RA_KV_MAX_ROWS)
+        cap = RA_KV_MAX_ROWS;
+    size_t bytes = kv_bytes_for(kv, cap);
+    ra_status st = ra_mem_reserve(kv->acct, bytes);
+    if (st != RA_OK) {
+        RA_ERROR("kv: memory limit reached growing to %zu rows (%zu bytes)", cap, bytes);
+        return st;
+    }
+    void *k = alloc64(cap * kv->row_bytes);
+    void *v = alloc64(cap * kv->row_bytes);
+    int64_t *pos = alloc64(cap * sizeof(int64_t));
+    if (!k || !v || !pos) {
+        free(k);
+        free(v);
+        free(pos);
+        ra_mem_release(kv->acct, bytes);
+        RA_ERROR("kv: out of memory growing to %zu rows", cap);
+        return RA_ENOMEM;
+    }
+    if (kv->n) {
+        memcpy(k, kv->k, kv->n * kv->row_bytes);
+        memcpy(v, kv->v, kv->n * kv->row_bytes);
+        memcpy(pos, kv->pos, kv->n * sizeof(int64_t));
+    }
+    if (kv->pins && kv->k) {
+        ra_kv_retired *r = malloc(sizeof *r);
+        if (!r) {
+            free(k);
+            free(v);
+            free(pos);
+            ra_mem_release(kv->acct, bytes);
+            return RA_ENOMEM;
+        }
+        *r = (ra_kv_retired){kv->k, kv->v, kv->pos, kv->held, kv->retired};
+        kv->retired = r;
+    } else {
+        free(kv->k);
+        free(kv->v);
+        free(kv->pos);
+        ra_mem_release(kv->acct, kv->held);
+    }
+    kv->k = k;
+    kv->v = v;
+    kv->pos = pos;
+    kv->cap = cap;
+    kv->held = bytes;
+    return RA_OK;
+}
+
+ra_status ra_kv_append(ra_kv *kv, const void *k, const void *v, const int64_t *pos, size_t n)
+{
+    if (!kv)
+        return RA_EINVAL;
+    if (kv->parent) {
+        RA_ERROR("kv: append to a pinned view");
+        return RA_ESTATE;
+    }
+    if (n == 0)
+        return RA_OK;
+    if (!k || !v || !pos) {
+        RA_ERROR("kv: append of %zu rows with a NULL array", n);
+        return RA_EINVAL;
+    }
+    if (n > RA_KV_MAX_ROWS - kv->n) {
+        RA_ERROR("kv: append of %zu rows to %zu exceeds the %zu-row limit", n, kv->n,
+                 (size_t)RA_KV_MAX_ROWS);
+        return RA_ETOOBIG;
+    }
+    size_t elems = n * (size_t)kv->dim;
+    if (!ra_kern_all_finite(k, kv->dtype, elems) || !ra_kern_all_finite(v, kv->dtype, elems)) {
+        RA_ERROR("kv: append of %zu rows rejected: keys or values contain NaN or Inf", n);
+        return RA_ENONFINITE;
+    }
+    if (kv->n + n > kv->cap) {
+        ra_status st = kv_grow(kv, kv->n + n);
+        if (st != RA_OK)
+            return st;
+    }
+    memcpy((char *)kv->k + kv->n * kv->row_bytes, k, n * kv->row_bytes);
+    memcpy((char *)kv->v + kv->n * kv->row_bytes, v, n * kv->row_bytes);
+    memcpy(kv->pos + kv->n, pos, n * sizeof(int64_t));
+    kv->n += n;
+    return RA_OK;
+}
+
+ra_status ra_kv_pin(ra_kv *kv, ra_kv **view)
+{
+    if (!kv || !view || kv->parent)
+        return RA_EINVAL;
+    ra_kv *w = malloc(sizeof *w);
+    if (!w)
+        return RA_ENOMEM;
+    *w = *kv;
+    w->acct = NULL;
+    w->held = 0;
+    w->pins = 0;
+    w->retired = NULL;
+    w->parent = kv;
+    w->cap = kv->n;
+    kv->pins++;
+    *view = w;
+    return RA_OK;
+}
+
+void ra_kv_unpin(ra_kv *kv, ra_kv *view)
+{
+    if (!kv || !view || view->parent != kv || kv->pins <= 0) {
+        RA_ERROR("kv: unpin of a view that is not pinned here (ignored)");
+        return;
+    }
+    free(view);
+    if (--kv->pins == 0)
+        free_retired(kv);
+}
+
+size_t ra_kv_count(const ra_kv *kv) { return kv ? kv->n : 0; }
+int ra_kv_dim(const ra_kv *kv) { return kv->dim; }
+ra_dtype ra_kv_dtype(const ra_kv *kv) { return kv->dtype; }
+const void *ra_kv_keys(const ra_kv *kv) { return kv->k; }
+const void *ra_kv_values(const ra_kv *kv) { return kv->v; }
+const int64_t *ra_kv_positions(const ra_kv *kv) { return kv->pos; }
+
+size_t ra_kv_bytes(const ra_kv *kv)
+{
+    if (!kv)
+        return 0;
+    size_t b = kv->held;
+    for (const ra_kv_retired *r = kv->retired; r; r = r->next)
+        b += r->bytes;
+    return b;
+}
