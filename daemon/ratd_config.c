@@ -1,0 +1,395 @@
+/* The option table of ratd and its four sources (defaults, config file, environment,
+ * flags). Every option lives in exactly one row below; parsing, bounds checks and
+ * --help all read that row, so adding an option is one line. */
+#include "ratd_config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+typedef enum { OPT_INT, OPT_SIZE, OPT_STR, OPT_BOOL } opt_type;
+
+typedef struct ratd_option {
+    const char *name;
+    opt_type type;
+    size_t offset;
+    size_t size; /* OPT_STR: buffer size */
+    int64_t min, max;
+    const char *def;
+    const char *help;
+} ratd_option;
+
+#define OFF(f) offsetof(ratd_config, f)
+#define SZ(f) sizeof(((ratd_config *)0)->f)
+#define GiB (1024LL * 1024 * 1024)
+
+static const ratd_option g_options[] = {
+    {"endpoint", OPT_STR, OFF(endpoint), SZ(endpoint), 0, 0, "",
+     "ZeroMQ endpoint to bind: ipc:///path or tcp://host:port (default "
+     "ipc://$XDG_RUNTIME_DIR/ratd.sock, else ipc:///tmp/ratd-<uid>.sock)"},
+    {"allow-remote", OPT_BOOL, OFF(allow_remote), 0, 0, 1, "0",
+     "allow a tcp:// bind to a non-loopback address (no authentication: trusted networks only)"},
+    {"workers", OPT_INT, OFF(workers), 0, 0, 1024, "0",
+     "attention worker threads (0: one per CPU of the binding set)"},
+    {"numa-node", OPT_INT, OFF(numa_node), 0, -1, 4096, "-1",
+     "bind workers to the cores of this NUMA node and allocate memory there (-1: off)"},
+    {"cpuset", OPT_STR, OFF(cpuset), SZ(cpuset), 0, 0, "",
+     "bind workers to these CPUs, a list such as 0-7,16 (overrides numa-node's cores)"},
+    {"mem-limit", OPT_SIZE, OFF(mem_limit), 0, 0, INT64_MAX, "0",
+     "daemon-wide memory budget for K, V and indexes, e.g. 64G (0: unlimited); requests "
+     "beyond it fail with RA_ENOMEM"},
+    {"max-frame-bytes", OPT_SIZE, OFF(max_frame_bytes), 0, 1024, 64 * GiB, "1G",
+     "largest tensor frame accepted; larger ones get RA_ETOOBIG (beyond twice this, the "
+     "transport drops the connection)"},
+    {"max-message-bytes", OPT_SIZE, OFF(max_message_bytes), 0, 1024, 256 * GiB, "2G",
+     "largest sum of tensor frames in one request"},
+    {"max-sessions", OPT_INT, OFF(max_sessions), 0, 1, 65536, "64", "live sessions at most"},
+    {"max-layers", OPT_INT, OFF(max_layers), 0, 1, 4096, "512", "layers per session at most"},
+    {"max-heads", OPT_INT, OFF(max_heads), 0, 1, 4096, "256", "query heads per session at most"},
+    {"max-dim", OPT_INT, OFF(max_dim), 0, 1, 16384, "1024", "head dimension at most"},
+    {"max-top-k", OPT_INT, OFF(max_top_k), 0, 1, 1 << 24, "8192", "top_k of an Attend at most"},
+    {"max-tokens", OPT_INT, OFF(max_tokens), 0, 1, 1 << 28, "1048576",
+     "tokens per Offload/Append message at most"},
+    {"max-queries", OPT_INT, OFF(max_queries), 0, 0, 1 << 24, "65536",
+     "training queries per query head in one Offload at most"},
+    {"index-threads", OPT_INT, OFF(index_threads), 0, 0, 1024, "0",
+     "threads of a background index build (0: the index's default)"},
+    {"send-timeout-ms", OPT_INT, OFF(send_timeout_ms), 0, 1, 600000, "2000",
+     "give up a reply to a client that does not read it after this long"},
+    {"log-level", OPT_STR, OFF(log_level), SZ(log_level), 0, 0, "info",
+     "error, warn, info or debug"},
+    {"config", OPT_STR, OFF(config_file), SZ(config_file), 0, 0, "",
+     "read options from this file first: lines \"name value\", # comments"},
+};
+#define N_OPTIONS (sizeof g_options / sizeof g_options[0])
+
+static const ratd_option *find(const char *name)
+{
+    for (size_t i = 0; i < N_OPTIONS; i++)
+        if (strcmp(g_options[i].name, name) == 0)
+            return &g_options[i];
+    return NULL;
+}
+
+static int parse_size(const char *s, int64_t *out)
+{
+    char *end;
+    errno = 0;
+    double x = strtod(s, &end);
+    if (end == s || errno || x < 0)
+        return -1;
+    double mul = 1;
+    switch (toupper((unsigned char)*end)) {
+    case 0: break;
+    case 'K': mul = 1024.0; end++; break;
+    case 'M': mul = 1024.0 * 1024; end++; break;
+    case 'G': mul = 1024.0 * 1024 * 1024; end++; break;
+    case 'T': mul = 1024.0 * 1024 * 1024 * 1024; end++; break;
+    default: return -1;
+    }
+    if (toupper((unsigned char)*end) == 'B' || toupper((unsigned char)*end) == 'I') {
+        end++;
+        if (toupper((unsigned char)*end) == 'B')
+            end++;
+    }
+    if (*end)
+        return -1;
+    x *= mul;
+    if (x > 9.2e18)
+        return -1;
+    *out = (int64_t)x;
+    return 0;
+}
+
+ra_status ratd_config_set(ratd_config *c, const char *name, const char *value, char *err,
+                          size_t errlen)
+{
+    const ratd_option *o = find(name);
+    if (!o) {
+        snprintf(err, errlen, "unknown option '%s' (see --help)", name);
+        return RA_EINVAL;
+    }
+    char *field = (char *)c + o->offset;
+    int64_t x = 0;
+    switch (o->type) {
+    case OPT_STR:
+        if (strlen(value) >= o->size) {
+            snprintf(err, errlen, "option %s: value longer than %zu characters", name,
+                     o->size - 1);
+            return RA_EINVAL;
+        }
+        strcpy(field, value);
+        return RA_OK;
+    case OPT_BOOL:
+        if (!strcmp(value, "1") || !strcasecmp(value, "yes") || !strcasecmp(value, "true") ||
+            !strcasecmp(value, "on"))
+            x = 1;
+        else if (!strcmp(value, "0") || !strcasecmp(value, "no") ||
+                 !strcasecmp(value, "false") || !strcasecmp(value, "off"))
+            x = 0;
+        else {
+            snprintf(err, errlen, "option %s: '%s' is not a boolean (yes/no)", name, value);
+            return RA_EINVAL;
+        }
+        *(int *)field = (int)x;
+        return RA_OK;
+    case OPT_INT: {
+        char *end;
+        errno = 0;
+        long long v = strtoll(value, &end, 10);
+        if (end == value || *end || errno) {
+            snprintf(err, errlen, "option %s: '%s' is not an integer", name, value);
+            return RA_EINVAL;
+        }
+        x = v;
+        break;
+    }
+    case OPT_SIZE:
+        if (parse_size(value, &x) < 0) {
+            snprintf(err, errlen, "option %s: '%s' is not a size (e.g. 4096, 512M, 8G)", name,
+                     value);
+            return RA_EINVAL;
+        }
+        break;
+    }
+    if (x < o->min || x > o->max) {
+        snprintf(err, errlen, "option %s: %lld is outside [%lld, %lld]", name, (long long)x,
+                 (long long)o->min, (long long)o->max);
+        return RA_EINVAL;
+    }
+    if (o->type == OPT_INT)
+        *(int *)field = (int)x;
+    else
+        *(uint64_t *)field = (uint64_t)x;
+    return RA_OK;
+}
+
+void ratd_config_defaults(ratd_config *c)
+{
+    memset(c, 0, sizeof *c);
+    char err[256];
+    for (size_t i = 0; i < N_OPTIONS; i++) {
+        ra_status st = ratd_config_set(c, g_options[i].name, g_options[i].def, err, sizeof err);
+        (void)st;
+        /* a default outside its own bounds is a bug in the table */
+        if (st != RA_OK) {
+            fprintf(stderr, "ratd: bad default: %s\n", err);
+            abort();
+        }
+    }
+}
+
+ra_status ratd_config_file(ratd_config *c, const char *path, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        snprintf(err, errlen, "cannot open config file %s: %s", path, strerror(errno));
+        return RA_EIO;
+    }
+    char line[1024];
+    int lineno = 0;
+    ra_status st = RA_OK;
+    while (fgets(line, sizeof line, f)) {
+        lineno++;
+        char *p = line;
+        char *hash = strchr(p, '#');
+        if (hash)
+            *hash = 0;
+        while (isspace((unsigned char)*p))
+            p++;
+        if (!*p)
+            continue;
+        char *name = p;
+        while (*p && !isspace((unsigned char)*p))
+            p++;
+        if (*p)
+            *p++ = 0;
+        while (isspace((unsigned char)*p))
+            p++;
+        char *val = p;
+        size_t n = strlen(val);
+        while (n && isspace((unsigned char)val[n - 1]))
+            val[--n] = 0;
+        if (!strcmp(name, "config"))
+            continue;
+        char e2[256];
+        st = ratd_config_set(c, name, val, e2, sizeof e2);
+        if (st != RA_OK) {
+            snprintf(err, errlen, "%s:%d: %s", path, lineno, e2);
+            break;
+        }
+    }
+    fclose(f);
+    return st;
+}
+
+ra_status ratd_config_env(ratd_config *c, char *err, size_t errlen)
+{
+    for (size_t i = 0; i < N_OPTIONS; i++) {
+        char var[64] = "RATD_";
+        size_t j = 5;
+        for (const char *s = g_options[i].name; *s && j < sizeof var - 1; s++)
+            var[j++] = *s == '-' ? '_' : (char)toupper((unsigned char)*s);
+        var[j] = 0;
+        const char *v = getenv(var);
+        if (!v || !strcmp(g_options[i].name, "config"))
+            continue;
+        char e2[256];
+        ra_status st = ratd_config_set(c, g_options[i].name, v, e2, sizeof e2);
+        if (st != RA_OK) {
+            snprintf(err, errlen, "environment %s: %s", var, e2);
+            return st;
+        }
+    }
+    return RA_OK;
+}
+
+ra_status ratd_config_args(ratd_config *c, int argc, char **argv, int *help, int *version,
+                           char *err, size_t errlen)
+{
+    *help = 0;
+    *version = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            *help = 1;
+            continue;
+        }
+        if (!strcmp(a, "--version")) {
+            *version = 1;
+            continue;
+        }
+        if (strncmp(a, "--", 2) != 0) {
+            snprintf(err, errlen, "unexpected argument '%s' (options are --name value)", a);
+            return RA_EINVAL;
+        }
+        char name[64];
+        const char *eq = strchr(a + 2, '=');
+        size_t nl = eq ? (size_t)(eq - a - 2) : strlen(a + 2);
+        if (nl >= sizeof name) {
+            snprintf(err, errlen, "unknown option '%s'", a);
+            return RA_EINVAL;
+        }
+        memcpy(name, a + 2, nl);
+        name[nl] = 0;
+        const ratd_option *o = find(name);
+        if (!o) {
+            snprintf(err, errlen, "unknown option '--%s' (see --help)", name);
+            return RA_EINVAL;
+        }
+        const char *val;
+        if (eq)
+            val = eq + 1;
+        else if (o->type == OPT_BOOL && (i + 1 >= argc || strncmp(argv[i + 1], "--", 2) == 0))
+            val = "1"; /* a bare boolean flag */
+        else if (i + 1 < argc)
+            val = argv[++i];
+        else {
+            snprintf(err, errlen, "option --%s needs a value", name);
+            return RA_EINVAL;
+        }
+        ra_status st = ratd_config_set(c, name, val, err, errlen);
+        if (st != RA_OK)
+            return st;
+    }
+    return RA_OK;
+}
+
+ra_status ratd_config_load(ratd_config *c, int argc, char **argv, int *help, int *version,
+                           char *err, size_t errlen)
+{
+    ratd_config_defaults(c);
+    /* find --config first: the file ranks below env and flags */
+    const char *file = getenv("RATD_CONFIG");
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--config") && i + 1 < argc)
+            file = argv[i + 1];
+        else if (!strncmp(argv[i], "--config=", 9))
+            file = argv[i] + 9;
+    }
+    ra_status st;
+    if (file && *file && (st = ratd_config_file(c, file, err, errlen)) != RA_OK)
+        return st;
+    if ((st = ratd_config_env(c, err, errlen)) != RA_OK)
+        return st;
+    return ratd_config_args(c, argc, argv, help, version, err, errlen);
+}
+
+void ratd_config_usage(FILE *f, const char *prog)
+{
+    fprintf(f,
+            "usage: %s [--name value | --name=value]...\n\n"
+            "ratd, the retrieval-attention daemon: stores the offloaded keys and values of a\n"
+            "decoder's KV cache, indexes them per head, and answers partial attention over\n"
+            "the retrieved top-k keys (output and log-sum-exp per query head).\n\n"
+            "Options (each also from the environment as RATD_<NAME>, dashes as underscores,\n"
+            "and from a --config file; flags win over env, env over file):\n",
+            prog);
+    for (size_t i = 0; i < N_OPTIONS; i++) {
+        const ratd_option *o = &g_options[i];
+        const char *arg = o->type == OPT_BOOL ? "" : o->type == OPT_STR ? " STR"
+                                                   : o->type == OPT_SIZE ? " SIZE"
+                                                                         : " N";
+        char head[64];
+        snprintf(head, sizeof head, "--%s%s", o->name, arg);
+        fprintf(f, "  %-26s %s", head, o->help);
+        if (o->def[0])
+            fprintf(f, " [default %s]", o->def);
+        if (o->type == OPT_INT)
+            fprintf(f, " [%lld..%lld]", (long long)o->min, (long long)o->max);
+        fprintf(f, "\n");
+    }
+    fprintf(f, "  %-26s %s\n  %-26s %s\n", "--help", "print this text and exit", "--version",
+            "print the version and protocol version and exit");
+    fprintf(f, "\nSIGINT/SIGTERM: stop taking requests, finish the one in progress, free every\n"
+               "session, remove the ipc:// socket file, exit 0.\n");
+}
+
+static int is_loopback(const char *host)
+{
+    return !strcmp(host, "localhost") || !strncmp(host, "127.", 4) || !strcmp(host, "::1") ||
+           !strcmp(host, "[::1]") || !strcmp(host, "lo");
+}
+
+ra_status ratd_config_check_endpoint(ratd_config *c, char *err, size_t errlen)
+{
+    if (!c->endpoint[0]) {
+        const char *xdg = getenv("XDG_RUNTIME_DIR");
+        if (xdg && *xdg && access(xdg, W_OK) == 0)
+            snprintf(c->endpoint, sizeof c->endpoint, "ipc://%s/ratd.sock", xdg);
+        else
+            snprintf(c->endpoint, sizeof c->endpoint, "ipc:///tmp/ratd-%u.sock",
+                     (unsigned)getuid());
+    }
+    if (!strncmp(c->endpoint, "ipc://", 6)) {
+        if (!c->endpoint[6]) {
+            snprintf(err, errlen, "endpoint %s has no path", c->endpoint);
+            return RA_EINVAL;
+        }
+        return RA_OK;
+    }
+    if (!strncmp(c->endpoint, "tcp://", 6)) {
+        char host[256];
+        const char *h = c->endpoint + 6;
+        const char *colon = strrchr(h, ':');
+        if (!colon || colon == h || (size_t)(colon - h) >= sizeof host) {
+            snprintf(err, errlen, "endpoint %s: expected tcp://host:port", c->endpoint);
+            return RA_EINVAL;
+        }
+        memcpy(host, h, (size_t)(colon - h));
+        host[colon - h] = 0;
+        if (!is_loopback(host) && !c->allow_remote) {
+            snprintf(err, errlen,
+                     "endpoint %s binds a non-loopback address; ratd has no authentication, so "
+                     "this needs --allow-remote (or bind tcp://127.0.0.1:PORT)",
+                     c->endpoint);
+            return RA_EINVAL;
+        }
+        return RA_OK;
+    }
+    snprintf(err, errlen, "endpoint %s: only ipc:// and tcp:// are supported", c->endpoint);
+    return RA_EINVAL;
+}

@@ -1,0 +1,56 @@
+/* ratd's configuration: one declarative table of options (name, type, bounds, default,
+ * help) in ratd_config.c, as Redis config.c. Defaults come first, then a config file
+ * (--config FILE, lines "name value"), then the environment (RATD_<NAME>, dashes as
+ * underscores), then command-line flags (--name value or --name=value); later sources
+ * win. `ratd --help` is generated from the same table, so every flag is documented. */
+#ifndef RATD_CONFIG_H
+#define RATD_CONFIG_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "ratd/status.h"
+
+typedef struct ratd_config {
+    char endpoint[512];
+    int allow_remote;
+    int workers;   /* 0: one per CPU of the binding set */
+    int numa_node; /* -1: none */
+    char cpuset[256];
+    uint64_t mem_limit; /* bytes, 0: none */
+    uint64_t max_frame_bytes;
+    uint64_t max_message_bytes;
+    int max_sessions;
+    int max_layers;
+    int max_heads;
+    int max_dim;
+    int max_top_k;
+    int max_tokens;
+    int max_queries;
+    int index_threads;
+    int send_timeout_ms;
+    char log_level[16];
+    char config_file[512];
+} ratd_config;
+
+void ratd_config_defaults(ratd_config *c);
+/* Applies one option by name (without dashes) from its text value; err on failure. */
+ra_status ratd_config_set(ratd_config *c, const char *name, const char *value, char *err,
+                          size_t errlen);
+/* Reads "name value" lines ('#' comments). */
+ra_status ratd_config_file(ratd_config *c, const char *path, char *err, size_t errlen);
+/* RATD_<NAME> variables. */
+ra_status ratd_config_env(ratd_config *c, char *err, size_t errlen);
+/* Command line; *help = 1 when --help was given, *version for --version. */
+ra_status ratd_config_args(ratd_config *c, int argc, char **argv, int *help, int *version,
+                           char *err, size_t errlen);
+/* Full start-up sequence: defaults, --config file, env, flags. */
+ra_status ratd_config_load(ratd_config *c, int argc, char **argv, int *help, int *version,
+                           char *err, size_t errlen);
+void ratd_config_usage(FILE *f, const char *prog);
+/* Fills the default endpoint (ipc:// under $XDG_RUNTIME_DIR or /tmp) when none is set,
+ * and refuses a tcp:// bind to a non-loopback address without allow-remote. */
+ra_status ratd_config_check_endpoint(ratd_config *c, char *err, size_t errlen);
+
+#endif
