@@ -1,0 +1,219 @@
+/* Test harness shared by the integration tests of tests/daemon and tests/client: starts
+ * the real ratd (path from $RATD_BIN) on a private ipc:// endpoint under /tmp with its
+ * log captured to a file, waits until it answers Hello, and stops it with SIGTERM,
+ * checking a clean exit and the removal of the socket file. Also the double-precision
+ * reference attention every correctness check compares against. Header-only: each test
+ * binary is one translation unit plus this. */
+#ifndef RATD_HARNESS_H
+#define RATD_HARNESS_H
+
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "ratd/client.h"
+
+typedef struct ratd_proc {
+    pid_t pid;
+    char endpoint[256];
+    char path[256];
+    char log[256];
+} ratd_proc;
+
+static int g_harness_seq = 0;
+
+/* Starts ratd with extra flags (NULL-terminated list). Returns 0 when it answers Hello
+ * within 20 s, -1 otherwise (the process is killed). */
+static int ratd_start(ratd_proc *p, ...)
+{
+    const char *bin = getenv("RATD_BIN");
+    if (!bin || !*bin) {
+        fprintf(stderr, "RATD_BIN is not set (run under ctest)\n");
+        return -1;
+    }
+    memset(p, 0, sizeof *p);
+    g_harness_seq++;
+    snprintf(p->path, sizeof p->path, "/tmp/ratd-test-%d-%d.sock", (int)getpid(), g_harness_seq);
+    snprintf(p->endpoint, sizeof p->endpoint, "ipc://%s", p->path);
+    snprintf(p->log, sizeof p->log, "/tmp/ratd-test-%d-%d.log", (int)getpid(), g_harness_seq);
+    const char *argv[64];
+    int argc = 0;
+    argv[argc++] = bin;
+    argv[argc++] = "--endpoint";
+    argv[argc++] = p->endpoint;
+    argv[argc++] = "--workers";
+    argv[argc++] = "2";
+    va_list ap;
+    va_start(ap, p);
+    const char *a;
+    while ((a = va_arg(ap, const char *)) != NULL && argc < 62)
+        argv[argc++] = a;
+    va_end(ap);
+    argv[argc] = NULL;
+    pid_t pid = fork();
+    if (pid < 0)
+        return -1;
+    if (pid == 0) {
+        int fd = open(p->log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (fd >= 0) {
+            dup2(fd, 2);
+            close(fd);
+        }
+        execv(bin, (char *const *)argv);
+        _exit(127);
+    }
+    p->pid = pid;
+    ra_client_opts o;
+    ra_client_opts_default(&o);
+    o.timeout_ms = 200;
+    for (int i = 0; i < 100; i++) {
+        int status;
+        if (waitpid(pid, &status, WNOHANG) == pid) {
+            p->pid = 0;
+            return -1; /* exited at start */
+        }
+        ra_client *c;
+        if (ra_client_open(&c, p->endpoint, &o) == RA_OK) {
+            ra_status st = ra_client_hello(c, NULL);
+            ra_client_close(c);
+            if (st == RA_OK)
+                return 0;
+        }
+        usleep(100000);
+    }
+    kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
+    p->pid = 0;
+    return -1;
+}
+
+/* SIGTERM and wait; returns the exit status (0 clean), or -1 if it had to be killed or
+ * left its socket file behind. */
+static int ratd_stop(ratd_proc *p)
+{
+    if (!p->pid)
+        return -1;
+    kill(p->pid, SIGTERM);
+    int status = 0, rc = -2;
+    for (int i = 0; i < 300 && rc == -2; i++) {
+        if (waitpid(p->pid, &status, WNOHANG) == p->pid)
+            rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+        else
+            usleep(50000);
+    }
+    if (rc == -2) { /* stuck: kill it, count as a failure */
+        kill(p->pid, SIGKILL);
+        waitpid(p->pid, NULL, 0);
+        unlink(p->path);
+        rc = -1;
+    }
+    p->pid = 0;
+    struct stat sb;
+    if (stat(p->path, &sb) == 0) {
+        unlink(p->path);
+        return -1;
+    }
+    return rc;
+}
+
+/* 1 when the daemon's log contains `needle`. */
+static int ratd_log_has(const ratd_proc *p, const char *needle)
+{
+    FILE *f = fopen(p->log, "r");
+    if (!f)
+        return 0;
+    char line[2048];
+    int found = 0;
+    while (!found && fgets(line, sizeof line, f))
+        found = strstr(line, needle) != NULL;
+    fclose(f);
+    return found;
+}
+
+static ra_client *ratd_connect(const ratd_proc *p, int timeout_ms)
+{
+    ra_client_opts o;
+    ra_client_opts_default(&o);
+    o.timeout_ms = timeout_ms;
+    ra_client *c = NULL;
+    if (ra_client_open(&c, p->endpoint, &o) != RA_OK)
+        return NULL;
+    return c;
+}
+
+/* ---- data and reference -------------------------------------------------------------- */
+
+static uint64_t g_rng = 88172645463325252ull;
+static double rnd_unif(void)
+{
+    g_rng ^= g_rng << 13;
+    g_rng ^= g_rng >> 7;
+    g_rng ^= g_rng << 17;
+    return (double)(g_rng >> 11) * (1.0 / 9007199254740992.0);
+}
+static float rnd_norm(void)
+{
+    double u = rnd_unif(), v = rnd_unif();
+    if (u < 1e-300)
+        u = 1e-300;
+    return (float)(sqrt(-2.0 * log(u)) * cos(6.283185307179586 * v));
+}
+
+/* Exact attention of q over rows `rows` (n of them; NULL: all n) of K, V (fp32 views,
+ * [n_all][dim]), scale s; writes o[dim], *lse in double. n == 0: o = 0, lse = -inf. */
+static void ref_attend(const float *q, const float *K, const float *V, int dim,
+                       const int *rows, int n, double scale, double *o, double *lse)
+{
+    double m = -INFINITY;
+    double *sc = malloc((size_t)(n ? n : 1) * sizeof *sc);
+    for (int i = 0; i < n; i++) {
+        int r = rows ? rows[i] : i;
+        double s = 0;
+        for (int d = 0; d < dim; d++)
+            s += (double)q[d] * K[(size_t)r * dim + d];
+        sc[i] = s * scale;
+        if (sc[i] > m)
+            m = sc[i];
+    }
+    for (int d = 0; d < dim; d++)
+        o[d] = 0;
+    double z = 0;
+    for (int i = 0; i < n; i++) {
+        int r = rows ? rows[i] : i;
+        double w = exp(sc[i] - m);
+        z += w;
+        for (int d = 0; d < dim; d++)
+            o[d] += w * V[(size_t)r * dim + d];
+    }
+    if (n == 0) {
+        *lse = -INFINITY;
+    } else {
+        for (int d = 0; d < dim; d++)
+            o[d] /= z;
+        *lse = m + log(z);
+    }
+    free(sc);
+}
+
+/* Relative error of o against ref: ||o - ref|| / max(||ref||, 1e-6). */
+static double rel_err(const float *o, const double *ref, int dim)
+{
+    double num = 0, den = 0;
+    for (int d = 0; d < dim; d++) {
+        num += (o[d] - ref[d]) * (o[d] - ref[d]);
+        den += ref[d] * ref[d];
+    }
+    return sqrt(num) / fmax(sqrt(den), 1e-6);
+}
+
+#endif
