@@ -1,0 +1,1073 @@
+/* ratd-lm-eval: the fidelity benchmark. Prefills a context of real text with the
+ * reference decoder (full causal attention), then teacher-forces the next bytes with
+ * each attention mode and reports what the mode costs in model quality: bits per byte,
+ * the relative L2 error of every layer's attention output against full attention on
+ * the same query, recall@k of ratd's retrieved keys against the exact top-k, the share
+ * of offloaded keys read, and time per token. It is the end-to-end proof that ratd
+ * preserves attention on a trained model (and the demo's engine).
+ *
+ * Modes: full (reference), window (first `sink` + last `window` positions, as
+ * StreamingLLM and as the model's own window-only check), ratd (sink + window through
+ * the gpu/ module's cache, the rest offloaded to a running ratd through libratd-client
+ * and merged by log-sum-exp). All three share the decoder's numerics. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <math.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "ra_half.h"
+#include "ra_lm.h"
+#include "ra_log.h"
+#include "ra_trace.h"
+#include "ratd/client.h"
+#include "ratd/gpu.h"
+
+#define MAX_TEXT (256u << 20)
+#define MAX_SWEEP 16
+
+typedef enum { MODE_FULL = 0, MODE_WINDOW = 1, MODE_RATD = 2 } eval_mode;
+static const char *const mode_names[] = {"full", "window", "ratd"};
+
+typedef struct opts {
+    const char *model, *text, *mode, *endpoint, *ratd_bin, *dump_trace, *index;
+    unsigned context, eval, offset, sink, window, repeat, n_train, effort, append_every;
+    unsigned topk[MAX_SWEEP], n_topk;
+    double adaptive;      /* > 0: per-head adaptive budget, tail-mass threshold */
+    unsigned adaptive_max;
+    ra_dtype trace_dtype, kv_dtype;
+    unsigned long seed;
+    int json, quiet, wait_index_ms;
+} opts;
+
+/* One span copied by --repeat: bytes [src, src+len) reappear at [dst, dst+len). */
+typedef struct span {
+    unsigned src, dst, len;
+} span;
+
+typedef struct result {
+    eval_mode mode;
+    unsigned topk;
+    double nats, nats_rep;
+    unsigned n, n_rep;
+    double *rel_l2; /* [n_layers] sums */
+    unsigned long n_rel;
+    double recall_sum;
+    unsigned long recall_n;
+    double keys_read, keys_offloaded; /* summed per (step, layer, head) */
+    double seconds;
+    unsigned steps;
+} result;
+
+/* State of one mode's decode run, seen by the attention hook. */
+typedef struct run {
+    const opts *o;
+    eval_mode mode;
+    unsigned topk;
+    result *res;
+    /* ratd mode */
+    ra_gpu_cache *gc;
+    ra_client *cl;
+    uint64_t session;
+    float *o_loc, *lse_loc, *o_rem, *lse_rem, *o_ref, *knew, *vnew, *sc;
+    int64_t *tpos;
+    float *tscores;
+    int32_t *tcounts;
+    int *mark;
+    void *pack_k, *pack_v;
+    int64_t *pack_pos;
+    size_t pack_cap;
+    double t_measure; /* seconds spent in measurement only (excluded from timing) */
+} run;
+
+static void die_usage(const char *msg)
+{
+    if (msg)
+        fprintf(stderr, "ratd-lm-eval: %s\n", msg);
+    fprintf(stderr,
+            "usage: ratd-lm-eval --model DIR --text FILE --context C --eval E\n"
+            "         [--mode full|window|ratd|all] [--offset O] [--sink 128] [--window 512]\n"
+            "         [--topk K[,K2,...]] [--adaptive EPS] [--adaptive-max K] [--repeat N] [--seed S]\n"
+            "         [--endpoint ipc://...|tcp://...] [--ratd BIN] [--index graph|flat|ivf|hnsw]\n"
+            "         [--kv-dtype f16|bf16|f32] [--n-train Q] [--effort E] [--wait-index MS]\n"
+            "         [--dump-trace FILE [--trace-dtype f32|f16|bf16]] [--json] [--quiet]\n");
+    exit(2);
+}
+
+static unsigned parse_uint(const char *flag, const char *s, unsigned lo, unsigned hi)
+{
+    char *end;
+    errno = 0;
+    unsigned long v = strtoul(s, &end, 10);
+    if (errno || end == s || *end || v < lo || v > hi || s[0] == '-') {
+        fprintf(stderr, "ratd-lm-eval: %s must be an integer in [%u, %u], got '%s'\n", flag, lo, hi, s);
+        exit(2);
+    }
+    return (unsigned)v;
+}
+
+static ra_dtype parse_dtype(const char *flag, const char *s)
+{
+    if (strcmp(s, "f32") == 0)
+        return RA_DTYPE_F32;
+    if (strcmp(s, "f16") == 0)
+        return RA_DTYPE_F16;
+    if (strcmp(s, "bf16") == 0)
+        return RA_DTYPE_BF16;
+    fprintf(stderr, "ratd-lm-eval: %s must be f32, f16 or bf16, got '%s'\n", flag, s);
+    exit(2);
+}
+
+static void parse_args(int argc, char **argv, opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->mode = "all";
+    o->sink = 128;
+    o->window = 512;
+    o->topk[0] = 500;
+    o->n_topk = 1;
+    o->n_train = 4096;
+    o->append_every = 1;
+    o->trace_dtype = RA_DTYPE_F32;
+    o->kv_dtype = RA_DTYPE_F16;
+    o->index = "graph";
+    o->seed = 1;
+    o->adaptive_max = 2000;
+    o->wait_index_ms = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+#define ARG(name) (strcmp(a, name) == 0 && (v || (die_usage("missing value after " name), 0)) && ++i)
+        if (strcmp(a, "--json") == 0)
+            o->json = 1;
+        else if (strcmp(a, "--quiet") == 0)
+            o->quiet = 1;
+        else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0)
+            die_usage(NULL);
+        else if (ARG("--model"))
+            o->model = v;
+        else if (ARG("--text"))
+            o->text = v;
+        else if (ARG("--mode"))
+            o->mode = v;
+        else if (ARG("--endpoint"))
+            o->endpoint = v;
+        else if (ARG("--ratd"))
+            o->ratd_bin = v;
+        else if (ARG("--dump-trace"))
+            o->dump_trace = v;
+        else if (ARG("--index"))
+            o->index = v;
+        else if (ARG("--context"))
+            o->context = parse_uint(a, v, 1, 1u << 24);
+        else if (ARG("--eval"))
+            o->eval = parse_uint(a, v, 1, 1u << 24);
+        else if (ARG("--offset"))
+            o->offset = parse_uint(a, v, 0, MAX_TEXT);
+        else if (ARG("--sink"))
+            o->sink = parse_uint(a, v, 0, 1u << 20);
+        else if (ARG("--window"))
+            o->window = parse_uint(a, v, 1, 1u << 20);
+        else if (ARG("--repeat"))
+            o->repeat = parse_uint(a, v, 0, 64);
+        else if (ARG("--n-train"))
+            o->n_train = parse_uint(a, v, 0, 1u << 20);
+        else if (ARG("--effort"))
+            o->effort = parse_uint(a, v, 0, 1u << 20);
+        else if (ARG("--append-every"))
+            o->append_every = parse_uint(a, v, 1, 64);
+        else if (ARG("--seed"))
+            o->seed = parse_uint(a, v, 0, 0xffffffffu);
+        else if (ARG("--wait-index"))
+            o->wait_index_ms = (int)parse_uint(a, v, 0, 600000);
+        else if (ARG("--adaptive-max"))
+            o->adaptive_max = parse_uint(a, v, 1, 1u << 20);
+        else if (ARG("--trace-dtype"))
+            o->trace_dtype = parse_dtype(a, v);
+        else if (ARG("--kv-dtype"))
+            o->kv_dtype = parse_dtype(a, v);
+        else if (ARG("--adaptive")) {
+            char *end;
+            o->adaptive = strtod(v, &end);
+            if (*end || !(o->adaptive > 0 && o->adaptive < 1))
+                die_usage("--adaptive takes a tail-mass threshold in (0, 1), e.g. 0.01");
+        } else if (ARG("--topk")) {
+            o->n_topk = 0;
+            char *dup = strdup(v), *save = NULL;
+            for (char *t = strtok_r(dup, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+                if (o->n_topk == MAX_SWEEP)
+                    die_usage("--topk: at most 16 values");
+                o->topk[o->n_topk++] = parse_uint("--topk", t, 1, 1u << 20);
+            }
+            free(dup);
+            if (o->n_topk == 0)
+                die_usage("--topk needs a value");
+        } else {
+            char buf[300];
+            snprintf(buf, sizeof buf, "unknown argument '%s'", a);
+            die_usage(buf);
+        }
+#undef ARG
+    }
+    if (!o->model || !o->text || !o->context || !o->eval)
+        die_usage("--model, --text, --context and --eval are required");
+    if (strcmp(o->mode, "all") && strcmp(o->mode, "full") && strcmp(o->mode, "window") && strcmp(o->mode, "ratd"))
+        die_usage("--mode must be full, window, ratd or all");
+    if (strcmp(o->index, "graph") && strcmp(o->index, "flat") && strcmp(o->index, "ivf") && strcmp(o->index, "hnsw"))
+        die_usage("--index must be graph, flat, ivf or hnsw");
+}
+
+/* ------------------------------------------------------------------ text */
+
+static int read_text(const opts *o, unsigned need, unsigned char **out)
+{
+    FILE *f = fopen(o->text, "rb");
+    if (!f) {
+        fprintf(stderr, "ratd-lm-eval: %s: cannot open: %s\n", o->text, strerror(errno));
+        return -1;
+    }
+    struct stat sb;
+    if (fstat(fileno(f), &sb) != 0 || !S_ISREG(sb.st_mode)) {
+        fprintf(stderr, "ratd-lm-eval: %s: not a regular file\n", o->text);
+        fclose(f);
+        return -1;
+    }
+    if ((unsigned long long)sb.st_size < (unsigned long long)o->offset + need) {
+        fprintf(stderr,
+                "ratd-lm-eval: %s: text too short: %lld bytes, but offset %u + context %u + eval %u needs %llu\n",
+                o->text, (long long)sb.st_size, o->offset, o->context, o->eval,
+                (unsigned long long)o->offset + need);
+        fclose(f);
+        return -1;
+    }
+    unsigned char *b = malloc(need);
+    if (!b || fseek(f, (long)o->offset, SEEK_SET) != 0 || fread(b, 1, need, f) != need) {
+        fprintf(stderr, "ratd-lm-eval: %s: read error\n", o->text);
+        free(b);
+        fclose(f);
+        return -1;
+    }
+    fclose(f);
+    *out = b;
+    return 0;
+}
+
+static uint64_t rng_next(uint64_t *s)
+{
+    /* splitmix64: a deterministic span layout from --seed */
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/* --repeat N: N spans of 256..1024 bytes, each placed in its own slot of the evaluated
+ * part [C, C+E), copied from a source at distance >= 4096 before it that lies in the
+ * offloaded middle (after the sink), sources pairwise disjoint. */
+static int make_repeats(const opts *o, unsigned char *text, span *sp)
+{
+    unsigned C = o->context, E = o->eval, N = o->repeat;
+    unsigned slot = E / N;
+    if (slot < 256 + 8) {
+        fprintf(stderr, "ratd-lm-eval: --repeat %u: eval %u leaves %u bytes per span, need >= 264\n", N, E, slot);
+        return -1;
+    }
+    unsigned len = slot - 8 < 1024 ? slot - 8 : 1024;
+    uint64_t rs = o->seed * 0x2545f4914f6cdd1dull + 7;
+    for (unsigned i = 0; i < N; i++) {
+        unsigned dst = C + i * slot + 4 + (unsigned)(rng_next(&rs) % (slot - len - 7));
+        if (dst < 4096 + len + o->sink) {
+            fprintf(stderr, "ratd-lm-eval: --repeat: context %u too short for a source >= 4096 bytes back\n", C);
+            return -1;
+        }
+        unsigned hi = dst - 4096 - len; /* last allowed source start */
+        unsigned lo = o->sink;
+        int ok = 0;
+        for (int tries = 0; tries < 1000 && !ok; tries++) {
+            unsigned src = lo + (unsigned)(rng_next(&rs) % (hi - lo + 1));
+            ok = 1;
+            for (unsigned j = 0; j < i; j++)
+                if (src < sp[j].src + sp[j].len && sp[j].src < src + len)
+                    ok = 0;
+            if (ok)
+                sp[i] = (span){src, dst, len};
+        }
+        if (!ok) {
+            fprintf(stderr, "ratd-lm-eval: --repeat: no room for %u disjoint sources\n", N);
+            return -1;
+        }
+        memcpy(text + dst, text + sp[i].src, len);
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ prefill capture */
+
+typedef struct capture {
+    const opts *o;
+    const ra_lm_config *c;
+    ra_trace_writer *tw;
+    float *q_train;     /* [layer][n_heads][n_q][hd] */
+    unsigned *q_pos;    /* sampled positions, increasing */
+    unsigned n_q;
+    float *row;         /* [rows][hd] scratch for the trace */
+} capture;
+
+/* Training queries for the index: the last n_train/2 positions plus a stride over the
+ * rest, as the architecture suggests (recent queries resemble decode queries). */
+static unsigned sample_positions(unsigned C, unsigned want, unsigned *pos)
+{
+    if (want >= C) {
+        for (unsigned i = 0; i < C; i++)
+            pos[i] = i;
+        return C;
+    }
+    unsigned tail = want / 2, head = want - tail, n = 0;
+    unsigned span = C - tail;
+    for (unsigned i = 0; i < head; i++)
+        pos[n++] = (unsigned)((unsigned long long)i * span / head);
+    for (unsigned i = C - tail; i < C; i++)
+        pos[n++] = i;
+    return n;
+}
+
+static ra_status capture_fn(void *ctx, unsigned layer, unsigned pos0, unsigned rows, const float *q,
+                            const float *k, const float *v)
+{
+    capture *cp = ctx;
+    const ra_lm_config *c = cp->c;
+    unsigned hd = c->head_dim, QD = c->n_heads * hd, KD = c->n_kv_heads * hd;
+    if (cp->q_train) {
+        /* positions are increasing: binary search the first one >= pos0 */
+        unsigned lo = 0, hi = cp->n_q;
+        while (lo < hi) {
+            unsigned mid = (lo + hi) / 2;
+            if (cp->q_pos[mid] < pos0)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        for (unsigned i = lo; i < cp->n_q && cp->q_pos[i] < pos0 + rows; i++)
+            for (unsigned h = 0; h < c->n_heads; h++)
+                memcpy(cp->q_train + (((size_t)layer * c->n_heads + h) * cp->n_q + i) * hd,
+                       q + (size_t)(cp->q_pos[i] - pos0) * QD + h * hd, hd * sizeof(float));
+    }
+    if (cp->tw) {
+        for (unsigned t = 0; t < 3; t++) {
+            unsigned nh = t == 0 ? c->n_heads : c->n_kv_heads, stride = t == 0 ? QD : KD;
+            const float *src = t == 0 ? q : t == 1 ? k : v;
+            for (unsigned h = 0; h < nh; h++) {
+                for (unsigned r = 0; r < rows; r++)
+                    memcpy(cp->row + (size_t)r * hd, src + (size_t)r * stride + h * hd, hd * sizeof(float));
+                ra_status s = ra_trace_writer_put(cp->tw, (ra_trace_tensor)t, layer, h, pos0, rows, cp->row);
+                if (s != RA_OK)
+                    return s;
+            }
+        }
+    }
+    return RA_OK;
+}
+
+/* ------------------------------------------------------------------ attention hooks */
+
+static double now_s(void)
+{
+    return ra_now_s();
+}
+
+static double rel_l2(const float *a, const float *ref, unsigned n)
+{
+    double num = 0, den = 0;
+    for (unsigned i = 0; i < n; i++) {
+        double d = (double)a[i] - ref[i];
+        num += d * d;
+        den += (double)ref[i] * ref[i];
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+/* full attention on the same q, for the error measure */
+static void reference(ra_lm *lm, unsigned layer, unsigned pos, const float *q, float *o_ref)
+{
+    const ra_lm_config *c = ra_lm_get_config(lm);
+    unsigned r[2] = {0, pos + 1};
+    float lse;
+    for (unsigned h = 0; h < c->n_heads; h++)
+        ra_lm_attend_ranges(lm, layer, h, q + (size_t)h * c->head_dim, r, 1, o_ref + (size_t)h * c->head_dim, &lse);
+}
+
+static ra_status hook_window(void *ctx, ra_lm *lm, unsigned layer, unsigned pos, const float *q, float *o)
+{
+    run *R = ctx;
+    const ra_lm_config *c = ra_lm_get_config(lm);
+    unsigned hd = c->head_dim, sink = R->o->sink, win = R->o->window;
+    /* key k visible iff k < sink or k > pos - window (the model card's definition) */
+    unsigned a = sink < pos + 1 ? sink : pos + 1;
+    unsigned b = pos + 1 > win ? pos + 1 - win : 0;
+    if (b < a)
+        b = a;
+    unsigned r[4] = {0, a, b, pos + 1};
+    float lse;
+    for (unsigned h = 0; h < c->n_heads; h++)
+        ra_lm_attend_ranges(lm, layer, h, q + (size_t)h * hd, r, 2, o + (size_t)h * hd, &lse);
+    double t0 = now_s();
+    reference(lm, layer, pos, q, R->o_ref);
+    R->res->rel_l2[layer] += rel_l2(o, R->o_ref, c->n_heads * hd);
+    if (layer == 0)
+        R->res->n_rel++;
+    R->t_measure += now_s() - t0;
+    return RA_OK;
+}
+
+static ra_status hook_full(void *ctx, ra_lm *lm, unsigned layer, unsigned pos, const float *q, float *o)
+{
+    run *R = ctx;
+    reference(lm, layer, pos, q, o);
+    if (layer == 0)
+        R->res->n_rel++;
+    return RA_OK;
+}
+
+static void pack_convert(ra_dtype to, const float *src, void *dst, size_t i, size_t n)
+{
+    for (size_t j = 0; j < n; j++) {
+        float x = src[j];
+        if (to == RA_DTYPE_F32)
+            ((float *)dst)[i + j] = x;
+        else if (to == RA_DTYPE_F16)
+            ((uint16_t *)dst)[i + j] = ra_f32_to_f16(x);
+        else
+            ((uint16_t *)dst)[i + j] = ra_f32_to_bf16(x);
+    }
+}
+
+/* Packs a staged view (gpu cache dtype f32) into [n_kv][n][hd] of the session dtype. */
+static ra_status pack_staged(run *R, const ra_gpu_staged *sv, ra_kv_batch *b)
+{
+    size_t n = sv->n_tokens, hd = sv->head_dim, nkv = sv->n_kv_heads;
+    size_t need = nkv * n * hd;
+    if (need > R->pack_cap) {
+        size_t cap = need + need / 2 + 1024;
+        void *k = realloc(R->pack_k, cap * 4), *v = k ? realloc(R->pack_v, cap * 4) : NULL;
+        if (k)
+            R->pack_k = k;
+        if (v)
+            R->pack_v = v;
+        int64_t *p = v ? realloc(R->pack_pos, (cap / hd + 1) * sizeof *p) : NULL;
+        if (!k || !v || !p)
+            return RA_ENOMEM;
+        R->pack_pos = p;
+        R->pack_cap = cap;
+    }
+    for (size_t h = 0; h < nkv; h++) {
+        const float *ks = (const float *)sv->k + h * sv->head_stride;
+        const float *vs = (const float *)sv->v + h * sv->head_stride;
+        pack_convert(R->o->kv_dtype, ks, R->pack_k, h * n * hd, n * hd);
+        pack_convert(R->o->kv_dtype, vs, R->pack_v, h * n * hd, n * hd);
+    }
+    memcpy(R->pack_pos, sv->pos, n * sizeof(int64_t));
+    memset(b, 0, sizeof *b);
+    b->n_kv_heads = (int)nkv;
+    b->head_dim = (int)hd;
+    b->dtype = R->o->kv_dtype;
+    b->n_tokens = n;
+    b->k = R->pack_k;
+    b->v = R->pack_v;
+    b->pos = R->pack_pos;
+    return RA_OK;
+}
+
+/* The k-th largest of a[0..n) (1 <= k <= n), by quickselect; reorders a. */
+static float kth_largest(float *a, unsigned n, unsigned k)
+{
+    unsigned lo = 0, hi = n - 1, want = k - 1;
+    while (lo < hi) {
+        float pivot = a[lo + (hi - lo) / 2];
+        unsigned i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] > pivot)
+                i++;
+            while (a[j] < pivot)
+                j--;
+            if (i <= j) {
+                float t = a[i];
+                a[i] = a[j];
+                a[j] = t;
+                i++;
+                if (j == 0)
+                    break;
+                j--;
+            }
+        }
+        if (want <= j)
+            hi = j;
+        else if (want >= i)
+            lo = i;
+        else
+            return a[want];
+    }
+    return a[want];
+}
+
+static ra_status hook_ratd(void *ctx, ra_lm *lm, unsigned layer, unsigned pos, const float *q, float *o)
+{
+    run *R = ctx;
+    const ra_lm_config *c = ra_lm_get_config(lm);
+    unsigned hd = c->head_dim, nh = c->n_heads, nkv = c->n_kv_heads, grp = nh / nkv;
+    ra_status s;
+    for (unsigned g = 0; g < nkv; g++) {
+        memcpy(R->knew + g * hd, ra_lm_cache_k(lm, layer, g) + (size_t)pos * hd, hd * sizeof(float));
+        memcpy(R->vnew + g * hd, ra_lm_cache_v(lm, layer, g) + (size_t)pos * hd, hd * sizeof(float));
+    }
+    /* local part first: it evicts the token leaving the window, which must reach ratd
+     * before this step's Attend so that every token is on exactly one side */
+    if ((s = ra_gpu_attend_local(R->gc, layer, RA_GPU_MEM_HOST, q, R->knew, R->vnew, R->o_loc, R->lse_loc)) !=
+        RA_OK) {
+        fprintf(stderr, "ratd-lm-eval: gpu attend_local: %s (%s)\n", ra_strerror(s), ra_gpu_cache_last_error(R->gc));
+        return s;
+    }
+    ra_gpu_staged sv;
+    if ((s = ra_gpu_cache_evicted_view(R->gc, layer, &sv)) != RA_OK)
+        return s;
+    if (sv.n_tokens > 0 && (sv.n_tokens >= R->o->append_every || 1)) {
+        ra_kv_batch b;
+        if ((s = pack_staged(R, &sv, &b)) != RA_OK)
+            return s;
+        if ((s = ra_client_append(R->cl, R->session, (int)layer, &b)) != RA_OK) {
+            fprintf(stderr, "ratd-lm-eval: append: %s (%s)\n", ra_strerror(s), ra_client_errmsg(R->cl));
+            return s;
+        }
+        if ((s = ra_gpu_cache_evicted_release(R->gc, layer)) != RA_OK)
+            return s;
+    }
+    unsigned off_end = pos + 1 > R->o->window ? pos + 1 - R->o->window : 0; /* offloaded: [sink, off_end) */
+    unsigned n_off = off_end > R->o->sink ? off_end - R->o->sink : 0;
+    unsigned k = R->topk;
+    if (n_off == 0) {
+        memcpy(o, R->o_loc, (size_t)nh * hd * sizeof(float));
+    } else {
+        ra_attend_req rq = {.n_q_heads = (int)nh, .head_dim = (int)hd, .q = q, .top_k = (int)k,
+                            .effort = (int)R->o->effort, .scale = ra_lm_scale(lm), .want_topk = 1};
+        ra_attend_out ao = {.o = R->o_rem, .lse = R->lse_rem, .pos = R->tpos, .scores = R->tscores,
+                            .counts = R->tcounts};
+        if ((s = ra_client_attend(R->cl, R->session, (int)layer, &rq, &ao)) != RA_OK) {
+            fprintf(stderr, "ratd-lm-eval: attend: %s (%s)\n", ra_strerror(s), ra_client_errmsg(R->cl));
+            return s;
+        }
+        if ((s = ra_gpu_merge(R->gc, RA_GPU_MEM_HOST, R->o_loc, R->lse_loc, R->o_rem, RA_DTYPE_F32, R->lse_rem, o,
+                              RA_DTYPE_F32, NULL)) != RA_OK)
+            return s;
+    }
+    /* measurement: error against full attention, recall against the exact top-k of the
+     * offloaded keys */
+    double t0 = now_s();
+    reference(lm, layer, pos, q, R->o_ref);
+    R->res->rel_l2[layer] += rel_l2(o, R->o_ref, nh * hd);
+    if (layer == 0)
+        R->res->n_rel++;
+    if (n_off > 0) {
+        unsigned kk = k < n_off ? k : n_off;
+        for (unsigned h = 0; h < nh; h++) {
+            ra_lm_scores(lm, layer, h / grp, q + (size_t)h * hd, R->o->sink, off_end, R->sc);
+            /* k-th largest score by a partial sort of a copy */
+            float *cp = R->sc + n_off;
+            memcpy(cp, R->sc, n_off * sizeof(float));
+            float kth = kth_largest(cp, n_off, kk);
+            unsigned hit = 0, got = (unsigned)R->tcounts[h];
+            for (unsigned i = 0; i < got && i < k; i++) {
+                int64_t p = R->tpos[(size_t)h * k + i];
+                if (p >= R->o->sink && p < off_end && R->sc[p - R->o->sink] >= kth)
+                    hit++;
+            }
+            R->res->recall_sum += (double)(hit > kk ? kk : hit) / kk;
+            R->res->recall_n++;
+            R->res->keys_read += got;
+            R->res->keys_offloaded += n_off;
+        }
+    }
+    R->t_measure += now_s() - t0;
+    return RA_OK;
+}
+
+/* ------------------------------------------------------------------ daemon and session */
+
+static pid_t g_child = -1;
+
+static void stop_child(void)
+{
+    if (g_child > 0) {
+        kill(g_child, SIGTERM);
+        int st;
+        for (int i = 0; i < 50; i++) {
+            if (waitpid(g_child, &st, WNOHANG) == g_child) {
+                g_child = -1;
+                return;
+            }
+            usleep(100000);
+        }
+        kill(g_child, SIGKILL);
+        waitpid(g_child, &st, 0);
+        g_child = -1;
+    }
+}
+
+/* --ratd BIN: starts a private daemon on a fresh ipc:// endpoint, stopped at exit. */
+static int spawn_daemon(const char *bin, char *ep, size_t eplen)
+{
+    snprintf(ep, eplen, "ipc:///tmp/ratd-lm-eval.%d.sock", (int)getpid());
+    pid_t p = fork();
+    if (p < 0) {
+        fprintf(stderr, "ratd-lm-eval: fork: %s\n", strerror(errno));
+        return -1;
+    }
+    if (p == 0) {
+        execl(bin, bin, "--endpoint", ep, "--log-level", "warn", (char *)NULL);
+        fprintf(stderr, "ratd-lm-eval: cannot run %s: %s\n", bin, strerror(errno));
+        _exit(127);
+    }
+    g_child = p;
+    atexit(stop_child);
+    return 0;
+}
+
+static ra_status connect_daemon(const opts *o, const char *ep, ra_client **out)
+{
+    ra_client *cl = NULL;
+    ra_client_opts co;
+    ra_client_opts_default(&co);
+    co.timeout_ms = 120000;
+    ra_status s = ra_client_open(&cl, ep, &co);
+    if (s != RA_OK) {
+        fprintf(stderr, "ratd-lm-eval: cannot open %s: %s\n", ep, ra_strerror(s));
+        return s;
+    }
+    /* a freshly spawned daemon needs a moment to bind: short hellos until it answers */
+    ra_client_set_timeout(cl, 500);
+    ra_server_info info;
+    for (int i = 0; i < 40; i++) {
+        s = ra_client_hello(cl, &info);
+        if (s == RA_OK)
+            break;
+        int st;
+        if (g_child > 0 && waitpid(g_child, &st, WNOHANG) == g_child) {
+            g_child = -1;
+            fprintf(stderr, "ratd-lm-eval: the daemon exited at start-up\n");
+            s = RA_ECLOSED;
+            break;
+        }
+        ra_client_close(cl);
+        cl = NULL;
+        if ((s = ra_client_open(&cl, ep, &co)) != RA_OK)
+            break;
+        ra_client_set_timeout(cl, 500);
+    }
+    if (s != RA_OK) {
+        fprintf(stderr, "ratd-lm-eval: no daemon answers at %s: %s (%s)\n", ep, ra_strerror(s),
+                cl ? ra_client_errmsg(cl) : "");
+        ra_client_close(cl);
+        return s;
+    }
+    ra_client_set_timeout(cl, co.timeout_ms);
+    if (!o->quiet)
+        fprintf(stderr, "ratd-lm-eval: ratd %s at %s, %u workers, protocol %u\n", info.server_version, ep,
+                info.workers, info.protocol_version);
+    *out = cl;
+    return RA_OK;
+}
+
+/* ------------------------------------------------------------------ one mode */
+
+typedef struct shared {
+    const opts *o;
+    ra_lm *lm;
+    const ra_lm_config *c;
+    const int *tok;      /* C + E tokens */
+    const float *logits0; /* after the prefill */
+    const unsigned char *is_rep; /* [E]: prediction i falls in a repeated span */
+    capture *cap;
+    const char *endpoint;
+} shared;
+
+static void free_run(run *R)
+{
+    if (R->cl && R->session)
+        ra_client_session_drop(R->cl, R->session);
+    ra_client_close(R->cl);
+    ra_gpu_cache_destroy(R->gc);
+    free(R->o_loc);
+    free(R->lse_loc);
+    free(R->o_rem);
+    free(R->lse_rem);
+    free(R->o_ref);
+    free(R->knew);
+    free(R->vnew);
+    free(R->sc);
+    free(R->tpos);
+    free(R->tscores);
+    free(R->tcounts);
+    free(R->pack_k);
+    free(R->pack_v);
+    free(R->pack_pos);
+}
+
+/* Sets up ratd mode after the prefill: the gpu/ cache takes sink + window of every
+ * layer, the middle goes to the daemon by Offload with the sampled prefill queries. */
+static ra_status setup_ratd(shared *S, run *R)
+{
+    const ra_lm_config *c = S->c;
+    const opts *o = S->o;
+    unsigned C = o->context, hd = c->head_dim, nkv = c->n_kv_heads;
+    ra_status s;
+    ra_gpu_config gcfg;
+    ra_gpu_config_init(&gcfg);
+    gcfg.n_layers = c->n_layers;
+    gcfg.n_q_heads = c->n_heads;
+    gcfg.n_kv_heads = nkv;
+    gcfg.head_dim = hd;
+    gcfg.dtype = RA_DTYPE_F32; /* the CPU backend keeps the local part exact */
+    gcfg.sink = o->sink;
+    gcfg.window = o->window;
+    gcfg.batch = 1;
+    gcfg.backend = RA_GPU_BACKEND_CPU;
+    gcfg.evict_capacity = 64;
+    if ((s = ra_gpu_cache_create(&gcfg, &R->gc)) != RA_OK) {
+        fprintf(stderr, "ratd-lm-eval: gpu cache: %s\n", ra_strerror(s));
+        return s;
+    }
+    if ((s = connect_daemon(o, S->endpoint, &R->cl)) != RA_OK)
+        return s;
+    ra_session_desc d;
+    ra_session_desc_init(&d);
+    d.n_layers = (int)c->n_layers;
+    d.n_q_heads = (int)c->n_heads;
+    d.n_kv_heads = (int)nkv;
+    d.head_dim = (int)hd;
+    d.dtype = o->kv_dtype;
+    d.index.kind = !strcmp(o->index, "flat")   ? RA_CLIENT_INDEX_FLAT
+                   : !strcmp(o->index, "ivf")  ? RA_CLIENT_INDEX_IVF
+                   : !strcmp(o->index, "hnsw") ? RA_CLIENT_INDEX_HNSW
+                                               : RA_CLIENT_INDEX_GRAPH;
+    d.index.seed = o->seed;
+    if ((s = ra_client_session_create(R->cl, &d, &R->session)) != RA_OK) {
+        fprintf(stderr, "ratd-lm-eval: session: %s (%s)\n", ra_strerror(s), ra_client_errmsg(R->cl));
+        return s;
+    }
+    float *kv = malloc((size_t)C * nkv * hd * 2 * sizeof(float));
+    if (!kv)
+        return RA_ENOMEM;
+    float *vv = kv + (size_t)C * nkv * hd;
+    for (unsigned l = 0; l < c->n_layers && s == RA_OK; l++) {
+        /* [1][C][nkv][hd], as a projection writes them */
+        for (unsigned g = 0; g < nkv; g++) {
+            const float *K = ra_lm_cache_k(S->lm, l, g), *V = ra_lm_cache_v(S->lm, l, g);
+            for (unsigned p = 0; p < C; p++) {
+                memcpy(kv + ((size_t)p * nkv + g) * hd, K + (size_t)p * hd, hd * sizeof(float));
+                memcpy(vv + ((size_t)p * nkv + g) * hd, V + (size_t)p * hd, hd * sizeof(float));
+            }
+        }
+        if ((s = ra_gpu_ingest_prefill(R->gc, l, RA_GPU_MEM_HOST, kv, vv, C)) != RA_OK)
+            break;
+        ra_gpu_staged sv;
+        if ((s = ra_gpu_cache_offload_view(R->gc, l, &sv)) != RA_OK)
+            break;
+        if (sv.n_tokens > 0) {
+            ra_kv_batch b;
+            if ((s = pack_staged(R, &sv, &b)) != RA_OK)
+                break;
+            if (S->cap->q_train && S->cap->n_q > 0) {
+                b.n_q_heads = (int)c->n_heads;
+                b.n_queries = S->cap->n_q;
+                b.q_train = S->cap->q_train + (size_t)l * c->n_heads * S->cap->n_q * hd;
+            }
+            if ((s = ra_client_offload(R->cl, R->session, (int)l, &b)) != RA_OK) {
+                fprintf(stderr, "ratd-lm-eval: offload layer %u: %s (%s)\n", l, ra_strerror(s),
+                        ra_client_errmsg(R->cl));
+                break;
+            }
+        }
+        s = ra_gpu_cache_offload_release(R->gc, l);
+    }
+    free(kv);
+    ra_gpu_cache_trim(R->gc);
+    if (s == RA_OK && o->wait_index_ms > 0)
+        usleep((useconds_t)o->wait_index_ms * 1000u);
+    return s;
+}
+
+static ra_status run_mode(shared *S, eval_mode mode, unsigned topk, result *res)
+{
+    const opts *o = S->o;
+    const ra_lm_config *c = S->c;
+    unsigned C = o->context, E = o->eval, nh = c->n_heads, hd = c->head_dim;
+    unsigned max_ctx = ra_lm_max_ctx(S->lm);
+    run R = {.o = o, .mode = mode, .topk = topk, .res = res};
+    ra_status s = RA_ENOMEM;
+    float *logits = malloc(c->vocab * sizeof(float));
+    memset(res, 0, sizeof *res);
+    res->mode = mode;
+    res->topk = topk;
+    res->rel_l2 = calloc(c->n_layers, sizeof(double));
+    R.o_loc = malloc((size_t)nh * hd * sizeof(float));
+    R.lse_loc = malloc(nh * sizeof(float));
+    R.o_rem = malloc((size_t)nh * hd * sizeof(float));
+    R.lse_rem = malloc(nh * sizeof(float));
+    R.o_ref = malloc((size_t)nh * hd * sizeof(float));
+    R.knew = malloc((size_t)c->n_kv_heads * hd * sizeof(float));
+    R.vnew = malloc((size_t)c->n_kv_heads * hd * sizeof(float));
+    R.sc = malloc((size_t)2 * max_ctx * sizeof(float));
+    R.tpos = malloc((size_t)nh * topk * sizeof(int64_t));
+    R.tscores = malloc((size_t)nh * topk * sizeof(float));
+    R.tcounts = malloc(nh * sizeof(int32_t));
+    if (!logits || !res->rel_l2 || !R.o_loc || !R.lse_loc || !R.o_rem || !R.lse_rem || !R.o_ref || !R.knew ||
+        !R.vnew || !R.sc || !R.tpos || !R.tscores || !R.tcounts)
+        goto out;
+    if ((s = ra_lm_rewind(S->lm, C)) != RA_OK)
+        goto out;
+    if (mode == MODE_RATD && (s = setup_ratd(S, &R)) != RA_OK)
+        goto out;
+    ra_lm_attn_fn fn = mode == MODE_FULL ? hook_full : mode == MODE_WINDOW ? hook_window : hook_ratd;
+    /* prediction 0 (byte C) comes from the prefill, identical in every mode */
+    double nll = -ra_lm_logprob(S->logits0, c->vocab, S->tok[C]);
+    res->nats += nll;
+    res->n++;
+    if (S->is_rep[0]) {
+        res->nats_rep += nll;
+        res->n_rep++;
+    }
+    double t0 = now_s();
+    for (unsigned i = 1; i < E; i++) {
+        if ((s = ra_lm_decode(S->lm, S->tok[C + i - 1], logits, fn, &R)) != RA_OK) {
+            if (s == RA_EINVAL)
+                fprintf(stderr, "ratd-lm-eval: decode step %u failed: %s\n", i, ra_strerror(s));
+            goto out;
+        }
+        nll = -ra_lm_logprob(logits, c->vocab, S->tok[C + i]);
+        res->nats += nll;
+        res->n++;
+        if (S->is_rep[i]) {
+            res->nats_rep += nll;
+            res->n_rep++;
+        }
+        res->steps++;
+        if (!o->quiet && i % 128 == 0)
+            fprintf(stderr, "ratd-lm-eval: %s%s%.0u: %u/%u tokens, bpb so far %.4f\n", mode_names[mode],
+                    mode == MODE_RATD ? " k=" : "", mode == MODE_RATD ? topk : 0, i, E,
+                    res->nats / res->n / M_LN2);
+    }
+    res->seconds = now_s() - t0 - R.t_measure;
+    s = RA_OK;
+out:
+    free_run(&R);
+    free(logits);
+    return s;
+}
+
+/* ------------------------------------------------------------------ report */
+
+static void print_result(const opts *o, const ra_lm_config *c, const result *r, double full_bpb)
+{
+    double bpb = r->nats / r->n / M_LN2;
+    double rep = r->n_rep ? r->nats_rep / r->n_rep / M_LN2 : NAN;
+    double ms = r->steps ? 1e3 * r->seconds / r->steps : 0;
+    double recall = r->recall_n ? r->recall_sum / r->recall_n : NAN;
+    double frac = r->keys_offloaded > 0 ? r->keys_read / r->keys_offloaded : NAN;
+    double err = 0;
+    for (unsigned l = 0; l < c->n_layers; l++)
+        err += r->n_rel ? r->rel_l2[l] / r->n_rel : 0;
+    err /= c->n_layers;
+    if (o->json) {
+        printf("{\"mode\":\"%s\",\"bpb\":%.6f,\"tokens\":%u", mode_names[r->mode], bpb, r->n);
+        if (r->n_rep)
+            printf(",\"bpb_repeat\":%.6f,\"repeat_tokens\":%u", rep, r->n_rep);
+        if (r->mode == MODE_RATD)
+            printf(",\"topk\":%u,\"recall\":%.6f,\"keys_read_frac\":%.6f", r->topk, recall, frac);
+        printf(",\"ms_per_token\":%.3f,\"rel_l2\":[", ms);
+        for (unsigned l = 0; l < c->n_layers; l++)
+            printf("%s%.6g", l ? "," : "", r->n_rel ? r->rel_l2[l] / r->n_rel : 0.0);
+        printf("],\"context\":%u,\"eval\":%u,\"sink\":%u,\"window\":%u}\n", o->context, o->eval, o->sink,
+               o->window);
+    } else {
+        char k[16] = "-", rc[16] = "-", fr[16] = "-", rp[16] = "-";
+        if (r->mode == MODE_RATD) {
+            snprintf(k, sizeof k, "%u", r->topk);
+            if (r->recall_n) {
+                snprintf(rc, sizeof rc, "%.4f", recall);
+                snprintf(fr, sizeof fr, "%.2f%%", 100 * frac);
+            }
+        }
+        if (r->n_rep)
+            snprintf(rp, sizeof rp, "%.4f", rep);
+        printf("%-7s %6s %8.4f %+7.2f%% %9s %9.2e %8s %8s %9.2f\n", mode_names[r->mode], k, bpb,
+               full_bpb > 0 ? 100 * (bpb / full_bpb - 1) : 0.0, rp, err, rc, fr, ms);
+    }
+    fflush(stdout);
+}
+
+int main(int argc, char **argv)
+{
+    opts o;
+    parse_args(argc, argv, &o);
+    ra_log_set_level(o.quiet ? RA_LOG_WARN : RA_LOG_INFO);
+    char err[1024];
+    ra_lm *lm = NULL;
+    unsigned char *text = NULL;
+    int *tok = NULL;
+    unsigned char *is_rep = NULL;
+    float *logits0 = NULL;
+    capture cap = {0};
+    int rc = 1;
+    unsigned need = o.context + o.eval;
+    ra_status s;
+
+    if ((s = ra_lm_load(o.model, need, &lm, err, sizeof err)) != RA_OK) {
+        fprintf(stderr, "ratd-lm-eval: %s\n", err);
+        goto out;
+    }
+    const ra_lm_config *c = ra_lm_get_config(lm);
+    if (read_text(&o, need, &text) != 0)
+        goto out;
+    span sp[64];
+    is_rep = calloc(o.eval, 1);
+    tok = malloc((size_t)need * sizeof *tok);
+    logits0 = malloc(c->vocab * sizeof(float));
+    if (!is_rep || !tok || !logits0)
+        goto nomem;
+    if (o.repeat > 0) {
+        if (make_repeats(&o, text, sp) != 0)
+            goto out;
+        for (unsigned i = 0; i < o.repeat; i++) {
+            for (unsigned j = 0; j < sp[i].len; j++)
+                is_rep[sp[i].dst - o.context + j] = 1;
+            if (!o.quiet)
+                fprintf(stderr, "ratd-lm-eval: repeat span %u: %u bytes from %u at %u (distance %u)\n", i, sp[i].len,
+                        sp[i].src, sp[i].dst, sp[i].dst - sp[i].src);
+        }
+    }
+    for (unsigned i = 0; i < need; i++) {
+        tok[i] = text[i];
+        if ((unsigned)tok[i] >= c->vocab) {
+            fprintf(stderr, "ratd-lm-eval: %s: byte %u at offset %u is outside the %u-entry vocabulary\n", o.text,
+                    tok[i], o.offset + i, c->vocab);
+            goto out;
+        }
+    }
+
+    int want_full = !strcmp(o.mode, "all") || !strcmp(o.mode, "full");
+    int want_window = !strcmp(o.mode, "all") || !strcmp(o.mode, "window");
+    int want_ratd = !strcmp(o.mode, "all") || !strcmp(o.mode, "ratd");
+    const char *endpoint = o.endpoint;
+    char ep[128];
+    if (want_ratd && !endpoint) {
+        if (!o.ratd_bin) {
+            fprintf(stderr, "ratd-lm-eval: mode ratd needs --endpoint EP (a running ratd) or --ratd BIN\n");
+            goto out;
+        }
+        if (spawn_daemon(o.ratd_bin, ep, sizeof ep) != 0)
+            goto out;
+        endpoint = ep;
+    }
+
+    /* prefill once: the KV cache of the context is the same for every mode */
+    cap.o = &o;
+    cap.c = c;
+    if (want_ratd && o.n_train > 0) {
+        cap.q_pos = malloc((size_t)(o.n_train < o.context ? o.n_train : o.context) * sizeof(unsigned));
+        if (!cap.q_pos)
+            goto nomem;
+        cap.n_q = sample_positions(o.context, o.n_train, cap.q_pos);
+        cap.q_train = malloc((size_t)c->n_layers * c->n_heads * cap.n_q * c->head_dim * sizeof(float));
+        if (!cap.q_train)
+            goto nomem;
+    }
+    if (o.dump_trace) {
+        ra_trace_info ti = {.dtype = o.trace_dtype, .n_layers = c->n_layers, .n_heads = c->n_heads,
+                            .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim, .n_pos = o.context,
+                            .pos0 = 0, .rope_theta = (float)c->rope_theta};
+        cap.row = malloc((size_t)256 * c->head_dim * sizeof(float));
+        if (!cap.row)
+            goto nomem;
+        if ((s = ra_trace_writer_create(o.dump_trace, &ti, &cap.tw, err, sizeof err)) != RA_OK) {
+            fprintf(stderr, "ratd-lm-eval: %s\n", err);
+            goto out;
+        }
+    }
+    double t0 = now_s();
+    s = ra_lm_prefill(lm, tok, o.context, logits0, NULL, (cap.tw || cap.q_train) ? capture_fn : NULL, &cap);
+    if (s != RA_OK) {
+        fprintf(stderr, "ratd-lm-eval: prefill failed: %s\n", ra_strerror(s));
+        goto out;
+    }
+    double t_prefill = now_s() - t0;
+    if (!o.quiet)
+        fprintf(stderr, "ratd-lm-eval: prefill of %u bytes: %.1f s\n", o.context, t_prefill);
+    if (cap.tw) {
+        s = ra_trace_writer_finish(cap.tw, err, sizeof err);
+        cap.tw = NULL;
+        if (s != RA_OK) {
+            fprintf(stderr, "ratd-lm-eval: %s\n", err);
+            goto out;
+        }
+        if (!o.quiet)
+            fprintf(stderr, "ratd-lm-eval: wrote trace %s\n", o.dump_trace);
+    }
+
+    shared S = {.o = &o, .lm = lm, .c = c, .tok = tok, .logits0 = logits0, .is_rep = is_rep, .cap = &cap,
+                .endpoint = endpoint};
+    if (!o.json) {
+        printf("# ratd-lm-eval: model %s, text %s (offset %u), context %u, eval %u, sink %u, window %u%s\n", o.model,
+               o.text, o.offset, o.context, o.eval, o.sink, o.window, o.repeat ? ", with repeats" : "");
+        printf("# prefill %.1f s; rel_l2: mean over layers of |o - o_full| / |o_full|; keys: share of the "
+               "offloaded keys read per step\n",
+               t_prefill);
+        printf("%-7s %6s %8s %8s %9s %9s %8s %8s %9s\n", "mode", "top_k", "bpb", "vs_full", "bpb_rep", "rel_l2",
+               "recall", "keys", "ms/token");
+    }
+    result r;
+    double full_bpb = 0;
+    if (want_full) {
+        if ((s = run_mode(&S, MODE_FULL, 0, &r)) != RA_OK)
+            goto out;
+        full_bpb = r.nats / r.n / M_LN2;
+        print_result(&o, c, &r, full_bpb);
+        free(r.rel_l2);
+    }
+    if (want_window) {
+        if ((s = run_mode(&S, MODE_WINDOW, 0, &r)) != RA_OK)
+            goto out;
+        print_result(&o, c, &r, full_bpb);
+        free(r.rel_l2);
+    }
+    if (want_ratd) {
+        for (unsigned i = 0; i < o.n_topk; i++) {
+            if ((s = run_mode(&S, MODE_RATD, o.topk[i], &r)) != RA_OK) {
+                free(r.rel_l2);
+                goto out;
+            }
+            print_result(&o, c, &r, full_bpb);
+            free(r.rel_l2);
+        }
+    }
+    rc = 0;
+    goto out;
+nomem:
+    fprintf(stderr, "ratd-lm-eval: out of memory\n");
+out:
+    ra_trace_writer_abort(cap.tw);
+    free(cap.q_train);
+    free(cap.q_pos);
+    free(cap.row);
+    free(logits0);
+    free(tok);
+    free(is_rep);
+    free(text);
+    ra_lm_free(lm);
+    stop_child();
+    return rc;
+}
