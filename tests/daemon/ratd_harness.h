@@ -25,12 +25,15 @@
 
 typedef struct ratd_proc {
     pid_t pid;
-    char endpoint[256];
+    char endpoint[320];
     char path[256];
     char log[256];
 } ratd_proc;
 
 static int g_harness_seq = 0;
+/* When set before ratd_start, the daemon binds this endpoint instead of the private
+ * ipc:// one (e.g. a tcp:// test); reset by ratd_start. */
+static const char *g_harness_endpoint = NULL;
 
 /* Starts ratd with extra flags (NULL-terminated list). Returns 0 when it answers Hello
  * within 20 s, -1 otherwise (the process is killed). */
@@ -45,6 +48,10 @@ static int ratd_start(ratd_proc *p, ...)
     g_harness_seq++;
     snprintf(p->path, sizeof p->path, "/tmp/ratd-test-%d-%d.sock", (int)getpid(), g_harness_seq);
     snprintf(p->endpoint, sizeof p->endpoint, "ipc://%s", p->path);
+    if (g_harness_endpoint) {
+        snprintf(p->endpoint, sizeof p->endpoint, "%s", g_harness_endpoint);
+        g_harness_endpoint = NULL;
+    }
     snprintf(p->log, sizeof p->log, "/tmp/ratd-test-%d-%d.log", (int)getpid(), g_harness_seq);
     const char *argv[64];
     int argc = 0;
@@ -123,11 +130,13 @@ static int ratd_stop(ratd_proc *p)
         unlink(p->path);
         return -1;
     }
+    if (rc == 0 && !getenv("RATD_TEST_KEEP_LOGS"))
+        unlink(p->log); /* kept when the stop was not clean, for the post-mortem */
     return rc;
 }
 
 /* 1 when the daemon's log contains `needle`. */
-static int ratd_log_has(const ratd_proc *p, const char *needle)
+__attribute__((unused)) static int ratd_log_has(const ratd_proc *p, const char *needle)
 {
     FILE *f = fopen(p->log, "r");
     if (!f)
@@ -140,7 +149,7 @@ static int ratd_log_has(const ratd_proc *p, const char *needle)
     return found;
 }
 
-static ra_client *ratd_connect(const ratd_proc *p, int timeout_ms)
+__attribute__((unused)) static ra_client *ratd_connect(const ratd_proc *p, int timeout_ms)
 {
     ra_client_opts o;
     ra_client_opts_default(&o);
@@ -175,7 +184,7 @@ static void ref_attend(const float *q, const float *K, const float *V, int dim,
                        const int *rows, int n, double scale, double *o, double *lse)
 {
     double m = -INFINITY;
-    double *sc = malloc((size_t)(n ? n : 1) * sizeof *sc);
+    double *sc = malloc((size_t)(n > 0 ? n : 1) * sizeof *sc);
     for (int i = 0; i < n; i++) {
         int r = rows ? rows[i] : i;
         double s = 0;
