@@ -104,6 +104,12 @@ const char *ra_gpu_cache_last_error(const ra_gpu_cache *c);
 /* 1 when a device fault left the cache unusable. */
 int ra_gpu_cache_broken(const ra_gpu_cache *c);
 
+/* Page-locked host memory for RA_GPU_MEM_HOST tensors: the CUDA backend copies from and
+ * to it directly (DMA) instead of through its own bounce buffers. Plain malloc memory on
+ * the CPU backend (or without a device). Free with ra_gpu_host_free; NULL on failure. */
+void *ra_gpu_host_alloc(size_t bytes);
+void ra_gpu_host_free(void *p);
+
 /* The CUDA stream (a cudaStream_t) the cache works on; NULL on the CPU backend.
  * set_stream makes the cache enqueue on the caller's stream instead (NULL: back to its
  * own); call it between steps, never with work of the cache in flight elsewhere. */
@@ -129,9 +135,10 @@ ra_status ra_gpu_cache_tokens(const ra_gpu_cache *c, unsigned layer, unsigned *n
 ra_status ra_gpu_ingest_prefill(ra_gpu_cache *c, unsigned layer, ra_gpu_mem mem, const void *k,
                                 const void *v, unsigned n_tokens);
 
-/* A view of staged tokens in pinned host memory, ready to hand to libratd-client.
- * K of sequence b, KV head h: n_tokens rows of head_dim elements starting at element
- * b * seq_stride + h * head_stride of `k` (same for `v`). Positions: pos[b * pos_stride + i]. */
+/* A view of staged tokens in host memory, ready to hand to libratd-client: the block of
+ * sequence b, k + b * seq_stride elements, is [n_kv_heads][n_tokens][head_dim] contiguous
+ * (head_stride == n_tokens * head_dim), the layout of ra_kv_batch; same for v. Positions:
+ * pos[b * pos_stride + i] (pos_stride is 0: sequences advance in lockstep). */
 typedef struct ra_gpu_staged {
     unsigned n_tokens; /* per sequence (the same for all) */
     unsigned batch, n_kv_heads, head_dim;
@@ -162,7 +169,9 @@ ra_status ra_gpu_attend_local(ra_gpu_cache *c, unsigned layer, ra_gpu_mem mem, c
                               const void *k_new, const void *v_new, float *o, float *lse);
 
 /* Tokens evicted from a layer's window since the last release, oldest first (positions
- * increasing). Waits for that layer's last step only. Valid until the release. */
+ * increasing). Waits for that layer's last step only. Valid until the release; between
+ * the two, attend_local on that layer returns RA_EBUSY (hand the view to Append, then
+ * release). */
 ra_status ra_gpu_cache_evicted_view(ra_gpu_cache *c, unsigned layer, ra_gpu_staged *out);
 ra_status ra_gpu_cache_evicted_release(ra_gpu_cache *c, unsigned layer);
 
