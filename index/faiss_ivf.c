@@ -130,24 +130,37 @@ static ra_status ivf_search(void *state, const ra_kv *kv, const float *q,
         return RA_OK;
     }
     ra_status ret = RA_OK;
-    idx_t *assign = malloc(nprobe * sizeof(idx_t) + (size_t)k * sizeof(idx_t));
-    float *buf = malloc(nprobe * sizeof(float) + (size_t)k * sizeof(float));
-    if (!assign || !buf) {
-        free(assign);
-        free(buf);
-        return RA_ENOMEM;
-    }
-    idx_t *lab = assign + nprobe;
-    float *cdis = buf, *dis = buf + nprobe;
-    int rc = faiss_Index_search(s->quantizer, 1, q, (idx_t)nprobe, cdis, assign);
-    if (rc) {
-        ret = ra_index_faiss_error("IVF quantizer search", rc);
-        goto out;
-    }
+    idx_t *assign = NULL, *lab = NULL;
+    float *cdis = NULL, *dis = NULL;
     uint64_t scanned = 0;
-    for (size_t i = 0; i < nprobe; i++)
-        if (assign[i] >= 0)
-            scanned += faiss_IndexIVF_get_list_size(s->idx, (size_t)assign[i]);
+    int rc;
+    /* nprobe is a floor: when the probed lists hold fewer than k keys (tiny lists, or
+     * degenerate data that k-means piles into one list) more lists are probed, so a
+     * head with keys never answers with nothing. */
+    for (;;) {
+        free(assign);
+        free(cdis);
+        assign = malloc(nprobe * sizeof(idx_t) + (size_t)k * sizeof(idx_t));
+        cdis = malloc(nprobe * sizeof(float) + (size_t)k * sizeof(float));
+        if (!assign || !cdis) {
+            ret = RA_ENOMEM;
+            goto out;
+        }
+        lab = assign + nprobe;
+        dis = cdis + nprobe;
+        rc = faiss_Index_search(s->quantizer, 1, q, (idx_t)nprobe, cdis, assign);
+        if (rc) {
+            ret = ra_index_faiss_error("IVF quantizer search", rc);
+            goto out;
+        }
+        scanned = 0;
+        for (size_t i = 0; i < nprobe; i++)
+            if (assign[i] >= 0)
+                scanned += faiss_IndexIVF_get_list_size(s->idx, (size_t)assign[i]);
+        if (scanned >= (uint64_t)k || nprobe >= s->nlist)
+            break;
+        nprobe = nprobe * 2 < s->nlist ? nprobe * 2 : s->nlist;
+    }
 
     pthread_rwlock_rdlock(&s->lock);
     if (__atomic_load_n(&s->nprobe, __ATOMIC_RELAXED) != nprobe) {
@@ -174,7 +187,7 @@ static ra_status ivf_search(void *state, const ra_kv *kv, const float *q,
         st->scanned += scanned;
 out:
     free(assign);
-    free(buf);
+    free(cdis);
     return ret;
 }
 

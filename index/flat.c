@@ -313,10 +313,19 @@ static ra_status flat_search(void *state, const ra_kv *kv, const float *q,
         return RA_OK;
     }
     idx_t lab_stack[256];
-    idx_t *lab = k <= 256 ? lab_stack : malloc((size_t)k * sizeof(idx_t));
-    if (!lab)
-        return RA_ENOMEM;
-    int rc = faiss_Index_search((FaissIndex *)s->idx, 1, q, k, scores, lab);
+    float dis_stack[256];
+    idx_t *lab = lab_stack;
+    float *dis = dis_stack;
+    if (k > 256) {
+        lab = malloc((size_t)k * sizeof(idx_t));
+        dis = malloc((size_t)k * sizeof(float));
+        if (!lab || !dis) {
+            free(lab);
+            free(dis);
+            return RA_ENOMEM;
+        }
+    }
+    int rc = faiss_Index_search((FaissIndex *)s->idx, 1, q, k, dis, lab);
     ra_status ret = RA_OK;
     if (rc) {
         ret = ra_index_faiss_error("IndexFlatIP_search", rc);
@@ -325,15 +334,17 @@ static ra_status flat_search(void *state, const ra_kv *kv, const float *q,
         for (int i = 0; i < k; i++)
             if (lab[i] >= 0) {
                 ids[m] = (int32_t)lab[i];
-                scores[m] = scores[i];
+                scores[m] = dis[i];
                 m++;
             }
         *n_out = m;
         if (st)
             st->scanned += (uint64_t)nt;
     }
-    if (lab != lab_stack)
+    if (lab != lab_stack) {
         free(lab);
+        free(dis);
+    }
     return ret;
 }
 

@@ -128,6 +128,11 @@ static ra_status kv_grow(ra_kv *kv, size_t need)
         cap = RA_KV_MAX_ROWS;
     size_t bytes = kv_bytes_for(kv, cap);
     ra_status st = ra_mem_reserve(kv->acct, bytes);
+    if (st != RA_OK && cap > need) { /* near the limit: grow only as far as needed */
+        cap = need;
+        bytes = kv_bytes_for(kv, cap);
+        st = ra_mem_reserve(kv->acct, bytes);
+    }
     if (st != RA_OK) {
         RA_ERROR("kv: memory limit reached growing to %zu rows (%zu bytes)", cap, bytes);
         return st;

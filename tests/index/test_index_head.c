@@ -1,0 +1,651 @@
+/* ra_head (ra_index.h) with every backend: exact search equals brute force; attend
+ * matches a double reference; searches during a background build are answered exactly;
+ * rows appended during and after a build are searchable at once; the FAISS baselines
+ * reach high recall at high effort and report honest `scanned`; degenerate data
+ * (all-equal keys, zero vectors, N < top_k, a single key, duplicate positions) never
+ * hangs or crashes, and NaN/Inf are refused with RA_ENONFINITE. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "idx_test_util.h"
+#include "ra_index.h"
+#include "ra_kernels.h"
+#include "ra_log.h"
+
+static const ra_index_kind KINDS[4] = {RA_INDEX_FLAT, RA_INDEX_IVF, RA_INDEX_HNSW, RA_INDEX_GRAPH};
+
+typedef struct fixture {
+    ra_head *h;
+    int dim;
+    ra_dtype dt;
+    size_t n;
+    void *k, *v; /* what was appended, in the head's dtype */
+} fixture;
+
+static ra_head *new_head(ra_index_kind kind, int dim, ra_dtype dt, ra_mem *acct)
+{
+    ra_index_opts o;
+    ra_index_opts_default(&o);
+    o.kind = kind;
+    o.threads = 2;
+    ra_head *h = NULL;
+    assert_int_equal(ra_head_create(&h, dim, dt, &o, acct), RA_OK);
+    return h;
+}
+
+static void fx_init(fixture *f, ra_index_kind kind, int dim, ra_dtype dt, size_t n, uint64_t seed)
+{
+    trng r = {seed};
+    f->dim = dim;
+    f->dt = dt;
+    f->n = n;
+    f->h = new_head(kind, dim, dt, NULL);
+    f->k = tfill(&r, dt, n * dim + 1, 1.f);
+    f->v = tfill(&r, dt, n * dim + 1, 1.f);
+    int64_t *pos = malloc((n + 1) * sizeof *pos);
+    for (size_t i = 0; i < n; i++)
+        pos[i] = 1000 + (int64_t)i;
+    if (n)
+        assert_int_equal(ra_head_append(f->h, f->k, f->v, pos, n), RA_OK);
+    free(pos);
+}
+
+static void fx_fini(fixture *f)
+{
+    ra_head_destroy(f->h);
+    free(f->k);
+    free(f->v);
+}
+
+static float *rand_queries(uint64_t seed, size_t nq, int dim, float scale)
+{
+    trng r = {seed};
+    float *q = malloc(nq * dim * sizeof *q + 4);
+    for (size_t i = 0; i < nq * dim; i++)
+        q[i] = scale * trng_gauss(&r);
+    return q;
+}
+
+/* Reference: all n true scores in double, and the k-th best. */
+static double kth_score(const float *q, const void *K, ra_dtype dt, int dim, size_t n, int k,
+                        double *all)
+{
+    double *s = malloc(n * sizeof *s);
+    for (size_t i = 0; i < n; i++) {
+        s[i] = tdot(q, K, dt, dim, i, NULL);
+        if (all)
+            all[i] = s[i];
+    }
+    /* partial selection by repeated max: n is small in tests */
+    double kth = INFINITY;
+    for (int j = 0; j < k && (size_t)j < n; j++) {
+        size_t b = 0;
+        for (size_t i = 1; i < n; i++)
+            if (s[i] > s[b])
+                b = i;
+        kth = s[b];
+        s[b] = -INFINITY;
+    }
+    free(s);
+    return kth;
+}
+
+static void check_exact(fixture *f, const float *q, int k, const int32_t *ids, const float *sc,
+                        int n_out)
+{
+    size_t want = (size_t)k < f->n ? (size_t)k : f->n;
+    assert_int_equal(n_out, want);
+    double *all = malloc(f->n * sizeof *all);
+    double kth = kth_score(q, f->k, f->dt, f->dim, f->n, k, all);
+    double tol = 1e-4 * (1 + fabs(kth));
+    for (int i = 0; i < n_out; i++) {
+        assert_true(ids[i] >= 0 && (size_t)ids[i] < f->n);
+        if (!(fabs(sc[i] - all[ids[i]]) <= tol))
+            fail_msg("score of id %d: %g, true %g", ids[i], sc[i], all[ids[i]]);
+        if (!(all[ids[i]] >= kth - tol))
+            fail_msg("id %d (score %g) is not in the top %d (k-th %g)", ids[i], all[ids[i]], k,
+                     kth);
+        if (i)
+            assert_true(sc[i] <= sc[i - 1]);
+        for (int j = 0; j < i; j++)
+            assert_int_not_equal(ids[i], ids[j]);
+    }
+    free(all);
+}
+
+static void test_args(void **state)
+{
+    (void)state;
+    ra_head *h = (ra_head *)0x1;
+    ra_index_opts o;
+    ra_index_opts_default(&o);
+    o.kind = (ra_index_kind)9;
+    assert_int_equal(ra_head_create(&h, 64, RA_DTYPE_F16, &o, NULL), RA_EINVAL);
+    assert_int_equal(ra_head_create(&h, 0, RA_DTYPE_F16, NULL, NULL), RA_EINVAL);
+    assert_int_equal(ra_head_create(&h, 64, (ra_dtype)3, NULL, NULL), RA_EINVAL);
+    assert_ptr_equal(h, (ra_head *)0x1);
+    for (int ki = 0; ki < 4; ki++) {
+        h = new_head(KINDS[ki], 16, RA_DTYPE_F16, NULL);
+        float q[16] = {1};
+        int32_t ids[4] = {-7, -7, -7, -7};
+        float sc[4], o[16], lse = 0;
+        int n = -1;
+        ra_search_params p = {.k = 4};
+        /* empty head: valid, nothing found */
+        assert_int_equal(ra_head_search(h, q, &p, ids, sc, &n, NULL), RA_OK);
+        assert_int_equal(n, 0);
+        assert_int_equal(ra_head_attend(h, q, &p, 0, o, &lse, NULL, NULL, &n, NULL), RA_OK);
+        assert_true(isinf(lse) && lse < 0);
+        assert_true(o[0] == 0.f);
+        assert_int_equal(ra_head_build(h, NULL, 0, 0), RA_OK); /* build over nothing */
+        assert_int_equal(ra_head_search(h, q, &p, ids, sc, &n, NULL), RA_OK);
+        assert_int_equal(n, 0);
+        n = -1;
+        p.k = 0;
+        assert_int_equal(ra_head_search(h, q, &p, ids, sc, &n, NULL), RA_EINVAL);
+        p.k = 1 << 20;
+        assert_int_equal(ra_head_search(h, q, &p, ids, sc, &n, NULL), RA_EINVAL);
+        p.k = 4;
+        p.effort = -1;
+        assert_int_equal(ra_head_search(h, q, &p, ids, sc, &n, NULL), RA_EINVAL);
+        p.effort = 0;
+        assert_int_equal(ra_head_search(h, NULL, &p, ids, sc, &n, NULL), RA_EINVAL);
+        assert_int_equal(ra_head_search(h, q, NULL, ids, sc, &n, NULL), RA_EINVAL);
+        assert_int_equal(ra_head_search(h, q, &p, NULL, sc, &n, NULL), RA_EINVAL);
+        q[3] = NAN;
+        assert_int_equal(ra_head_search(h, q, &p, ids, sc, &n, NULL), RA_ENONFINITE);
+        q[3] = INFINITY;
+        assert_int_equal(ra_head_attend(h, q, &p, 0, o, &lse, NULL, NULL, &n, NULL), RA_ENONFINITE);
+        assert_int_equal(n, -1); /* out-parameters untouched on failure */
+        assert_int_equal(ra_head_build(h, NULL, 5, 0), RA_EINVAL);
+        assert_int_equal(ra_head_build(h, q, 1, 0), RA_ENONFINITE);
+        ra_head_destroy(h);
+    }
+    ra_head_destroy(NULL);
+    assert_string_equal(ra_index_kind_name(RA_INDEX_IVF), "ivf");
+}
+
+static void test_exact_equals_bruteforce(void **state)
+{
+    (void)state;
+    ra_dtype dts[3] = {RA_DTYPE_F32, RA_DTYPE_F16, RA_DTYPE_BF16};
+    for (int d = 0; d < 3; d++) {
+        fixture f;
+        fx_init(&f, RA_INDEX_FLAT, 48, dts[d], 3001, 100 + d);
+        float *q = rand_queries(7, 20, f.dim, 1.f);
+        int ks[3] = {1, 100, 5000};
+        for (int built = 0; built < 2; built++) {
+            if (built) {
+                assert_int_equal(ra_head_build(f.h, NULL, 0, 0), RA_OK);
+                assert_int_equal(ra_head_ready(f.h), 1);
+            }
+            for (int t = 0; t < 20; t++)
+                for (int ki = 0; ki < 3; ki++) {
+                    ra_search_params p = {.k = ks[ki]};
+                    int32_t *ids = malloc(ks[ki] * sizeof *ids);
+                    float *sc = malloc(ks[ki] * sizeof *sc);
+                    int n = -1;
+                    ra_search_stats st;
+                    assert_int_equal(ra_head_search(f.h, q + t * f.dim, &p, ids, sc, &n, &st), RA_OK);
+                    check_exact(&f, q + t * f.dim, ks[ki], ids, sc, n);
+                    assert_int_equal(st.exact_fallback, !built);
+                    assert_int_equal(st.scanned, f.n);
+                    free(ids);
+                    free(sc);
+                }
+        }
+        free(q);
+        fx_fini(&f);
+    }
+}
+
+static void test_attend_reference(void **state)
+{
+    (void)state;
+    ra_dtype dts[3] = {RA_DTYPE_F32, RA_DTYPE_F16, RA_DTYPE_BF16};
+    for (int d = 0; d < 3; d++) {
+        fixture f;
+        fx_init(&f, RA_INDEX_FLAT, 128, dts[d], 2000, 200 + d);
+        float *q = rand_queries(8, 5, f.dim, 0.5f);
+        for (int t = 0; t < 5; t++) {
+            ra_search_params p = {.k = 100};
+            int32_t ids[100];
+            float sc[100], o[128], lse;
+            int n;
+            assert_int_equal(ra_head_attend(f.h, q + t * f.dim, &p, 0, o, &lse, ids, sc, &n, NULL),
+                             RA_OK);
+            assert_int_equal(n, 100);
+            double sd[100], ro[128], rl;
+            for (int i = 0; i < n; i++)
+                sd[i] = tdot(q + t * f.dim, f.k, f.dt, f.dim, ids[i], NULL);
+            tattn(sd, ids, n, 1.0 / sqrt(f.dim), f.v, f.dt, f.dim, ro, &rl);
+            assert_true(fabs(lse - rl) <= 1e-4 * (1 + fabs(rl)));
+            for (int j = 0; j < f.dim; j++)
+                assert_true(fabs(o[j] - ro[j]) <= 1e-4);
+            /* without id/score arrays, and an explicit scale */
+            float o2[128], l2;
+            assert_int_equal(ra_head_attend(f.h, q + t * f.dim, &p, 0.25f, o2, &l2, NULL, NULL, NULL,
+                                            NULL),
+                             RA_OK);
+            tattn(sd, ids, n, 0.25, f.v, f.dt, f.dim, ro, &rl);
+            assert_true(fabs(l2 - rl) <= 1e-4 * (1 + fabs(rl)));
+            int64_t pos[100];
+            ra_head_positions(f.h, ids, 100, pos);
+            for (int i = 0; i < 100; i++)
+                assert_int_equal(pos[i], 1000 + ids[i]);
+        }
+        int32_t bad[2] = {-1, 1 << 30};
+        int64_t pos[2];
+        ra_head_positions(f.h, bad, 2, pos);
+        assert_int_equal(pos[0], -1);
+        assert_int_equal(pos[1], -1);
+        free(q);
+        fx_fini(&f);
+    }
+}
+
+/* A key far out along unit direction u: with gaussian keys of norm ~sqrt(dim), q = u
+ * scores it `mag` and every other key ~N(0,1), so it must come first. */
+static void outlier(trng *r, int dim, float mag, float *u, void *k, ra_dtype dt)
+{
+    double nn = 0;
+    for (int j = 0; j < dim; j++) {
+        u[j] = trng_gauss(r);
+        nn += (double)u[j] * u[j];
+    }
+    for (int j = 0; j < dim; j++) {
+        u[j] = (float)(u[j] / sqrt(nn));
+        tset(k, dt, j, mag * u[j]);
+    }
+}
+
+typedef struct searcher {
+    ra_head *h;
+    int dim;
+    int stop;
+    long n_fallback, n_index, errors;
+} searcher;
+
+static void *search_loop(void *arg)
+{
+    searcher *s = arg;
+    float *q = rand_queries(77, 1, s->dim, 1.f);
+    while (!__atomic_load_n(&s->stop, __ATOMIC_ACQUIRE)) {
+        ra_search_params p = {.k = 10};
+        int32_t ids[10];
+        float sc[10], o[64], lse;
+        int n;
+        ra_search_stats st;
+        if (ra_head_attend(s->h, q, &p, 0, o, &lse, ids, sc, &n, &st) != RA_OK || n != 10)
+            s->errors++;
+        else if (st.exact_fallback)
+            s->n_fallback++;
+        else
+            s->n_index++;
+        usleep(100); /* leave the build its cores: the test machine is small */
+    }
+    free(q);
+    return NULL;
+}
+
+static void test_search_during_build(void **state)
+{
+    (void)state;
+    ra_index_kind kinds[2] = {RA_INDEX_HNSW, RA_INDEX_GRAPH};
+    for (int ki = 0; ki < 2; ki++) {
+        fixture f;
+        fx_init(&f, kinds[ki], 64, RA_DTYPE_F16, 20000, 300 + ki);
+        float *tq = rand_queries(9, 512, f.dim, 1.f);
+        searcher s = {f.h, f.dim, 0, 0, 0, 0};
+        pthread_t th;
+        assert_int_equal(ra_head_build(f.h, tq, 512, 1), RA_OK);
+        assert_int_equal(pthread_create(&th, NULL, search_loop, &s), 0);
+        /* while it builds: exact answers, appends accepted, a second build refused */
+        int saw_busy = 0, exact_checked = 0;
+        trng r = {31};
+        float u[8][64];
+        uint16_t kout[64], vout[64];
+        for (int j = 0; j < 64; j++)
+            vout[j] = ra_f32_to_f16(0.5f);
+        for (int a = 0; a < 8; a++) {
+            outlier(&r, f.dim, 30.f, u[a], kout, RA_DTYPE_F16);
+            int64_t pos = 5000000 + a;
+            assert_int_equal(ra_head_append(f.h, kout, vout, &pos, 1), RA_OK);
+            if (!ra_head_ready(f.h)) {
+                ra_status bs = ra_head_build(f.h, tq, 512, 1);
+                saw_busy |= bs == RA_EBUSY;
+                if (bs == RA_OK) /* the first build already finished: fine */
+                    ra_head_wait(f.h);
+                int32_t ids[5];
+                float sc[5];
+                int n;
+                ra_search_stats st;
+                ra_search_params p = {.k = 5};
+                assert_int_equal(ra_head_search(f.h, u[a], &p, ids, sc, &n, &st), RA_OK);
+                if (st.exact_fallback) {
+                    assert_int_equal(ids[0], (int32_t)(f.n + a)); /* appended: found at once */
+                    assert_int_equal(st.scanned, f.n + a + 1);
+                    exact_checked++;
+                }
+            }
+        }
+        ra_head_wait(f.h);
+        __atomic_store_n(&s.stop, 1, __ATOMIC_RELEASE);
+        pthread_join(th, NULL);
+        fprintf(stderr, "# %s: %ld searches during the build (exact), %ld after, busy seen %d, "
+                        "%d exact checks\n",
+                ra_index_kind_name(kinds[ki]), s.n_fallback, s.n_index, saw_busy, exact_checked);
+        assert_int_equal(s.errors, 0);
+        assert_true(s.n_fallback + exact_checked > 0); /* the build took some time */
+        assert_int_equal(ra_head_ready(f.h), 1);
+        assert_int_equal(ra_head_count(f.h), f.n + 8);
+        /* rows appended during the build were inserted into the index at its end */
+        for (int a = 0; a < 8; a++) {
+            int32_t ids[5];
+            float sc[5];
+            int n;
+            ra_search_stats st;
+            ra_search_params p = {.k = 5, .effort = 128};
+            assert_int_equal(ra_head_search(f.h, u[a], &p, ids, sc, &n, &st), RA_OK);
+            assert_int_equal(st.exact_fallback, 0);
+            assert_int_equal(ids[0], (int32_t)(f.n + a));
+        }
+        free(tq);
+        fx_fini(&f);
+    }
+}
+
+static void test_append_after_build(void **state)
+{
+    (void)state;
+    for (int ki = 0; ki < 4; ki++) {
+        fixture f;
+        fx_init(&f, KINDS[ki], 32, RA_DTYPE_BF16, 3000, 400 + ki);
+        float *tq = rand_queries(10, 256, f.dim, 1.f);
+        assert_int_equal(ra_head_build(f.h, tq, 256, 0), RA_OK);
+        assert_int_equal(ra_head_ready(f.h), 1);
+        trng r = {41};
+        for (int a = 0; a < 20; a++) {
+            float u[32];
+            uint16_t k[32], v[32];
+            outlier(&r, f.dim, 25.f, u, k, RA_DTYPE_BF16);
+            memcpy(v, k, sizeof v);
+            int64_t pos = 777;
+            assert_int_equal(ra_head_append(f.h, k, v, &pos, 1), RA_OK);
+            int32_t ids[10];
+            float sc[10];
+            int n;
+            ra_search_stats st;
+            ra_search_params p = {.k = 10, .effort = 64};
+            assert_int_equal(ra_head_search(f.h, u, &p, ids, sc, &n, &st), RA_OK);
+            assert_int_equal(st.exact_fallback, 0);
+            if (ids[0] != (int32_t)(f.n + a))
+                fail_msg("%s: appended row %zu not found first (got %d)",
+                         ra_index_kind_name(KINDS[ki]), f.n + a, ids[0]);
+            int64_t p0;
+            ra_head_positions(f.h, ids, 1, &p0);
+            assert_int_equal(p0, 777);
+        }
+        free(tq);
+        fx_fini(&f);
+    }
+}
+
+static double recall_at(fixture *f, const float *q, int nq, int k, int effort, double *scan_frac,
+                        ra_index_kind *kind_out)
+{
+    double hit = 0, scanned = 0;
+    int32_t *ids = malloc(k * sizeof *ids);
+    float *sc = malloc(k * sizeof *sc);
+    for (int t = 0; t < nq; t++) {
+        ra_search_params p = {.k = k, .effort = effort};
+        int n;
+        ra_search_stats st;
+        assert_int_equal(ra_head_search(f->h, q + t * f->dim, &p, ids, sc, &n, &st), RA_OK);
+        assert_int_equal(st.exact_fallback, 0);
+        double kth = kth_score(q + t * f->dim, f->k, f->dt, f->dim, f->n, k, NULL);
+        for (int i = 0; i < n; i++)
+            hit += tdot(q + t * f->dim, f->k, f->dt, f->dim, ids[i], NULL) >= kth - 1e-5;
+        scanned += (double)st.scanned;
+    }
+    free(ids);
+    free(sc);
+    *scan_frac = scanned / nq / (double)f->n;
+    (void)kind_out;
+    return hit / ((double)nq * k);
+}
+
+static void test_baseline_recall(void **state)
+{
+    (void)state;
+    for (int ki = 0; ki < 3; ki++) {
+        fixture f;
+        size_t n = 8000;
+        fx_init(&f, KINDS[ki], 32, RA_DTYPE_F16, n, 500 + ki);
+        assert_int_equal(ra_head_build(f.h, NULL, 0, 0), RA_OK);
+        float *q = rand_queries(11, 30, f.dim, 1.f);
+        double frac_lo, frac_hi;
+        double lo = recall_at(&f, q, 30, 50, 1, &frac_lo, NULL);
+        double hi = recall_at(&f, q, 30, 50, KINDS[ki] == RA_INDEX_IVF ? 1 << 20 : 1000, &frac_hi,
+                              NULL);
+        fprintf(stderr, "# %s: recall@50 %.3f (scanned %.3f) at low effort, %.3f (scanned %.3f) "
+                        "at high effort\n",
+                ra_index_kind_name(KINDS[ki]), lo, frac_lo, hi, frac_hi);
+        switch (KINDS[ki]) {
+        case RA_INDEX_FLAT:
+            assert_true(lo == 1.0 && hi == 1.0);
+            assert_true(frac_lo == 1.0);
+            break;
+        case RA_INDEX_IVF: /* every list probed: exact, and honest counts */
+            assert_true(hi >= 0.999);
+            assert_true(fabs(frac_hi - 1.0) < 1e-9);
+            assert_true(frac_lo > 0 && frac_lo < 0.1);
+            assert_true(lo < hi);
+            break;
+        case RA_INDEX_HNSW:
+            assert_true(hi >= 0.95);
+            assert_true(frac_hi > 0.0 && frac_hi < 1.0);
+            break;
+        default:
+            break;
+        }
+        free(q);
+        fx_fini(&f);
+    }
+}
+
+/* Degenerate inputs through every backend: a build and searches must finish and give
+ * valid answers. */
+static void degenerate_case(ra_index_kind kind, const char *what, size_t n, int dim,
+                            void (*fill)(void *k, void *v, int64_t *pos, size_t n, int dim))
+{
+    ra_head *h = new_head(kind, dim, RA_DTYPE_F16, NULL);
+    uint16_t *k = calloc(n * dim + 1, 2), *v = calloc(n * dim + 1, 2);
+    int64_t *pos = calloc(n + 1, sizeof *pos);
+    fill(k, v, pos, n, dim);
+    assert_int_equal(ra_head_append(h, k, v, pos, n), RA_OK);
+    float *tq = rand_queries(12, 32, dim, 1.f);
+    ra_status bs = ra_head_build(h, tq, 32, 0);
+    if (bs != RA_OK)
+        fail_msg("%s/%s: build failed: %s", ra_index_kind_name(kind), what, ra_strerror(bs));
+    for (int t = 0; t < 4; t++) {
+        int32_t ids[100];
+        float sc[100], o[64], lse;
+        int nout = -1;
+        ra_search_stats st;
+        ra_search_params p = {.k = 100, .effort = t * 40};
+        assert_int_equal(ra_head_attend(h, tq + t * dim, &p, 0, o, &lse, ids, sc, &nout, &st), RA_OK);
+        size_t want = n < 100 ? n : 100;
+        if (!(nout >= 1 && (size_t)nout <= want))
+            fail_msg("%s/%s: %d results for %zu keys", ra_index_kind_name(kind), what, nout, n);
+        if ((kind == RA_INDEX_FLAT || st.exact_fallback) && (size_t)nout != want)
+            fail_msg("%s/%s: exact search gave %d of %zu", ra_index_kind_name(kind), what, nout,
+                     want);
+        for (int i = 0; i < nout; i++) {
+            assert_true(ids[i] >= 0 && (size_t)ids[i] < n);
+            for (int j = 0; j < i; j++)
+                if (ids[i] == ids[j])
+                    fail_msg("%s/%s: id %d returned twice", ra_index_kind_name(kind), what, ids[i]);
+        }
+        assert_true(isfinite(lse));
+        for (int j = 0; j < dim; j++)
+            assert_true(isfinite(o[j]));
+    }
+    /* appends after the build still work on degenerate data */
+    assert_int_equal(ra_head_append(h, k, v, pos, n < 50 ? n : 50), RA_OK);
+    int32_t ids[5];
+    float sc[5];
+    int nout;
+    ra_search_params p = {.k = 5};
+    assert_int_equal(ra_head_search(h, tq, &p, ids, sc, &nout, NULL), RA_OK);
+    assert_true(nout >= 1);
+    free(tq);
+    free(k);
+    free(v);
+    free(pos);
+    ra_head_destroy(h);
+}
+
+static void fill_equal(void *k, void *v, int64_t *pos, size_t n, int dim)
+{
+    for (size_t i = 0; i < n; i++) {
+        for (int j = 0; j < dim; j++) {
+            tset(k, RA_DTYPE_F16, i * dim + j, 0.25f * (float)((j % 5) - 2));
+            tset(v, RA_DTYPE_F16, i * dim + j, (float)(i % 7));
+        }
+        pos[i] = (int64_t)i;
+    }
+}
+static void fill_zero(void *k, void *v, int64_t *pos, size_t n, int dim)
+{
+    for (size_t i = 0; i < n; i++) {
+        for (int j = 0; j < dim; j++)
+            tset(v, RA_DTYPE_F16, i * dim + j, 1.f);
+        pos[i] = (int64_t)i;
+    }
+}
+static void fill_rand_duppos(void *k, void *v, int64_t *pos, size_t n, int dim)
+{
+    trng r = {13};
+    for (size_t i = 0; i < n * dim; i++) {
+        tset(k, RA_DTYPE_F16, i, trng_gauss(&r));
+        tset(v, RA_DTYPE_F16, i, trng_gauss(&r));
+    }
+    for (size_t i = 0; i < n; i++)
+        pos[i] = 7; /* every token claims the same position */
+}
+
+static void test_degenerate(void **state)
+{
+    (void)state;
+    for (int ki = 0; ki < 4; ki++) {
+        degenerate_case(KINDS[ki], "all-equal keys", 600, 16, fill_equal);
+        degenerate_case(KINDS[ki], "zero keys", 600, 16, fill_zero);
+        degenerate_case(KINDS[ki], "N < top_k", 5, 16, fill_rand_duppos);
+        degenerate_case(KINDS[ki], "single key", 1, 16, fill_rand_duppos);
+        degenerate_case(KINDS[ki], "duplicate positions", 700, 16, fill_rand_duppos);
+    }
+    /* zero keys: all scores 0, so attention is the plain mean of the retrieved V */
+    ra_head *h = new_head(RA_INDEX_FLAT, 8, RA_DTYPE_F32, NULL);
+    float k[3 * 8] = {0}, v[3 * 8], q[8] = {1, 2, 3, 4, 5, 6, 7, 8}, o[8], lse;
+    for (int i = 0; i < 24; i++)
+        v[i] = (float)(i / 8);
+    int64_t pos[3] = {1, 1, 1};
+    assert_int_equal(ra_head_append(h, k, v, pos, 3), RA_OK);
+    ra_search_params p = {.k = 10};
+    int n;
+    assert_int_equal(ra_head_attend(h, q, &p, 0, o, &lse, NULL, NULL, &n, NULL), RA_OK);
+    assert_int_equal(n, 3);
+    assert_float_equal(lse, logf(3.f), 1e-6);
+    for (int j = 0; j < 8; j++)
+        assert_float_equal(o[j], 1.f, 1e-6);
+    ra_head_destroy(h);
+}
+
+static void test_nonfinite_rejected(void **state)
+{
+    (void)state;
+    for (int ki = 0; ki < 4; ki++) {
+        fixture f;
+        fx_init(&f, KINDS[ki], 16, RA_DTYPE_F16, 300, 600 + ki);
+        uint16_t k[2 * 16], v[2 * 16];
+        memcpy(k, f.k, sizeof k);
+        memcpy(v, f.v, sizeof v);
+        int64_t pos[2] = {1, 2};
+        k[17] = 0x7c00; /* +Inf */
+        assert_int_equal(ra_head_append(f.h, k, v, pos, 2), RA_ENONFINITE);
+        k[17] = 0;
+        v[0] = 0x7e00; /* NaN */
+        assert_int_equal(ra_head_append(f.h, k, v, pos, 2), RA_ENONFINITE);
+        assert_int_equal(ra_head_count(f.h), 300);
+        float *tq = rand_queries(14, 8, 16, 1.f);
+        tq[5] = NAN;
+        assert_int_equal(ra_head_build(f.h, tq, 8, 1), RA_ENONFINITE);
+        assert_int_equal(ra_head_ready(f.h), 0);
+        tq[5] = 0;
+        assert_int_equal(ra_head_build(f.h, tq, 8, 0), RA_OK);
+        v[0] = 0;
+        assert_int_equal(ra_head_append(f.h, k, v, pos, 2), RA_OK);
+        assert_int_equal(ra_head_count(f.h), 302);
+        free(tq);
+        fx_fini(&f);
+    }
+}
+
+static void test_memory_limit(void **state)
+{
+    (void)state;
+    ra_mem acct = {.limit = 4 << 20, .used = 0};
+    ra_head *h = new_head(RA_INDEX_FLAT, 64, RA_DTYPE_F16, &acct);
+    trng r = {15};
+    size_t n = 20000; /* 20000 * (2*128 + 8) = 5.3 MB > 4 MiB */
+    void *k = tfill(&r, RA_DTYPE_F16, n * 64, 1.f), *v = tfill(&r, RA_DTYPE_F16, n * 64, 1.f);
+    int64_t *pos = calloc(n, sizeof *pos);
+    assert_int_equal(ra_head_append(h, k, v, pos, n), RA_ENOMEM);
+    assert_int_equal(ra_head_count(h), 0);
+    assert_int_equal(ra_head_append(h, k, v, pos, 5000), RA_OK);
+    /* the FAISS flat copy (5000*64*4 = 1.3 MB) fits; the head stays usable either way */
+    ra_status bs = ra_head_build(h, NULL, 0, 0);
+    assert_true(bs == RA_OK || bs == RA_ENOMEM);
+    assert_true(acct.used <= acct.limit);
+    float q[64] = {1};
+    int32_t ids[3];
+    float sc[3];
+    int nout;
+    ra_search_params p = {.k = 3};
+    assert_int_equal(ra_head_search(h, q, &p, ids, sc, &nout, NULL), RA_OK);
+    assert_int_equal(nout, 3);
+    assert_true(ra_head_bytes(h) > 5000 * 2 * 128);
+    ra_head_destroy(h);
+    assert_int_equal(acct.used, 0);
+    free(k);
+    free(v);
+    free(pos);
+}
+
+int main(void)
+{
+    ra_log_set_level(RA_LOG_WARN);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_args),
+        cmocka_unit_test(test_exact_equals_bruteforce),
+        cmocka_unit_test(test_attend_reference),
+        cmocka_unit_test(test_search_during_build),
+        cmocka_unit_test(test_append_after_build),
+        cmocka_unit_test(test_baseline_recall),
+        cmocka_unit_test(test_degenerate),
+        cmocka_unit_test(test_nonfinite_rejected),
+        cmocka_unit_test(test_memory_limit),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

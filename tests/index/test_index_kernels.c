@@ -1,0 +1,440 @@
+/* Kernels of index/ (ra_kernels.h): every ISA this CPU has, forced in turn, against a
+ * double-precision reference and against the scalar path; fp16/bf16 conversion edge
+ * cases (subnormals, Inf, NaN, ties), exhaustively for round trips and against the
+ * F16C hardware for f32->f16; partial attention vs double; the merge rule. ISAs the
+ * CPU lacks are skipped, not passed. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <float.h>
+#include <immintrin.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "idx_test_util.h"
+#include "ra_half.h"
+#include "ra_kernels.h"
+
+static const ra_dtype DT[3] = {RA_DTYPE_F32, RA_DTYPE_F16, RA_DTYPE_BF16};
+static const int DIMS[] = {1, 3, 7, 8, 15, 16, 17, 31, 32, 33, 64, 100, 128, 130, 256};
+#define NDIMS (int)(sizeof DIMS / sizeof DIMS[0])
+
+static int isa_scalar = RA_ISA_SCALAR, isa_avx2 = RA_ISA_AVX2, isa_avx512 = RA_ISA_AVX512;
+
+static void use_isa(void **state)
+{
+    int isa = *(int *)*state;
+    ra_status st = ra_kern_isa_set((ra_isa)isa);
+    if (st == RA_ENOTSUP) {
+        fprintf(stderr, "# %s not supported by this CPU: skipped\n", ra_kern_isa_name(isa));
+        skip();
+    }
+    assert_int_equal(st, RA_OK);
+    assert_int_equal(ra_kern_isa_get(), isa);
+}
+
+static int reset_isa(void **state)
+{
+    (void)state;
+    ra_kern_isa_set(ra_kern_isa_best());
+    return 0;
+}
+
+static void test_isa_dispatch(void **state)
+{
+    (void)state;
+    ra_isa best = ra_kern_isa_best();
+    assert_true(best >= RA_ISA_SCALAR && best <= RA_ISA_AVX512);
+    fprintf(stderr, "# best ISA on this CPU: %s\n", ra_kern_isa_name(best));
+    assert_int_equal(ra_kern_isa_set(RA_ISA_SCALAR), RA_OK);
+    assert_int_equal(ra_kern_isa_get(), RA_ISA_SCALAR);
+    assert_int_equal(ra_kern_isa_set((ra_isa)7), RA_EINVAL);
+    assert_int_equal(ra_kern_isa_set((ra_isa)-1), RA_EINVAL);
+    if (best < RA_ISA_AVX512)
+        assert_int_equal(ra_kern_isa_set((ra_isa)(best + 1)), RA_ENOTSUP);
+    assert_int_equal(ra_kern_isa_set(best), RA_OK);
+    assert_string_equal(ra_kern_isa_name(RA_ISA_AVX2), "avx2");
+}
+
+/* |got - ref| within the fp32 accumulation bound of a dim-term sum. */
+static void check_dot(float got, double ref, double absdot, int dim, const char *what)
+{
+    double tol = (dim + 4) * (double)FLT_EPSILON * absdot + 1e-30;
+    if (!(fabs(got - ref) <= tol))
+        fail_msg("%s: got %.9g, reference %.17g (tol %.3g, dim %d)", what, got, ref, tol, dim);
+}
+
+static void test_dot(void **state)
+{
+    use_isa(state);
+    trng r = {42};
+    for (int d = 0; d < 3; d++)
+        for (int di = 0; di < NDIMS; di++) {
+            int dim = DIMS[di];
+            size_t n = 37, first = 3;
+            void *rows = tfill(&r, DT[d], (n + first) * dim, 1.0f);
+            float *q = malloc(dim * sizeof *q);
+            for (int j = 0; j < dim; j++)
+                q[j] = trng_gauss(&r);
+            float out[37], ref_s[37];
+            ra_kern_dot_range(q, rows, DT[d], dim, first, n, out);
+            ra_kern_isa_set(RA_ISA_SCALAR);
+            ra_kern_dot_range(q, rows, DT[d], dim, first, n, ref_s);
+            ra_kern_isa_set((ra_isa) * (int *)*state);
+            for (size_t i = 0; i < n; i++) {
+                double a, ref = tdot(q, rows, DT[d], dim, first + i, &a);
+                check_dot(out[i], ref, a, dim, "dot_range vs double");
+                check_dot(out[i], ref_s[i], 2 * a, dim, "dot_range vs scalar");
+            }
+            float one = ra_kern_dot(q, (const char *)rows + first * dim * ra_dtype_size(DT[d]),
+                                    DT[d], dim);
+            double a, ref = tdot(q, rows, DT[d], dim, first, &a);
+            check_dot(one, ref, a, dim, "dot");
+            /* gather with duplicate and reversed ids */
+            int32_t ids[23];
+            for (int i = 0; i < 23; i++)
+                ids[i] = (int32_t)(trng_u64(&r) % (n + first));
+            ids[5] = ids[4];
+            float g[23];
+            ra_kern_dot_gather(q, rows, DT[d], dim, ids, 23, g);
+            for (int i = 0; i < 23; i++) {
+                ref = tdot(q, rows, DT[d], dim, (size_t)ids[i], &a);
+                check_dot(g[i], ref, a, dim, "dot_gather vs double");
+            }
+            free(rows);
+            free(q);
+        }
+}
+
+static int same_bits_or_nan(float a, float b)
+{
+    if (isnan(a) || isnan(b))
+        return isnan(a) && isnan(b);
+    uint32_t x, y;
+    memcpy(&x, &a, 4);
+    memcpy(&y, &b, 4);
+    return x == y;
+}
+
+/* Special f32 inputs for the narrowing conversions. */
+static size_t special_f32(float *v)
+{
+    static const uint32_t bits[] = {
+        0x00000000, 0x80000000, 0x7f800000, 0xff800000, 0x7fc00000, 0xffc00001, 0x7f800001,
+        0x00000001, 0x807fffff, 0x33000000, 0x33000001, 0x33800000, 0x387fc000, 0x387fe000,
+        0x38800000, 0x38000000, 0x477fe000, 0x477fefff, 0x477ff000, 0x47800000, 0x7f7fffff,
+        0x3f808000, 0x3f818000, 0x3f800fff, 0x3f801000, 0x3f803000, 0x00018000, 0x00008000,
+        0x3f7fffff, 0xbf801000, 0x4b800000, 0x00400000, 0x7f7f8000, 0x7f7f7fff};
+    size_t n = sizeof bits / sizeof bits[0];
+    for (size_t i = 0; i < n; i++)
+        memcpy(&v[i], &bits[i], 4);
+    return n;
+}
+
+static void test_convert(void **state)
+{
+    use_isa(state);
+    int isa = *(int *)*state;
+    trng r = {7};
+    enum { N = 4099 };
+    float *src = malloc(N * sizeof *src), *back = malloc(N * sizeof *back),
+          *ref = malloc(N * sizeof *ref);
+    uint16_t *h = malloc(N * 2), *hs = malloc(N * 2);
+    size_t ns = special_f32(src);
+    for (size_t i = ns; i < N; i++) {
+        uint32_t u = (uint32_t)trng_u64(&r);
+        if (i % 3 == 0) /* also plenty of ordinary magnitudes */
+            src[i] = trng_gauss(&r) * (float)ldexp(1.0, (int)(trng_u64(&r) % 40) - 20);
+        else
+            memcpy(&src[i], &u, 4);
+    }
+    for (int d = 1; d < 3; d++) {
+        for (size_t len = 1; len <= N; len = len * 3 + 1) {
+            ra_kern_from_f32(src, DT[d], len, h);
+            ra_kern_isa_set(RA_ISA_SCALAR);
+            ra_kern_from_f32(src, DT[d], len, hs);
+            ra_kern_isa_set((ra_isa)isa);
+            for (size_t i = 0; i < len; i++) {
+                float a = tval(h, DT[d], i), b = tval(hs, DT[d], i);
+                if (!same_bits_or_nan(a, b))
+                    fail_msg("%s from_f32 of %a (0x%08x): 0x%04x, scalar 0x%04x",
+                             ra_dtype_name(DT[d]), src[i], *(uint32_t *)&src[i], h[i], hs[i]);
+            }
+            ra_kern_to_f32(h, DT[d], len, back);
+            for (size_t i = 0; i < len; i++) {
+                ref[i] = (float)tval(h, DT[d], i);
+                if (!same_bits_or_nan(back[i], ref[i]))
+                    fail_msg("%s to_f32 of 0x%04x: %a, scalar %a", ra_dtype_name(DT[d]), h[i],
+                             back[i], ref[i]);
+            }
+        }
+    }
+    ra_kern_from_f32(src, RA_DTYPE_F32, N, back);
+    assert_memory_equal(back, src, N * sizeof *src);
+    free(src);
+    free(back);
+    free(ref);
+    free(h);
+    free(hs);
+}
+
+static void test_half_edge_cases(void **state)
+{
+    (void)state;
+    /* fp16 -> f32 */
+    assert_true(ra_f16_to_f32(0x0001) == ldexpf(1.f, -24));           /* smallest subnormal */
+    assert_true(ra_f16_to_f32(0x03ff) == ldexpf(1023.f, -24));        /* largest subnormal */
+    assert_true(ra_f16_to_f32(0x0400) == ldexpf(1.f, -14));           /* smallest normal */
+    assert_true(ra_f16_to_f32(0x7bff) == 65504.f);
+    assert_true(isinf(ra_f16_to_f32(0x7c00)) && ra_f16_to_f32(0x7c00) > 0);
+    assert_true(isinf(ra_f16_to_f32(0xfc00)) && ra_f16_to_f32(0xfc00) < 0);
+    assert_true(isnan(ra_f16_to_f32(0x7e00)) && isnan(ra_f16_to_f32(0x7c01)));
+    assert_true(signbit(ra_f16_to_f32(0x8000)) && ra_f16_to_f32(0x8000) == 0.f);
+    /* f32 -> fp16, round to nearest even */
+    assert_int_equal(ra_f32_to_f16(1.0f), 0x3c00);
+    assert_int_equal(ra_f32_to_f16(1.0f + ldexpf(1, -11)), 0x3c00);     /* tie -> even */
+    assert_int_equal(ra_f32_to_f16(1.0f + 3 * ldexpf(1, -11)), 0x3c02); /* tie -> even */
+    assert_int_equal(ra_f32_to_f16(65504.f), 0x7bff);
+    assert_int_equal(ra_f32_to_f16(65519.99f), 0x7bff);
+    assert_int_equal(ra_f32_to_f16(65520.f), 0x7c00); /* overflow -> Inf */
+    assert_int_equal(ra_f32_to_f16(-1e30f), 0xfc00);
+    assert_int_equal(ra_f32_to_f16(INFINITY), 0x7c00);
+    assert_true((ra_f32_to_f16(NAN) & 0x7c00) == 0x7c00 && (ra_f32_to_f16(NAN) & 0x3ff));
+    assert_int_equal(ra_f32_to_f16(ldexpf(1, -24)), 0x0001);
+    assert_int_equal(ra_f32_to_f16(ldexpf(1, -25)), 0x0000);                /* tie -> even 0 */
+    assert_int_equal(ra_f32_to_f16(ldexpf(1.0001f, -25)), 0x0001);          /* above the tie */
+    assert_int_equal(ra_f32_to_f16(ldexpf(3, -25)), 0x0002);                /* 1.5 ulp -> 2 */
+    assert_int_equal(ra_f32_to_f16(ldexpf(1023.5f, -24)), 0x0400);          /* -> smallest normal */
+    assert_int_equal(ra_f32_to_f16(-0.0f), 0x8000);
+    assert_int_equal(ra_f32_to_f16(ldexpf(1, -30)), 0x0000);
+    /* bf16 */
+    assert_int_equal(ra_f32_to_bf16(1.0f), 0x3f80);
+    assert_int_equal(ra_f32_to_bf16(1.0f + ldexpf(1, -8)), 0x3f80);     /* tie -> even */
+    assert_int_equal(ra_f32_to_bf16(1.0f + 3 * ldexpf(1, -8)), 0x3f82); /* tie -> even */
+    float fmax;
+    uint32_t u = 0x7f7fffff;
+    memcpy(&fmax, &u, 4);
+    assert_int_equal(ra_f32_to_bf16(fmax), 0x7f80); /* rounds up to Inf */
+    assert_int_equal(ra_f32_to_bf16(INFINITY), 0x7f80);
+    assert_true((ra_f32_to_bf16(NAN) & 0x7f80) == 0x7f80 && (ra_f32_to_bf16(NAN) & 0x7f));
+    u = 0x7f800001; /* signalling NaN whose payload sits in the dropped bits stays NaN */
+    float snan;
+    memcpy(&snan, &u, 4);
+    assert_true(isnan(ra_bf16_to_f32(ra_f32_to_bf16(snan))));
+    u = 0x00018000; /* subnormal tie -> even */
+    float sub;
+    memcpy(&sub, &u, 4);
+    assert_int_equal(ra_f32_to_bf16(sub), 0x0002);
+    assert_true(ra_bf16_to_f32(0x0001) == ldexpf(1, -133));
+}
+
+static void test_half_roundtrip_exhaustive(void **state)
+{
+    (void)state;
+    for (uint32_t h = 0; h < 65536; h++) {
+        float f = ra_f16_to_f32((uint16_t)h);
+        uint16_t back = ra_f32_to_f16(f);
+        if (isnan(f))
+            assert_true((back & 0x7c00) == 0x7c00 && (back & 0x3ff));
+        else if (back != h)
+            fail_msg("fp16 0x%04x -> %a -> 0x%04x", h, f, back);
+        float g = ra_bf16_to_f32((uint16_t)h);
+        uint16_t bb = ra_f32_to_bf16(g);
+        if (isnan(g))
+            assert_true(isnan(ra_bf16_to_f32(bb)));
+        else if (bb != h)
+            fail_msg("bf16 0x%04x -> %a -> 0x%04x", h, g, bb);
+    }
+}
+
+__attribute__((target("f16c"))) static uint16_t hw_f16(float f)
+{
+    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+}
+
+__attribute__((target("f16c"))) static float hw_f32(uint16_t h) { return _cvtsh_ss(h); }
+
+static void test_f16_vs_hardware(void **state)
+{
+    (void)state;
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("f16c")) {
+        fprintf(stderr, "# no F16C: skipped\n");
+        skip();
+    }
+    for (uint32_t h = 0; h < 65536; h++)
+        if (!same_bits_or_nan(ra_f16_to_f32((uint16_t)h), hw_f32((uint16_t)h)))
+            fail_msg("fp16 0x%04x: scalar %a, F16C %a", h, ra_f16_to_f32(h), hw_f32(h));
+    trng r = {99};
+    float sp[64];
+    size_t ns = special_f32(sp);
+    for (uint32_t i = 0; i < 2000000; i++) {
+        float f;
+        uint32_t u = (uint32_t)trng_u64(&r);
+        if (i < ns)
+            f = sp[i];
+        else {
+            if (i & 1) /* concentrate on fp16's range, subnormals included */
+                u = (u & 0x80000000u) | (0x30000000u + (u % 0x18000000u));
+            memcpy(&f, &u, 4);
+        }
+        uint16_t a = ra_f32_to_f16(f), b = hw_f16(f);
+        if (isnan(f))
+            assert_true((a & 0x7c00) == 0x7c00 && (a & 0x3ff) && (b & 0x7c00) == 0x7c00);
+        else if (a != b)
+            fail_msg("f32 %a (0x%08x): scalar 0x%04x, F16C 0x%04x", f, u, a, b);
+    }
+}
+
+static void test_all_finite(void **state)
+{
+    (void)state;
+    enum { N = 77 };
+    for (int d = 0; d < 3; d++) {
+        trng r = {3};
+        void *p = tfill(&r, DT[d], N, 100.f);
+        assert_int_equal(ra_kern_all_finite(p, DT[d], N), 1);
+        assert_int_equal(ra_kern_all_finite(p, DT[d], 0), 1);
+        for (size_t at = 0; at < N; at += 19) {
+            float bad[3] = {INFINITY, -INFINITY, NAN};
+            for (int b = 0; b < 3; b++) {
+                void *c = malloc(N * 4);
+                memcpy(c, p, N * ra_dtype_size(DT[d]));
+                tset(c, DT[d], at, bad[b]);
+                assert_int_equal(ra_kern_all_finite(c, DT[d], N), 0);
+                assert_int_equal(ra_kern_all_finite(c, DT[d], at), 1); /* before it: fine */
+                free(c);
+            }
+        }
+        /* the largest finite values are finite */
+        if (DT[d] == RA_DTYPE_F16) {
+            uint16_t m = 0x7bff;
+            assert_int_equal(ra_kern_all_finite(&m, DT[d], 1), 1);
+        }
+        free(p);
+    }
+    assert_int_equal(ra_kern_all_finite(NULL, (ra_dtype)9, 1), 0);
+}
+
+static void check_attn(const float *o, float lse, const double *ro, double rlse, int dim,
+                       double vmax, const char *what)
+{
+    if (!(fabs(lse - rlse) <= 2e-5 * (1 + fabs(rlse))))
+        fail_msg("%s: lse %.9g vs reference %.17g", what, lse, rlse);
+    for (int j = 0; j < dim; j++)
+        if (!(fabs(o[j] - ro[j]) <= 2e-5 * vmax))
+            fail_msg("%s: o[%d] %.9g vs reference %.17g", what, j, o[j], ro[j]);
+}
+
+static void test_partial_attention(void **state)
+{
+    use_isa(state);
+    trng r = {11};
+    for (int d = 0; d < 3; d++)
+        for (int di = 0; di < NDIMS; di++) {
+            int dim = DIMS[di];
+            size_t rows = 300;
+            void *V = tfill(&r, DT[d], rows * dim, 2.f);
+            size_t ns[] = {1, 2, 5, 100, 257};
+            for (int t = 0; t < 5; t++) {
+                size_t n = ns[t];
+                int32_t *ids = malloc(n * sizeof *ids);
+                float *s = malloc(n * sizeof *s);
+                double *sd = malloc(n * sizeof *sd), *ro = malloc(dim * sizeof *ro), rl;
+                float *o = malloc(dim * sizeof *o), lse;
+                for (size_t i = 0; i < n; i++) {
+                    ids[i] = (int32_t)(trng_u64(&r) % rows);
+                    s[i] = 8.f * trng_gauss(&r) + (t == 4 ? 500.f : 0.f); /* large: no overflow */
+                    sd[i] = s[i];
+                }
+                float scale = 1.f / sqrtf((float)dim);
+                ra_kern_partial_attention(s, ids, n, scale, V, DT[d], dim, o, &lse);
+                tattn(sd, ids, n, scale, V, DT[d], dim, ro, &rl);
+                check_attn(o, lse, ro, rl, dim, 2.f * 5, ra_dtype_name(DT[d]));
+                free(ids);
+                free(s);
+                free(sd);
+                free(ro);
+                free(o);
+            }
+            free(V);
+        }
+    /* n == 0: o = 0, lse = -Inf */
+    float o[4] = {1, 2, 3, 4}, lse = 0;
+    ra_kern_partial_attention(NULL, NULL, 0, 1.f, NULL, RA_DTYPE_F32, 4, o, &lse);
+    assert_true(isinf(lse) && lse < 0);
+    for (int j = 0; j < 4; j++)
+        assert_true(o[j] == 0.f);
+    /* equal scores: plain mean, lse = s + log n */
+    float V[3][2] = {{1, 2}, {3, 4}, {5, 9}};
+    float s[3] = {0.5f, 0.5f, 0.5f};
+    int32_t ids[3] = {0, 1, 2};
+    ra_kern_partial_attention(s, ids, 3, 1.f, V, RA_DTYPE_F32, 2, o, &lse);
+    assert_float_equal(o[0], 3.f, 1e-6);
+    assert_float_equal(o[1], 5.f, 1e-6);
+    assert_float_equal(lse, 0.5f + logf(3.f), 1e-6);
+}
+
+/* Attention over A ∪ B from the partials over A and over B (the GPU/CPU merge). */
+static void test_merge(void **state)
+{
+    (void)state;
+    trng r = {5};
+    for (int d = 0; d < 3; d++) {
+        int dim = 128;
+        size_t rows = 1000, na = 37, nb = 91;
+        void *V = tfill(&r, DT[d], rows * dim, 1.f);
+        int32_t ids[128];
+        float s[128];
+        double sd[128];
+        for (size_t i = 0; i < na + nb; i++) {
+            ids[i] = (int32_t)i * 7;
+            s[i] = 20.f * trng_gauss(&r);
+            sd[i] = s[i];
+        }
+        float scale = 1.f / sqrtf((float)dim);
+        float oa[128], ob[128], la, lb;
+        ra_kern_partial_attention(s, ids, na, scale, V, DT[d], dim, oa, &la);
+        ra_kern_partial_attention(s + na, ids + na, nb, scale, V, DT[d], dim, ob, &lb);
+        float m = la > lb ? la : lb;
+        float wa = expf(la - m), wb = expf(lb - m);
+        float o[128];
+        for (int j = 0; j < dim; j++)
+            o[j] = (wa * oa[j] + wb * ob[j]) / (wa + wb);
+        float lse = m + logf(wa + wb);
+        double ro[128], rl;
+        tattn(sd, ids, na + nb, scale, V, DT[d], dim, ro, &rl);
+        check_attn(o, lse, ro, rl, dim, 5.f, "merge");
+        free(V);
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_isa_dispatch),
+        cmocka_unit_test_prestate_setup_teardown(test_dot, NULL, reset_isa, &isa_scalar),
+        cmocka_unit_test_prestate_setup_teardown(test_dot, NULL, reset_isa, &isa_avx2),
+        cmocka_unit_test_prestate_setup_teardown(test_dot, NULL, reset_isa, &isa_avx512),
+        cmocka_unit_test_prestate_setup_teardown(test_convert, NULL, reset_isa, &isa_scalar),
+        cmocka_unit_test_prestate_setup_teardown(test_convert, NULL, reset_isa, &isa_avx2),
+        cmocka_unit_test_prestate_setup_teardown(test_convert, NULL, reset_isa, &isa_avx512),
+        cmocka_unit_test_prestate_setup_teardown(test_partial_attention, NULL, reset_isa,
+                                                 &isa_scalar),
+        cmocka_unit_test_prestate_setup_teardown(test_partial_attention, NULL, reset_isa,
+                                                 &isa_avx2),
+        cmocka_unit_test_prestate_setup_teardown(test_partial_attention, NULL, reset_isa,
+                                                 &isa_avx512),
+        cmocka_unit_test(test_half_edge_cases),
+        cmocka_unit_test(test_half_roundtrip_exhaustive),
+        cmocka_unit_test(test_f16_vs_hardware),
+        cmocka_unit_test(test_all_finite),
+        cmocka_unit_test(test_merge),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
