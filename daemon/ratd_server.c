@@ -108,6 +108,12 @@ static int all_finite(const void *p, size_t n, ra_dtype dt)
     return 1;
 }
 
+static const char *wire_dtype_name(int dt)
+{
+    static const char *n[] = {"f32", "f16", "bf16", "i64", "i32"};
+    return dt >= 0 && dt < 5 ? n[dt] : "unknown-dtype";
+}
+
 static void shape_str(const Ratd__Tensor *t, char *buf, size_t len)
 {
     size_t o = 0;
@@ -142,10 +148,7 @@ static ra_status want_tensor(ra_proto_view *v, Ratd__Role role, const char *name
         e.shape = (uint64_t *)shape;
         shape_str(&e, exp, sizeof exp);
         snprintf(err, errlen, "%s is %s %s but the session expects %s %s", name,
-                 ra_dtype_name((ra_dtype)t->dtype), got, ra_dtype_name((ra_dtype)dt), exp);
-        if ((unsigned)t->dtype > 2)
-            snprintf(err, errlen, "%s has dtype %d, expected %d with shape %s", name,
-                     (int)t->dtype, dt, exp);
+                 wire_dtype_name(t->dtype), got, wire_dtype_name(dt), exp);
         return RA_ESHAPE;
     }
     *idx = i;
@@ -724,8 +727,8 @@ static void handle(ratd_server *s, ra_proto_msg *m)
     rep.layer = v.hdr->layer;
     if (v.hdr->version != RA_PROTO_VERSION) {
         snprintf(err, sizeof err,
-                 "protocol version mismatch: the client speaks version %u, this ratd speaks "
-                 "version %u; use a client and a daemon of the same protocol version",
+                 "the client speaks protocol version %u, this ratd speaks version %u; use a "
+                 "client and a daemon of the same protocol version",
                  v.hdr->version, RA_PROTO_VERSION);
         st = RA_EVERSION;
         if (type == RATD__MSG_TYPE__HELLO)
