@@ -36,7 +36,7 @@ typedef struct tiny_model {
 } tiny_model;
 
 static uint64_t tiny_rng = 88172645463325252ull;
-static float tiny_rand(void)
+static inline float tiny_rand(void)
 {
     tiny_rng ^= tiny_rng << 13;
     tiny_rng ^= tiny_rng >> 7;
@@ -44,7 +44,7 @@ static float tiny_rand(void)
     return (float)((tiny_rng >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
 }
 
-static void tiny_add(tiny_model *m, const char *name, unsigned r0, unsigned r1, float scale, float bias)
+static inline void tiny_add(tiny_model *m, const char *name, unsigned r0, unsigned r1, float scale, float bias)
 {
     tiny_tensor *t = &m->t[m->n++];
     snprintf(t->name, sizeof t->name, "%s", name);
@@ -58,7 +58,7 @@ static void tiny_add(tiny_model *m, const char *name, unsigned r0, unsigned r1, 
         t->vals[i] = ra_bf16_to_f32(ra_f32_to_bf16(bias + scale * tiny_rand()));
 }
 
-static void tiny_build(tiny_model *m)
+static inline void tiny_build(tiny_model *m)
 {
     memset(m, 0, sizeof *m);
     tiny_rng = 88172645463325252ull;
@@ -83,13 +83,13 @@ static void tiny_build(tiny_model *m)
     tiny_add(m, "lm_head.weight", TV, TH, 1.0f, 0);
 }
 
-static void tiny_free(tiny_model *m)
+static inline void tiny_free(tiny_model *m)
 {
     for (unsigned i = 0; i < m->n; i++)
         free(m->t[i].vals);
 }
 
-static const float *tiny_get(const tiny_model *m, const char *name)
+static inline const float *tiny_get(const tiny_model *m, const char *name)
 {
     for (unsigned i = 0; i < m->n; i++)
         if (strcmp(m->t[i].name, name) == 0)
@@ -104,7 +104,7 @@ static const char *tiny_config_json =
     "\"attention_bias\":false,\"mlp_bias\":false,\"tie_word_embeddings\":false,"
     "\"rope_parameters\":{\"rope_theta\":10000.0,\"rope_type\":\"default\"}}";
 
-static int write_file(const char *path, const void *data, size_t n)
+static inline int write_file(const char *path, const void *data, size_t n)
 {
     FILE *f = fopen(path, "wb");
     if (!f)
@@ -117,7 +117,7 @@ static int write_file(const char *path, const void *data, size_t n)
 /* Writes m as safetensors to path. `hdr_extra` is appended inside the JSON object
  * (e.g. ",\"x\":{...}"); `claim_extra` is added to the written header length (a lie
  * when nonzero); `truncate` bytes are cut from the end. */
-static int tiny_write_st(const tiny_model *m, const char *path, const char *hdr_extra, long claim_extra,
+static inline int tiny_write_st(const tiny_model *m, const char *path, const char *hdr_extra, long claim_extra,
                          size_t truncate)
 {
     char *hdr = malloc(1 << 16);
@@ -170,7 +170,7 @@ static int tiny_write_st(const tiny_model *m, const char *path, const char *hdr_
 
 /* A model directory DIR with config.json (text `cfg`, or the tiny config) and the
  * tiny weights. */
-static int tiny_write_dir(const tiny_model *m, const char *dir, const char *cfg)
+static inline int tiny_write_dir(const tiny_model *m, const char *dir, const char *cfg)
 {
     char p[512];
     char cmd[600];
