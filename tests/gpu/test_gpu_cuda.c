@@ -576,5 +576,14 @@ int main(void)
         cmocka_unit_test(test_fault_mid_step),
         cmocka_unit_test(test_user_stream),
     };
+    /* RA_TEST_SMALL=1: the quick subset, for a compute-sanitizer pass */
+    const struct CMUnitTest small[] = {
+        cmocka_unit_test(test_ring_from_empty),  cmocka_unit_test(test_merge_dtypes),
+        cmocka_unit_test(test_bad_device_input), cmocka_unit_test(test_fault_mid_step),
+        cmocka_unit_test(test_user_stream),
+    };
+    const char *f = getenv("RA_TEST_SMALL");
+    if (f && *f == '1')
+        return cmocka_run_group_tests(small, NULL, NULL);
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
