@@ -24,7 +24,7 @@ fi
 if [ ! -x $b/tests/gpu/test_gpu_cuda ] || [ ! -x $b/bench/ratd-bench-gpu ]; then
   if [ -f .dev/harness/CMakeLists.txt ]; then
     b=build-harness
-    cmake -S .dev/harness -B $b -DCMAKE_BUILD_TYPE=Release -DRA_CUDA=ON -DRA_CUDA_ARCHS=90 \
+    cmake -S .dev/harness -B $b -DCMAKE_BUILD_TYPE=Release -DRA_CUDA=ON -DRA_CUDA_ARCHS=90 "$@" \
       >"$out/harness.log" 2>&1 &&
       cmake --build $b -j"$j" --target test_gpu_cpu test_gpu_cuda ratd-bench-gpu >>"$out/harness.log" 2>&1 ||
       { tail -30 "$out/harness.log"; exit 1; }
@@ -33,9 +33,8 @@ if [ ! -x $b/tests/gpu/test_gpu_cuda ] || [ ! -x $b/bench/ratd-bench-gpu ]; then
     exit 1
   fi
 fi
-(cd $b && ctest -R '^test_gpu' --output-on-failure) 2>&1 | tee "$out/ctest.log" | tail -8
-$b/tests/gpu/test_gpu_cuda >"$out/test_gpu_cuda.log" 2>&1
-grep -E "max rel err|ids differ|PASSED|FAILED|SKIPPED" "$out/test_gpu_cuda.log"
+(cd $b && ctest -R '^test_gpu' -V) >"$out/ctest.log" 2>&1
+grep -E "max rel err|ids differ|PASSED|FAILED|SKIPPED|tests passed|Failed|\*\*\*" "$out/ctest.log"
 if command -v compute-sanitizer >/dev/null; then
   RA_TEST_SMALL=1 timeout 240 compute-sanitizer --tool memcheck \
     $b/tests/gpu/test_gpu_cuda >"$out/memcheck.log" 2>&1
