@@ -180,7 +180,7 @@ static float rnd_norm(void)
 
 /* Exact attention of q over rows `rows` (n of them; NULL: all n) of K, V (fp32 views,
  * [n_all][dim]), scale s; writes o[dim], *lse in double. n == 0: o = 0, lse = -inf. */
-static void ref_attend(const float *q, const float *K, const float *V, int dim,
+__attribute__((unused)) static void ref_attend(const float *q, const float *K, const float *V, int dim,
                        const int *rows, int n, double scale, double *o, double *lse)
 {
     double m = -INFINITY;
@@ -215,7 +215,7 @@ static void ref_attend(const float *q, const float *K, const float *V, int dim,
 }
 
 /* Relative error of o against ref: ||o - ref|| / max(||ref||, 1e-6). */
-static double rel_err(const float *o, const double *ref, int dim)
+__attribute__((unused)) static double rel_err(const float *o, const double *ref, int dim)
 {
     double num = 0, den = 0;
     for (int d = 0; d < dim; d++) {
