@@ -847,7 +847,8 @@ static ra_status cuda_ingest(ra_gpu_cache *c, unsigned layer, ra_gpu_mem mem, co
     if (mem == RA_GPU_MEM_HOST) {
         /* the middle is repacked on the host; only sink + window rows cross PCIe */
         unsigned s0 = n < sink ? n : sink;
-        unsigned n_keep = s0 + (n - w_first);
+        unsigned n_win = n > w_first ? n - w_first : 0; /* n <= sink: no window tokens */
+        unsigned n_keep = s0 + n_win;
         size_t keep_bytes = (size_t)B * n_keep * H * rowb;
         CK(cudaStreamSynchronize(m->cur)); /* the staging buffer may be read by a copy */
         for (unsigned b = 0; b < B; b++)
@@ -876,8 +877,8 @@ static ra_status cuda_ingest(ra_gpu_cache *c, unsigned layer, ra_gpu_mem mem, co
             }
             if ((s = h2d(c, dk, kb, s0 * tok)) || (s = h2d(c, dv, vb, s0 * tok)))
                 return s;
-            if ((s = h2d(c, dk + s0 * tok, kb + (size_t)w_first * tok, (n - w_first) * tok)) ||
-                (s = h2d(c, dv + s0 * tok, vb + (size_t)w_first * tok, (n - w_first) * tok)))
+            if (n_win && ((s = h2d(c, dk + s0 * tok, kb + (size_t)w_first * tok, n_win * tok)) ||
+                          (s = h2d(c, dv + s0 * tok, vb + (size_t)w_first * tok, n_win * tok))))
                 return s;
         }
         sk = base;

@@ -98,6 +98,15 @@ static ra_status check_config(const ra_gpu_config *g)
     return RA_OK;
 }
 
+/* Staging memory: pinned and mapped on the CUDA backend (its kernels write evicted rows
+ * straight into it and its copies are asynchronous), any host memory on the CPU one. */
+static void *stage_alloc(const ra_gpu_cache *c, size_t bytes)
+{
+    if (c->backend == RA_GPU_BACKEND_CUDA)
+        return ra_gpu_cuda_host_alloc(bytes ? bytes : 1);
+    return ra_gpu_host_alloc(bytes);
+}
+
 static size_t layer_stage_elems(const ra_gpu_cache *c, size_t tokens)
 {
     return (size_t)c->cfg.batch * c->cfg.n_kv_heads * tokens * c->cfg.head_dim;
@@ -165,8 +174,8 @@ ra_status ra_gpu_cache_create(const ra_gpu_config *cfg, ra_gpu_cache **out)
     size_t ev_bytes = layer_stage_elems(c, cap) * c->esize;
     for (unsigned l = 0; l < cfg->n_layers; l++) {
         ra_gpu_layer *L = &c->layers[l];
-        L->ev_k = ra_gpu_host_alloc(ev_bytes);
-        L->ev_v = ra_gpu_host_alloc(ev_bytes);
+        L->ev_k = stage_alloc(c, ev_bytes);
+        L->ev_v = stage_alloc(c, ev_bytes);
         L->ev_pos = malloc(cap * sizeof(int64_t));
         if (!L->ev_k || !L->ev_v || !L->ev_pos) {
             s = RA_ENOMEM;
@@ -315,8 +324,8 @@ static ra_status grow_offload(ra_gpu_cache *c, ra_gpu_layer *L, size_t n)
     if (L->off_cap >= n)
         return RA_OK;
     size_t bytes = layer_stage_elems(c, n) * c->esize;
-    void *k = ra_gpu_host_alloc(bytes);
-    void *v = ra_gpu_host_alloc(bytes);
+    void *k = stage_alloc(c, bytes);
+    void *v = stage_alloc(c, bytes);
     int64_t *pos = malloc(n * sizeof *pos);
     if (!k || !v || !pos) {
         ra_gpu_host_free(k);
