@@ -93,7 +93,7 @@ static void die_usage(const char *msg)
         fprintf(stderr, "ratd-lm-eval: %s\n", msg);
     fprintf(stderr,
             "usage: ratd-lm-eval --model DIR --text FILE --context C --eval E\n"
-            "         [--mode full|window|ratd|all] [--offset O] [--sink 128] [--window 512]\n"
+            "         [--mode full|window|ratd|all|LIST] [--offset O] [--sink 128] [--window 512]\n"
             "         [--topk K[,K2,...]] [--adaptive EPS] [--adaptive-max K] [--repeat N] [--seed S]\n"
             "         [--endpoint ipc://...|tcp://...] [--ratd BIN] [--index graph|flat|ivf|hnsw]\n"
             "         [--kv-dtype f16|bf16|f32] [--n-train Q] [--effort E] [--wait-index MS]\n"
@@ -218,8 +218,14 @@ static void parse_args(int argc, char **argv, opts *o)
     }
     if (!o->model || !o->text || !o->context || !o->eval)
         die_usage("--model, --text, --context and --eval are required");
-    if (strcmp(o->mode, "all") && strcmp(o->mode, "full") && strcmp(o->mode, "window") && strcmp(o->mode, "ratd"))
-        die_usage("--mode must be full, window, ratd or all");
+    {
+        /* a comma list of modes, or all */
+        char *dup = strdup(o->mode), *save = NULL;
+        for (char *t = strtok_r(dup, ",", &save); t; t = strtok_r(NULL, ",", &save))
+            if (strcmp(t, "all") && strcmp(t, "full") && strcmp(t, "window") && strcmp(t, "ratd"))
+                die_usage("--mode must be full, window, ratd, a comma list of them, or all");
+        free(dup);
+    }
     if (strcmp(o->index, "graph") && strcmp(o->index, "flat") && strcmp(o->index, "ivf") && strcmp(o->index, "hnsw"))
         die_usage("--index must be graph, flat, ivf or hnsw");
 }
@@ -904,10 +910,24 @@ static void print_result(const opts *o, const ra_lm_config *c, const result *r, 
         }
         if (r->n_rep)
             snprintf(rp, sizeof rp, "%.4f", rep);
-        printf("%-7s %6s %8.4f %+7.2f%% %9s %9.2e %8s %8s %9.2f\n", mode_names[r->mode], k, bpb,
-               full_bpb > 0 ? 100 * (bpb / full_bpb - 1) : 0.0, rp, err, rc, fr, ms);
+        char vs[16] = "-";
+        if (full_bpb > 0)
+            snprintf(vs, sizeof vs, "%+.2f%%", 100 * (bpb / full_bpb - 1));
+        printf("%-7s %6s %8.4f %8s %9s %9.2e %8s %8s %9.2f\n", mode_names[r->mode], k, bpb, vs, rp, err, rc, fr,
+               ms);
     }
     fflush(stdout);
+}
+
+static int has_mode(const char *list, const char *m)
+{
+    if (!strcmp(list, "all"))
+        return 1;
+    size_t n = strlen(m);
+    for (const char *p = list; (p = strstr(p, m)); p += n)
+        if ((p == list || p[-1] == ',') && (p[n] == 0 || p[n] == ','))
+            return 1;
+    return 0;
 }
 
 int main(int argc, char **argv)
@@ -959,9 +979,8 @@ int main(int argc, char **argv)
         }
     }
 
-    int want_full = !strcmp(o.mode, "all") || !strcmp(o.mode, "full");
-    int want_window = !strcmp(o.mode, "all") || !strcmp(o.mode, "window");
-    int want_ratd = !strcmp(o.mode, "all") || !strcmp(o.mode, "ratd");
+    int want_full = has_mode(o.mode, "full"), want_window = has_mode(o.mode, "window");
+    int want_ratd = has_mode(o.mode, "ratd");
     const char *endpoint = o.endpoint;
     char ep[128];
     if (want_ratd && !endpoint) {
