@@ -62,6 +62,8 @@ typedef struct result {
     double recall_sum;
     unsigned long recall_n;
     double keys_read, keys_offloaded; /* summed per (step, layer, head) */
+    double keys_perhead;              /* adaptive: keys a per-head budget would read */
+    unsigned long attends;            /* Attend requests (adaptive may repeat one) */
     double seconds;
     unsigned steps;
 } result;
@@ -85,6 +87,8 @@ typedef struct run {
     int64_t *pack_pos;
     size_t pack_cap;
     double t_measure; /* seconds spent in measurement only (excluded from timing) */
+    unsigned *k_layer; /* top_k per layer (adaptive: calibrated at prefill) */
+    unsigned *k_head;  /* adaptive: the budget each query head alone would need */
 } run;
 
 static void die_usage(const char *msg)
@@ -324,7 +328,11 @@ typedef struct capture {
     unsigned *q_pos;    /* sampled positions, increasing */
     unsigned n_q;
     float *row;         /* [rows][hd] scratch for the trace */
+    float *cal_q;       /* adaptive budget: [layer][n_heads][NCAL][hd] late prefill queries */
+    unsigned cal_pos[64], n_cal;
 } capture;
+
+#define NCAL 32
 
 /* Training queries for the index: the last n_train/2 positions plus a stride over the
  * rest, as the architecture suggests (recent queries resemble decode queries). */
@@ -364,6 +372,16 @@ static ra_status capture_fn(void *ctx, unsigned layer, unsigned pos0, unsigned r
             for (unsigned h = 0; h < c->n_heads; h++)
                 memcpy(cp->q_train + (((size_t)layer * c->n_heads + h) * cp->n_q + i) * hd,
                        q + (size_t)(cp->q_pos[i] - pos0) * QD + h * hd, hd * sizeof(float));
+    }
+    if (cp->cal_q) {
+        for (unsigned i = 0; i < cp->n_cal; i++) {
+            unsigned p = cp->cal_pos[i];
+            if (p < pos0 || p >= pos0 + rows)
+                continue;
+            for (unsigned h = 0; h < c->n_heads; h++)
+                memcpy(cp->cal_q + (((size_t)layer * c->n_heads + h) * NCAL + i) * hd,
+                       q + (size_t)(p - pos0) * QD + h * hd, hd * sizeof(float));
+        }
     }
     if (cp->tw) {
         for (unsigned t = 0; t < 3; t++) {
@@ -555,7 +573,7 @@ static ra_status hook_ratd(void *ctx, ra_lm *lm, unsigned layer, unsigned pos, c
     }
     unsigned off_end = pos + 1 > R->o->window ? pos + 1 - R->o->window : 0; /* offloaded: [sink, off_end) */
     unsigned n_off = off_end > R->o->sink ? off_end - R->o->sink : 0;
-    unsigned k = R->topk;
+    unsigned k = R->o->adaptive > 0 ? R->k_layer[layer] : R->topk;
     if (n_off == 0) {
         memcpy(o, R->o_loc, (size_t)nh * hd * sizeof(float));
     } else {
@@ -566,6 +584,14 @@ static ra_status hook_ratd(void *ctx, ra_lm *lm, unsigned layer, unsigned pos, c
         if ((s = ra_client_attend(R->cl, R->session, (int)layer, &rq, &ao)) != RA_OK) {
             fprintf(stderr, "ratd-lm-eval: attend: %s (%s)\n", ra_strerror(s), ra_client_errmsg(R->cl));
             return s;
+        }
+        R->res->attends++;
+        for (unsigned h = 0; h < nh; h++) {
+            R->res->keys_read += (unsigned)R->tcounts[h];
+            if (R->k_head) {
+                unsigned kh = R->k_head[layer * nh + h];
+                R->res->keys_perhead += kh < n_off ? kh : n_off;
+            }
         }
         if ((s = ra_gpu_merge(R->gc, RA_GPU_MEM_HOST, R->o_loc, R->lse_loc, R->o_rem, RA_DTYPE_F32, R->lse_rem, o,
                               RA_DTYPE_F32, NULL)) != RA_OK)
@@ -594,7 +620,6 @@ static ra_status hook_ratd(void *ctx, ra_lm *lm, unsigned layer, unsigned pos, c
             }
             R->res->recall_sum += (double)(hit > kk ? kk : hit) / kk;
             R->res->recall_n++;
-            R->res->keys_read += got;
             R->res->keys_offloaded += n_off;
         }
     }
@@ -721,6 +746,73 @@ static void free_run(run *R)
     free(R->pack_k);
     free(R->pack_v);
     free(R->pack_pos);
+    free(R->k_layer);
+    free(R->k_head);
+}
+
+static int cmp_desc(const void *a, const void *b)
+{
+    float x = *(const float *)a, y = *(const float *)b;
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+
+/* --adaptive EPS: a per-head budget calibrated on the decoder's own prefill, where
+ * full attention is computed anyway. For late prefill queries (the last 256 positions,
+ * stride 8) it finds how many of the keys that would be offloaded at that position must
+ * be read, best first, for the rest to hold less than EPS of the head's attention; the
+ * head's budget is the largest over those queries, clamped to [--topk, --adaptive-max].
+ * Heads that only look locally get the floor. ratd's Attend takes one top_k per
+ * request, so a layer uses the largest budget of its heads; the per-head figure is
+ * reported as what a per-head request would read. */
+static ra_status calibrate_budget(shared *S, run *R)
+{
+    const ra_lm_config *c = S->c;
+    const opts *o = S->o;
+    unsigned nh = c->n_heads, hd = c->head_dim, grp = nh / c->n_kv_heads;
+    capture *cp = S->cap;
+    R->k_head = calloc((size_t)c->n_layers * nh, sizeof(unsigned));
+    if (!R->k_head)
+        return RA_ENOMEM;
+    for (unsigned l = 0; l < c->n_layers; l++) {
+        unsigned kl = R->topk;
+        for (unsigned h = 0; h < nh; h++) {
+            unsigned need_max = 0;
+            for (unsigned i = 0; i < cp->n_cal; i++) {
+                unsigned p = cp->cal_pos[i];
+                if (p + 1 <= o->window + o->sink)
+                    continue;
+                unsigned off_end = p + 1 - o->window, n_off = off_end - o->sink;
+                const float *q = cp->cal_q + (((size_t)l * nh + h) * NCAL + i) * hd;
+                ra_lm_scores(S->lm, l, h / grp, q, 0, p + 1, R->sc);
+                double m = -INFINITY, z = 0, off = 0;
+                for (unsigned j = 0; j <= p; j++)
+                    m = R->sc[j] > m ? R->sc[j] : m;
+                for (unsigned j = 0; j <= p; j++)
+                    z += exp(R->sc[j] - m);
+                float *so = R->sc + o->sink;
+                for (unsigned j = 0; j < n_off; j++)
+                    off += exp(so[j] - m);
+                qsort(so, n_off, sizeof(float), cmp_desc);
+                unsigned need = 0;
+                double omitted = off;
+                while (need < n_off && omitted / z >= o->adaptive)
+                    omitted -= exp(so[need++] - m);
+                need_max = need > need_max ? need : need_max;
+            }
+            unsigned kh = need_max < R->topk ? R->topk : need_max;
+            kh = kh > o->adaptive_max ? o->adaptive_max : kh;
+            R->k_head[l * nh + h] = kh;
+            kl = kh > kl ? kh : kl;
+        }
+        R->k_layer[l] = kl;
+        if (!o->quiet) {
+            fprintf(stderr, "ratd-lm-eval: adaptive %g: layer %u top_k %u (heads:", o->adaptive, l, kl);
+            for (unsigned h = 0; h < nh; h++)
+                fprintf(stderr, " %u", R->k_head[l * nh + h]);
+            fprintf(stderr, ")\n");
+        }
+    }
+    return RA_OK;
 }
 
 /* Sets up ratd mode after the prefill: the gpu/ cache takes sink + window of every
@@ -828,13 +920,19 @@ static ra_status run_mode(shared *S, eval_mode mode, unsigned topk, result *res)
     R.knew = malloc((size_t)c->n_kv_heads * hd * sizeof(float));
     R.vnew = malloc((size_t)c->n_kv_heads * hd * sizeof(float));
     R.sc = malloc((size_t)2 * max_ctx * sizeof(float));
-    R.tpos = malloc((size_t)nh * topk * sizeof(int64_t));
-    R.tscores = malloc((size_t)nh * topk * sizeof(float));
+    unsigned kcap = o->adaptive > 0 && o->adaptive_max > topk ? o->adaptive_max : topk;
+    R.tpos = malloc((size_t)nh * kcap * sizeof(int64_t));
+    R.tscores = malloc((size_t)nh * kcap * sizeof(float));
+    R.k_layer = malloc(c->n_layers * sizeof(unsigned));
+    for (unsigned l = 0; R.k_layer && l < c->n_layers; l++)
+        R.k_layer[l] = topk;
     R.tcounts = malloc(nh * sizeof(int32_t));
     if (!logits || !res->rel_l2 || !R.o_loc || !R.lse_loc || !R.o_rem || !R.lse_rem || !R.o_ref || !R.knew ||
-        !R.vnew || !R.sc || !R.tpos || !R.tscores || !R.tcounts)
+        !R.vnew || !R.sc || !R.tpos || !R.tscores || !R.tcounts || !R.k_layer)
         goto out;
     if ((s = ra_lm_rewind(S->lm, C)) != RA_OK)
+        goto out;
+    if (mode == MODE_RATD && o->adaptive > 0 && (s = calibrate_budget(S, &R)) != RA_OK)
         goto out;
     if (mode == MODE_RATD && (s = setup_ratd(S, &R)) != RA_OK)
         goto out;
@@ -892,8 +990,16 @@ static void print_result(const opts *o, const ra_lm_config *c, const result *r, 
         printf("{\"mode\":\"%s\",\"bpb\":%.6f,\"tokens\":%u", mode_names[r->mode], bpb, r->n);
         if (r->n_rep)
             printf(",\"bpb_repeat\":%.6f,\"repeat_tokens\":%u", rep, r->n_rep);
-        if (r->mode == MODE_RATD)
+        if (r->mode == MODE_RATD) {
             printf(",\"topk\":%u,\"recall\":%.6f,\"keys_read_frac\":%.6f", r->topk, recall, frac);
+            if (o->adaptive > 0)
+                printf(",\"adaptive\":%g,\"adaptive_max\":%u,\"mean_k\":%.1f,\"attends_per_layer_step\":%.3f,"
+                       "\"perhead_keys_frac\":%.6f",
+                       o->adaptive, o->adaptive_max,
+                       r->attends ? r->keys_read / ((double)r->attends * c->n_heads) : 0.0,
+                       r->steps ? (double)r->attends / ((double)r->steps * c->n_layers) : 0.0,
+                       r->keys_offloaded > 0 ? r->keys_perhead / r->keys_offloaded : 0.0);
+        }
         printf(",\"ms_per_token\":%.3f,\"rel_l2\":[", ms);
         for (unsigned l = 0; l < c->n_layers; l++)
             printf("%s%.6g", l ? "," : "", r->n_rel ? r->rel_l2[l] / r->n_rel : 0.0);
@@ -902,7 +1008,10 @@ static void print_result(const opts *o, const ra_lm_config *c, const result *r, 
     } else {
         char k[16] = "-", rc[16] = "-", fr[16] = "-", rp[16] = "-";
         if (r->mode == MODE_RATD) {
-            snprintf(k, sizeof k, "%u", r->topk);
+            if (o->adaptive > 0)
+                snprintf(k, sizeof k, "a%u", r->topk);
+            else
+                snprintf(k, sizeof k, "%u", r->topk);
             if (r->recall_n) {
                 snprintf(rc, sizeof rc, "%.4f", recall);
                 snprintf(fr, sizeof fr, "%.2f%%", 100 * frac);
@@ -913,8 +1022,13 @@ static void print_result(const opts *o, const ra_lm_config *c, const result *r, 
         char vs[16] = "-";
         if (full_bpb > 0)
             snprintf(vs, sizeof vs, "%+.2f%%", 100 * (bpb / full_bpb - 1));
-        printf("%-7s %6s %8.4f %8s %9s %9.2e %8s %8s %9.2f\n", mode_names[r->mode], k, bpb, vs, rp, err, rc, fr,
-               ms);
+        printf("%-7s %6s %8.4f %8s %9s %9.2e %8s %8s %9.2f", mode_names[r->mode], k, bpb, vs, rp, err, rc, fr, ms);
+        if (r->mode == MODE_RATD && o->adaptive > 0 && r->attends)
+            printf("   (adaptive %g: mean k %.0f, %.2f attends/layer/step, per-head budget would read %.2f%%)",
+                   o->adaptive, r->keys_read / ((double)r->attends * c->n_heads),
+                   (double)r->attends / ((double)r->steps * c->n_layers),
+                   r->keys_offloaded > 0 ? 100 * r->keys_perhead / r->keys_offloaded : 0.0);
+        printf("\n");
     }
     fflush(stdout);
 }
@@ -1005,6 +1119,14 @@ int main(int argc, char **argv)
         if (!cap.q_train)
             goto nomem;
     }
+    if (want_ratd && o.adaptive > 0) {
+        cap.cal_q = malloc((size_t)c->n_layers * c->n_heads * NCAL * c->head_dim * sizeof(float));
+        if (!cap.cal_q)
+            goto nomem;
+        for (unsigned i = 0; i < NCAL; i++)
+            if (o.context >= 256)
+                cap.cal_pos[cap.n_cal++] = o.context - 256 + 8 * i + 7;
+    }
     if (o.dump_trace) {
         ra_trace_info ti = {.dtype = o.trace_dtype, .n_layers = c->n_layers, .n_heads = c->n_heads,
                             .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim, .n_pos = o.context,
@@ -1018,7 +1140,8 @@ int main(int argc, char **argv)
         }
     }
     double t0 = now_s();
-    s = ra_lm_prefill(lm, tok, o.context, logits0, NULL, (cap.tw || cap.q_train) ? capture_fn : NULL, &cap);
+    s = ra_lm_prefill(lm, tok, o.context, logits0, NULL, (cap.tw || cap.q_train || cap.cal_q) ? capture_fn : NULL,
+                      &cap);
     if (s != RA_OK) {
         fprintf(stderr, "ratd-lm-eval: prefill failed: %s\n", ra_strerror(s));
         goto out;
@@ -1080,6 +1203,7 @@ nomem:
 out:
     ra_trace_writer_abort(cap.tw);
     free(cap.q_train);
+    free(cap.cal_q);
     free(cap.q_pos);
     free(cap.row);
     free(logits0);
