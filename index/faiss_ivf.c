@@ -109,6 +109,24 @@ static ra_status ivf_add(void *state, const ra_kv *kv, size_t first, size_t n)
     return ra_index_faiss_add_rows(s->idx, kv, first, n);
 }
 
+typedef struct ivf_call {
+    ivf_state *s;
+    const float *q;
+    int k;
+    const idx_t *assign;
+    const float *cdis;
+    float *dis;
+    idx_t *lab;
+    int rc;
+} ivf_call;
+
+static void ivf_call_run(void *arg)
+{
+    ivf_call *c = arg;
+    c->rc = faiss_IndexIVF_search_preassigned(c->s->idx, 1, c->q, c->k, c->assign, c->cdis, c->dis,
+                                              c->lab, 0);
+}
+
 static ra_status ivf_search(void *state, const ra_kv *kv, const float *q,
                             const ra_search_params *p, int32_t *ids, float *scores, int *n_out,
                             ra_search_stats *st)
@@ -169,7 +187,9 @@ static ra_status ivf_search(void *state, const ra_kv *kv, const float *q,
         faiss_IndexIVF_set_nprobe(s->idx, nprobe);
         __atomic_store_n(&s->nprobe, nprobe, __ATOMIC_RELAXED);
     }
-    rc = faiss_IndexIVF_search_preassigned(s->idx, 1, q, k, assign, cdis, dis, lab, 0);
+    ivf_call c = {s, q, k, assign, cdis, dis, lab, 0};
+    ra_index_omp_single(ivf_call_run, &c);
+    rc = c.rc;
     pthread_rwlock_unlock(&s->lock);
     if (rc) {
         ret = ra_index_faiss_error("IVF search_preassigned", rc);

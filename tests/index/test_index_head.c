@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "idx_test_util.h"
+#include "ra_backend.h"
 #include "ra_index.h"
 #include "ra_kernels.h"
 #include "ra_log.h"
@@ -281,7 +282,9 @@ static void *search_loop(void *arg)
     searcher *s = arg;
     float *q = rand_queries(77, 1, s->dim, 1.f);
     while (!__atomic_load_n(&s->stop, __ATOMIC_ACQUIRE)) {
-        ra_search_params p = {.k = 10};
+        /* efforts differ between calls: the FAISS backends must switch nprobe/efSearch
+         * under their lock while other threads search */
+        ra_search_params p = {.k = 10, .effort = (int)((s->n_fallback + s->n_index) % 3) * 24};
         int32_t ids[10];
         float sc[10], o[64], lse;
         int n;
@@ -358,7 +361,10 @@ static void test_search_during_build(void **state)
             ra_search_params p = {.k = 5, .effort = 128};
             assert_int_equal(ra_head_search(f.h, u[a], &p, ids, sc, &n, &st), RA_OK);
             assert_int_equal(st.exact_fallback, 0);
-            assert_int_equal(ids[0], (int32_t)(f.n + a));
+            if (ids[0] != (int32_t)(f.n + a))
+                fail_msg("%s: row %zu, appended during the build, not found first after it "
+                         "(got %d, score %g)",
+                         ra_index_kind_name(kinds[ki]), f.n + a, ids[0], sc[0]);
         }
         free(tq);
         fx_fini(&f);
@@ -633,6 +639,109 @@ static void test_memory_limit(void **state)
     free(pos);
 }
 
+/* Searches from three threads while appends go on, on a built index of each kind. */
+static void test_concurrent_search_append(void **state)
+{
+    (void)state;
+    for (int ki = 0; ki < 4; ki++) {
+        fixture f;
+        fx_init(&f, KINDS[ki], 64, RA_DTYPE_F16, 4000, 700 + ki);
+        float *tq = rand_queries(18, 256, f.dim, 1.f);
+        assert_int_equal(ra_head_build(f.h, tq, 256, 0), RA_OK);
+        searcher s[3];
+        pthread_t th[3];
+        for (int t = 0; t < 3; t++) {
+            s[t] = (searcher){f.h, f.dim, 0, 0, 0, 0};
+            assert_int_equal(pthread_create(&th[t], NULL, search_loop, &s[t]), 0);
+        }
+        int64_t pos[10] = {0};
+        for (int a = 0; a < 100; a++) {
+            assert_int_equal(ra_head_append(f.h, (uint16_t *)f.k + (size_t)(a * 10) * f.dim,
+                                            (uint16_t *)f.v + (size_t)(a * 10) * f.dim, pos, 10),
+                             RA_OK);
+            usleep(500);
+        }
+        long total = 0;
+        for (int t = 0; t < 3; t++) {
+            __atomic_store_n(&s[t].stop, 1, __ATOMIC_RELEASE);
+            pthread_join(th[t], NULL);
+            assert_int_equal(s[t].errors, 0);
+            assert_int_equal(s[t].n_fallback, 0);
+            total += s[t].n_index;
+        }
+        assert_true(total > 0);
+        assert_int_equal(ra_head_count(f.h), 5000);
+        free(tq);
+        fx_fini(&f);
+    }
+}
+
+/* ra_exact_topk and ra_exact_knn_batch (the graph build's ground truth) against each
+ * other and a double reference: padding, ties, and the key slices of the batch path. */
+static void test_exact_paths(void **state)
+{
+    (void)state;
+    ra_kv *kv;
+    int dim = 8;
+    size_t n = 300000; /* more than one FAISS slice (2^18 keys) */
+    assert_int_equal(ra_kv_create(&kv, dim, RA_DTYPE_BF16, NULL), RA_OK);
+    trng r = {16};
+    void *k = tfill(&r, RA_DTYPE_BF16, n * dim, 1.f);
+    int64_t *pos = calloc(n, sizeof *pos);
+    assert_int_equal(ra_kv_append(kv, k, k, pos, n), RA_OK);
+    int nq = 6, K = 20;
+    float *q = rand_queries(17, nq, dim, 1.f);
+    int32_t *bi = malloc(nq * K * sizeof *bi);
+    float *bs = malloc(nq * K * sizeof *bs);
+    assert_int_equal(ra_exact_knn_batch(kv, n, q, nq, K, bi, bs), RA_OK);
+    for (int t = 0; t < nq; t++) {
+        int32_t ids[20];
+        float sc[20];
+        int m;
+        assert_int_equal(ra_exact_topk(kv, n, q + t * dim, K, ids, sc, &m), RA_OK);
+        assert_int_equal(m, K);
+        double kth = kth_score(q + t * dim, k, RA_DTYPE_BF16, dim, n, K, NULL);
+        for (int i = 0; i < K; i++) {
+            double tb = tdot(q + t * dim, k, RA_DTYPE_BF16, dim, bi[t * K + i], NULL);
+            double tt = tdot(q + t * dim, k, RA_DTYPE_BF16, dim, ids[i], NULL);
+            assert_true(tb >= kth - 1e-4 && tt >= kth - 1e-4);
+            assert_true(fabs(bs[t * K + i] - tb) <= 1e-4 && fabs(sc[i] - tt) <= 1e-4);
+            assert_true(fabs(bs[t * K + i] - sc[i]) <= 1e-4);
+            if (i)
+                assert_true(bs[t * K + i] <= bs[t * K + i - 1] + 1e-6);
+        }
+    }
+    /* fewer keys than K: padded with -1 */
+    assert_int_equal(ra_exact_knn_batch(kv, 3, q, nq, K, bi, bs), RA_OK);
+    for (int t = 0; t < nq; t++)
+        for (int i = 0; i < K; i++)
+            assert_true(i < 3 ? (bi[t * K + i] >= 0 && bi[t * K + i] < 3) : bi[t * K + i] == -1);
+    int32_t ids[20];
+    float sc[20];
+    int m = -1;
+    assert_int_equal(ra_exact_topk(kv, 0, q, 5, ids, sc, &m), RA_OK);
+    assert_int_equal(m, 0);
+    assert_int_equal(ra_exact_topk(kv, n + 1, q, 5, ids, sc, &m), RA_EINVAL);
+    assert_int_equal(ra_exact_knn_batch(kv, 10, q, nq, 0, bi, bs), RA_EINVAL);
+    ra_kv_destroy(kv);
+    /* ties: all-equal keys come back in row order */
+    assert_int_equal(ra_kv_create(&kv, dim, RA_DTYPE_F32, NULL), RA_OK);
+    float same[50 * 8];
+    for (int i = 0; i < 50 * 8; i++)
+        same[i] = 0.5f;
+    assert_int_equal(ra_kv_append(kv, same, same, pos, 50), RA_OK);
+    assert_int_equal(ra_exact_topk(kv, 50, q, 20, ids, sc, &m), RA_OK);
+    assert_int_equal(m, 20);
+    for (int i = 0; i < 20; i++)
+        assert_int_equal(ids[i], i);
+    ra_kv_destroy(kv);
+    free(k);
+    free(pos);
+    free(q);
+    free(bi);
+    free(bs);
+}
+
 int main(void)
 {
     ra_log_set_level(RA_LOG_WARN);
@@ -646,6 +755,8 @@ int main(void)
         cmocka_unit_test(test_degenerate),
         cmocka_unit_test(test_nonfinite_rejected),
         cmocka_unit_test(test_memory_limit),
+        cmocka_unit_test(test_exact_paths),
+        cmocka_unit_test(test_concurrent_search_append),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
