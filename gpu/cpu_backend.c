@@ -273,6 +273,21 @@ out:
     return s;
 }
 
+/* compacts [.][cap][D] blocks to [.][n][D] in place: destinations never overtake
+ * sources, so ascending memmoves are safe */
+static ra_status cpu_fetch_evicted(ra_gpu_cache *c, unsigned layer, unsigned n)
+{
+    ra_gpu_layer *L = &c->layers[layer];
+    size_t cap = c->cfg.evict_capacity, rowb = c->cfg.head_dim * c->esize;
+    size_t blocks = (size_t)c->cfg.batch * c->cfg.n_kv_heads;
+    if (n < cap)
+        for (size_t i = 1; i < blocks; i++) {
+            memmove((char *)L->ev_k + i * n * rowb, (char *)L->ev_k + i * cap * rowb, n * rowb);
+            memmove((char *)L->ev_v + i * n * rowb, (char *)L->ev_v + i * cap * rowb, n * rowb);
+        }
+    return RA_OK;
+}
+
 static ra_status cpu_nop(ra_gpu_cache *c)
 {
     return RA_OK;
@@ -307,7 +322,7 @@ const ra_gpu_ops ra_gpu_cpu_ops = {
     .merge = cpu_merge,
     .knn = cpu_knn,
     .wait_offload = cpu_nop_layer,
-    .wait_evict = cpu_nop_layer,
+    .fetch_evicted = cpu_fetch_evicted,
     .sync = cpu_nop,
     .set_stream = cpu_set_stream,
     .stream = cpu_stream,

@@ -32,9 +32,10 @@ struct cuda_impl {
     cudaStream_t own, cur;
     cublasHandle_t blas;
     void *k, *v;              /* [layers][B][H][rows][D] */
+    void *ev_k, *ev_v;        /* eviction ring on the device: [layers][B][H][cap][D] */
     float *part;              /* split partials: [B*H][MAX_SPLITS][G][D + 2] */
     unsigned *counters;       /* [B*H], zero between launches */
-    cudaEvent_t *ev_step, *ev_off; /* per layer */
+    cudaEvent_t *ev_off;      /* per layer: offload staging copies done */
     /* host path of a step: pinned bounce + device copies of q|k|v and o|lse */
     void *h_in, *d_in;
     size_t in_bytes;
@@ -159,7 +160,7 @@ template <typename T, int EPL> __device__ __forceinline__ void load_row(const T 
 struct step_args {
     const void *q, *kn, *vn; /* [B][Hq][D], [B][H][D] */
     void *K, *V;             /* this layer's storage [B][H][rows][D] */
-    void *ev_k, *ev_v;       /* eviction stage (mapped pinned host) [B][H][cap][D] */
+    void *ev_k, *ev_v;       /* this layer's device eviction ring [B][H][cap][D] */
     float *o, *lse;
     float *part;
     unsigned *counters;
@@ -332,25 +333,42 @@ template <typename T, int D, int G> __global__ void __launch_bounds__(NWARPS * 3
     if (!last)
         return;
     __threadfence();
-    for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
-        int g = i / D, d = i % D;
+    /* weights of the splits first (in parallel), then independent loads of the partial
+     * outputs: the reduction costs a few L2 round trips, not one per split */
+    __shared__ float sw[MAX_SPLITS][G], sl[MAX_SPLITS][G], sL[G];
+    for (unsigned i = threadIdx.x; i < a.nsplit * G; i += blockDim.x) {
+        unsigned sp = i / G, g = i % G;
+        const float *p = part + ((size_t)sp * G + g) * (D + 2);
+        sw[sp][g] = __ldcg(p + D);
+        sl[sp][g] = __ldcg(p + D + 1);
+    }
+    __syncthreads();
+    __shared__ float sM[G];
+    if (threadIdx.x < G) {
+        int g = threadIdx.x;
         float M = -INFINITY;
         for (unsigned sp = 0; sp < a.nsplit; sp++)
-            M = fmaxf(M, __ldcg(part + ((size_t)sp * G + g) * (D + 2) + D));
-        float L = 0.0f, A = 0.0f;
+            M = fmaxf(M, sw[sp][g]);
+        float L = 0.0f;
         for (unsigned sp = 0; sp < a.nsplit; sp++) {
-            const float *p = part + ((size_t)sp * G + g) * (D + 2);
-            float ms = __ldcg(p + D);
-            if (ms == -INFINITY)
-                continue;
-            float f = exp2f(ms - M);
-            L += f * __ldcg(p + D + 1);
-            A += f * __ldcg(p + d);
+            float f = sw[sp][g] == -INFINITY ? 0.0f : exp2f(sw[sp][g] - M);
+            sw[sp][g] = f;
+            L += f * sl[sp][g];
         }
+        sM[g] = M;
+        sL[g] = L;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+        int g = i / D, d = i % D;
+        float A = 0.0f;
+#pragma unroll 8
+        for (unsigned sp = 0; sp < a.nsplit; sp++)
+            A += sw[sp][g] * __ldcg(part + ((size_t)sp * G + g) * (D + 2) + d);
         size_t row = (size_t)b * H * G + hq0 + g;
-        a.o[row * D + d] = A / L;
+        a.o[row * D + d] = A / sL[g];
         if (d == 0)
-            a.lse[row] = (M + log2f(L)) * 0.69314718055994531f;
+            a.lse[row] = (sM[g] + log2f(sL[g])) * 0.69314718055994531f;
     }
     if (threadIdx.x == 0)
         a.counters[bh] = 0;
@@ -643,13 +661,17 @@ static void cuda_fini(ra_gpu_cache *c)
     cuda_impl *m = IMPL(c);
     if (!m)
         return;
-    cudaSetDevice(m->device);
+    int ndev = 0;
+    if (cudaGetDeviceCount(&ndev) == cudaSuccess && m->device >= 0 && m->device < ndev)
+        cudaSetDevice(m->device);
     if (m->own)
         cudaStreamSynchronize(m->own);
     if (m->blas)
         cublasDestroy(m->blas);
     cudaFree(m->k);
     cudaFree(m->v);
+    cudaFree(m->ev_k);
+    cudaFree(m->ev_v);
     cudaFree(m->part);
     cudaFree(m->counters);
     cudaFree(m->d_in);
@@ -664,14 +686,10 @@ static void cuda_fini(ra_gpu_cache *c)
         if (m->bounce_ev[i])
             cudaEventDestroy(m->bounce_ev[i]);
     }
-    if (m->ev_step)
-        for (unsigned l = 0; l < c->cfg.n_layers; l++) {
-            if (m->ev_step[l])
-                cudaEventDestroy(m->ev_step[l]);
+    if (m->ev_off)
+        for (unsigned l = 0; l < c->cfg.n_layers; l++)
             if (m->ev_off[l])
                 cudaEventDestroy(m->ev_off[l]);
-        }
-    free(m->ev_step);
     free(m->ev_off);
     if (m->own)
         cudaStreamDestroy(m->own);
@@ -728,6 +746,10 @@ static ra_status cuda_init(ra_gpu_cache *c)
         size_t bh = (size_t)g->batch * g->n_kv_heads;
         CK(cudaMalloc(&m->k, bytes));
         CK(cudaMalloc(&m->v, bytes));
+        size_t evb = (size_t)g->n_layers * g->batch * g->n_kv_heads * g->evict_capacity *
+                     g->head_dim * c->esize;
+        CK(cudaMalloc(&m->ev_k, evb));
+        CK(cudaMalloc(&m->ev_v, evb));
         CK(cudaMalloc(&m->part, bh * MAX_SPLITS * c->group * (g->head_dim + 2) * sizeof(float)));
         CK(cudaMalloc(&m->counters, bh * sizeof(unsigned)));
         CK(cudaMemset(m->counters, 0, bh * sizeof(unsigned)));
@@ -742,14 +764,12 @@ static ra_status cuda_init(ra_gpu_cache *c)
         CK(cudaMalloc(&m->d_merge, mb));
         CK(cudaHostAlloc(&m->h_merge, mb, cudaHostAllocPortable));
     }
-    m->ev_step = (cudaEvent_t *)calloc(g->n_layers, sizeof(cudaEvent_t));
     m->ev_off = (cudaEvent_t *)calloc(g->n_layers, sizeof(cudaEvent_t));
-    if (!m->ev_step || !m->ev_off) {
+    if (!m->ev_off) {
         s = RA_ENOMEM;
         goto fail;
     }
     for (unsigned l = 0; l < g->n_layers; l++) {
-        CK(cudaEventCreateWithFlags(&m->ev_step[l], cudaEventDisableTiming));
         CK(cudaEventCreateWithFlags(&m->ev_off[l], cudaEventDisableTiming));
     }
     CK(cudaStreamSynchronize(m->own));
@@ -926,8 +946,8 @@ fail:
 static unsigned pick_splits(const ra_gpu_cache *c, unsigned n_local)
 {
     unsigned bh = c->cfg.batch * c->cfg.n_kv_heads;
-    unsigned want = (2u * IMPL(c)->sms + bh - 1) / bh;
-    unsigned most = (n_local + 15) / 16; /* at least 16 rows a split */
+    unsigned want = ((unsigned)IMPL(c)->sms + bh - 1) / bh; /* about one block per SM */
+    unsigned most = (n_local + 31) / 32;                   /* at least 32 rows a split */
     if (want > most)
         want = most;
     if (want > MAX_SPLITS)
@@ -942,7 +962,6 @@ static ra_status cuda_step(ra_gpu_cache *c, unsigned layer, const ra_gpu_step_pl
     ra_status s = RA_OK;
     int committed = 0;
     cuda_impl *m = IMPL(c);
-    ra_gpu_layer *L = &c->layers[layer];
     const ra_gpu_config *g = &c->cfg;
     size_t R = merge_rows(c), D = g->head_dim, bh = (size_t)g->batch * g->n_kv_heads;
     size_t qb = R * D * c->esize, kb = bh * D * c->esize;
@@ -968,8 +987,9 @@ static ra_status cuda_step(ra_gpu_cache *c, unsigned layer, const ra_gpu_step_pl
         a.vn = vn;
         a.K = (char *)m->k + layer * layer_elems(c) * c->esize;
         a.V = (char *)m->v + layer * layer_elems(c) * c->esize;
-        a.ev_k = L->ev_k;
-        a.ev_v = L->ev_v;
+        size_t evl = (size_t)g->batch * g->n_kv_heads * g->evict_capacity * D * c->esize;
+        a.ev_k = (char *)m->ev_k + layer * evl;
+        a.ev_v = (char *)m->ev_v + layer * evl;
         a.o = dout_o;
         a.lse = dout_l;
         a.part = m->part;
@@ -989,7 +1009,6 @@ static ra_status cuda_step(ra_gpu_cache *c, unsigned layer, const ra_gpu_step_pl
         CK(cudaGetLastError());
     }
     committed = 1; /* the kernel appended: from here a failure breaks the cache */
-    CK(cudaEventRecord(m->ev_step[layer], m->cur));
     if (mem == RA_GPU_MEM_HOST) {
         CK(cudaMemcpyAsync(m->h_out, m->d_out, R * D * sizeof(float) + R * sizeof(float),
                            cudaMemcpyDeviceToHost, m->cur));
@@ -1137,11 +1156,23 @@ fail:
     return s;
 }
 
-static ra_status cuda_wait_evict(ra_gpu_cache *c, unsigned layer)
+/* one strided copy both compacts the ring's [.][cap][D] blocks to [.][n][D] and brings
+ * them to the pinned host stage; waits on the cache's stream only */
+static ra_status cuda_fetch_evicted(ra_gpu_cache *c, unsigned layer, unsigned n)
 {
     ra_status s = RA_OK;
-    int committed = 1;
-    CK(cudaEventSynchronize(IMPL(c)->ev_step[layer]));
+    int committed = 1; /* a fault here is asynchronous: device state is unknown */
+    cuda_impl *m = IMPL(c);
+    const ra_gpu_config *g = &c->cfg;
+    ra_gpu_layer *L = &c->layers[layer];
+    size_t rowb = (size_t)g->head_dim * c->esize, cap = g->evict_capacity;
+    size_t blocks = (size_t)g->batch * g->n_kv_heads;
+    size_t evl = blocks * cap * rowb;
+    CK(cudaMemcpy2DAsync(L->ev_k, n * rowb, (char *)m->ev_k + layer * evl, cap * rowb, n * rowb,
+                         blocks, cudaMemcpyDeviceToHost, m->cur));
+    CK(cudaMemcpy2DAsync(L->ev_v, n * rowb, (char *)m->ev_v + layer * evl, cap * rowb, n * rowb,
+                         blocks, cudaMemcpyDeviceToHost, m->cur));
+    CK(cudaStreamSynchronize(m->cur));
     return RA_OK;
 fail:
     return s;
@@ -1194,7 +1225,7 @@ extern "C" const ra_gpu_ops ra_gpu_cuda_ops = {
     cuda_merge,
     cuda_knn,
     cuda_wait_offload,
-    cuda_wait_evict,
+    cuda_fetch_evicted,
     cuda_sync,
     cuda_set_stream,
     cuda_stream,

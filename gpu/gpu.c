@@ -489,22 +489,8 @@ ra_status ra_gpu_cache_evicted_view(ra_gpu_cache *c, unsigned layer, ra_gpu_stag
         return ra_gpu_fail(c, RA_ENOLAYER, "layer %u >= %u", layer, c->cfg.n_layers);
     ra_gpu_layer *L = &c->layers[layer];
     unsigned n = L->n_evicted;
-    if (n && !L->evict_viewing) {
-        TRY(c->ops->wait_evict(c, layer));
-        /* compact [.][cap][D] blocks to [.][n][D] in place: destinations never overtake
-         * sources, so ascending memmoves are safe */
-        size_t D = c->cfg.head_dim, cap = c->cfg.evict_capacity;
-        size_t blocks = (size_t)c->cfg.batch * c->cfg.n_kv_heads;
-        size_t rowb = D * c->esize;
-        if (n < cap) {
-            for (size_t i = 1; i < blocks; i++) {
-                memmove((char *)L->ev_k + i * n * rowb, (char *)L->ev_k + i * cap * rowb,
-                        n * rowb);
-                memmove((char *)L->ev_v + i * n * rowb, (char *)L->ev_v + i * cap * rowb,
-                        n * rowb);
-            }
-        }
-    }
+    if (n && !L->evict_viewing)
+        TRY(c->ops->fetch_evicted(c, layer, n));
     if (n)
         L->evict_viewing = 1;
     fill_view(c, out, n, L->ev_k, L->ev_v, L->ev_pos);

@@ -26,7 +26,8 @@ typedef struct ra_gpu_layer {
     int evict_viewing;      /* a view is out: steps must wait for the release */
     unsigned n_offload;     /* middle tokens staged by ingest (0: none) */
     int offload_pending;    /* staged and not released */
-    /* eviction stage: [batch][n_kv_heads][evict_capacity][head_dim], host (pinned) */
+    /* eviction stage, host side (pinned): [batch][n_kv_heads][evict_capacity][head_dim] as
+     * the CPU backend writes it; compacted by fetch_evicted for a view */
     void *ev_k, *ev_v;
     int64_t *ev_pos;        /* [evict_capacity] */
     /* offload stage: [batch][n_kv_heads][n_offload][head_dim], grown on demand */
@@ -60,7 +61,9 @@ typedef struct ra_gpu_ops {
                      const void *keys, size_t nk, unsigned dim, unsigned top_k, int32_t *ids,
                      float *scores);
     ra_status (*wait_offload)(ra_gpu_cache *c, unsigned layer);
-    ra_status (*wait_evict)(ra_gpu_cache *c, unsigned layer);
+    /* fills the eviction stage's host buffers with the n staged tokens, compacted to
+     * [batch][n_kv_heads][n][head_dim] (the view's layout) */
+    ra_status (*fetch_evicted)(ra_gpu_cache *c, unsigned layer, unsigned n);
     ra_status (*sync)(ra_gpu_cache *c);
     ra_status (*set_stream)(ra_gpu_cache *c, void *stream);
     void *(*stream)(const ra_gpu_cache *c);

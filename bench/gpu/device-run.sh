@@ -36,8 +36,14 @@ fi
 (cd $b && ctest -R '^test_gpu' -V) >"$out/ctest.log" 2>&1
 grep -E "max rel err|ids differ|PASSED|FAILED|SKIPPED|tests passed|Failed|\*\*\*" "$out/ctest.log"
 if command -v compute-sanitizer >/dev/null; then
-  RA_TEST_SMALL=1 timeout 240 compute-sanitizer --tool memcheck \
+  RA_TEST_SMALL=1 timeout 240 compute-sanitizer --tool memcheck --report-api-errors no \
     $b/tests/gpu/test_gpu_cuda >"$out/memcheck.log" 2>&1
   echo "memcheck rc=$?: $(grep -E 'ERROR SUMMARY' "$out/memcheck.log" | tail -1)"
 fi
 $b/bench/ratd-bench-gpu --json | tee "$out/bench.json"
+if command -v ncu >/dev/null && [ "${RA_NCU:-1}" = 1 ]; then # device time of each kernel
+  timeout 180 ncu --clock-control none -k regex:'step_kernel|merge_kernel' -s 2000 -c 12 \
+    --metrics gpu__time_duration.sum $b/bench/ratd-bench-gpu --quick --no-knn --no-staging \
+    >"$out/ncu.log" 2>&1
+  echo "ncu rc=$?"; grep -E "step_kernel|merge_kernel|gpu__time_duration" "$out/ncu.log" | head -24
+fi

@@ -80,6 +80,7 @@ typedef struct attend_result {
     double pipelined_us; /* per layer, layers enqueued back to back, one sync per block */
     double single_us;    /* one layer: enqueue + wait */
     double host_us;      /* host-pointer API, per layer */
+    double attend_only_us, merge_only_us; /* pipelined, each call alone (device API) */
 } attend_result;
 
 static void bench_attend(ra_gpu_backend be, unsigned batch, int skip_check, int reps,
@@ -177,6 +178,37 @@ static void bench_attend(ra_gpu_backend be, unsigned batch, int skip_check, int 
         }
     }
     res->pipelined_us = median(t, nblocks);
+    res->attend_only_us = res->merge_only_us = NAN;
+    if (dev) { /* the two calls apart: which one costs what */
+        for (int part = 0; part < 2; part++) {
+            for (int r = -1; r < nblocks; r++) {
+                double t0 = now_s();
+                for (unsigned st = 0; st < steps_per_block; st++)
+                    for (unsigned l = 0; l < L; l++) {
+                        if (part == 0)
+                            TRY(ra_gpu_attend_local(c, l, mem, (char *)dq + st * qn * 2,
+                                                    (char *)dk + st * kn * 2,
+                                                    (char *)dv + st * kn * 2, d_o, d_l));
+                        else
+                            TRY(ra_gpu_merge(c, mem, d_o, d_l, d_orem, RA_DTYPE_F32, d_lrem, d_o,
+                                             RA_DTYPE_F32, NULL));
+                    }
+                TRY(ra_gpu_cache_sync(c));
+                double dt = now_s() - t0;
+                if (r >= 0)
+                    t[r] = dt / (steps_per_block * L) * 1e6;
+                for (unsigned l = 0; l < L; l++) {
+                    ra_gpu_staged sv;
+                    TRY(ra_gpu_cache_evicted_view(c, l, &sv));
+                    TRY(ra_gpu_cache_evicted_release(c, l));
+                }
+            }
+            if (part == 0)
+                res->attend_only_us = median(t, nblocks);
+            else
+                res->merge_only_us = median(t, nblocks);
+        }
+    }
     /* single layer, synchronous */
     if (dev) {
         int n = 0;
@@ -472,9 +504,10 @@ int main(int argc, char **argv)
                        "\"kv_heads\":8,\"head_dim\":128,\"sink\":128,\"window\":512,"
                        "\"dtype\":\"bf16\",\"pointer_check\":%s,\"us_per_layer_pipelined\":%.3f,"
                        "\"us_per_layer_sync\":%.3f,\"us_per_layer_host_api\":%.3f,"
-                       "\"target_us\":20}\n",
+                       "\"us_attend_only\":%.3f,\"us_merge_only\":%.3f,\"target_us\":20}\n",
                        cuda ? "cuda" : "cpu", batches[bi], chk ? "false" : "true",
-                       r.pipelined_us, r.single_us, r.host_us);
+                       r.pipelined_us, r.single_us, r.host_us, r.attend_only_us,
+                       r.merge_only_us);
             else
                 printf("attend_local+merge batch %u%s: %.2f us/layer pipelined, %.2f us one "
                        "layer synchronous, %.2f us host-pointer API (target <= 20)\n",

@@ -97,6 +97,7 @@ static void cross_check(const ra_gpu_config *cfg, unsigned n_prefill, unsigned s
     size_t es = ra_dtype_size(g->dtype);
     size_t qb = (size_t)B * Hq * D * es, kb = (size_t)B * H * D * es;
     size_t ob = (size_t)B * Hq * D * 4, lb = (size_t)B * Hq * 4;
+    size_t lbp = (lb + 15) & ~(size_t)15; /* device sub-buffers stay 16-byte aligned */
     tu_hist h;
     tu_hist_init(&h, g, n_prefill + steps);
     uint64_t s = seed;
@@ -138,7 +139,7 @@ static void cross_check(const ra_gpu_config *cfg, unsigned n_prefill, unsigned s
         dq = dmalloc(qb);
         dk = dmalloc(kb);
         dv = dmalloc(kb);
-        dout = dmalloc(4 * ob + 4 * lb + 1024);
+        dout = dmalloc(4 * ob + 4 * lbp + 1024);
     }
     double worst = 0.0, worst_m = 0.0;
     for (unsigned step = 0; step < steps; step++) {
@@ -152,8 +153,9 @@ static void cross_check(const ra_gpu_config *cfg, unsigned n_prefill, unsigned s
                          RA_OK);
         if (device_ptrs) {
             float *d_o = (float *)dout, *d_l = (float *)(dout + ob);
-            float *d_orem = (float *)(dout + ob + lb), *d_lrem = (float *)(dout + 2 * ob + lb);
-            float *d_m = (float *)(dout + 2 * ob + 2 * lb), *d_ml = (float *)(dout + 3 * ob + 2 * lb);
+            float *d_orem = (float *)(dout + ob + lbp), *d_lrem = (float *)(dout + 2 * ob + lbp);
+            float *d_m = (float *)(dout + 2 * ob + 2 * lbp);
+            float *d_ml = (float *)(dout + 3 * ob + 2 * lbp);
             h2d(dq, q, qb);
             h2d(dk, kn, kb);
             h2d(dv, vn, kb);
