@@ -1,0 +1,763 @@
+/* ratd-bench-index: recall@k, scanned fraction, single-thread latency and build time
+ * of every index backend (exact, IVF, HNSW, the attention-aware graph) on one head,
+ * from synthetic data (synth.h), a trace of the reference decoder, or .npy files.
+ * It exists to check RetrievalAttention's claim on ratd's own code: the graph finds
+ * the top-k of out-of-distribution decode queries while scanning 1-3 % of the keys.
+ *
+ * Each backend is built over the head's keys (all threads), then every decode query
+ * is answered one at a time on one thread for each effort setting of a sweep, and the
+ * answer is compared with the exact top-k. The graph also runs its warm start (the
+ * previous decode step's ids as extra entries) and an insertion check: keys appended
+ * after the build, probed by queries whose exact top-k lie among them. */
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "npy.h"
+#include "ra_backend.h"
+#include "ra_kernels.h"
+#include "ra_log.h"
+#include "synth.h"
+#ifdef RA_HAVE_TRACE
+#include "ra_trace.h"
+#endif
+
+typedef struct bench_cfg {
+    int synthetic;
+    size_t n;
+    int dim;
+    int topk;
+    size_t nq;
+    size_t ntrain;
+    uint64_t seed;
+    const char *trace;
+    int layer, head;
+    const char *keys_npy, *queries_npy, *train_npy;
+    int json;
+    int threads;
+    ra_dtype dtype;
+    const char *indexes;
+    size_t insert;
+    ra_index_opts gopts;
+    float rho;
+    const char *efforts;
+    int eval_train; /* diagnostic: evaluate on the last training queries */
+} bench_cfg;
+
+static void usage(void)
+{
+    fprintf(stderr,
+            "usage: ratd-bench-index [--synthetic --n N --dim D [--queries Q] [--train T] [--rho R]]\n"
+            "                        [--trace FILE [--layer L --head H]]\n"
+            "                        [--keys K.npy --queries Q.npy [--train-queries T.npy]]\n"
+            "                        [--topk K] [--seed S] [--json] [--threads T] [--dtype f16|bf16|f32]\n"
+            "                        [--index graph,ivf,hnsw,flat] [--insert N] [--efforts a,b,c]\n"
+            "                        [--knn K] [--degree M] [--build-ef E] [--entries E] [--ntrain N]\n");
+}
+
+static int parse_args(int argc, char **argv, bench_cfg *c)
+{
+    memset(c, 0, sizeof *c);
+    c->n = 32768;
+    c->dim = 128;
+    c->topk = 100;
+    c->nq = 500;
+    c->ntrain = 4096;
+    c->seed = 1;
+    c->layer = 3;
+    c->head = 5;
+    c->dtype = RA_DTYPE_F16;
+    c->indexes = "flat,ivf,hnsw,graph";
+    c->insert = 8192;
+    c->rho = -1.0f;
+    const char *qarg = NULL;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+#define NEEDV                                                                                      \
+    do {                                                                                           \
+        if (!v) {                                                                                  \
+            fprintf(stderr, "%s needs a value\n", a);                                              \
+            return -1;                                                                             \
+        }                                                                                          \
+        i++;                                                                                       \
+    } while (0)
+        if (!strcmp(a, "--synthetic"))
+            c->synthetic = 1;
+        else if (!strcmp(a, "--eval-train"))
+            c->eval_train = 1;
+        else if (!strcmp(a, "--json"))
+            c->json = 1;
+        else if (!strcmp(a, "--n")) {
+            NEEDV;
+            c->n = strtoull(v, NULL, 10);
+        } else if (!strcmp(a, "--dim")) {
+            NEEDV;
+            c->dim = atoi(v);
+        } else if (!strcmp(a, "--topk")) {
+            NEEDV;
+            c->topk = atoi(v);
+        } else if (!strcmp(a, "--queries")) {
+            NEEDV;
+            qarg = v;
+        } else if (!strcmp(a, "--train")) {
+            NEEDV;
+            c->ntrain = strtoull(v, NULL, 10);
+        } else if (!strcmp(a, "--seed")) {
+            NEEDV;
+            c->seed = strtoull(v, NULL, 10);
+        } else if (!strcmp(a, "--trace")) {
+            NEEDV;
+            c->trace = v;
+        } else if (!strcmp(a, "--layer")) {
+            NEEDV;
+            c->layer = atoi(v);
+        } else if (!strcmp(a, "--head")) {
+            NEEDV;
+            c->head = atoi(v);
+        } else if (!strcmp(a, "--keys")) {
+            NEEDV;
+            c->keys_npy = v;
+        } else if (!strcmp(a, "--train-queries")) {
+            NEEDV;
+            c->train_npy = v;
+        } else if (!strcmp(a, "--threads")) {
+            NEEDV;
+            c->threads = atoi(v);
+        } else if (!strcmp(a, "--dtype")) {
+            NEEDV;
+            c->dtype = !strcmp(v, "f32") ? RA_DTYPE_F32 : !strcmp(v, "bf16") ? RA_DTYPE_BF16 : RA_DTYPE_F16;
+        } else if (!strcmp(a, "--index")) {
+            NEEDV;
+            c->indexes = v;
+        } else if (!strcmp(a, "--insert")) {
+            NEEDV;
+            c->insert = strtoull(v, NULL, 10);
+        } else if (!strcmp(a, "--efforts")) {
+            NEEDV;
+            c->efforts = v;
+        } else if (!strcmp(a, "--rho")) {
+            NEEDV;
+            c->rho = (float)atof(v);
+        } else if (!strcmp(a, "--knn")) {
+            NEEDV;
+            c->gopts.graph_knn = atoi(v);
+        } else if (!strcmp(a, "--degree")) {
+            NEEDV;
+            c->gopts.graph_degree = atoi(v);
+        } else if (!strcmp(a, "--build-ef")) {
+            NEEDV;
+            c->gopts.graph_build_ef = atoi(v);
+        } else if (!strcmp(a, "--entries")) {
+            NEEDV;
+            c->gopts.graph_entries = atoi(v);
+        } else if (!strcmp(a, "--ntrain")) {
+            NEEDV;
+            c->gopts.n_train = atoi(v);
+        } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            usage();
+            exit(0);
+        } else {
+            fprintf(stderr, "unknown argument %s\n", a);
+            return -1;
+        }
+    }
+    if (qarg) {
+        if (c->keys_npy)
+            c->queries_npy = qarg;
+        else
+            c->nq = strtoull(qarg, NULL, 10);
+    }
+    if (!c->synthetic && !c->trace && !c->keys_npy)
+        c->synthetic = 1;
+    if (c->topk < 1 || c->topk > 4096 || c->dim < 2 || c->dim > 4096 || c->nq < 1 || c->n < 2 ||
+        c->threads < 0) {
+        fprintf(stderr, "bad sizes\n");
+        return -1;
+    }
+    if (c->keys_npy && !c->queries_npy) {
+        fprintf(stderr, "--keys needs --queries Q.npy\n");
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- data ---- */
+
+typedef struct bench_data {
+    size_t n, nt, nq, nins, nqins;
+    int dim;
+    float *keys;     /* [n + nins][dim]: the first n are built, the rest inserted */
+    float *train;    /* [nt][dim] */
+    float *queries;  /* [nq][dim] decode order */
+    float *qins;     /* [nqins][dim] queries aimed at the inserted keys */
+    char desc[256];
+} bench_data;
+
+static void data_free(bench_data *d)
+{
+    free(d->keys);
+    free(d->train);
+    free(d->queries);
+    free(d->qins);
+}
+
+/* Inserted keys and the queries that probe them (synthetic and npy): a new "topic" of
+ * keys (ordinary keys plus a shared direction u), and decode queries plus a multiple
+ * of u, strong enough that their exact top-k fall among the new keys. */
+static int make_insert_set(bench_data *d, size_t nins, const float *pool_keys, size_t npool,
+                           uint64_t seed)
+{
+    int D = d->dim;
+    if (nins == 0)
+        return 0;
+    float *k2 = realloc(d->keys, (d->n + nins) * (size_t)D * sizeof *k2);
+    if (!k2)
+        return -1;
+    d->keys = k2;
+    /* key spread, for scaling u */
+    double var = 0;
+    double *mu = calloc((size_t)D, sizeof *mu);
+    size_t m = d->n < 4096 ? d->n : 4096;
+    for (size_t i = 0; i < m; i++)
+        for (int j = 0; j < D; j++)
+            mu[j] += d->keys[i * D + j] / (double)m;
+    for (size_t i = 0; i < m; i++)
+        for (int j = 0; j < D; j++) {
+            double t = d->keys[i * D + j] - mu[j];
+            var += t * t / (double)m;
+        }
+    double spread = sqrt(var);
+    float *u = malloc((size_t)D * sizeof *u);
+    uint64_t s = seed * 977 + 13;
+    double nn = 0;
+    for (int j = 0; j < D; j++) {
+        s = s * 6364136223846793005ull + 1442695040888963407ull;
+        u[j] = (float)((double)(s >> 11) / 9007199254740992.0 - 0.5);
+        nn += (double)u[j] * u[j];
+    }
+    for (int j = 0; j < D; j++)
+        u[j] = (float)(u[j] / sqrt(nn));
+    for (size_t i = 0; i < nins; i++) {
+        const float *src = pool_keys + ((i * 7919u) % npool) * D;
+        float *dst = d->keys + (d->n + i) * D;
+        for (int j = 0; j < D; j++)
+            dst[j] = src[j] + (float)(1.0 * spread) * u[j];
+    }
+    d->nins = nins;
+    d->nqins = d->nq < 200 ? d->nq : 200;
+    d->qins = malloc(d->nqins * (size_t)D * sizeof *d->qins);
+    if (!d->qins) {
+        free(u);
+        free(mu);
+        return -1;
+    }
+    double qn = 0;
+    for (size_t i = 0; i < d->nqins; i++)
+        for (int j = 0; j < D; j++)
+            qn += (double)d->queries[i * D + j] * d->queries[i * D + j] / (double)d->nqins;
+    qn = sqrt(qn);
+    for (size_t i = 0; i < d->nqins; i++)
+        for (int j = 0; j < D; j++)
+            d->qins[i * D + j] = d->queries[i * D + j] + (float)(3.0 * qn) * u[j];
+    free(u);
+    free(mu);
+    return 0;
+}
+
+static int load_synthetic(const bench_cfg *c, bench_data *d)
+{
+    ra_synth_opts o;
+    ra_synth_opts_default(&o);
+    o.n = c->n + c->insert;
+    o.dim = c->dim;
+    o.n_train = c->ntrain;
+    o.n_queries = c->nq;
+    o.seed = c->seed;
+    if (c->rho >= 0)
+        o.rho = c->rho;
+    const char *e;
+    if ((e = getenv("SYN_OFFSET")))
+        o.offset = (float)atof(e);
+    if ((e = getenv("SYN_BLUR")))
+        o.blur = (float)atof(e);
+    if ((e = getenv("SYN_MIX")))
+        o.mix = (float)atof(e);
+    if ((e = getenv("SYN_RANK")))
+        o.rank = atoi(e);
+    if ((e = getenv("SYN_QSCALE")))
+        o.qscale = (float)atof(e);
+    if ((e = getenv("SYN_HUB")))
+        o.hub_frac = (float)atof(e);
+    if ((e = getenv("SYN_NEEDLES")))
+        o.needles = atoi(e);
+    if ((e = getenv("SYN_NGAIN")))
+        o.needle_gain = (float)atof(e);
+    int indist = getenv("GINDIST") != NULL;
+    if (indist)
+        o.n += c->nq;
+    ra_synth s;
+    ra_status st = ra_synth_make(&o, &s);
+    if (!st && indist) /* diagnostic: in-distribution queries (held-out keys) */
+        memcpy(s.queries, s.keys + (o.n - c->nq) * (size_t)c->dim, c->nq * (size_t)c->dim * sizeof(float));
+    if (st) {
+        fprintf(stderr, "synthetic data: %s\n", ra_strerror(st));
+        return -1;
+    }
+    d->n = c->n;
+    d->dim = c->dim;
+    d->keys = s.keys; /* the last `insert` keys are later positions: decode-time tokens */
+    d->train = s.train_q;
+    d->queries = s.queries;
+    d->nt = s.n_train;
+    d->nq = s.n_queries;
+    snprintf(d->desc, sizeof d->desc, "synthetic n=%zu dim=%d seed=%llu rho=%.2f", c->n, c->dim,
+             (unsigned long long)c->seed, (double)o.rho);
+    /* inserted keys: the generator's own later keys shifted by a new topic */
+    if (c->insert) {
+        float *tail = malloc(c->insert * (size_t)c->dim * sizeof *tail);
+        if (!tail)
+            return -1;
+        memcpy(tail, s.keys + c->n * (size_t)c->dim, c->insert * (size_t)c->dim * sizeof *tail);
+        int rc = make_insert_set(d, c->insert, tail, c->insert, c->seed);
+        free(tail);
+        return rc;
+    }
+    return 0;
+}
+
+static int load_npy(const bench_cfg *c, bench_data *d)
+{
+    char err[512];
+    size_t r, cc, r2, c2;
+    if (ra_npy_read_f32(c->keys_npy, &d->keys, &r, &cc, err, sizeof err) != RA_OK) {
+        fprintf(stderr, "%s\n", err);
+        return -1;
+    }
+    if (ra_npy_read_f32(c->queries_npy, &d->queries, &r2, &c2, err, sizeof err) != RA_OK) {
+        fprintf(stderr, "%s\n", err);
+        return -1;
+    }
+    if (c2 != cc) {
+        fprintf(stderr, "queries have %zu columns, keys %zu\n", c2, cc);
+        return -1;
+    }
+    d->dim = (int)cc;
+    d->n = r;
+    d->nq = r2;
+    if (c->train_npy) {
+        if (ra_npy_read_f32(c->train_npy, &d->train, &d->nt, &c2, err, sizeof err) != RA_OK) {
+            fprintf(stderr, "%s\n", err);
+            return -1;
+        }
+        if (c2 != cc) {
+            fprintf(stderr, "train queries have %zu columns, keys %zu\n", c2, cc);
+            return -1;
+        }
+    } else { /* no prefill queries given: the decode queries train (optimistic) */
+        d->nt = d->nq;
+        d->train = malloc(d->nt * cc * sizeof *d->train);
+        if (!d->train)
+            return -1;
+        memcpy(d->train, d->queries, d->nt * cc * sizeof *d->train);
+        fprintf(stderr, "note: no --train-queries: the graph is built from the decode queries\n");
+    }
+    snprintf(d->desc, sizeof d->desc, "npy keys=%s (%zu x %zu) queries=%zu", c->keys_npy, r, cc, r2);
+    size_t nins = c->insert < d->n / 4 ? c->insert : d->n / 4;
+    if (nins) { /* the last keys are held out and inserted */
+        d->n -= nins;
+        float *pool = malloc(nins * cc * sizeof *pool);
+        if (!pool)
+            return -1;
+        memcpy(pool, d->keys + d->n * cc, nins * cc * sizeof *pool);
+        int rc = make_insert_set(d, nins, pool, nins, c->seed);
+        free(pool);
+        return rc;
+    }
+    return 0;
+}
+
+#ifdef RA_HAVE_TRACE
+/* One head of a trace: keys = K rows except the sink (first 4) and the window (last
+ * 512 positions), prefill queries = every query row before the window, decode
+ * queries = the last positions (the window's queries, in order). */
+static int load_trace(const bench_cfg *c, bench_data *d)
+{
+    char err[512];
+    ra_trace *t = NULL;
+    if (ra_trace_open(c->trace, &t, err, sizeof err) != RA_OK) {
+        fprintf(stderr, "%s\n", err);
+        return -1;
+    }
+    const ra_trace_info *in = ra_trace_get_info(t);
+    if (c->layer < 0 || (uint32_t)c->layer >= in->n_layers || c->head < 0 ||
+        (uint32_t)c->head >= in->n_heads) {
+        fprintf(stderr, "layer %d head %d out of range (%u layers, %u heads)\n", c->layer, c->head,
+                in->n_layers, in->n_heads);
+        ra_trace_close(t);
+        return -1;
+    }
+    uint32_t P = in->n_pos, D = in->head_dim, sink = 4, window = 512;
+    if (P < sink + window + 256) {
+        fprintf(stderr, "trace too short (%u positions)\n", P);
+        ra_trace_close(t);
+        return -1;
+    }
+    uint32_t kvh = (uint32_t)c->head / (in->n_heads / in->n_kv_heads);
+    float *K = malloc((size_t)P * D * sizeof *K), *Q = malloc((size_t)P * D * sizeof *Q);
+    if (!K || !Q || ra_trace_read(t, RA_TRACE_K, (uint32_t)c->layer, kvh, 0, P, K) != RA_OK ||
+        ra_trace_read(t, RA_TRACE_Q, (uint32_t)c->layer, (uint32_t)c->head, 0, P, Q) != RA_OK) {
+        fprintf(stderr, "trace read failed\n");
+        free(K);
+        free(Q);
+        ra_trace_close(t);
+        return -1;
+    }
+    ra_trace_close(t);
+    size_t nk = P - sink - window;
+    d->dim = (int)D;
+    d->n = nk;
+    d->keys = malloc(nk * D * sizeof *d->keys);
+    d->nt = P - window;
+    d->train = malloc(d->nt * D * sizeof *d->train);
+    d->nq = window < c->nq ? window : c->nq;
+    d->queries = malloc(d->nq * D * sizeof *d->queries);
+    if (!d->keys || !d->train || !d->queries) {
+        free(K);
+        free(Q);
+        return -1;
+    }
+    memcpy(d->keys, K + (size_t)sink * D, nk * D * sizeof *K);
+    memcpy(d->train, Q, d->nt * D * sizeof *Q);
+    memcpy(d->queries, Q + (size_t)(P - d->nq) * D, d->nq * D * sizeof *Q);
+    free(K);
+    free(Q);
+    snprintf(d->desc, sizeof d->desc, "trace %s layer %d head %d (kv head %u): %zu keys, dim %u",
+             c->trace, c->layer, c->head, kvh, nk, D);
+    /* insertion: the last quarter (up to --insert) of the keys is held out */
+    size_t nins = c->insert < d->n / 4 ? c->insert : d->n / 4;
+    if (nins) {
+        d->n -= nins;
+        float *pool = malloc(nins * D * sizeof *pool);
+        if (!pool)
+            return -1;
+        memcpy(pool, d->keys + d->n * D, nins * D * sizeof *pool);
+        int rc = make_insert_set(d, nins, pool, nins, c->seed);
+        free(pool);
+        return rc;
+    }
+    return 0;
+}
+#endif
+
+/* ---- measurement ---- */
+
+typedef struct sweep_out {
+    double recall, scanned_frac, us, hops;
+} sweep_out;
+
+/* Runs nq queries one at a time on this thread; recall against gt [nq][k]. warm: pass
+ * the previous query's ids as warm entries (decode order). */
+static int run_queries(const ra_backend_ops *ops, void *st, const ra_kv *kv, size_t n,
+                       const float *q, size_t nq, int dim, int k, int effort, int warm,
+                       const int32_t *gt, sweep_out *o)
+{
+    int32_t *ids = malloc((size_t)k * sizeof *ids), *prev = malloc((size_t)k * sizeof *prev);
+    float *sc = malloc((size_t)k * sizeof *sc);
+    if (!ids || !prev || !sc)
+        return -1;
+    int nprev = 0;
+    double hit = 0, scanned = 0, hops = 0;
+    double t0 = ra_now_s();
+    for (size_t i = 0; i < nq; i++) {
+        ra_search_params p = {.k = k, .effort = effort, .warm = warm && nprev ? prev : NULL,
+                              .n_warm = warm ? nprev : 0};
+        if (getenv("GORACLE")) {
+            p.warm = gt + i * (size_t)k;
+            p.n_warm = atoi(getenv("GORACLE"));
+        }
+        ra_search_stats ss = {0};
+        int got = 0;
+        ra_status s = ops->search(st, kv, q + i * (size_t)dim, &p, ids, sc, &got, &ss);
+        if (s) {
+            fprintf(stderr, "%s search: %s\n", ops->name, ra_strerror(s));
+            free(ids), free(prev), free(sc);
+            return -1;
+        }
+        scanned += (double)ss.scanned;
+        hops += (double)ss.hops;
+        /* recall: members of the exact top-k found (both lists are small) */
+        const int32_t *g = gt + i * (size_t)k;
+        int kk = (size_t)k < n ? k : (int)n;
+        for (int a = 0; a < got; a++)
+            for (int b = 0; b < kk; b++)
+                if (ids[a] == g[b]) {
+                    hit += 1;
+                    break;
+                }
+        memcpy(prev, ids, (size_t)got * sizeof *ids);
+        nprev = got;
+    }
+    double t1 = ra_now_s();
+    int kk = (size_t)k < n ? k : (int)n;
+    o->recall = hit / ((double)nq * kk);
+    o->scanned_frac = scanned / ((double)nq * (double)n);
+    o->us = (t1 - t0) * 1e6 / (double)nq;
+    o->hops = hops / (double)nq;
+    free(ids), free(prev), free(sc);
+    return 0;
+}
+
+static void emit(const bench_cfg *c, const char *index, const char *params, const sweep_out *o,
+                 double build_s, const char *extra)
+{
+    if (c->json)
+        printf("{\"index\":\"%s\",\"params\":\"%s\",\"recall\":%.4f,\"scanned_frac\":%.5f,"
+               "\"us_per_query\":%.1f,\"build_s\":%.3f,\"hops\":%.1f%s%s}\n",
+               index, params, o->recall, o->scanned_frac, o->us, build_s, o->hops,
+               extra ? "," : "", extra ? extra : "");
+    else
+        printf("%-6s %-22s recall %.4f  scanned %.5f  %9.1f us/q  build %.2fs %s\n", index, params,
+               o->recall, o->scanned_frac, o->us, build_s, extra ? extra : "");
+    fflush(stdout);
+}
+
+/* Appends the held-back keys to the store, inserts them into the built index, and
+ * probes with queries whose exact top-k lie (mostly) among them. Must run last: it
+ * grows the store the other backends were built on. */
+static void insert_check(const bench_cfg *c, const bench_data *d, ra_kv *kv,
+                         const ra_backend_ops *ops, void *st, const int *eff, int ne)
+{
+    int D = d->dim, k = c->topk;
+    size_t es = ra_dtype_size(c->dtype), tot = d->n + d->nins;
+    void *buf = malloc(d->nins * (size_t)D * es);
+    int64_t *pos = malloc(d->nins * sizeof *pos);
+    int32_t *gt = malloc(d->nqins * (size_t)k * sizeof *gt);
+    float *gts = malloc(d->nqins * (size_t)k * sizeof *gts);
+    if (!buf || !pos || !gt || !gts)
+        goto done;
+    ra_kern_from_f32(d->keys + d->n * (size_t)D, c->dtype, d->nins * (size_t)D, buf);
+    for (size_t i = 0; i < d->nins; i++)
+        pos[i] = (int64_t)(d->n + i);
+    if (ra_kv_append(kv, buf, buf, pos, d->nins) != RA_OK)
+        goto done;
+    omp_set_num_threads(c->threads ? c->threads : (int)sysconf(_SC_NPROCESSORS_ONLN));
+    double t0 = ra_now_s();
+    ra_status s = ops->add(st, kv, d->n, d->nins);
+    double add_s = ra_now_s() - t0;
+    if (s) {
+        fprintf(stderr, "%s add: %s\n", ops->name, ra_strerror(s));
+        goto done;
+    }
+    if (ra_exact_knn_batch(kv, tot, d->qins, d->nqins, k, gt, gts) != RA_OK)
+        goto done;
+    size_t in_new = 0;
+    for (size_t i = 0; i < d->nqins * (size_t)k; i++)
+        in_new += (size_t)gt[i] >= d->n;
+    double frac = (double)in_new / ((double)d->nqins * k);
+    omp_set_num_threads(1);
+    for (int e = 0; e < ne; e++) {
+        sweep_out so;
+        if (run_queries(ops, st, kv, tot, d->qins, d->nqins, D, k, eff[e], 0, gt, &so))
+            break;
+        char params[64], extra[160];
+        snprintf(params, sizeof params, "effort=%d,inserted", eff[e]);
+        if (c->json)
+            snprintf(extra, sizeof extra,
+                     "\"inserted\":%zu,\"insert_s\":%.3f,\"gt_in_inserted\":%.3f", d->nins,
+                     add_s, frac);
+        else
+            snprintf(extra, sizeof extra, "(+%zu keys in %.2fs; %.1f%% of true top-k inserted)",
+                     d->nins, add_s, 100.0 * frac);
+        emit(c, ops->name, params, &so, add_s, extra);
+    }
+done:
+    free(buf);
+    free(pos);
+    free(gt);
+    free(gts);
+}
+
+static int parse_list(const char *s, int *out, int max)
+{
+    int n = 0;
+    while (s && *s && n < max) {
+        out[n++] = atoi(s);
+        s = strchr(s, ',');
+        if (s)
+            s++;
+    }
+    return n;
+}
+
+static int has_index(const char *list, const char *name)
+{
+    size_t l = strlen(name);
+    for (const char *p = list; (p = strstr(p, name)); p += l)
+        if ((p == list || p[-1] == ',') && (p[l] == 0 || p[l] == ','))
+            return 1;
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    bench_cfg c;
+    bench_data d = {0};
+    ra_kv *kv = NULL;
+    int rc = 1;
+    if (parse_args(argc, argv, &c))
+        return (usage(), 2);
+    ra_log_set_level(RA_LOG_WARN);
+    int rcl;
+    if (c.trace) {
+#ifdef RA_HAVE_TRACE
+        rcl = load_trace(&c, &d);
+#else
+        fprintf(stderr, "--trace: built without the trace reader (bench/lm)\n");
+        rcl = -1;
+#endif
+    } else if (c.keys_npy) {
+        rcl = load_npy(&c, &d);
+    } else {
+        rcl = load_synthetic(&c, &d);
+    }
+    if (rcl)
+        goto out;
+    int D = d.dim, k = c.topk;
+    if (c.eval_train && d.nt >= d.nq) /* in-sample: is the graph itself sound? */
+        memcpy(d.queries, d.train + (d.nt - d.nq) * (size_t)D, d.nq * (size_t)D * sizeof *d.queries);
+    int threads = c.threads ? c.threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
+    double ratio = 0;
+    ra_synth_mahalanobis_ratio(d.keys, d.n, d.queries, d.nq, D, &ratio);
+    double cosq = ra_synth_step_cosine(d.queries, d.nq, D);
+    if (c.json)
+        printf("{\"data\":\"%s\",\"n\":%zu,\"dim\":%d,\"n_train\":%zu,\"n_queries\":%zu,\"topk\":%d,"
+               "\"mahalanobis_ratio\":%.3f,\"step_cosine\":%.3f,\"threads\":%d,\"isa\":\"%s\"}\n",
+               d.desc, d.n, D, d.nt, d.nq, k, ratio, cosq, threads,
+               ra_kern_isa_name(ra_kern_isa_get()));
+    else
+        printf("# %s\n# n=%zu dim=%d train=%zu queries=%zu topk=%d threads=%d isa=%s\n"
+               "# Mahalanobis ratio (queries vs held-out keys) %.3f, step cosine %.3f\n",
+               d.desc, d.n, D, d.nt, d.nq, k, threads, ra_kern_isa_name(ra_kern_isa_get()), ratio,
+               cosq);
+    fflush(stdout);
+
+    /* the store: keys (values = keys: unused here) in the session dtype */
+    if (ra_kv_create(&kv, D, c.dtype, NULL) != RA_OK)
+        goto out;
+    {
+        size_t tot = d.n + d.nins;
+        size_t es = ra_dtype_size(c.dtype);
+        void *buf = malloc(tot * (size_t)D * es);
+        int64_t *pos = malloc(tot * sizeof *pos);
+        if (!buf || !pos) {
+            free(buf), free(pos);
+            goto out;
+        }
+        ra_kern_from_f32(d.keys, c.dtype, tot * (size_t)D, buf);
+        for (size_t i = 0; i < tot; i++)
+            pos[i] = (int64_t)i;
+        /* the built part first; inserted rows are appended later */
+        ra_status s = ra_kv_append(kv, buf, buf, pos, d.n);
+        if (s) {
+            fprintf(stderr, "kv append: %s\n", ra_strerror(s));
+            free(buf), free(pos);
+            goto out;
+        }
+        /* stash the inserted rows' storage in d.keys' tail: converted again later */
+        free(buf);
+        free(pos);
+    }
+    /* ground truth over the built keys */
+    int32_t *gt = malloc(d.nq * (size_t)k * sizeof *gt);
+    float *gts = malloc(d.nq * (size_t)k * sizeof *gts);
+    if (!gt || !gts)
+        goto out;
+    omp_set_num_threads(threads);
+    double tg = ra_now_s();
+    if (ra_exact_knn_batch(kv, d.n, d.queries, d.nq, k, gt, gts) != RA_OK) {
+        fprintf(stderr, "exact top-k failed\n");
+        goto out;
+    }
+    if (!c.json)
+        printf("# ground truth %.2fs\n", ra_now_s() - tg);
+
+    struct {
+        const char *name;
+        const ra_backend_ops *ops;
+        int efforts[32];
+        int ne;
+    } idx[4] = {
+        {"flat", &ra_backend_flat, {0}, 1},
+        {"ivf", &ra_backend_ivf, {1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 768}, 12},
+        {"hnsw", &ra_backend_hnsw, {16, 32, 64, 128, 256, 512, 1024, 2048}, 8},
+        {"graph", &ra_backend_graph, {100, 110, 120, 140, 160, 200, 250, 300, 400}, 9},
+    };
+    for (int ii = 0; ii < 4; ii++) {
+        if (!has_index(c.indexes, idx[ii].name))
+            continue;
+        ra_index_opts o;
+        ra_index_opts_default(&o);
+        o.threads = c.threads;
+        o.seed = c.seed;
+        if (c.gopts.graph_knn)
+            o.graph_knn = c.gopts.graph_knn;
+        if (c.gopts.graph_degree)
+            o.graph_degree = c.gopts.graph_degree;
+        if (c.gopts.graph_build_ef)
+            o.graph_build_ef = c.gopts.graph_build_ef;
+        if (c.gopts.graph_entries)
+            o.graph_entries = c.gopts.graph_entries;
+        if (c.gopts.n_train)
+            o.n_train = c.gopts.n_train;
+        void *st = NULL;
+        omp_set_num_threads(threads);
+        double t0 = ra_now_s();
+        ra_status s = idx[ii].ops->build(&st, kv, d.n, d.train, d.nt, &o);
+        double build_s = ra_now_s() - t0;
+        if (s) {
+            fprintf(stderr, "%s build: %s\n", idx[ii].name, ra_strerror(s));
+            continue;
+        }
+        omp_set_num_threads(1); /* single-thread search, as the targets are stated */
+        int eff[32];
+        int ne = idx[ii].ne;
+        memcpy(eff, idx[ii].efforts, sizeof eff);
+        if (c.efforts && strcmp(idx[ii].name, "graph") == 0)
+            ne = parse_list(c.efforts, eff, 32);
+        if (!strcmp(idx[ii].name, "graph"))
+            for (int e = 0; e < ne; e++)
+                if (eff[e] < k)
+                    eff[e] = k;
+        for (int e = 0; e < ne; e++) {
+            sweep_out so;
+            if (run_queries(idx[ii].ops, st, kv, d.n, d.queries, d.nq, D, k, eff[e], 0, gt, &so))
+                break;
+            char params[64];
+            snprintf(params, sizeof params, "effort=%d", eff[e]);
+            emit(&c, idx[ii].name, params, &so, build_s, NULL);
+            if (!strcmp(idx[ii].name, "graph")) {
+                sweep_out sw;
+                if (run_queries(idx[ii].ops, st, kv, d.n, d.queries, d.nq, D, k, eff[e], 1, gt, &sw))
+                    break;
+                snprintf(params, sizeof params, "effort=%d,warm", eff[e]);
+                emit(&c, "graph", params, &sw, build_s, NULL);
+            }
+            if (so.recall >= 0.999 && strcmp(idx[ii].name, "graph"))
+                break; /* further effort only costs time */
+        }
+        if (!strcmp(idx[ii].name, "graph") && d.nins)
+            insert_check(&c, &d, kv, idx[ii].ops, st, eff, ne);
+        idx[ii].ops->destroy(st);
+    }
+    rc = 0;
+    free(gt);
+    free(gts);
+out:
+    ra_kv_destroy(kv);
+    data_free(&d);
+    return rc;
+}

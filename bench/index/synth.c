@@ -1,0 +1,407 @@
+/* The synthetic head generator and the Mahalanobis OOD measure (synth.h).
+ *
+ * Model, in a random orthonormal basis B of R^dim (pre-RoPE):
+ *   key   k_p = mu_k + B diag(s_k) z_p,            s_k decays (anisotropic), z ~ N(0, I)
+ *   query q_t = mu_q + B diag(s_q) w_t + needles,  s_q puts its energy where s_k is small
+ * then both are rotated by RoPE at their position (pairs (j, j + dim/2), HF layout,
+ * theta_j = 500000^(-2j/dim), the base of the trained model). mu_q - mu_k is large and lies in the keys' low-variance
+ * directions, which is what makes queries out of distribution: the ranking of keys by
+ * q.k is decided by directions the keys barely vary in, so clusters and proximity
+ * graphs built from the keys alone do not predict it. A few hub keys get an extra
+ * component along the query mean (heavy hitters for most queries), and each query
+ * adds `needles` planted keys (copy-head behaviour). Decode queries follow an AR(1)
+ * process w_{t+1} = rho w_t + sqrt(1 - rho^2) e, as consecutive decode steps do. */
+#include "synth.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* splitmix64: small, seedable, the same on every platform */
+static uint64_t rng_next(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static double rng_unif(uint64_t *s) { return ((double)(rng_next(s) >> 11) + 0.5) * (1.0 / 9007199254740992.0); }
+
+static double rng_norm(uint64_t *s)
+{
+    double u = rng_unif(s), v = rng_unif(s);
+    return sqrt(-2.0 * log(u)) * cos(6.283185307179586 * v);
+}
+
+void ra_synth_opts_default(ra_synth_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->n = 32768;
+    o->dim = 128;
+    o->n_train = 4096;
+    o->n_queries = 1000;
+    o->seed = 1;
+    o->rho = 0.9f;
+    o->offset = 1.5f;
+    o->hub_frac = 0.0002f;
+    o->needles = 2;
+    o->needle_gain = 1.0f;
+    o->rank = 16;
+    o->mix = 2.0f;
+    o->qscale = 3.0f;
+    o->qnoise = 0.05f;
+    o->blur = 0.5f;
+}
+
+void ra_synth_free(ra_synth *s)
+{
+    if (!s)
+        return;
+    free(s->keys);
+    free(s->train_q);
+    free(s->queries);
+    memset(s, 0, sizeof *s);
+}
+
+/* Gram-Schmidt on perturbed coordinate vectors: an orthonormal basis, rows of B,
+ * whose i-th direction lies mostly on the i-th slowest RoPE coordinate. Real heads
+ * put their key energy in the low-frequency dimensions (slow rotation keeps content
+ * there); the random part (`blur`) spreads each direction over others. */
+static void rand_orthonormal(double *B, int d, uint64_t *rs, double blur)
+{
+    int h = d / 2;
+    for (int i = 0; i < d; i++) {
+        double *b = B + (size_t)i * d;
+        int pair = h - 1 - i / 2;               /* slowest pair first */
+        int coord = (i & 1) ? pair + h : pair;  /* HF layout: (j, j + d/2) */
+        for (;;) {
+            for (int j = 0; j < d; j++)
+                b[j] = blur * rng_norm(rs) / sqrt((double)d) + (j == coord ? 1.0 : 0.0);
+            for (int pass = 0; pass < 2; pass++)
+                for (int k = 0; k < i; k++) {
+                    const double *c = B + (size_t)k * d;
+                    double dot = 0;
+                    for (int j = 0; j < d; j++)
+                        dot += b[j] * c[j];
+                    for (int j = 0; j < d; j++)
+                        b[j] -= dot * c[j];
+                }
+            double nn = 0;
+            for (int j = 0; j < d; j++)
+                nn += b[j] * b[j];
+            if (nn > 1e-12) {
+                nn = 1.0 / sqrt(nn);
+                for (int j = 0; j < d; j++)
+                    b[j] *= nn;
+                break;
+            }
+        }
+    }
+}
+
+/* RoPE at position pos, HF rotate_half layout: pairs (j, j + d/2). */
+static void rope(float *x, int d, double pos)
+{
+    int h = d / 2;
+    for (int j = 0; j < h; j++) {
+        double th = pos * pow(500000.0, -2.0 * j / d);
+        double c = cos(th), s = sin(th);
+        double a = x[j], b = x[j + h];
+        x[j] = (float)(a * c - b * s);
+        x[j + h] = (float)(a * s + b * c);
+    }
+}
+
+/* x = mu + sum_i coef[i] * scale[i] * B_i */
+static void compose(float *x, const double *mu, const double *B, const double *scale,
+                    const double *coef, int d)
+{
+    double acc[4096];
+    for (int j = 0; j < d; j++)
+        acc[j] = mu[j];
+    for (int i = 0; i < d; i++) {
+        double c = coef[i] * scale[i];
+        if (c == 0.0)
+            continue;
+        const double *b = B + (size_t)i * d;
+        for (int j = 0; j < d; j++)
+            acc[j] += c * b[j];
+    }
+    for (int j = 0; j < d; j++)
+        x[j] = (float)acc[j];
+}
+
+ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out)
+{
+    if (!o || !out || o->dim <= 0 || o->dim > 4096 || (o->dim & 1) || o->n == 0 ||
+        o->n > ((size_t)1 << 28) || o->n_train > ((size_t)1 << 24) ||
+        o->n_queries > ((size_t)1 << 24) || !(o->rho >= 0.0f && o->rho < 1.0f) ||
+        !(o->offset >= 0.0f) || !(o->hub_frac >= 0.0f && o->hub_frac <= 1.0f) || o->needles < 0 ||
+        o->needles > 64)
+        return RA_EINVAL;
+    int d = o->dim;
+    ra_synth s = {.n = o->n, .n_train = o->n_train, .n_queries = o->n_queries, .dim = d};
+    double *B = malloc((size_t)d * d * sizeof *B);
+    double *sk = malloc((size_t)d * sizeof *sk), *sq = malloc((size_t)d * sizeof *sq);
+    double *muk = calloc((size_t)d, sizeof *muk), *muq = calloc((size_t)d, sizeof *muq);
+    double *hub = calloc((size_t)d, sizeof *hub);
+    double *z = malloc((size_t)d * sizeof *z), *w = malloc((size_t)d * sizeof *w);
+    int32_t *nd = malloc((size_t)(o->needles ? o->needles : 1) * sizeof *nd);
+    float *kpre = NULL; /* keys before RoPE minus mean: the needles' directions */
+    s.keys = malloc(o->n * (size_t)d * sizeof *s.keys);
+    s.train_q = malloc((o->n_train ? o->n_train : 1) * (size_t)d * sizeof *s.train_q);
+    s.queries = malloc((o->n_queries ? o->n_queries : 1) * (size_t)d * sizeof *s.queries);
+    kpre = malloc(o->n * (size_t)d * sizeof *kpre);
+    if (!B || !sk || !sq || !muk || !muq || !hub || !z || !w || !nd || !s.keys || !s.train_q ||
+        !s.queries || !kpre) {
+        free(B), free(sk), free(sq), free(muk), free(muq), free(hub), free(z), free(w), free(nd);
+        free(kpre);
+        ra_synth_free(&s);
+        return RA_ENOMEM;
+    }
+    uint64_t rs = o->seed * 0x2545f4914f6cdd1dull + 7;
+    rand_orthonormal(B, d, &rs, o->blur);
+    /* key spectrum: decaying (anisotropic), strong directions first. Query variation
+     * lives in a rank-r subspace whose directions mix weak key directions (second
+     * half of B) with a share `mix` of strong ones: that share is what lets key
+     * structure predict a query's ranking a little (IVF ~30 %, not ~100 %). */
+    int r = o->rank > 0 && o->rank <= d ? o->rank : 16;
+    double *U = calloc((size_t)r * d, sizeof *U);
+    if (!U) {
+        free(B), free(sk), free(sq), free(muk), free(muq), free(hub), free(z), free(w), free(nd);
+        free(kpre);
+        ra_synth_free(&s);
+        return RA_ENOMEM;
+    }
+    for (int i = 0; i < d; i++)
+        sk[i] = exp(-3.0 * i / d); /* 1 .. 0.05 */
+    for (int a = 0; a < r; a++) {
+        double *u = U + (size_t)a * d;
+        double nn = 0;
+        for (int i = 0; i < d; i++) {
+            double c = rng_norm(&rs) * (i < d / 2 ? o->mix : 1.0);
+            const double *b = B + (size_t)i * d;
+            for (int j = 0; j < d; j++)
+                u[j] += c * b[j];
+        }
+        for (int j = 0; j < d; j++)
+            nn += u[j] * u[j];
+        nn = 1.0 / sqrt(nn);
+        for (int j = 0; j < d; j++)
+            u[j] *= nn;
+        sq[a] = o->qscale * exp(-1.5 * a / r); /* decaying query spectrum */
+    }
+    /* means: key mean a moderate vector; query mean offset along weak key directions */
+    for (int i = 0; i < d; i++) {
+        const double *b = B + (size_t)i * d;
+        double ck = 0.5 * rng_norm(&rs) * sk[i];
+        double cq = i >= d / 2 ? rng_norm(&rs) : 0.0;
+        for (int j = 0; j < d; j++) {
+            muk[j] += ck * b[j];
+            muq[j] += cq * b[j];
+        }
+    }
+    {
+        /* scale the query-mean offset to `offset` times the mean key spread */
+        double nq2 = 0, spread = 0;
+        for (int j = 0; j < d; j++)
+            nq2 += muq[j] * muq[j];
+        for (int i = 0; i < d; i++)
+            spread += sk[i] * sk[i];
+        spread = sqrt(spread);
+        double f = nq2 > 0 ? o->offset * spread / sqrt(nq2) : 0;
+        for (int j = 0; j < d; j++) {
+            muq[j] *= f;
+            hub[j] = muq[j] / (o->offset > 0 ? o->offset : 1.0) * 0.6; /* hubs lean toward mu_q */
+        }
+    }
+    /* keys */
+    for (size_t p = 0; p < o->n; p++) {
+        for (int i = 0; i < d; i++)
+            z[i] = rng_norm(&rs);
+        float *k = s.keys + p * d;
+        double zero[1] = {0};
+        (void)zero;
+        compose(k, muk, B, sk, z, d);
+        if (rng_unif(&rs) < o->hub_frac)
+            for (int j = 0; j < d; j++)
+                k[j] += (float)(hub[j] * (1.0 + rng_unif(&rs)));
+        for (int j = 0; j < d; j++)
+            kpre[p * d + j] = k[j] - (float)muk[j];
+        rope(k, d, (double)p);
+    }
+    /* queries: one AR(1) stream for the last prefill positions and the decode steps,
+     * independent draws for the strided prefill positions */
+    size_t tail = o->n_train / 2, head = o->n_train - tail;
+    double a = o->rho, b = sqrt(1.0 - (double)o->rho * o->rho);
+    for (int i = 0; i < d; i++)
+        w[i] = rng_norm(&rs);
+    for (int j = 0; j < o->needles; j++)
+        nd[j] = (int32_t)(rng_next(&rs) % o->n);
+    size_t total = o->n_train + o->n_queries;
+    for (size_t t = 0; t < total; t++) {
+        double pos;
+        int fresh;
+        float *q;
+        if (t < head) {
+            pos = (double)(t * (o->n - (tail < o->n ? tail : 0)) / (head ? head : 1));
+            q = s.train_q + t * d;
+            fresh = 1;
+        } else if (t < o->n_train) {
+            pos = (double)(o->n - (o->n_train - t));
+            q = s.train_q + t * d;
+            fresh = 0;
+        } else {
+            pos = (double)(o->n + (t - o->n_train));
+            q = s.queries + (t - o->n_train) * d;
+            fresh = 0;
+        }
+        for (int i = 0; i < d; i++)
+            w[i] = fresh ? rng_norm(&rs) : a * w[i] + b * rng_norm(&rs);
+        /* needles: each persists with probability rho per step, as a copy head's
+         * target does; only past keys can be planted */
+        size_t limit = (size_t)pos < o->n ? ((size_t)pos > 0 ? (size_t)pos : 1) : o->n;
+        for (int j = 0; j < o->needles; j++)
+            if (fresh || rng_unif(&rs) > o->rho || (size_t)nd[j] >= limit)
+                nd[j] = (int32_t)(rng_next(&rs) % limit);
+        for (int j = 0; j < d; j++) {
+            double acc = muq[j];
+            for (int a = 0; a < r; a++)
+                acc += sq[a] * w[a] * U[(size_t)a * d + j];
+            q[j] = (float)(acc + o->qnoise * rng_norm(&rs));
+        }
+        /* a planted key adds its own (pre-RoPE, centred) direction, scaled so that the
+         * key lands among the query's top few, but not always first */
+        for (int j = 0; j < o->needles; j++) {
+            const float *kp = kpre + (size_t)nd[j] * d;
+            double kn = 0;
+            for (int i = 0; i < d; i++)
+                kn += (double)kp[i] * kp[i];
+            double f = kn > 0 ? o->needle_gain * 4.0 / sqrt(kn) : 0;
+            for (int i = 0; i < d; i++)
+                q[i] += (float)(f * kp[i]);
+        }
+        rope(q, d, pos);
+    }
+    free(B), free(sk), free(sq), free(muk), free(muq), free(hub), free(z), free(w), free(nd);
+    free(kpre);
+    free(U);
+    *out = s;
+    return RA_OK;
+}
+
+/* Cholesky of a d x d SPD matrix in place (lower). 0 on success. */
+static int cholesky(double *A, int d)
+{
+    for (int j = 0; j < d; j++) {
+        double s = A[(size_t)j * d + j];
+        for (int k = 0; k < j; k++)
+            s -= A[(size_t)j * d + k] * A[(size_t)j * d + k];
+        if (!(s > 0))
+            return -1;
+        double l = sqrt(s);
+        A[(size_t)j * d + j] = l;
+        for (int i = j + 1; i < d; i++) {
+            double t = A[(size_t)i * d + j];
+            for (int k = 0; k < j; k++)
+                t -= A[(size_t)i * d + k] * A[(size_t)j * d + k];
+            A[(size_t)i * d + j] = t / l;
+        }
+    }
+    return 0;
+}
+
+/* sqrt((x - mu)^T S^-1 (x - mu)) with S = L L^T: solve L y = x - mu, |y|. */
+static double maha(const double *L, const double *mu, const float *x, int d, double *y)
+{
+    double s = 0;
+    for (int i = 0; i < d; i++) {
+        double t = (double)x[i] - mu[i];
+        for (int k = 0; k < i; k++)
+            t -= L[(size_t)i * d + k] * y[k];
+        y[i] = t / L[(size_t)i * d + i];
+        s += y[i] * y[i];
+    }
+    return sqrt(s);
+}
+
+ra_status ra_synth_mahalanobis_ratio(const float *keys, size_t n, const float *q, size_t nq, int dim,
+                                     double *ratio)
+{
+    if (!keys || !q || !ratio || n < 16 || nq == 0 || dim <= 0 || dim > 4096)
+        return RA_EINVAL;
+    int d = dim;
+    double *mu = calloc((size_t)d, sizeof *mu);
+    double *C = calloc((size_t)d * d, sizeof *C);
+    double *y = malloc((size_t)d * sizeof *y);
+    double *x = malloc((size_t)d * sizeof *x);
+    if (!mu || !C || !y || !x) {
+        free(mu), free(C), free(y), free(x);
+        return RA_ENOMEM;
+    }
+    /* fit on keys i % 8 != 0, at most ~64K of them (stride) to bound the cost */
+    size_t stride = n / 65536 + 1, m = 0;
+    for (size_t i = 0; i < n; i += stride) {
+        if (i % 8 == 0)
+            continue;
+        for (int j = 0; j < d; j++)
+            mu[j] += keys[i * d + j];
+        m++;
+    }
+    for (int j = 0; j < d; j++)
+        mu[j] /= (double)m;
+    for (size_t i = 0; i < n; i += stride) {
+        if (i % 8 == 0)
+            continue;
+        for (int j = 0; j < d; j++)
+            x[j] = keys[i * d + j] - mu[j];
+        for (int a = 0; a < d; a++)
+            for (int b = 0; b <= a; b++)
+                C[(size_t)a * d + b] += x[a] * x[b];
+    }
+    double tr = 0;
+    for (int a = 0; a < d; a++) {
+        for (int b = 0; b <= a; b++)
+            C[(size_t)a * d + b] /= (double)(m > 1 ? m - 1 : 1);
+        tr += C[(size_t)a * d + a];
+    }
+    for (int a = 0; a < d; a++) /* a tiny ridge keeps rank-deficient heads invertible */
+        C[(size_t)a * d + a] += 1e-6 * tr / d + 1e-12;
+    if (cholesky(C, d) != 0) {
+        free(mu), free(C), free(y), free(x);
+        return RA_EINVAL;
+    }
+    double sk = 0, sq = 0;
+    size_t nk = 0;
+    for (size_t i = 0; i < n; i += 8 * stride) { /* held out: i % 8 == 0 */
+        sk += maha(C, mu, keys + (i - i % 8) * d, d, y);
+        nk++;
+    }
+    size_t qs = nq / 8192 + 1, nqq = 0;
+    for (size_t i = 0; i < nq; i += qs) {
+        sq += maha(C, mu, q + i * d, d, y);
+        nqq++;
+    }
+    *ratio = (sq / (double)nqq) / (sk / (double)nk);
+    free(mu), free(C), free(y), free(x);
+    return RA_OK;
+}
+
+double ra_synth_step_cosine(const float *q, size_t nq, int dim)
+{
+    if (!q || nq < 2 || dim <= 0)
+        return 0.0;
+    double s = 0;
+    for (size_t t = 1; t < nq; t++) {
+        const float *a = q + (t - 1) * dim, *b = q + t * dim;
+        double ab = 0, aa = 0, bb = 0;
+        for (int j = 0; j < dim; j++) {
+            ab += (double)a[j] * b[j];
+            aa += (double)a[j] * a[j];
+            bb += (double)b[j] * b[j];
+        }
+        s += aa > 0 && bb > 0 ? ab / sqrt(aa * bb) : 0;
+    }
+    return s / (double)(nq - 1);
+}

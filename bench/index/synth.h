@@ -1,0 +1,59 @@
+/* Synthetic attention heads for index benchmarks and tests, and the Mahalanobis
+ * out-of-distribution measure. The generator exists because a random Gaussian query
+ * set is in distribution for the keys and flatters every index; real heads are not:
+ * their queries sit far from the keys (a large offset between the query and key
+ * means, different and anisotropic spectra), both are rotated by RoPE at their
+ * positions, and each query has a few heavy-hitter keys. ra_synth_make reproduces
+ * those traits, deterministically from a seed; ra_synth_mahalanobis_ratio measures
+ * how far queries are from the key distribution compared with held-out keys.
+ * Ownership: ra_synth_make allocates the three arrays; ra_synth_free frees them. */
+#ifndef RA_SYNTH_H
+#define RA_SYNTH_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ratd/status.h"
+
+typedef struct ra_synth_opts {
+    size_t n;          /* keys, at positions 0..n-1 */
+    int dim;           /* even */
+    size_t n_train;    /* prefill queries (positions < n: half strided, half the last ones) */
+    size_t n_queries;  /* decode queries at positions n, n+1, ... in order */
+    uint64_t seed;
+    float rho;         /* step-to-step correlation of consecutive queries (0..1) */
+    float offset;      /* norm of the query-mean offset, in units of the key spread */
+    float hub_frac;    /* fraction of keys that are heavy hitters for most queries */
+    int needles;       /* planted heavy-hitter keys per query */
+    float needle_gain; /* strength of a planted key in its query */
+    int rank;          /* dimension of the query variation */
+    float mix;         /* share of strong key directions in the query variation */
+    float qscale;      /* size of the query variation */
+    float qnoise;      /* isotropic query noise (per coordinate) */
+    float blur;        /* how far the key basis strays from the RoPE coordinates */
+} ra_synth_opts;
+
+void ra_synth_opts_default(ra_synth_opts *o);
+
+typedef struct ra_synth {
+    size_t n, n_train, n_queries;
+    int dim;
+    float *keys;    /* [n][dim] */
+    float *train_q; /* [n_train][dim], positions increasing */
+    float *queries; /* [n_queries][dim], decode order */
+} ra_synth;
+
+ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out);
+void ra_synth_free(ra_synth *s);
+
+/* Mean Mahalanobis distance of the queries to the key distribution over mean
+ * Mahalanobis distance of held-out keys, with the keys' mean and covariance fit on
+ * the keys that are not held out (every 8th key is held out). 1 means in
+ * distribution; the trained model's heads show 1.4-4.7. */
+ra_status ra_synth_mahalanobis_ratio(const float *keys, size_t n, const float *q, size_t nq, int dim,
+                                     double *ratio);
+
+/* Mean cosine similarity of consecutive rows (step-to-step similarity of a stream). */
+double ra_synth_step_cosine(const float *q, size_t nq, int dim);
+
+#endif

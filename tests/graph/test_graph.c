@@ -1,0 +1,555 @@
+/* Unit tests of the attention-aware graph index (index/graph.c) and of the synthetic
+ * head generator it is benchmarked on (bench/index/synth.c): recall against the exact
+ * top-k at default parameters, insertion (new keys retrievable at once), determinism
+ * of a multi-threaded build, warm start, and degenerate data that must never hang or
+ * crash (all-equal keys, zero vectors, N < top_k, one key, duplicates, NaN queries,
+ * bad options). Sizes are small so the whole file runs in seconds on two cores. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <stdio.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "npy.h"
+#include "ra_backend.h"
+#include "ra_kernels.h"
+#include "synth.h"
+
+static const ra_backend_ops *G = &ra_backend_graph;
+
+/* A store with rows [n][dim] of fp32 data, kept as dtype. */
+static ra_kv *make_kv(const float *k, size_t n, int dim, ra_dtype dt)
+{
+    ra_kv *kv = NULL;
+    assert_int_equal(ra_kv_create(&kv, dim, dt, NULL), RA_OK);
+    if (n == 0)
+        return kv;
+    size_t es = ra_dtype_size(dt);
+    void *buf = malloc(n * (size_t)dim * es);
+    int64_t *pos = malloc(n * sizeof *pos);
+    assert_non_null(buf);
+    assert_non_null(pos);
+    ra_kern_from_f32(k, dt, n * (size_t)dim, buf);
+    for (size_t i = 0; i < n; i++)
+        pos[i] = (int64_t)i;
+    assert_int_equal(ra_kv_append(kv, buf, buf, pos, n), RA_OK);
+    free(buf);
+    free(pos);
+    return kv;
+}
+
+static void kv_add(ra_kv *kv, const float *k, size_t n, int dim, ra_dtype dt, int64_t pos0)
+{
+    size_t es = ra_dtype_size(dt);
+    void *buf = malloc(n * (size_t)dim * es);
+    int64_t *pos = malloc(n * sizeof *pos);
+    ra_kern_from_f32(k, dt, n * (size_t)dim, buf);
+    for (size_t i = 0; i < n; i++)
+        pos[i] = pos0 + (int64_t)i;
+    assert_int_equal(ra_kv_append(kv, buf, buf, pos, n), RA_OK);
+    free(buf);
+    free(pos);
+}
+
+/* Mean recall@k of the graph over nq queries against the exact scan (ra_exact_topk).
+ * warm: each query gets the previous one's ids. *scanned_frac receives the mean
+ * fraction of keys scored. */
+static double graph_recall(void *st, const ra_kv *kv, const float *q, size_t nq, int dim, int k,
+                           int effort, int warm, double *scanned_frac)
+{
+    size_t n = ra_kv_count(kv);
+    int32_t *ids = malloc((size_t)k * sizeof *ids), *gt = malloc((size_t)k * sizeof *gt);
+    int32_t *prev = malloc((size_t)k * sizeof *prev);
+    float *sc = malloc((size_t)k * sizeof *sc), *gs = malloc((size_t)k * sizeof *gs);
+    double hit = 0, tot = 0, scanned = 0;
+    int nprev = 0;
+    for (size_t i = 0; i < nq; i++) {
+        int got = 0, ng = 0;
+        ra_search_params p = {.k = k, .effort = effort, .warm = warm ? prev : NULL,
+                              .n_warm = warm ? nprev : 0};
+        ra_search_stats ss;
+        assert_int_equal(G->search(st, kv, q + i * (size_t)dim, &p, ids, sc, &got, &ss), RA_OK);
+        assert_true(got <= k);
+        assert_int_equal(ra_exact_topk(kv, n, q + i * (size_t)dim, k, gt, gs, &ng), RA_OK);
+        /* count by score so that ties (duplicate keys) are not misses */
+        float thr = ng > 0 ? gs[ng - 1] : 0.0f;
+        int h = 0;
+        for (int a = 0; a < got; a++) {
+            assert_true(ids[a] >= 0 && (size_t)ids[a] < n);
+            if (sc[a] >= thr - 1e-3f * (fabsf(thr) + 1.0f))
+                h++;
+        }
+        hit += h < ng ? h : ng;
+        tot += ng;
+        scanned += (double)ss.scanned;
+        memcpy(prev, ids, (size_t)got * sizeof *ids);
+        nprev = got;
+    }
+    if (scanned_frac)
+        *scanned_frac = scanned / ((double)nq * (double)n);
+    free(ids), free(gt), free(prev), free(sc), free(gs);
+    return tot > 0 ? hit / tot : 1.0;
+}
+
+static ra_synth make_synth(size_t n, size_t nt, size_t nq, uint64_t seed)
+{
+    ra_synth_opts o;
+    ra_synth_opts_default(&o);
+    o.n = n;
+    o.dim = 64;
+    o.n_train = nt;
+    o.n_queries = nq;
+    o.seed = seed;
+    ra_synth s;
+    assert_int_equal(ra_synth_make(&o, &s), RA_OK);
+    return s;
+}
+
+static void default_opts(ra_index_opts *o, int threads, uint64_t seed)
+{
+    ra_index_opts_default(o);
+    o->threads = threads;
+    o->seed = seed;
+}
+
+/* ---- recall ---- */
+
+static void test_recall_default(void **state)
+{
+    (void)state;
+    ra_synth s = make_synth(8192, 2048, 100, 3);
+    ra_kv *kv = make_kv(s.keys, s.n, s.dim, RA_DTYPE_F16);
+    ra_index_opts o;
+    default_opts(&o, 2, 1);
+    void *st = NULL;
+    assert_int_equal(G->build(&st, kv, s.n, s.train_q, s.n_train, &o), RA_OK);
+    double frac;
+    double r = graph_recall(st, kv, s.queries, s.n_queries, s.dim, 10, 0, 0, &frac);
+    print_message("graph recall@10 %.3f scanned %.3f\n", r, frac);
+    assert_true(r >= 0.90);
+    assert_true(frac < 0.5); /* a graph that scans everything is not an index */
+    double r100 = graph_recall(st, kv, s.queries, s.n_queries, s.dim, 100, 300, 0, &frac);
+    print_message("graph recall@100 (effort 300) %.3f scanned %.3f\n", r100, frac);
+    assert_true(r100 >= 0.85);
+    G->destroy(st);
+    ra_kv_destroy(kv);
+    ra_synth_free(&s);
+}
+
+/* Without training queries the graph is a plain key graph: still correct. */
+static void test_no_train_queries(void **state)
+{
+    (void)state;
+    ra_synth s = make_synth(4096, 0, 50, 5);
+    ra_kv *kv = make_kv(s.keys, s.n, s.dim, RA_DTYPE_F32);
+    ra_index_opts o;
+    default_opts(&o, 2, 1);
+    void *st = NULL;
+    assert_int_equal(G->build(&st, kv, s.n, NULL, 0, &o), RA_OK);
+    double r = graph_recall(st, kv, s.queries, s.n_queries, s.dim, 10, 400, 0, NULL);
+    print_message("no-train recall@10 %.3f\n", r);
+    assert_true(r >= 0.5);
+    G->destroy(st);
+    ra_kv_destroy(kv);
+    ra_synth_free(&s);
+}
+
+/* ---- insertion ---- */
+
+static void test_insert_retrievable(void **state)
+{
+    (void)state;
+    ra_synth s = make_synth(8192 + 1024, 2048, 64, 7);
+    int D = s.dim;
+    size_t nb = 8192, ni = 1024;
+    /* the inserted keys carry a shared direction u; probes = queries + a lot of u, so
+     * their exact top-k lie among the inserted keys */
+    float *u = calloc((size_t)D, sizeof *u);
+    for (int j = 0; j < D; j++)
+        u[j] = (j % 3 == 0) ? 1.0f : -0.5f;
+    float un = 0;
+    for (int j = 0; j < D; j++)
+        un += u[j] * u[j];
+    un = sqrtf(un);
+    for (int j = 0; j < D; j++)
+        u[j] /= un;
+    for (size_t i = nb; i < nb + ni; i++)
+        for (int j = 0; j < D; j++)
+            s.keys[i * D + j] += 4.0f * u[j];
+    ra_kv *kv = make_kv(s.keys, nb, D, RA_DTYPE_F16);
+    ra_index_opts o;
+    default_opts(&o, 2, 1);
+    void *st = NULL;
+    assert_int_equal(G->build(&st, kv, nb, s.train_q, s.n_train, &o), RA_OK);
+    kv_add(kv, s.keys + nb * D, ni, D, RA_DTYPE_F16, (int64_t)nb);
+    /* appended but not added: the graph must not return or read the new rows */
+    assert_int_equal(G->add(st, kv, nb + 1, ni - 1), RA_EINVAL); /* a gap is refused */
+    assert_int_equal(G->add(st, kv, nb, ni), RA_OK);
+    float *probe = malloc(s.n_queries * (size_t)D * sizeof *probe);
+    for (size_t i = 0; i < s.n_queries; i++)
+        for (int j = 0; j < D; j++)
+            probe[i * D + j] = s.queries[i * D + j] + 30.0f * u[j];
+    /* the probes' true top-k are inserted keys */
+    int32_t gt[20];
+    float gs[20];
+    int ng;
+    assert_int_equal(ra_exact_topk(kv, nb + ni, probe, 20, gt, gs, &ng), RA_OK);
+    int in_new = 0;
+    for (int a = 0; a < ng; a++)
+        in_new += gt[a] >= (int32_t)nb;
+    assert_true(in_new >= 18);
+    double r = graph_recall(st, kv, probe, s.n_queries, D, 20, 0, 0, NULL);
+    print_message("inserted-key recall@20 %.3f\n", r);
+    assert_true(r >= 0.90);
+    free(probe);
+    free(u);
+    G->destroy(st);
+    ra_kv_destroy(kv);
+    ra_synth_free(&s);
+}
+
+/* A graph built empty grows by insertion alone. */
+static void test_build_empty_then_add(void **state)
+{
+    (void)state;
+    ra_synth s = make_synth(2048, 0, 20, 9);
+    ra_kv *kv = make_kv(NULL, 0, s.dim, RA_DTYPE_F32);
+    ra_index_opts o;
+    default_opts(&o, 1, 1);
+    void *st = NULL;
+    assert_int_equal(G->build(&st, kv, 0, NULL, 0, &o), RA_OK);
+    int32_t ids[10];
+    float sc[10];
+    int got = -1;
+    ra_search_params p = {.k = 10};
+    assert_int_equal(G->search(st, kv, s.queries, &p, ids, sc, &got, NULL), RA_OK);
+    assert_int_equal(got, 0);
+    for (size_t b = 0; b < s.n; b += 256) {
+        kv_add(kv, s.keys + b * s.dim, 256, s.dim, RA_DTYPE_F32, (int64_t)b);
+        assert_int_equal(G->add(st, kv, b, 256), RA_OK);
+    }
+    double r = graph_recall(st, kv, s.queries, s.n_queries, s.dim, 10, 200, 0, NULL);
+    print_message("insert-only recall@10 %.3f\n", r);
+    assert_true(r >= 0.6);
+    G->destroy(st);
+    ra_kv_destroy(kv);
+    ra_synth_free(&s);
+}
+
+/* ---- determinism ---- */
+
+static void test_deterministic_threads(void **state)
+{
+    (void)state;
+    ra_synth s = make_synth(6000, 1500, 30, 11);
+    ra_kv *kv = make_kv(s.keys, s.n, s.dim, RA_DTYPE_F16);
+    int32_t ids[3][30 * 50];
+    for (int run = 0; run < 3; run++) {
+        ra_index_opts o;
+        default_opts(&o, run == 0 ? 1 : 4, 42); /* 1 thread vs 4 threads, twice */
+        void *st = NULL;
+        assert_int_equal(G->build(&st, kv, s.n, s.train_q, s.n_train, &o), RA_OK);
+        for (size_t i = 0; i < s.n_queries; i++) {
+            float sc[50];
+            int got;
+            ra_search_params p = {.k = 50, .effort = 80};
+            assert_int_equal(G->search(st, kv, s.queries + i * s.dim, &p, ids[run] + i * 50, sc,
+                                       &got, NULL),
+                             RA_OK);
+            assert_int_equal(got, 50);
+        }
+        G->destroy(st);
+    }
+    assert_memory_equal(ids[0], ids[1], sizeof ids[0]);
+    assert_memory_equal(ids[1], ids[2], sizeof ids[0]);
+    ra_kv_destroy(kv);
+    ra_synth_free(&s);
+}
+
+/* ---- warm start ---- */
+
+static void test_warm_start(void **state)
+{
+    (void)state;
+    ra_synth s = make_synth(8192, 2048, 100, 13);
+    ra_kv *kv = make_kv(s.keys, s.n, s.dim, RA_DTYPE_F16);
+    ra_index_opts o;
+    default_opts(&o, 2, 1);
+    void *st = NULL;
+    assert_int_equal(G->build(&st, kv, s.n, s.train_q, s.n_train, &o), RA_OK);
+    double fc, fw;
+    double cold = graph_recall(st, kv, s.queries, s.n_queries, s.dim, 50, 60, 0, &fc);
+    double warm = graph_recall(st, kv, s.queries, s.n_queries, s.dim, 50, 60, 1, &fw);
+    print_message("cold %.3f (scan %.3f) warm %.3f (scan %.3f)\n", cold, fc, warm, fw);
+    assert_true(warm >= cold - 0.005);
+    /* garbage warm ids are ignored, not trusted */
+    int32_t bad[4] = {-5, 1 << 30, 0, 0};
+    int32_t ids[10];
+    float sc[10];
+    int got;
+    ra_search_params p = {.k = 10, .warm = bad, .n_warm = 4};
+    assert_int_equal(G->search(st, kv, s.queries, &p, ids, sc, &got, NULL), RA_OK);
+    assert_int_equal(got, 10);
+    G->destroy(st);
+    ra_kv_destroy(kv);
+    ra_synth_free(&s);
+}
+
+/* ---- degenerate data ---- */
+
+static void build_and_probe(const float *keys, size_t n, int dim, const float *tq, size_t nt, int k,
+                            int expect)
+{
+    ra_kv *kv = make_kv(keys, n, dim, RA_DTYPE_F16);
+    ra_index_opts o;
+    default_opts(&o, 2, 1);
+    void *st = NULL;
+    assert_int_equal(G->build(&st, kv, n, tq, nt, &o), RA_OK);
+    float *q = malloc((size_t)dim * sizeof *q);
+    for (int j = 0; j < dim; j++)
+        q[j] = (float)(j % 5) - 2.0f;
+    int32_t *ids = malloc((size_t)k * sizeof *ids);
+    float *sc = malloc((size_t)k * sizeof *sc);
+    int got = -1;
+    ra_search_params p = {.k = k};
+    assert_int_equal(G->search(st, kv, q, &p, ids, sc, &got, NULL), RA_OK);
+    assert_int_equal(got, expect);
+    for (int a = 0; a < got; a++) {
+        assert_true(ids[a] >= 0 && (size_t)ids[a] < n);
+        for (int b = 0; b < a; b++)
+            assert_true(ids[a] != ids[b]); /* never the same row twice */
+    }
+    if (n > 0) { /* insertion into degenerate data also terminates */
+        kv_add(kv, keys, n < 64 ? n : 64, dim, RA_DTYPE_F16, (int64_t)n);
+        assert_int_equal(G->add(st, kv, n, n < 64 ? n : 64), RA_OK);
+        assert_int_equal(G->search(st, kv, q, &p, ids, sc, &got, NULL), RA_OK);
+    }
+    free(q), free(ids), free(sc);
+    G->destroy(st);
+    ra_kv_destroy(kv);
+}
+
+static void test_all_equal_keys(void **state)
+{
+    (void)state;
+    size_t n = 3000;
+    int D = 32;
+    float *k = malloc(n * D * sizeof *k), *tq = malloc(200 * D * sizeof *tq);
+    for (size_t i = 0; i < n * D; i++)
+        k[i] = 0.25f;
+    for (size_t i = 0; i < 200 * (size_t)D; i++)
+        tq[i] = (float)(i % 7) - 3.0f;
+    build_and_probe(k, n, D, tq, 200, 100, 100);
+    free(k), free(tq);
+}
+
+static void test_zero_vectors(void **state)
+{
+    (void)state;
+    size_t n = 2000;
+    int D = 16;
+    float *k = calloc(n * D, sizeof *k), *tq = calloc(100 * D, sizeof *tq);
+    build_and_probe(k, n, D, tq, 100, 10, 10); /* zero keys and zero training queries */
+    free(k), free(tq);
+}
+
+static void test_small_n(void **state)
+{
+    (void)state;
+    int D = 8;
+    float k[5 * 8], tq[3 * 8];
+    for (int i = 0; i < 5 * D; i++)
+        k[i] = (float)((i * 37) % 11) - 5.0f;
+    for (int i = 0; i < 3 * D; i++)
+        tq[i] = (float)((i * 13) % 7) - 3.0f;
+    build_and_probe(k, 5, D, tq, 3, 100, 5); /* N < top_k */
+    build_and_probe(k, 1, D, tq, 3, 10, 1);  /* a single key */
+    build_and_probe(k, 1, D, NULL, 0, 1, 1);
+    build_and_probe(k, 2, D, tq, 3, 10, 2);
+}
+
+static void test_duplicate_keys(void **state)
+{
+    (void)state;
+    size_t n = 4000;
+    int D = 16;
+    float *k = malloc(n * D * sizeof *k), *tq = malloc(300 * D * sizeof *tq);
+    for (size_t i = 0; i < n; i++) /* 8 distinct keys, each 500 times */
+        for (int j = 0; j < D; j++)
+            k[i * D + j] = (float)(((i % 8) * 7 + (size_t)j * 3) % 13) - 6.0f;
+    for (size_t i = 0; i < 300 * (size_t)D; i++)
+        tq[i] = (float)((i * 5) % 9) - 4.0f;
+    build_and_probe(k, n, D, tq, 300, 50, 50);
+    free(k), free(tq);
+}
+
+static void test_bad_input(void **state)
+{
+    (void)state;
+    ra_synth s = make_synth(1000, 100, 2, 17);
+    ra_kv *kv = make_kv(s.keys, s.n, s.dim, RA_DTYPE_F32);
+    ra_index_opts o;
+    default_opts(&o, 1, 1);
+    void *st = NULL;
+    /* non-finite training queries are refused */
+    float *bad = malloc(s.n_train * (size_t)s.dim * sizeof *bad);
+    memcpy(bad, s.train_q, s.n_train * (size_t)s.dim * sizeof *bad);
+    bad[17] = NAN;
+    assert_int_equal(G->build(&st, kv, s.n, bad, s.n_train, &o), RA_ENONFINITE);
+    assert_null(st);
+    /* options out of range, n beyond the store, NULL queries with nq > 0 */
+    ra_index_opts ob = o;
+    ob.graph_degree = 100000;
+    assert_int_equal(G->build(&st, kv, s.n, s.train_q, s.n_train, &ob), RA_EINVAL);
+    ob = o;
+    ob.graph_knn = -1;
+    assert_int_equal(G->build(&st, kv, s.n, s.train_q, s.n_train, &ob), RA_EINVAL);
+    assert_int_equal(G->build(&st, kv, s.n + 1, s.train_q, s.n_train, &o), RA_EINVAL);
+    assert_int_equal(G->build(&st, kv, s.n, NULL, 5, &o), RA_EINVAL);
+    assert_int_equal(G->build(&st, kv, s.n, s.train_q, s.n_train, &o), RA_OK);
+    int32_t ids[10];
+    float sc[10];
+    int got;
+    float q[64];
+    memcpy(q, s.queries, sizeof q);
+    ra_search_params p = {.k = 10};
+    q[3] = INFINITY;
+    assert_int_equal(G->search(st, kv, q, &p, ids, sc, &got, NULL), RA_ENONFINITE);
+    q[3] = 0;
+    p.k = 0;
+    assert_int_equal(G->search(st, kv, q, &p, ids, sc, &got, NULL), RA_EINVAL);
+    p.k = 10;
+    p.effort = -1;
+    assert_int_equal(G->search(st, kv, q, &p, ids, sc, &got, NULL), RA_EINVAL);
+    p.effort = 0;
+    p.n_warm = 3; /* warm count without ids */
+    assert_int_equal(G->search(st, kv, q, &p, ids, sc, &got, NULL), RA_EINVAL);
+    p.n_warm = 0;
+    assert_int_equal(G->search(st, kv, q, &p, ids, NULL, &got, NULL), RA_OK); /* scores optional */
+    assert_int_equal(G->add(st, kv, 5, 1), RA_EINVAL);      /* not at the end */
+    assert_int_equal(G->add(st, kv, s.n, 10), RA_EINVAL);   /* rows not in the store */
+    G->destroy(st);
+    G->destroy(NULL);
+    free(bad);
+    ra_kv_destroy(kv);
+    ra_synth_free(&s);
+}
+
+/* ---- the generator ---- */
+
+static void test_synth_ood(void **state)
+{
+    (void)state;
+    ra_synth_opts o;
+    ra_synth_opts_default(&o);
+    o.n = 16384;
+    o.n_train = 256;
+    o.n_queries = 512;
+    ra_synth s;
+    assert_int_equal(ra_synth_make(&o, &s), RA_OK);
+    double ratio = 0;
+    assert_int_equal(ra_synth_mahalanobis_ratio(s.keys, s.n, s.queries, s.n_queries, s.dim, &ratio),
+                     RA_OK);
+    print_message("Mahalanobis ratio %.2f\n", ratio);
+    assert_true(ratio >= 2.0);
+    /* keys against themselves are in distribution: the ratio is ~1 */
+    double self = 0;
+    assert_int_equal(ra_synth_mahalanobis_ratio(s.keys, s.n, s.keys + 1, 4096, s.dim, &self), RA_OK);
+    assert_true(self > 0.8 && self < 1.25);
+    double cs = ra_synth_step_cosine(s.queries, s.n_queries, s.dim);
+    assert_true(cs > 0.5 && cs < 1.0);
+    /* same seed, same data; another seed, other data */
+    ra_synth s2;
+    assert_int_equal(ra_synth_make(&o, &s2), RA_OK);
+    assert_memory_equal(s.keys, s2.keys, 1000 * sizeof(float));
+    ra_synth_free(&s2);
+    o.seed = 99;
+    assert_int_equal(ra_synth_make(&o, &s2), RA_OK);
+    assert_memory_not_equal(s.keys, s2.keys, 1000 * sizeof(float));
+    ra_synth_free(&s2);
+    o.dim = 7; /* odd: RoPE needs pairs */
+    assert_int_equal(ra_synth_make(&o, &s2), RA_EINVAL);
+    ra_synth_free(&s);
+}
+
+static void test_npy_header(void **state)
+{
+    (void)state;
+    int f16;
+    size_t r, c;
+    const char *h = "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }";
+    assert_int_equal(ra_npy_parse_header(h, strlen(h), &f16, &r, &c), RA_OK);
+    assert_int_equal(f16, 0);
+    assert_int_equal(r, 3);
+    assert_int_equal(c, 4);
+    const char *h2 = "{'descr': '<f2', 'fortran_order': False, 'shape': (10, 128), }";
+    assert_int_equal(ra_npy_parse_header(h2, strlen(h2), &f16, &r, &c), RA_OK);
+    assert_int_equal(f16, 1);
+    const char *bad[] = {
+        "{'descr': '<f8', 'fortran_order': False, 'shape': (3, 4), }",
+        "{'descr': '<f4', 'fortran_order': True, 'shape': (3, 4), }",
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }",
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4, 5), }",
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999999999999, 4), }",
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4",
+        "",
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++)
+        assert_int_not_equal(ra_npy_parse_header(bad[i], strlen(bad[i]), &f16, &r, &c), RA_OK);
+    /* a round trip through a file, fp16 */
+    char path[] = "/tmp/ra_test_npy_XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    FILE *f = fdopen(fd, "wb");
+    const char *hd = "{'descr': '<f2', 'fortran_order': False, 'shape': (2, 3), }";
+    char hdr[64];
+    memset(hdr, ' ', sizeof hdr);
+    memcpy(hdr, hd, strlen(hd));
+    hdr[63] = '\n';
+    unsigned char pre[10] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0, 64, 0};
+    fwrite(pre, 1, 10, f);
+    fwrite(hdr, 1, 64, f);
+    uint16_t v[6] = {0x3c00, 0x4000, 0xc000, 0, 0x3800, 0x7bff}; /* 1 2 -2 0 .5 65504 */
+    fwrite(v, 2, 6, f);
+    fclose(f);
+    float *data = NULL;
+    assert_int_equal(ra_npy_read_f32(path, &data, &r, &c, NULL, 0), RA_OK);
+    assert_int_equal(r, 2);
+    assert_int_equal(c, 3);
+    assert_true(data[0] == 1.0f && data[1] == 2.0f && data[2] == -2.0f && data[4] == 0.5f &&
+                data[5] == 65504.0f);
+    free(data);
+    /* truncated: one element short */
+    f = fopen(path, "r+b");
+    assert_int_equal(ftruncate(fileno(f), 10 + 64 + 10), 0);
+    fclose(f);
+    assert_int_equal(ra_npy_read_f32(path, &data, &r, &c, NULL, 0), RA_EPROTO);
+    remove(path);
+    assert_int_equal(ra_npy_read_f32("/nonexistent/x.npy", &data, &r, &c, NULL, 0), RA_EIO);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_recall_default),
+        cmocka_unit_test(test_no_train_queries),
+        cmocka_unit_test(test_insert_retrievable),
+        cmocka_unit_test(test_build_empty_then_add),
+        cmocka_unit_test(test_deterministic_threads),
+        cmocka_unit_test(test_warm_start),
+        cmocka_unit_test(test_all_equal_keys),
+        cmocka_unit_test(test_zero_vectors),
+        cmocka_unit_test(test_small_n),
+        cmocka_unit_test(test_duplicate_keys),
+        cmocka_unit_test(test_bad_input),
+        cmocka_unit_test(test_synth_ood),
+        cmocka_unit_test(test_npy_header),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
