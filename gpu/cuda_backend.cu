@@ -20,8 +20,7 @@
 #include "ra_gpu_internal.h"
 
 #define MAX_SPLITS 64
-#define NWARPS 4
-#define UNROLL 4
+#define NWARPS 8
 #define BOUNCE_BYTES ((size_t)8 << 20)
 
 /* ---- state ------------------------------------------------------------------------ */
@@ -29,6 +28,7 @@
 struct cuda_impl {
     int device;
     int sms;
+    int step_occ;             /* resident step-kernel blocks per SM */
     cudaStream_t own, cur;
     cublasHandle_t blas;
     void *k, *v;              /* [layers][B][H][rows][D] */
@@ -136,7 +136,13 @@ __device__ __forceinline__ float to_f(float x)
 /* EPL consecutive elements at p (aligned to EPL * sizeof(T)) into floats */
 template <typename T, int EPL> __device__ __forceinline__ void load_row(const T *p, float *f)
 {
-    if constexpr (EPL * sizeof(T) == 8) {
+    if constexpr (EPL * sizeof(T) == 16) {
+        uint4 u = *reinterpret_cast<const uint4 *>(p);
+        const T *t = reinterpret_cast<const T *>(&u);
+#pragma unroll
+        for (int e = 0; e < EPL; e++)
+            f[e] = to_f(t[e]);
+    } else if constexpr (EPL * sizeof(T) == 8) {
         uint2 u = *reinterpret_cast<const uint2 *>(p);
         const T *t = reinterpret_cast<const T *>(&u);
 #pragma unroll
@@ -171,10 +177,14 @@ struct step_args {
 template <typename T, int D, int G> __global__ void __launch_bounds__(NWARPS * 32)
     step_kernel(step_args a)
 {
-    constexpr int EPL = D / 32;
+    /* A half-warp reads one row (16 lanes x 16 bytes for D = 128), so a warp has 2U rows
+     * of K and V in flight per iteration; each warp walks a contiguous slice of the
+     * block's rows. Decode attention is latency-bound: few, wide round trips matter. */
+    constexpr int EPL = D / 16;
+    constexpr int U = G >= 8 ? 2 : 4;
     const unsigned split = blockIdx.x, h = blockIdx.y, b = blockIdx.z, H = gridDim.y;
     const unsigned bh = b * H + h;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, half = lane / 16, sub = lane % 16;
     const T *K = (const T *)a.K + (size_t)bh * a.rows * D;
     const T *V = (const T *)a.V + (size_t)bh * a.rows * D;
     const T *kn = (const T *)a.kn + (size_t)bh * D;
@@ -196,10 +206,16 @@ template <typename T, int D, int G> __global__ void __launch_bounds__(NWARPS * 3
         }
     }
 
+    const unsigned start = split * a.chunk;
+    const unsigned end = min(a.n_local, start + a.chunk);
+    const unsigned per = (end > start ? end - start + NWARPS - 1 : 0) / NWARPS;
+    const unsigned wstart = start + warp * per;
+    const unsigned wend = min(end, wstart + per);
+
     float q[G][EPL];
 #pragma unroll
     for (int g = 0; g < G; g++) {
-        load_row<T, EPL>((const T *)a.q + ((size_t)b * H * G + h * G + g) * D + lane * EPL, q[g]);
+        load_row<T, EPL>((const T *)a.q + ((size_t)b * H * G + h * G + g) * D + sub * EPL, q[g]);
 #pragma unroll
         for (int e = 0; e < EPL; e++)
             q[g][e] *= a.scale_log2;
@@ -213,23 +229,27 @@ template <typename T, int D, int G> __global__ void __launch_bounds__(NWARPS * 3
         for (int e = 0; e < EPL; e++)
             acc[g][e] = 0.0f;
     }
-    const unsigned start = split * a.chunk;
-    const unsigned end = min(a.n_local, start + a.chunk);
-    for (unsigned r0 = start + warp; r0 < end; r0 += UNROLL * NWARPS) {
-        float kf[UNROLL][EPL], vf[UNROLL][EPL];
+    for (unsigned r0 = wstart; r0 < wend; r0 += 2 * U) {
+        float kf[U][EPL], vf[U][EPL];
+        bool ok[U];
 #pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
-            unsigned r = r0 + u * NWARPS;
-            if (r < end) {
+        for (int u = 0; u < U; u++) {
+            unsigned r = r0 + 2 * u + half;
+            ok[u] = r < wend;
+            if (ok[u]) {
                 const T *kp = r == a.new_row ? kn : K + (size_t)r * D;
                 const T *vp = r == a.new_row ? vn : V + (size_t)r * D;
-                load_row<T, EPL>(kp + lane * EPL, kf[u]);
-                load_row<T, EPL>(vp + lane * EPL, vf[u]);
+                load_row<T, EPL>(kp + sub * EPL, kf[u]);
+                load_row<T, EPL>(vp + sub * EPL, vf[u]);
+            } else {
+#pragma unroll
+                for (int e = 0; e < EPL; e++)
+                    kf[u][e] = vf[u][e] = 0.0f;
             }
         }
-        float s[UNROLL][G];
+        float s[U][G];
 #pragma unroll
-        for (int u = 0; u < UNROLL; u++)
+        for (int u = 0; u < U; u++)
 #pragma unroll
             for (int g = 0; g < G; g++) {
                 float x = 0.0f;
@@ -239,9 +259,9 @@ template <typename T, int D, int G> __global__ void __launch_bounds__(NWARPS * 3
                 s[u][g] = x;
             }
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1)
+        for (int off = 8; off > 0; off >>= 1) /* within each half-warp */
 #pragma unroll
-            for (int u = 0; u < UNROLL; u++)
+            for (int u = 0; u < U; u++)
 #pragma unroll
                 for (int g = 0; g < G; g++)
                     s[u][g] += __shfl_xor_sync(0xffffffffu, s[u][g], off);
@@ -249,26 +269,42 @@ template <typename T, int D, int G> __global__ void __launch_bounds__(NWARPS * 3
         for (int g = 0; g < G; g++) {
             float mx = m[g];
 #pragma unroll
-            for (int u = 0; u < UNROLL; u++)
-                if (r0 + u * NWARPS < end)
+            for (int u = 0; u < U; u++)
+                if (ok[u])
                     mx = fmaxf(mx, s[u][g]);
+            if (mx == -INFINITY) /* this half had no row in this iteration */
+                continue;
             float alpha = exp2f(m[g] - mx); /* m = -inf: 0 */
             l[g] *= alpha;
 #pragma unroll
             for (int e = 0; e < EPL; e++)
                 acc[g][e] *= alpha;
 #pragma unroll
-            for (int u = 0; u < UNROLL; u++) {
-                if (r0 + u * NWARPS < end) {
-                    float p = exp2f(s[u][g] - mx);
-                    l[g] += p;
+            for (int u = 0; u < U; u++) {
+                float p = ok[u] ? exp2f(s[u][g] - mx) : 0.0f;
+                l[g] += p;
 #pragma unroll
-                    for (int e = 0; e < EPL; e++)
-                        acc[g][e] += p * vf[u][e];
-                }
+                for (int e = 0; e < EPL; e++)
+                    acc[g][e] += p * vf[u][e];
             }
             m[g] = mx;
         }
+    }
+    /* the two halves of the warp saw different rows: combine them */
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        float mo = __shfl_xor_sync(0xffffffffu, m[g], 16);
+        float lo = __shfl_xor_sync(0xffffffffu, l[g], 16);
+        float M = fmaxf(m[g], mo);
+        float fa = m[g] == -INFINITY ? 0.0f : exp2f(m[g] - M);
+        float fb = mo == -INFINITY ? 0.0f : exp2f(mo - M);
+        l[g] = l[g] * fa + lo * fb;
+#pragma unroll
+        for (int e = 0; e < EPL; e++) {
+            float ao = __shfl_xor_sync(0xffffffffu, acc[g][e], 16);
+            acc[g][e] = acc[g][e] * fa + ao * fb;
+        }
+        m[g] = M;
     }
 
     /* warps -> block */
@@ -280,11 +316,12 @@ template <typename T, int D, int G> __global__ void __launch_bounds__(NWARPS * 3
             sm_m[warp][g] = m[g];
             sm_l[warp][g] = l[g];
         }
+    if (half == 0)
 #pragma unroll
-    for (int g = 0; g < G; g++)
+        for (int g = 0; g < G; g++)
 #pragma unroll
-        for (int e = 0; e < EPL; e++)
-            sm_acc[warp][g][lane * EPL + e] = acc[g][e];
+            for (int e = 0; e < EPL; e++)
+                sm_acc[warp][g][sub * EPL + e] = acc[g][e];
     __syncthreads();
 
     const unsigned hq0 = h * G;
@@ -738,6 +775,10 @@ static ra_status cuda_init(ra_gpu_cache *c)
             goto fail;
         }
     }
+    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &m->step_occ, (const void *)pick_step(g->dtype, g->head_dim, c->group), NWARPS * 32, 0));
+    if (m->step_occ < 1)
+        m->step_occ = 1;
     CK(cudaStreamCreateWithFlags(&m->own, cudaStreamNonBlocking));
     m->cur = m->own;
     {
@@ -946,8 +987,9 @@ fail:
 static unsigned pick_splits(const ra_gpu_cache *c, unsigned n_local)
 {
     unsigned bh = c->cfg.batch * c->cfg.n_kv_heads;
-    unsigned want = ((unsigned)IMPL(c)->sms + bh - 1) / bh; /* about one block per SM */
-    unsigned most = (n_local + 31) / 32;                   /* at least 32 rows a split */
+    /* one wave: as many blocks as fit on the chip at once, never a second wave */
+    unsigned want = (unsigned)(IMPL(c)->step_occ * IMPL(c)->sms) / bh;
+    unsigned most = (n_local + 31) / 32; /* at least 32 rows a split */
     if (want > most)
         want = most;
     if (want > MAX_SPLITS)
