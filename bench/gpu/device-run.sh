@@ -45,5 +45,9 @@ if command -v ncu >/dev/null && [ "${RA_NCU:-1}" = 1 ]; then # device time of ea
   timeout 180 ncu --clock-control none -k regex:'step_kernel|merge_kernel' -s 2000 -c 12 \
     --metrics gpu__time_duration.sum $b/bench/ratd-bench-gpu --quick --no-knn --no-staging \
     >"$out/ncu.log" 2>&1
-  echo "ncu rc=$?"; grep -E "step_kernel|merge_kernel|gpu__time_duration" "$out/ncu.log" | head -24
+  echo "ncu rc=$?"; grep -E "step_kernel|merge_kernel|gpu__time_duration" "$out/ncu.log" | head -8
+  timeout 180 ncu --clock-control none -k regex:'step_kernel' -s 36000 -c 4 \
+    --metrics gpu__time_duration.sum $b/bench/ratd-bench-gpu --quick --no-knn --no-staging \
+    >"$out/ncu8.log" 2>&1
+  echo "ncu (batch 8) rc=$?"; grep -E "step_kernel|gpu__time_duration" "$out/ncu8.log" | head -4
 fi
