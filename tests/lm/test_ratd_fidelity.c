@@ -34,22 +34,72 @@ static double field(const char *line, const char *key)
     return p ? atof(p + strlen(k)) : -1;
 }
 
-static void test_ratd_within_2pct(void **state)
+static pid_t start_daemon(char *ep, size_t eplen, char *sock, size_t socklen)
 {
     const char *ratd = getenv("RATD_BIN"), *src = getenv("RA_SOURCE_DIR"), *bin = getenv("RA_BINARY_DIR");
     if (!ratd || !src || !bin) {
         fprintf(stderr, "# RATD_BIN / RA_SOURCE_DIR / RA_BINARY_DIR not set: skipped\n");
-        skip();
+        return -1;
     }
-    char ep[128], sock[100];
-    snprintf(sock, sizeof sock, "/tmp/ratd-lm-test.%d.sock", (int)getpid());
-    snprintf(ep, sizeof ep, "ipc://%s", sock);
+    snprintf(sock, socklen, "/tmp/ratd-lm-test.%d.sock", (int)getpid());
+    snprintf(ep, eplen, "ipc://%s", sock);
     pid_t pid = fork();
     assert_true(pid >= 0);
     if (pid == 0) {
         execl(ratd, ratd, "--endpoint", ep, "--log-level", "warn", (char *)NULL);
         _exit(127);
     }
+    return pid;
+}
+
+/* With an exact index and top_k above the number of offloaded keys, ratd mode reads
+ * every key: it must then equal full attention up to fp32 rounding. This catches any
+ * error in scale, log-sum-exp, merge or token bookkeeping (a key lost or counted on
+ * both sides) that a bits-per-byte tolerance would hide. */
+static void test_ratd_exact_when_reading_all(void **state)
+{
+    const char *src = getenv("RA_SOURCE_DIR"), *bin = getenv("RA_BINARY_DIR");
+    char ep[128], sock[100];
+    pid_t pid = start_daemon(ep, sizeof ep, sock, sizeof sock);
+    if (pid < 0)
+        skip();
+    char cmd[4096], line[4096], *tail = NULL;
+    snprintf(cmd, sizeof cmd,
+             "'%s/bench/ratd-lm-eval' --model '%s/bench/models/kjv-byte-llama' --text '%s/bench/data/heldout-kjv.txt'"
+             " --context 1024 --eval 24 --mode ratd --index flat --topk 4096 --kv-dtype f32 --json --quiet"
+             " --endpoint '%s' 2>&1",
+             bin, src, src, ep);
+    FILE *p = popen(cmd, "r");
+    assert_non_null(p);
+    double worst = -1;
+    while (fgets(line, sizeof line, p)) {
+        fputs(line, stderr);
+        if ((tail = strstr(line, "\"rel_l2\":["))) {
+            worst = 0;
+            for (char *q = tail + 10; *q && *q != ']';) {
+                double v = strtod(q, &q);
+                worst = v > worst ? v : worst;
+                if (*q == ',')
+                    q++;
+            }
+        }
+    }
+    int st = pclose(p);
+    kill(pid, SIGTERM);
+    waitpid(pid, NULL, 0);
+    unlink(sock);
+    fprintf(stderr, "# reading every offloaded key: worst per-layer relative L2 error vs full %.3g\n", worst);
+    assert_int_equal(WIFEXITED(st) ? WEXITSTATUS(st) : -1, 0);
+    assert_true(worst >= 0 && worst < 1e-4);
+}
+
+static void test_ratd_within_2pct(void **state)
+{
+    const char *src = getenv("RA_SOURCE_DIR"), *bin = getenv("RA_BINARY_DIR");
+    char ep[128], sock[100];
+    pid_t pid = start_daemon(ep, sizeof ep, sock, sizeof sock);
+    if (pid < 0)
+        skip();
     char cmd[4096];
     snprintf(cmd, sizeof cmd,
              "'%s/bench/ratd-lm-eval' --model '%s/bench/models/kjv-byte-llama' --text '%s/bench/data/heldout-kjv.txt'"
@@ -91,6 +141,7 @@ static void test_ratd_within_2pct(void **state)
 
 int main(void)
 {
-    const struct CMUnitTest tests[] = {cmocka_unit_test(test_ratd_within_2pct)};
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_ratd_exact_when_reading_all),
+                                       cmocka_unit_test(test_ratd_within_2pct)};
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
