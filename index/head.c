@@ -52,6 +52,7 @@ const char *ra_index_kind_name(ra_index_kind k)
     case RA_INDEX_FLAT: return "flat";
     case RA_INDEX_IVF: return "ivf";
     case RA_INDEX_HNSW: return "hnsw";
+    case RA_INDEX_FAISS_FLAT: return "faiss-flat";
     }
     return "?";
 }
@@ -101,7 +102,8 @@ static void opts_fill(ra_index_opts *o, const ra_index_opts *in)
 static const ra_backend_ops *kind_ops(ra_index_kind k)
 {
     switch (k) {
-    case RA_INDEX_FLAT: return &ra_backend_flat;
+    case RA_INDEX_FLAT: return &ra_backend_scan;
+    case RA_INDEX_FAISS_FLAT: return &ra_backend_flat;
     case RA_INDEX_IVF: return &ra_backend_ivf;
     case RA_INDEX_HNSW: return &ra_backend_hnsw;
     case RA_INDEX_GRAPH:
@@ -112,8 +114,8 @@ static const ra_backend_ops *kind_ops(ra_index_kind k)
         static int said;
         if (!__atomic_exchange_n(&said, 1, __ATOMIC_RELAXED))
             RA_WARN("index: this build has no graph backend (index/graph.c missing); graph "
-                    "heads use the exact flat index");
-        return &ra_backend_flat;
+                    "heads use the exact scan");
+        return &ra_backend_scan;
     }
 #endif
     }
@@ -138,7 +140,7 @@ ra_status ra_head_create(ra_head **out, int dim, ra_dtype dtype, const ra_index_
         RA_ERROR("head: NULL out pointer");
         return RA_EINVAL;
     }
-    if (opts && (opts->kind < RA_INDEX_GRAPH || opts->kind > RA_INDEX_HNSW)) {
+    if (opts && (opts->kind < RA_INDEX_GRAPH || opts->kind > RA_INDEX_FAISS_FLAT)) {
         RA_ERROR("head: unknown index kind %d", (int)opts->kind);
         return RA_EINVAL;
     }

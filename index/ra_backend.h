@@ -22,6 +22,7 @@ typedef struct ra_backend_ops {
     void (*destroy)(void *state);
 } ra_backend_ops;
 
+extern const ra_backend_ops ra_backend_scan;  /* index/flat.c (SIMD scan of the ra_kv) */
 extern const ra_backend_ops ra_backend_flat;  /* index/flat.c (FAISS IndexFlatIP) */
 extern const ra_backend_ops ra_backend_ivf;   /* index/faiss_ivf.c */
 extern const ra_backend_ops ra_backend_hnsw;  /* index/faiss_hnsw.c */

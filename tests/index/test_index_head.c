@@ -23,7 +23,9 @@
 #include "ra_kernels.h"
 #include "ra_log.h"
 
-static const ra_index_kind KINDS[4] = {RA_INDEX_FLAT, RA_INDEX_IVF, RA_INDEX_HNSW, RA_INDEX_GRAPH};
+static const ra_index_kind KINDS[] = {RA_INDEX_FLAT, RA_INDEX_IVF, RA_INDEX_HNSW, RA_INDEX_GRAPH,
+                                      RA_INDEX_FAISS_FLAT};
+#define NK (int)(sizeof KINDS / sizeof KINDS[0])
 
 typedef struct fixture {
     ra_head *h;
@@ -135,7 +137,7 @@ static void test_args(void **state)
     assert_int_equal(ra_head_create(&h, 0, RA_DTYPE_F16, NULL, NULL), RA_EINVAL);
     assert_int_equal(ra_head_create(&h, 64, (ra_dtype)3, NULL, NULL), RA_EINVAL);
     assert_ptr_equal(h, (ra_head *)0x1);
-    for (int ki = 0; ki < 4; ki++) {
+    for (int ki = 0; ki < NK; ki++) {
         h = new_head(KINDS[ki], 16, RA_DTYPE_F16, NULL);
         float q[16] = {1};
         int32_t ids[4] = {-7, -7, -7, -7};
@@ -174,15 +176,16 @@ static void test_args(void **state)
     }
     ra_head_destroy(NULL);
     assert_string_equal(ra_index_kind_name(RA_INDEX_IVF), "ivf");
+    assert_string_equal(ra_index_kind_name(RA_INDEX_FAISS_FLAT), "faiss-flat");
 }
 
 static void test_exact_equals_bruteforce(void **state)
 {
     (void)state;
     ra_dtype dts[3] = {RA_DTYPE_F32, RA_DTYPE_F16, RA_DTYPE_BF16};
-    for (int d = 0; d < 3; d++) {
+    for (int d = 0; d < 6; d++) {
         fixture f;
-        fx_init(&f, RA_INDEX_FLAT, 48, dts[d], 3001, 100 + d);
+        fx_init(&f, d < 3 ? RA_INDEX_FLAT : RA_INDEX_FAISS_FLAT, 48, dts[d % 3], 3001, 100 + d);
         float *q = rand_queries(7, 20, f.dim, 1.f);
         int ks[3] = {1, 100, 5000};
         for (int built = 0; built < 2; built++) {
@@ -374,7 +377,7 @@ static void test_search_during_build(void **state)
 static void test_append_after_build(void **state)
 {
     (void)state;
-    for (int ki = 0; ki < 4; ki++) {
+    for (int ki = 0; ki < NK; ki++) {
         fixture f;
         fx_init(&f, KINDS[ki], 32, RA_DTYPE_BF16, 3000, 400 + ki);
         float *tq = rand_queries(10, 256, f.dim, 1.f);
@@ -434,21 +437,24 @@ static double recall_at(fixture *f, const float *q, int nq, int k, int effort, d
 static void test_baseline_recall(void **state)
 {
     (void)state;
-    for (int ki = 0; ki < 3; ki++) {
+    const ra_index_kind bk[4] = {RA_INDEX_FLAT, RA_INDEX_IVF, RA_INDEX_HNSW, RA_INDEX_FAISS_FLAT};
+    for (int bi = 0; bi < 4; bi++) {
         fixture f;
         size_t n = 8000;
-        fx_init(&f, KINDS[ki], 32, RA_DTYPE_F16, n, 500 + ki);
+        ra_index_kind kind = bk[bi];
+        fx_init(&f, kind, 32, RA_DTYPE_F16, n, 500 + bi);
         assert_int_equal(ra_head_build(f.h, NULL, 0, 0), RA_OK);
         float *q = rand_queries(11, 30, f.dim, 1.f);
         double frac_lo, frac_hi;
         double lo = recall_at(&f, q, 30, 50, 1, &frac_lo, NULL);
-        double hi = recall_at(&f, q, 30, 50, KINDS[ki] == RA_INDEX_IVF ? 1 << 20 : 1000, &frac_hi,
+        double hi = recall_at(&f, q, 30, 50, kind == RA_INDEX_IVF ? 1 << 20 : 1000, &frac_hi,
                               NULL);
         fprintf(stderr, "# %s: recall@50 %.3f (scanned %.3f) at low effort, %.3f (scanned %.3f) "
                         "at high effort\n",
-                ra_index_kind_name(KINDS[ki]), lo, frac_lo, hi, frac_hi);
-        switch (KINDS[ki]) {
+                ra_index_kind_name(kind), lo, frac_lo, hi, frac_hi);
+        switch (kind) {
         case RA_INDEX_FLAT:
+        case RA_INDEX_FAISS_FLAT:
             assert_true(lo == 1.0 && hi == 1.0);
             assert_true(frac_lo == 1.0);
             break;
@@ -554,7 +560,7 @@ static void fill_rand_duppos(void *k, void *v, int64_t *pos, size_t n, int dim)
 static void test_degenerate(void **state)
 {
     (void)state;
-    for (int ki = 0; ki < 4; ki++) {
+    for (int ki = 0; ki < NK; ki++) {
         degenerate_case(KINDS[ki], "all-equal keys", 600, 16, fill_equal);
         degenerate_case(KINDS[ki], "zero keys", 600, 16, fill_zero);
         degenerate_case(KINDS[ki], "N < top_k", 5, 16, fill_rand_duppos);
@@ -581,7 +587,7 @@ static void test_degenerate(void **state)
 static void test_nonfinite_rejected(void **state)
 {
     (void)state;
-    for (int ki = 0; ki < 4; ki++) {
+    for (int ki = 0; ki < NK; ki++) {
         fixture f;
         fx_init(&f, KINDS[ki], 16, RA_DTYPE_F16, 300, 600 + ki);
         uint16_t k[2 * 16], v[2 * 16];
@@ -643,7 +649,7 @@ static void test_memory_limit(void **state)
 static void test_concurrent_search_append(void **state)
 {
     (void)state;
-    for (int ki = 0; ki < 4; ki++) {
+    for (int ki = 0; ki < NK; ki++) {
         fixture f;
         fx_init(&f, KINDS[ki], 64, RA_DTYPE_F16, 4000, 700 + ki);
         float *tq = rand_queries(18, 256, f.dim, 1.f);
