@@ -45,6 +45,7 @@ typedef struct hnsw_state {
     FaissIndex *idx;
     FaissParameterSpace *ps;
     int dim;
+    int m;  /* HNSW M */
     int ef; /* the efSearch set in idx; changed under the exclusive lock */
     pthread_rwlock_t lock;
 } hnsw_state;
@@ -73,6 +74,7 @@ static ra_status hnsw_build(void **state, const ra_kv *kv, size_t n, const float
     int m = opts->hnsw_m > 0 && opts->hnsw_m <= 256 ? opts->hnsw_m : 32;
     char desc[64];
     snprintf(desc, sizeof desc, "HNSW%d,Flat", m);
+    s->m = m;
     ra_status st = RA_OK;
     int rc = faiss_index_factory(&s->idx, s->dim, desc, METRIC_INNER_PRODUCT);
     if (rc) {
@@ -179,8 +181,8 @@ static size_t hnsw_bytes(void *state)
 {
     hnsw_state *s = state;
     size_t n = (size_t)faiss_Index_ntotal(s->idx);
-    /* vectors + level-0 links (2M ints) + upper levels (~M/ (M-1) of that, small) */
-    return sizeof *s + n * ((size_t)s->dim * 4 + 2 * 32 * 4 + 16);
+    /* vectors + level-0 links (2M ints) + upper levels (about 1/M of nodes, M links) */
+    return sizeof *s + n * ((size_t)s->dim * 4 + 2 * (size_t)s->m * 4 + 4 + 16);
 }
 
 const ra_backend_ops ra_backend_hnsw = {

@@ -95,7 +95,9 @@ static int cpu_best(void)
     __builtin_cpu_init();
     int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                __builtin_cpu_supports("f16c");
-    int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    /* kernels_avx512.c is compiled with F, BW and VL */
+    int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl");
     return avx512 ? RA_ISA_AVX512 : avx2 ? RA_ISA_AVX2 : RA_ISA_SCALAR;
 }
 
