@@ -121,38 +121,32 @@ static void sift_up(float *s, int32_t *id, int i)
     }
 }
 
-ra_status ra_exact_topk(const ra_kv *kv, size_t n, const float *q, int k, int32_t *ids,
-                        float *scores, int *n_out)
+/* Offers m scores of rows base.. to a bounded min-heap of k held in scores/ids. */
+static void heap_offer(float *scores, int32_t *ids, int *cnt_io, int k, const float *buf, size_t m,
+                       size_t base)
 {
-    if (!kv || !q || k <= 0 || !ids || !scores || !n_out || n > ra_kv_count(kv))
-        return RA_EINVAL;
-    enum { BLOCK = 512 };
-    float buf[BLOCK];
-    int dim = ra_kv_dim(kv);
-    ra_dtype t = ra_kv_dtype(kv);
-    const void *keys = ra_kv_keys(kv);
-    /* The caller's arrays are the heap: no allocation on the hot path. */
-    int cnt = 0;
-    for (size_t b = 0; b < n; b += BLOCK) {
-        size_t m = n - b < BLOCK ? n - b : BLOCK;
-        ra_kern_dot_range(q, keys, t, dim, b, m, buf);
-        size_t i = 0;
-        for (; i < m && cnt < k; i++) {
-            scores[cnt] = buf[i];
-            ids[cnt] = (int32_t)(b + i);
-            sift_up(scores, ids, cnt);
-            cnt++;
-        }
-        float thr = cnt ? scores[0] : -INFINITY;
-        for (; i < m; i++) {
-            if (buf[i] > thr) { /* ties lose to the earlier, lower id */
-                scores[0] = buf[i];
-                ids[0] = (int32_t)(b + i);
-                sift_down(scores, ids, cnt, 0);
-                thr = scores[0];
-            }
+    int cnt = *cnt_io;
+    size_t i = 0;
+    for (; i < m && cnt < k; i++) {
+        scores[cnt] = buf[i];
+        ids[cnt] = (int32_t)(base + i);
+        sift_up(scores, ids, cnt);
+        cnt++;
+    }
+    float thr = cnt ? scores[0] : -INFINITY;
+    for (; i < m; i++) {
+        if (buf[i] > thr) { /* ties lose to the earlier, lower id */
+            scores[0] = buf[i];
+            ids[0] = (int32_t)(base + i);
+            sift_down(scores, ids, cnt, 0);
+            thr = scores[0];
         }
     }
+    *cnt_io = cnt;
+}
+
+static void heap_finish(float *scores, int32_t *ids, int cnt)
+{
     for (int e = cnt - 1; e > 0; e--) { /* heap sort: worst to the back */
         float ts = scores[0];
         scores[0] = scores[e];
@@ -162,7 +156,53 @@ ra_status ra_exact_topk(const ra_kv *kv, size_t n, const float *q, int k, int32_
         ids[e] = ti;
         sift_down(scores, ids, e, 0);
     }
+}
+
+enum { SCAN_BLOCK = 512 }; /* rows per pass: 128 KiB of fp16 dim-128 keys stay in L2 */
+
+ra_status ra_exact_topk(const ra_kv *kv, size_t n, const float *q, int k, int32_t *ids,
+                        float *scores, int *n_out)
+{
+    if (!kv || !q || k <= 0 || !ids || !scores || !n_out || n > ra_kv_count(kv))
+        return RA_EINVAL;
+    float buf[SCAN_BLOCK];
+    int dim = ra_kv_dim(kv);
+    ra_dtype t = ra_kv_dtype(kv);
+    const void *keys = ra_kv_keys(kv);
+    /* The caller's arrays are the heap: no allocation on the hot path. */
+    int cnt = 0;
+    for (size_t b = 0; b < n; b += SCAN_BLOCK) {
+        size_t m = n - b < SCAN_BLOCK ? n - b : SCAN_BLOCK;
+        ra_kern_dot_range(q, keys, t, dim, b, m, buf);
+        heap_offer(scores, ids, &cnt, k, buf, m, b);
+    }
+    heap_finish(scores, ids, cnt);
     *n_out = cnt;
+    return RA_OK;
+}
+
+ra_status ra_exact_topk_multi(const ra_kv *kv, size_t n, size_t nq, const float *q, int k,
+                              int32_t *ids, float *scores, int *n_out)
+{
+    if (!kv || (nq && (!q || !ids || !scores || !n_out)) || k <= 0 || n > ra_kv_count(kv))
+        return RA_EINVAL;
+    float buf[SCAN_BLOCK];
+    int dim = ra_kv_dim(kv);
+    ra_dtype t = ra_kv_dtype(kv);
+    const void *keys = ra_kv_keys(kv);
+    for (size_t j = 0; j < nq; j++)
+        n_out[j] = 0;
+    /* Block-major: each block of keys comes from memory once and is re-read from L2 by
+     * every query, so a GQA group costs about one scan of memory, not nq. */
+    for (size_t b = 0; b < n; b += SCAN_BLOCK) {
+        size_t m = n - b < SCAN_BLOCK ? n - b : SCAN_BLOCK;
+        for (size_t j = 0; j < nq; j++) {
+            ra_kern_dot_range(q + j * (size_t)dim, keys, t, dim, b, m, buf);
+            heap_offer(scores + j * (size_t)k, ids + j * (size_t)k, &n_out[j], k, buf, m, b);
+        }
+    }
+    for (size_t j = 0; j < nq; j++)
+        heap_finish(scores + j * (size_t)k, ids + j * (size_t)k, n_out[j]);
     return RA_OK;
 }
 

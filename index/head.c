@@ -477,6 +477,67 @@ ra_status ra_head_attend(ra_head *h, const float *q, const ra_search_params *p, 
     return r;
 }
 
+#define RA_HEAD_MAX_BATCH 1024
+
+ra_status ra_head_attend_batch(ra_head *h, size_t nq, const float *q, const ra_search_params *p,
+                               float scale, float *o, float *lse, int32_t *ids, float *scores,
+                               int *n_out, ra_search_stats *st)
+{
+    if (!h || !q || !p || !o || !lse || nq == 0 || nq > RA_HEAD_MAX_BATCH) {
+        RA_ERROR("head: attend_batch with a NULL argument or %zu query heads (1..%d)", nq,
+                 RA_HEAD_MAX_BATCH);
+        return RA_EINVAL;
+    }
+    int dim = ra_kv_dim(h->kv);
+    int k = p[0].k;
+    for (size_t j = 0; j < nq; j++) {
+        ra_status r = check_search(h, q + j * (size_t)dim, &p[j]);
+        if (r != RA_OK)
+            return r;
+        if (p[j].k != k) {
+            RA_ERROR("head: attend_batch with different k (%d, %d)", k, p[j].k);
+            return RA_EINVAL;
+        }
+    }
+    void *heap = NULL;
+    int32_t *I = ids;
+    float *S = scores;
+    if (!I || !S) {
+        heap = malloc(nq * (size_t)k * (sizeof(int32_t) + sizeof(float)));
+        if (!heap)
+            return RA_ENOMEM;
+        I = I ? I : heap;
+        S = S ? S : (float *)((char *)heap + nq * (size_t)k * sizeof(int32_t));
+    }
+    int nbuf[RA_HEAD_MAX_BATCH];
+    if (!(scale > 0.f))
+        scale = 1.0f / sqrtf((float)dim);
+    ra_status r = RA_OK;
+    pthread_rwlock_rdlock(&h->lock);
+    int indexed = h->state && __atomic_load_n(&h->ready, __ATOMIC_ACQUIRE);
+    if (!indexed || h->ops == &ra_backend_scan) {
+        size_t cnt = ra_kv_count(h->kv);
+        r = ra_exact_topk_multi(h->kv, cnt, nq, q, k, I, S, nbuf);
+        if (r == RA_OK && st)
+            for (size_t j = 0; j < nq; j++)
+                st[j] = (ra_search_stats){.scanned = cnt, .exact_fallback = !indexed};
+    } else {
+        for (size_t j = 0; j < nq && r == RA_OK; j++)
+            r = search_locked(h, q + j * (size_t)dim, &p[j], I + j * (size_t)k,
+                              S + j * (size_t)k, &nbuf[j], st ? &st[j] : NULL);
+    }
+    if (r == RA_OK)
+        for (size_t j = 0; j < nq; j++)
+            ra_kern_partial_attention(S + j * (size_t)k, I + j * (size_t)k, (size_t)nbuf[j], scale,
+                                      ra_kv_values(h->kv), ra_kv_dtype(h->kv), dim,
+                                      o + j * (size_t)dim, &lse[j]);
+    pthread_rwlock_unlock(&h->lock);
+    free(heap);
+    if (r == RA_OK && n_out)
+        memcpy(n_out, nbuf, nq * sizeof *n_out);
+    return r;
+}
+
 size_t ra_head_count(ra_head *h)
 {
     if (!h)

@@ -33,6 +33,11 @@ extern const ra_backend_ops ra_backend_graph; /* index/graph.c */
 ra_status ra_exact_topk(const ra_kv *kv, size_t n, const float *q, int k, int32_t *ids,
                         float *scores, int *n_out);
 
+/* ra_exact_topk for nq queries at once (q [nq][dim]; ids, scores [nq][k]; n_out [nq]),
+ * reading the keys from memory once: the exact path for a GQA group. */
+ra_status ra_exact_topk_multi(const ra_kv *kv, size_t n, size_t nq, const float *q, int k,
+                              int32_t *ids, float *scores, int *n_out);
+
 /* Exact top-K keys of each of nq queries through FAISS (BLAS): ids [nq][K], scores
  * [nq][K]; rows with fewer than K keys are padded with -1. Multi-threaded. */
 ra_status ra_exact_knn_batch(const ra_kv *kv, size_t n, const float *q, size_t nq, int K,

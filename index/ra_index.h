@@ -92,6 +92,15 @@ ra_status ra_head_attend(ra_head *h, const float *q, const ra_search_params *p, 
                          float *o, float *lse, int32_t *ids, float *scores, int *n_out,
                          ra_search_stats *st);
 
+/* GQA: the nq query heads that share this KV head in one call: one lock, and on the exact
+ * path (RA_INDEX_FLAT, or while a build runs) one pass over the keys for all of them,
+ * which cuts the memory traffic of a group of G heads about G times. q, o: [nq][dim];
+ * lse [nq]; p: nq parameter sets with the same k (each may carry its own warm ids);
+ * ids/scores [nq][k] or NULL; n_out [nq] or NULL; st [nq] or NULL. 1 <= nq <= 1024. */
+ra_status ra_head_attend_batch(ra_head *h, size_t nq, const float *q, const ra_search_params *p,
+                               float scale, float *o, float *lse, int32_t *ids, float *scores,
+                               int *n_out, ra_search_stats *st);
+
 size_t ra_head_count(ra_head *h);
 /* Copies the positions of n row ids (caller sized). */
 void ra_head_positions(ra_head *h, const int32_t *ids, size_t n, int64_t *pos);

@@ -682,6 +682,69 @@ static void test_concurrent_search_append(void **state)
     }
 }
 
+/* ra_head_attend_batch gives what nq single calls give, on the exact path (one pass over
+ * the keys) and through an index. */
+static void test_attend_batch(void **state)
+{
+    (void)state;
+    const ra_index_kind kinds[3] = {RA_INDEX_FLAT, RA_INDEX_HNSW, RA_INDEX_GRAPH};
+    for (int ki = 0; ki < 3; ki++) {
+        fixture f;
+        fx_init(&f, kinds[ki], 64, RA_DTYPE_F16, 5000, 800 + ki);
+        enum { NQ = 5, K = 50 };
+        float *q = rand_queries(19, NQ, f.dim, 1.f);
+        float *tq = rand_queries(20, 256, f.dim, 1.f);
+        for (int built = 0; built < 2; built++) {
+            if (built)
+                assert_int_equal(ra_head_build(f.h, tq, 256, 0), RA_OK);
+            ra_search_params p[NQ];
+            for (int j = 0; j < NQ; j++)
+                p[j] = (ra_search_params){.k = K, .effort = 64};
+            float o[NQ * 64], lse[NQ];
+            int32_t ids[NQ * K];
+            float sc[NQ * K];
+            int nout[NQ];
+            ra_search_stats st[NQ];
+            assert_int_equal(ra_head_attend_batch(f.h, NQ, q, p, 0, o, lse, ids, sc, nout, st),
+                             RA_OK);
+            for (int j = 0; j < NQ; j++) {
+                float o1[64], l1;
+                int32_t i1[K];
+                float s1[K];
+                int n1;
+                ra_search_stats st1;
+                assert_int_equal(ra_head_attend(f.h, q + j * f.dim, &p[j], 0, o1, &l1, i1, s1, &n1,
+                                                &st1),
+                                 RA_OK);
+                assert_int_equal(nout[j], n1);
+                assert_int_equal(st[j].exact_fallback, st1.exact_fallback);
+                assert_int_equal(st[j].exact_fallback, !built);
+                assert_memory_equal(ids + j * K, i1, n1 * sizeof *i1);
+                assert_float_equal(lse[j], l1, 1e-5 * (1 + fabsf(l1)));
+                for (int d = 0; d < f.dim; d++)
+                    assert_float_equal(o[j * f.dim + d], o1[d], 1e-5);
+                if (!built || kinds[ki] == RA_INDEX_FLAT)
+                    check_exact(&f, q + j * f.dim, K, ids + j * K, sc + j * K, nout[j]);
+            }
+            /* without id arrays */
+            float o2[NQ * 64], l2[NQ];
+            assert_int_equal(ra_head_attend_batch(f.h, NQ, q, p, 0, o2, l2, NULL, NULL, NULL, NULL),
+                             RA_OK);
+            assert_memory_equal(o2, o, sizeof o);
+            /* bad batches */
+            p[2].k = K + 1;
+            assert_int_equal(ra_head_attend_batch(f.h, NQ, q, p, 0, o, lse, NULL, NULL, NULL, NULL),
+                             RA_EINVAL);
+            p[2].k = K;
+            assert_int_equal(ra_head_attend_batch(f.h, 0, q, p, 0, o, lse, NULL, NULL, NULL, NULL),
+                             RA_EINVAL);
+        }
+        free(q);
+        free(tq);
+        fx_fini(&f);
+    }
+}
+
 /* ra_exact_topk and ra_exact_knn_batch (the graph build's ground truth) against each
  * other and a double reference: padding, ties, and the key slices of the batch path. */
 static void test_exact_paths(void **state)
@@ -762,6 +825,7 @@ int main(void)
         cmocka_unit_test(test_nonfinite_rejected),
         cmocka_unit_test(test_memory_limit),
         cmocka_unit_test(test_exact_paths),
+        cmocka_unit_test(test_attend_batch),
         cmocka_unit_test(test_concurrent_search_append),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
