@@ -282,6 +282,14 @@ static int load_synthetic(const bench_cfg *c, bench_data *d)
     const char *e;
     if ((e = getenv("SYN_OFFSET")))
         o.offset = (float)atof(e);
+    if ((e = getenv("SYN_TOPICS")))
+        o.topics = atoi(e);
+    if ((e = getenv("SYN_TNOISE")))
+        o.tnoise = (float)atof(e);
+    if ((e = getenv("SYN_VOCAB")))
+        o.vocab = atoi(e);
+    if ((e = getenv("SYN_KNOISE")))
+        o.knoise = (float)atof(e);
     if ((e = getenv("SYN_BLUR")))
         o.blur = (float)atof(e);
     if ((e = getenv("SYN_MIX")))
@@ -684,6 +692,66 @@ int main(int argc, char **argv)
     }
     if (!c.json)
         printf("# ground truth %.2fs\n", ra_now_s() - tg);
+    if (getenv("GOVERLAP") && d.nt) { /* diagnostic: top-k overlap with the nearest training query */
+        int32_t *tg2 = malloc(d.nt * (size_t)k * sizeof *tg2);
+        float *ts2 = malloc(d.nt * (size_t)k * sizeof *ts2);
+        ra_exact_knn_batch(kv, d.n, d.train, d.nt, k, tg2, ts2);
+        double ov = 0, ov5 = 0;
+        for (size_t i = 0; i < d.nq; i++) {
+            const float *q = d.queries + i * (size_t)D;
+            double best[5] = {-2, -2, -2, -2, -2};
+            size_t bi[5] = {0};
+            for (size_t t = 0; t < d.nt; t++) {
+                const float *r = d.train + t * (size_t)D;
+                double ab = 0, bb = 0, aa = 0;
+                for (int j = 0; j < D; j++) {
+                    ab += q[j] * r[j];
+                    bb += r[j] * r[j];
+                    aa += q[j] * q[j];
+                }
+                double cs = ab / sqrt(aa * bb + 1e-30);
+                for (int m = 0; m < 5; m++)
+                    if (cs > best[m]) {
+                        for (int z = 4; z > m; z--) {
+                            best[z] = best[z - 1];
+                            bi[z] = bi[z - 1];
+                        }
+                        best[m] = cs;
+                        bi[m] = t;
+                        break;
+                    }
+            }
+            const int32_t *g = gt + i * (size_t)k;
+            int h1 = 0, h5 = 0;
+            for (int a = 0; a < k; a++) {
+                int f1 = 0, f5 = 0;
+                for (int m = 0; m < 5; m++)
+                    for (int b = 0; b < k; b++)
+                        if (tg2[bi[m] * k + b] == g[a]) {
+                            f5 = 1;
+                            if (m == 0)
+                                f1 = 1;
+                        }
+                h1 += f1;
+                h5 += f5;
+            }
+            ov += (double)h1 / k;
+            ov5 += (double)h5 / k;
+        }
+        printf("# overlap of top-%d with the nearest training query's: %.3f (union of 5 nearest: %.3f)\n",
+               k, ov / d.nq, ov5 / d.nq);
+        double oc = 0;
+        for (size_t i = 1; i < d.nq; i++) {
+            int h = 0;
+            for (int a = 0; a < k; a++)
+                for (int b = 0; b < k; b++)
+                    h += gt[i * k + a] == gt[(i - 1) * k + b];
+            oc += (double)h / k;
+        }
+        printf("# overlap of consecutive decode queries' top-%d: %.3f\n", k, oc / (d.nq - 1));
+        free(tg2);
+        free(ts2);
+    }
 
     struct {
         const char *name;
@@ -716,7 +784,7 @@ int main(int argc, char **argv)
         void *st = NULL;
         omp_set_num_threads(threads);
         double t0 = ra_now_s();
-        ra_status s = idx[ii].ops->build(&st, kv, d.n, d.train, d.nt, &o);
+        ra_status s = idx[ii].ops->build(&st, kv, d.n, d.train, getenv("GNOTRAIN") ? 0 : d.nt, &o);
         double build_s = ra_now_s() - t0;
         if (s) {
             fprintf(stderr, "%s build: %s\n", idx[ii].name, ra_strerror(s));

@@ -52,6 +52,10 @@ void ra_synth_opts_default(ra_synth_opts *o)
     o->qscale = 3.0f;
     o->qnoise = 0.05f;
     o->blur = 0.5f;
+    o->topics = 64;
+    o->tnoise = 0.3f;
+    o->vocab = 2048;
+    o->knoise = 0.5f;
 }
 
 void ra_synth_free(ra_synth *s)
@@ -73,7 +77,17 @@ static void rand_orthonormal(double *B, int d, uint64_t *rs, double blur)
     int h = d / 2;
     for (int i = 0; i < d; i++) {
         double *b = B + (size_t)i * d;
-        int pair = h - 1 - i / 2;               /* slowest pair first */
+        /* strong key directions (i < d/2) on the middle pairs, the query subspace
+         * (d/2 <= i < 3d/4, weak for keys) on the slowest pairs, the weakest on the
+         * fastest pairs. Slow pairs keep a query's ranking stable across positions,
+         * as content dimensions do in trained models. */
+        int pair;
+        if (i < d / 2)
+            pair = h / 4 + i / 2;               /* pairs h/4 .. 3h/4 - 1 */
+        else if (i < 3 * d / 4)
+            pair = h - 1 - (i - d / 2) / 2;     /* pairs h - 1 .. 3h/4 */
+        else
+            pair = (i - 3 * d / 4) / 2;         /* pairs 0 .. h/4 - 1 */
         int coord = (i & 1) ? pair + h : pair;  /* HF layout: (j, j + d/2) */
         for (;;) {
             for (int j = 0; j < d; j++)
@@ -103,6 +117,8 @@ static void rand_orthonormal(double *B, int d, uint64_t *rs, double blur)
 /* RoPE at position pos, HF rotate_half layout: pairs (j, j + d/2). */
 static void rope(float *x, int d, double pos)
 {
+    if (getenv("SYN_NOROPE"))
+        return;
     int h = d / 2;
     for (int j = 0; j < h; j++) {
         double th = pos * pow(500000.0, -2.0 * j / d);
@@ -180,7 +196,10 @@ ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out)
         double *u = U + (size_t)a * d;
         double nn = 0;
         for (int i = 0; i < d; i++) {
-            double c = rng_norm(&rs) * (i < d / 2 ? o->mix : 1.0);
+            /* strong key directions (slowest RoPE pairs) get weight `mix`, the middle
+             * ones 1, the fastest pairs almost nothing: real heads keep content off
+             * the fast pairs, which only encode short-range position */
+            double c = rng_norm(&rs) * (i < d / 2 ? o->mix : i < 3 * d / 4 ? 1.0 : 0.1);
             const double *b = B + (size_t)i * d;
             for (int j = 0; j < d; j++)
                 u[j] += c * b[j];
@@ -196,7 +215,7 @@ ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out)
     for (int i = 0; i < d; i++) {
         const double *b = B + (size_t)i * d;
         double ck = 0.5 * rng_norm(&rs) * sk[i];
-        double cq = i >= d / 2 ? rng_norm(&rs) : 0.0;
+        double cq = i >= d / 2 && i < 3 * d / 4 ? rng_norm(&rs) : 0.0;
         for (int j = 0; j < d; j++) {
             muk[j] += ck * b[j];
             muq[j] += cq * b[j];
@@ -216,13 +235,48 @@ ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out)
             hub[j] = muq[j] / (o->offset > 0 ? o->offset : 1.0) * 0.6; /* hubs lean toward mu_q */
         }
     }
-    /* keys */
+    /* keys: token types with Zipfian frequencies, as text has; a key is its type's
+     * latent plus a smaller per-position part. Occurrences of one type are what a
+     * query's top keys mostly are, so similar queries share top keys. */
+    int V = o->vocab > 0 ? o->vocab : 0;
+    double *tz = V ? malloc((size_t)V * d * sizeof *tz) : NULL;
+    double *cdf = V ? malloc((size_t)V * sizeof *cdf) : NULL;
+    if (V && (!tz || !cdf)) {
+        free(tz), free(cdf);
+        free(B), free(sk), free(sq), free(muk), free(muq), free(hub), free(z), free(w), free(nd);
+        free(kpre);
+        free(U);
+        ra_synth_free(&s);
+        return RA_ENOMEM;
+    }
+    if (V) {
+        double acc = 0;
+        for (int v = 0; v < V; v++) {
+            acc += 1.0 / pow((double)(v + 1), 1.0);
+            cdf[v] = acc;
+            for (int i = 0; i < d; i++)
+                tz[(size_t)v * d + i] = rng_norm(&rs);
+        }
+        for (int v = 0; v < V; v++)
+            cdf[v] /= acc;
+    }
     for (size_t p = 0; p < o->n; p++) {
+        int tok = -1;
+        if (V) {
+            double u = rng_unif(&rs);
+            int lo = 0, hi = V - 1;
+            while (lo < hi) {
+                int mid = (lo + hi) / 2;
+                if (cdf[mid] < u)
+                    lo = mid + 1;
+                else
+                    hi = mid;
+            }
+            tok = lo;
+        }
         for (int i = 0; i < d; i++)
-            z[i] = rng_norm(&rs);
+            z[i] = tok >= 0 ? tz[(size_t)tok * d + i] + o->knoise * rng_norm(&rs) : rng_norm(&rs);
         float *k = s.keys + p * d;
-        double zero[1] = {0};
-        (void)zero;
         compose(k, muk, B, sk, z, d);
         if (rng_unif(&rs) < o->hub_frac)
             for (int j = 0; j < d; j++)
@@ -239,6 +293,23 @@ ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out)
         w[i] = rng_norm(&rs);
     for (int j = 0; j < o->needles; j++)
         nd[j] = (int32_t)(rng_next(&rs) % o->n);
+    /* topics: queries of a head come in a few kinds (what it looks for); each query is
+     * its topic's centre plus an AR(1) wobble, and a stream stays on its topic for a
+     * while. This is what makes the prefill queries informative about decode queries:
+     * their nearest prefill queries share most of their top keys. */
+    int ntop = o->topics > 0 ? o->topics : 1;
+    double *T = malloc((size_t)ntop * r * sizeof *T);
+    if (!T) {
+        free(B), free(sk), free(sq), free(muk), free(muq), free(hub), free(z), free(w), free(nd);
+        free(kpre);
+        free(U);
+        ra_synth_free(&s);
+        return RA_ENOMEM;
+    }
+    for (int i = 0; i < ntop * r; i++)
+        T[i] = o->topics > 0 ? rng_norm(&rs) : 0.0;
+    int topic = (int)(rng_next(&rs) % (uint64_t)ntop);
+    double tn = o->topics > 0 ? o->tnoise : 1.0;
     size_t total = o->n_train + o->n_queries;
     for (size_t t = 0; t < total; t++) {
         double pos;
@@ -259,6 +330,8 @@ ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out)
         }
         for (int i = 0; i < d; i++)
             w[i] = fresh ? rng_norm(&rs) : a * w[i] + b * rng_norm(&rs);
+        if (fresh || rng_unif(&rs) < 0.01) /* a stream changes topic every ~100 steps */
+            topic = (int)(rng_next(&rs) % (uint64_t)ntop);
         /* needles: each persists with probability rho per step, as a copy head's
          * target does; only past keys can be planted */
         size_t limit = (size_t)pos < o->n ? ((size_t)pos > 0 ? (size_t)pos : 1) : o->n;
@@ -268,7 +341,7 @@ ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out)
         for (int j = 0; j < d; j++) {
             double acc = muq[j];
             for (int a = 0; a < r; a++)
-                acc += sq[a] * w[a] * U[(size_t)a * d + j];
+                acc += sq[a] * (T[(size_t)topic * r + a] + tn * w[a]) * U[(size_t)a * d + j];
             q[j] = (float)(acc + o->qnoise * rng_norm(&rs));
         }
         /* a planted key adds its own (pre-RoPE, centred) direction, scaled so that the
@@ -287,6 +360,9 @@ ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out)
     free(B), free(sk), free(sq), free(muk), free(muq), free(hub), free(z), free(w), free(nd);
     free(kpre);
     free(U);
+    free(T);
+    free(tz);
+    free(cdf);
     *out = s;
     return RA_OK;
 }

@@ -31,6 +31,10 @@ typedef struct ra_synth_opts {
     float qscale;      /* size of the query variation */
     float qnoise;      /* isotropic query noise (per coordinate) */
     float blur;        /* how far the key basis strays from the RoPE coordinates */
+    int topics;        /* kinds of query (0: none, one Gaussian) */
+    int vocab;         /* token types of the keys (Zipfian; 0: plain Gaussian keys) */
+    float knoise;      /* a key's own part relative to its type's */
+    float tnoise;      /* a query's wobble around its topic, relative to the topic spread */
 } ra_synth_opts;
 
 void ra_synth_opts_default(ra_synth_opts *o);
