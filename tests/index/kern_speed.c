@@ -128,8 +128,9 @@ int main(int argc, char **argv)
         q[j] = trng_gauss(&r);
     int32_t *ids = malloc(k * 4);
     float *sc = malloc(k * 4);
-    printf("%-7s %-5s %14s %14s %14s %14s %16s\n", "isa", "dtype", "scan Mrow/s", "scan GB/s",
-           "attn us(k)", "head_attend us", "faiss-flat us");
+    printf("%-7s %-5s %12s %10s %11s %15s %14s %14s %14s\n", "isa", "dtype", "scan Mrow/s",
+           "scan GB/s", "attn us(k)", "head_attend us", "4x attend us", "batch(4) us",
+           "faiss-flat us");
     for (int d = 0; d < 3; d++) {
         void *rows = tfill(&r, DT[d], n * dim, 1.f);
         void *vals = tfill(&r, DT[d], n * dim, 1.f);
@@ -168,6 +169,23 @@ int main(int argc, char **argv)
             for (int rep = 0; rep < hreps; rep++)
                 ra_head_attend(h, q, &p, 0, o, &lse, NULL, NULL, &no, NULL);
             double th = (ra_now_s() - h0) / hreps;
+            /* a GQA group of 4 query heads: 4 single calls vs one batch (exact path) */
+            enum { G = 4 };
+            float *qg = malloc(G * (size_t)dim * 4), *og = malloc(G * (size_t)dim * 4), lg[G];
+            for (int j = 0; j < G * dim; j++)
+                qg[j] = trng_gauss(&r);
+            ra_search_params pg[G] = {{.k = k}, {.k = k}, {.k = k}, {.k = k}};
+            double g0 = ra_now_s();
+            for (int rep = 0; rep < hreps; rep++)
+                for (int j = 0; j < G; j++)
+                    ra_head_attend(h, qg + j * dim, &pg[j], 0, og, lg, NULL, NULL, &no, NULL);
+            double tg1 = (ra_now_s() - g0) / hreps;
+            g0 = ra_now_s();
+            for (int rep = 0; rep < hreps; rep++)
+                ra_head_attend_batch(h, G, qg, pg, 0, og, lg, NULL, NULL, NULL, NULL);
+            double tgb = (ra_now_s() - g0) / hreps;
+            free(qg);
+            free(og);
             double tf = 0;
             if (isa == (int)ra_kern_isa_best()) { /* FAISS IndexFlatIP (fp32 copy) once built */
                 ra_head_build(h, NULL, 0, 0);
@@ -178,10 +196,10 @@ int main(int argc, char **argv)
                 tf = (ra_now_s() - f0) / hreps;
             }
             ra_head_destroy(h);
-            printf("%-7s %-5s %14.1f %14.2f %14.2f %14.1f %16.1f\n", ra_kern_isa_name((ra_isa)isa),
-                   ra_dtype_name(DT[d]), n / ts / 1e6,
+            printf("%-7s %-5s %12.1f %10.2f %11.2f %15.1f %14.1f %14.1f %14.1f\n",
+                   ra_kern_isa_name((ra_isa)isa), ra_dtype_name(DT[d]), n / ts / 1e6,
                    n * (double)dim * ra_dtype_size(DT[d]) / ts / 1e9, ta * 1e6, th * 1e6,
-                   tf * 1e6);
+                   tg1 * 1e6, tgb * 1e6, tf * 1e6);
         }
         free(rows);
         free(vals);
