@@ -181,7 +181,7 @@ template <typename T, int D, int G> __global__ void __launch_bounds__(NWARPS * 3
      * of K and V in flight per iteration; each warp walks a contiguous slice of the
      * block's rows. Decode attention is latency-bound: few, wide round trips matter. */
     constexpr int EPL = D / 16;
-    constexpr int U = G >= 8 ? 2 : 4;
+    constexpr int U = G >= 6 ? 2 : 4; /* registers: q and acc grow with G */
     const unsigned split = blockIdx.x, h = blockIdx.y, b = blockIdx.z, H = gridDim.y;
     const unsigned bh = b * H + h;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, half = lane / 16, sub = lane % 16;
@@ -415,10 +415,14 @@ typedef void (*step_fn)(step_args);
 
 template <typename T, int D> static step_fn pick_g(unsigned g)
 {
-    switch (g) {
+    switch (g) { /* every GQA group up to 8 (Llama-3 4, Qwen2 6-7, small models 3) */
     case 1: return step_kernel<T, D, 1>;
     case 2: return step_kernel<T, D, 2>;
+    case 3: return step_kernel<T, D, 3>;
     case 4: return step_kernel<T, D, 4>;
+    case 5: return step_kernel<T, D, 5>;
+    case 6: return step_kernel<T, D, 6>;
+    case 7: return step_kernel<T, D, 7>;
     case 8: return step_kernel<T, D, 8>;
     default: return NULL;
     }
@@ -752,7 +756,7 @@ static ra_status cuda_init(ra_gpu_cache *c)
                            ra_dtype_name(g->dtype));
     if (!pick_step(g->dtype, g->head_dim, c->group))
         return ra_gpu_fail(c, RA_ENOTSUP,
-                           "CUDA backend: head_dim %u / GQA group %u (64|128 and 1|2|4|8)",
+                           "CUDA backend: head_dim %u / GQA group %u (64|128 and 1..8)",
                            g->head_dim, c->group);
     cuda_impl *m = (cuda_impl *)calloc(1, sizeof *m);
     if (!m)

@@ -33,8 +33,14 @@ if [ ! -x $b/tests/gpu/test_gpu_cuda ] || [ ! -x $b/bench/ratd-bench-gpu ]; then
     exit 1
   fi
 fi
+# trace data for test_gpu_cuda (real q, k, v of the in-repo model), when the decoder exists
+if [ -x $b/bench/ratd-lm-eval ] && [ -d bench/models/kjv-byte-llama ]; then
+  $b/bench/ratd-lm-eval --model bench/models/kjv-byte-llama --text bench/data/heldout-kjv.txt \
+    --context 1024 --eval 8 --mode full --dump-trace /tmp/ra-gpu.trace --trace-dtype bf16 \
+    --quiet >"$out/trace.log" 2>&1 && export RA_GPU_TRACE=/tmp/ra-gpu.trace
+fi
 (cd $b && ctest -R '^test_gpu' -V) >"$out/ctest.log" 2>&1
-grep -E "max rel err|ids differ|PASSED|FAILED|SKIPPED|tests passed|Failed|\*\*\*" "$out/ctest.log"
+grep -E "max rel err|ids differ|trace|PASSED|FAILED|SKIPPED|tests passed|Failed|\*\*\*" "$out/ctest.log"
 if command -v compute-sanitizer >/dev/null; then
   RA_TEST_SMALL=1 timeout 240 compute-sanitizer --tool memcheck --report-api-errors no \
     $b/tests/gpu/test_gpu_cuda >"$out/memcheck.log" 2>&1
@@ -46,8 +52,4 @@ if command -v ncu >/dev/null && [ "${RA_NCU:-1}" = 1 ]; then # device time of ea
     --metrics gpu__time_duration.sum $b/bench/ratd-bench-gpu --quick --no-knn --no-staging \
     >"$out/ncu.log" 2>&1
   echo "ncu rc=$?"; grep -E "step_kernel|merge_kernel|gpu__time_duration" "$out/ncu.log" | head -8
-  timeout 180 ncu --clock-control none -k regex:'step_kernel' -s 36000 -c 4 \
-    --metrics gpu__time_duration.sum $b/bench/ratd-bench-gpu --quick --no-knn --no-staging \
-    >"$out/ncu8.log" 2>&1
-  echo "ncu (batch 8) rc=$?"; grep -E "step_kernel|gpu__time_duration" "$out/ncu8.log" | head -4
 fi

@@ -66,7 +66,7 @@ typedef enum ra_gpu_mem {
 
 typedef struct ra_gpu_config {
     unsigned n_layers;
-    unsigned n_q_heads;  /* a multiple of n_kv_heads */
+    unsigned n_q_heads;  /* a multiple of n_kv_heads (CUDA: at most 8 per KV head) */
     unsigned n_kv_heads;
     unsigned head_dim;   /* CUDA: 64 or 128; CPU: 1..1024 */
     ra_dtype dtype;      /* F16 or BF16; F32 on the CPU backend only */

@@ -238,11 +238,11 @@ static void test_attend_matrix(void **st)
     NEED_DEVICE();
     static const ra_dtype dts[] = {RA_DTYPE_F16, RA_DTYPE_BF16};
     static const unsigned dims[] = {64, 128};
-    static const unsigned groups[] = {1, 4, 8};
+    static const unsigned groups[] = {1, 3, 4, 6, 8};
     uint64_t seed = 100;
     for (int i = 0; i < 2; i++)
         for (int j = 0; j < 2; j++)
-            for (int k = 0; k < 3; k++) {
+            for (int k = 0; k < 5; k++) {
                 unsigned hkv = groups[k] == 8 ? 1 : 2;
                 ra_gpu_config c = mkcfg(dts[i], hkv * groups[k], hkv, dims[j], 4, 40,
                                         (i + k) % 2 ? 3 : 1);
@@ -566,6 +566,140 @@ static void test_user_stream(void **st)
 #endif
 }
 
+/* Real vectors: a trace of the trained model (ratd-lm-eval --dump-trace; format in
+ * bench/lm/ra_trace.h, read here directly). Per layer, the first n_pos - 48 positions
+ * are the prefill, the rest decode steps with the model's own q, k, v; CUDA is checked
+ * against the CPU backend and, merged with the exact remote part, against full
+ * attention in double. RA_GPU_TRACE names the file; without it the test skips. */
+static void test_trace(void **st)
+{
+    NEED_DEVICE();
+    const char *path = getenv("RA_GPU_TRACE");
+    if (!path || !*path) {
+        print_message("    RA_GPU_TRACE not set: no trace data\n");
+        skip();
+        return;
+    }
+    FILE *f = fopen(path, "rb");
+    assert_non_null(f);
+    unsigned char hdr[64];
+    assert_int_equal(fread(hdr, 1, 64, f), 64);
+    assert_memory_equal(hdr, "RATRACE", 8);
+    uint32_t u[8];
+    memcpy(u, hdr + 8, sizeof u); /* version dtype layers heads kv_heads dim n_pos pos0 */
+    ra_dtype tt = (ra_dtype)u[1];
+    unsigned NL = u[2], Hq = u[3], H = u[4], D = u[5], NP = u[6];
+    size_t tes = ra_dtype_size(tt);
+    assert_true(tes > 0 && NP > 64 && H > 0 && Hq % H == 0);
+    unsigned steps = 48, n0 = NP - steps;
+    ra_gpu_config cfg = mkcfg(RA_DTYPE_BF16, Hq, H, D, 16, 64, 1);
+    cfg.n_layers = NL;
+    ra_gpu_config cc = cfg, cg = cfg;
+    cc.backend = RA_GPU_BACKEND_CPU;
+    cg.backend = RA_GPU_BACKEND_CUDA;
+    ra_gpu_cache *a, *b;
+    assert_int_equal(ra_gpu_cache_create(&cc, &a), RA_OK);
+    assert_int_equal(ra_gpu_cache_create(&cg, &b), RA_OK);
+    size_t blk = (size_t)(Hq + 2 * H) * NP * D * tes;
+    unsigned char *raw = malloc(blk);
+    uint16_t *pk = tu_alloc((size_t)n0 * H * D * 2), *pv = tu_alloc((size_t)n0 * H * D * 2);
+    uint16_t *q = tu_alloc((size_t)Hq * D * 2), *kn = tu_alloc((size_t)H * D * 2),
+             *vn = tu_alloc((size_t)H * D * 2);
+    float *o1 = tu_alloc((size_t)Hq * D * 4), *l1 = tu_alloc(Hq * 4 + 16),
+          *o2 = tu_alloc((size_t)Hq * D * 4), *l2 = tu_alloc(Hq * 4 + 16),
+          *orem = tu_alloc((size_t)Hq * D * 4), *lrem = tu_alloc(Hq * 4 + 16),
+          *om = tu_alloc((size_t)Hq * D * 4), *lm = tu_alloc(Hq * 4 + 16);
+    double *ref = malloc(D * sizeof(double));
+    double worst = 0, worst_full = 0;
+    for (unsigned layer = 0; layer < NL; layer++) {
+        assert_int_equal(fread(raw, 1, blk, f), blk);
+        /* element of tensor (0 Q, 1 K, 2 V), head, position, dim -> bf16 */
+#define TR(which, head, pos, d)                                                           \
+    ra_f32_to_bf16(tu_ld(raw, ((((which) == 0 ? 0 : (which) == 1 ? Hq : Hq + H) + (size_t)(head)) * NP + \
+                               (pos)) * D + (d), tt))
+        tu_hist h;
+        tu_hist_init(&h, ra_gpu_cache_config(b), NP);
+        for (unsigned t = 0; t < NP; t++)
+            for (unsigned hh = 0; hh < H; hh++)
+                for (unsigned d = 0; d < D; d++) {
+                    ((uint16_t *)h.k)[tu_idx(&h, t, 0, hh, d)] = TR(1, hh, t, d);
+                    ((uint16_t *)h.v)[tu_idx(&h, t, 0, hh, d)] = TR(2, hh, t, d);
+                }
+        for (unsigned t = 0; t < n0; t++)
+            for (unsigned hh = 0; hh < H; hh++) {
+                memcpy(pk + ((size_t)t * H + hh) * D, (uint16_t *)h.k + tu_idx(&h, t, 0, hh, 0), D * 2);
+                memcpy(pv + ((size_t)t * H + hh) * D, (uint16_t *)h.v + tu_idx(&h, t, 0, hh, 0), D * 2);
+            }
+        h.n = n0;
+        assert_int_equal(ra_gpu_ingest_prefill(a, layer, RA_GPU_MEM_HOST, pk, pv, n0), RA_OK);
+        assert_int_equal(ra_gpu_ingest_prefill(b, layer, RA_GPU_MEM_HOST, pk, pv, n0), RA_OK);
+        ra_gpu_staged x, y;
+        assert_int_equal(ra_gpu_cache_offload_view(a, layer, &x), RA_OK);
+        assert_int_equal(ra_gpu_cache_offload_view(b, layer, &y), RA_OK);
+        views_equal(&x, &y, 2);
+        for (unsigned t = n0; t < NP; t++) {
+            for (unsigned hq = 0; hq < Hq; hq++)
+                for (unsigned d = 0; d < D; d++)
+                    q[(size_t)hq * D + d] = TR(0, hq, t, d);
+            for (unsigned hh = 0; hh < H; hh++) {
+                memcpy(kn + (size_t)hh * D, (uint16_t *)h.k + tu_idx(&h, t, 0, hh, 0), D * 2);
+                memcpy(vn + (size_t)hh * D, (uint16_t *)h.v + tu_idx(&h, t, 0, hh, 0), D * 2);
+            }
+            h.n = t + 1;
+            assert_int_equal(ra_gpu_attend_local(a, layer, RA_GPU_MEM_HOST, q, kn, vn, o1, l1), RA_OK);
+            assert_int_equal(ra_gpu_attend_local(b, layer, RA_GPU_MEM_HOST, q, kn, vn, o2, l2), RA_OK);
+            for (unsigned hq = 0; hq < Hq; hq++) {
+                double e = tu_relerr_ff(o2 + (size_t)hq * D, o1 + (size_t)hq * D, D);
+                worst = e > worst ? e : worst;
+                assert_true(e <= 1e-2);
+                assert_true(fabsf(l2[hq] - l1[hq]) <= 1e-3f * (1 + fabsf(l1[hq])));
+                lrem[hq] = (float)tu_attend(&h, q, 0, hq, 0, ref); /* what ratd answers */
+                for (unsigned d = 0; d < D; d++)
+                    orem[(size_t)hq * D + d] = (float)ref[d];
+            }
+            assert_int_equal(ra_gpu_merge(b, RA_GPU_MEM_HOST, o2, l2, orem, RA_DTYPE_F32, lrem,
+                                          om, RA_DTYPE_F32, lm),
+                             RA_OK);
+            for (unsigned hq = 0; hq < Hq; hq++) {
+                tu_attend(&h, q, 0, hq, -1, ref);
+                double e = tu_relerr_fd(om + (size_t)hq * D, ref, D);
+                worst_full = e > worst_full ? e : worst_full;
+                assert_true(e <= 1e-2);
+            }
+            if (t % 8 == 7 || t + 1 == NP) {
+                assert_int_equal(ra_gpu_cache_evicted_view(a, layer, &x), RA_OK);
+                assert_int_equal(ra_gpu_cache_evicted_view(b, layer, &y), RA_OK);
+                views_equal(&x, &y, 2);
+                assert_int_equal(ra_gpu_cache_evicted_release(a, layer), RA_OK);
+                assert_int_equal(ra_gpu_cache_evicted_release(b, layer), RA_OK);
+            }
+        }
+#undef TR
+        tu_hist_free(&h);
+    }
+    print_message("    trace %s: %u layers, %u/%u heads, dim %u, %u positions (%u decoded): max rel "
+                  "err CUDA vs CPU %.2e, merged vs full attention %.2e\n",
+                  path, NL, Hq, H, D, NP, steps, worst, worst_full);
+    fclose(f);
+    free(raw);
+    free(pk);
+    free(pv);
+    free(q);
+    free(kn);
+    free(vn);
+    free(o1);
+    free(l1);
+    free(o2);
+    free(l2);
+    free(orem);
+    free(lrem);
+    free(om);
+    free(lm);
+    free(ref);
+    ra_gpu_cache_destroy(a);
+    ra_gpu_cache_destroy(b);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -577,6 +711,7 @@ int main(void)
         cmocka_unit_test(test_bad_device_input),
         cmocka_unit_test(test_fault_mid_step),
         cmocka_unit_test(test_user_stream),
+        cmocka_unit_test(test_trace),
     };
     /* RA_TEST_SMALL=1: the quick subset, for a compute-sanitizer pass */
     const struct CMUnitTest small[] = {
