@@ -38,10 +38,11 @@ static const char *const mode_names[] = {"full", "window", "ratd"};
 
 typedef struct opts {
     const char *model, *text, *mode, *endpoint, *ratd_bin, *dump_trace, *index;
-    unsigned context, eval, offset, sink, window, repeat, n_train, effort, append_every;
+    unsigned context, eval, offset, sink, window, repeat, n_train, effort;
     unsigned topk[MAX_SWEEP], n_topk;
     double adaptive;      /* > 0: per-head adaptive budget, tail-mass threshold */
     unsigned adaptive_max;
+    double adaptive_q; /* quantile of the calibration queries' needs */
     ra_dtype trace_dtype, kv_dtype;
     unsigned long seed;
     int json, quiet, wait_index_ms;
@@ -98,7 +99,7 @@ static void die_usage(const char *msg)
     fprintf(stderr,
             "usage: ratd-lm-eval --model DIR --text FILE --context C --eval E\n"
             "         [--mode full|window|ratd|all|LIST] [--offset O] [--sink 128] [--window 512]\n"
-            "         [--topk K[,K2,...]] [--adaptive EPS] [--adaptive-max K] [--repeat N] [--seed S]\n"
+            "         [--topk K[,K2,...]] [--adaptive EPS] [--adaptive-max K] [--adaptive-quantile Q] [--repeat N] [--seed S]\n"
             "         [--endpoint ipc://...|tcp://...] [--ratd BIN] [--index graph|flat|ivf|hnsw]\n"
             "         [--kv-dtype f16|bf16|f32] [--n-train Q] [--effort E] [--wait-index MS]\n"
             "         [--dump-trace FILE [--trace-dtype f32|f16|bf16]] [--json] [--quiet]\n");
@@ -138,12 +139,12 @@ static void parse_args(int argc, char **argv, opts *o)
     o->topk[0] = 500;
     o->n_topk = 1;
     o->n_train = 4096;
-    o->append_every = 1;
     o->trace_dtype = RA_DTYPE_F32;
     o->kv_dtype = RA_DTYPE_F16;
     o->index = "graph";
     o->seed = 1;
     o->adaptive_max = 2000;
+    o->adaptive_q = 0.9;
     o->wait_index_ms = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -185,13 +186,16 @@ static void parse_args(int argc, char **argv, opts *o)
             o->n_train = parse_uint(a, v, 0, 1u << 20);
         else if (ARG("--effort"))
             o->effort = parse_uint(a, v, 0, 1u << 20);
-        else if (ARG("--append-every"))
-            o->append_every = parse_uint(a, v, 1, 64);
         else if (ARG("--seed"))
             o->seed = parse_uint(a, v, 0, 0xffffffffu);
         else if (ARG("--wait-index"))
             o->wait_index_ms = (int)parse_uint(a, v, 0, 600000);
-        else if (ARG("--adaptive-max"))
+        else if (ARG("--adaptive-quantile")) {
+            char *end;
+            o->adaptive_q = strtod(v, &end);
+            if (*end || !(o->adaptive_q > 0 && o->adaptive_q <= 1))
+                die_usage("--adaptive-quantile takes a value in (0, 1]");
+        } else if (ARG("--adaptive-max"))
             o->adaptive_max = parse_uint(a, v, 1, 1u << 20);
         else if (ARG("--trace-dtype"))
             o->trace_dtype = parse_dtype(a, v);
@@ -560,7 +564,7 @@ static ra_status hook_ratd(void *ctx, ra_lm *lm, unsigned layer, unsigned pos, c
     ra_gpu_staged sv;
     if ((s = ra_gpu_cache_evicted_view(R->gc, layer, &sv)) != RA_OK)
         return s;
-    if (sv.n_tokens > 0 && (sv.n_tokens >= R->o->append_every || 1)) {
+    if (sv.n_tokens > 0) {
         ra_kv_batch b;
         if ((s = pack_staged(R, &sv, &b)) != RA_OK)
             return s;
@@ -760,7 +764,8 @@ static int cmp_desc(const void *a, const void *b)
  * full attention is computed anyway. For late prefill queries (the last 256 positions,
  * stride 8) it finds how many of the keys that would be offloaded at that position must
  * be read, best first, for the rest to hold less than EPS of the head's attention; the
- * head's budget is the largest over those queries, clamped to [--topk, --adaptive-max].
+ * head's budget is the --adaptive-quantile (0.9) of those needs, clamped to [--topk,
+ * --adaptive-max].
  * Heads that only look locally get the floor. ratd's Attend takes one top_k per
  * request, so a layer uses the largest budget of its heads; the per-head figure is
  * reported as what a per-head request would read. */
@@ -776,7 +781,7 @@ static ra_status calibrate_budget(shared *S, run *R)
     for (unsigned l = 0; l < c->n_layers; l++) {
         unsigned kl = R->topk;
         for (unsigned h = 0; h < nh; h++) {
-            unsigned need_max = 0;
+            unsigned needs[NCAL], n_need = 0;
             for (unsigned i = 0; i < cp->n_cal; i++) {
                 unsigned p = cp->cal_pos[i];
                 if (p + 1 <= o->window + o->sink)
@@ -797,7 +802,20 @@ static ra_status calibrate_budget(shared *S, run *R)
                 double omitted = off;
                 while (need < n_off && omitted / z >= o->adaptive)
                     omitted -= exp(so[need++] - m);
-                need_max = need > need_max ? need : need_max;
+                needs[n_need++] = need;
+            }
+            /* a high quantile over the calibration queries, not the max: one query
+             * with diffuse attention should not set the budget of all steps */
+            unsigned need_max = 0;
+            if (n_need > 0) {
+                for (unsigned a = 1; a < n_need; a++)
+                    for (unsigned b = a; b > 0 && needs[b - 1] > needs[b]; b--) {
+                        unsigned t = needs[b];
+                        needs[b] = needs[b - 1];
+                        needs[b - 1] = t;
+                    }
+                unsigned qi = (unsigned)ceil(o->adaptive_q * n_need) - 1;
+                need_max = needs[qi < n_need ? qi : n_need - 1];
             }
             unsigned kh = need_max < R->topk ? R->topk : need_max;
             kh = kh > o->adaptive_max ? o->adaptive_max : kh;
@@ -993,9 +1011,9 @@ static void print_result(const opts *o, const ra_lm_config *c, const result *r, 
         if (r->mode == MODE_RATD) {
             printf(",\"topk\":%u,\"recall\":%.6f,\"keys_read_frac\":%.6f", r->topk, recall, frac);
             if (o->adaptive > 0)
-                printf(",\"adaptive\":%g,\"adaptive_max\":%u,\"mean_k\":%.1f,\"attends_per_layer_step\":%.3f,"
+                printf(",\"adaptive\":%g,\"adaptive_quantile\":%g,\"adaptive_max\":%u,\"mean_k\":%.1f,\"attends_per_layer_step\":%.3f,"
                        "\"perhead_keys_frac\":%.6f",
-                       o->adaptive, o->adaptive_max,
+                       o->adaptive, o->adaptive_q, o->adaptive_max,
                        r->attends ? r->keys_read / ((double)r->attends * c->n_heads) : 0.0,
                        r->steps ? (double)r->attends / ((double)r->steps * c->n_layers) : 0.0,
                        r->keys_offloaded > 0 ? r->keys_perhead / r->keys_offloaded : 0.0);
