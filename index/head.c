@@ -230,8 +230,11 @@ ra_status ra_head_append(ra_head *h, const void *k, const void *v, const int64_t
 static void *build_main(void *arg)
 {
     ra_head *h = arg;
+    /* This thread's FAISS/OpenMP team; restored, since a foreground build runs on the
+     * caller's (a daemon worker's) thread. */
+    int omp_old = omp_get_max_threads();
     if (h->opts.threads > 0)
-        omp_set_num_threads(h->opts.threads); /* this thread's FAISS/OpenMP team */
+        omp_set_num_threads(h->opts.threads);
     double t0 = ra_now_s();
     void *state = NULL;
     ra_status st = h->ops->build(&state, h->view, h->n_build, h->train_q, h->nq, &h->opts);
@@ -279,6 +282,8 @@ static void *build_main(void *arg)
                  h->n_build, now - h->n_build, t1 - t0);
     free(h->train_q);
     h->train_q = NULL;
+    if (h->opts.threads > 0)
+        omp_set_num_threads(omp_old);
     pthread_mutex_lock(&h->bmu);
     h->last_build = st;
     h->building = 0;
@@ -337,13 +342,14 @@ ra_status ra_head_build(ra_head *h, const float *train_q, size_t nq, int backgro
     h->train_q = tq;
     h->nq = nq;
     if (background) {
+        /* Created under bmu so the thread is recorded before it can finish and another
+         * build can start (the thread takes bmu last thing). */
+        pthread_mutex_lock(&h->bmu);
         int rc = pthread_create(&h->thr, NULL, build_main, h);
-        if (rc == 0) {
-            pthread_mutex_lock(&h->bmu);
-            h->thr_live = 1;
-            pthread_mutex_unlock(&h->bmu);
+        h->thr_live = rc == 0;
+        pthread_mutex_unlock(&h->bmu);
+        if (rc == 0)
             return RA_OK;
-        }
         RA_WARN("head: cannot start a build thread (errno %d); building in the caller", rc);
     }
     build_main(h);
