@@ -35,6 +35,38 @@ static int g_harness_seq = 0;
  * ipc:// one (e.g. a tcp:// test); reset by ratd_start. */
 static const char *g_harness_endpoint = NULL;
 
+/* Daemons still running: killed at exit, so that a failed assertion (cmocka longjmps
+ * out of the test) never leaves an orphan ratd holding the test's pipes. */
+static pid_t g_harness_pids[16];
+static char g_harness_paths[16][256];
+
+static void ratd_harness_atexit(void)
+{
+    for (int i = 0; i < 16; i++)
+        if (g_harness_pids[i] > 0) {
+            kill(g_harness_pids[i], SIGKILL);
+            waitpid(g_harness_pids[i], NULL, 0);
+            unlink(g_harness_paths[i]);
+            g_harness_pids[i] = 0;
+        }
+}
+
+static void ratd_harness_track(pid_t pid, const char *path)
+{
+    static int registered = 0;
+    if (!registered) {
+        atexit(ratd_harness_atexit);
+        registered = 1;
+    }
+    for (int i = 0; i < 16; i++)
+        if (pid > 0 ? g_harness_pids[i] == 0 : g_harness_pids[i] == -pid) {
+            g_harness_pids[i] = pid > 0 ? pid : 0;
+            if (pid > 0)
+                snprintf(g_harness_paths[i], sizeof g_harness_paths[i], "%s", path);
+            return;
+        }
+}
+
 /* Starts ratd with extra flags (NULL-terminated list). Returns 0 when it answers Hello
  * within 20 s, -1 otherwise (the process is killed). */
 static int ratd_start(ratd_proc *p, ...)
@@ -73,6 +105,7 @@ static int ratd_start(ratd_proc *p, ...)
     if (pid == 0) {
         int fd = open(p->log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
         if (fd >= 0) {
+            dup2(fd, 1);
             dup2(fd, 2);
             close(fd);
         }
@@ -80,12 +113,14 @@ static int ratd_start(ratd_proc *p, ...)
         _exit(127);
     }
     p->pid = pid;
+    ratd_harness_track(pid, p->path);
     ra_client_opts o;
     ra_client_opts_default(&o);
     o.timeout_ms = 200;
     for (int i = 0; i < 100; i++) {
         int status;
         if (waitpid(pid, &status, WNOHANG) == pid) {
+            ratd_harness_track(-pid, NULL);
             p->pid = 0;
             return -1; /* exited at start */
         }
@@ -100,6 +135,7 @@ static int ratd_start(ratd_proc *p, ...)
     }
     kill(pid, SIGKILL);
     waitpid(pid, NULL, 0);
+    ratd_harness_track(-pid, NULL);
     p->pid = 0;
     return -1;
 }
@@ -124,6 +160,7 @@ static int ratd_stop(ratd_proc *p)
         unlink(p->path);
         rc = -1;
     }
+    ratd_harness_track(-p->pid, NULL);
     p->pid = 0;
     struct stat sb;
     if (stat(p->path, &sb) == 0) {
