@@ -1,6 +1,7 @@
 /* SIMD kernels of index/: inner products and partial attention over keys and values
  * stored as fp32, fp16 or bf16. One implementation per ISA level (scalar, AVX2+F16C+FMA,
- * AVX-512F[+BF16]); the best one the CPU supports is chosen once at run time, and tests
+ * AVX-512F/BW/VL); the best one the CPU supports is chosen once at run time (or the one
+ * named by RA_ISA=scalar|avx2|avx512 in the environment, if the CPU has it), and tests
  * force each level in turn to compare it with the scalar reference. Queries and results
  * are always fp32; storage is converted in registers. */
 #ifndef RA_KERNELS_H
@@ -14,7 +15,7 @@
 typedef enum ra_isa {
     RA_ISA_SCALAR = 0,
     RA_ISA_AVX2 = 1,   /* AVX2 + FMA + F16C */
-    RA_ISA_AVX512 = 2  /* AVX-512F (+ AVX512BW) */
+    RA_ISA_AVX512 = 2  /* AVX-512F + BW + VL */
 } ra_isa;
 
 /* Best ISA this CPU supports (cached). */
