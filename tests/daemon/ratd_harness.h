@@ -61,7 +61,7 @@ static void ratd_harness_track(pid_t pid, const char *path)
     for (int i = 0; i < 16; i++)
         if (pid > 0 ? g_harness_pids[i] == 0 : g_harness_pids[i] == -pid) {
             g_harness_pids[i] = pid > 0 ? pid : 0;
-            if (pid > 0)
+            if (pid > 0 && path)
                 snprintf(g_harness_paths[i], sizeof g_harness_paths[i], "%s", path);
             return;
         }
@@ -120,7 +120,7 @@ static int ratd_start(ratd_proc *p, ...)
     for (int i = 0; i < 100; i++) {
         int status;
         if (waitpid(pid, &status, WNOHANG) == pid) {
-            ratd_harness_track(-pid, NULL);
+            ratd_harness_track(-pid, "");
             p->pid = 0;
             return -1; /* exited at start */
         }
@@ -135,7 +135,7 @@ static int ratd_start(ratd_proc *p, ...)
     }
     kill(pid, SIGKILL);
     waitpid(pid, NULL, 0);
-    ratd_harness_track(-pid, NULL);
+    ratd_harness_track(-pid, "");
     p->pid = 0;
     return -1;
 }
@@ -160,7 +160,7 @@ static int ratd_stop(ratd_proc *p)
         unlink(p->path);
         rc = -1;
     }
-    ratd_harness_track(-p->pid, NULL);
+    ratd_harness_track(-p->pid, "");
     p->pid = 0;
     struct stat sb;
     if (stat(p->path, &sb) == 0) {
