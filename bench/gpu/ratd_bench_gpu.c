@@ -126,7 +126,7 @@ static void bench_attend(ra_gpu_backend be, unsigned batch, int skip_check, int 
         TRY(ra_gpu_cache_offload_release(c, l));
     }
     ra_gpu_mem mem = dev ? RA_GPU_MEM_DEVICE : RA_GPU_MEM_HOST;
-    void *dq = q, *dk = k, *dv = v, *dbuf = NULL;
+    void *dq = q, *dk = k, *dv = v, *dbuf __attribute__((unused)) = NULL;
     float *d_o = o, *d_l = lse, *d_orem = orem, *d_lrem = lrem;
 #ifdef RA_HAVE_CUDA
     if (dev) {

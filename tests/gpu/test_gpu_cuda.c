@@ -60,7 +60,7 @@ static ra_gpu_config mkcfg(ra_dtype t, unsigned hq, unsigned hkv, unsigned d, un
     return c;
 }
 
-static double bound(ra_dtype t)
+static __attribute__((unused)) double bound(ra_dtype t)
 {
     return t == RA_DTYPE_BF16 ? 1e-2 : 2e-3;
 }
