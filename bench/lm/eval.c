@@ -43,6 +43,7 @@ typedef struct opts {
     double adaptive;      /* > 0: per-head adaptive budget, tail-mass threshold */
     unsigned adaptive_max;
     double adaptive_q; /* quantile of the calibration queries' needs */
+    unsigned adaptive_min;
     ra_dtype trace_dtype, kv_dtype;
     unsigned long seed;
     int json, quiet, wait_index_ms;
@@ -64,7 +65,8 @@ typedef struct result {
     unsigned long recall_n;
     double keys_read, keys_offloaded; /* summed per (step, layer, head) */
     double keys_perhead;              /* adaptive: keys a per-head budget would read */
-    unsigned long attends;            /* Attend requests (adaptive may repeat one) */
+    unsigned long attends;            /* Attend requests */
+    int adaptive;
     double seconds;
     unsigned steps;
 } result;
@@ -88,6 +90,7 @@ typedef struct run {
     int64_t *pack_pos;
     size_t pack_cap;
     double t_measure; /* seconds spent in measurement only (excluded from timing) */
+    int adaptive;      /* this run uses the calibrated per-head budget */
     unsigned *k_layer; /* top_k per layer (adaptive: calibrated at prefill) */
     unsigned *k_head;  /* adaptive: the budget each query head alone would need */
 } run;
@@ -99,7 +102,8 @@ static void die_usage(const char *msg)
     fprintf(stderr,
             "usage: ratd-lm-eval --model DIR --text FILE --context C --eval E\n"
             "         [--mode full|window|ratd|all|LIST] [--offset O] [--sink 128] [--window 512]\n"
-            "         [--topk K[,K2,...]] [--adaptive EPS] [--adaptive-max K] [--adaptive-quantile Q] [--repeat N] [--seed S]\n"
+            "         [--topk K[,K2,...]] [--adaptive EPS [--adaptive-min 100]\n"
+            "         [--adaptive-max 2000] [--adaptive-quantile 0.9]] [--repeat N] [--seed S]\n"
             "         [--endpoint ipc://...|tcp://...] [--ratd BIN] [--index graph|flat|ivf|hnsw]\n"
             "         [--kv-dtype f16|bf16|f32] [--n-train Q] [--effort E] [--wait-index MS]\n"
             "         [--dump-trace FILE [--trace-dtype f32|f16|bf16]] [--json] [--quiet]\n");
@@ -145,6 +149,7 @@ static void parse_args(int argc, char **argv, opts *o)
     o->seed = 1;
     o->adaptive_max = 2000;
     o->adaptive_q = 0.9;
+    o->adaptive_min = 100;
     o->wait_index_ms = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -195,6 +200,8 @@ static void parse_args(int argc, char **argv, opts *o)
             o->adaptive_q = strtod(v, &end);
             if (*end || !(o->adaptive_q > 0 && o->adaptive_q <= 1))
                 die_usage("--adaptive-quantile takes a value in (0, 1]");
+        } else if (ARG("--adaptive-min")) {
+            o->adaptive_min = parse_uint(a, v, 1, 1u << 20);
         } else if (ARG("--adaptive-max"))
             o->adaptive_max = parse_uint(a, v, 1, 1u << 20);
         else if (ARG("--trace-dtype"))
@@ -212,7 +219,7 @@ static void parse_args(int argc, char **argv, opts *o)
             for (char *t = strtok_r(dup, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
                 if (o->n_topk == MAX_SWEEP)
                     die_usage("--topk: at most 16 values");
-                o->topk[o->n_topk++] = parse_uint("--topk", t, 1, 1u << 20);
+                o->topk[o->n_topk++] = parse_uint("--topk", t, 0, 1u << 20);
             }
             free(dup);
             if (o->n_topk == 0)
@@ -577,7 +584,7 @@ static ra_status hook_ratd(void *ctx, ra_lm *lm, unsigned layer, unsigned pos, c
     }
     unsigned off_end = pos + 1 > R->o->window ? pos + 1 - R->o->window : 0; /* offloaded: [sink, off_end) */
     unsigned n_off = off_end > R->o->sink ? off_end - R->o->sink : 0;
-    unsigned k = R->o->adaptive > 0 ? R->k_layer[layer] : R->topk;
+    unsigned k = R->adaptive ? R->k_layer[layer] : R->topk;
     if (n_off == 0) {
         memcpy(o, R->o_loc, (size_t)nh * hd * sizeof(float));
     } else {
@@ -764,8 +771,8 @@ static int cmp_desc(const void *a, const void *b)
  * full attention is computed anyway. For late prefill queries (the last 256 positions,
  * stride 8) it finds how many of the keys that would be offloaded at that position must
  * be read, best first, for the rest to hold less than EPS of the head's attention; the
- * head's budget is the --adaptive-quantile (0.9) of those needs, clamped to [--topk,
- * --adaptive-max].
+ * head's budget is the --adaptive-quantile (0.9) of those needs, clamped to
+ * [--adaptive-min, --adaptive-max]. It runs after the fixed --topk budgets.
  * Heads that only look locally get the floor. ratd's Attend takes one top_k per
  * request, so a layer uses the largest budget of its heads; the per-head figure is
  * reported as what a per-head request would read. */
@@ -917,18 +924,19 @@ static ra_status setup_ratd(shared *S, run *R)
     return s;
 }
 
-static ra_status run_mode(shared *S, eval_mode mode, unsigned topk, result *res)
+static ra_status run_mode(shared *S, eval_mode mode, unsigned topk, int adaptive, result *res)
 {
     const opts *o = S->o;
     const ra_lm_config *c = S->c;
     unsigned C = o->context, E = o->eval, nh = c->n_heads, hd = c->head_dim;
     unsigned max_ctx = ra_lm_max_ctx(S->lm);
-    run R = {.o = o, .mode = mode, .topk = topk, .res = res};
+    run R = {.o = o, .mode = mode, .topk = topk, .res = res, .adaptive = adaptive};
     ra_status s = RA_ENOMEM;
     float *logits = malloc(c->vocab * sizeof(float));
     memset(res, 0, sizeof *res);
     res->mode = mode;
     res->topk = topk;
+    res->adaptive = adaptive;
     res->rel_l2 = calloc(c->n_layers, sizeof(double));
     R.o_loc = malloc((size_t)nh * hd * sizeof(float));
     R.lse_loc = malloc(nh * sizeof(float));
@@ -938,7 +946,7 @@ static ra_status run_mode(shared *S, eval_mode mode, unsigned topk, result *res)
     R.knew = malloc((size_t)c->n_kv_heads * hd * sizeof(float));
     R.vnew = malloc((size_t)c->n_kv_heads * hd * sizeof(float));
     R.sc = malloc((size_t)2 * max_ctx * sizeof(float));
-    unsigned kcap = o->adaptive > 0 && o->adaptive_max > topk ? o->adaptive_max : topk;
+    unsigned kcap = adaptive && o->adaptive_max > topk ? o->adaptive_max : topk;
     R.tpos = malloc((size_t)nh * kcap * sizeof(int64_t));
     R.tscores = malloc((size_t)nh * kcap * sizeof(float));
     R.k_layer = malloc(c->n_layers * sizeof(unsigned));
@@ -950,7 +958,7 @@ static ra_status run_mode(shared *S, eval_mode mode, unsigned topk, result *res)
         goto out;
     if ((s = ra_lm_rewind(S->lm, C)) != RA_OK)
         goto out;
-    if (mode == MODE_RATD && o->adaptive > 0 && (s = calibrate_budget(S, &R)) != RA_OK)
+    if (mode == MODE_RATD && adaptive && (s = calibrate_budget(S, &R)) != RA_OK)
         goto out;
     if (mode == MODE_RATD && (s = setup_ratd(S, &R)) != RA_OK)
         goto out;
@@ -963,6 +971,8 @@ static ra_status run_mode(shared *S, eval_mode mode, unsigned topk, result *res)
         res->nats_rep += nll;
         res->n_rep++;
     }
+    if (!o->quiet)
+        RA_INFO("ratd-lm-eval: %s%s: decoding starts", mode_names[mode], adaptive ? " (adaptive)" : "");
     double t0 = now_s();
     for (unsigned i = 1; i < E; i++) {
         if ((s = ra_lm_decode(S->lm, S->tok[C + i - 1], logits, fn, &R)) != RA_OK) {
@@ -1010,7 +1020,7 @@ static void print_result(const opts *o, const ra_lm_config *c, const result *r, 
             printf(",\"bpb_repeat\":%.6f,\"repeat_tokens\":%u", rep, r->n_rep);
         if (r->mode == MODE_RATD) {
             printf(",\"topk\":%u,\"recall\":%.6f,\"keys_read_frac\":%.6f", r->topk, recall, frac);
-            if (o->adaptive > 0)
+            if (r->adaptive)
                 printf(",\"adaptive\":%g,\"adaptive_quantile\":%g,\"adaptive_max\":%u,\"mean_k\":%.1f,\"attends_per_layer_step\":%.3f,"
                        "\"perhead_keys_frac\":%.6f",
                        o->adaptive, o->adaptive_q, o->adaptive_max,
@@ -1026,7 +1036,7 @@ static void print_result(const opts *o, const ra_lm_config *c, const result *r, 
     } else {
         char k[16] = "-", rc[16] = "-", fr[16] = "-", rp[16] = "-";
         if (r->mode == MODE_RATD) {
-            if (o->adaptive > 0)
+            if (r->adaptive)
                 snprintf(k, sizeof k, "a%u", r->topk);
             else
                 snprintf(k, sizeof k, "%u", r->topk);
@@ -1041,7 +1051,7 @@ static void print_result(const opts *o, const ra_lm_config *c, const result *r, 
         if (full_bpb > 0)
             snprintf(vs, sizeof vs, "%+.2f%%", 100 * (bpb / full_bpb - 1));
         printf("%-7s %6s %8.4f %8s %9s %9.2e %8s %8s %9.2f", mode_names[r->mode], k, bpb, vs, rp, err, rc, fr, ms);
-        if (r->mode == MODE_RATD && o->adaptive > 0 && r->attends)
+        if (r->mode == MODE_RATD && r->adaptive && r->attends)
             printf("   (adaptive %g: mean k %.0f, %.2f attends/layer/step, per-head budget would read %.2f%%)",
                    o->adaptive, r->keys_read / ((double)r->attends * c->n_heads),
                    (double)r->attends / ((double)r->steps * c->n_layers),
@@ -1192,21 +1202,25 @@ int main(int argc, char **argv)
     result r;
     double full_bpb = 0;
     if (want_full) {
-        if ((s = run_mode(&S, MODE_FULL, 0, &r)) != RA_OK)
+        if ((s = run_mode(&S, MODE_FULL, 0, 0, &r)) != RA_OK)
             goto out;
         full_bpb = r.nats / r.n / M_LN2;
         print_result(&o, c, &r, full_bpb);
         free(r.rel_l2);
     }
     if (want_window) {
-        if ((s = run_mode(&S, MODE_WINDOW, 0, &r)) != RA_OK)
+        if ((s = run_mode(&S, MODE_WINDOW, 0, 0, &r)) != RA_OK)
             goto out;
         print_result(&o, c, &r, full_bpb);
         free(r.rel_l2);
     }
     if (want_ratd) {
-        for (unsigned i = 0; i < o.n_topk; i++) {
-            if ((s = run_mode(&S, MODE_RATD, o.topk[i], &r)) != RA_OK) {
+        /* the fixed budgets of --topk (0: none), then the adaptive run of --adaptive */
+        for (unsigned i = 0; i < o.n_topk + (o.adaptive > 0); i++) {
+            int ad = i == o.n_topk;
+            if (!ad && o.topk[i] == 0)
+                continue;
+            if ((s = run_mode(&S, MODE_RATD, ad ? o.adaptive_min : o.topk[i], ad, &r)) != RA_OK) {
                 free(r.rel_l2);
                 goto out;
             }
