@@ -3,7 +3,11 @@
  * outstanding asynchronous attend that arrives while another call waits is parked in
  * that ticket's slot; replies nobody waits for any more (timed out, cancelled) are
  * dropped. Replies are validated like requests are in the daemon (ra_proto_parse),
- * so a confused or hostile daemon cannot make us write outside the caller's arrays. */
+ * so a confused or hostile daemon cannot make us write outside the caller's arrays.
+ *
+ * Sharding: an endpoint list "A,B,..." opens one socket per daemon; layer l lives on
+ * daemon l % n. A session is created on every daemon; the id the caller sees is the
+ * first daemon's, and a small table maps it to each daemon's own id. */
 #include "ratd/client.h"
 
 #include <errno.h>
@@ -22,14 +26,26 @@ typedef struct ra_reply {
     ra_proto_view v;
 } ra_reply;
 
+#define RA_CLIENT_MAX_SHARDS 16
+
 typedef struct pending {
     uint64_t id; /* 0: free slot */
+    int shard;
     int n_q, dim, k, want;
     ra_reply *reply; /* parked, when it arrived during another wait */
 } pending;
 
+typedef struct smap {
+    uint64_t local;
+    uint64_t remote[RA_CLIENT_MAX_SHARDS];
+} smap;
+
 struct ra_client {
-    void *ctx, *sock;
+    void *ctx;
+    void *socks[RA_CLIENT_MAX_SHARDS];
+    int n_shards;
+    smap *map;
+    int n_map, cap_map;
     int timeout_ms;
     int max_inflight;
     uint64_t next_id;
@@ -99,13 +115,29 @@ ra_status ra_client_open(ra_client **out, const char *endpoint, const ra_client_
     c->ctx = zmq_ctx_new();
     if (!c->pend || !c->ctx)
         goto fail;
-    c->sock = zmq_socket(c->ctx, ZMQ_DEALER);
-    if (!c->sock)
-        goto fail;
-    int linger = 0;
-    zmq_setsockopt(c->sock, ZMQ_LINGER, &linger, sizeof linger);
-    zmq_setsockopt(c->sock, ZMQ_SNDTIMEO, &c->timeout_ms, sizeof c->timeout_ms);
-    if (zmq_connect(c->sock, endpoint) != 0)
+    /* one DEALER per comma-separated endpoint */
+    for (const char *e = endpoint; *e;) {
+        const char *comma = strchr(e, ',');
+        size_t len = comma ? (size_t)(comma - e) : strlen(e);
+        char ep[512];
+        if (len == 0 || len >= sizeof ep || c->n_shards == RA_CLIENT_MAX_SHARDS)
+            goto fail;
+        memcpy(ep, e, len);
+        ep[len] = 0;
+        void *sock = zmq_socket(c->ctx, ZMQ_DEALER);
+        if (!sock)
+            goto fail;
+        c->socks[c->n_shards++] = sock;
+        int linger = 0;
+        zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof linger);
+        zmq_setsockopt(sock, ZMQ_SNDTIMEO, &c->timeout_ms, sizeof c->timeout_ms);
+        if (zmq_connect(sock, ep) != 0)
+            goto fail;
+        e += len;
+        if (*e == ',')
+            e++;
+    }
+    if (c->n_shards == 0)
         goto fail;
     *out = c;
     return RA_OK;
@@ -122,8 +154,9 @@ void ra_client_close(ra_client *c)
         for (int i = 0; i < c->max_inflight; i++)
             reply_free(c->pend[i].reply);
     free(c->pend);
-    if (c->sock)
-        zmq_close(c->sock);
+    free(c->map);
+    for (int i = 0; i < c->n_shards; i++)
+        zmq_close(c->socks[i]);
     if (c->ctx)
         zmq_ctx_term(c->ctx);
     free(c);
@@ -134,17 +167,35 @@ const char *ra_client_errmsg(const ra_client *c) { return c ? c->err : "no clien
 void ra_client_set_timeout(ra_client *c, int timeout_ms)
 {
     c->timeout_ms = timeout_ms > 0 ? timeout_ms : 30000;
-    zmq_setsockopt(c->sock, ZMQ_SNDTIMEO, &c->timeout_ms, sizeof c->timeout_ms);
+    for (int i = 0; i < c->n_shards; i++)
+        zmq_setsockopt(c->socks[i], ZMQ_SNDTIMEO, &c->timeout_ms, sizeof c->timeout_ms);
 }
 
 /* ---- request / reply ---------------------------------------------------------------- */
 
-static ra_status send_req(ra_client *c, Ratd__Header *h, ra_proto_part *parts, int n,
-                          uint64_t *id)
+/* Layer l lives on daemon l % n; the session id there comes from the map. */
+static int shard_of(const ra_client *c, int layer) { return layer % c->n_shards; }
+
+static smap *map_find(ra_client *c, uint64_t local)
+{
+    for (int i = 0; i < c->n_map; i++)
+        if (c->map[i].local == local)
+            return &c->map[i];
+    return NULL;
+}
+
+static uint64_t remote_session(ra_client *c, uint64_t session, int shard)
+{
+    smap *m = c->n_shards > 1 ? map_find(c, session) : NULL;
+    return m ? m->remote[shard] : session;
+}
+
+static ra_status send_req(ra_client *c, int shard, Ratd__Header *h, ra_proto_part *parts,
+                          int n, uint64_t *id)
 {
     h->version = RA_PROTO_VERSION;
     h->request_id = c->next_id++;
-    if (ra_proto_send(c->sock, NULL, 0, h, parts, n) < 0) {
+    if (ra_proto_send(c->socks[shard], NULL, 0, h, parts, n) < 0) {
         if (errno == EAGAIN)
             return fail(c, RA_ETIMEDOUT, "sending the request timed out (is ratd running?)");
         return fail(c, RA_EIO, "sending the request failed: %s", zmq_strerror(errno));
@@ -162,14 +213,15 @@ static pending *find_pending(ra_client *c, uint64_t id)
 }
 
 /* Waits for the reply to `id`; parks replies of other outstanding tickets. */
-static ra_status wait_reply(ra_client *c, uint64_t id, int timeout_ms, ra_reply **out)
+static ra_status wait_reply(ra_client *c, int shard, uint64_t id, int timeout_ms,
+                            ra_reply **out)
 {
     double deadline = ra_now_s() + timeout_ms / 1000.0;
     for (;;) {
         int left = (int)((deadline - ra_now_s()) * 1000.0 + 0.5);
         if (left < 0)
             left = 0;
-        zmq_pollitem_t it = {c->sock, 0, ZMQ_POLLIN, 0};
+        zmq_pollitem_t it = {c->socks[shard], 0, ZMQ_POLLIN, 0};
         int rc = zmq_poll(&it, 1, left);
         if (rc < 0) {
             if (errno == EINTR)
@@ -184,7 +236,7 @@ static ra_status wait_reply(ra_client *c, uint64_t id, int timeout_ms, ra_reply 
         ra_reply *r = calloc(1, sizeof *r);
         if (!r)
             return fail(c, RA_ENOMEM, "out of memory");
-        if (ra_proto_recv(c->sock, &r->m, ZMQ_DONTWAIT) < 0) {
+        if (ra_proto_recv(c->socks[shard], &r->m, ZMQ_DONTWAIT) < 0) {
             free(r);
             continue;
         }
@@ -225,15 +277,15 @@ static ra_status reply_status(ra_client *c, ra_reply *r)
                                            : ra_strerror((ra_status)s));
 }
 
-static ra_status call(ra_client *c, Ratd__Header *h, ra_proto_part *parts, int n,
+static ra_status call(ra_client *c, int shard, Ratd__Header *h, ra_proto_part *parts, int n,
                       ra_reply **out)
 {
     uint64_t id = 0;
-    ra_status st = send_req(c, h, parts, n, &id);
+    ra_status st = send_req(c, shard, h, parts, n, &id);
     if (st != RA_OK)
         return st;
     ra_reply *r;
-    if ((st = wait_reply(c, id, c->timeout_ms, &r)) != RA_OK)
+    if ((st = wait_reply(c, shard, id, c->timeout_ms, &r)) != RA_OK)
         return st;
     if ((st = reply_status(c, r)) != RA_OK) {
         reply_free(r);
@@ -245,44 +297,80 @@ static ra_status call(ra_client *c, Ratd__Header *h, ra_proto_part *parts, int n
 
 /* ---- Hello / sessions / stats ------------------------------------------------------ */
 
+static uint64_t min_nz(uint64_t a, uint64_t b) { return !a ? b : !b ? a : a < b ? a : b; }
+
+/* Hello to every daemon: each must speak our version. With several daemons, info
+ * describes what they have in common (capabilities and, per limit, the smallest);
+ * workers add up. */
 ra_status ra_client_hello(ra_client *c, ra_server_info *info)
 {
     if (!c)
         return RA_EINVAL;
-    Ratd__Header h = RATD__HEADER__INIT;
-    h.type = RATD__MSG_TYPE__HELLO;
-    ra_reply *r;
-    ra_status st = call(c, &h, NULL, 0, &r);
-    if (st != RA_OK)
-        return st;
-    const Ratd__HelloReply *hr = r->v.hdr->hello;
-    if (info) {
-        memset(info, 0, sizeof *info);
-        info->protocol_version = r->v.hdr->version;
+    ra_server_info acc;
+    memset(&acc, 0, sizeof acc);
+    for (int sh = 0; sh < c->n_shards; sh++) {
+        Ratd__Header h = RATD__HEADER__INIT;
+        h.type = RATD__MSG_TYPE__HELLO;
+        ra_reply *r;
+        ra_status st = call(c, sh, &h, NULL, 0, &r);
+        if (st != RA_OK)
+            return st;
+        const Ratd__HelloReply *hr = r->v.hdr->hello;
+        ra_server_info one;
+        memset(&one, 0, sizeof one);
+        one.protocol_version = r->v.hdr->version;
+        one.numa_node = -1;
         if (hr) {
-            info->capabilities = hr->capabilities;
-            snprintf(info->server_version, sizeof info->server_version, "%s",
+            one.capabilities = hr->capabilities;
+            snprintf(one.server_version, sizeof one.server_version, "%s",
                      hr->server_version ? hr->server_version : "");
-            info->workers = hr->workers;
-            info->numa_node = hr->numa_node;
+            one.workers = hr->workers;
+            one.numa_node = hr->numa_node;
             const Ratd__Limits *l = hr->limits;
             if (l) {
-                info->limits.max_frame_bytes = l->max_frame_bytes;
-                info->limits.max_message_bytes = l->max_message_bytes;
-                info->limits.mem_limit = l->mem_limit;
-                info->limits.max_sessions = l->max_sessions;
-                info->limits.max_layers = l->max_layers;
-                info->limits.max_heads = l->max_heads;
-                info->limits.max_dim = l->max_dim;
-                info->limits.max_top_k = l->max_top_k;
-                info->limits.max_tokens = l->max_tokens;
-                info->limits.max_queries = l->max_queries;
+                one.limits.max_frame_bytes = l->max_frame_bytes;
+                one.limits.max_message_bytes = l->max_message_bytes;
+                one.limits.mem_limit = l->mem_limit;
+                one.limits.max_sessions = l->max_sessions;
+                one.limits.max_layers = l->max_layers;
+                one.limits.max_heads = l->max_heads;
+                one.limits.max_dim = l->max_dim;
+                one.limits.max_top_k = l->max_top_k;
+                one.limits.max_tokens = l->max_tokens;
+                one.limits.max_queries = l->max_queries;
             }
         }
+        reply_free(r);
+        if (sh == 0) {
+            acc = one;
+            continue;
+        }
+        acc.capabilities &= one.capabilities;
+        acc.workers += one.workers;
+        if (acc.numa_node != one.numa_node)
+            acc.numa_node = -1;
+#define MN(f) acc.limits.f = min_nz(acc.limits.f, one.limits.f);
+        MN(max_frame_bytes) MN(max_message_bytes) MN(mem_limit) MN(max_sessions)
+            MN(max_layers) MN(max_heads) MN(max_dim) MN(max_top_k) MN(max_tokens)
+                MN(max_queries)
+#undef MN
     }
-    reply_free(r);
+    if (info)
+        *info = acc;
     c->err[0] = 0;
     return RA_OK;
+}
+
+static ra_status drop_one(ra_client *c, int shard, uint64_t remote)
+{
+    Ratd__Header h = RATD__HEADER__INIT;
+    h.type = RATD__MSG_TYPE__DROP_SESSION;
+    h.session = remote;
+    ra_reply *r;
+    ra_status st = call(c, shard, &h, NULL, 0, &r);
+    if (st == RA_OK)
+        reply_free(r);
+    return st;
 }
 
 ra_status ra_client_session_create(ra_client *c, const ra_session_desc *d, uint64_t *session)
@@ -292,6 +380,14 @@ ra_status ra_client_session_create(ra_client *c, const ra_session_desc *d, uint6
     if (d->n_layers <= 0 || d->n_q_heads <= 0 || d->n_kv_heads <= 0 || d->head_dim <= 0 ||
         (int)d->index.kind < 0)
         return fail(c, RA_EINVAL, "session sizes must be positive");
+    if (c->n_shards > 1 && c->n_map == c->cap_map) {
+        int cap = c->cap_map ? 2 * c->cap_map : 16;
+        smap *m = realloc(c->map, (size_t)cap * sizeof *m);
+        if (!m)
+            return fail(c, RA_ENOMEM, "out of memory");
+        c->map = m;
+        c->cap_map = cap;
+    }
     Ratd__Header h = RATD__HEADER__INIT;
     Ratd__CreateSession cs = RATD__CREATE_SESSION__INIT;
     Ratd__IndexOptions io = RATD__INDEX_OPTIONS__INIT;
@@ -309,15 +405,35 @@ ra_status ra_client_session_create(ra_client *c, const ra_session_desc *d, uint6
     io.seed = d->index.seed;
     cs.index = &io;
     h.create = &cs;
-    ra_reply *r;
-    ra_status st = call(c, &h, NULL, 0, &r);
-    if (st != RA_OK)
-        return st;
-    uint64_t id = r->v.hdr->session;
-    reply_free(r);
-    if (!id)
-        return fail(c, RA_EPROTO, "ratd created a session but sent no id");
-    *session = id;
+    smap m;
+    memset(&m, 0, sizeof m);
+    for (int sh = 0; sh < c->n_shards; sh++) {
+        ra_reply *r;
+        ra_status st = call(c, sh, &h, NULL, 0, &r);
+        uint64_t id = st == RA_OK ? r->v.hdr->session : 0;
+        if (st == RA_OK)
+            reply_free(r);
+        if (st == RA_OK && !id)
+            st = fail(c, RA_EPROTO, "ratd created a session but sent no id");
+        if (st != RA_OK) {
+            char keep[sizeof c->err];
+            memcpy(keep, c->err, sizeof keep);
+            for (int x = 0; x < sh; x++) /* undo: all daemons or none */
+                drop_one(c, x, m.remote[x]);
+            memcpy(c->err, keep, sizeof keep);
+            return st;
+        }
+        m.remote[sh] = id;
+    }
+    m.local = m.remote[0];
+    if (c->n_shards > 1) {
+        smap *old = map_find(c, m.local);
+        if (old) /* an id the first daemon reuses after a drop elsewhere */
+            *old = m;
+        else
+            c->map[c->n_map++] = m;
+    }
+    *session = m.local;
     c->err[0] = 0;
     return RA_OK;
 }
@@ -326,51 +442,64 @@ ra_status ra_client_session_drop(ra_client *c, uint64_t session)
 {
     if (!c)
         return RA_EINVAL;
-    Ratd__Header h = RATD__HEADER__INIT;
-    h.type = RATD__MSG_TYPE__DROP_SESSION;
-    h.session = session;
-    ra_reply *r;
-    ra_status st = call(c, &h, NULL, 0, &r);
-    if (st != RA_OK)
-        return st;
-    reply_free(r);
-    c->err[0] = 0;
-    return RA_OK;
+    ra_status first = RA_OK;
+    char keep[sizeof c->err] = "";
+    for (int sh = 0; sh < c->n_shards; sh++) {
+        ra_status st = drop_one(c, sh, remote_session(c, session, sh));
+        if (st != RA_OK && first == RA_OK) {
+            first = st;
+            memcpy(keep, c->err, sizeof keep);
+        }
+    }
+    smap *m = c->n_shards > 1 ? map_find(c, session) : NULL;
+    if (m)
+        *m = c->map[--c->n_map];
+    memcpy(c->err, keep, sizeof keep);
+    return first;
 }
 
+/* Counters of every daemon, added up (max_us and uptime: the largest). */
 ra_status ra_client_stats(ra_client *c, ra_server_stats *out)
 {
     if (!c || !out)
         return c ? fail(c, RA_EINVAL, "NULL argument") : RA_EINVAL;
-    Ratd__Header h = RATD__HEADER__INIT;
-    h.type = RATD__MSG_TYPE__STATS;
-    ra_reply *r;
-    ra_status st = call(c, &h, NULL, 0, &r);
-    if (st != RA_OK)
-        return st;
-    const Ratd__StatsReply *s = r->v.hdr->stats;
-    if (!s) {
+    ra_server_stats acc;
+    memset(&acc, 0, sizeof acc);
+    for (int sh = 0; sh < c->n_shards; sh++) {
+        Ratd__Header h = RATD__HEADER__INIT;
+        h.type = RATD__MSG_TYPE__STATS;
+        ra_reply *r;
+        ra_status st = call(c, sh, &h, NULL, 0, &r);
+        if (st != RA_OK)
+            return st;
+        const Ratd__StatsReply *s = r->v.hdr->stats;
+        if (!s) {
+            reply_free(r);
+            return fail(c, RA_EPROTO, "Stats reply without counters");
+        }
+        acc.sessions += s->sessions;
+        acc.requests += s->requests;
+        acc.errors += s->errors;
+        acc.bad_messages += s->bad_messages;
+        acc.bytes_in += s->bytes_in;
+        acc.bytes_out += s->bytes_out;
+        acc.mem_used += s->mem_used;
+        acc.mem_limit += s->mem_limit;
+        acc.tokens += s->tokens;
+        if (s->uptime_s > acc.uptime_s)
+            acc.uptime_s = s->uptime_s;
+        for (size_t i = 0; i < s->n_ops && i < RA_OP_COUNT; i++) {
+            acc.ops[i].count += s->ops[i]->count;
+            acc.ops[i].errors += s->ops[i]->errors;
+            acc.ops[i].total_us += s->ops[i]->total_us;
+            if (s->ops[i]->max_us > acc.ops[i].max_us)
+                acc.ops[i].max_us = s->ops[i]->max_us;
+        }
         reply_free(r);
-        return fail(c, RA_EPROTO, "Stats reply without counters");
     }
-    memset(out, 0, sizeof *out);
-    out->sessions = s->sessions;
-    out->requests = s->requests;
-    out->errors = s->errors;
-    out->bad_messages = s->bad_messages;
-    out->bytes_in = s->bytes_in;
-    out->bytes_out = s->bytes_out;
-    out->mem_used = s->mem_used;
-    out->mem_limit = s->mem_limit;
-    out->tokens = s->tokens;
-    out->uptime_s = s->uptime_s;
-    for (size_t i = 0; i < s->n_ops && i < RA_OP_COUNT; i++) {
-        out->ops[i].count = s->ops[i]->count;
-        out->ops[i].errors = s->ops[i]->errors;
-        out->ops[i].total_us = s->ops[i]->total_us;
-        out->ops[i].max_us = s->ops[i]->max_us;
-    }
-    reply_free(r);
+    if (c->n_shards > 1) /* sessions are counted once per daemon */
+        acc.sessions /= (uint64_t)c->n_shards;
+    *out = acc;
     c->err[0] = 0;
     return RA_OK;
 }
@@ -396,9 +525,10 @@ static ra_status tokens(ra_client *c, uint64_t session, int layer, const ra_kv_b
     if (n > ((uint64_t)1 << 40) / (G * D))
         return fail(c, RA_ETOOBIG, "batch too large");
     size_t kvb = (size_t)(G * n * D) * es;
+    int sh = shard_of(c, layer);
     Ratd__Header h = RATD__HEADER__INIT;
     h.type = offload ? RATD__MSG_TYPE__OFFLOAD : RATD__MSG_TYPE__APPEND;
-    h.session = session;
+    h.session = remote_session(c, session, sh);
     h.layer = (uint32_t)layer;
     ra_proto_part p[4] = {
         {RATD__ROLE__K, (Ratd__DType)b->dtype, 3, {G, n, D}, b->k, kvb, 0},
@@ -408,7 +538,7 @@ static ra_status tokens(ra_client *c, uint64_t session, int layer, const ra_kv_b
          b->q_train, (size_t)b->n_q_heads * b->n_queries * (size_t)D * sizeof(float), 0},
     };
     ra_reply *r;
-    ra_status st = call(c, &h, p, with_q ? 4 : 3, &r);
+    ra_status st = call(c, sh, &h, p, with_q ? 4 : 3, &r);
     if (st != RA_OK)
         return st;
     reply_free(r);
@@ -441,10 +571,11 @@ ra_status ra_client_attend_send(ra_client *c, uint64_t session, int layer,
     if (!slot)
         return fail(c, RA_EBUSY, "%d attends already outstanding (max_inflight)",
                     c->max_inflight);
+    int sh = shard_of(c, layer);
     Ratd__Header h = RATD__HEADER__INIT;
     Ratd__AttendParams ap = RATD__ATTEND_PARAMS__INIT;
     h.type = RATD__MSG_TYPE__ATTEND;
-    h.session = session;
+    h.session = remote_session(c, session, sh);
     h.layer = (uint32_t)layer;
     ap.top_k = (uint32_t)rq->top_k;
     ap.effort = rq->effort > 0 ? (uint32_t)rq->effort : 0;
@@ -455,10 +586,11 @@ ra_status ra_client_attend_send(ra_client *c, uint64_t session, int layer,
     ra_proto_part p = {RATD__ROLE__Q, RATD__DTYPE__F32, 2, {H, D}, rq->q,
                        (size_t)(H * D) * sizeof(float), 0};
     uint64_t id = 0;
-    ra_status st = send_req(c, &h, &p, 1, &id);
+    ra_status st = send_req(c, sh, &h, &p, 1, &id);
     if (st != RA_OK)
         return st;
     slot->id = id;
+    slot->shard = sh;
     slot->n_q = rq->n_q_heads;
     slot->dim = rq->head_dim;
     slot->k = rq->top_k;
@@ -518,7 +650,7 @@ ra_status ra_client_attend_wait(ra_client *c, ra_ticket ticket, ra_attend_out *o
     p->reply = NULL;
     ra_status st = RA_OK;
     if (!r) {
-        st = wait_reply(c, ticket, timeout_ms < 0 ? c->timeout_ms : timeout_ms, &r);
+        st = wait_reply(c, p->shard, ticket, timeout_ms < 0 ? c->timeout_ms : timeout_ms, &r);
         if (st == RA_ETIMEDOUT)
             return st; /* the ticket stays valid */
     }

@@ -52,7 +52,13 @@ void ra_client_opts_default(ra_client_opts *o);
 
 /* Connects to `endpoint` ("ipc:///path" or "tcp://host:port"). Does no network I/O:
  * an absent daemon shows up as RA_ETIMEDOUT on the first request (call
- * ra_client_hello to check the daemon and the protocol version). opts may be NULL. */
+ * ra_client_hello to check the daemon and the protocol version). opts may be NULL.
+ *
+ * Sharding: a comma-separated list of up to 16 endpoints ("ipc:///a,ipc:///b") spreads
+ * layers over several daemons (e.g. one per NUMA node): layer l lives on daemon
+ * l % n. Sessions are created and dropped on all of them (all or none), Hello checks
+ * all (limits: the smallest of each), Stats adds their counters up. The session id
+ * the caller sees is the first daemon's. */
 ra_status ra_client_open(ra_client **out, const char *endpoint, const ra_client_opts *opts);
 /* Closes the socket, abandons outstanding requests, frees the client. NULL is a no-op. */
 void ra_client_close(ra_client *c);

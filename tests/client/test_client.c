@@ -602,6 +602,74 @@ static void test_tcp_loopback(void **state)
     assert_int_equal(ratd_stop(&d2), 0);
 }
 
+/* Layers sharded over two daemons: answers are exact, each daemon holds only its
+ * layers, and a session exists on both until dropped. */
+static void test_sharded_layers(void **state)
+{
+    (void)state;
+    ratd_proc d1, d2;
+    assert_int_equal(ratd_start(&d1, NULL), 0);
+    assert_int_equal(ratd_start(&d2, NULL), 0);
+    char eps[700];
+    snprintf(eps, sizeof eps, "%s,%s", d1.endpoint, d2.endpoint);
+    ra_client_opts o;
+    ra_client_opts_default(&o);
+    o.timeout_ms = 20000;
+    ra_client *c;
+    assert_int_equal(ra_client_open(&c, eps, &o), RA_OK);
+    ra_server_info info;
+    assert_int_equal(ra_client_hello(c, &info), RA_OK);
+    assert_int_equal(info.workers, 4); /* 2 + 2 */
+    ra_client *save = g_c;
+    g_c = c;
+    const int Ls = 4, H = 2, G = 1, D = 16, N = 300;
+    uint64_t s = new_session(Ls, H, G, D, RA_DTYPE_F32, RA_CLIENT_INDEX_FLAT);
+    layer_data L[4];
+    for (int l = 0; l < Ls; l++) {
+        layer_make(&L[l], G, N + 10 * l, D, RA_DTYPE_F32);
+        load_layer(s, l, &L[l], N, 1);
+    }
+    ra_ticket t[4];
+    float *q = rand_q(H, D, 1.0f);
+    for (int l = 0; l < Ls; l++) {
+        ra_attend_req r = {.n_q_heads = H, .head_dim = D, .q = q, .top_k = N + 40};
+        assert_int_equal(ra_client_attend_send(c, s, l, &r, &t[l]), RA_OK);
+    }
+    for (int l = Ls - 1; l >= 0; l--) {
+        float oo[2 * 16], lse[2];
+        ra_attend_out out = {.o = oo, .lse = lse};
+        assert_int_equal(ra_client_attend_wait(c, t[l], &out, -1), RA_OK);
+        check_exact(&L[l], H, q, oo, lse, 1e-3);
+    }
+    /* daemon 1 holds layers 0 and 2, daemon 2 layers 1 and 3 */
+    ra_client *c1 = ratd_connect(&d1, 5000), *c2 = ratd_connect(&d2, 5000);
+    ra_server_stats s1, s2, sall;
+    assert_int_equal(ra_client_stats(c1, &s1), RA_OK);
+    assert_int_equal(ra_client_stats(c2, &s2), RA_OK);
+    assert_int_equal(s1.tokens, (uint64_t)(N + N + 20));
+    assert_int_equal(s2.tokens, (uint64_t)(N + 10 + N + 30));
+    assert_int_equal(s1.sessions, 1);
+    assert_int_equal(s2.sessions, 1);
+    assert_int_equal(ra_client_stats(c, &sall), RA_OK);
+    assert_int_equal(sall.tokens, s1.tokens + s2.tokens);
+    assert_int_equal(sall.sessions, 1);
+    assert_int_equal(ra_client_session_drop(c, s), RA_OK);
+    assert_int_equal(ra_client_stats(c1, &s1), RA_OK);
+    assert_int_equal(ra_client_stats(c2, &s2), RA_OK);
+    assert_int_equal(s1.sessions + s2.sessions, 0);
+    assert_int_equal(ra_client_session_drop(c, s), RA_ENOSESSION);
+    ra_client_close(c1);
+    ra_client_close(c2);
+    g_c = save;
+    free(q);
+    for (int l = 0; l < Ls; l++)
+        layer_free(&L[l]);
+    ra_client_close(c);
+    assert_int_equal(ratd_stop(&d1), 0);
+    assert_int_equal(ratd_stop(&d2), 0);
+    assert_int_equal(ra_client_open(&c, "ipc:///tmp/a,,ipc:///tmp/b", &o), RA_EINVAL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -619,6 +687,7 @@ int main(void)
         cmocka_unit_test(test_stats_count),
         cmocka_unit_test(test_local_argument_checks),
         cmocka_unit_test(test_tcp_loopback),
+        cmocka_unit_test(test_sharded_layers),
     };
     return cmocka_run_group_tests_name("client", tests, setup, teardown);
 }
