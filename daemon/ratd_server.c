@@ -38,6 +38,7 @@ typedef struct ratd_session {
     ra_head **heads;  /* [n_layers][n_kv], NULL until the layer gets tokens */
     int32_t *warm;    /* [n_layers][n_q][RATD_WARM] */
     int *n_warm;      /* [n_layers][n_q] */
+    uint8_t *broken;  /* [n_layers]: a failed store left KV heads out of step */
     size_t own_bytes; /* heads/warm tables, accounted */
     uint64_t tokens;
 } ratd_session;
@@ -85,6 +86,7 @@ static void session_free(ratd_server *s, ratd_session *ss)
     free(ss->heads);
     free(ss->warm);
     free(ss->n_warm);
+    free(ss->broken);
     ra_mem_release(&s->mem, ss->own_bytes);
     if (s->tokens >= ss->tokens)
         s->tokens -= ss->tokens;
@@ -258,7 +260,7 @@ static ra_status do_create(ratd_server *s, ra_proto_view *v, reply *r)
     size_t nh = (size_t)c->n_layers * c->n_kv_heads;
     size_t nw = (size_t)c->n_layers * c->n_q_heads;
     size_t own = sizeof(ratd_session) + nh * sizeof(ra_head *) +
-                 nw * (RATD_WARM * sizeof(int32_t) + sizeof(int));
+                 nw * (RATD_WARM * sizeof(int32_t) + sizeof(int)) + c->n_layers;
     if (ra_mem_reserve(&s->mem, own) != RA_OK) {
         snprintf(r->err, r->errlen, "daemon memory limit reached (%zu bytes of %zu in use)",
                  s->mem.used, s->mem.limit);
@@ -269,15 +271,17 @@ static ra_status do_create(ratd_server *s, ra_proto_view *v, reply *r)
         ss->heads = calloc(nh, sizeof *ss->heads);
         ss->warm = calloc(nw * RATD_WARM, sizeof *ss->warm);
         ss->n_warm = calloc(nw, sizeof *ss->n_warm);
+        ss->broken = calloc(c->n_layers, 1);
     }
     ratd_session **tab = realloc(s->sessions, (size_t)(s->n_sessions + 1) * sizeof *tab);
     if (tab)
         s->sessions = tab;
-    if (!ss || !ss->heads || !ss->warm || !ss->n_warm || !tab) {
+    if (!ss || !ss->heads || !ss->warm || !ss->n_warm || !ss->broken || !tab) {
         if (ss) {
             free(ss->heads);
             free(ss->warm);
             free(ss->n_warm);
+            free(ss->broken);
         }
         free(ss);
         ra_mem_release(&s->mem, own);
@@ -326,7 +330,8 @@ typedef struct kv_job {
     const float *q;
     size_t nq; /* per query head */
     size_t es;
-    ra_status st[4096];
+    ra_status st[4096];       /* append */
+    ra_status build_st[4096]; /* index build start */
     int bad_finite[4096];
 } kv_job;
 
@@ -351,14 +356,28 @@ static void task_append(void *arg, int g)
     ra_status st = RA_OK;
     if (j->n)
         st = ra_head_append(h, j->k + (size_t)g * per, j->v + (size_t)g * per, j->pos, j->n);
+    j->st[g] = st;
+    j->build_st[g] = RA_OK;
     if (st == RA_OK && j->q && j->nq) {
         /* [n_q][nq][dim]: the rep query heads of KV head g are contiguous */
         size_t qn = (size_t)ss->rep * j->nq;
-        st = ra_head_build(h, j->q + (size_t)g * qn * (size_t)ss->dim, qn, 1);
-        if (st == RA_EBUSY) /* a build runs: it inserts the new keys when it ends */
-            st = RA_OK;
+        ra_status bs = ra_head_build(h, j->q + (size_t)g * qn * (size_t)ss->dim, qn, 1);
+        if (bs == RA_EBUSY) /* a build runs: it inserts the new keys when it ends */
+            bs = RA_OK;
+        j->build_st[g] = bs;
     }
-    j->st[g] = st;
+}
+
+/* A layer whose KV heads a failed store left out of step answers nothing more. */
+static ra_status check_broken(ratd_session *ss, uint32_t layer, reply *r)
+{
+    if (!ss->broken[layer])
+        return RA_OK;
+    snprintf(r->err, r->errlen,
+             "layer %u of session %llu was left partially updated by a failed Offload/Append "
+             "(see the earlier error); drop the session and offload again",
+             layer, (unsigned long long)ss->id);
+    return RA_ESTATE;
 }
 
 static ra_status do_tokens(ratd_server *s, ra_proto_view *v, reply *r, int offload)
@@ -375,6 +394,9 @@ static ra_status do_tokens(ratd_server *s, ra_proto_view *v, reply *r, int offlo
                  hd->layer, (unsigned long long)ss->id, ss->n_layers - 1);
         return RA_ENOLAYER;
     }
+    ra_status bst = check_broken(ss, hd->layer, r);
+    if (bst != RA_OK)
+        return bst;
     int ik = ra_proto_find(v, RATD__ROLE__K);
     if (ik < 0) {
         snprintf(r->err, r->errlen, "request has no K frame");
@@ -474,18 +496,36 @@ static ra_status do_tokens(ratd_server *s, ra_proto_view *v, reply *r, int offlo
     }
     ratd_pool_run(s->pool, ss->n_kv, task_append, j);
     st = RA_OK;
-    for (int g = 0; g < ss->n_kv; g++)
-        if (j->st[g] != RA_OK) {
-            st = j->st[g];
-            snprintf(r->err, r->errlen,
-                     "layer %u KV head %d: %s while storing %zu tokens (the layer may be "
-                     "partially updated; drop the session to recover)",
-                     hd->layer, g, ra_strerror(st), j->n);
-            break;
-        }
+    int n_ok = 0, first_bad = -1;
+    for (int g = 0; g < ss->n_kv; g++) {
+        if (j->st[g] == RA_OK)
+            n_ok++;
+        else if (first_bad < 0)
+            first_bad = g;
+    }
+    if (first_bad >= 0) {
+        st = j->st[first_bad];
+        /* appends are validated before they change anything, so a head either took
+         * all n tokens or none; heads that disagree now cannot be reconciled */
+        int partial = n_ok > 0 && j->n > 0;
+        if (partial)
+            ss->broken[hd->layer] = 1;
+        snprintf(r->err, r->errlen, "layer %u KV head %d: %s while storing %zu tokens%s",
+                 hd->layer, first_bad, ra_strerror(st), j->n,
+                 partial ? "; other heads stored them, so the layer is now unusable: drop "
+                           "the session (raise --mem-limit or free memory first)"
+                         : "; nothing was stored");
+    }
     if (st == RA_OK) {
         ss->tokens += n;
         s->tokens += n;
+        /* the tokens are stored and answered by exact scan: the request succeeded,
+         * but say loudly that the index is missing */
+        for (int g = 0; g < ss->n_kv; g++)
+            if (j->build_st[g] != RA_OK)
+                RA_WARN("session %llu layer %u KV head %d: index build not started (%s); "
+                        "this head answers by exact scan",
+                        (unsigned long long)ss->id, hd->layer, g, ra_strerror(j->build_st[g]));
     }
 out:
     for (int i = 0; i < 4; i++)
@@ -561,6 +601,9 @@ static ra_status do_attend(ratd_server *s, ra_proto_view *v, reply *r)
                  hd->layer, (unsigned long long)ss->id, ss->n_layers - 1);
         return RA_ENOLAYER;
     }
+    ra_status bst = check_broken(ss, hd->layer, r);
+    if (bst != RA_OK)
+        return bst;
     const Ratd__AttendParams *ap = hd->attend;
     if (!ap) {
         snprintf(r->err, r->errlen, "Attend without its parameters (top_k)");

@@ -534,6 +534,18 @@ static void test_memory_limit(void **state)
     expect_log("memory limit");
     assert_int_equal(ra_client_stats(g_c, &b2), RA_OK);
     assert_true(b2.mem_used <= b2.mem_limit);
+    /* the layer either answers (no head took the failed batch) or refuses to, if
+     * some heads did: never a mix of head lengths */
+    {
+        float q[8 * 64] = {0}, o[8 * 64], lse[8];
+        ra_attend_req r = {.n_q_heads = 8, .head_dim = 64, .q = q, .top_k = 10};
+        ra_attend_out out = {.o = o, .lse = lse};
+        ra_status ast = ra_client_attend(g_c, s, 0, &r, &out);
+        if (ast == RA_ESTATE)
+            assert_non_null(strstr(ra_client_errmsg(g_c), "drop the session"));
+        else
+            assert_int_equal(ast, RA_OK);
+    }
     /* the memory comes back with the session */
     assert_int_equal(ra_client_session_drop(g_c, s), RA_OK);
     assert_int_equal(ra_client_stats(g_c, &b2), RA_OK);
