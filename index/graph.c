@@ -27,6 +27,19 @@
 #include "ra_kernels.h"
 #include "ra_log.h"
 
+static float g_ipslack = 0.0f;
+static int g_refill = 50;
+static int g_noroute = 0;
+__attribute__((constructor)) static void g_env(void)
+{
+    if (getenv("GSLACK"))
+        g_ipslack = (float)atof(getenv("GSLACK"));
+    if (getenv("GNOROUTE"))
+        g_noroute = 1;
+    if (getenv("GREFILL"))
+        g_refill = atoi(getenv("GREFILL"));
+}
+
 /* ---- defaults and bounds (zero / out-of-range options fall back here) ---- */
 #define G_DEF_KNN 100
 #define G_DEF_DEGREE 32
@@ -42,6 +55,9 @@
 #define G_MAX_THREADS 256
 #define G_WINDOW 2       /* rank window: keys within +-2 ranks of one query's list */
 #define G_PROJ_PCT 0
+#define G_ROUTE_MAX 256  /* training queries kept for routing */
+#define G_ROUTE_KEYS 8   /* best keys kept per routing query */
+#define G_ROUTE_TOP 4    /* routing queries used per search */
 #define G_LINK_L2 0      /* 1: link by L2 (measured far worse for MIPS: 0.16 vs 0.60 recall) */
 #define G_ALPHA2 1.44f   /* occlusion slack (alpha = 1.2, on squared distances) */
 
@@ -74,6 +90,11 @@ typedef struct ra_graph {
     float *norm2;  /* [cap] |k|^2 */
     int32_t *entries;
     int n_entries;
+    /* routing: a few training queries (fp32, unit norm) and their best keys; a search
+     * starts also from the best keys of the training queries nearest to it */
+    float *route_q;      /* [n_route][dim] */
+    int32_t *route_ids;  /* [n_route][G_ROUTE_KEYS] (-1 padded) */
+    int n_route;
 } ra_graph;
 
 /* ------------------------------------------------------------------------ */
@@ -296,8 +317,8 @@ static void g_score(const ra_graph *g, const void *keys, const float *q, int l2,
  * seeds. Leaves the best L candidates in t->pool, sorted; returns their count. Every
  * node is expanded at most once and the pool is bounded, so it always ends. */
 static int g_search(const ra_graph *g, const void *keys, const float *q, int l2, int L,
-                    const int32_t *warm, int n_warm, int32_t skip, g_tls *t, uint64_t *scanned,
-                    uint64_t *hops)
+                    const int32_t *warm, int n_warm, const int32_t *route, int n_route,
+                    int32_t skip, g_tls *t, uint64_t *scanned, uint64_t *hops)
 {
     uint32_t gen = g_tls_next_gen(t);
     uint32_t *stamp = t->stamp;
@@ -306,9 +327,9 @@ static int g_search(const ra_graph *g, const void *keys, const float *q, int l2,
     uint64_t nscan = 0, nhop = 0;
     int nb = 0;
     /* seeds: entries then warm ids (validated: callers may pass anything) */
-    for (int pass = 0; pass < 2; pass++) {
-        const int32_t *src = pass == 0 ? g->entries : warm;
-        int ns = pass == 0 ? g->n_entries : n_warm;
+    for (int pass = 0; pass < 3; pass++) {
+        const int32_t *src = pass == 0 ? g->entries : pass == 1 ? warm : route;
+        int ns = pass == 0 ? g->n_entries : pass == 1 ? n_warm : n_route;
         if (!src)
             continue;
         for (int i = 0; i < ns; i++) {
@@ -427,7 +448,7 @@ static int g_prune(const ra_graph *g, const void *keys, const g_nb *c, int nc, i
             for (int j = 0; j < kept; j++) {
                 int l2 = g_use_l2();
                 float drc = l2 ? g->norm2[out[j]] + nc2 - 2.0f * t->sc[j] : -t->sc[j];
-                if (l2 ? G_ALPHA2 * drc < c[i].d2 : drc < c[i].d2) {
+                if (l2 ? G_ALPHA2 * drc < c[i].d2 : drc + g_ipslack * fabsf(c[i].d2) < c[i].d2) {
                     dropped[i] = 1;
                     break;
                 }
@@ -437,7 +458,7 @@ static int g_prune(const ra_graph *g, const void *keys, const g_nb *c, int nc, i
             out[kept++] = cid;
     }
     /* half the slots at most are refilled: long edges are what pruning is for */
-    for (int i = 0; i < lim && kept < M / 2; i++)
+    for (int i = 0; i < lim && kept < M * g_refill / 100; i++)
         if (dropped[i])
             out[kept++] = c[i].id;
     return kept;
@@ -676,7 +697,7 @@ static void g_ins_task(void *arg, size_t b, size_t e)
     for (size_t i = b; i < e; i++) {
         int32_t u = c->nodes[i];
         ra_kern_to_f32(g_row(g, c->keys, u), g->dtype, (size_t)g->dim, q);
-        int np = g_search(g, c->keys, q, g_use_l2(), L, NULL, 0, u, t, NULL, NULL);
+        int np = g_search(g, c->keys, q, g_use_l2(), L, NULL, 0, NULL, 0, u, t, NULL, NULL);
         int n = 0;
         for (int j = 0; j < np; j++)
             if (t->pool[j].id != u)
@@ -1077,6 +1098,8 @@ static void graph_destroy(void *state)
     free(g->pdeg);
     free(g->norm2);
     free(g->entries);
+    free(g->route_q);
+    free(g->route_ids);
     free(g);
 }
 
@@ -1203,6 +1226,30 @@ static ra_status graph_build(void **state, const ra_kv *kv, size_t n, const floa
         }
         g->n_entries = k;
     }
+    /* routing queries: evenly spaced over the sample, which is half tail, half stride */
+    if (ns > 0) {
+        int nr = ns < G_ROUTE_MAX ? (int)ns : G_ROUTE_MAX;
+        int Kk = (size_t)K > n ? (int)n : K;
+        g->route_q = malloc((size_t)nr * dim * sizeof *g->route_q);
+        g->route_ids = malloc((size_t)nr * G_ROUTE_KEYS * sizeof *g->route_ids);
+        if (!g->route_q || !g->route_ids) {
+            st = RA_ENOMEM;
+            goto fail;
+        }
+        for (int r = 0; r < nr; r++) {
+            size_t qi = (size_t)r * ns / (size_t)nr;
+            const float *src = sq + qi * dim;
+            double nn = 0;
+            for (int j = 0; j < dim; j++)
+                nn += (double)src[j] * src[j];
+            float inv = nn > 0 ? (float)(1.0 / sqrt(nn)) : 0.0f; /* cosine: unit rows */
+            for (int j = 0; j < dim; j++)
+                g->route_q[(size_t)r * dim + j] = src[j] * inv;
+            for (int j = 0; j < G_ROUTE_KEYS; j++)
+                g->route_ids[(size_t)r * G_ROUTE_KEYS + j] = j < Kk ? knn[qi * Kk + j] : -1;
+        }
+        g->n_route = nr;
+    }
     /* keys no training query reached: insert them by key->key search */
     if (n > 1) {
         miss = malloc(n * sizeof *miss);
@@ -1299,6 +1346,39 @@ static ra_status graph_add(void *state, const ra_kv *kv, size_t first, size_t n)
     return st;
 }
 
+/* Seeds from the routing queries most similar (cosine) to q: their best keys. Cost:
+ * n_route fp32 dot products, no key is read. Returns the count written. */
+static int g_route(const ra_graph *g, const float *q, int32_t *out)
+{
+    if (!g->n_route || g_noroute)
+        return 0;
+    float sc[G_ROUTE_MAX];
+    ra_kern_dot_range(q, g->route_q, RA_DTYPE_F32, g->dim, 0, (size_t)g->n_route, sc);
+    int best[G_ROUTE_TOP];
+    int nb = 0;
+    for (int r = 0; r < g->n_route; r++) { /* tiny top-T by insertion */
+        int pos = nb;
+        while (pos > 0 && sc[best[pos - 1]] < sc[r])
+            pos--;
+        if (pos >= G_ROUTE_TOP)
+            continue;
+        int last = nb < G_ROUTE_TOP ? nb : G_ROUTE_TOP - 1;
+        for (int j = last; j > pos; j--)
+            best[j] = best[j - 1];
+        best[pos] = r;
+        if (nb < G_ROUTE_TOP)
+            nb++;
+    }
+    int n = 0;
+    for (int i = 0; i < nb; i++)
+        for (int j = 0; j < G_ROUTE_KEYS; j++) {
+            int32_t id = g->route_ids[(size_t)best[i] * G_ROUTE_KEYS + j];
+            if (id >= 0 && (size_t)id < g->n)
+                out[n++] = id;
+        }
+    return n;
+}
+
 static ra_status graph_search(void *state, const ra_kv *kv, const float *q, const ra_search_params *p,
                               int32_t *ids, float *scores, int *n_out, ra_search_stats *st)
 {
@@ -1325,7 +1405,10 @@ static ra_status graph_search(void *state, const ra_kv *kv, const float *q, cons
         g_tls *t = g_tls_get(g->n, L, nb, g->dim);
         if (!t)
             return RA_ENOMEM;
-        int np = g_search(g, ra_kv_keys(kv), q, 0, L, p->warm, n_warm, -1, t, &scanned, &hops);
+        int32_t route[G_ROUTE_TOP * G_ROUTE_KEYS];
+        int nr = g_route(g, q, route);
+        int np = g_search(g, ra_kv_keys(kv), q, 0, L, p->warm, n_warm, route, nr, -1, t, &scanned,
+                          &hops);
         got = np < k ? np : k;
         for (int i = 0; i < got; i++) {
             ids[i] = t->pool[i].id;

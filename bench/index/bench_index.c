@@ -45,6 +45,9 @@ typedef struct bench_cfg {
     float rho;
     const char *efforts;
     int eval_train; /* diagnostic: evaluate on the last training queries */
+    int overlap;    /* print how much top-k sets of nearby queries overlap */
+    const char *synth;
+    int no_train; /* build without training queries (what the queries add) */
 } bench_cfg;
 
 static void usage(void)
@@ -55,7 +58,8 @@ static void usage(void)
             "                        [--keys K.npy --queries Q.npy [--train-queries T.npy]]\n"
             "                        [--topk K] [--seed S] [--json] [--threads T] [--dtype f16|bf16|f32]\n"
             "                        [--index graph,ivf,hnsw,flat] [--insert N] [--efforts a,b,c]\n"
-            "                        [--knn K] [--degree M] [--build-ef E] [--entries E] [--ntrain N]\n");
+            "                        [--knn K] [--degree M] [--build-ef E] [--entries E] [--ntrain N]\n"
+            "                        [--synth knob=v,...] [--overlap] [--no-train] [--eval-train]\n");
 }
 
 static int parse_args(int argc, char **argv, bench_cfg *c)
@@ -89,7 +93,14 @@ static int parse_args(int argc, char **argv, bench_cfg *c)
             c->synthetic = 1;
         else if (!strcmp(a, "--eval-train"))
             c->eval_train = 1;
-        else if (!strcmp(a, "--json"))
+        else if (!strcmp(a, "--no-train"))
+            c->no_train = 1;
+        else if (!strcmp(a, "--overlap"))
+            c->overlap = 1;
+        else if (!strcmp(a, "--synth")) {
+            NEEDV;
+            c->synth = v;
+        } else if (!strcmp(a, "--json"))
             c->json = 1;
         else if (!strcmp(a, "--n")) {
             NEEDV;
@@ -268,6 +279,40 @@ static int make_insert_set(bench_data *d, size_t nins, const float *pool_keys, s
     return 0;
 }
 
+/* --synth key=value,...: the generator's knobs (synth.h), for studies of the data. */
+static int apply_synth_opts(ra_synth_opts *o, const char *spec)
+{
+    char buf[512];
+    snprintf(buf, sizeof buf, "%s", spec);
+    for (char *tok = strtok(buf, ","); tok; tok = strtok(NULL, ",")) {
+        char *eq = strchr(tok, '=');
+        if (!eq) {
+            fprintf(stderr, "--synth: %s is not key=value\n", tok);
+            return -1;
+        }
+        *eq = 0;
+        double v = atof(eq + 1);
+        if (!strcmp(tok, "offset")) o->offset = (float)v;
+        else if (!strcmp(tok, "mix")) o->mix = (float)v;
+        else if (!strcmp(tok, "rank")) o->rank = (int)v;
+        else if (!strcmp(tok, "qscale")) o->qscale = (float)v;
+        else if (!strcmp(tok, "qnoise")) o->qnoise = (float)v;
+        else if (!strcmp(tok, "hub")) o->hub_frac = (float)v;
+        else if (!strcmp(tok, "needles")) o->needles = (int)v;
+        else if (!strcmp(tok, "needle_gain")) o->needle_gain = (float)v;
+        else if (!strcmp(tok, "topics")) o->topics = (int)v;
+        else if (!strcmp(tok, "tnoise")) o->tnoise = (float)v;
+        else if (!strcmp(tok, "vocab")) o->vocab = (int)v;
+        else if (!strcmp(tok, "knoise")) o->knoise = (float)v;
+        else if (!strcmp(tok, "blur")) o->blur = (float)v;
+        else {
+            fprintf(stderr, "--synth: unknown knob %s\n", tok);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static int load_synthetic(const bench_cfg *c, bench_data *d)
 {
     ra_synth_opts o;
@@ -279,38 +324,10 @@ static int load_synthetic(const bench_cfg *c, bench_data *d)
     o.seed = c->seed;
     if (c->rho >= 0)
         o.rho = c->rho;
-    const char *e;
-    if ((e = getenv("SYN_OFFSET")))
-        o.offset = (float)atof(e);
-    if ((e = getenv("SYN_TOPICS")))
-        o.topics = atoi(e);
-    if ((e = getenv("SYN_TNOISE")))
-        o.tnoise = (float)atof(e);
-    if ((e = getenv("SYN_VOCAB")))
-        o.vocab = atoi(e);
-    if ((e = getenv("SYN_KNOISE")))
-        o.knoise = (float)atof(e);
-    if ((e = getenv("SYN_BLUR")))
-        o.blur = (float)atof(e);
-    if ((e = getenv("SYN_MIX")))
-        o.mix = (float)atof(e);
-    if ((e = getenv("SYN_RANK")))
-        o.rank = atoi(e);
-    if ((e = getenv("SYN_QSCALE")))
-        o.qscale = (float)atof(e);
-    if ((e = getenv("SYN_HUB")))
-        o.hub_frac = (float)atof(e);
-    if ((e = getenv("SYN_NEEDLES")))
-        o.needles = atoi(e);
-    if ((e = getenv("SYN_NGAIN")))
-        o.needle_gain = (float)atof(e);
-    int indist = getenv("GINDIST") != NULL;
-    if (indist)
-        o.n += c->nq;
+    if (c->synth && apply_synth_opts(&o, c->synth))
+        return -1;
     ra_synth s;
     ra_status st = ra_synth_make(&o, &s);
-    if (!st && indist) /* diagnostic: in-distribution queries (held-out keys) */
-        memcpy(s.queries, s.keys + (o.n - c->nq) * (size_t)c->dim, c->nq * (size_t)c->dim * sizeof(float));
     if (st) {
         fprintf(stderr, "synthetic data: %s\n", ra_strerror(st));
         return -1;
@@ -483,10 +500,7 @@ static int run_queries(const ra_backend_ops *ops, void *st, const ra_kv *kv, siz
     for (size_t i = 0; i < nq; i++) {
         ra_search_params p = {.k = k, .effort = effort, .warm = warm && nprev ? prev : NULL,
                               .n_warm = warm ? nprev : 0};
-        if (getenv("GORACLE")) {
-            p.warm = gt + i * (size_t)k;
-            p.n_warm = atoi(getenv("GORACLE"));
-        }
+
         ra_search_stats ss = {0};
         int got = 0;
         ra_status s = ops->search(st, kv, q + i * (size_t)dim, &p, ids, sc, &got, &ss);
@@ -692,7 +706,7 @@ int main(int argc, char **argv)
     }
     if (!c.json)
         printf("# ground truth %.2fs\n", ra_now_s() - tg);
-    if (getenv("GOVERLAP") && d.nt) { /* diagnostic: top-k overlap with the nearest training query */
+    if (c.overlap && d.nt) { /* diagnostic: top-k overlap with the nearest training query */
         int32_t *tg2 = malloc(d.nt * (size_t)k * sizeof *tg2);
         float *ts2 = malloc(d.nt * (size_t)k * sizeof *ts2);
         ra_exact_knn_batch(kv, d.n, d.train, d.nt, k, tg2, ts2);
@@ -784,7 +798,7 @@ int main(int argc, char **argv)
         void *st = NULL;
         omp_set_num_threads(threads);
         double t0 = ra_now_s();
-        ra_status s = idx[ii].ops->build(&st, kv, d.n, d.train, getenv("GNOTRAIN") ? 0 : d.nt, &o);
+        ra_status s = idx[ii].ops->build(&st, kv, d.n, d.train, c.no_train ? 0 : d.nt, &o);
         double build_s = ra_now_s() - t0;
         if (s) {
             fprintf(stderr, "%s build: %s\n", idx[ii].name, ra_strerror(s));

@@ -117,8 +117,6 @@ static void rand_orthonormal(double *B, int d, uint64_t *rs, double blur)
 /* RoPE at position pos, HF rotate_half layout: pairs (j, j + d/2). */
 static void rope(float *x, int d, double pos)
 {
-    if (getenv("SYN_NOROPE"))
-        return;
     int h = d / 2;
     for (int j = 0; j < h; j++) {
         double th = pos * pow(500000.0, -2.0 * j / d);
