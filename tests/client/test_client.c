@@ -670,6 +670,32 @@ static void test_sharded_layers(void **state)
     assert_int_equal(ra_client_open(&c, "ipc:///tmp/a,,ipc:///tmp/b", &o), RA_EINVAL);
 }
 
+/* Placement flags reach the daemon: Hello reports the node and the capability, and
+ * an impossible node stops the daemon at start. */
+static void test_numa_placement(void **state)
+{
+    (void)state;
+    ratd_proc d;
+    assert_int_equal(ratd_start(&d, "--numa-node", "0", NULL), 0);
+    ra_client *c = ratd_connect(&d, 5000);
+    ra_server_info info;
+    assert_int_equal(ra_client_hello(c, &info), RA_OK);
+    assert_int_equal(info.numa_node, 0);
+    assert_true(info.capabilities & RA_CAP_NUMA);
+    ra_client_close(c);
+    assert_int_equal(ratd_stop(&d), 0);
+    assert_int_equal(ratd_start(&d, "--cpuset", "0", NULL), 0);
+    c = ratd_connect(&d, 5000);
+    assert_int_equal(ra_client_hello(c, &info), RA_OK);
+    assert_true(info.capabilities & RA_CAP_NUMA);
+    assert_int_equal(info.numa_node, -1);
+    ra_client_close(c);
+    assert_int_equal(ratd_stop(&d), 0);
+    assert_int_equal(ratd_start(&d, "--numa-node", "4000", NULL), -1);
+    assert_true(ratd_log_has(&d, "NUMA node"));
+    unlink(d.log);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -688,6 +714,7 @@ int main(void)
         cmocka_unit_test(test_local_argument_checks),
         cmocka_unit_test(test_tcp_loopback),
         cmocka_unit_test(test_sharded_layers),
+        cmocka_unit_test(test_numa_placement),
     };
     return cmocka_run_group_tests_name("client", tests, setup, teardown);
 }
