@@ -162,7 +162,10 @@ void ra_client_close(ra_client *c)
     free(c);
 }
 
-const char *ra_client_errmsg(const ra_client *c) { return c ? c->err : "no client"; }
+const char *ra_client_errmsg(const ra_client *c)
+{
+    return c ? c->err : "no client";
+}
 
 void ra_client_set_timeout(ra_client *c, int timeout_ms)
 {
@@ -174,7 +177,10 @@ void ra_client_set_timeout(ra_client *c, int timeout_ms)
 /* ---- request / reply ---------------------------------------------------------------- */
 
 /* Layer l lives on daemon l % n; the session id there comes from the map. */
-static int shard_of(const ra_client *c, int layer) { return layer % c->n_shards; }
+static int shard_of(const ra_client *c, int layer)
+{
+    return layer % c->n_shards;
+}
 
 static smap *map_find(ra_client *c, uint64_t local)
 {
@@ -190,8 +196,8 @@ static uint64_t remote_session(ra_client *c, uint64_t session, int shard)
     return m ? m->remote[shard] : session;
 }
 
-static ra_status send_req(ra_client *c, int shard, Ratd__Header *h, ra_proto_part *parts,
-                          int n, uint64_t *id)
+static ra_status send_req(ra_client *c, int shard, Ratd__Header *h, ra_proto_part *parts, int n,
+                          uint64_t *id)
 {
     h->version = RA_PROTO_VERSION;
     h->request_id = c->next_id++;
@@ -213,8 +219,7 @@ static pending *find_pending(ra_client *c, uint64_t id)
 }
 
 /* Waits for the reply to `id`; parks replies of other outstanding tickets. */
-static ra_status wait_reply(ra_client *c, int shard, uint64_t id, int timeout_ms,
-                            ra_reply **out)
+static ra_status wait_reply(ra_client *c, int shard, uint64_t id, int timeout_ms, ra_reply **out)
 {
     double deadline = ra_now_s() + timeout_ms / 1000.0;
     for (;;) {
@@ -272,9 +277,9 @@ static ra_status reply_status(ra_client *c, ra_reply *r)
     if (s < 0 || s > RA_ESTATE)
         return fail(c, RA_EPROTO, "ratd answered with unknown status %d: %s", s,
                     r->v.hdr->message ? r->v.hdr->message : "");
-    return fail(c, (ra_status)s, "%s", r->v.hdr->message && *r->v.hdr->message
-                                           ? r->v.hdr->message
-                                           : ra_strerror((ra_status)s));
+    return fail(c, (ra_status)s, "%s",
+                r->v.hdr->message && *r->v.hdr->message ? r->v.hdr->message
+                                                        : ra_strerror((ra_status)s));
 }
 
 static ra_status call(ra_client *c, int shard, Ratd__Header *h, ra_proto_part *parts, int n,
@@ -297,7 +302,10 @@ static ra_status call(ra_client *c, int shard, Ratd__Header *h, ra_proto_part *p
 
 /* ---- Hello / sessions / stats ------------------------------------------------------ */
 
-static uint64_t min_nz(uint64_t a, uint64_t b) { return !a ? b : !b ? a : a < b ? a : b; }
+static uint64_t min_nz(uint64_t a, uint64_t b)
+{
+    return !a ? b : !b ? a : a < b ? a : b;
+}
 
 /* Hello to every daemon: each must speak our version. With several daemons, info
  * describes what they have in common (capabilities and, per limit, the smallest);
@@ -350,9 +358,9 @@ ra_status ra_client_hello(ra_client *c, ra_server_info *info)
         if (acc.numa_node != one.numa_node)
             acc.numa_node = -1;
 #define MN(f) acc.limits.f = min_nz(acc.limits.f, one.limits.f);
-        MN(max_frame_bytes) MN(max_message_bytes) MN(mem_limit) MN(max_sessions)
-            MN(max_layers) MN(max_heads) MN(max_dim) MN(max_top_k) MN(max_tokens)
-                MN(max_queries)
+        MN(max_frame_bytes)
+        MN(max_message_bytes) MN(mem_limit) MN(max_sessions) MN(max_layers) MN(max_heads)
+            MN(max_dim) MN(max_top_k) MN(max_tokens) MN(max_queries)
 #undef MN
     }
     if (info)
@@ -399,10 +407,11 @@ ra_status ra_client_session_create(ra_client *c, const ra_session_desc *d, uint6
     cs.dtype = (Ratd__DType)d->dtype;
     io.kind = (uint32_t)d->index.kind;
 #define CP(f) io.f = d->index.f > 0 ? (uint32_t)d->index.f : 0;
-    CP(graph_knn) CP(graph_degree) CP(graph_build_ef) CP(graph_entries) CP(n_train)
-        CP(ivf_nlist) CP(hnsw_m) CP(threads)
+    CP(graph_knn)
+    CP(graph_degree) CP(graph_build_ef) CP(graph_entries) CP(n_train) CP(ivf_nlist) CP(hnsw_m)
+        CP(threads)
 #undef CP
-    io.seed = d->index.seed;
+            io.seed = d->index.seed;
     cs.index = &io;
     h.create = &cs;
     smap m;
@@ -534,8 +543,13 @@ static ra_status tokens(ra_client *c, uint64_t session, int layer, const ra_kv_b
         {RATD__ROLE__K, (Ratd__DType)b->dtype, 3, {G, n, D}, b->k, kvb, 0},
         {RATD__ROLE__V, (Ratd__DType)b->dtype, 3, {G, n, D}, b->v, kvb, 0},
         {RATD__ROLE__POS, RATD__DTYPE__I64, 1, {n}, b->pos, n * sizeof(int64_t), 0},
-        {RATD__ROLE__Q_TRAIN, RATD__DTYPE__F32, 3, {(uint64_t)b->n_q_heads, b->n_queries, D},
-         b->q_train, (size_t)b->n_q_heads * b->n_queries * (size_t)D * sizeof(float), 0},
+        {RATD__ROLE__Q_TRAIN,
+         RATD__DTYPE__F32,
+         3,
+         {(uint64_t)b->n_q_heads, b->n_queries, D},
+         b->q_train,
+         (size_t)b->n_q_heads * b->n_queries * (size_t)D * sizeof(float),
+         0},
     };
     ra_reply *r;
     ra_status st = call(c, sh, &h, p, with_q ? 4 : 3, &r);
@@ -558,8 +572,8 @@ ra_status ra_client_append(ra_client *c, uint64_t session, int layer, const ra_k
 
 /* ---- attend ----------------------------------------------------------------------- */
 
-ra_status ra_client_attend_send(ra_client *c, uint64_t session, int layer,
-                                const ra_attend_req *rq, ra_ticket *ticket)
+ra_status ra_client_attend_send(ra_client *c, uint64_t session, int layer, const ra_attend_req *rq,
+                                ra_ticket *ticket)
 {
     if (!c || !rq || !ticket)
         return c ? fail(c, RA_EINVAL, "NULL argument") : RA_EINVAL;
@@ -569,8 +583,7 @@ ra_status ra_client_attend_send(ra_client *c, uint64_t session, int layer,
         return fail(c, RA_EINVAL, "n_q_heads, head_dim and top_k must be positive, q set");
     pending *slot = find_pending(c, 0);
     if (!slot)
-        return fail(c, RA_EBUSY, "%d attends already outstanding (max_inflight)",
-                    c->max_inflight);
+        return fail(c, RA_EBUSY, "%d attends already outstanding (max_inflight)", c->max_inflight);
     int sh = shard_of(c, layer);
     Ratd__Header h = RATD__HEADER__INIT;
     Ratd__AttendParams ap = RATD__ATTEND_PARAMS__INIT;
@@ -583,8 +596,8 @@ ra_status ra_client_attend_send(ra_client *c, uint64_t session, int layer,
     ap.want_topk = rq->want_topk != 0;
     h.attend = &ap;
     uint64_t H = (uint64_t)rq->n_q_heads, D = (uint64_t)rq->head_dim;
-    ra_proto_part p = {RATD__ROLE__Q, RATD__DTYPE__F32, 2, {H, D}, rq->q,
-                       (size_t)(H * D) * sizeof(float), 0};
+    ra_proto_part p = {
+        RATD__ROLE__Q, RATD__DTYPE__F32, 2, {H, D}, rq->q, (size_t)(H * D) * sizeof(float), 0};
     uint64_t id = 0;
     ra_status st = send_req(c, sh, &h, &p, 1, &id);
     if (st != RA_OK)
@@ -637,8 +650,7 @@ static ra_status unpack_attend(ra_client *c, pending *p, ra_reply *r, ra_attend_
     return RA_OK;
 }
 
-ra_status ra_client_attend_wait(ra_client *c, ra_ticket ticket, ra_attend_out *out,
-                                int timeout_ms)
+ra_status ra_client_attend_wait(ra_client *c, ra_ticket ticket, ra_attend_out *out, int timeout_ms)
 {
     if (!c || !out || !out->o || !out->lse)
         return c ? fail(c, RA_EINVAL, "out->o and out->lse are required") : RA_EINVAL;

@@ -83,12 +83,26 @@ static int parse_size(const char *s, int64_t *out)
         return -1;
     double mul = 1;
     switch (toupper((unsigned char)*end)) {
-    case 0: break;
-    case 'K': mul = 1024.0; end++; break;
-    case 'M': mul = 1024.0 * 1024; end++; break;
-    case 'G': mul = 1024.0 * 1024 * 1024; end++; break;
-    case 'T': mul = 1024.0 * 1024 * 1024 * 1024; end++; break;
-    default: return -1;
+    case 0:
+        break;
+    case 'K':
+        mul = 1024.0;
+        end++;
+        break;
+    case 'M':
+        mul = 1024.0 * 1024;
+        end++;
+        break;
+    case 'G':
+        mul = 1024.0 * 1024 * 1024;
+        end++;
+        break;
+    case 'T':
+        mul = 1024.0 * 1024 * 1024 * 1024;
+        end++;
+        break;
+    default:
+        return -1;
     }
     if (toupper((unsigned char)*end) == 'B' || toupper((unsigned char)*end) == 'I') {
         end++;
@@ -117,8 +131,7 @@ ra_status ratd_config_set(ratd_config *c, const char *name, const char *value, c
     switch (o->type) {
     case OPT_STR:
         if (strlen(value) >= o->size) {
-            snprintf(err, errlen, "option %s: value longer than %zu characters", name,
-                     o->size - 1);
+            snprintf(err, errlen, "option %s: value longer than %zu characters", name, o->size - 1);
             return RA_EINVAL;
         }
         strcpy(field, value);
@@ -127,8 +140,8 @@ ra_status ratd_config_set(ratd_config *c, const char *name, const char *value, c
         if (!strcmp(value, "1") || !strcasecmp(value, "yes") || !strcasecmp(value, "true") ||
             !strcasecmp(value, "on"))
             x = 1;
-        else if (!strcmp(value, "0") || !strcasecmp(value, "no") ||
-                 !strcasecmp(value, "false") || !strcasecmp(value, "off"))
+        else if (!strcmp(value, "0") || !strcasecmp(value, "no") || !strcasecmp(value, "false") ||
+                 !strcasecmp(value, "off"))
             x = 0;
         else {
             snprintf(err, errlen, "option %s: '%s' is not a boolean (yes/no)", name, value);
@@ -330,9 +343,10 @@ void ratd_config_usage(FILE *f, const char *prog)
             prog);
     for (size_t i = 0; i < N_OPTIONS; i++) {
         const ratd_option *o = &g_options[i];
-        const char *arg = o->type == OPT_BOOL ? "" : o->type == OPT_STR ? " STR"
-                                                   : o->type == OPT_SIZE ? " SIZE"
-                                                                         : " N";
+        const char *arg = o->type == OPT_BOOL   ? ""
+                          : o->type == OPT_STR  ? " STR"
+                          : o->type == OPT_SIZE ? " SIZE"
+                                                : " N";
         char head[64];
         snprintf(head, sizeof head, "--%s%s", o->name, arg);
         fprintf(f, "  %-26s %s", head, o->help);

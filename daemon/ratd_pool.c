@@ -131,8 +131,8 @@ ra_status ratd_pool_create(ratd_pool **out, int n_workers, int numa_node, const 
         hwloc_bitmap_list_asprintf(&cs, p->cpuset);
         if (nodeset)
             hwloc_bitmap_list_asprintf(&ns, nodeset);
-        snprintf(p->placement, sizeof p->placement, "cpus %s, memory on node(s) %s",
-                 cs ? cs : "?", ns ? ns : "?");
+        snprintf(p->placement, sizeof p->placement, "cpus %s, memory on node(s) %s", cs ? cs : "?",
+                 ns ? ns : "?");
         free(cs);
         free(ns);
     }
@@ -211,7 +211,19 @@ void ratd_pool_run(ratd_pool *p, int n_tasks, ratd_task_fn fn, void *arg)
     pthread_mutex_unlock(&p->mu);
 }
 
-int ratd_pool_workers(const ratd_pool *p) { return p->n_threads + 1; }
-int ratd_pool_numa_node(const ratd_pool *p) { return p->numa_node; }
-int ratd_pool_bound(const ratd_pool *p) { return p->cpuset != NULL; }
-const char *ratd_pool_placement(const ratd_pool *p) { return p->placement; }
+int ratd_pool_workers(const ratd_pool *p)
+{
+    return p->n_threads + 1;
+}
+int ratd_pool_numa_node(const ratd_pool *p)
+{
+    return p->numa_node;
+}
+int ratd_pool_bound(const ratd_pool *p)
+{
+    return p->cpuset != NULL;
+}
+const char *ratd_pool_placement(const ratd_pool *p)
+{
+    return p->placement;
+}

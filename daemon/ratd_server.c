@@ -128,9 +128,8 @@ static void shape_str(const Ratd__Tensor *t, char *buf, size_t len)
 }
 
 /* Checks that tensor `role` exists with dtype dt and the given shape (ndim dims). */
-static ra_status want_tensor(ra_proto_view *v, Ratd__Role role, const char *name, int dt,
-                             int ndim, const uint64_t *shape, int *idx, char *err,
-                             size_t errlen)
+static ra_status want_tensor(ra_proto_view *v, Ratd__Role role, const char *name, int dt, int ndim,
+                             const uint64_t *shape, int *idx, char *err, size_t errlen)
 {
     int i = ra_proto_find(v, role);
     if (i < 0) {
@@ -209,8 +208,8 @@ static ra_status do_create(ratd_server *s, ra_proto_view *v, reply *r)
     }
     if (c->n_kv_heads < 1 || c->n_kv_heads > c->n_q_heads || c->n_q_heads % c->n_kv_heads) {
         snprintf(r->err, r->errlen,
-                 "n_kv_heads %u must divide n_q_heads %u (GQA groups of equal size)",
-                 c->n_kv_heads, c->n_q_heads);
+                 "n_kv_heads %u must divide n_q_heads %u (GQA groups of equal size)", c->n_kv_heads,
+                 c->n_q_heads);
         return RA_EINVAL;
     }
     if (c->head_dim < 1 || c->head_dim > (uint32_t)cfg->max_dim) {
@@ -228,27 +227,27 @@ static ra_status do_create(ratd_server *s, ra_proto_view *v, reply *r)
     const Ratd__IndexOptions *x = c->index;
     if (x) {
         if (x->kind > RA_INDEX_HNSW) {
-            snprintf(r->err, r->errlen, "index kind %u: 0 graph, 1 flat, 2 ivf, 3 hnsw",
-                     x->kind);
+            snprintf(r->err, r->errlen, "index kind %u: 0 graph, 1 flat, 2 ivf, 3 hnsw", x->kind);
             return RA_EINVAL;
         }
         const uint32_t big = 1u << 20;
         if (x->graph_knn > big || x->graph_degree > 4096 || x->graph_build_ef > big ||
             x->graph_entries > 4096 || x->n_train > (1u << 24) || x->ivf_nlist > big ||
             x->hnsw_m > 1024 || x->threads > 1024) {
-            snprintf(r->err, r->errlen, "an index option is out of range (knn, ef, nlist <= "
-                                        "2^20; degree, entries <= 4096; hnsw_m, threads <= 1024)");
+            snprintf(r->err, r->errlen,
+                     "an index option is out of range (knn, ef, nlist <= "
+                     "2^20; degree, entries <= 4096; hnsw_m, threads <= 1024)");
             return RA_EINVAL;
         }
         io.kind = (ra_index_kind)x->kind;
-#define OV(f)                                                                                \
-    if (x->f)                                                                                \
+#define OV(f)                                                                                      \
+    if (x->f)                                                                                      \
         io.f = (int)x->f;
-        OV(graph_knn) OV(graph_degree) OV(graph_build_ef) OV(graph_entries) OV(n_train)
-            OV(ivf_nlist) OV(hnsw_m) OV(threads)
+        OV(graph_knn)
+        OV(graph_degree) OV(graph_build_ef) OV(graph_entries) OV(n_train) OV(ivf_nlist) OV(hnsw_m)
+            OV(threads)
 #undef OV
-        if (x->seed)
-            io.seed = x->seed;
+                if (x->seed) io.seed = x->seed;
     }
     if (!io.threads && cfg->index_threads)
         io.threads = cfg->index_threads;
@@ -412,10 +411,8 @@ static ra_status do_tokens(ratd_server *s, ra_proto_view *v, reply *r, int offlo
     uint64_t kshape[3] = {(uint64_t)ss->n_kv, n, (uint64_t)ss->dim};
     int iv, ip, iq = -1;
     ra_status st;
-    if ((st = want_tensor(v, RATD__ROLE__K, "K", ss->dtype, 3, kshape, &ik, r->err,
-                          r->errlen)) ||
-        (st = want_tensor(v, RATD__ROLE__V, "V", ss->dtype, 3, kshape, &iv, r->err,
-                          r->errlen)) ||
+    if ((st = want_tensor(v, RATD__ROLE__K, "K", ss->dtype, 3, kshape, &ik, r->err, r->errlen)) ||
+        (st = want_tensor(v, RATD__ROLE__V, "V", ss->dtype, 3, kshape, &iv, r->err, r->errlen)) ||
         (st = want_tensor(v, RATD__ROLE__POS, "positions", RATD__DTYPE__I64, 1, &n, &ip, r->err,
                           r->errlen)))
         return st;
@@ -423,7 +420,8 @@ static ra_status do_tokens(ratd_server *s, ra_proto_view *v, reply *r, int offlo
     int qi = ra_proto_find(v, RATD__ROLE__Q_TRAIN);
     if (qi >= 0) {
         if (!offload) {
-            snprintf(r->err, r->errlen, "Append takes no training queries (send them with Offload)");
+            snprintf(r->err, r->errlen,
+                     "Append takes no training queries (send them with Offload)");
             return RA_EPROTO;
         }
         const Ratd__Tensor *tq = v->tensor[qi];
@@ -510,8 +508,8 @@ static ra_status do_tokens(ratd_server *s, ra_proto_view *v, reply *r, int offlo
         int partial = n_ok > 0 && j->n > 0;
         if (partial)
             ss->broken[hd->layer] = 1;
-        snprintf(r->err, r->errlen, "layer %u KV head %d: %s while storing %zu tokens%s",
-                 hd->layer, first_bad, ra_strerror(st), j->n,
+        snprintf(r->err, r->errlen, "layer %u KV head %d: %s while storing %zu tokens%s", hd->layer,
+                 first_bad, ra_strerror(st), j->n,
                  partial ? "; other heads stored them, so the layer is now unusable: drop "
                            "the session (raise --mem-limit or free memory first)"
                          : "; nothing was stored");
@@ -620,8 +618,8 @@ static ra_status do_attend(ratd_server *s, ra_proto_view *v, reply *r)
     }
     uint64_t qshape[2] = {(uint64_t)ss->n_q, (uint64_t)ss->dim};
     int iq;
-    ra_status st = want_tensor(v, RATD__ROLE__Q, "q", RATD__DTYPE__F32, 2, qshape, &iq,
-                               r->err, r->errlen);
+    ra_status st =
+        want_tensor(v, RATD__ROLE__Q, "q", RATD__DTYPE__F32, 2, qshape, &iq, r->err, r->errlen);
     if (st)
         return st;
     void *qtmp = NULL;
@@ -662,22 +660,27 @@ static ra_status do_attend(ratd_server *s, ra_proto_view *v, reply *r)
     for (int h = 0; h < ss->n_q; h++)
         if (j->st[h] != RA_OK) {
             st = j->st[h];
-            snprintf(r->err, r->errlen, "layer %u query head %d: search failed: %s", hd->layer,
-                     h, ra_strerror(st));
+            snprintf(r->err, r->errlen, "layer %u query head %d: search failed: %s", hd->layer, h,
+                     ra_strerror(st));
             goto fail;
         }
     ra_proto_part *pp = r->parts;
-    pp[0] = (ra_proto_part){RATD__ROLE__O, RATD__DTYPE__F32, 2, {nq, (uint64_t)ss->dim}, o,
-                            nq * (size_t)ss->dim * sizeof(float), 1};
+    pp[0] = (ra_proto_part){RATD__ROLE__O,
+                            RATD__DTYPE__F32,
+                            2,
+                            {nq, (uint64_t)ss->dim},
+                            o,
+                            nq * (size_t)ss->dim * sizeof(float),
+                            1};
     pp[1] = (ra_proto_part){RATD__ROLE__LSE, RATD__DTYPE__F32, 1, {nq}, lse, nq * sizeof(float), 1};
     r->n_parts = 2;
     if (ap->want_topk) {
-        pp[2] = (ra_proto_part){RATD__ROLE__TOPK_POS, RATD__DTYPE__I64, 2, {nq, k}, pos,
-                                nq * k * sizeof(int64_t), 1};
-        pp[3] = (ra_proto_part){RATD__ROLE__TOPK_SCORE, RATD__DTYPE__F32, 2, {nq, k}, sc,
-                                nq * k * sizeof(float), 1};
-        pp[4] = (ra_proto_part){RATD__ROLE__TOPK_COUNT, RATD__DTYPE__I32, 1, {nq}, counts,
-                                nq * sizeof(int32_t), 1};
+        pp[2] = (ra_proto_part){
+            RATD__ROLE__TOPK_POS, RATD__DTYPE__I64, 2, {nq, k}, pos, nq * k * sizeof(int64_t), 1};
+        pp[3] = (ra_proto_part){
+            RATD__ROLE__TOPK_SCORE, RATD__DTYPE__F32, 2, {nq, k}, sc, nq * k * sizeof(float), 1};
+        pp[4] = (ra_proto_part){
+            RATD__ROLE__TOPK_COUNT, RATD__DTYPE__I32, 1, {nq}, counts, nq * sizeof(int32_t), 1};
         r->n_parts = 5;
     }
     free(ids);
@@ -779,13 +782,27 @@ static void handle(ratd_server *s, ra_proto_msg *m)
         goto reply;
     }
     switch (type) {
-    case RATD__MSG_TYPE__HELLO: st = do_hello(s, &v, &r, &hr, &lm); break;
-    case RATD__MSG_TYPE__CREATE_SESSION: st = do_create(s, &v, &r); break;
-    case RATD__MSG_TYPE__OFFLOAD: st = do_tokens(s, &v, &r, 1); break;
-    case RATD__MSG_TYPE__APPEND: st = do_tokens(s, &v, &r, 0); break;
-    case RATD__MSG_TYPE__ATTEND: st = do_attend(s, &v, &r); break;
-    case RATD__MSG_TYPE__DROP_SESSION: st = do_drop(s, &v, &r); break;
-    case RATD__MSG_TYPE__STATS: st = do_stats(s, &r, &sr, os, osp); break;
+    case RATD__MSG_TYPE__HELLO:
+        st = do_hello(s, &v, &r, &hr, &lm);
+        break;
+    case RATD__MSG_TYPE__CREATE_SESSION:
+        st = do_create(s, &v, &r);
+        break;
+    case RATD__MSG_TYPE__OFFLOAD:
+        st = do_tokens(s, &v, &r, 1);
+        break;
+    case RATD__MSG_TYPE__APPEND:
+        st = do_tokens(s, &v, &r, 0);
+        break;
+    case RATD__MSG_TYPE__ATTEND:
+        st = do_attend(s, &v, &r);
+        break;
+    case RATD__MSG_TYPE__DROP_SESSION:
+        st = do_drop(s, &v, &r);
+        break;
+    case RATD__MSG_TYPE__STATS:
+        st = do_stats(s, &r, &sr, os, osp);
+        break;
     default:
         snprintf(err, sizeof err, "unknown request type %d", type);
         st = RA_EPROTO;
@@ -811,9 +828,8 @@ reply:
             RA_WARN("request %llu (%s): client %s went away before its reply; reply dropped",
                     (unsigned long long)req_id, ra_proto_type_name(type), peer);
         else
-            RA_WARN("request %llu (%s): reply to client %s failed: %s",
-                    (unsigned long long)req_id, ra_proto_type_name(type), peer,
-                    zmq_strerror(errno));
+            RA_WARN("request %llu (%s): reply to client %s failed: %s", (unsigned long long)req_id,
+                    ra_proto_type_name(type), peer, zmq_strerror(errno));
     }
     if (v.hdr)
         ra_proto_view_free(&v);
@@ -839,8 +855,7 @@ static ra_status check_ipc_path(const char *path, char *err, size_t errlen)
     memset(&a, 0, sizeof a);
     a.sun_family = AF_UNIX;
     if (strlen(path) >= sizeof a.sun_path) {
-        snprintf(err, errlen, "ipc path %s is longer than %zu bytes", path,
-                 sizeof a.sun_path - 1);
+        snprintf(err, errlen, "ipc path %s is longer than %zu bytes", path, sizeof a.sun_path - 1);
         return RA_EINVAL;
     }
     strcpy(a.sun_path, path);
@@ -860,8 +875,7 @@ static ra_status check_ipc_path(const char *path, char *err, size_t errlen)
     return RA_OK;
 }
 
-ra_status ratd_server_create(ratd_server **out, const ratd_config *cfg, char *err,
-                             size_t errlen)
+ra_status ratd_server_create(ratd_server **out, const ratd_config *cfg, char *err, size_t errlen)
 {
     ratd_server *s = calloc(1, sizeof *s);
     if (!s) {

@@ -14,8 +14,7 @@
 typedef struct ratd_server ratd_server;
 
 /* Binds the endpoint, builds the pool (placement), prepares the limits. */
-ra_status ratd_server_create(ratd_server **out, const ratd_config *cfg, char *err,
-                             size_t errlen);
+ra_status ratd_server_create(ratd_server **out, const ratd_config *cfg, char *err, size_t errlen);
 /* Serves until *stop becomes nonzero (a signal handler sets it). Returns 0. */
 int ratd_server_run(ratd_server *s, volatile sig_atomic_t *stop);
 /* Drops every session (waiting for background builds), closes the socket, removes

@@ -55,19 +55,25 @@ void ra_proto_msg_close(ra_proto_msg *m)
 size_t ra_proto_dtype_size(int dt)
 {
     switch (dt) {
-    case RATD__DTYPE__F32: return 4;
-    case RATD__DTYPE__F16: return 2;
-    case RATD__DTYPE__BF16: return 2;
-    case RATD__DTYPE__I64: return 8;
-    case RATD__DTYPE__I32: return 4;
-    default: return 0;
+    case RATD__DTYPE__F32:
+        return 4;
+    case RATD__DTYPE__F16:
+        return 2;
+    case RATD__DTYPE__BF16:
+        return 2;
+    case RATD__DTYPE__I64:
+        return 8;
+    case RATD__DTYPE__I32:
+        return 4;
+    default:
+        return 0;
     }
 }
 
 const char *ra_proto_type_name(int type)
 {
-    static const char *names[] = {"none", "hello", "create_session", "offload",
-                                  "append", "attend", "drop_session", "stats"};
+    static const char *names[] = {"none",   "hello",  "create_session", "offload",
+                                  "append", "attend", "drop_session",   "stats"};
     if (type < 0 || type >= (int)(sizeof names / sizeof names[0]))
         return "unknown";
     return names[type];
@@ -75,16 +81,16 @@ const char *ra_proto_type_name(int type)
 
 static const char *role_name(int r)
 {
-    static const char *names[] = {"none", "K", "V", "pos", "q_train", "q", "o", "lse",
+    static const char *names[] = {"none",     "K",          "V",          "pos",
+                                  "q_train",  "q",          "o",          "lse",
                                   "topk_pos", "topk_score", "topk_count", "train_topk"};
     if (r < 0 || r >= (int)(sizeof names / sizeof names[0]))
         return "unknown";
     return names[r];
 }
 
-ra_status ra_proto_parse(ra_proto_msg *m, int first, const ra_proto_limits *lim,
-                         ra_proto_view *v, uint64_t *req_id, int *type, char *err,
-                         size_t errlen)
+ra_status ra_proto_parse(ra_proto_msg *m, int first, const ra_proto_limits *lim, ra_proto_view *v,
+                         uint64_t *req_id, int *type, char *err, size_t errlen)
 {
     memset(v, 0, sizeof *v);
     if (m->dropped) {
@@ -123,8 +129,8 @@ ra_status ra_proto_parse(ra_proto_msg *m, int first, const ra_proto_limits *lim,
         total += sz;
         if (lim && lim->max_frame_bytes && sz > lim->max_frame_bytes) {
             snprintf(err, errlen,
-                     "tensor frame %d is %zu bytes, over the limit of %zu (max-frame-bytes)",
-                     i, sz, lim->max_frame_bytes);
+                     "tensor frame %d is %zu bytes, over the limit of %zu (max-frame-bytes)", i, sz,
+                     lim->max_frame_bytes);
             st = RA_ETOOBIG;
             goto fail;
         }
@@ -221,8 +227,8 @@ static void free_cb(void *data, void *hint)
     free(data);
 }
 
-int ra_proto_send(void *sock, zmq_msg_t *route, int delim, Ratd__Header *h,
-                  ra_proto_part *parts, int n_parts)
+int ra_proto_send(void *sock, zmq_msg_t *route, int delim, Ratd__Header *h, ra_proto_part *parts,
+                  int n_parts)
 {
     Ratd__Tensor tens[RA_PROTO_MAX_FRAMES];
     Ratd__Tensor *tp[RA_PROTO_MAX_FRAMES];

@@ -57,9 +57,8 @@ typedef struct ra_proto_view {
  * (RA_EPROTO: truncated or missing frames). On failure err gets a message and, when
  * the header could be unpacked, *req_id / *type (may be NULL) get its ids so that the
  * reply can still name the request. */
-ra_status ra_proto_parse(ra_proto_msg *m, int first, const ra_proto_limits *lim,
-                         ra_proto_view *v, uint64_t *req_id, int *type, char *err,
-                         size_t errlen);
+ra_status ra_proto_parse(ra_proto_msg *m, int first, const ra_proto_limits *lim, ra_proto_view *v,
+                         uint64_t *req_id, int *type, char *err, size_t errlen);
 void ra_proto_view_free(ra_proto_view *v);
 
 /* Finds the first tensor with `role`; -1 if none. */
@@ -89,7 +88,7 @@ typedef struct ra_proto_part {
  * header's tensors field is filled from parts (whatever it held is replaced).
  * route may be NULL (client side). Owned parts are freed even on failure.
  * Returns 0, or -1 with errno from zmq. */
-int ra_proto_send(void *sock, zmq_msg_t *route, int delim, Ratd__Header *h,
-                  ra_proto_part *parts, int n_parts);
+int ra_proto_send(void *sock, zmq_msg_t *route, int delim, Ratd__Header *h, ra_proto_part *parts,
+                  int n_parts);
 
 #endif

@@ -156,12 +156,12 @@ typedef struct ra_kv_batch {
     int head_dim;
     ra_dtype dtype;
     size_t n_tokens;
-    const void *k;          /* [n_kv_heads][n_tokens][head_dim] */
-    const void *v;          /* [n_kv_heads][n_tokens][head_dim] */
-    const int64_t *pos;     /* [n_tokens] */
-    int n_q_heads;          /* Offload only: heads of q_train (0: no training queries) */
-    size_t n_queries;       /* Offload only: queries per head */
-    const float *q_train;   /* Offload only: [n_q_heads][n_queries][head_dim] fp32 */
+    const void *k;        /* [n_kv_heads][n_tokens][head_dim] */
+    const void *v;        /* [n_kv_heads][n_tokens][head_dim] */
+    const int64_t *pos;   /* [n_tokens] */
+    int n_q_heads;        /* Offload only: heads of q_train (0: no training queries) */
+    size_t n_queries;     /* Offload only: queries per head */
+    const float *q_train; /* Offload only: [n_q_heads][n_queries][head_dim] fp32 */
 } ra_kv_batch;
 
 /* Prefill: stores the tokens of one layer and starts building that layer's index in the
@@ -186,10 +186,10 @@ typedef struct ra_attend_req {
 /* Caller-sized result arrays (see the layouts at the top). pos/scores/counts are used
  * only when want_topk was set, and may be NULL otherwise. */
 typedef struct ra_attend_out {
-    float *o;       /* [n_q_heads][head_dim] */
-    float *lse;     /* [n_q_heads] */
-    int64_t *pos;   /* [n_q_heads][top_k]; rows shorter than top_k padded with -1 */
-    float *scores;  /* [n_q_heads][top_k]; padding -INF */
+    float *o;        /* [n_q_heads][head_dim] */
+    float *lse;      /* [n_q_heads] */
+    int64_t *pos;    /* [n_q_heads][top_k]; rows shorter than top_k padded with -1 */
+    float *scores;   /* [n_q_heads][top_k]; padding -INF */
     int32_t *counts; /* [n_q_heads]: entries filled per head */
 } ra_attend_out;
 
@@ -204,10 +204,9 @@ ra_status ra_client_attend(ra_client *c, uint64_t session, int layer, const ra_a
  * valid: wait again, or drop it with ra_client_attend_cancel. Any other return of
  * wait consumes the ticket. Other calls on the client may be made in between. */
 typedef uint64_t ra_ticket;
-ra_status ra_client_attend_send(ra_client *c, uint64_t session, int layer,
-                                const ra_attend_req *r, ra_ticket *ticket);
-ra_status ra_client_attend_wait(ra_client *c, ra_ticket ticket, ra_attend_out *out,
-                                int timeout_ms);
+ra_status ra_client_attend_send(ra_client *c, uint64_t session, int layer, const ra_attend_req *r,
+                                ra_ticket *ticket);
+ra_status ra_client_attend_wait(ra_client *c, ra_ticket ticket, ra_attend_out *out, int timeout_ms);
 /* Forgets a ticket; its reply is discarded when it arrives. */
 void ra_client_attend_cancel(ra_client *c, ra_ticket ticket);
 
@@ -232,9 +231,9 @@ typedef struct ra_op_stats {
 } ra_op_stats;
 
 typedef struct ra_server_stats {
-    uint64_t sessions;  /* live now */
-    uint64_t requests;  /* all requests served, including refused ones */
-    uint64_t errors;    /* replies with a status other than RA_OK */
+    uint64_t sessions;     /* live now */
+    uint64_t requests;     /* all requests served, including refused ones */
+    uint64_t errors;       /* replies with a status other than RA_OK */
     uint64_t bad_messages; /* malformed input: garbage, truncated, too big */
     uint64_t bytes_in;
     uint64_t bytes_out;

@@ -338,8 +338,8 @@ static void test_graph_trained_consistent(void **state)
             assert_true(cnt[h] > 0 && cnt[h] <= K);
             for (int j = 0; j < cnt[h]; j++)
                 rows[j] = (int)((pos[h * K + j] - 1000) / 3);
-            ref_attend(q + h * D, L.K + (size_t)g * N * D, L.V + (size_t)g * N * D, D, rows,
-                       cnt[h], 1.0 / sqrt(D), ro, &rl);
+            ref_attend(q + h * D, L.K + (size_t)g * N * D, L.V + (size_t)g * N * D, D, rows, cnt[h],
+                       1.0 / sqrt(D), ro, &rl);
             assert_true(rel_err(o + h * D, ro, D) <= 1e-2);
             assert_true(fabs(lse[h] - rl) <= 1e-2 * fmax(1.0, fabs(rl)));
         }
@@ -532,7 +532,8 @@ static void test_stats_count(void **state)
     assert_int_equal(b.tokens, a.tokens + 50);
     assert_true(b.mem_used > a.mem_used);
     assert_true(b.bytes_in > a.bytes_in && b.bytes_out > a.bytes_out);
-    assert_true(b.ops[RA_OP_ATTEND].max_us >= b.ops[RA_OP_ATTEND].total_us / b.ops[RA_OP_ATTEND].count);
+    assert_true(b.ops[RA_OP_ATTEND].max_us >=
+                b.ops[RA_OP_ATTEND].total_us / b.ops[RA_OP_ATTEND].count);
     assert_string_equal(ra_op_name(RA_OP_ATTEND), "attend");
     layer_free(&L);
     assert_int_equal(ra_client_session_drop(g_c, s), RA_OK);

@@ -217,8 +217,9 @@ static float rnd_norm(void)
 
 /* Exact attention of q over rows `rows` (n of them; NULL: all n) of K, V (fp32 views,
  * [n_all][dim]), scale s; writes o[dim], *lse in double. n == 0: o = 0, lse = -inf. */
-__attribute__((unused)) static void ref_attend(const float *q, const float *K, const float *V, int dim,
-                       const int *rows, int n, double scale, double *o, double *lse)
+__attribute__((unused)) static void ref_attend(const float *q, const float *K, const float *V,
+                                               int dim, const int *rows, int n, double scale,
+                                               double *o, double *lse)
 {
     double m = -INFINITY;
     double *sc = malloc((size_t)(n > 0 ? n : 1) * sizeof *sc);

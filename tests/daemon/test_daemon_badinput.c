@@ -102,8 +102,8 @@ static int raw_frames(int n, const void **data, const size_t *size, char *msg, s
 }
 
 /* An Append header for the keeper session with K/V/pos frames of the given shapes. */
-static int send_append(uint64_t session, uint32_t layer, int dt, uint64_t g, uint64_t n,
-                       uint64_t d, uint64_t vg, uint64_t npos, char *msg, size_t msglen)
+static int send_append(uint64_t session, uint32_t layer, int dt, uint64_t g, uint64_t n, uint64_t d,
+                       uint64_t vg, uint64_t npos, char *msg, size_t msglen)
 {
     size_t es = ra_proto_dtype_size(dt);
     size_t kb = (size_t)(g * n * d) * es, vb = (size_t)(vg * n * d) * es;
@@ -154,8 +154,8 @@ static int setup(void **state)
     (void)state;
     char lim[32];
     snprintf(lim, sizeof lim, "%d", LIMIT_FRAME);
-    if (ratd_start(&g_d, "--max-frame-bytes", lim, "--mem-limit", "8M", "--max-sessions",
-                   "8", "--max-top-k", "1000", "--send-timeout-ms", "200", NULL) != 0)
+    if (ratd_start(&g_d, "--max-frame-bytes", lim, "--mem-limit", "8M", "--max-sessions", "8",
+                   "--max-top-k", "1000", "--send-timeout-ms", "200", NULL) != 0)
         return -1;
     g_c = ratd_connect(&g_d, 20000);
     g_ctx = zmq_ctx_new();
@@ -177,8 +177,13 @@ static int setup(void **state)
     }
     for (int i = 0; i < KN; i++)
         pos[i] = i;
-    ra_kv_batch b = {.n_kv_heads = KG, .head_dim = KD, .dtype = RA_DTYPE_F16,
-                     .n_tokens = KN, .k = k, .v = v, .pos = pos};
+    ra_kv_batch b = {.n_kv_heads = KG,
+                     .head_dim = KD,
+                     .dtype = RA_DTYPE_F16,
+                     .n_tokens = KN,
+                     .k = k,
+                     .v = v,
+                     .pos = pos};
     ra_status st = ra_client_offload(g_c, g_keeper, 0, &b);
     free(k);
     free(v);
@@ -296,27 +301,25 @@ static void test_wrong_shapes(void **state)
     (void)state;
     char msg[512];
     /* K with one KV head too many */
-    assert_int_equal(send_append(g_keeper, 0, RATD__DTYPE__F16, KG + 1, 4, KD, KG + 1, 4, msg,
-                                 sizeof msg),
-                     RA_ESHAPE);
+    assert_int_equal(
+        send_append(g_keeper, 0, RATD__DTYPE__F16, KG + 1, 4, KD, KG + 1, 4, msg, sizeof msg),
+        RA_ESHAPE);
     assert_non_null(strstr(msg, "expects"));
     expect_log("K is f16 [2,4,16] but the session expects f16 [1,4,16]");
     /* wrong head dim */
-    assert_int_equal(send_append(g_keeper, 0, RATD__DTYPE__F16, KG, 4, KD + 1, KG, 4, msg,
-                                 sizeof msg),
-                     RA_ESHAPE);
+    assert_int_equal(
+        send_append(g_keeper, 0, RATD__DTYPE__F16, KG, 4, KD + 1, KG, 4, msg, sizeof msg),
+        RA_ESHAPE);
     /* V disagrees with K */
-    assert_int_equal(send_append(g_keeper, 0, RATD__DTYPE__F16, KG, 4, KD, KG + 1, 4, msg,
-                                 sizeof msg),
-                     RA_ESHAPE);
+    assert_int_equal(
+        send_append(g_keeper, 0, RATD__DTYPE__F16, KG, 4, KD, KG + 1, 4, msg, sizeof msg),
+        RA_ESHAPE);
     assert_non_null(strstr(msg, "V is"));
     /* positions count disagrees */
-    assert_int_equal(send_append(g_keeper, 0, RATD__DTYPE__F16, KG, 4, KD, KG, 5, msg,
-                                 sizeof msg),
+    assert_int_equal(send_append(g_keeper, 0, RATD__DTYPE__F16, KG, 4, KD, KG, 5, msg, sizeof msg),
                      RA_ESHAPE);
     /* dtype of the session is f16; f32 data is refused */
-    assert_int_equal(send_append(g_keeper, 0, RATD__DTYPE__F32, KG, 4, KD, KG, 4, msg,
-                                 sizeof msg),
+    assert_int_equal(send_append(g_keeper, 0, RATD__DTYPE__F32, KG, 4, KD, KG, 4, msg, sizeof msg),
                      RA_ESHAPE);
     /* attend with the wrong number of query heads */
     Ratd__Header h = RATD__HEADER__INIT;
@@ -476,8 +479,13 @@ static void test_nonfinite(void **state)
     for (int i = 0; i < 24; i++)
         k[i] = v[i] = 0.5f;
     v[2 * 3 * 4 - 1] = NAN; /* last value of the second head */
-    ra_kv_batch b = {.n_kv_heads = 2, .head_dim = 4, .dtype = RA_DTYPE_F32, .n_tokens = 3,
-                     .k = k, .v = v, .pos = pos};
+    ra_kv_batch b = {.n_kv_heads = 2,
+                     .head_dim = 4,
+                     .dtype = RA_DTYPE_F32,
+                     .n_tokens = 3,
+                     .k = k,
+                     .v = v,
+                     .pos = pos};
     assert_int_equal(ra_client_append(g_c, s, 0, &b), RA_ENONFINITE);
     assert_non_null(strstr(ra_client_errmsg(g_c), "NaN"));
     /* nothing was stored, on either head */
@@ -520,8 +528,13 @@ static void test_memory_limit(void **state)
     int64_t pos[15] = {0};
     for (int i = 0; i < 8 * 15 * 64; i++)
         k[i] = v[i] = 0.25f;
-    ra_kv_batch b = {.n_kv_heads = 8, .head_dim = 64, .dtype = RA_DTYPE_F32, .n_tokens = 15,
-                     .k = k, .v = v, .pos = pos};
+    ra_kv_batch b = {.n_kv_heads = 8,
+                     .head_dim = 64,
+                     .dtype = RA_DTYPE_F32,
+                     .n_tokens = 15,
+                     .k = k,
+                     .v = v,
+                     .pos = pos};
     for (int i = 0; i < 400 && st == RA_OK; i++) { /* 15 tokens = 61 KB of K+V per step */
         st = ra_client_append(g_c, s, 0, &b);
         sent += st == RA_OK;
@@ -600,7 +613,7 @@ static void test_vanishing_client(void **state)
     zmq_setsockopt(v, ZMQ_LINGER, &lg, sizeof lg);
     assert_int_equal(zmq_connect(v, g_d.endpoint), 0);
     assert_int_equal(ra_client_hello(g_c, NULL), RA_OK); /* daemon up before the stop */
-    usleep(100000); /* let the connection's handshake finish */
+    usleep(100000);                                      /* let the connection's handshake finish */
     kill(g_d.pid, SIGSTOP);
     for (int i = 0; i < 20; i++) {
         Ratd__Header h = RATD__HEADER__INIT;
@@ -725,24 +738,15 @@ static void test_sigterm_shutdown(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_version_mismatch),
-        cmocka_unit_test(test_garbage_header),
-        cmocka_unit_test(test_garbage_transport),
-        cmocka_unit_test(test_unknown_session),
-        cmocka_unit_test(test_unknown_layer),
-        cmocka_unit_test(test_wrong_shapes),
-        cmocka_unit_test(test_missing_frames),
-        cmocka_unit_test(test_truncated_frame),
-        cmocka_unit_test(test_frame_over_limit),
-        cmocka_unit_test(test_frame_far_over_limit),
-        cmocka_unit_test(test_too_many_frames),
-        cmocka_unit_test(test_nonfinite),
-        cmocka_unit_test(test_memory_limit),
-        cmocka_unit_test(test_limits),
-        cmocka_unit_test(test_vanishing_client),
-        cmocka_unit_test(test_req_socket),
-        cmocka_unit_test(test_sessions_survive),
-        cmocka_unit_test(test_command_line),
+        cmocka_unit_test(test_version_mismatch),  cmocka_unit_test(test_garbage_header),
+        cmocka_unit_test(test_garbage_transport), cmocka_unit_test(test_unknown_session),
+        cmocka_unit_test(test_unknown_layer),     cmocka_unit_test(test_wrong_shapes),
+        cmocka_unit_test(test_missing_frames),    cmocka_unit_test(test_truncated_frame),
+        cmocka_unit_test(test_frame_over_limit),  cmocka_unit_test(test_frame_far_over_limit),
+        cmocka_unit_test(test_too_many_frames),   cmocka_unit_test(test_nonfinite),
+        cmocka_unit_test(test_memory_limit),      cmocka_unit_test(test_limits),
+        cmocka_unit_test(test_vanishing_client),  cmocka_unit_test(test_req_socket),
+        cmocka_unit_test(test_sessions_survive),  cmocka_unit_test(test_command_line),
         cmocka_unit_test(test_sigterm_shutdown),
     };
     return cmocka_run_group_tests_name("daemon-badinput", tests, setup, teardown);

@@ -2,6 +2,7 @@
  * (defaults, sizes with suffixes, bounds, config file, environment, flags and their
  * order), the endpoint policy (default ipc://, tcp:// non-loopback needs allow-remote),
  * and the worker pool (every task exactly once, many runs, bad placement refused). */
+#include <fcntl.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -9,7 +10,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <fcntl.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -70,8 +70,8 @@ static void test_sources_order(void **state)
     close(fd);
     setenv("RATD_MAX_TOP_K", "200", 1);
     setenv("RATD_WORKERS", "4", 1);
-    char *argv[] = {"ratd", "--config", path, "--workers=6", "--allow-remote",
-                    "--max-dim", "64", NULL};
+    char *argv[] = {"ratd",           "--config",  path, "--workers=6",
+                    "--allow-remote", "--max-dim", "64", NULL};
     ratd_config c;
     char err[256];
     int help, version;
@@ -96,8 +96,7 @@ static void test_sources_order(void **state)
     assert_int_equal(ratd_config_args(&c, 3, argv2, &help, &version, err, sizeof err),
                      RA_EINVAL); /* --max-dim without a value */
     char *argv3[] = {"ratd", "stray", NULL};
-    assert_int_equal(ratd_config_args(&c, 2, argv3, &help, &version, err, sizeof err),
-                     RA_EINVAL);
+    assert_int_equal(ratd_config_args(&c, 2, argv3, &help, &version, err, sizeof err), RA_EINVAL);
     char *argv4[] = {"ratd", "--help", NULL};
     assert_int_equal(ratd_config_args(&c, 2, argv4, &help, &version, err, sizeof err), RA_OK);
     assert_int_equal(help, 1);
@@ -145,12 +144,13 @@ static void test_usage_lists_options(void **state)
     FILE *f = open_memstream(&buf, &len);
     ratd_config_usage(f, "ratd");
     fclose(f);
-    const char *flags[] = {"--endpoint", "--allow-remote", "--workers", "--numa-node",
-                           "--cpuset", "--mem-limit", "--max-frame-bytes",
-                           "--max-message-bytes", "--max-sessions", "--max-layers",
-                           "--max-heads", "--max-dim", "--max-top-k", "--max-tokens",
-                           "--max-queries", "--index-threads", "--send-timeout-ms",
-                           "--log-level", "--config", "--help", "--version"};
+    const char *flags[] = {
+        "--endpoint",        "--allow-remote", "--workers",         "--numa-node",
+        "--cpuset",          "--mem-limit",    "--max-frame-bytes", "--max-message-bytes",
+        "--max-sessions",    "--max-layers",   "--max-heads",       "--max-dim",
+        "--max-top-k",       "--max-tokens",   "--max-queries",     "--index-threads",
+        "--send-timeout-ms", "--log-level",    "--config",          "--help",
+        "--version"};
     for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
         if (!strstr(buf, flags[i]))
             fail_msg("--help does not document %s", flags[i]);
