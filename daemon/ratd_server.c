@@ -244,10 +244,10 @@ static ra_status do_create(ratd_server *s, ra_proto_view *v, reply *r)
     if (x->f)                                                                                      \
         io.f = (int)x->f;
         OV(graph_knn)
-        OV(graph_degree) OV(graph_build_ef) OV(graph_entries) OV(n_train) OV(ivf_nlist) OV(hnsw_m)
-            OV(threads)
+        OV(graph_degree)
+        OV(graph_build_ef) OV(graph_entries) OV(n_train) OV(ivf_nlist) OV(hnsw_m) OV(threads)
 #undef OV
-                if (x->seed) io.seed = x->seed;
+            if (x->seed) io.seed = x->seed;
     }
     if (!io.threads && cfg->index_threads)
         io.threads = cfg->index_threads;
@@ -955,8 +955,26 @@ int ratd_server_run(ratd_server *s, volatile sig_atomic_t *stop)
             ra_proto_msg_close(&m);
         }
     }
-    RA_INFO("stopping: %d sessions, %llu requests served", s->n_sessions,
-            (unsigned long long)s->requests);
+    /* Drain: requests already on their way get their replies, until the socket has
+     * been quiet for 100 ms (bounded, so that a flood cannot hold the shutdown). */
+    int drained = 0;
+    double until = ra_now_s() + 2.0;
+    while (drained < 1024 && ra_now_s() < until) {
+        zmq_pollitem_t it = {s->sock, 0, ZMQ_POLLIN, 0};
+        int rc = zmq_poll(&it, 1, 100);
+        if (rc < 0 && errno == EINTR)
+            continue;
+        if (rc <= 0)
+            break;
+        ra_proto_msg m;
+        if (ra_proto_recv(s->sock, &m, ZMQ_DONTWAIT) < 0)
+            continue;
+        handle(s, &m);
+        ra_proto_msg_close(&m);
+        drained++;
+    }
+    RA_INFO("stopping: %d sessions, %llu requests served (%d drained)", s->n_sessions,
+            (unsigned long long)s->requests, drained);
     return 0;
 }
 

@@ -724,6 +724,24 @@ static void test_sigterm_shutdown(void **state)
     d.head_dim = 8;
     uint64_t s;
     assert_int_equal(ra_client_session_create(c, &d, &s), RA_OK);
+    /* requests that arrive with the signal are drained: each gets its reply */
+    kill(d2.pid, SIGSTOP);
+    float q[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    ra_ticket t[5];
+    for (int i = 0; i < 5; i++) {
+        ra_attend_req r = {.n_q_heads = 1, .head_dim = 8, .q = q, .top_k = 4};
+        assert_int_equal(ra_client_attend_send(c, s, 0, &r, &t[i]), RA_OK);
+    }
+    usleep(100000);
+    kill(d2.pid, SIGTERM);
+    kill(d2.pid, SIGCONT);
+    for (int i = 0; i < 5; i++) {
+        float o[8], lse[1];
+        ra_attend_out out = {.o = o, .lse = lse};
+        ra_status st = ra_client_attend_wait(c, t[i], &out, 5000);
+        if (st != RA_OK)
+            fail_msg("request %d during shutdown: %s: %s", i, ra_strerror(st), ra_client_errmsg(c));
+    }
     ra_client_close(c);
     int keep = getenv("RATD_TEST_KEEP_LOGS") != NULL;
     setenv("RATD_TEST_KEEP_LOGS", "1", 1);
