@@ -406,8 +406,8 @@ static int load_npy(const bench_cfg *c, bench_data *d)
 }
 
 #ifdef RA_HAVE_TRACE
-/* One head of a trace: keys = K rows except the sink (first 4) and the window (last
- * 512 positions), prefill queries = every query row before the window, decode
+/* One head of a trace: keys = K rows except the sink (first 128) and the window (last
+ * 512 positions, the defaults of ratd-lm-eval), prefill queries = every query row before the window, decode
  * queries = the last positions (the window's queries, in order). */
 static int load_trace(const bench_cfg *c, bench_data *d)
 {
@@ -425,7 +425,7 @@ static int load_trace(const bench_cfg *c, bench_data *d)
         ra_trace_close(t);
         return -1;
     }
-    uint32_t P = in->n_pos, D = in->head_dim, sink = 4, window = 512;
+    uint32_t P = in->n_pos, D = in->head_dim, sink = 128, window = 512; /* ratd-lm-eval defaults */
     if (P < sink + window + 256) {
         fprintf(stderr, "trace too short (%u positions)\n", P);
         ra_trace_close(t);
