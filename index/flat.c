@@ -3,10 +3,12 @@
  * which RA_INDEX_FLAT heads use; no copy of the keys), ra_exact_knn_batch (many queries
  * at once through FAISS IndexFlatIP, i.e. BLAS sgemm, for the graph build), and
  * ra_backend_flat, FAISS IndexFlatIP over an fp32 copy of the keys: the FAISS exact
- * baseline of the benchmark. For one query FAISS's flat search is 5-7x slower than the
- * scan here (Debian's generic build; 12-16 ms vs 2-2.5 ms over 128K fp16 keys of dim 128
- * on the H200 host), and needs twice the memory for fp16 keys, hence the two. Also the
- * FAISS helpers the other FAISS backends share. */
+ * baseline of the benchmark. RA_INDEX_FLAT uses the scan because it needs no copy (FAISS
+ * holds fp32: twice the bytes of fp16 keys, and each append is copied again) and sees
+ * appends with no work. Speed for one query is in the same range either way on the H200
+ * host (2-6 ms over 128K fp16 keys of dim 128, run-to-run noise of that shared machine
+ * about 2x; one run had FAISS at 12-16 ms). Also the FAISS helpers the other FAISS
+ * backends share. */
 #include <math.h>
 #include <omp.h>
 #include <stdio.h>

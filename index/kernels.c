@@ -278,7 +278,8 @@ void ra_kern_partial_attention(const float *scores, const int32_t *ids, size_t n
     }
 #ifndef RA_PA_AHEAD
 #define RA_PA_AHEAD 16 /* rows: 2 -> 5.6 us, 8 -> 4.9 us, 24 -> 4.0 us for k=100 fp16 rows of
-                        * dim 128 out of 128K on the H200 host (tests/index/kern_speed) */
+                        * dim 128 out of 128K in one run on the H200 host
+                        * (tests/index/kern_speed); that machine is noisy, ~2x */
 #endif
     enum { AHEAD = RA_PA_AHEAD };
     for (size_t i = 0; i < n && i < AHEAD; i++)

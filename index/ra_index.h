@@ -23,7 +23,7 @@ typedef enum ra_index_kind {
     RA_INDEX_IVF = 2,   /* FAISS IVF-Flat */
     RA_INDEX_HNSW = 3,  /* FAISS HNSW32,Flat */
     RA_INDEX_FAISS_FLAT = 4 /* exact through FAISS IndexFlatIP (fp32 copy): a benchmark
-                               baseline; RA_INDEX_FLAT is the same answer, faster */
+                               baseline; RA_INDEX_FLAT is the same answer without a copy */
 } ra_index_kind;
 
 const char *ra_index_kind_name(ra_index_kind k);
