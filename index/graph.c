@@ -27,19 +27,6 @@
 #include "ra_kernels.h"
 #include "ra_log.h"
 
-static float g_ipslack = 0.0f;
-static int g_refill = 50;
-static int g_noroute = 0;
-__attribute__((constructor)) static void g_env(void)
-{
-    if (getenv("GSLACK"))
-        g_ipslack = (float)atof(getenv("GSLACK"));
-    if (getenv("GNOROUTE"))
-        g_noroute = 1;
-    if (getenv("GREFILL"))
-        g_refill = atoi(getenv("GREFILL"));
-}
-
 /* ---- defaults and bounds (zero / out-of-range options fall back here) ---- */
 #define G_DEF_KNN 100
 #define G_DEF_DEGREE 32
@@ -427,16 +414,18 @@ static int g_nb_cmp(const void *a, const void *b)
     return (x->id > y->id) - (x->id < y->id);
 }
 
-/* From candidates c[0..nc) (d2 = squared L2 distance to u, sorted ascending, no
- * duplicates, u excluded) keeps at most M that no kept r occludes: c is dropped when
- * alpha^2 * |r - c|^2 < |u - c|^2 (strict, so exact duplicates are kept: all-equal
- * keys still get edges). Pass 2 fills remaining slots with the nearest dropped ones,
- * which keeps degrees up on heavy-tailed data. Writes ids to out; returns the count. */
+/* From candidates c[0..nc) (d2 = distance to u: -u.c for inner product, the default,
+ * or |u - c|^2; sorted ascending, no duplicates, u excluded) keeps at most M that no
+ * kept r occludes: c is dropped when r is closer to c than u is (IP: r.c > u.c; L2:
+ * alpha^2 |r - c|^2 < |u - c|^2). Strict comparisons keep exact duplicates, so
+ * all-equal keys still get edges. A second pass refills up to M/2 slots with the
+ * nearest dropped candidates, which keeps degrees up on heavy-tailed data. Writes ids
+ * to out; returns the count. */
 static int g_prune(const ra_graph *g, const void *keys, const g_nb *c, int nc, int M, int32_t *out,
                    g_tls *t)
 {
     int kept = 0;
-    uint8_t dropped[1024];
+    uint8_t dropped[1024] = {0};
     int lim = nc < 1024 ? nc : 1024;
     for (int i = 0; i < lim && kept < M; i++) {
         int32_t cid = c[i].id;
@@ -448,7 +437,7 @@ static int g_prune(const ra_graph *g, const void *keys, const g_nb *c, int nc, i
             for (int j = 0; j < kept; j++) {
                 int l2 = g_use_l2();
                 float drc = l2 ? g->norm2[out[j]] + nc2 - 2.0f * t->sc[j] : -t->sc[j];
-                if (l2 ? G_ALPHA2 * drc < c[i].d2 : drc + g_ipslack * fabsf(c[i].d2) < c[i].d2) {
+                if (l2 ? G_ALPHA2 * drc < c[i].d2 : drc < c[i].d2) {
                     dropped[i] = 1;
                     break;
                 }
@@ -458,7 +447,7 @@ static int g_prune(const ra_graph *g, const void *keys, const g_nb *c, int nc, i
             out[kept++] = cid;
     }
     /* half the slots at most are refilled: long edges are what pruning is for */
-    for (int i = 0; i < lim && kept < M * g_refill / 100; i++)
+    for (int i = 0; i < lim && kept < M / 2; i++)
         if (dropped[i])
             out[kept++] = c[i].id;
     return kept;
@@ -1350,7 +1339,7 @@ static ra_status graph_add(void *state, const ra_kv *kv, size_t first, size_t n)
  * n_route fp32 dot products, no key is read. Returns the count written. */
 static int g_route(const ra_graph *g, const float *q, int32_t *out)
 {
-    if (!g->n_route || g_noroute)
+    if (!g->n_route)
         return 0;
     float sc[G_ROUTE_MAX];
     ra_kern_dot_range(q, g->route_q, RA_DTYPE_F32, g->dim, 0, (size_t)g->n_route, sc);
