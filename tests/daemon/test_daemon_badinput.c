@@ -55,7 +55,11 @@ static int raw_reply(void *s, int timeout_ms, uint64_t *req_id, char *msg, size_
     assert_int_equal(ra_proto_recv(s, &m, 0), 0);
     ra_proto_view v;
     char err[RA_PROTO_ERRLEN];
-    assert_int_equal(ra_proto_parse(&m, 0, NULL, &v, NULL, NULL, err, sizeof err), RA_OK);
+    /* a message that starts with an empty frame looks like a REQ envelope to the
+     * daemon, which then answers with the delimiter first */
+    int first = m.n >= 2 && zmq_msg_size(&m.frames[0]) == 0;
+    if (ra_proto_parse(&m, first, NULL, &v, NULL, NULL, err, sizeof err) != RA_OK)
+        fail_msg("the daemon's reply is malformed: %s", err);
     int st = v.hdr->status;
     if (req_id)
         *req_id = v.hdr->request_id;
@@ -674,6 +678,148 @@ static void test_sessions_survive(void **state)
     assert_int_equal(st.tokens, KN);
 }
 
+/* Hundreds of valid requests, each damaged at random (header bytes flipped, header
+ * cut short, a tensor frame dropped, duplicated or resized): every message gets
+ * exactly one reply, and the daemon ends alive with its sessions. */
+static void test_random_damage(void **state)
+{
+    (void)state;
+    ratd_proc d3;
+    assert_int_equal(ratd_start(&d3, "--mem-limit", "16M", "--max-frame-bytes", "65536",
+                                "--log-level", "error", NULL),
+                     0);
+    ra_client *c = ratd_connect(&d3, 5000);
+    ra_session_desc sd;
+    ra_session_desc_init(&sd);
+    sd.n_layers = 2;
+    sd.n_q_heads = 2;
+    sd.n_kv_heads = 1;
+    sd.head_dim = 8;
+    sd.dtype = RA_DTYPE_F32;
+    sd.index.kind = RA_CLIENT_INDEX_FLAT;
+    uint64_t s;
+    assert_int_equal(ra_client_session_create(c, &sd, &s), RA_OK);
+    void *sock = zmq_socket(g_ctx, ZMQ_DEALER);
+    int linger = 0;
+    zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof linger);
+    assert_int_equal(zmq_connect(sock, d3.endpoint), 0);
+    float kv[1 * 6 * 8], q[2 * 8], qt[2 * 3 * 8];
+    int64_t pos[6];
+    for (int i = 0; i < 48; i++)
+        kv[i] = rnd_norm();
+    for (int i = 0; i < 16; i++)
+        q[i] = rnd_norm();
+    for (int i = 0; i < 48; i++)
+        qt[i] = rnd_norm();
+    for (int i = 0; i < 6; i++)
+        pos[i] = i;
+    int answered = 0;
+    const int N_MSG = 400;
+    for (int m = 0; m < N_MSG; m++) {
+        Ratd__Header h = RATD__HEADER__INIT;
+        Ratd__AttendParams ap = RATD__ATTEND_PARAMS__INIT;
+        Ratd__CreateSession cs = RATD__CREATE_SESSION__INIT;
+        ra_proto_part parts[4];
+        int np = 0;
+        h.version = 1;
+        h.request_id = 100000 + (uint64_t)m;
+        h.session = s;
+        h.layer = (uint32_t)(rnd_unif() * 2);
+        int type = 1 + (int)(rnd_unif() * 7);
+        h.type = (Ratd__MsgType)type;
+        if (type == RATD__MSG_TYPE__CREATE_SESSION) {
+            cs.n_layers = 1 + (uint32_t)(rnd_unif() * 3);
+            cs.n_q_heads = 2;
+            cs.n_kv_heads = 1;
+            cs.head_dim = 8;
+            h.create = &cs;
+        } else if (type == RATD__MSG_TYPE__OFFLOAD || type == RATD__MSG_TYPE__APPEND) {
+            parts[np++] =
+                (ra_proto_part){RATD__ROLE__K, RATD__DTYPE__F32, 3, {1, 6, 8}, kv, sizeof kv, 0};
+            parts[np++] =
+                (ra_proto_part){RATD__ROLE__V, RATD__DTYPE__F32, 3, {1, 6, 8}, kv, sizeof kv, 0};
+            parts[np++] =
+                (ra_proto_part){RATD__ROLE__POS, RATD__DTYPE__I64, 1, {6}, pos, sizeof pos, 0};
+            if (type == RATD__MSG_TYPE__OFFLOAD)
+                parts[np++] = (ra_proto_part){
+                    RATD__ROLE__Q_TRAIN, RATD__DTYPE__F32, 3, {2, 3, 8}, qt, sizeof qt, 0};
+        } else if (type == RATD__MSG_TYPE__ATTEND) {
+            ap.top_k = 1 + (uint32_t)(rnd_unif() * 20);
+            ap.want_topk = rnd_unif() < 0.5;
+            h.attend = &ap;
+            parts[np++] =
+                (ra_proto_part){RATD__ROLE__Q, RATD__DTYPE__F32, 2, {2, 8}, q, sizeof q, 0};
+        } else if (type == RATD__MSG_TYPE__DROP_SESSION) {
+            h.session = 1000 + (uint64_t)m; /* keep the session under test */
+        }
+        /* build the message by hand so that it can be damaged */
+        Ratd__Tensor t[4];
+        Ratd__Tensor *tp[4];
+        for (int i = 0; i < np; i++) {
+            ratd__tensor__init(&t[i]);
+            t[i].role = parts[i].role;
+            t[i].dtype = parts[i].dtype;
+            t[i].n_shape = (size_t)parts[i].ndim;
+            t[i].shape = parts[i].shape;
+            tp[i] = &t[i];
+        }
+        h.n_tensors = (size_t)np;
+        h.tensors = tp;
+        uint8_t hb[1024];
+        size_t hl = ratd__header__pack(&h, hb);
+        double r = rnd_unif();
+        const void *fd[6];
+        size_t fs[6], fsrc[6]; /* sizes sent, sizes of the source data */
+        int nf = 0;
+        fd[nf] = hb;
+        fs[nf] = fsrc[nf] = hl;
+        nf++;
+        for (int i = 0; i < np; i++) {
+            fd[nf] = parts[i].data;
+            fs[nf] = fsrc[nf] = parts[i].bytes;
+            nf++;
+        }
+        if (r < 0.4) { /* flip bytes of the header */
+            int flips = 1 + (int)(rnd_unif() * 3);
+            for (int f = 0; f < flips; f++)
+                hb[(size_t)(rnd_unif() * hl)] ^= (uint8_t)(1 + rnd_unif() * 255);
+        } else if (r < 0.55) { /* header cut short */
+            fs[0] = (size_t)(rnd_unif() * hl);
+        } else if (r < 0.7 && nf > 1) { /* a tensor frame missing */
+            nf--;
+        } else if (r < 0.8 && nf > 1 && nf < 6) { /* a tensor frame twice */
+            fd[nf] = fd[nf - 1];
+            fs[nf] = fsrc[nf] = fs[nf - 1];
+            nf++;
+        } else if (r < 0.9 && nf > 1) { /* a tensor frame resized */
+            int i = 1 + (int)(rnd_unif() * (nf - 1));
+            fs[i] = fs[i] > 8 ? fs[i] - 1 - (size_t)(rnd_unif() * 8) : fs[i] + 3;
+        } /* else: intact */
+        for (int i = 0; i < nf; i++) {
+            zmq_msg_t zm;
+            zmq_msg_init_size(&zm, fs[i]);
+            memset(zmq_msg_data(&zm), 0x5a, fs[i]);
+            if (fs[i])
+                memcpy(zmq_msg_data(&zm), fd[i], fs[i] < fsrc[i] ? fs[i] : fsrc[i]);
+            assert_true(zmq_msg_send(&zm, sock, i + 1 < nf ? ZMQ_SNDMORE : 0) >= 0);
+        }
+        int st = raw_reply(sock, 5000, NULL, NULL, 0);
+        if (st < 0)
+            fail_msg("message %d (type %d, damage %.2f) got no reply", m, type, r);
+        answered++;
+    }
+    assert_int_equal(answered, N_MSG);
+    zmq_close(sock);
+    /* still serving, the session still there */
+    ra_server_stats st;
+    assert_int_equal(ra_client_stats(c, &st), RA_OK);
+    assert_true(st.bad_messages > 50);
+    assert_true(st.requests >= (uint64_t)N_MSG);
+    assert_int_equal(ra_client_session_drop(c, s), RA_OK);
+    ra_client_close(c);
+    assert_int_equal(ratd_stop(&d3), 0);
+}
+
 /* ---- command line and lifecycle ------------------------------------------------------ */
 
 static int run_cmd(const char *args, char *out, size_t outlen)
@@ -764,8 +910,8 @@ int main(void)
         cmocka_unit_test(test_too_many_frames),   cmocka_unit_test(test_nonfinite),
         cmocka_unit_test(test_memory_limit),      cmocka_unit_test(test_limits),
         cmocka_unit_test(test_vanishing_client),  cmocka_unit_test(test_req_socket),
-        cmocka_unit_test(test_sessions_survive),  cmocka_unit_test(test_command_line),
-        cmocka_unit_test(test_sigterm_shutdown),
+        cmocka_unit_test(test_sessions_survive),  cmocka_unit_test(test_random_damage),
+        cmocka_unit_test(test_command_line),      cmocka_unit_test(test_sigterm_shutdown),
     };
     return cmocka_run_group_tests_name("daemon-badinput", tests, setup, teardown);
 }
