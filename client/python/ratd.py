@@ -3,8 +3,9 @@
 It wraps include/ratd/client.h one to one (same names without the ra_client_ prefix)
 so that a Hugging Face decoder can offload and attend without compiling anything.
 Tensors are passed as any object with the buffer protocol (numpy arrays, array.array,
-bytearray, torch CPU tensors through .numpy()) or as a raw address (int, e.g. a pinned
-tensor's data_ptr()); they must be C-contiguous in the layouts of client.h:
+bytearray), as torch tensors in host memory (read through data_ptr(), no copy; bf16
+and f16 tensors carry their bits as they are), or as a raw address (int); they must
+be C-contiguous in the layouts of client.h:
 
     K, V       [n_kv_heads][n_tokens][head_dim]   session dtype (f32 / f16 / bf16 bits)
     positions  [n_tokens] int64
@@ -156,6 +157,13 @@ def _addr(obj, keep):
         return None, 0
     if isinstance(obj, int):
         return obj, -1
+    if hasattr(obj, "data_ptr") and hasattr(obj, "element_size"):  # a torch tensor
+        if getattr(obj, "device", None) is not None and obj.device.type != "cpu":
+            raise ValueError("tensor must be in host memory (use .cpu() or pinned memory)")
+        if not obj.is_contiguous():
+            raise ValueError("tensor must be contiguous")
+        keep.append(obj)
+        return obj.data_ptr(), obj.numel() * obj.element_size()
     mv = memoryview(obj)
     if not mv.c_contiguous:
         raise ValueError("tensor must be C-contiguous")
