@@ -724,8 +724,13 @@ static ra_status g_insert_nodes(ra_graph *g, const void *keys, const int32_t *no
         linked += g->deg[i] > 0;
     size_t done = 0;
     while (done < n) {
-        /* batches grow with the linked graph so early searches are not blind */
+        /* batches grow with the linked graph so early searches are not blind, and
+         * double from 64 within one call so that keys inserted together (a burst
+         * of appends, often about one topic) see each other: one batch of 8192 new
+         * keys on 131K old ones left them linked only to old keys (recall 0.13) */
         size_t bs = (linked + done) / 16;
+        if (bs > (done > 64 ? done : 64))
+            bs = done > 64 ? done : 64;
         if (bs < 64)
             bs = 64;
         if (bs > bmax)
@@ -962,7 +967,8 @@ static ra_status g_project(ra_graph *g, const void *keys, const int32_t *knn, si
         size_t tmp_cap = 0;
         for (size_t u = 0; u < n; u++) {
             size_t s = off[u], e = off[u + 1];
-            qsort(pairs + s, e - s, sizeof *pairs, g_i32_cmp);
+            if (e - s > 1)
+                qsort(pairs + s, e - s, sizeof *pairs, g_i32_cmp);
             if (e - s > tmp_cap) {
                 g_cnt *nt = realloc(tmp, (e - s) * sizeof *nt);
                 if (!nt) {
@@ -980,7 +986,8 @@ static ra_status g_project(ra_graph *g, const void *keys, const int32_t *knn, si
                 else
                     tmp[m++] = (g_cnt){.cnt = 1, .id = pairs[i]};
             }
-            qsort(tmp, m, sizeof *tmp, g_cnt_cmp);
+            if (m > 1)
+                qsort(tmp, m, sizeof *tmp, g_cnt_cmp);
             if (m > cmax)
                 m = cmax;
             off[u] = w;

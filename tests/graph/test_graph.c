@@ -165,9 +165,11 @@ static void test_no_train_queries(void **state)
 static void test_insert_retrievable(void **state)
 {
     (void)state;
-    ra_synth s = make_synth(8192 + 1024, 2048, 64, 7);
+    /* 1024 keys added at once to 16384: few enough to fit one batch of the build-time
+     * schedule, which once left them linked only to old keys */
+    ra_synth s = make_synth(16384 + 1024, 2048, 64, 7);
     int D = s.dim;
-    size_t nb = 8192, ni = 1024;
+    size_t nb = 16384, ni = 1024;
     /* the inserted keys carry a shared direction u; probes = queries + a lot of u, so
      * their exact top-k lie among the inserted keys */
     float *u = calloc((size_t)D, sizeof *u);
