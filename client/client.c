@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <zmq.h>
 
 #include "ra_log.h"
@@ -511,6 +512,61 @@ ra_status ra_client_stats(ra_client *c, ra_server_stats *out)
     *out = acc;
     c->err[0] = 0;
     return RA_OK;
+}
+
+/* One session's index state, added up over the daemons that hold its layers. */
+ra_status ra_client_session_stats(ra_client *c, uint64_t session, ra_session_stats *out)
+{
+    if (!c || !out || !session)
+        return c ? fail(c, RA_EINVAL, "NULL argument or session 0") : RA_EINVAL;
+    ra_session_stats acc;
+    memset(&acc, 0, sizeof acc);
+    for (int sh = 0; sh < c->n_shards; sh++) {
+        Ratd__Header h = RATD__HEADER__INIT;
+        h.type = RATD__MSG_TYPE__STATS;
+        h.session = remote_session(c, session, sh);
+        ra_reply *r;
+        ra_status st = call(c, sh, &h, NULL, 0, &r);
+        if (st != RA_OK)
+            return st;
+        const Ratd__StatsReply *s = r->v.hdr->stats;
+        if (!s) {
+            reply_free(r);
+            return fail(c, RA_EPROTO, "Stats reply without counters");
+        }
+        acc.tokens += s->session_tokens;
+        acc.heads += s->heads;
+        acc.heads_ready += s->heads_ready;
+        acc.heads_building += s->heads_building;
+        reply_free(r);
+    }
+    *out = acc;
+    c->err[0] = 0;
+    return RA_OK;
+}
+
+ra_status ra_client_wait_ready(ra_client *c, uint64_t session, int timeout_ms)
+{
+    if (!c)
+        return RA_EINVAL;
+    if (timeout_ms <= 0)
+        timeout_ms = c->timeout_ms;
+    struct timespec t0, now;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+        ra_session_stats ss;
+        ra_status st = ra_client_session_stats(c, session, &ss);
+        if (st != RA_OK)
+            return st;
+        if (ss.heads_building == 0)
+            return RA_OK;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        double ms = (double)(now.tv_sec - t0.tv_sec) * 1e3 + (double)(now.tv_nsec - t0.tv_nsec) * 1e-6;
+        if (ms >= timeout_ms)
+            return fail(c, RA_ETIMEDOUT, "index builds still running after the timeout");
+        struct timespec nap = {0, 5 * 1000 * 1000};
+        nanosleep(&nap, NULL);
+    }
 }
 
 /* ---- tokens ----------------------------------------------------------------------- */

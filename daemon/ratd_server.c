@@ -699,9 +699,25 @@ fail:
     return st;
 }
 
-static ra_status do_stats(ratd_server *s, reply *r, Ratd__StatsReply *sr, Ratd__OpStats *os,
-                          Ratd__OpStats **osp)
+static ra_status do_stats(ratd_server *s, ra_proto_view *v, reply *r, Ratd__StatsReply *sr,
+                          Ratd__OpStats *os, Ratd__OpStats **osp)
 {
+    if (v->hdr->session) { /* one session's index state */
+        ratd_session *ss = session_find(s, v->hdr->session, NULL);
+        if (!ss) {
+            snprintf(r->err, r->errlen, "unknown session %llu",
+                     (unsigned long long)v->hdr->session);
+            return RA_ENOSESSION;
+        }
+        sr->session_tokens = ss->tokens;
+        for (int i = 0; i < ss->n_layers * ss->n_kv; i++) {
+            if (!ss->heads[i])
+                continue;
+            sr->heads++;
+            sr->heads_ready += ra_head_ready(ss->heads[i]) ? 1u : 0u;
+            sr->heads_building += ra_head_building(ss->heads[i]) ? 1u : 0u;
+        }
+    }
     sr->sessions = (uint64_t)s->n_sessions;
     sr->requests = s->requests;
     sr->errors = s->errors;
@@ -801,7 +817,7 @@ static void handle(ratd_server *s, ra_proto_msg *m)
         st = do_drop(s, &v, &r);
         break;
     case RATD__MSG_TYPE__STATS:
-        st = do_stats(s, &r, &sr, os, osp);
+        st = do_stats(s, &v, &r, &sr, os, osp);
         break;
     default:
         snprintf(err, sizeof err, "unknown request type %d", type);

@@ -366,6 +366,16 @@ fail:
     return st;
 }
 
+int ra_head_building(ra_head *h)
+{
+    if (!h)
+        return 0;
+    pthread_mutex_lock(&h->bmu);
+    int b = h->building;
+    pthread_mutex_unlock(&h->bmu);
+    return b;
+}
+
 int ra_head_ready(ra_head *h) { return h ? __atomic_load_n(&h->ready, __ATOMIC_ACQUIRE) : 0; }
 
 static ra_status check_search(ra_head *h, const float *q, const ra_search_params *p)

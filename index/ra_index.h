@@ -77,6 +77,8 @@ ra_status ra_head_append(ra_head *h, const void *k, const void *v, const int64_t
 ra_status ra_head_build(ra_head *h, const float *train_q, size_t nq, int background);
 /* 1 when the index is built and in use. */
 int ra_head_ready(ra_head *h);
+/* 1 while a build runs. */
+int ra_head_building(ra_head *h);
 /* Waits until no build is running. */
 void ra_head_wait(ra_head *h);
 

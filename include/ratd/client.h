@@ -249,6 +249,20 @@ const char *ra_op_name(ra_op op);
 /* Daemon-wide counters. */
 ra_status ra_client_stats(ra_client *c, ra_server_stats *st);
 
+/* One session's tokens and index state (over every daemon holding its layers). */
+typedef struct ra_session_stats {
+    uint64_t tokens;
+    uint32_t heads;          /* (layer, KV head) pairs holding tokens */
+    uint32_t heads_ready;    /* of which the index is built and in use */
+    uint32_t heads_building; /* of which a build is running (answered by exact scan) */
+} ra_session_stats;
+ra_status ra_client_session_stats(ra_client *c, uint64_t session, ra_session_stats *st);
+
+/* Blocks until no index build of the session is running (polling, bounded by
+ * timeout_ms; <= 0: the client's timeout). Attend never needs this (it is answered by
+ * an exact scan meanwhile); benchmarks use it to measure the built index. */
+ra_status ra_client_wait_ready(ra_client *c, uint64_t session, int timeout_ms);
+
 #ifdef __cplusplus
 }
 #endif

@@ -351,6 +351,42 @@ static void test_graph_trained_consistent(void **state)
     assert_int_equal(ra_client_session_drop(g_c, s), RA_OK);
 }
 
+/* Session stats: heads holding tokens, their builds, and wait_ready; after it, every
+ * head with training queries is built (a graph head answers from the index). */
+static void test_session_stats_ready(void **state)
+{
+    (void)state;
+    const int H = 4, G = 2, D = 32, N = 3000, NQ = 128, Ls = 2;
+    uint64_t s = new_session(Ls + 1, H, G, D, RA_DTYPE_F16, RA_CLIENT_INDEX_GRAPH);
+    ra_session_stats ss;
+    assert_int_equal(ra_client_session_stats(g_c, s, &ss), RA_OK);
+    assert_int_equal(ss.heads, 0);
+    assert_int_equal(ss.tokens, 0);
+    layer_data L[2];
+    float *qt = rand_q(H * NQ, D, 1.0f);
+    for (int l = 0; l < Ls; l++) {
+        layer_make(&L[l], G, N, D, RA_DTYPE_F16);
+        ra_kv_batch b = batch_of(&L[l], 0, N);
+        b.n_q_heads = H;
+        b.n_queries = NQ;
+        b.q_train = qt;
+        assert_int_equal(ra_client_offload(g_c, s, l, &b), RA_OK);
+        batch_free(&b);
+    }
+    assert_int_equal(ra_client_wait_ready(g_c, s, 60000), RA_OK);
+    assert_int_equal(ra_client_session_stats(g_c, s, &ss), RA_OK);
+    assert_int_equal(ss.heads, Ls * G); /* the third layer has no tokens */
+    assert_int_equal(ss.heads_building, 0);
+    assert_int_equal(ss.heads_ready, Ls * G);
+    assert_int_equal(ss.tokens, (uint64_t)Ls * N);
+    assert_int_equal(ra_client_session_stats(g_c, s + 1000, &ss), RA_ENOSESSION);
+    assert_int_equal(ra_client_wait_ready(g_c, s + 1000, 1000), RA_ENOSESSION);
+    free(qt);
+    for (int l = 0; l < Ls; l++)
+        layer_free(&L[l]);
+    assert_int_equal(ra_client_session_drop(g_c, s), RA_OK);
+}
+
 /* The decoder's merge: daemon result over the offloaded part, local result over the
  * window, combined by the log-sum-exp rule, equals attention over the union. */
 static void test_merge_partial(void **state)
@@ -713,6 +749,7 @@ int main(void)
         cmocka_unit_test(test_exact_bf16),
         cmocka_unit_test(test_topk_subset_exact),
         cmocka_unit_test(test_graph_trained_consistent),
+        cmocka_unit_test(test_session_stats_ready),
         cmocka_unit_test(test_merge_partial),
         cmocka_unit_test(test_async_out_of_order),
         cmocka_unit_test(test_timeouts),
