@@ -88,7 +88,7 @@ static void exact_topk(const float *q, const float *K, size_t n, int d, int k, i
 
 int main(int argc, char **argv)
 {
-    const char *endpoint = NULL;
+    const char *endpoint = NULL, *kinds_arg = "flat,graph,ivf,hnsw";
     size_t n = 32768;
     int nq_heads = 4, nkv = 2, d = 128, steps = 16;
     for (int i = 1; i < argc; i++) {
@@ -98,8 +98,10 @@ int main(int argc, char **argv)
             n = strtoul(argv[++i], NULL, 10);
         else if (!strcmp(argv[i], "--steps") && i + 1 < argc)
             steps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--kinds") && i + 1 < argc)
+            kinds_arg = argv[++i];
         else {
-            fprintf(stderr, "usage: ratd-demo --endpoint EP [--n N] [--steps S]\n");
+            fprintf(stderr, "usage: ratd-demo --endpoint EP [--n N] [--steps S] [--kinds flat,graph,ivf,hnsw]\n");
             return 2;
         }
     }
@@ -165,7 +167,7 @@ int main(int argc, char **argv)
     static const struct {
         ra_client_index_kind kind;
         const char *name;
-    } kinds[] = {{RA_CLIENT_INDEX_FLAT, "flat (exact)"},
+    } kinds[] = {{RA_CLIENT_INDEX_FLAT, "flat"},
                  {RA_CLIENT_INDEX_GRAPH, "graph"},
                  {RA_CLIENT_INDEX_IVF, "ivf"},
                  {RA_CLIENT_INDEX_HNSW, "hnsw"}};
@@ -183,6 +185,10 @@ int main(int argc, char **argv)
                             lse_ex + (size_t)s * nq_heads + h);
     int rc = 0;
     for (size_t ki = 0; ki < sizeof kinds / sizeof kinds[0]; ki++) {
+        const char *hit_at = strstr(kinds_arg, kinds[ki].name);
+        size_t nl = strlen(kinds[ki].name);
+        if (!hit_at || (hit_at != kinds_arg && hit_at[-1] != ',') || (hit_at[nl] && hit_at[nl] != ','))
+            continue;
         ra_session_desc desc;
         ra_session_desc_init(&desc);
         desc.n_layers = 1;
