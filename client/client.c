@@ -637,6 +637,11 @@ ra_status ra_client_attend_send(ra_client *c, uint64_t session, int layer, const
         return fail(c, RA_ENOLAYER, "layer %d is negative", layer);
     if (rq->n_q_heads <= 0 || rq->head_dim <= 0 || !rq->q || rq->top_k <= 0)
         return fail(c, RA_EINVAL, "n_q_heads, head_dim and top_k must be positive, q set");
+    if (rq->top_k_per_head)
+        for (int i = 0; i < rq->n_q_heads; i++)
+            if (rq->top_k_per_head[i] < 0 || rq->top_k_per_head[i] > rq->top_k)
+                return fail(c, RA_EINVAL, "top_k_per_head[%d] = %d outside 0..top_k (%d)", i,
+                            rq->top_k_per_head[i], rq->top_k);
     pending *slot = find_pending(c, 0);
     if (!slot)
         return fail(c, RA_EBUSY, "%d attends already outstanding (max_inflight)", c->max_inflight);
@@ -650,6 +655,10 @@ ra_status ra_client_attend_send(ra_client *c, uint64_t session, int layer, const
     ap.effort = rq->effort > 0 ? (uint32_t)rq->effort : 0;
     ap.scale = rq->scale > 0 ? rq->scale : 0.0f;
     ap.want_topk = rq->want_topk != 0;
+    if (rq->top_k_per_head) { /* int32 -> uint32, values checked above */
+        ap.n_top_k_per_head = (size_t)rq->n_q_heads;
+        ap.top_k_per_head = (uint32_t *)(uintptr_t)rq->top_k_per_head;
+    }
     h.attend = &ap;
     uint64_t H = (uint64_t)rq->n_q_heads, D = (uint64_t)rq->head_dim;
     ra_proto_part p = {

@@ -535,6 +535,7 @@ out:
 typedef struct attend_job {
     ratd_session *ss;
     int layer, k, want;
+    const uint32_t *k_head; /* NULL or [n_q]: per-head budgets (<= k) */
     ra_search_params base;
     float scale;
     const float *q;
@@ -555,12 +556,14 @@ static void task_attend(void *arg, int h)
     float *sc = j->scores ? j->scores + (size_t)h * j->k : NULL;
     int n_out = 0;
     ra_status st = RA_OK;
-    if (!hd || ra_head_count(hd) == 0) {
+    int kh = j->k_head ? (int)j->k_head[h] : j->k;
+    if (!hd || ra_head_count(hd) == 0 || kh == 0) {
         memset(o, 0, (size_t)dim * sizeof *o);
         j->lse[h] = -INFINITY;
     } else {
         size_t w = (size_t)j->layer * ss->n_q + (size_t)h;
         ra_search_params p = j->base;
+        p.k = kh;
         p.warm = ss->warm + w * RATD_WARM;
         p.n_warm = ss->n_warm[w];
         ra_search_stats stt;
@@ -612,6 +615,17 @@ static ra_status do_attend(ratd_server *s, ra_proto_view *v, reply *r)
                  s->cfg.max_top_k);
         return ap->top_k ? RA_ETOOBIG : RA_EINVAL;
     }
+    if (ap->n_top_k_per_head && ap->n_top_k_per_head != (size_t)ss->n_q) {
+        snprintf(r->err, r->errlen, "top_k_per_head has %zu entries, the session has %d query heads",
+                 ap->n_top_k_per_head, ss->n_q);
+        return RA_ESHAPE;
+    }
+    for (size_t h = 0; h < ap->n_top_k_per_head; h++)
+        if (ap->top_k_per_head[h] > ap->top_k) {
+            snprintf(r->err, r->errlen, "top_k_per_head[%zu] = %u exceeds top_k %u", h,
+                     ap->top_k_per_head[h], ap->top_k);
+            return RA_EINVAL;
+        }
     if (!isfinite(ap->scale) || ap->effort > (1u << 24)) {
         snprintf(r->err, r->errlen, "scale must be finite and effort <= 2^24");
         return RA_EINVAL;
@@ -645,6 +659,7 @@ static ra_status do_attend(ratd_server *s, ra_proto_view *v, reply *r)
     j->ss = ss;
     j->layer = (int)hd->layer;
     j->k = (int)k;
+    j->k_head = ap->n_top_k_per_head ? ap->top_k_per_head : NULL;
     j->want = ap->want_topk;
     j->base.k = (int)k;
     j->base.effort = (int)ap->effort;

@@ -181,6 +181,9 @@ typedef struct ra_attend_req {
     int effort;     /* search effort (graph: candidate list; 0: default) */
     float scale;    /* softmax scale; <= 0: 1/sqrt(head_dim) */
     int want_topk;  /* 1: also return the retrieved positions and scores */
+    const int32_t *top_k_per_head; /* NULL, or [n_q_heads] budgets in 0..top_k: head h reads
+                                      that many keys (0: none, o = 0, lse = -INF); result
+                                      rows keep width top_k */
 } ra_attend_req;
 
 /* Caller-sized result arrays (see the layouts at the top). pos/scores/counts are used

@@ -387,6 +387,60 @@ static void test_session_stats_ready(void **state)
     assert_int_equal(ra_client_session_drop(g_c, s), RA_OK);
 }
 
+/* Per-head budgets: head h reads exactly its own number of keys (the exact top of a
+ * flat index), a budget of 0 reads nothing, and a budget over top_k is refused. */
+static void test_topk_per_head(void **state)
+{
+    (void)state;
+    const int H = 4, G = 2, D = 32, N = 600, K = 50;
+    uint64_t s = new_session(1, H, G, D, RA_DTYPE_F32, RA_CLIENT_INDEX_FLAT);
+    layer_data L;
+    layer_make(&L, G, N, D, RA_DTYPE_F32);
+    load_layer(s, 0, &L, 400, 2);
+    float *q = rand_q(H, D, 1.0f);
+    float o[4 * 32], lse[4], sc[4 * 50];
+    int64_t pos[4 * 50];
+    int32_t cnt[4], budget[4] = {50, 7, 0, 1};
+    ra_attend_req r = {.n_q_heads = H, .head_dim = D, .q = q, .top_k = K, .want_topk = 1,
+                       .top_k_per_head = budget};
+    ra_attend_out out = {.o = o, .lse = lse, .pos = pos, .scores = sc, .counts = cnt};
+    assert_int_equal(ra_client_attend(g_c, s, 0, &r, &out), RA_OK);
+    double ro[32], rl;
+    for (int h = 0; h < H; h++) {
+        assert_int_equal(cnt[h], budget[h]);
+        if (budget[h] == 0) {
+            assert_true(isinf(lse[h]) && lse[h] < 0);
+            for (int d = 0; d < D; d++)
+                assert_true(o[h * D + d] == 0.0f);
+            continue;
+        }
+        int g = h / (H / G), rows[50];
+        for (int j = 0; j < cnt[h]; j++)
+            rows[j] = (int)((pos[h * K + j] - 1000) / 3);
+        for (int j = cnt[h]; j < K; j++)
+            assert_true(pos[h * K + j] == -1);
+        ref_attend(q + h * D, L.K + (size_t)g * N * D, L.V + (size_t)g * N * D, D, rows, cnt[h],
+                   1.0 / sqrt(D), ro, &rl);
+        assert_true(rel_err(o + h * D, ro, D) <= 1e-3);
+    }
+    /* the 7 keys of head 1 are the best 7 of its 50 with a full budget */
+    int32_t full[4] = {50, 50, 50, 50};
+    float sc2[4 * 50];
+    int64_t pos2[4 * 50];
+    r.top_k_per_head = full;
+    out.pos = pos2;
+    out.scores = sc2;
+    assert_int_equal(ra_client_attend(g_c, s, 0, &r, &out), RA_OK);
+    for (int j = 0; j < 7; j++)
+        assert_true(pos[1 * K + j] == pos2[1 * K + j]);
+    int32_t bad[4] = {1, 51, 1, 1};
+    r.top_k_per_head = bad;
+    assert_int_equal(ra_client_attend(g_c, s, 0, &r, &out), RA_EINVAL);
+    free(q);
+    layer_free(&L);
+    assert_int_equal(ra_client_session_drop(g_c, s), RA_OK);
+}
+
 /* The decoder's merge: daemon result over the offloaded part, local result over the
  * window, combined by the log-sum-exp rule, equals attention over the union. */
 static void test_merge_partial(void **state)
@@ -750,6 +804,7 @@ int main(void)
         cmocka_unit_test(test_topk_subset_exact),
         cmocka_unit_test(test_graph_trained_consistent),
         cmocka_unit_test(test_session_stats_ready),
+        cmocka_unit_test(test_topk_per_head),
         cmocka_unit_test(test_merge_partial),
         cmocka_unit_test(test_async_out_of_order),
         cmocka_unit_test(test_timeouts),
