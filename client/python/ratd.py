@@ -80,7 +80,8 @@ class _Batch(ctypes.Structure):
 
 class _Req(ctypes.Structure):
     _fields_ = [("n_q_heads", _c_int), ("head_dim", _c_int), ("q", _vp), ("top_k", _c_int),
-                ("effort", _c_int), ("scale", ctypes.c_float), ("want_topk", _c_int)]
+                ("effort", _c_int), ("scale", ctypes.c_float), ("want_topk", _c_int),
+                ("top_k_per_head", _vp)]
 
 
 class _Out(ctypes.Structure):
