@@ -29,8 +29,8 @@
 
 /* ---- defaults and bounds (zero / out-of-range options fall back here) ---- */
 #define G_DEF_KNN 100
-#define G_DEF_DEGREE 32
-#define G_DEF_BUILD_EF 64
+#define G_DEF_DEGREE 48   /* 131K synthetic: recall 0.956 at 9.6 % scans vs 0.93 at 9.2 % with 32 */
+#define G_DEF_BUILD_EF 128
 #define G_DEF_ENTRIES 16
 #define G_DEF_NTRAIN 4096
 #define G_MAX_KNN 1024
