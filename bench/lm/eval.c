@@ -590,8 +590,13 @@ static ra_status hook_ratd(void *ctx, ra_lm *lm, unsigned layer, unsigned pos, c
     if (n_off == 0) {
         memcpy(o, R->o_loc, (size_t)nh * hd * sizeof(float));
     } else {
+        /* adaptive: each query head asks for its own budget; rows keep width k */
+        int32_t kb[nh];
+        for (unsigned h = 0; h < nh; h++)
+            kb[h] = (int32_t)(R->adaptive && R->k_head ? R->k_head[layer * nh + h] : k);
         ra_attend_req rq = {.n_q_heads = (int)nh, .head_dim = (int)hd, .q = q, .top_k = (int)k,
-                            .effort = (int)R->o->effort, .scale = ra_lm_scale(lm), .want_topk = 1};
+                            .effort = (int)R->o->effort, .scale = ra_lm_scale(lm), .want_topk = 1,
+                            .top_k_per_head = kb};
         ra_attend_out ao = {.o = R->o_rem, .lse = R->lse_rem, .pos = R->tpos, .scores = R->tscores,
                             .counts = R->tcounts};
         if ((s = ra_client_attend(R->cl, R->session, (int)layer, &rq, &ao)) != RA_OK) {
@@ -618,8 +623,9 @@ static ra_status hook_ratd(void *ctx, ra_lm *lm, unsigned layer, unsigned pos, c
     if (layer == 0)
         R->res->n_rel++;
     if (n_off > 0) {
-        unsigned kk = k < n_off ? k : n_off;
         for (unsigned h = 0; h < nh; h++) {
+            unsigned kh = R->adaptive && R->k_head ? R->k_head[layer * nh + h] : k;
+            unsigned kk = kh < n_off ? kh : n_off; /* recall against this head's own budget */
             ra_lm_scores(lm, layer, h / grp, q + (size_t)h * hd, R->o->sink, off_end, R->sc);
             /* k-th largest score by a partial sort of a copy */
             float *cp = R->sc + n_off;
@@ -775,9 +781,8 @@ static int cmp_desc(const void *a, const void *b)
  * be read, best first, for the rest to hold less than EPS of the head's attention; the
  * head's budget is the --adaptive-quantile (0.9) of those needs, clamped to
  * [--adaptive-min, --adaptive-max]. It runs after the fixed --topk budgets.
- * Heads that only look locally get the floor. ratd's Attend takes one top_k per
- * request, so a layer uses the largest budget of its heads; the per-head figure is
- * reported as what a per-head request would read. */
+ * Heads that only look locally get the floor. Each query head's Attend budget is its
+ * own (top_k_per_head); k_layer, the largest budget of a layer, is the row width. */
 static ra_status calibrate_budget(shared *S, run *R)
 {
     const ra_lm_config *c = S->c;
@@ -1057,7 +1062,7 @@ static void print_result(const opts *o, const ra_lm_config *c, const result *r, 
             snprintf(vs, sizeof vs, "%+.2f%%", 100 * (bpb / full_bpb - 1));
         printf("%-7s %6s %8.4f %8s %9s %9.2e %8s %8s %9.2f", mode_names[r->mode], k, bpb, vs, rp, err, rc, fr, ms);
         if (r->mode == MODE_RATD && r->adaptive && r->attends)
-            printf("   (adaptive %g: mean k %.0f, %.2f attends/layer/step, per-head budget would read %.2f%%)",
+            printf("   (adaptive %g: mean k %.0f, %.2f attends/layer/step, per-head budgets read %.2f%%)",
                    o->adaptive, r->keys_read / ((double)r->attends * c->n_heads),
                    (double)r->attends / ((double)r->steps * c->n_layers),
                    r->keys_offloaded > 0 ? 100 * r->keys_perhead / r->keys_offloaded : 0.0);
