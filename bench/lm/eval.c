@@ -9,7 +9,12 @@
  * Modes: full (reference), window (first `sink` + last `window` positions, as
  * StreamingLLM and as the model's own window-only check), ratd (sink + window through
  * the gpu/ module's cache, the rest offloaded to a running ratd through libratd-client
- * and merged by log-sum-exp). All three share the decoder's numerics. */
+ * and merged by log-sum-exp). All three share the decoder's numerics.
+ *
+ * --device cuda runs the same decoder on the GPU (gpu/ra_gpu_lm.h through ra_lm_gpu.h):
+ * prefill and decode on the device; ratd mode keeps sink + window in a CUDA ra_gpu cache
+ * on the decoder's stream, sends q to ratd asynchronously, computes the local part while
+ * ratd answers, and merges on the device. The CPU path is unchanged. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <math.h>
@@ -25,6 +30,7 @@
 
 #include "ra_half.h"
 #include "ra_lm.h"
+#include "ra_lm_gpu.h"
 #include "ra_log.h"
 #include "ra_trace.h"
 #include "ratd/client.h"
@@ -47,6 +53,7 @@ typedef struct opts {
     ra_dtype trace_dtype, kv_dtype;
     unsigned long seed;
     int json, quiet, wait_index_ms;
+    int cuda; /* --device cuda */
 } opts;
 
 /* One span copied by --repeat: bytes [src, src+len) reappear at [dst, dst+len). */
@@ -93,6 +100,15 @@ typedef struct run {
     int adaptive;      /* this run uses the calibrated per-head budget */
     unsigned *k_layer; /* top_k per layer (adaptive: calibrated at prefill) */
     unsigned *k_head;  /* adaptive: the budget each query head alone would need */
+    /* --device cuda: device buffers (d_*) and pinned host buffers (h_*) */
+    ra_gpu_lm *g;
+    ra_dtype gdt; /* the CUDA cache's dtype */
+    float *d_ref, *d_oloc, *d_lseloc, *d_orem, *d_lserem, *d_sc;
+    void *d_q16, *d_k16, *d_v16, *d_evk, *d_evv;
+    float *h_q, *h_o, *h_ref, *h_orem, *h_lserem;
+    void *h_evk, *h_evv;
+    unsigned *ev_pending; /* per layer: evictions already sent to ratd, not yet released */
+    ra_lm *lm_cpu;        /* config and scale */
 } run;
 
 static void die_usage(const char *msg)
@@ -107,6 +123,7 @@ static void die_usage(const char *msg)
             "         [--endpoint ipc://...|tcp://...] [--ratd BIN] [--index graph|flat|ivf|hnsw]\n"
             "         [--kv-dtype f16|bf16|f32] [--n-train Q] [--effort E] [--wait-index MS]\n"
             "         [--dump-trace FILE [--trace-dtype f32|f16|bf16]] [--json] [--quiet]\n"
+            "         [--device cpu|cuda]\n"
             "  --wait-index MS: after Offload, wait up to MS for ratd's index builds before decoding\n"
             "                   (default 600000; 0: start at once, early steps use exact scans)\n");
     exit(2);
@@ -169,6 +186,11 @@ static void parse_args(int argc, char **argv, opts *o)
             o->text = v;
         else if (ARG("--mode"))
             o->mode = v;
+        else if (ARG("--device")) {
+            if (strcmp(v, "cpu") && strcmp(v, "cuda"))
+                die_usage("--device must be cpu or cuda");
+            o->cuda = !strcmp(v, "cuda");
+        }
         else if (ARG("--endpoint"))
             o->endpoint = v;
         else if (ARG("--ratd"))
@@ -245,6 +267,8 @@ static void parse_args(int argc, char **argv, opts *o)
     }
     if (strcmp(o->index, "graph") && strcmp(o->index, "flat") && strcmp(o->index, "ivf") && strcmp(o->index, "hnsw"))
         die_usage("--index must be graph, flat, ivf or hnsw");
+    if (o->cuda && o->adaptive > 0)
+        die_usage("--adaptive calibrates on the CPU decoder's KV cache: not with --device cuda");
 }
 
 /* ------------------------------------------------------------------ text */
@@ -743,6 +767,7 @@ typedef struct shared {
     const unsigned char *is_rep; /* [E]: prediction i falls in a repeated span */
     capture *cap;
     const char *endpoint;
+    ra_gpu_lm *g; /* --device cuda */
 } shared;
 
 static void free_run(run *R)
@@ -1011,6 +1036,436 @@ out:
     return s;
 }
 
+/* ------------------------------------------------------------------ --device cuda */
+
+/* prefill capture on the device: the chunk's q, k, v come to the host for capture_fn
+ * (trace, training and calibration queries), which then works as on the CPU path */
+typedef struct gcapture {
+    capture *cap;
+    float *q, *k, *v; /* host, one chunk */
+    size_t rows_cap;
+} gcapture;
+
+static ra_status gcapture_fn(void *ctx, ra_gpu_lm *g, unsigned layer, unsigned pos0, unsigned rows, const float *q_dev,
+                             const float *k_dev, const float *v_dev)
+{
+    gcapture *gc = ctx;
+    const ra_lm_config *c = gc->cap->c;
+    size_t QD = (size_t)c->n_heads * c->head_dim, KD = (size_t)c->n_kv_heads * c->head_dim;
+    if (rows > gc->rows_cap) {
+        free(gc->q);
+        free(gc->k);
+        free(gc->v);
+        gc->q = malloc(rows * QD * sizeof(float));
+        gc->k = malloc(rows * KD * sizeof(float));
+        gc->v = malloc(rows * KD * sizeof(float));
+        gc->rows_cap = gc->q && gc->k && gc->v ? rows : 0;
+        if (!gc->rows_cap)
+            return RA_ENOMEM;
+    }
+    ra_status s;
+    if ((s = ra_gpu_lm_copy(g, gc->q, q_dev, rows * QD * sizeof(float), 0)) != RA_OK ||
+        (s = ra_gpu_lm_copy(g, gc->k, k_dev, rows * KD * sizeof(float), 0)) != RA_OK ||
+        (s = ra_gpu_lm_copy(g, gc->v, v_dev, rows * KD * sizeof(float), 0)) != RA_OK)
+        return s;
+    return capture_fn(gc->cap, layer, pos0, rows, gc->q, gc->k, gc->v);
+}
+
+static ra_status gpu_err(run *R, ra_status s, const char *what)
+{
+    fprintf(stderr, "ratd-lm-eval: %s: %s (%s)\n", what, ra_strerror(s),
+            R->gc && ra_gpu_cache_last_error(R->gc)[0] ? ra_gpu_cache_last_error(R->gc) : ra_gpu_lm_last_error(R->g));
+    return s;
+}
+
+/* error of o_dev against full attention on the same q (measurement only: the stream is
+ * drained first so the mode's own work is not billed to the measurement) */
+static ra_status gpu_measure_rel(run *R, unsigned layer, unsigned pos, const float *q_dev, const float *o_dev,
+                                 double *t0)
+{
+    const ra_lm_config *c = ra_lm_get_config(R->lm_cpu);
+    unsigned n = c->n_heads * c->head_dim, r[2] = {0, pos + 1};
+    ra_status s;
+    if ((s = ra_gpu_lm_sync(R->g)) != RA_OK)
+        return s;
+    *t0 = now_s();
+    if ((s = ra_gpu_lm_attend_ranges(R->g, layer, q_dev, r, 1, R->d_ref, NULL)) != RA_OK ||
+        (s = ra_gpu_lm_copy(R->g, R->h_o, o_dev, n * sizeof(float), 1)) != RA_OK ||
+        (s = ra_gpu_lm_copy(R->g, R->h_ref, R->d_ref, n * sizeof(float), 0)) != RA_OK)
+        return s;
+    R->res->rel_l2[layer] += rel_l2(R->h_o, R->h_ref, n);
+    if (layer == 0)
+        R->res->n_rel++;
+    return RA_OK;
+}
+
+static ra_status ghook_full(void *ctx, ra_gpu_lm *g, unsigned layer, unsigned pos, const float *q_dev, float *o_dev)
+{
+    run *R = ctx;
+    unsigned r[2] = {0, pos + 1};
+    if (layer == 0)
+        R->res->n_rel++;
+    return ra_gpu_lm_attend_ranges(g, layer, q_dev, r, 1, o_dev, NULL);
+}
+
+static ra_status ghook_window(void *ctx, ra_gpu_lm *g, unsigned layer, unsigned pos, const float *q_dev,
+                              float *o_dev)
+{
+    run *R = ctx;
+    unsigned sink = R->o->sink, win = R->o->window;
+    unsigned a = sink < pos + 1 ? sink : pos + 1;
+    unsigned b = pos + 1 > win ? pos + 1 - win : 0;
+    if (b < a)
+        b = a;
+    unsigned r[4] = {0, a, b, pos + 1};
+    ra_status s = ra_gpu_lm_attend_ranges(g, layer, q_dev, r, 2, o_dev, NULL);
+    double t0 = now_s();
+    if (s == RA_OK)
+        s = gpu_measure_rel(R, layer, pos, q_dev, o_dev, &t0);
+    R->t_measure += now_s() - t0;
+    return s;
+}
+
+/* Packs a staged view of any cache dtype into the session's dtype; a view already in
+ * it is handed over as it is (batch 1: [n_kv][n][hd] contiguous). */
+static ra_status pack_staged_any(run *R, const ra_gpu_staged *sv, ra_kv_batch *b)
+{
+    size_t n = sv->n_tokens, hd = sv->head_dim, nkv = sv->n_kv_heads;
+    if (sv->dtype == R->o->kv_dtype) {
+        memset(b, 0, sizeof *b);
+        b->n_kv_heads = (int)nkv;
+        b->head_dim = (int)hd;
+        b->dtype = sv->dtype;
+        b->n_tokens = n;
+        b->k = sv->k;
+        b->v = sv->v;
+        b->pos = sv->pos;
+        return RA_OK;
+    }
+    float *tmp = malloc(2 * nkv * n * hd * sizeof(float));
+    if (!tmp)
+        return RA_ENOMEM;
+    for (size_t i = 0; i < nkv * n * hd; i++) {
+        uint16_t kk = ((const uint16_t *)sv->k)[i], vv = ((const uint16_t *)sv->v)[i];
+        tmp[i] = sv->dtype == RA_DTYPE_F16 ? ra_f16_to_f32(kk) : ra_bf16_to_f32(kk);
+        tmp[nkv * n * hd + i] = sv->dtype == RA_DTYPE_F16 ? ra_f16_to_f32(vv) : ra_bf16_to_f32(vv);
+    }
+    ra_gpu_staged f = *sv;
+    f.dtype = RA_DTYPE_F32;
+    f.k = tmp;
+    f.v = tmp + nkv * n * hd;
+    ra_status s = pack_staged(R, &f, b);
+    free(tmp);
+    return s;
+}
+
+/* The tokens a layer's window evicted were sent to ratd before the step that evicted
+ * them (from the decoder's own KV cache, so Attend could go out before the local part
+ * ran); every 32 steps the cache's eviction stage is checked against them and released. */
+static ra_status drain_evicted(run *R, unsigned layer, unsigned last_pos)
+{
+    ra_gpu_staged sv;
+    ra_status s = ra_gpu_cache_evicted_view(R->gc, layer, &sv);
+    if (s != RA_OK)
+        return gpu_err(R, s, "evicted_view");
+    if (sv.n_tokens != R->ev_pending[layer] || (sv.n_tokens && sv.pos[sv.n_tokens - 1] != (int64_t)last_pos)) {
+        fprintf(stderr, "ratd-lm-eval: layer %u: the cache evicted %u tokens (last %lld), %u were sent (last %u)\n",
+                layer, sv.n_tokens, sv.n_tokens ? (long long)sv.pos[sv.n_tokens - 1] : -1LL, R->ev_pending[layer],
+                last_pos);
+        return RA_ESTATE;
+    }
+    R->ev_pending[layer] = 0;
+    if ((s = ra_gpu_cache_evicted_release(R->gc, layer)) != RA_OK)
+        return gpu_err(R, s, "evicted_release");
+    return RA_OK;
+}
+
+static ra_status ghook_ratd(void *ctx, ra_gpu_lm *g, unsigned layer, unsigned pos, const float *q_dev, float *o_dev)
+{
+    run *R = ctx;
+    const ra_lm_config *c = ra_lm_get_config(R->lm_cpu);
+    unsigned hd = c->head_dim, nh = c->n_heads, nkv = c->n_kv_heads, sink = R->o->sink, win = R->o->window;
+    ra_status s;
+    /* the token this step evicts from the window (pos - window once it is full) goes to
+     * ratd first, so that it is on ratd's side when Attend is answered */
+    int evict = pos >= sink + win;
+    unsigned ev_pos = evict ? pos - win : 0;
+    if ((s = ra_gpu_lm_kv_export(g, layer, pos, 1, R->gdt, R->d_k16, R->d_v16)) != RA_OK ||
+        (s = ra_gpu_lm_convert(g, q_dev, R->gdt, R->d_q16, (size_t)nh * hd)) != RA_OK ||
+        (evict && (s = ra_gpu_lm_kv_export(g, layer, ev_pos, 1, R->o->kv_dtype, R->d_evk, R->d_evv)) != RA_OK))
+        return gpu_err(R, s, "prepare step");
+    size_t kvb = (size_t)nkv * hd * (R->o->kv_dtype == RA_DTYPE_F32 ? 4 : 2);
+    if ((evict && ((s = ra_gpu_lm_copy(g, R->h_evk, R->d_evk, kvb, 1)) != RA_OK ||
+                   (s = ra_gpu_lm_copy(g, R->h_evv, R->d_evv, kvb, 1)) != RA_OK)) ||
+        (s = ra_gpu_lm_copy(g, R->h_q, q_dev, (size_t)nh * hd * sizeof(float), 0)) != RA_OK)
+        return gpu_err(R, s, "q to the host");
+    if (evict) {
+        int64_t p64 = ev_pos;
+        ra_kv_batch b = {.n_kv_heads = (int)nkv, .head_dim = (int)hd, .dtype = R->o->kv_dtype, .n_tokens = 1,
+                         .k = R->h_evk, .v = R->h_evv, .pos = &p64};
+        /* ra_kv_batch wants [n_kv][n][hd]: with n = 1 that is the export's [1][n_kv][hd] */
+        if ((s = ra_client_append(R->cl, R->session, (int)layer, &b)) != RA_OK) {
+            fprintf(stderr, "ratd-lm-eval: append: %s (%s)\n", ra_strerror(s), ra_client_errmsg(R->cl));
+            return s;
+        }
+    }
+    unsigned off_end = pos + 1 > win ? pos + 1 - win : 0;
+    unsigned n_off = off_end > sink ? off_end - sink : 0;
+    unsigned k = R->topk;
+    ra_attend_req rq = {.n_q_heads = (int)nh, .head_dim = (int)hd, .q = R->h_q, .top_k = (int)k,
+                        .effort = (int)R->o->effort, .scale = ra_lm_scale(R->lm_cpu), .want_topk = 1};
+    ra_ticket t = 0;
+    if (n_off > 0 && (s = ra_client_attend_send(R->cl, R->session, (int)layer, &rq, &t)) != RA_OK) {
+        fprintf(stderr, "ratd-lm-eval: attend: %s (%s)\n", ra_strerror(s), ra_client_errmsg(R->cl));
+        return s;
+    }
+    /* the local part runs on the device while ratd answers */
+    if ((s = ra_gpu_attend_local(R->gc, layer, RA_GPU_MEM_DEVICE, R->d_q16, R->d_k16, R->d_v16, R->d_oloc,
+                                 R->d_lseloc)) != RA_OK) {
+        if (n_off > 0)
+            ra_client_attend_cancel(R->cl, t);
+        return gpu_err(R, s, "gpu attend_local");
+    }
+    if (evict && ++R->ev_pending[layer] >= 32 && (s = drain_evicted(R, layer, ev_pos)) != RA_OK) {
+        if (n_off > 0)
+            ra_client_attend_cancel(R->cl, t);
+        return s;
+    }
+    if (n_off == 0) {
+        if ((s = ra_gpu_lm_copy(g, o_dev, R->d_oloc, (size_t)nh * hd * sizeof(float), 1)) != RA_OK)
+            return gpu_err(R, s, "copy");
+    } else {
+        ra_attend_out ao = {.o = R->h_orem, .lse = R->h_lserem, .pos = R->tpos, .scores = R->tscores,
+                            .counts = R->tcounts};
+        if ((s = ra_client_attend_wait(R->cl, t, &ao, -1)) != RA_OK) {
+            fprintf(stderr, "ratd-lm-eval: attend: %s (%s)\n", ra_strerror(s), ra_client_errmsg(R->cl));
+            return s;
+        }
+        R->res->attends++;
+        for (unsigned h = 0; h < nh; h++)
+            R->res->keys_read += (unsigned)R->tcounts[h];
+        if ((s = ra_gpu_lm_copy(g, R->d_orem, R->h_orem, (size_t)nh * hd * sizeof(float), 1)) != RA_OK ||
+            (s = ra_gpu_lm_copy(g, R->d_lserem, R->h_lserem, nh * sizeof(float), 1)) != RA_OK)
+            return gpu_err(R, s, "ratd's answer to the device");
+        if ((s = ra_gpu_merge(R->gc, RA_GPU_MEM_DEVICE, R->d_oloc, R->d_lseloc, R->d_orem, RA_DTYPE_F32,
+                              R->d_lserem, o_dev, RA_DTYPE_F32, NULL)) != RA_OK)
+            return gpu_err(R, s, "gpu merge");
+    }
+    /* measurement: error against full attention, recall against the exact top-k */
+    double t0 = now_s();
+    if ((s = gpu_measure_rel(R, layer, pos, q_dev, o_dev, &t0)) != RA_OK)
+        return gpu_err(R, s, "measure");
+    if (n_off > 0) {
+        unsigned kk = k < n_off ? k : n_off, grp = nh / nkv;
+        for (unsigned h = 0; h < nh; h++) {
+            if ((s = ra_gpu_lm_scores(g, layer, h / grp, q_dev + (size_t)h * hd, sink, off_end, R->d_sc)) != RA_OK ||
+                (s = ra_gpu_lm_copy(g, R->sc, R->d_sc, n_off * sizeof(float), 0)) != RA_OK)
+                return gpu_err(R, s, "scores");
+            float *cp = R->sc + n_off;
+            memcpy(cp, R->sc, n_off * sizeof(float));
+            float kth = kth_largest(cp, n_off, kk);
+            unsigned hit = 0, got = (unsigned)R->tcounts[h];
+            for (unsigned i = 0; i < got && i < k; i++) {
+                int64_t p = R->tpos[(size_t)h * k + i];
+                if (p >= sink && p < off_end && R->sc[p - sink] >= kth)
+                    hit++;
+            }
+            R->res->recall_sum += (double)(hit > kk ? kk : hit) / kk;
+            R->res->recall_n++;
+            R->res->keys_offloaded += n_off;
+        }
+    }
+    R->t_measure += now_s() - t0;
+    return RA_OK;
+}
+
+/* ratd mode on the device: a CUDA ra_gpu cache on the decoder's stream takes sink +
+ * window of every layer straight from the device KV cache; the middle goes to ratd. */
+static ra_status setup_ratd_gpu(shared *S, run *R)
+{
+    const ra_lm_config *c = S->c;
+    const opts *o = S->o;
+    unsigned C = o->context, hd = c->head_dim, nkv = c->n_kv_heads, nh = c->n_heads;
+    ra_gpu_lm *g = S->g;
+    ra_status s;
+    R->gdt = o->kv_dtype == RA_DTYPE_BF16 ? RA_DTYPE_BF16 : RA_DTYPE_F16;
+    ra_gpu_config gcfg;
+    ra_gpu_config_init(&gcfg);
+    gcfg.n_layers = c->n_layers;
+    gcfg.n_q_heads = nh;
+    gcfg.n_kv_heads = nkv;
+    gcfg.head_dim = hd;
+    gcfg.dtype = R->gdt;
+    gcfg.sink = o->sink;
+    gcfg.window = o->window;
+    gcfg.batch = 1;
+    gcfg.backend = RA_GPU_BACKEND_CUDA;
+    gcfg.evict_capacity = 64;
+    if ((s = ra_gpu_cache_create(&gcfg, &R->gc)) != RA_OK) {
+        fprintf(stderr, "ratd-lm-eval: gpu cache: %s\n", ra_strerror(s));
+        return s;
+    }
+    if ((s = ra_gpu_cache_set_stream(R->gc, ra_gpu_lm_stream(g))) != RA_OK)
+        return gpu_err(R, s, "set_stream");
+    size_t e = 4; /* worst case element size */
+    R->d_q16 = ra_gpu_lm_alloc(g, (size_t)nh * hd * e);
+    R->d_k16 = ra_gpu_lm_alloc(g, (size_t)nkv * hd * e);
+    R->d_v16 = ra_gpu_lm_alloc(g, (size_t)nkv * hd * e);
+    R->d_evk = ra_gpu_lm_alloc(g, (size_t)nkv * hd * e);
+    R->d_evv = ra_gpu_lm_alloc(g, (size_t)nkv * hd * e);
+    R->d_oloc = ra_gpu_lm_alloc(g, (size_t)nh * hd * sizeof(float));
+    R->d_lseloc = ra_gpu_lm_alloc(g, nh * sizeof(float));
+    R->d_orem = ra_gpu_lm_alloc(g, (size_t)nh * hd * sizeof(float));
+    R->d_lserem = ra_gpu_lm_alloc(g, nh * sizeof(float));
+    R->d_sc = ra_gpu_lm_alloc(g, (size_t)ra_lm_max_ctx(S->lm) * sizeof(float));
+    R->h_q = ra_gpu_host_alloc((size_t)nh * hd * sizeof(float));
+    R->h_orem = ra_gpu_host_alloc((size_t)nh * hd * sizeof(float));
+    R->h_lserem = ra_gpu_host_alloc(nh * sizeof(float));
+    R->h_evk = ra_gpu_host_alloc((size_t)nkv * hd * e);
+    R->h_evv = ra_gpu_host_alloc((size_t)nkv * hd * e);
+    R->ev_pending = calloc(c->n_layers, sizeof(unsigned));
+    void *kbuf = ra_gpu_lm_alloc(g, (size_t)C * nkv * hd * 2), *vbuf = ra_gpu_lm_alloc(g, (size_t)C * nkv * hd * 2);
+    if (!R->d_q16 || !R->d_k16 || !R->d_v16 || !R->d_evk || !R->d_evv || !R->d_oloc || !R->d_lseloc || !R->d_orem ||
+        !R->d_lserem || !R->d_sc || !R->h_q || !R->h_orem || !R->h_lserem || !R->h_evk || !R->h_evv ||
+        !R->ev_pending || !kbuf || !vbuf) {
+        s = RA_ENOMEM;
+        goto out;
+    }
+    if ((s = connect_daemon(o, S->endpoint, &R->cl)) != RA_OK)
+        goto out;
+    ra_session_desc d;
+    ra_session_desc_init(&d);
+    d.n_layers = (int)c->n_layers;
+    d.n_q_heads = (int)nh;
+    d.n_kv_heads = (int)nkv;
+    d.head_dim = (int)hd;
+    d.dtype = o->kv_dtype;
+    d.index.kind = !strcmp(o->index, "flat")   ? RA_CLIENT_INDEX_FLAT
+                   : !strcmp(o->index, "ivf")  ? RA_CLIENT_INDEX_IVF
+                   : !strcmp(o->index, "hnsw") ? RA_CLIENT_INDEX_HNSW
+                                               : RA_CLIENT_INDEX_GRAPH;
+    d.index.seed = o->seed;
+    if ((s = ra_client_session_create(R->cl, &d, &R->session)) != RA_OK) {
+        fprintf(stderr, "ratd-lm-eval: session: %s (%s)\n", ra_strerror(s), ra_client_errmsg(R->cl));
+        goto out;
+    }
+    for (unsigned l = 0; l < c->n_layers && s == RA_OK; l++) {
+        if ((s = ra_gpu_lm_kv_export(g, l, 0, C, R->gdt, kbuf, vbuf)) != RA_OK ||
+            (s = ra_gpu_ingest_prefill(R->gc, l, RA_GPU_MEM_DEVICE, kbuf, vbuf, C)) != RA_OK) {
+            gpu_err(R, s, "ingest_prefill");
+            break;
+        }
+        ra_gpu_staged sv;
+        if ((s = ra_gpu_cache_offload_view(R->gc, l, &sv)) != RA_OK) {
+            gpu_err(R, s, "offload_view");
+            break;
+        }
+        if (sv.n_tokens > 0) {
+            ra_kv_batch b;
+            if ((s = pack_staged_any(R, &sv, &b)) != RA_OK)
+                break;
+            if (S->cap->q_train && S->cap->n_q > 0) {
+                b.n_q_heads = (int)nh;
+                b.n_queries = S->cap->n_q;
+                b.q_train = S->cap->q_train + (size_t)l * nh * S->cap->n_q * hd;
+            }
+            if ((s = ra_client_offload(R->cl, R->session, (int)l, &b)) != RA_OK) {
+                fprintf(stderr, "ratd-lm-eval: offload layer %u: %s (%s)\n", l, ra_strerror(s),
+                        ra_client_errmsg(R->cl));
+                break;
+            }
+        }
+        s = ra_gpu_cache_offload_release(R->gc, l);
+    }
+    ra_gpu_cache_trim(R->gc);
+    if (s == RA_OK && o->wait_index_ms > 0 &&
+        (s = ra_client_wait_ready(R->cl, R->session, o->wait_index_ms)) != RA_OK)
+        fprintf(stderr, "ratd-lm-eval: waiting for the index builds: %s (%s)\n", ra_strerror(s),
+                ra_client_errmsg(R->cl));
+out:
+    ra_gpu_lm_free(g, kbuf);
+    ra_gpu_lm_free(g, vbuf);
+    return s;
+}
+
+static void free_run_gpu(run *R)
+{
+    void *d[] = {R->d_ref, R->d_oloc, R->d_lseloc, R->d_orem, R->d_lserem, R->d_sc,
+                 R->d_q16, R->d_k16, R->d_v16, R->d_evk, R->d_evv};
+    if (R->g)
+        ra_gpu_lm_sync(R->g);
+    free_run(R);
+    for (unsigned i = 0; i < sizeof d / sizeof d[0]; i++)
+        ra_gpu_lm_free(R->g, d[i]);
+    void *h[] = {R->h_q, R->h_o, R->h_ref, R->h_orem, R->h_lserem, R->h_evk, R->h_evv};
+    for (unsigned i = 0; i < sizeof h / sizeof h[0]; i++)
+        ra_gpu_host_free(h[i]);
+    free(R->ev_pending);
+}
+
+static ra_status run_mode_gpu(shared *S, eval_mode mode, unsigned topk, result *res)
+{
+    const opts *o = S->o;
+    const ra_lm_config *c = S->c;
+    unsigned C = o->context, E = o->eval, nh = c->n_heads, hd = c->head_dim;
+    unsigned max_ctx = ra_lm_max_ctx(S->lm);
+    run R = {.o = o, .mode = mode, .topk = topk, .res = res, .g = S->g, .lm_cpu = S->lm};
+    ra_status s = RA_ENOMEM;
+    float *logits = malloc(c->vocab * sizeof(float));
+    memset(res, 0, sizeof *res);
+    res->mode = mode;
+    res->topk = topk;
+    res->rel_l2 = calloc(c->n_layers, sizeof(double));
+    R.sc = malloc((size_t)2 * max_ctx * sizeof(float));
+    R.tpos = malloc((size_t)nh * (topk ? topk : 1) * sizeof(int64_t));
+    R.tscores = malloc((size_t)nh * (topk ? topk : 1) * sizeof(float));
+    R.tcounts = malloc(nh * sizeof(int32_t));
+    R.d_ref = ra_gpu_lm_alloc(S->g, (size_t)nh * hd * sizeof(float));
+    R.h_o = ra_gpu_host_alloc((size_t)nh * hd * sizeof(float));
+    R.h_ref = ra_gpu_host_alloc((size_t)nh * hd * sizeof(float));
+    if (!logits || !res->rel_l2 || !R.sc || !R.tpos || !R.tscores || !R.tcounts || !R.d_ref || !R.h_o || !R.h_ref)
+        goto out;
+    if ((s = ra_gpu_lm_rewind(S->g, C)) != RA_OK)
+        goto out;
+    if (mode == MODE_RATD && (s = setup_ratd_gpu(S, &R)) != RA_OK)
+        goto out;
+    ra_gpu_lm_attn_fn fn = mode == MODE_FULL ? ghook_full : mode == MODE_WINDOW ? ghook_window : ghook_ratd;
+    double nll = -ra_lm_logprob(S->logits0, c->vocab, S->tok[C]);
+    res->nats += nll;
+    res->n++;
+    if (S->is_rep[0]) {
+        res->nats_rep += nll;
+        res->n_rep++;
+    }
+    if (!o->quiet)
+        RA_INFO("ratd-lm-eval: %s (cuda): decoding starts", mode_names[mode]);
+    double t0 = now_s();
+    for (unsigned i = 1; i < E; i++) {
+        if ((s = ra_gpu_lm_decode(S->g, S->tok[C + i - 1], logits, fn, &R)) != RA_OK) {
+            fprintf(stderr, "ratd-lm-eval: decode step %u failed: %s (%s)\n", i, ra_strerror(s),
+                    ra_gpu_lm_last_error(S->g));
+            goto out;
+        }
+        nll = -ra_lm_logprob(logits, c->vocab, S->tok[C + i]);
+        res->nats += nll;
+        res->n++;
+        if (S->is_rep[i]) {
+            res->nats_rep += nll;
+            res->n_rep++;
+        }
+        res->steps++;
+        if (!o->quiet && i % 128 == 0)
+            fprintf(stderr, "ratd-lm-eval: %s (cuda)%s%.0u: %u/%u tokens, bpb so far %.4f\n", mode_names[mode],
+                    mode == MODE_RATD ? " k=" : "", mode == MODE_RATD ? topk : 0, i, E, res->nats / res->n / M_LN2);
+    }
+    res->seconds = now_s() - t0 - R.t_measure;
+    s = RA_OK;
+out:
+    free_run_gpu(&R);
+    free(logits);
+    return s;
+}
+
 /* ------------------------------------------------------------------ report */
 
 static void print_result(const opts *o, const ra_lm_config *c, const result *r, double full_bpb)
@@ -1094,6 +1549,8 @@ int main(int argc, char **argv)
     unsigned char *is_rep = NULL;
     float *logits0 = NULL;
     capture cap = {0};
+    gcapture gcap = {.cap = &cap};
+    ra_gpu_lm *g = NULL;
     int rc = 1;
     unsigned need = o.context + o.eval;
     ra_status s;
@@ -1103,6 +1560,10 @@ int main(int argc, char **argv)
         goto out;
     }
     const ra_lm_config *c = ra_lm_get_config(lm);
+    if (o.cuda && (s = ra_lm_gpu_load(o.model, lm, need, 0, &g, err, sizeof err)) != RA_OK) {
+        fprintf(stderr, "ratd-lm-eval: --device cuda: %s\n", err);
+        goto out;
+    }
     if (read_text(&o, need, &text) != 0)
         goto out;
     span sp[64];
@@ -1178,10 +1639,14 @@ int main(int argc, char **argv)
         }
     }
     double t0 = now_s();
-    s = ra_lm_prefill(lm, tok, o.context, logits0, NULL, (cap.tw || cap.q_train || cap.cal_q) ? capture_fn : NULL,
-                      &cap);
+    int want_cap = cap.tw || cap.q_train || cap.cal_q;
+    if (g)
+        s = ra_gpu_lm_prefill(g, tok, o.context, logits0, want_cap ? gcapture_fn : NULL, &gcap);
+    else
+        s = ra_lm_prefill(lm, tok, o.context, logits0, NULL, want_cap ? capture_fn : NULL, &cap);
     if (s != RA_OK) {
-        fprintf(stderr, "ratd-lm-eval: prefill failed: %s\n", ra_strerror(s));
+        fprintf(stderr, "ratd-lm-eval: prefill failed: %s%s%s\n", ra_strerror(s), g ? ": " : "",
+                g ? ra_gpu_lm_last_error(g) : "");
         goto out;
     }
     double t_prefill = now_s() - t0;
@@ -1199,10 +1664,12 @@ int main(int argc, char **argv)
     }
 
     shared S = {.o = &o, .lm = lm, .c = c, .tok = tok, .logits0 = logits0, .is_rep = is_rep, .cap = &cap,
-                .endpoint = endpoint};
+                .endpoint = endpoint, .g = g};
     if (!o.json) {
         printf("# ratd-lm-eval: model %s, text %s (offset %u), context %u, eval %u, sink %u, window %u%s\n", o.model,
                o.text, o.offset, o.context, o.eval, o.sink, o.window, o.repeat ? ", with repeats" : "");
+        if (g)
+            printf("# device cuda: prefill and decode on the GPU (ra_gpu_lm), ratd's local part in a CUDA ra_gpu cache\n");
         printf("# prefill %.1f s; rel_l2: mean over layers of |o - o_full| / |o_full|; keys: share of the "
                "offloaded keys read per step\n",
                t_prefill);
@@ -1212,14 +1679,14 @@ int main(int argc, char **argv)
     result r;
     double full_bpb = 0;
     if (want_full) {
-        if ((s = run_mode(&S, MODE_FULL, 0, 0, &r)) != RA_OK)
+        if ((s = g ? run_mode_gpu(&S, MODE_FULL, 0, &r) : run_mode(&S, MODE_FULL, 0, 0, &r)) != RA_OK)
             goto out;
         full_bpb = r.nats / r.n / M_LN2;
         print_result(&o, c, &r, full_bpb);
         free(r.rel_l2);
     }
     if (want_window) {
-        if ((s = run_mode(&S, MODE_WINDOW, 0, 0, &r)) != RA_OK)
+        if ((s = g ? run_mode_gpu(&S, MODE_WINDOW, 0, &r) : run_mode(&S, MODE_WINDOW, 0, 0, &r)) != RA_OK)
             goto out;
         print_result(&o, c, &r, full_bpb);
         free(r.rel_l2);
@@ -1230,7 +1697,9 @@ int main(int argc, char **argv)
             int ad = i == o.n_topk;
             if (!ad && o.topk[i] == 0)
                 continue;
-            if ((s = run_mode(&S, MODE_RATD, ad ? o.adaptive_min : o.topk[i], ad, &r)) != RA_OK) {
+            s = g ? run_mode_gpu(&S, MODE_RATD, o.topk[i], &r)
+                  : run_mode(&S, MODE_RATD, ad ? o.adaptive_min : o.topk[i], ad, &r);
+            if (s != RA_OK) {
                 free(r.rel_l2);
                 goto out;
             }
@@ -1252,6 +1721,10 @@ out:
     free(tok);
     free(is_rep);
     free(text);
+    free(gcap.q);
+    free(gcap.k);
+    free(gcap.v);
+    ra_gpu_lm_destroy(g);
     ra_lm_free(lm);
     stop_child();
     return rc;
