@@ -1099,8 +1099,11 @@ static void graph_destroy(void *state)
     free(g);
 }
 
-static ra_status graph_build(void **state, const ra_kv *kv, size_t n, const float *train_q, size_t nq,
-                             const ra_index_opts *opts)
+/* lists: NULL, or precomputed exact top-lists_k row ids of every training query
+ * ([nq][lists_k], -1 pads): then the kNN step is skipped. */
+static ra_status graph_build_from(void **state, const ra_kv *kv, size_t n, const float *train_q,
+                                  size_t nq, const int32_t *lists, int lists_k,
+                                  const ra_index_opts *opts)
 {
     ra_status st;
     ra_graph *g = NULL;
@@ -1165,6 +1168,8 @@ static ra_status graph_build(void **state, const ra_kv *kv, size_t n, const floa
         }
         ns = g_sample_queries(nq, want, seed, sidx);
         int Kk = (size_t)K > n ? (int)n : K;
+        if (lists && lists_k < Kk)
+            Kk = lists_k;
         sq = malloc(ns * (size_t)dim * sizeof *sq);
         knn = malloc(ns * (size_t)Kk * sizeof *knn);
         knn_s = malloc(ns * (size_t)Kk * sizeof *knn_s);
@@ -1174,7 +1179,12 @@ static ra_status graph_build(void **state, const ra_kv *kv, size_t n, const floa
         }
         for (size_t i = 0; i < ns; i++)
             memcpy(sq + i * dim, train_q + sidx[i] * dim, (size_t)dim * sizeof *sq);
-        st = ra_exact_knn_batch(kv, n, sq, ns, Kk, knn, knn_s);
+        if (lists) /* the caller's exact lists (e.g. from the GPU), truncated to Kk */
+            for (size_t i = 0; i < ns; i++)
+                memcpy(knn + i * (size_t)Kk, lists + sidx[i] * (size_t)lists_k,
+                       (size_t)Kk * sizeof *knn);
+        else
+            st = ra_exact_knn_batch(kv, n, sq, ns, Kk, knn, knn_s);
         if (st) {
             RA_ERROR("graph: exact top-%d of %zu training queries failed: %s", Kk, ns,
                      ra_strerror(st));
@@ -1430,9 +1440,25 @@ static size_t graph_bytes(void *state)
            (size_t)g->n_entries * sizeof(int32_t);
 }
 
+static ra_status graph_build(void **state, const ra_kv *kv, size_t n, const float *train_q,
+                             size_t nq, const ra_index_opts *opts)
+{
+    return graph_build_from(state, kv, n, train_q, nq, NULL, 0, opts);
+}
+
+static ra_status graph_build_lists(void **state, const ra_kv *kv, size_t n, const float *train_q,
+                                   size_t nq, const int32_t *lists, int K,
+                                   const ra_index_opts *opts)
+{
+    if (!lists || K < 1)
+        return RA_EINVAL;
+    return graph_build_from(state, kv, n, train_q, nq, lists, K, opts);
+}
+
 const ra_backend_ops ra_backend_graph = {
     .name = "graph",
     .build = graph_build,
+    .build_lists = graph_build_lists,
     .add = graph_add,
     .search = graph_search,
     .bytes = graph_bytes,

@@ -43,6 +43,8 @@ struct ra_head {
     size_t n_build;
     float *train_q;
     size_t nq;
+    int32_t *lists; /* NULL, or [nq][lists_k] precomputed exact top-K row ids */
+    int lists_k;
 };
 
 const char *ra_index_kind_name(ra_index_kind k)
@@ -237,7 +239,10 @@ static void *build_main(void *arg)
         omp_set_num_threads(h->opts.threads);
     double t0 = ra_now_s();
     void *state = NULL;
-    ra_status st = h->ops->build(&state, h->view, h->n_build, h->train_q, h->nq, &h->opts);
+    ra_status st = h->lists && h->ops->build_lists
+                       ? h->ops->build_lists(&state, h->view, h->n_build, h->train_q, h->nq,
+                                             h->lists, h->lists_k, &h->opts)
+                       : h->ops->build(&state, h->view, h->n_build, h->train_q, h->nq, &h->opts);
     double t1 = ra_now_s();
 
     void *old = NULL;
@@ -282,6 +287,8 @@ static void *build_main(void *arg)
                  h->n_build, now - h->n_build, t1 - t0);
     free(h->train_q);
     h->train_q = NULL;
+    free(h->lists);
+    h->lists = NULL;
     if (h->opts.threads > 0)
         omp_set_num_threads(omp_old);
     pthread_mutex_lock(&h->bmu);
@@ -294,8 +301,20 @@ static void *build_main(void *arg)
 
 ra_status ra_head_build(ra_head *h, const float *train_q, size_t nq, int background)
 {
+    return ra_head_build_lists(h, train_q, nq, NULL, 0, background);
+}
+
+ra_status ra_head_build_lists(ra_head *h, const float *train_q, size_t nq, const int32_t *lists,
+                              int K, int background)
+{
     if (!h)
         return RA_EINVAL;
+    if (lists && (K < 1 || K > RA_HEAD_MAX_LIST_K || !nq)) {
+        RA_ERROR("head: precomputed lists need 1 <= K <= %d and training queries (K %d, %zu "
+                 "queries)",
+                 RA_HEAD_MAX_LIST_K, K, nq);
+        return RA_EINVAL;
+    }
     int dim = ra_kv_dim(h->kv);
     if (nq && !train_q) {
         RA_ERROR("head: build with %zu training queries but a NULL array", nq);
@@ -324,6 +343,7 @@ ra_status ra_head_build(ra_head *h, const float *train_q, size_t nq, int backgro
 
     ra_status st = RA_OK;
     float *tq = NULL;
+    int32_t *tl = NULL;
     if (nq) {
         tq = malloc(nq * (size_t)dim * sizeof(float));
         if (!tq) {
@@ -333,14 +353,33 @@ ra_status ra_head_build(ra_head *h, const float *train_q, size_t nq, int backgro
         }
         memcpy(tq, train_q, nq * (size_t)dim * sizeof(float));
     }
+    if (lists) {
+        tl = malloc(nq * (size_t)K * sizeof *tl);
+        if (!tl) {
+            RA_ERROR("head: out of memory copying %zu x %d precomputed lists", nq, K);
+            st = RA_ENOMEM;
+            goto fail;
+        }
+        memcpy(tl, lists, nq * (size_t)K * sizeof *tl);
+    }
     pthread_rwlock_wrlock(&h->lock);
+    size_t count = ra_kv_count(h->kv);
+    for (size_t i = 0; tl && i < nq * (size_t)K; i++)
+        if (tl[i] < -1 || (int64_t)tl[i] >= (int64_t)count) {
+            pthread_rwlock_unlock(&h->lock);
+            RA_ERROR("head: precomputed list entry %d outside -1..%zu", tl[i], count - 1);
+            st = RA_EINVAL;
+            goto fail;
+        }
     st = ra_kv_pin(h->kv, &h->view);
-    h->n_build = ra_kv_count(h->kv);
+    h->n_build = count;
     pthread_rwlock_unlock(&h->lock);
     if (st != RA_OK)
         goto fail;
     h->train_q = tq;
     h->nq = nq;
+    h->lists = tl;
+    h->lists_k = K;
     if (background) {
         /* Created under bmu so the thread is recorded before it can finish and another
          * build can start (the thread takes bmu last thing). */
@@ -359,6 +398,7 @@ ra_status ra_head_build(ra_head *h, const float *train_q, size_t nq, int backgro
     return st;
 fail:
     free(tq);
+    free(tl);
     pthread_mutex_lock(&h->bmu);
     h->building = 0;
     pthread_cond_broadcast(&h->bcv);

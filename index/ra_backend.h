@@ -20,6 +20,11 @@ typedef struct ra_backend_ops {
                         int32_t *ids, float *scores, int *n_out, ra_search_stats *st);
     size_t (*bytes)(void *state);
     void (*destroy)(void *state);
+    /* Optional (NULL: unsupported): build from precomputed exact top-K lists of the
+     * training queries, lists [nq][K] of row ids in [0, n) (-1 pads), instead of the
+     * backend's own kNN (e.g. lists computed on the GPU during prefill). */
+    ra_status (*build_lists)(void **state, const ra_kv *kv, size_t n, const float *train_q,
+                             size_t nq, const int32_t *lists, int K, const ra_index_opts *opts);
 } ra_backend_ops;
 
 extern const ra_backend_ops ra_backend_scan;  /* index/flat.c (SIMD scan of the ra_kv) */

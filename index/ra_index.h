@@ -75,6 +75,13 @@ ra_status ra_head_append(ra_head *h, const void *k, const void *v, const int64_t
  * (fp32 [nq][dim], copied). background=1 returns at once; 0 waits. A second call while
  * a build runs returns RA_EBUSY. Keys appended during the build are inserted at its end. */
 ra_status ra_head_build(ra_head *h, const float *train_q, size_t nq, int background);
+/* ra_head_build with precomputed exact top-K lists of the training queries: lists
+ * [nq][K] (copied) hold row ids of this head, in [0, count) or -1 for padding, best
+ * first — e.g. computed on the GPU during prefill (ra_gpu_knn). A backend that can use
+ * them (the graph) skips its own kNN; others ignore them. Ids out of range: RA_EINVAL. */
+#define RA_HEAD_MAX_LIST_K 4096
+ra_status ra_head_build_lists(ra_head *h, const float *train_q, size_t nq, const int32_t *lists,
+                              int K, int background);
 /* 1 when the index is built and in use. */
 int ra_head_ready(ra_head *h);
 /* 1 while a build runs. */
