@@ -585,6 +585,9 @@ static ra_status tokens(ra_client *c, uint64_t session, int layer, const ra_kv_b
     int with_q = offload && b->n_queries > 0;
     if (with_q && (!b->q_train || b->n_q_heads <= 0))
         return fail(c, RA_EINVAL, "q_train and n_q_heads are required when n_queries > 0");
+    int with_knn = with_q && b->train_knn;
+    if (with_knn && b->train_knn_k <= 0)
+        return fail(c, RA_EINVAL, "train_knn needs train_knn_k > 0");
     size_t es = ra_dtype_size(b->dtype);
     uint64_t G = (uint64_t)b->n_kv_heads, n = b->n_tokens, D = (uint64_t)b->head_dim;
     if (n > ((uint64_t)1 << 40) / (G * D))
@@ -595,7 +598,7 @@ static ra_status tokens(ra_client *c, uint64_t session, int layer, const ra_kv_b
     h.type = offload ? RATD__MSG_TYPE__OFFLOAD : RATD__MSG_TYPE__APPEND;
     h.session = remote_session(c, session, sh);
     h.layer = (uint32_t)layer;
-    ra_proto_part p[4] = {
+    ra_proto_part p[5] = {
         {RATD__ROLE__K, (Ratd__DType)b->dtype, 3, {G, n, D}, b->k, kvb, 0},
         {RATD__ROLE__V, (Ratd__DType)b->dtype, 3, {G, n, D}, b->v, kvb, 0},
         {RATD__ROLE__POS, RATD__DTYPE__I64, 1, {n}, b->pos, n * sizeof(int64_t), 0},
@@ -606,9 +609,17 @@ static ra_status tokens(ra_client *c, uint64_t session, int layer, const ra_kv_b
          b->q_train,
          (size_t)b->n_q_heads * b->n_queries * (size_t)D * sizeof(float),
          0},
+        {RATD__ROLE__TRAIN_TOPK,
+         RATD__DTYPE__I32,
+         3,
+         {(uint64_t)b->n_q_heads, b->n_queries, (uint64_t)(with_knn ? b->train_knn_k : 0)},
+         b->train_knn,
+         with_knn ? (size_t)b->n_q_heads * b->n_queries * (size_t)b->train_knn_k * sizeof(int32_t)
+                  : 0,
+         0},
     };
     ra_reply *r;
-    ra_status st = call(c, sh, &h, p, with_q ? 4 : 3, &r);
+    ra_status st = call(c, sh, &h, p, with_knn ? 5 : with_q ? 4 : 3, &r);
     if (st != RA_OK)
         return st;
     reply_free(r);

@@ -328,6 +328,8 @@ typedef struct kv_job {
     const int64_t *pos;
     const float *q;
     size_t nq; /* per query head */
+    const int32_t *knn; /* NULL or [n_q][nq][knn_k]: indices into this message's tokens */
+    int knn_k;
     size_t es;
     ra_status st[4096];       /* append */
     ra_status build_st[4096]; /* index build start */
@@ -352,6 +354,7 @@ static void task_append(void *arg, int g)
     ratd_session *ss = j->ss;
     ra_head *h = ss->heads[j->layer * ss->n_kv + g];
     size_t per = j->n * (size_t)ss->dim * j->es;
+    size_t base = ra_head_count(h); /* row of this message's first token */
     ra_status st = RA_OK;
     if (j->n)
         st = ra_head_append(h, j->k + (size_t)g * per, j->v + (size_t)g * per, j->pos, j->n);
@@ -360,7 +363,23 @@ static void task_append(void *arg, int g)
     if (st == RA_OK && j->q && j->nq) {
         /* [n_q][nq][dim]: the rep query heads of KV head g are contiguous */
         size_t qn = (size_t)ss->rep * j->nq;
-        ra_status bs = ra_head_build(h, j->q + (size_t)g * qn * (size_t)ss->dim, qn, 1);
+        const float *q = j->q + (size_t)g * qn * (size_t)ss->dim;
+        ra_status bs;
+        if (j->knn) { /* the client's exact lists: message indices -> this head's rows */
+            size_t m = qn * (size_t)j->knn_k;
+            int32_t *rows = malloc(m * sizeof *rows);
+            const int32_t *src = j->knn + (size_t)g * m;
+            if (rows) {
+                for (size_t i = 0; i < m; i++)
+                    rows[i] = src[i] < 0 ? -1 : (int32_t)(base + (size_t)src[i]);
+                bs = ra_head_build_lists(h, q, qn, rows, j->knn_k, 1);
+                free(rows);
+            } else {
+                bs = RA_ENOMEM;
+            }
+        } else {
+            bs = ra_head_build(h, q, qn, 1);
+        }
         if (bs == RA_EBUSY) /* a build runs: it inserts the new keys when it ends */
             bs = RA_OK;
         j->build_st[g] = bs;
@@ -436,6 +455,26 @@ static ra_status do_tokens(ratd_server *s, ra_proto_view *v, reply *r, int offlo
                               qshape, &iq, r->err, r->errlen)))
             return st;
     }
+    int ikn = ra_proto_find(v, RATD__ROLE__TRAIN_TOPK);
+    uint64_t knn_k = 0;
+    if (ikn >= 0) {
+        const Ratd__Tensor *tt = v->tensor[ikn];
+        knn_k = tt->n_shape == 3 ? tt->shape[2] : 0;
+        if (iq < 0 || nq == 0) {
+            snprintf(r->err, r->errlen, "training lists (TRAIN_TOPK) come only with the training "
+                                        "queries of an Offload");
+            return RA_EPROTO;
+        }
+        if (knn_k < 1 || knn_k > RA_HEAD_MAX_LIST_K) {
+            snprintf(r->err, r->errlen, "training lists of %llu entries per query; 1..%d allowed",
+                     (unsigned long long)knn_k, RA_HEAD_MAX_LIST_K);
+            return RA_EINVAL;
+        }
+        uint64_t lshape[3] = {(uint64_t)ss->n_q, nq, knn_k};
+        if ((st = want_tensor(v, RATD__ROLE__TRAIN_TOPK, "training lists", RATD__DTYPE__I32, 3,
+                              lshape, &ikn, r->err, r->errlen)))
+            return st;
+    }
     if (n == 0 && nq == 0)
         return RA_OK;
     size_t es = ra_dtype_size(ss->dtype);
@@ -450,7 +489,7 @@ static ra_status do_tokens(ratd_server *s, ra_proto_view *v, reply *r, int offlo
         return RA_ENOMEM;
     }
     kv_job *j = calloc(1, sizeof *j);
-    void *tmp[4] = {0};
+    void *tmp[5] = {0};
     if (!j) {
         snprintf(r->err, r->errlen, "out of memory");
         return RA_ENOMEM;
@@ -464,11 +503,22 @@ static ra_status do_tokens(ratd_server *s, ra_proto_view *v, reply *r, int offlo
     j->v = ra_proto_data(v, iv, &tmp[1]);
     j->pos = ra_proto_data(v, ip, &tmp[2]);
     j->q = iq >= 0 && nq ? ra_proto_data(v, iq, &tmp[3]) : NULL;
-    if (!j->k || !j->v || !j->pos || (iq >= 0 && nq && !j->q)) {
+    j->knn = ikn >= 0 ? ra_proto_data(v, ikn, &tmp[4]) : NULL;
+    j->knn_k = (int)knn_k;
+    if (!j->k || !j->v || !j->pos || (iq >= 0 && nq && !j->q) || (ikn >= 0 && !j->knn)) {
         snprintf(r->err, r->errlen, "out of memory");
         st = RA_ENOMEM;
         goto out;
     }
+    for (size_t i = 0; j->knn && i < (size_t)ss->n_q * (size_t)nq * (size_t)knn_k; i++)
+        if (j->knn[i] < -1 || (int64_t)j->knn[i] >= (int64_t)n) {
+            snprintf(r->err, r->errlen,
+                     "training list entry %zu is %d: outside -1..%llu (indices into this "
+                     "message's tokens); nothing stored",
+                     i, j->knn[i], (unsigned long long)n - 1);
+            st = RA_EINVAL;
+            goto out;
+        }
     ratd_pool_run(s->pool, ss->n_kv, task_check, j);
     for (int g = 0; g < ss->n_kv; g++)
         if (j->bad_finite[g]) {
@@ -526,7 +576,7 @@ static ra_status do_tokens(ratd_server *s, ra_proto_view *v, reply *r, int offlo
                         (unsigned long long)ss->id, hd->layer, g, ra_strerror(j->build_st[g]));
     }
 out:
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < 5; i++)
         free(tmp[i]);
     free(j);
     return st;

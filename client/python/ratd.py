@@ -75,7 +75,8 @@ class _Desc(ctypes.Structure):
 class _Batch(ctypes.Structure):
     _fields_ = [("n_kv_heads", _c_int), ("head_dim", _c_int), ("dtype", _c_int),
                 ("n_tokens", _c_size), ("k", _vp), ("v", _vp), ("pos", _vp),
-                ("n_q_heads", _c_int), ("n_queries", _c_size), ("q_train", _vp)]
+                ("n_q_heads", _c_int), ("n_queries", _c_size), ("q_train", _vp),
+                ("train_knn", _vp), ("train_knn_k", _c_int)]
 
 
 class _Req(ctypes.Structure):

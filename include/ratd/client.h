@@ -162,6 +162,12 @@ typedef struct ra_kv_batch {
     int n_q_heads;        /* Offload only: heads of q_train (0: no training queries) */
     size_t n_queries;     /* Offload only: queries per head */
     const float *q_train; /* Offload only: [n_q_heads][n_queries][head_dim] fp32 */
+    /* Offload only, optional: the exact top-train_knn_k tokens of each training query
+     * among this batch's tokens of its KV head, [n_q_heads][n_queries][train_knn_k]
+     * int32 indices 0..n_tokens-1 (-1 pads), best first — e.g. from ra_gpu_knn during
+     * prefill. The graph index then skips its own kNN. NULL: ratd computes them. */
+    const int32_t *train_knn;
+    int train_knn_k;
 } ra_kv_batch;
 
 /* Prefill: stores the tokens of one layer and starts building that layer's index in the

@@ -441,6 +441,64 @@ static void test_topk_per_head(void **state)
     assert_int_equal(ra_client_session_drop(g_c, s), RA_OK);
 }
 
+/* Offload with the client's own exact training lists (the GPU kNN path): accepted
+ * and built; an index outside this message's tokens is refused, nothing stored. */
+static void test_offload_train_lists(void **state)
+{
+    (void)state;
+    const int H = 2, G = 1, D = 16, N = 500, NQ = 8, KL = 4;
+    uint64_t s = new_session(1, H, G, D, RA_DTYPE_F32, RA_CLIENT_INDEX_GRAPH);
+    layer_data L;
+    layer_make(&L, G, N, D, RA_DTYPE_F32);
+    float *qt = rand_q(H * NQ, D, 1.0f);
+    int32_t lists[2 * 8 * 4];
+    for (int q = 0; q < H * NQ; q++) { /* exact top-KL by a double scan */
+        double best[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+        int id[4] = {-1, -1, -1, -1};
+        for (int i = 0; i < N; i++) {
+            double a = 0;
+            for (int d = 0; d < D; d++)
+                a += (double)qt[q * D + d] * L.K[(size_t)i * D + d];
+            for (int t = 0; t < KL; t++)
+                if (a > best[t]) {
+                    for (int u = KL - 1; u > t; u--) {
+                        best[u] = best[u - 1];
+                        id[u] = id[u - 1];
+                    }
+                    best[t] = a;
+                    id[t] = i;
+                    break;
+                }
+        }
+        memcpy(lists + q * KL, id, sizeof id);
+    }
+    ra_kv_batch b = batch_of(&L, 0, N);
+    b.n_q_heads = H;
+    b.n_queries = NQ;
+    b.q_train = qt;
+    b.train_knn = lists;
+    b.train_knn_k = KL;
+    int32_t save = lists[3];
+    lists[3] = N; /* outside the message */
+    assert_int_equal(ra_client_offload(g_c, s, 0, &b), RA_EINVAL);
+    assert_non_null(strstr(ra_client_errmsg(g_c), "training list"));
+    ra_session_stats ss;
+    assert_int_equal(ra_client_session_stats(g_c, s, &ss), RA_OK);
+    assert_int_equal(ss.tokens, 0);
+    lists[3] = save;
+    assert_int_equal(ra_client_offload(g_c, s, 0, &b), RA_OK);
+    assert_int_equal(ra_client_wait_ready(g_c, s, 60000), RA_OK);
+    assert_int_equal(ra_client_session_stats(g_c, s, &ss), RA_OK);
+    assert_int_equal(ss.heads_ready, 1);
+    assert_int_equal(ss.tokens, N);
+    b.train_knn_k = 0;
+    assert_int_equal(ra_client_offload(g_c, s, 0, &b), RA_EINVAL); /* lists without K */
+    batch_free(&b);
+    free(qt);
+    layer_free(&L);
+    assert_int_equal(ra_client_session_drop(g_c, s), RA_OK);
+}
+
 /* The decoder's merge: daemon result over the offloaded part, local result over the
  * window, combined by the log-sum-exp rule, equals attention over the union. */
 static void test_merge_partial(void **state)
@@ -805,6 +863,7 @@ int main(void)
         cmocka_unit_test(test_graph_trained_consistent),
         cmocka_unit_test(test_session_stats_ready),
         cmocka_unit_test(test_topk_per_head),
+        cmocka_unit_test(test_offload_train_lists),
         cmocka_unit_test(test_merge_partial),
         cmocka_unit_test(test_async_out_of_order),
         cmocka_unit_test(test_timeouts),
