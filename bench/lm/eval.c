@@ -53,6 +53,7 @@ typedef struct opts {
     ra_dtype trace_dtype, kv_dtype;
     unsigned long seed;
     int json, quiet, wait_index_ms;
+    unsigned gpu_knn; /* --device cuda, ratd mode: exact training lists of K from the GPU */
     int cuda; /* --device cuda */
 } opts;
 
@@ -109,6 +110,8 @@ typedef struct run {
     void *h_evk, *h_evv;
     unsigned *ev_pending; /* per layer: evictions already sent to ratd, not yet released */
     ra_lm *lm_cpu;        /* config and scale */
+    int32_t *knn_lists;   /* --gpu-knn: one layer's training lists, while it is offloaded */
+    double knn_s;         /* --gpu-knn: time of the GPU kNN, all layers */
 } run;
 
 static void die_usage(const char *msg)
@@ -124,6 +127,9 @@ static void die_usage(const char *msg)
             "         [--kv-dtype f16|bf16|f32] [--n-train Q] [--effort E] [--wait-index MS]\n"
             "         [--dump-trace FILE [--trace-dtype f32|f16|bf16]] [--json] [--quiet]\n"
             "         [--device cpu|cuda]\n"
+            "  --gpu-knn K: with --device cuda, ratd mode: the exact top-K keys of every training\n"
+            "               query come from the GPU (ra_gpu_knn) with the Offload, so ratd skips\n"
+            "               its own kNN (default 100; 0: ratd computes them)\n"
             "  --wait-index MS: after Offload, wait up to MS for ratd's index builds before decoding\n"
             "                   (default 600000; 0: start at once, early steps use exact scans)\n");
     exit(2);
@@ -170,6 +176,7 @@ static void parse_args(int argc, char **argv, opts *o)
     o->adaptive_q = 0.9;
     o->adaptive_min = 100;
     o->wait_index_ms = 600000;
+    o->gpu_knn = 100;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -186,6 +193,8 @@ static void parse_args(int argc, char **argv, opts *o)
             o->text = v;
         else if (ARG("--mode"))
             o->mode = v;
+        else if (ARG("--gpu-knn"))
+            o->gpu_knn = parse_uint(a, v, 0, 1024);
         else if (ARG("--device")) {
             if (strcmp(v, "cpu") && strcmp(v, "cuda"))
                 die_usage("--device must be cpu or cuda");
@@ -1281,6 +1290,46 @@ static ra_status ghook_ratd(void *ctx, ra_gpu_lm *g, unsigned layer, unsigned po
 
 /* ratd mode on the device: a CUDA ra_gpu cache on the decoder's stream takes sink +
  * window of every layer straight from the device KV cache; the middle goes to ratd. */
+/* The exact top-K staged keys of every training query of one layer, on the GPU
+ * (ra_gpu_knn: cuBLAS GEMM + top-K), attached to the Offload batch so that ratd builds
+ * its graph from them instead of running its own CPU kNN. Queries go to the cache's
+ * dtype (the keys' one); lists index the staged tokens of the query head's KV head. */
+static ra_status gpu_train_lists(run *R, const ra_gpu_staged *sv, ra_kv_batch *b, unsigned K)
+{
+    unsigned nh = (unsigned)b->n_q_heads, hd = sv->head_dim, grp = nh / sv->n_kv_heads;
+    size_t nq = b->n_queries, n = sv->n_tokens;
+    if (K > n)
+        K = (unsigned)n;
+    if (K == 0 || nq == 0)
+        return RA_OK;
+    uint16_t *q16 = malloc(nq * hd * sizeof *q16);
+    float *sc = malloc(nq * K * sizeof *sc);
+    R->knn_lists = malloc((size_t)nh * nq * K * sizeof(int32_t));
+    ra_status s = RA_ENOMEM;
+    if (!q16 || !sc || !R->knn_lists)
+        goto out;
+    double t0 = now_s();
+    for (unsigned h = 0; h < nh; h++) {
+        const float *q = b->q_train + (size_t)h * nq * hd;
+        for (size_t i = 0; i < nq * hd; i++)
+            q16[i] = sv->dtype == RA_DTYPE_BF16 ? ra_f32_to_bf16(q[i]) : ra_f32_to_f16(q[i]);
+        const uint8_t *keys = (const uint8_t *)sv->k + (size_t)(h / grp) * sv->head_stride * 2;
+        s = ra_gpu_knn(R->gc, RA_GPU_MEM_HOST, sv->dtype, q16, nq, keys, n, hd, K,
+                       R->knn_lists + (size_t)h * nq * K, sc);
+        if (s != RA_OK) {
+            gpu_err(R, s, "knn");
+            goto out;
+        }
+    }
+    R->knn_s += now_s() - t0;
+    b->train_knn = R->knn_lists;
+    b->train_knn_k = (int)K;
+out:
+    free(q16);
+    free(sc);
+    return s;
+}
+
 static ra_status setup_ratd_gpu(shared *S, run *R)
 {
     const ra_lm_config *c = S->c;
@@ -1368,8 +1417,13 @@ static ra_status setup_ratd_gpu(shared *S, run *R)
                 b.n_q_heads = (int)nh;
                 b.n_queries = S->cap->n_q;
                 b.q_train = S->cap->q_train + (size_t)l * nh * S->cap->n_q * hd;
+                if (o->gpu_knn && (s = gpu_train_lists(R, &sv, &b, o->gpu_knn)) != RA_OK)
+                    break;
             }
-            if ((s = ra_client_offload(R->cl, R->session, (int)l, &b)) != RA_OK) {
+            s = ra_client_offload(R->cl, R->session, (int)l, &b);
+            free(R->knn_lists);
+            R->knn_lists = NULL;
+            if (s != RA_OK) {
                 fprintf(stderr, "ratd-lm-eval: offload layer %u: %s (%s)\n", l, ra_strerror(s),
                         ra_client_errmsg(R->cl));
                 break;
@@ -1378,10 +1432,16 @@ static ra_status setup_ratd_gpu(shared *S, run *R)
         s = ra_gpu_cache_offload_release(R->gc, l);
     }
     ra_gpu_cache_trim(R->gc);
+    double tw = now_s();
     if (s == RA_OK && o->wait_index_ms > 0 &&
         (s = ra_client_wait_ready(R->cl, R->session, o->wait_index_ms)) != RA_OK)
         fprintf(stderr, "ratd-lm-eval: waiting for the index builds: %s (%s)\n", ra_strerror(s),
                 ra_client_errmsg(R->cl));
+    if (s == RA_OK && !o->quiet)
+        fprintf(stderr,
+                "ratd-lm-eval: offload: training lists %s (GPU kNN %.3f s), index builds done "
+                "%.2f s after the last Offload\n",
+                o->gpu_knn ? "from the GPU" : "computed by ratd", R->knn_s, now_s() - tw);
 out:
     ra_gpu_lm_free(g, kbuf);
     ra_gpu_lm_free(g, vbuf);
