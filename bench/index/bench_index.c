@@ -302,6 +302,11 @@ static int apply_synth_opts(ra_synth_opts *o, const char *spec)
         else if (!strcmp(tok, "needle_gain")) o->needle_gain = (float)v;
         else if (!strcmp(tok, "topics")) o->topics = (int)v;
         else if (!strcmp(tok, "tnoise")) o->tnoise = (float)v;
+        else if (!strcmp(tok, "tswitch")) o->tswitch = (float)v;
+        else if (!strcmp(tok, "tzipf")) o->tzipf = (float)v;
+        else if (!strcmp(tok, "tneedle")) o->tneedle = (float)v;
+        else if (!strcmp(tok, "rope_base")) o->rope_base = (float)v;
+        else if (!strcmp(tok, "rho")) o->rho = (float)v;
         else if (!strcmp(tok, "vocab")) o->vocab = (int)v;
         else if (!strcmp(tok, "knoise")) o->knoise = (float)v;
         else if (!strcmp(tok, "blur")) o->blur = (float)v;

@@ -42,8 +42,11 @@ void ra_synth_opts_default(ra_synth_opts *o)
     o->n_train = 4096;
     o->n_queries = 1000;
     o->seed = 1;
-    o->rho = 0.9f;
-    o->offset = 1.5f;
+    /* calibrated against the trained model's heads with --overlap (bench/README.md,
+     * "The synthetic head"): step-to-step similarity, consecutive top-k overlap and the
+     * overlap with the nearest prefill query all in the middle of the real heads' range */
+    o->rho = 0.3f;
+    o->offset = 1.0f;
     o->hub_frac = 0.0002f;
     o->needles = 2;
     o->needle_gain = 1.0f;
@@ -54,6 +57,10 @@ void ra_synth_opts_default(ra_synth_opts *o)
     o->blur = 0.5f;
     o->topics = 64;
     o->tnoise = 0.3f;
+    o->tswitch = 0.5f;
+    o->tzipf = 1.0f;
+    o->rope_base = 5e7f;
+    o->tneedle = 0.5f;
     o->vocab = 2048;
     o->knoise = 0.5f;
 }
@@ -115,11 +122,11 @@ static void rand_orthonormal(double *B, int d, uint64_t *rs, double blur)
 }
 
 /* RoPE at position pos, HF rotate_half layout: pairs (j, j + d/2). */
-static void rope(float *x, int d, double pos)
+static void rope(float *x, int d, double pos, double base)
 {
     int h = d / 2;
     for (int j = 0; j < h; j++) {
-        double th = pos * pow(500000.0, -2.0 * j / d);
+        double th = pos * pow(base, -2.0 * j / d);
         double c = cos(th), s = sin(th);
         double a = x[j], b = x[j + h];
         x[j] = (float)(a * c - b * s);
@@ -174,6 +181,7 @@ ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out)
         ra_synth_free(&s);
         return RA_ENOMEM;
     }
+    double rbase = o->rope_base > 1.0f ? (double)o->rope_base : 500000.0;
     uint64_t rs = o->seed * 0x2545f4914f6cdd1dull + 7;
     rand_orthonormal(B, d, &rs, o->blur);
     /* key spectrum: decaying (anisotropic), strong directions first. Query variation
@@ -281,7 +289,7 @@ ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out)
                 k[j] += (float)(hub[j] * (1.0 + rng_unif(&rs)));
         for (int j = 0; j < d; j++)
             kpre[p * d + j] = k[j] - (float)muk[j];
-        rope(k, d, (double)p);
+        rope(k, d, (double)p, rbase);
     }
     /* queries: one AR(1) stream for the last prefill positions and the decode steps,
      * independent draws for the strided prefill positions */
@@ -306,7 +314,55 @@ ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out)
     }
     for (int i = 0; i < ntop * r; i++)
         T[i] = o->topics > 0 ? rng_norm(&rs) : 0.0;
-    int topic = (int)(rng_next(&rs) % (uint64_t)ntop);
+    /* topic frequencies: Zipfian with exponent tzipf (0: uniform), like the token
+     * types a query head reacts to */
+    double *tcdf = malloc((size_t)ntop * sizeof *tcdf);
+    if (!tcdf) {
+        free(T);
+        free(B), free(sk), free(sq), free(muk), free(muq), free(hub), free(z), free(w), free(nd);
+        free(kpre);
+        free(U);
+        ra_synth_free(&s);
+        return RA_ENOMEM;
+    }
+    {
+        double acc = 0;
+        for (int v = 0; v < ntop; v++) {
+            acc += o->tzipf > 0 ? 1.0 / pow((double)(v + 1), o->tzipf) : 1.0;
+            tcdf[v] = acc;
+        }
+        for (int v = 0; v < ntop; v++)
+            tcdf[v] /= acc;
+    }
+#define DRAW_TOPIC()                                                                               \
+    do {                                                                                           \
+        double u_ = rng_unif(&rs);                                                                 \
+        int lo_ = 0, hi_ = ntop - 1;                                                               \
+        while (lo_ < hi_) {                                                                        \
+            int mid_ = (lo_ + hi_) / 2;                                                            \
+            if (tcdf[mid_] < u_)                                                                   \
+                lo_ = mid_ + 1;                                                                    \
+            else                                                                                   \
+                hi_ = mid_;                                                                        \
+        }                                                                                          \
+        topic = lo_;                                                                               \
+    } while (0)
+    /* each topic's own planted keys, in the first half of the positions so that most
+     * queries can see them (a query only attends to the past) */
+    int nnd = o->needles > 0 ? o->needles : 1;
+    int32_t *tnd = malloc((size_t)ntop * nnd * sizeof *tnd);
+    if (!tnd) {
+        free(T), free(tcdf);
+        free(B), free(sk), free(sq), free(muk), free(muq), free(hub), free(z), free(w), free(nd);
+        free(kpre);
+        free(U);
+        ra_synth_free(&s);
+        return RA_ENOMEM;
+    }
+    for (int i = 0; i < ntop * nnd; i++)
+        tnd[i] = (int32_t)(rng_next(&rs) % (o->n / 2 + 1));
+    int topic;
+    DRAW_TOPIC();
     double tn = o->topics > 0 ? o->tnoise : 1.0;
     size_t total = o->n_train + o->n_queries;
     for (size_t t = 0; t < total; t++) {
@@ -328,14 +384,20 @@ ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out)
         }
         for (int i = 0; i < d; i++)
             w[i] = fresh ? rng_norm(&rs) : a * w[i] + b * rng_norm(&rs);
-        if (fresh || rng_unif(&rs) < 0.01) /* a stream changes topic every ~100 steps */
-            topic = (int)(rng_next(&rs) % (uint64_t)ntop);
+        if (fresh || rng_unif(&rs) < o->tswitch) /* a stream changes topic every 1/tswitch steps */
+            DRAW_TOPIC();
         /* needles: each persists with probability rho per step, as a copy head's
          * target does; only past keys can be planted */
         size_t limit = (size_t)pos < o->n ? ((size_t)pos > 0 ? (size_t)pos : 1) : o->n;
-        for (int j = 0; j < o->needles; j++)
-            if (fresh || rng_unif(&rs) > o->rho || (size_t)nd[j] >= limit)
+        for (int j = 0; j < o->needles; j++) {
+            if (o->tneedle > 0) { /* the topic's own key with probability tneedle */
+                int32_t own = tnd[(size_t)topic * nnd + j];
+                nd[j] = rng_unif(&rs) < o->tneedle && (size_t)own < limit
+                            ? own
+                            : (int32_t)(rng_next(&rs) % limit);
+            } else if (fresh || rng_unif(&rs) > o->rho || (size_t)nd[j] >= limit)
                 nd[j] = (int32_t)(rng_next(&rs) % limit);
+        }
         for (int j = 0; j < d; j++) {
             double acc = muq[j];
             for (int a = 0; a < r; a++)
@@ -353,12 +415,15 @@ ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out)
             for (int i = 0; i < d; i++)
                 q[i] += (float)(f * kp[i]);
         }
-        rope(q, d, pos);
+        rope(q, d, pos, rbase);
     }
     free(B), free(sk), free(sq), free(muk), free(muq), free(hub), free(z), free(w), free(nd);
     free(kpre);
     free(U);
     free(T);
+    free(tcdf);
+    free(tnd);
+#undef DRAW_TOPIC
     free(tz);
     free(cdf);
     *out = s;

@@ -35,6 +35,11 @@ typedef struct ra_synth_opts {
     int vocab;         /* token types of the keys (Zipfian; 0: plain Gaussian keys) */
     float knoise;      /* a key's own part relative to its type's */
     float tnoise;      /* a query's wobble around its topic, relative to the topic spread */
+    float tswitch;     /* probability that a decode stream changes topic at a step */
+    float tzipf;       /* Zipf exponent of the topic frequencies (0: uniform) */
+    float rope_base;   /* RoPE base (0: 500000, the trained model's) */
+    float tneedle;     /* probability that a planted key is its topic's own (else a random
+                        * past key): what the query looks for is set by its kind */
 } ra_synth_opts;
 
 void ra_synth_opts_default(ra_synth_opts *o);
