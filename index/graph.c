@@ -1159,6 +1159,7 @@ static ra_status graph_build_from(void **state, const ra_kv *kv, size_t n, const
         goto fail;
     }
     size_t ns = 0;
+    int knn_w = 0; /* width of the knn rows */
     if (n > 1 && nq > 0) {
         size_t want = (size_t)ntrain;
         sidx = malloc((want < nq ? want : nq) * sizeof *sidx);
@@ -1170,6 +1171,7 @@ static ra_status graph_build_from(void **state, const ra_kv *kv, size_t n, const
         int Kk = (size_t)K > n ? (int)n : K;
         if (lists && lists_k < Kk)
             Kk = lists_k;
+        knn_w = Kk;
         sq = malloc(ns * (size_t)dim * sizeof *sq);
         knn = malloc(ns * (size_t)Kk * sizeof *knn);
         knn_s = malloc(ns * (size_t)Kk * sizeof *knn_s);
@@ -1235,7 +1237,7 @@ static ra_status graph_build_from(void **state, const ra_kv *kv, size_t n, const
     /* routing queries: evenly spaced over the sample, which is half tail, half stride */
     if (ns > 0) {
         int nr = ns < G_ROUTE_MAX ? (int)ns : G_ROUTE_MAX;
-        int Kk = (size_t)K > n ? (int)n : K;
+        int Kk = knn_w;
         g->route_q = malloc((size_t)nr * dim * sizeof *g->route_q);
         g->route_ids = malloc((size_t)nr * G_ROUTE_KEYS * sizeof *g->route_ids);
         if (!g->route_q || !g->route_ids) {

@@ -156,12 +156,34 @@ static void test_bad_lists_refused(void **state)
     free(x.tq);
 }
 
+/* Lists narrower than the graph's K (here 8 of 32): the graph uses what it is given. */
+static void test_short_lists(void **state)
+{
+    (void)state;
+    data x;
+    make(&x);
+    ra_head *h = head_of(&x);
+    int32_t *narrow = malloc(sizeof(int32_t) * NQ * 8);
+    for (int q = 0; q < NQ; q++)
+        memcpy(narrow + q * 8, x.lists + q * KL, 8 * sizeof(int32_t));
+    assert_int_equal(ra_head_build_lists(h, x.tq, NQ, narrow, 8, 0), RA_OK);
+    assert_true(ra_head_ready(h));
+    int32_t ids[20 * TOPK];
+    search_all(h, &x, ids);
+    free(narrow);
+    ra_head_destroy(h);
+    free(x.keys);
+    free(x.vals);
+    free(x.tq);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_exact_lists_equal_own_knn),
         cmocka_unit_test(test_wrong_lists_change_the_graph),
         cmocka_unit_test(test_bad_lists_refused),
+        cmocka_unit_test(test_short_lists),
     };
     return cmocka_run_group_tests_name("index_lists", tests, NULL, NULL);
 }
