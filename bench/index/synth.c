@@ -4,13 +4,16 @@
  *   key   k_p = mu_k + B diag(s_k) z_p,            s_k decays (anisotropic), z ~ N(0, I)
  *   query q_t = mu_q + B diag(s_q) w_t + needles,  s_q puts its energy where s_k is small
  * then both are rotated by RoPE at their position (pairs (j, j + dim/2), HF layout,
- * theta_j = 500000^(-2j/dim), the base of the trained model). mu_q - mu_k is large and lies in the keys' low-variance
+ * theta_j = base^(-2j/dim); base 5e7 by default, slower than the trained model's 500000, which
+ * stands for content sitting on the slower pairs, as in trained heads: calibrated with
+ * --overlap, bench/README.md). mu_q - mu_k is large and lies in the keys' low-variance
  * directions, which is what makes queries out of distribution: the ranking of keys by
  * q.k is decided by directions the keys barely vary in, so clusters and proximity
  * graphs built from the keys alone do not predict it. A few hub keys get an extra
  * component along the query mean (heavy hitters for most queries), and each query
  * adds `needles` planted keys (copy-head behaviour). Decode queries follow an AR(1)
- * process w_{t+1} = rho w_t + sqrt(1 - rho^2) e, as consecutive decode steps do. */
+ * process w_{t+1} = rho w_t + sqrt(1 - rho^2) e and change topic with probability
+ * tswitch per step (defaults calibrated to the trained model's heads). */
 #include "synth.h"
 
 #include <math.h>
