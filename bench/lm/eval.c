@@ -968,6 +968,18 @@ static ra_status setup_ratd(shared *S, run *R)
     return s;
 }
 
+/* Adds the prediction of evaluated byte i (negative log-likelihood in nats) to res,
+ * and to the repeated-span figures when byte i lies in a --repeat span. */
+static void account(result *res, const shared *S, unsigned i, double nll)
+{
+    res->nats += nll;
+    res->n++;
+    if (S->is_rep[i]) {
+        res->nats_rep += nll;
+        res->n_rep++;
+    }
+}
+
 static ra_status run_mode(shared *S, eval_mode mode, unsigned topk, int adaptive, result *res)
 {
     const opts *o = S->o;
@@ -1009,12 +1021,7 @@ static ra_status run_mode(shared *S, eval_mode mode, unsigned topk, int adaptive
     ra_lm_attn_fn fn = mode == MODE_FULL ? hook_full : mode == MODE_WINDOW ? hook_window : hook_ratd;
     /* prediction 0 (byte C) comes from the prefill, identical in every mode */
     double nll = -ra_lm_logprob(S->logits0, c->vocab, S->tok[C]);
-    res->nats += nll;
-    res->n++;
-    if (S->is_rep[0]) {
-        res->nats_rep += nll;
-        res->n_rep++;
-    }
+    account(res, S, 0, nll);
     if (!o->quiet)
         RA_INFO("ratd-lm-eval: %s%s: decoding starts", mode_names[mode], adaptive ? " (adaptive)" : "");
     double t0 = now_s();
@@ -1025,12 +1032,7 @@ static ra_status run_mode(shared *S, eval_mode mode, unsigned topk, int adaptive
             goto out;
         }
         nll = -ra_lm_logprob(logits, c->vocab, S->tok[C + i]);
-        res->nats += nll;
-        res->n++;
-        if (S->is_rep[i]) {
-            res->nats_rep += nll;
-            res->n_rep++;
-        }
+        account(res, S, i, nll);
         res->steps++;
         if (!o->quiet && i % 128 == 0)
             fprintf(stderr, "ratd-lm-eval: %s%s%.0u: %u/%u tokens, bpb so far %.4f\n", mode_names[mode],
@@ -1491,12 +1493,7 @@ static ra_status run_mode_gpu(shared *S, eval_mode mode, unsigned topk, result *
         goto out;
     ra_gpu_lm_attn_fn fn = mode == MODE_FULL ? ghook_full : mode == MODE_WINDOW ? ghook_window : ghook_ratd;
     double nll = -ra_lm_logprob(S->logits0, c->vocab, S->tok[C]);
-    res->nats += nll;
-    res->n++;
-    if (S->is_rep[0]) {
-        res->nats_rep += nll;
-        res->n_rep++;
-    }
+    account(res, S, 0, nll);
     if (!o->quiet)
         RA_INFO("ratd-lm-eval: %s (cuda): decoding starts", mode_names[mode]);
     double t0 = now_s();
@@ -1507,12 +1504,7 @@ static ra_status run_mode_gpu(shared *S, eval_mode mode, unsigned topk, result *
             goto out;
         }
         nll = -ra_lm_logprob(logits, c->vocab, S->tok[C + i]);
-        res->nats += nll;
-        res->n++;
-        if (S->is_rep[i]) {
-            res->nats_rep += nll;
-            res->n_rep++;
-        }
+        account(res, S, i, nll);
         res->steps++;
         if (!o->quiet && i % 128 == 0)
             fprintf(stderr, "ratd-lm-eval: %s (cuda)%s%.0u: %u/%u tokens, bpb so far %.4f\n", mode_names[mode],
