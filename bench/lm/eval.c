@@ -881,6 +881,31 @@ static ra_status calibrate_budget(shared *S, run *R)
     return RA_OK;
 }
 
+/* Connects to ratd and creates the session of the model's shape (both devices). */
+static ra_status open_session(shared *S, run *R)
+{
+    const ra_lm_config *c = S->c;
+    const opts *o = S->o;
+    ra_status s;
+    if ((s = connect_daemon(o, S->endpoint, &R->cl)) != RA_OK)
+        return s;
+    ra_session_desc d;
+    ra_session_desc_init(&d);
+    d.n_layers = (int)c->n_layers;
+    d.n_q_heads = (int)c->n_heads;
+    d.n_kv_heads = (int)c->n_kv_heads;
+    d.head_dim = (int)c->head_dim;
+    d.dtype = o->kv_dtype;
+    d.index.kind = !strcmp(o->index, "flat")   ? RA_CLIENT_INDEX_FLAT
+                   : !strcmp(o->index, "ivf")  ? RA_CLIENT_INDEX_IVF
+                   : !strcmp(o->index, "hnsw") ? RA_CLIENT_INDEX_HNSW
+                                               : RA_CLIENT_INDEX_GRAPH;
+    d.index.seed = o->seed;
+    if ((s = ra_client_session_create(R->cl, &d, &R->session)) != RA_OK)
+        fprintf(stderr, "ratd-lm-eval: session: %s (%s)\n", ra_strerror(s), ra_client_errmsg(R->cl));
+    return s;
+}
+
 /* Sets up ratd mode after the prefill: the gpu/ cache takes sink + window of every
  * layer, the middle goes to the daemon by Offload with the sampled prefill queries. */
 static ra_status setup_ratd(shared *S, run *R)
@@ -905,24 +930,8 @@ static ra_status setup_ratd(shared *S, run *R)
         fprintf(stderr, "ratd-lm-eval: gpu cache: %s\n", ra_strerror(s));
         return s;
     }
-    if ((s = connect_daemon(o, S->endpoint, &R->cl)) != RA_OK)
+    if ((s = open_session(S, R)) != RA_OK)
         return s;
-    ra_session_desc d;
-    ra_session_desc_init(&d);
-    d.n_layers = (int)c->n_layers;
-    d.n_q_heads = (int)c->n_heads;
-    d.n_kv_heads = (int)nkv;
-    d.head_dim = (int)hd;
-    d.dtype = o->kv_dtype;
-    d.index.kind = !strcmp(o->index, "flat")   ? RA_CLIENT_INDEX_FLAT
-                   : !strcmp(o->index, "ivf")  ? RA_CLIENT_INDEX_IVF
-                   : !strcmp(o->index, "hnsw") ? RA_CLIENT_INDEX_HNSW
-                                               : RA_CLIENT_INDEX_GRAPH;
-    d.index.seed = o->seed;
-    if ((s = ra_client_session_create(R->cl, &d, &R->session)) != RA_OK) {
-        fprintf(stderr, "ratd-lm-eval: session: %s (%s)\n", ra_strerror(s), ra_client_errmsg(R->cl));
-        return s;
-    }
     float *kv = malloc((size_t)C * nkv * hd * 2 * sizeof(float));
     if (!kv)
         return RA_ENOMEM;
@@ -1382,24 +1391,8 @@ static ra_status setup_ratd_gpu(shared *S, run *R)
         s = RA_ENOMEM;
         goto out;
     }
-    if ((s = connect_daemon(o, S->endpoint, &R->cl)) != RA_OK)
+    if ((s = open_session(S, R)) != RA_OK)
         goto out;
-    ra_session_desc d;
-    ra_session_desc_init(&d);
-    d.n_layers = (int)c->n_layers;
-    d.n_q_heads = (int)nh;
-    d.n_kv_heads = (int)nkv;
-    d.head_dim = (int)hd;
-    d.dtype = o->kv_dtype;
-    d.index.kind = !strcmp(o->index, "flat")   ? RA_CLIENT_INDEX_FLAT
-                   : !strcmp(o->index, "ivf")  ? RA_CLIENT_INDEX_IVF
-                   : !strcmp(o->index, "hnsw") ? RA_CLIENT_INDEX_HNSW
-                                               : RA_CLIENT_INDEX_GRAPH;
-    d.index.seed = o->seed;
-    if ((s = ra_client_session_create(R->cl, &d, &R->session)) != RA_OK) {
-        fprintf(stderr, "ratd-lm-eval: session: %s (%s)\n", ra_strerror(s), ra_client_errmsg(R->cl));
-        goto out;
-    }
     for (unsigned l = 0; l < c->n_layers && s == RA_OK; l++) {
         if ((s = ra_gpu_lm_kv_export(g, l, 0, C, R->gdt, kbuf, vbuf)) != RA_OK ||
             (s = ra_gpu_ingest_prefill(R->gc, l, RA_GPU_MEM_DEVICE, kbuf, vbuf, C)) != RA_OK) {
