@@ -40,7 +40,8 @@
 #define G_MAX_NTRAIN 1000000
 #define G_MAX_K 65536    /* top-k bound for one search */
 #define G_MAX_THREADS 256
-#define G_WINDOW 2       /* rank window: keys within +-2 ranks of one query's list */
+#define G_WINDOW 32      /* rank window: keys within +-32 ranks of one query's list (131K synthetic,
+                          * K 100: recall 0.954 at 6.2 % scans vs 0.941 at 6.1 % with +-2, K 32) */
 #define G_PROJ_PCT 0
 #define G_ROUTE_MAX 256  /* training queries kept for routing */
 #define G_ROUTE_KEYS 8   /* best keys kept per routing query */

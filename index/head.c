@@ -63,7 +63,7 @@ void ra_index_opts_default(ra_index_opts *o)
 {
     memset(o, 0, sizeof *o);
     o->kind = RA_INDEX_GRAPH;
-    o->graph_knn = 32;
+    o->graph_knn = 100;     /* with the projection window of 32 ranks (graph.c) */
     o->graph_degree = 48;   /* M 48 / build L 128: better recall per scan at 131K (bench/README.md) */
     o->graph_build_ef = 128;
     o->graph_entries = 16;

@@ -781,7 +781,7 @@ int main(int argc, char **argv)
         {"flat", &ra_backend_flat, {0}, 1},
         {"ivf", &ra_backend_ivf, {1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 768}, 12},
         {"hnsw", &ra_backend_hnsw, {16, 32, 64, 128, 256, 512, 1024, 2048}, 8},
-        {"graph", &ra_backend_graph, {100, 120, 150, 200, 250, 300, 400, 500, 650, 800}, 10},
+        {"graph", &ra_backend_graph, {100, 120, 150, 200, 250, 300, 350, 400, 500, 650, 800}, 11},
     };
     for (int ii = 0; ii < 4; ii++) {
         if (!has_index(c.indexes, idx[ii].name))

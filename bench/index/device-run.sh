@@ -4,7 +4,8 @@
 # build of ratd-bench-index, then (1) the synthetic 131K head with every index in one
 # run, (2) graph build scaling over N = 32K, 128K, 512K. JSON lines land in OUT_DIR.
 set -uo pipefail
-out=${1:?usage: device-run.sh OUT_DIR}
+out=${1:?usage: device-run.sh OUT_DIR [CMAKE_ARGS...]}
+shift
 mkdir -p "$out"
 j=$(nproc)
 { nproc; lscpu | grep -E "Model name|Flags" | cut -c1-200; git log -1 --format=%H; } >"$out/machine.txt"

@@ -23,3 +23,7 @@ timeout 150 $E $M --mode full,window,ratd --topk 100,250,500,1000,2000 --ratd $b
   >"$out/sweep.txt" 2>"$out/sweep.log"; echo "sweep rc=$?"; cat "$out/sweep.txt"
 timeout 90 $E $M --mode full,window,ratd --topk 500 --repeat 3 --ratd $b/daemon/ratd \
   >"$out/repeat.txt" 2>"$out/repeat.log"; echo "repeat rc=$?"; cat "$out/repeat.txt"
+for eff in 1000 1500; do # candidate list L above the default 1.5 k: recall against scans
+  timeout 100 $E $M --mode ratd --topk 500 --effort $eff --ratd $b/daemon/ratd \
+    >"$out/effort$eff.txt" 2>"$out/effort$eff.log"; echo "effort $eff rc=$?"; cat "$out/effort$eff.txt"
+done
