@@ -45,6 +45,7 @@ typedef struct bench_cfg {
     float rho;
     const char *efforts;
     int eval_train; /* diagnostic: evaluate on the last training queries */
+    int verbose;    /* debug log: build phases and their times */
     int overlap;    /* print how much top-k sets of nearby queries overlap */
     const char *synth;
     int no_train; /* build without training queries (what the queries add) */
@@ -59,7 +60,7 @@ static void usage(void)
             "                        [--topk K] [--seed S] [--json] [--threads T] [--dtype f16|bf16|f32]\n"
             "                        [--index graph,ivf,hnsw,flat] [--insert N] [--efforts a,b,c]\n"
             "                        [--knn K] [--degree M] [--build-ef E] [--entries E] [--ntrain N]\n"
-            "                        [--synth knob=v,...] [--overlap] [--no-train] [--eval-train]\n");
+            "                        [--synth knob=v,...] [--overlap] [--no-train] [--eval-train] [--verbose]\n");
 }
 
 static int parse_args(int argc, char **argv, bench_cfg *c)
@@ -95,6 +96,8 @@ static int parse_args(int argc, char **argv, bench_cfg *c)
             c->eval_train = 1;
         else if (!strcmp(a, "--no-train"))
             c->no_train = 1;
+        else if (!strcmp(a, "--verbose"))
+            c->verbose = 1;
         else if (!strcmp(a, "--overlap"))
             c->overlap = 1;
         else if (!strcmp(a, "--synth")) {
@@ -637,7 +640,7 @@ int main(int argc, char **argv)
     int rc = 1;
     if (parse_args(argc, argv, &c))
         return (usage(), 2);
-    ra_log_set_level(RA_LOG_WARN);
+    ra_log_set_level(c.verbose ? RA_LOG_DEBUG : RA_LOG_WARN);
     int rcl;
     if (c.trace) {
 #ifdef RA_HAVE_TRACE

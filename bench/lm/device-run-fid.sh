@@ -19,11 +19,11 @@ timeout 200 cmake --build $b -j"$(nproc)" --target ratd-lm-eval ratd >"$out/buil
 git log -1 --format=%H >"$out/commit.txt" 2>/dev/null
 E=$b/bench/ratd-lm-eval
 M="--model bench/models/kjv-byte-llama --text bench/data/heldout-kjv.txt --context 15360 --eval 1024 --device cuda"
-timeout 150 $E $M --mode full,window,ratd --topk 100,250,500,1000,2000 --ratd $b/daemon/ratd \
+timeout 280 $E $M --mode full,window,ratd --topk 100,250,500,1000,2000 --ratd $b/daemon/ratd \
   >"$out/sweep.txt" 2>"$out/sweep.log"; echo "sweep rc=$?"; cat "$out/sweep.txt"
 timeout 90 $E $M --mode full,window,ratd --topk 500 --repeat 3 --ratd $b/daemon/ratd \
   >"$out/repeat.txt" 2>"$out/repeat.log"; echo "repeat rc=$?"; cat "$out/repeat.txt"
-for eff in 1000 1500; do # candidate list L above the default 1.5 k: recall against scans
+for eff in 750; do # candidate list L 1.5 k (the old default) against the default 2 k
   timeout 100 $E $M --mode ratd --topk 500 --effort $eff --ratd $b/daemon/ratd \
     >"$out/effort$eff.txt" 2>"$out/effort$eff.log"; echo "effort $eff rc=$?"; cat "$out/effort$eff.txt"
 done
