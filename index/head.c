@@ -229,9 +229,39 @@ ra_status ra_head_append(ra_head *h, const void *k, const void *v, const int64_t
     return st;
 }
 
+/* At most this many index builds run at once in the process. Each build already uses
+ * every core (FAISS/OpenMP, the graph's thread pool), so more would only oversubscribe
+ * the CPU; and a graph build holds temporary lists (K 100, window 32: 4 bytes x 100
+ * x 65 per training query, ~210 MB at 8192 queries) that no memory limit charges:
+ * a model's heads all offloaded at once must not hold them all together. Waiting
+ * builds leave their heads on exact scans, as a running build does. */
+#define RA_MAX_BUILDS 2
+
+static pthread_mutex_t g_gate_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_gate_cv = PTHREAD_COND_INITIALIZER;
+static int g_gate_busy;
+
+static void build_gate_enter(void)
+{
+    pthread_mutex_lock(&g_gate_mu);
+    while (g_gate_busy >= RA_MAX_BUILDS)
+        pthread_cond_wait(&g_gate_cv, &g_gate_mu);
+    g_gate_busy++;
+    pthread_mutex_unlock(&g_gate_mu);
+}
+
+static void build_gate_leave(void)
+{
+    pthread_mutex_lock(&g_gate_mu);
+    g_gate_busy--;
+    pthread_cond_signal(&g_gate_cv);
+    pthread_mutex_unlock(&g_gate_mu);
+}
+
 static void *build_main(void *arg)
 {
     ra_head *h = arg;
+    build_gate_enter();
     /* This thread's FAISS/OpenMP team; restored, since a foreground build runs on the
      * caller's (a daemon worker's) thread. */
     int omp_old = omp_get_max_threads();
@@ -291,6 +321,7 @@ static void *build_main(void *arg)
     h->lists = NULL;
     if (h->opts.threads > 0)
         omp_set_num_threads(omp_old);
+    build_gate_leave();
     pthread_mutex_lock(&h->bmu);
     h->last_build = st;
     h->building = 0;
