@@ -8,6 +8,7 @@
 
 #include "ra_gpu_internal.h"
 #include "ra_half.h"
+#include "ra_topk.h"
 
 typedef struct cpu_impl {
     void *k, *v;   /* [n_layers][batch][n_kv_heads][rows][head_dim] */
@@ -188,33 +189,6 @@ static ra_status cpu_merge(ra_gpu_cache *c, ra_gpu_mem mem, const float *oa, con
     return RA_OK;
 }
 
-/* better(a, b): a ranks before b: higher score, then lower id */
-static int better(float sa, int32_t ia, float sb, int32_t ib)
-{
-    return sa > sb || (sa == sb && ia < ib);
-}
-
-/* min-heap on "worst first" of (score, id) pairs, size k */
-static void heap_down(float *s, int32_t *id, unsigned n, unsigned i)
-{
-    for (;;) {
-        unsigned l = 2 * i + 1, r = l + 1, w = i;
-        if (l < n && better(s[w], id[w], s[l], id[l]))
-            w = l;
-        if (r < n && better(s[w], id[w], s[r], id[r]))
-            w = r;
-        if (w == i)
-            return;
-        float ts = s[i];
-        s[i] = s[w];
-        s[w] = ts;
-        int32_t ti = id[i];
-        id[i] = id[w];
-        id[w] = ti;
-        i = w;
-    }
-}
-
 static ra_status cpu_knn(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype t, const void *qs, size_t nq,
                          const void *keys, size_t nk, unsigned dim, unsigned k, int32_t *ids,
                          float *scores)
@@ -233,35 +207,15 @@ static ra_status cpu_knn(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype t, const void
     for (size_t qi = 0; qi < nq; qi++) {
         for (unsigned d = 0; d < dim; d++)
             qf[d] = ld(qs, qi * dim + d, t);
-        unsigned n = 0;
+        int n = 0;
         for (size_t j = 0; j < nk; j++) {
             const float *kr = kf + j * dim;
             float sc = 0.0f;
             for (unsigned d = 0; d < dim; d++)
                 sc += qf[d] * kr[d];
-            if (n < k) {
-                hs[n] = sc;
-                hi[n] = (int32_t)j;
-                n++;
-                if (n == k)
-                    for (unsigned i = k / 2 + 1; i-- > 0;)
-                        heap_down(hs, hi, k, i);
-            } else if (better(sc, (int32_t)j, hs[0], hi[0])) {
-                hs[0] = sc;
-                hi[0] = (int32_t)j;
-                heap_down(hs, hi, k, 0);
-            }
+            ra_topk_push(hs, hi, &n, (int)k, sc, (int32_t)j);
         }
-        /* heap sort: pop worst to the back */
-        for (unsigned m = k; m > 1; m--) {
-            float ts = hs[0];
-            hs[0] = hs[m - 1];
-            hs[m - 1] = ts;
-            int32_t ti = hi[0];
-            hi[0] = hi[m - 1];
-            hi[m - 1] = ti;
-            heap_down(hs, hi, m - 1, 0);
-        }
+        ra_topk_finish(hs, hi, n); /* n == k: ra_gpu_knn checks k <= nk */
         memcpy(scores + qi * k, hs, k * sizeof(float));
         memcpy(ids + qi * k, hi, k * sizeof(int32_t));
     }

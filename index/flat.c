@@ -23,6 +23,7 @@
 #include "ra_backend.h"
 #include "ra_kernels.h"
 #include "ra_log.h"
+#include "ra_topk.h"
 
 /* ---------- FAISS helpers ---------- */
 
@@ -81,83 +82,12 @@ void ra_index_omp_single(void (*fn)(void *), void *arg)
 
 /* ---------- exact top-k by scan ---------- */
 
-/* Order: higher score first, ties by lower row id, so every exact path agrees. */
-static inline int worse(float sa, int32_t ia, float sb, int32_t ib)
-{
-    return sa < sb || (sa == sb && ia > ib);
-}
-
-static void sift_down(float *s, int32_t *id, int n, int i)
-{
-    for (;;) {
-        int l = 2 * i + 1, r = l + 1, m = i;
-        if (l < n && worse(s[l], id[l], s[m], id[m]))
-            m = l;
-        if (r < n && worse(s[r], id[r], s[m], id[m]))
-            m = r;
-        if (m == i)
-            return;
-        float ts = s[i];
-        s[i] = s[m];
-        s[m] = ts;
-        int32_t ti = id[i];
-        id[i] = id[m];
-        id[m] = ti;
-        i = m;
-    }
-}
-
-static void sift_up(float *s, int32_t *id, int i)
-{
-    while (i > 0) {
-        int p = (i - 1) / 2;
-        if (!worse(s[i], id[i], s[p], id[p]))
-            return;
-        float ts = s[i];
-        s[i] = s[p];
-        s[p] = ts;
-        int32_t ti = id[i];
-        id[i] = id[p];
-        id[p] = ti;
-        i = p;
-    }
-}
-
-/* Offers m scores of rows base.. to a bounded min-heap of k held in scores/ids. */
+/* Offers m scores of rows base.. to the bounded heap of k held in scores/ids. */
 static void heap_offer(float *scores, int32_t *ids, int *cnt_io, int k, const float *buf, size_t m,
                        size_t base)
 {
-    int cnt = *cnt_io;
-    size_t i = 0;
-    for (; i < m && cnt < k; i++) {
-        scores[cnt] = buf[i];
-        ids[cnt] = (int32_t)(base + i);
-        sift_up(scores, ids, cnt);
-        cnt++;
-    }
-    float thr = cnt ? scores[0] : -INFINITY;
-    for (; i < m; i++) {
-        if (buf[i] > thr) { /* ties lose to the earlier, lower id */
-            scores[0] = buf[i];
-            ids[0] = (int32_t)(base + i);
-            sift_down(scores, ids, cnt, 0);
-            thr = scores[0];
-        }
-    }
-    *cnt_io = cnt;
-}
-
-static void heap_finish(float *scores, int32_t *ids, int cnt)
-{
-    for (int e = cnt - 1; e > 0; e--) { /* heap sort: worst to the back */
-        float ts = scores[0];
-        scores[0] = scores[e];
-        scores[e] = ts;
-        int32_t ti = ids[0];
-        ids[0] = ids[e];
-        ids[e] = ti;
-        sift_down(scores, ids, e, 0);
-    }
+    for (size_t i = 0; i < m; i++)
+        ra_topk_push(scores, ids, cnt_io, k, buf[i], (int32_t)(base + i));
 }
 
 enum { SCAN_BLOCK = 512 }; /* rows per pass: 128 KiB of fp16 dim-128 keys stay in L2 */
@@ -178,7 +108,7 @@ ra_status ra_exact_topk(const ra_kv *kv, size_t n, const float *q, int k, int32_
         ra_kern_dot_range(q, keys, t, dim, b, m, buf);
         heap_offer(scores, ids, &cnt, k, buf, m, b);
     }
-    heap_finish(scores, ids, cnt);
+    ra_topk_finish(scores, ids, cnt);
     *n_out = cnt;
     return RA_OK;
 }
@@ -204,7 +134,7 @@ ra_status ra_exact_topk_multi(const ra_kv *kv, size_t n, size_t nq, const float 
         }
     }
     for (size_t j = 0; j < nq; j++)
-        heap_finish(scores + j * (size_t)k, ids + j * (size_t)k, n_out[j]);
+        ra_topk_finish(scores + j * (size_t)k, ids + j * (size_t)k, n_out[j]);
     return RA_OK;
 }
 
