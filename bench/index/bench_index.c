@@ -48,19 +48,24 @@ typedef struct bench_cfg {
     int verbose;    /* debug log: build phases and their times */
     int overlap;    /* print how much top-k sets of nearby queries overlap */
     const char *synth;
-    int no_train; /* build without training queries (what the queries add) */
+    const char *save; /* write the head's keys and queries as PREFIX.{keys,train,queries}.npy */
+    int no_train;     /* build without training queries (what the queries add) */
 } bench_cfg;
 
 static void usage(void)
 {
-    fprintf(stderr,
-            "usage: ratd-bench-index [--synthetic --n N --dim D [--queries Q] [--train T] [--rho R]]\n"
-            "                        [--trace FILE [--layer L --head H]]\n"
-            "                        [--keys K.npy --queries Q.npy [--train-queries T.npy]]\n"
-            "                        [--topk K] [--seed S] [--json] [--threads T] [--dtype f16|bf16|f32]\n"
-            "                        [--index graph,ivf,hnsw,flat] [--insert N] [--efforts a,b,c]\n"
-            "                        [--knn K] [--degree M] [--build-ef E] [--entries E] [--ntrain N]\n"
-            "                        [--synth knob=v,...] [--overlap] [--no-train] [--eval-train] [--verbose]\n");
+    fprintf(
+        stderr,
+        "usage: ratd-bench-index [--synthetic --n N --dim D [--queries Q] [--train T] [--rho R]]\n"
+        "                        [--trace FILE [--layer L --head H]]\n"
+        "                        [--keys K.npy --queries Q.npy [--train-queries T.npy]]\n"
+        "                        [--topk K] [--seed S] [--json] [--threads T] [--dtype "
+        "f16|bf16|f32]\n"
+        "                        [--index graph,ivf,hnsw,flat] [--insert N] [--efforts a,b,c]\n"
+        "                        [--knn K] [--degree M] [--build-ef E] [--entries E] [--ntrain N]\n"
+        "                        [--synth knob=v,...] [--overlap] [--no-train] [--eval-train] "
+        "[--verbose]\n"
+        "                        [--save PREFIX]\n");
 }
 
 static int parse_args(int argc, char **argv, bench_cfg *c)
@@ -103,6 +108,9 @@ static int parse_args(int argc, char **argv, bench_cfg *c)
         else if (!strcmp(a, "--synth")) {
             NEEDV;
             c->synth = v;
+        } else if (!strcmp(a, "--save")) {
+            NEEDV;
+            c->save = v;
         } else if (!strcmp(a, "--json"))
             c->json = 1;
         else if (!strcmp(a, "--n")) {
@@ -143,7 +151,9 @@ static int parse_args(int argc, char **argv, bench_cfg *c)
             c->threads = atoi(v);
         } else if (!strcmp(a, "--dtype")) {
             NEEDV;
-            c->dtype = !strcmp(v, "f32") ? RA_DTYPE_F32 : !strcmp(v, "bf16") ? RA_DTYPE_BF16 : RA_DTYPE_F16;
+            c->dtype = !strcmp(v, "f32")    ? RA_DTYPE_F32
+                       : !strcmp(v, "bf16") ? RA_DTYPE_BF16
+                                            : RA_DTYPE_F16;
         } else if (!strcmp(a, "--index")) {
             NEEDV;
             c->indexes = v;
@@ -204,10 +214,10 @@ static int parse_args(int argc, char **argv, bench_cfg *c)
 typedef struct bench_data {
     size_t n, nt, nq, nins, nqins;
     int dim;
-    float *keys;     /* [n + nins][dim]: the first n are built, the rest inserted */
-    float *train;    /* [nt][dim] */
-    float *queries;  /* [nq][dim] decode order */
-    float *qins;     /* [nqins][dim] queries aimed at the inserted keys */
+    float *keys;    /* [n + nins][dim]: the first n are built, the rest inserted */
+    float *train;   /* [nt][dim] */
+    float *queries; /* [nq][dim] decode order */
+    float *qins;    /* [nqins][dim] queries aimed at the inserted keys */
     char desc[256];
 } bench_data;
 
@@ -295,24 +305,50 @@ static int apply_synth_opts(ra_synth_opts *o, const char *spec)
         }
         *eq = 0;
         double v = atof(eq + 1);
-        if (!strcmp(tok, "offset")) o->offset = (float)v;
-        else if (!strcmp(tok, "mix")) o->mix = (float)v;
-        else if (!strcmp(tok, "rank")) o->rank = (int)v;
-        else if (!strcmp(tok, "qscale")) o->qscale = (float)v;
-        else if (!strcmp(tok, "qnoise")) o->qnoise = (float)v;
-        else if (!strcmp(tok, "hub")) o->hub_frac = (float)v;
-        else if (!strcmp(tok, "needles")) o->needles = (int)v;
-        else if (!strcmp(tok, "needle_gain")) o->needle_gain = (float)v;
-        else if (!strcmp(tok, "topics")) o->topics = (int)v;
-        else if (!strcmp(tok, "tnoise")) o->tnoise = (float)v;
-        else if (!strcmp(tok, "tswitch")) o->tswitch = (float)v;
-        else if (!strcmp(tok, "tzipf")) o->tzipf = (float)v;
-        else if (!strcmp(tok, "tneedle")) o->tneedle = (float)v;
-        else if (!strcmp(tok, "rope_base")) o->rope_base = (float)v;
-        else if (!strcmp(tok, "rho")) o->rho = (float)v;
-        else if (!strcmp(tok, "vocab")) o->vocab = (int)v;
-        else if (!strcmp(tok, "knoise")) o->knoise = (float)v;
-        else if (!strcmp(tok, "blur")) o->blur = (float)v;
+        if (!strcmp(tok, "offset"))
+            o->offset = (float)v;
+        else if (!strcmp(tok, "mix"))
+            o->mix = (float)v;
+        else if (!strcmp(tok, "rank"))
+            o->rank = (int)v;
+        else if (!strcmp(tok, "qscale"))
+            o->qscale = (float)v;
+        else if (!strcmp(tok, "qnoise"))
+            o->qnoise = (float)v;
+        else if (!strcmp(tok, "hub"))
+            o->hub_frac = (float)v;
+        else if (!strcmp(tok, "needles"))
+            o->needles = (int)v;
+        else if (!strcmp(tok, "needle_gain"))
+            o->needle_gain = (float)v;
+        else if (!strcmp(tok, "topics"))
+            o->topics = (int)v;
+        else if (!strcmp(tok, "tnoise"))
+            o->tnoise = (float)v;
+        else if (!strcmp(tok, "tswitch"))
+            o->tswitch = (float)v;
+        else if (!strcmp(tok, "tzipf"))
+            o->tzipf = (float)v;
+        else if (!strcmp(tok, "tneedle"))
+            o->tneedle = (float)v;
+        else if (!strcmp(tok, "trainatn"))
+            o->train_at_n = (int)v;
+        else if (!strcmp(tok, "kdecay"))
+            o->kdecay = (float)v;
+        else if (!strcmp(tok, "krank"))
+            o->krank = (int)v;
+        else if (!strcmp(tok, "kslow"))
+            o->kslow = (int)v;
+        else if (!strcmp(tok, "rope_base"))
+            o->rope_base = (float)v;
+        else if (!strcmp(tok, "rho"))
+            o->rho = (float)v;
+        else if (!strcmp(tok, "vocab"))
+            o->vocab = (int)v;
+        else if (!strcmp(tok, "knoise"))
+            o->knoise = (float)v;
+        else if (!strcmp(tok, "blur"))
+            o->blur = (float)v;
         else {
             fprintf(stderr, "--synth: unknown knob %s\n", tok);
             return -1;
@@ -398,7 +434,8 @@ static int load_npy(const bench_cfg *c, bench_data *d)
         memcpy(d->train, d->queries, d->nt * cc * sizeof *d->train);
         fprintf(stderr, "note: no --train-queries: the graph is built from the decode queries\n");
     }
-    snprintf(d->desc, sizeof d->desc, "npy keys=%s (%zu x %zu) queries=%zu", c->keys_npy, r, cc, r2);
+    snprintf(d->desc, sizeof d->desc, "npy keys=%s (%zu x %zu) queries=%zu", c->keys_npy, r, cc,
+             r2);
     size_t nins = c->insert < d->n / 4 ? c->insert : d->n / 4;
     if (nins) { /* the last keys are held out and inserted */
         d->n -= nins;
@@ -415,8 +452,8 @@ static int load_npy(const bench_cfg *c, bench_data *d)
 
 #ifdef RA_HAVE_TRACE
 /* One head of a trace: keys = K rows except the sink (first 128) and the window (last
- * 512 positions, the defaults of ratd-lm-eval), prefill queries = every query row before the window, decode
- * queries = the last positions (the window's queries, in order). */
+ * 512 positions, the defaults of ratd-lm-eval), prefill queries = every query row before the
+ * window, decode queries = the last positions (the window's queries, in order). */
 static int load_trace(const bench_cfg *c, bench_data *d)
 {
     char err[512];
@@ -506,7 +543,9 @@ static int run_queries(const ra_backend_ops *ops, void *st, const ra_kv *kv, siz
     double hit = 0, scanned = 0, hops = 0;
     double t0 = ra_now_s();
     for (size_t i = 0; i < nq; i++) {
-        ra_search_params p = {.k = k, .effort = effort, .warm = warm && nprev ? prev : NULL,
+        ra_search_params p = {.k = k,
+                              .effort = effort,
+                              .warm = warm && nprev ? prev : NULL,
                               .n_warm = warm ? nprev : 0};
 
         ra_search_stats ss = {0};
@@ -547,8 +586,8 @@ static void emit(const bench_cfg *c, const char *index, const char *params, cons
     if (c->json)
         printf("{\"index\":\"%s\",\"params\":\"%s\",\"recall\":%.4f,\"scanned_frac\":%.5f,"
                "\"us_per_query\":%.1f,\"build_s\":%.3f,\"hops\":%.1f%s%s}\n",
-               index, params, o->recall, o->scanned_frac, o->us, build_s, o->hops,
-               extra ? "," : "", extra ? extra : "");
+               index, params, o->recall, o->scanned_frac, o->us, build_s, o->hops, extra ? "," : "",
+               extra ? extra : "");
     else
         printf("%-6s %-22s recall %.4f  scanned %.5f  %9.1f us/q  build %.2fs %s\n", index, params,
                o->recall, o->scanned_frac, o->us, build_s, extra ? extra : "");
@@ -597,8 +636,8 @@ static void insert_check(const bench_cfg *c, const bench_data *d, ra_kv *kv,
         snprintf(params, sizeof params, "effort=%d,inserted", eff[e]);
         if (c->json)
             snprintf(extra, sizeof extra,
-                     "\"inserted\":%zu,\"insert_s\":%.3f,\"gt_in_inserted\":%.3f", d->nins,
-                     add_s, frac);
+                     "\"inserted\":%zu,\"insert_s\":%.3f,\"gt_in_inserted\":%.3f", d->nins, add_s,
+                     frac);
         else
             snprintf(extra, sizeof extra, "(+%zu keys in %.2fs; %.1f%% of true top-k inserted)",
                      d->nins, add_s, 100.0 * frac);
@@ -658,16 +697,18 @@ int main(int argc, char **argv)
         goto out;
     int D = d.dim, k = c.topk;
     if (c.eval_train && d.nt >= d.nq) /* in-sample: is the graph itself sound? */
-        memcpy(d.queries, d.train + (d.nt - d.nq) * (size_t)D, d.nq * (size_t)D * sizeof *d.queries);
+        memcpy(d.queries, d.train + (d.nt - d.nq) * (size_t)D,
+               d.nq * (size_t)D * sizeof *d.queries);
     int threads = c.threads ? c.threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
     double ratio = 0;
     ra_synth_mahalanobis_ratio(d.keys, d.n, d.queries, d.nq, D, &ratio);
     double cosq = ra_synth_step_cosine(d.queries, d.nq, D);
     if (c.json)
-        printf("{\"data\":\"%s\",\"n\":%zu,\"dim\":%d,\"n_train\":%zu,\"n_queries\":%zu,\"topk\":%d,"
-               "\"mahalanobis_ratio\":%.3f,\"step_cosine\":%.3f,\"threads\":%d,\"isa\":\"%s\"}\n",
-               d.desc, d.n, D, d.nt, d.nq, k, ratio, cosq, threads,
-               ra_kern_isa_name(ra_kern_isa_get()));
+        printf(
+            "{\"data\":\"%s\",\"n\":%zu,\"dim\":%d,\"n_train\":%zu,\"n_queries\":%zu,\"topk\":%d,"
+            "\"mahalanobis_ratio\":%.3f,\"step_cosine\":%.3f,\"threads\":%d,\"isa\":\"%s\"}\n",
+            d.desc, d.n, D, d.nt, d.nq, k, ratio, cosq, threads,
+            ra_kern_isa_name(ra_kern_isa_get()));
     else
         printf("# %s\n# n=%zu dim=%d train=%zu queries=%zu topk=%d threads=%d isa=%s\n"
                "# Mahalanobis ratio (queries vs held-out keys) %.3f, step cosine %.3f\n",
@@ -675,6 +716,24 @@ int main(int argc, char **argv)
                cosq);
     fflush(stdout);
 
+    if (c.save) { /* the built keys, the training and the decode queries, for other tools */
+        const struct {
+            const char *what;
+            const float *x;
+            size_t rows;
+        } out[3] = {{"keys", d.keys, d.n}, {"train", d.train, d.nt}, {"queries", d.queries, d.nq}};
+        for (int i = 0; i < 3; i++) {
+            char path[4096], err[512];
+            if (!out[i].rows)
+                continue;
+            snprintf(path, sizeof path, "%s.%s.npy", c.save, out[i].what);
+            if (ra_npy_write_f32(path, out[i].x, out[i].rows, (size_t)D, err, sizeof err) !=
+                RA_OK) {
+                fprintf(stderr, "--save: %s\n", err);
+                goto out;
+            }
+        }
+    }
     /* the store: keys (values = keys: unused here) in the session dtype */
     if (ra_kv_create(&kv, D, c.dtype, NULL) != RA_OK)
         goto out;
@@ -760,7 +819,8 @@ int main(int argc, char **argv)
             ov += (double)h1 / k;
             ov5 += (double)h5 / k;
         }
-        printf("# overlap of top-%d with the nearest training query's: %.3f (union of 5 nearest: %.3f)\n",
+        printf("# overlap of top-%d with the nearest training query's: %.3f (union of 5 nearest: "
+               "%.3f)\n",
                k, ov / d.nq, ov5 / d.nq);
         double oc = 0;
         for (size_t i = 1; i < d.nq; i++) {
@@ -831,7 +891,8 @@ int main(int argc, char **argv)
             emit(&c, idx[ii].name, params, &so, build_s, NULL);
             if (!strcmp(idx[ii].name, "graph")) {
                 sweep_out sw;
-                if (run_queries(idx[ii].ops, st, kv, d.n, d.queries, d.nq, D, k, eff[e], 1, gt, &sw))
+                if (run_queries(idx[ii].ops, st, kv, d.n, d.queries, d.nq, D, k, eff[e], 1, gt,
+                                &sw))
                     break;
                 snprintf(params, sizeof params, "effort=%d,warm", eff[e]);
                 emit(&c, "graph", params, &sw, build_s, NULL);

@@ -130,8 +130,8 @@ ra_status ra_npy_read_f32(const char *path, float **data, size_t *rows, size_t *
     if (fseek(f, 0, SEEK_END) != 0)
         goto fail;
     long fsz = ftell(f);
-    if (fsz < 0 || r > ((size_t)1 << 40) / c ||
-        (size_t)fsz - (size_t)data_off != r * c * es || fsz < data_off) {
+    if (fsz < 0 || r > ((size_t)1 << 40) / c || (size_t)fsz - (size_t)data_off != r * c * es ||
+        fsz < data_off) {
         st = RA_EPROTO;
         if (err)
             snprintf(err, errlen, "%s: file size disagrees with shape (%zu, %zu)", path, r, c);
@@ -165,4 +165,45 @@ fail:
     free(hdr);
     fclose(f);
     return st;
+}
+
+ra_status ra_npy_write_f32(const char *path, const float *data, size_t rows, size_t cols, char *err,
+                           size_t errlen)
+{
+    if (!path || !data || rows == 0 || cols == 0)
+        return RA_EINVAL;
+    /* magic, version 1.0, header length, then the dict padded with spaces and a
+     * newline so that the data starts on a multiple of 64 bytes */
+    char dict[128];
+    int dl =
+        snprintf(dict, sizeof dict,
+                 "{'descr': '<f4', 'fortran_order': False, 'shape': (%zu, %zu), }", rows, cols);
+    if (dl < 0 || (size_t)dl >= sizeof dict)
+        return RA_EINVAL;
+    size_t hl = ((size_t)dl + 1 + 10 + 63) / 64 * 64 - 10;
+    char hdr[192];
+    memset(hdr, ' ', hl);
+    memcpy(hdr, dict, (size_t)dl);
+    hdr[hl - 1] = '\n';
+    unsigned char pre[10] = {
+        0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0, (unsigned char)(hl & 0xff), (unsigned char)(hl >> 8)};
+    char tmp[4096];
+    if ((size_t)snprintf(tmp, sizeof tmp, "%s.tmp", path) >= sizeof tmp)
+        return RA_EINVAL;
+    FILE *f = fopen(tmp, "wb");
+    if (!f) {
+        if (err)
+            snprintf(err, errlen, "%s: cannot create", tmp);
+        return RA_EIO;
+    }
+    int ok = fwrite(pre, 1, sizeof pre, f) == sizeof pre && fwrite(hdr, 1, hl, f) == hl &&
+             fwrite(data, sizeof *data, rows * cols, f) == rows * cols;
+    ok = fclose(f) == 0 && ok;
+    if (!ok || rename(tmp, path) != 0) {
+        remove(tmp);
+        if (err)
+            snprintf(err, errlen, "%s: write error", path);
+        return RA_EIO;
+    }
+    return RA_OK;
 }

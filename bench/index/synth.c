@@ -29,7 +29,10 @@ static uint64_t rng_next(uint64_t *s)
     return z ^ (z >> 31);
 }
 
-static double rng_unif(uint64_t *s) { return ((double)(rng_next(s) >> 11) + 0.5) * (1.0 / 9007199254740992.0); }
+static double rng_unif(uint64_t *s)
+{
+    return ((double)(rng_next(s) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+}
 
 static double rng_norm(uint64_t *s)
 {
@@ -82,7 +85,7 @@ void ra_synth_free(ra_synth *s)
  * whose i-th direction lies mostly on the i-th slowest RoPE coordinate. Real heads
  * put their key energy in the low-frequency dimensions (slow rotation keeps content
  * there); the random part (`blur`) spreads each direction over others. */
-static void rand_orthonormal(double *B, int d, uint64_t *rs, double blur)
+static void rand_orthonormal(double *B, int d, uint64_t *rs, double blur, int kslow)
 {
     int h = d / 2;
     for (int i = 0; i < d; i++) {
@@ -93,12 +96,13 @@ static void rand_orthonormal(double *B, int d, uint64_t *rs, double blur)
          * as content dimensions do in trained models. */
         int pair;
         if (i < d / 2)
-            pair = h / 4 + i / 2;               /* pairs h/4 .. 3h/4 - 1 */
+            pair = kslow ? 3 * h / 4 - 1 - i / 2 /* pairs 3h/4 - 1 .. h/4, slow first */
+                         : h / 4 + i / 2;        /* pairs h/4 .. 3h/4 - 1 */
         else if (i < 3 * d / 4)
-            pair = h - 1 - (i - d / 2) / 2;     /* pairs h - 1 .. 3h/4 */
+            pair = h - 1 - (i - d / 2) / 2; /* pairs h - 1 .. 3h/4 */
         else
-            pair = (i - 3 * d / 4) / 2;         /* pairs 0 .. h/4 - 1 */
-        int coord = (i & 1) ? pair + h : pair;  /* HF layout: (j, j + d/2) */
+            pair = (i - 3 * d / 4) / 2;        /* pairs 0 .. h/4 - 1 */
+        int coord = (i & 1) ? pair + h : pair; /* HF layout: (j, j + d/2) */
         for (;;) {
             for (int j = 0; j < d; j++)
                 b[j] = blur * rng_norm(rs) / sqrt((double)d) + (j == coord ? 1.0 : 0.0);
@@ -186,7 +190,7 @@ ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out)
     }
     double rbase = o->rope_base > 1.0f ? (double)o->rope_base : 500000.0;
     uint64_t rs = o->seed * 0x2545f4914f6cdd1dull + 7;
-    rand_orthonormal(B, d, &rs, o->blur);
+    rand_orthonormal(B, d, &rs, o->blur, o->kslow);
     /* key spectrum: decaying (anisotropic), strong directions first. Query variation
      * lives in a rank-r subspace whose directions mix weak key directions (second
      * half of B) with a share `mix` of strong ones: that share is what lets key
@@ -200,7 +204,7 @@ ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out)
         return RA_ENOMEM;
     }
     for (int i = 0; i < d; i++)
-        sk[i] = exp(-3.0 * i / d); /* 1 .. 0.05 */
+        sk[i] = exp(-(o->kdecay > 0 ? o->kdecay : 3.0) * i / d); /* 1 .. 0.05 */
     for (int a = 0; a < r; a++) {
         double *u = U + (size_t)a * d;
         double nn = 0;
@@ -283,8 +287,12 @@ ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out)
             }
             tok = lo;
         }
+        int kstep = o->krank > 0 && o->krank < d ? d / o->krank : 1; /* own part: rank d / kstep */
         for (int i = 0; i < d; i++)
-            z[i] = tok >= 0 ? tz[(size_t)tok * d + i] + o->knoise * rng_norm(&rs) : rng_norm(&rs);
+            z[i] = tok < 0 ? rng_norm(&rs)
+                   : i % kstep
+                       ? tz[(size_t)tok * d + i]
+                       : tz[(size_t)tok * d + i] + o->knoise * sqrt((double)kstep) * rng_norm(&rs);
         float *k = s.keys + p * d;
         compose(k, muk, B, sk, z, d);
         if (rng_unif(&rs) < o->hub_frac)
@@ -418,7 +426,7 @@ ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out)
             for (int i = 0; i < d; i++)
                 q[i] += (float)(f * kp[i]);
         }
-        rope(q, d, pos, rbase);
+        rope(q, d, t < o->n_train && o->train_at_n ? (double)o->n : pos, rbase);
     }
     free(B), free(sk), free(sq), free(muk), free(muq), free(hub), free(z), free(w), free(nd);
     free(kpre);
@@ -468,8 +476,8 @@ static double maha(const double *L, const double *mu, const float *x, int d, dou
     return sqrt(s);
 }
 
-ra_status ra_synth_mahalanobis_ratio(const float *keys, size_t n, const float *q, size_t nq, int dim,
-                                     double *ratio)
+ra_status ra_synth_mahalanobis_ratio(const float *keys, size_t n, const float *q, size_t nq,
+                                     int dim, double *ratio)
 {
     if (!keys || !q || !ratio || n < 16 || nq == 0 || dim <= 0 || dim > 4096)
         return RA_EINVAL;

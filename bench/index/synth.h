@@ -16,10 +16,10 @@
 #include "ratd/status.h"
 
 typedef struct ra_synth_opts {
-    size_t n;          /* keys, at positions 0..n-1 */
-    int dim;           /* even */
-    size_t n_train;    /* prefill queries (positions < n: half strided, half the last ones) */
-    size_t n_queries;  /* decode queries at positions n, n+1, ... in order */
+    size_t n;         /* keys, at positions 0..n-1 */
+    int dim;          /* even */
+    size_t n_train;   /* prefill queries (positions < n: half strided, half the last ones) */
+    size_t n_queries; /* decode queries at positions n, n+1, ... in order */
     uint64_t seed;
     float rho;         /* step-to-step correlation of consecutive queries (0..1) */
     float offset;      /* norm of the query-mean offset, in units of the key spread */
@@ -40,6 +40,15 @@ typedef struct ra_synth_opts {
     float rope_base;   /* RoPE base (0: 500000, the trained model's) */
     float tneedle;     /* probability that a planted key is its topic's own (else a random
                         * past key): what the query looks for is set by its kind */
+    /* knobs for studies of what the index's curve depends on (bench/README.md, "Why
+     * the graph does not reach 3 %"); 0 leaves the calibrated generator unchanged */
+    float kdecay;   /* key spectrum: direction i has scale exp(-kdecay i / dim) (0: 3) */
+    int krank;      /* a key's own (per-position) part spans every (dim/krank)-th key
+                     * direction only (0: all): lower local dimension */
+    int kslow;      /* 1: the strongest key directions on the slowest of their RoPE
+                     * pairs (less key energy on fast pairs, as most real heads) */
+    int train_at_n; /* 1: prefill queries rotated at position n (where decode starts), not
+                     * their own: what re-rotating them to the decode position would do */
 } ra_synth_opts;
 
 void ra_synth_opts_default(ra_synth_opts *o);
@@ -59,8 +68,8 @@ void ra_synth_free(ra_synth *s);
  * Mahalanobis distance of held-out keys, with the keys' mean and covariance fit on
  * the keys that are not held out (every 8th key is held out). 1 means in
  * distribution; the trained model's heads show 1.4-4.7. */
-ra_status ra_synth_mahalanobis_ratio(const float *keys, size_t n, const float *q, size_t nq, int dim,
-                                     double *ratio);
+ra_status ra_synth_mahalanobis_ratio(const float *keys, size_t n, const float *q, size_t nq,
+                                     int dim, double *ratio);
 
 /* Mean cosine similarity of consecutive rows (step-to-step similarity of a stream). */
 double ra_synth_step_cosine(const float *q, size_t nq, int dim);

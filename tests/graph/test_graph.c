@@ -9,9 +9,9 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <stdio.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -71,8 +71,8 @@ static double graph_recall(void *st, const ra_kv *kv, const float *q, size_t nq,
     int nprev = 0;
     for (size_t i = 0; i < nq; i++) {
         int got = 0, ng = 0;
-        ra_search_params p = {.k = k, .effort = effort, .warm = warm ? prev : NULL,
-                              .n_warm = warm ? nprev : 0};
+        ra_search_params p = {
+            .k = k, .effort = effort, .warm = warm ? prev : NULL, .n_warm = warm ? nprev : 0};
         ra_search_stats ss;
         assert_int_equal(G->search(st, kv, q + i * (size_t)dim, &p, ids, sc, &got, &ss), RA_OK);
         assert_true(got <= k);
@@ -261,9 +261,9 @@ static void test_deterministic_threads(void **state)
             float sc[50];
             int got;
             ra_search_params p = {.k = 50, .effort = 80};
-            assert_int_equal(G->search(st, kv, s.queries + i * s.dim, &p, ids[run] + i * 50, sc,
-                                       &got, NULL),
-                             RA_OK);
+            assert_int_equal(
+                G->search(st, kv, s.queries + i * s.dim, &p, ids[run] + i * 50, sc, &got, NULL),
+                RA_OK);
             assert_int_equal(got, 50);
         }
         G->destroy(st);
@@ -434,8 +434,8 @@ static void test_bad_input(void **state)
     assert_int_equal(G->search(st, kv, q, &p, ids, sc, &got, NULL), RA_EINVAL);
     p.n_warm = 0;
     assert_int_equal(G->search(st, kv, q, &p, ids, NULL, &got, NULL), RA_OK); /* scores optional */
-    assert_int_equal(G->add(st, kv, 5, 1), RA_EINVAL);      /* not at the end */
-    assert_int_equal(G->add(st, kv, s.n, 10), RA_EINVAL);   /* rows not in the store */
+    assert_int_equal(G->add(st, kv, 5, 1), RA_EINVAL);                        /* not at the end */
+    assert_int_equal(G->add(st, kv, s.n, 10), RA_EINVAL); /* rows not in the store */
     G->destroy(st);
     G->destroy(NULL);
     free(bad);
@@ -537,6 +537,16 @@ static void test_npy_header(void **state)
     assert_int_equal(ftruncate(fileno(f), 10 + 64 + 10), 0);
     fclose(f);
     assert_int_equal(ra_npy_read_f32(path, &data, &r, &c, NULL, 0), RA_EPROTO);
+    /* the writer's files read back bit for bit */
+    float w[6] = {1.5f, -2.0f, 3.25f, 0.0f, 1e-7f, -65504.0f};
+    assert_int_equal(ra_npy_write_f32(path, w, 3, 2, NULL, 0), RA_OK);
+    assert_int_equal(ra_npy_read_f32(path, &data, &r, &c, NULL, 0), RA_OK);
+    assert_int_equal(r, 3);
+    assert_int_equal(c, 2);
+    assert_memory_equal(data, w, sizeof w);
+    free(data);
+    assert_int_equal(ra_npy_write_f32(path, w, 0, 2, NULL, 0), RA_EINVAL);
+    assert_int_equal(ra_npy_write_f32("/nonexistent/dir/x.npy", w, 3, 2, NULL, 0), RA_EIO);
     remove(path);
     assert_int_equal(ra_npy_read_f32("/nonexistent/x.npy", &data, &r, &c, NULL, 0), RA_EIO);
 }
