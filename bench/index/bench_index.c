@@ -11,6 +11,7 @@
  * after the build, probed by queries whose exact top-k lie among them. */
 #include <math.h>
 #include <omp.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -292,6 +293,32 @@ static int make_insert_set(bench_data *d, size_t nins, const float *pool_keys, s
     return 0;
 }
 
+/* --synth knob names and the fields of ra_synth_opts (synth.h) they set; each field is
+ * an int or a float, and the table takes which from the field's type */
+#define KNOB(name, field)                                                                          \
+    {                                                                                              \
+        name, offsetof(ra_synth_opts, field),                                                      \
+            _Generic(((ra_synth_opts *)0)->field, int : 1, float : 0)                              \
+    }
+static const struct {
+    const char *name;
+    size_t off;
+    int is_int;
+} knobs[] = {
+    KNOB("offset", offset),   KNOB("mix", mix),
+    KNOB("rank", rank),       KNOB("qscale", qscale),
+    KNOB("qnoise", qnoise),   KNOB("hub", hub_frac),
+    KNOB("needles", needles), KNOB("needle_gain", needle_gain),
+    KNOB("topics", topics),   KNOB("tnoise", tnoise),
+    KNOB("tswitch", tswitch), KNOB("tzipf", tzipf),
+    KNOB("tneedle", tneedle), KNOB("trainatn", train_at_n),
+    KNOB("kdecay", kdecay),   KNOB("krank", krank),
+    KNOB("kslow", kslow),     KNOB("rope_base", rope_base),
+    KNOB("rho", rho),         KNOB("vocab", vocab),
+    KNOB("knoise", knoise),   KNOB("blur", blur),
+};
+#undef KNOB
+
 /* --synth key=value,...: the generator's knobs (synth.h), for studies of the data. */
 static int apply_synth_opts(ra_synth_opts *o, const char *spec)
 {
@@ -305,54 +332,18 @@ static int apply_synth_opts(ra_synth_opts *o, const char *spec)
         }
         *eq = 0;
         double v = atof(eq + 1);
-        if (!strcmp(tok, "offset"))
-            o->offset = (float)v;
-        else if (!strcmp(tok, "mix"))
-            o->mix = (float)v;
-        else if (!strcmp(tok, "rank"))
-            o->rank = (int)v;
-        else if (!strcmp(tok, "qscale"))
-            o->qscale = (float)v;
-        else if (!strcmp(tok, "qnoise"))
-            o->qnoise = (float)v;
-        else if (!strcmp(tok, "hub"))
-            o->hub_frac = (float)v;
-        else if (!strcmp(tok, "needles"))
-            o->needles = (int)v;
-        else if (!strcmp(tok, "needle_gain"))
-            o->needle_gain = (float)v;
-        else if (!strcmp(tok, "topics"))
-            o->topics = (int)v;
-        else if (!strcmp(tok, "tnoise"))
-            o->tnoise = (float)v;
-        else if (!strcmp(tok, "tswitch"))
-            o->tswitch = (float)v;
-        else if (!strcmp(tok, "tzipf"))
-            o->tzipf = (float)v;
-        else if (!strcmp(tok, "tneedle"))
-            o->tneedle = (float)v;
-        else if (!strcmp(tok, "trainatn"))
-            o->train_at_n = (int)v;
-        else if (!strcmp(tok, "kdecay"))
-            o->kdecay = (float)v;
-        else if (!strcmp(tok, "krank"))
-            o->krank = (int)v;
-        else if (!strcmp(tok, "kslow"))
-            o->kslow = (int)v;
-        else if (!strcmp(tok, "rope_base"))
-            o->rope_base = (float)v;
-        else if (!strcmp(tok, "rho"))
-            o->rho = (float)v;
-        else if (!strcmp(tok, "vocab"))
-            o->vocab = (int)v;
-        else if (!strcmp(tok, "knoise"))
-            o->knoise = (float)v;
-        else if (!strcmp(tok, "blur"))
-            o->blur = (float)v;
-        else {
+        size_t x = 0;
+        while (x < sizeof knobs / sizeof *knobs && strcmp(tok, knobs[x].name))
+            x++;
+        if (x == sizeof knobs / sizeof *knobs) {
             fprintf(stderr, "--synth: unknown knob %s\n", tok);
             return -1;
         }
+        char *field = (char *)o + knobs[x].off;
+        if (knobs[x].is_int)
+            *(int *)field = (int)v;
+        else
+            *(float *)field = (float)v;
     }
     return 0;
 }
