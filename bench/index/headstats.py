@@ -31,7 +31,8 @@ import numpy as np
 SINK, WINDOW = 128, 512  # ratd-lm-eval's defaults, as ratd-bench-index --trace
 
 
-def stats(K, Q, k=100, m=32, nsample=1500, seed=0):
+def query_stats(K, Q, k=100, m=32):
+    """Where the decode queries' top-k sit in the score tail, and their cohesion."""
     S = Q @ K.T
     mu, sd = S.mean(1, keepdims=True), S.std(1, keepdims=True)
     srt = -np.sort(-S, 1)
@@ -44,6 +45,11 @@ def stats(K, Q, k=100, m=32, nsample=1500, seed=0):
         nn = np.argpartition(-G, m, axis=1)[:, :m]
         hit.append(np.isin(nn, t).mean())
     lift = float(np.mean(hit)) / (k / len(K))
+    return dict(z1=float(z[:, 0].mean()), z100=float(z[:, k - 1].mean()), lift=lift)
+
+
+def key_stats(K, nsample=1500, seed=0):
+    """Dimension and RoPE energy of the keys alone (shared by a KV head's query heads)."""
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(K), min(nsample, len(K)), replace=False)
     sq = (K * K).sum(1)
@@ -59,8 +65,7 @@ def stats(K, Q, k=100, m=32, nsample=1500, seed=0):
     h = K.shape[1] // 2
     e = (K[:, :h] ** 2 + K[:, h:] ** 2).mean(0)
     fast = float(e[: h // 2].sum() / e.sum())
-    return dict(n=len(K), z1=float(z[:, 0].mean()), z100=float(z[:, k - 1].mean()), lift=lift,
-                mle=mle, twonn=twonn, pr=pr, fast=fast)
+    return dict(n=len(K), mle=mle, twonn=twonn, pr=pr, fast=fast)
 
 
 def trace_heads(path, nq):
@@ -81,10 +86,12 @@ def trace_heads(path, nq):
         base = layer * per
         Qa = data[base:base + H * N * D].reshape(H, N, D)
         Ka = data[base + H * N * D:base + (H + KVH) * N * D].reshape(KVH, N, D)
-        for hq in range(H):
-            K = np.asarray(Ka[hq // (H // KVH)][SINK:N - WINDOW], np.float32)
-            Q = np.asarray(Qa[hq][N - WINDOW:][::step][:nq], np.float32)
-            yield f"{layer} / {hq}", K, Q
+        for g in range(KVH):
+            K = np.asarray(Ka[g][SINK:N - WINDOW], np.float32)
+            ks = key_stats(K)
+            for hq in range(g * (H // KVH), (g + 1) * (H // KVH)):
+                Q = np.asarray(Qa[hq][N - WINDOW:][::step][:nq], np.float32)
+                yield f"{layer} / {hq}", K, Q, ks
 
 
 def main():
@@ -100,11 +107,11 @@ def main():
     else:
         K = np.load(a.npy + ".keys.npy").astype(np.float32)
         Q = np.load(a.npy + ".queries.npy").astype(np.float32)[: a.queries]
-        heads = [(a.npy, K, Q)]
+        heads = [(a.npy, K, Q, key_stats(K))]
     print("| head | keys | z1 | z100 | lift | mle | twonn | pr | fast |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, K, Q in heads:
-        s = stats(K, Q)
+    for name, K, Q, ks in heads:
+        s = {**ks, **query_stats(K, Q)}
         print(f"| {name} | {s['n']} | {s['z1']:.2f} | {s['z100']:.2f} | {s['lift']:.1f} | "
               f"{s['mle']:.1f} | {s['twonn']:.1f} | {s['pr']:.1f} | {s['fast']:.2f} |", flush=True)
 
