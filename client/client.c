@@ -468,6 +468,25 @@ ra_status ra_client_session_drop(ra_client *c, uint64_t session)
     return first;
 }
 
+/* One daemon's Stats reply (session 0: the daemon's counters). *r is freed by the
+ * caller on RA_OK; *s points into it. */
+static ra_status stats_call(ra_client *c, int sh, uint64_t remote, ra_reply **r,
+                            const Ratd__StatsReply **s)
+{
+    Ratd__Header h = RATD__HEADER__INIT;
+    h.type = RATD__MSG_TYPE__STATS;
+    h.session = remote;
+    ra_status st = call(c, sh, &h, NULL, 0, r);
+    if (st != RA_OK)
+        return st;
+    *s = (*r)->v.hdr->stats;
+    if (!*s) {
+        reply_free(*r);
+        return fail(c, RA_EPROTO, "Stats reply without counters");
+    }
+    return RA_OK;
+}
+
 /* Counters of every daemon, added up (max_us and uptime: the largest). */
 ra_status ra_client_stats(ra_client *c, ra_server_stats *out)
 {
@@ -476,17 +495,11 @@ ra_status ra_client_stats(ra_client *c, ra_server_stats *out)
     ra_server_stats acc;
     memset(&acc, 0, sizeof acc);
     for (int sh = 0; sh < c->n_shards; sh++) {
-        Ratd__Header h = RATD__HEADER__INIT;
-        h.type = RATD__MSG_TYPE__STATS;
         ra_reply *r;
-        ra_status st = call(c, sh, &h, NULL, 0, &r);
+        const Ratd__StatsReply *s;
+        ra_status st = stats_call(c, sh, 0, &r, &s);
         if (st != RA_OK)
             return st;
-        const Ratd__StatsReply *s = r->v.hdr->stats;
-        if (!s) {
-            reply_free(r);
-            return fail(c, RA_EPROTO, "Stats reply without counters");
-        }
         acc.sessions += s->sessions;
         acc.requests += s->requests;
         acc.errors += s->errors;
@@ -522,18 +535,11 @@ ra_status ra_client_session_stats(ra_client *c, uint64_t session, ra_session_sta
     ra_session_stats acc;
     memset(&acc, 0, sizeof acc);
     for (int sh = 0; sh < c->n_shards; sh++) {
-        Ratd__Header h = RATD__HEADER__INIT;
-        h.type = RATD__MSG_TYPE__STATS;
-        h.session = remote_session(c, session, sh);
         ra_reply *r;
-        ra_status st = call(c, sh, &h, NULL, 0, &r);
+        const Ratd__StatsReply *s;
+        ra_status st = stats_call(c, sh, remote_session(c, session, sh), &r, &s);
         if (st != RA_OK)
             return st;
-        const Ratd__StatsReply *s = r->v.hdr->stats;
-        if (!s) {
-            reply_free(r);
-            return fail(c, RA_EPROTO, "Stats reply without counters");
-        }
         acc.tokens += s->session_tokens;
         acc.heads += s->heads;
         acc.heads_ready += s->heads_ready;
