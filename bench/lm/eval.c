@@ -586,6 +586,26 @@ static float kth_largest(float *a, unsigned n, unsigned k)
     return a[want];
 }
 
+/* Recall of ratd's answer for query head h against the exact top-kk of the offloaded
+ * keys [sink, off_end), whose scores are in R->sc: a retrieved key counts if it scores
+ * at least the kk-th largest (ties count). R->tpos holds up to k positions per head. */
+static void add_recall(run *R, unsigned h, unsigned k, unsigned kk, unsigned off_end)
+{
+    unsigned sink = R->o->sink, n_off = off_end - sink;
+    float *cp = R->sc + n_off; /* k-th largest score by a partial sort of a copy */
+    memcpy(cp, R->sc, n_off * sizeof(float));
+    float kth = kth_largest(cp, n_off, kk);
+    unsigned hit = 0, got = (unsigned)R->tcounts[h];
+    for (unsigned i = 0; i < got && i < k; i++) {
+        int64_t p = R->tpos[(size_t)h * k + i];
+        if (p >= sink && p < off_end && R->sc[p - sink] >= kth)
+            hit++;
+    }
+    R->res->recall_sum += (double)(hit > kk ? kk : hit) / kk;
+    R->res->recall_n++;
+    R->res->keys_offloaded += n_off;
+}
+
 static ra_status hook_ratd(void *ctx, ra_lm *lm, unsigned layer, unsigned pos, const float *q, float *o)
 {
     run *R = ctx;
@@ -660,19 +680,7 @@ static ra_status hook_ratd(void *ctx, ra_lm *lm, unsigned layer, unsigned pos, c
             unsigned kh = R->adaptive && R->k_head ? R->k_head[layer * nh + h] : k;
             unsigned kk = kh < n_off ? kh : n_off; /* recall against this head's own budget */
             ra_lm_scores(lm, layer, h / grp, q + (size_t)h * hd, R->o->sink, off_end, R->sc);
-            /* k-th largest score by a partial sort of a copy */
-            float *cp = R->sc + n_off;
-            memcpy(cp, R->sc, n_off * sizeof(float));
-            float kth = kth_largest(cp, n_off, kk);
-            unsigned hit = 0, got = (unsigned)R->tcounts[h];
-            for (unsigned i = 0; i < got && i < k; i++) {
-                int64_t p = R->tpos[(size_t)h * k + i];
-                if (p >= R->o->sink && p < off_end && R->sc[p - R->o->sink] >= kth)
-                    hit++;
-            }
-            R->res->recall_sum += (double)(hit > kk ? kk : hit) / kk;
-            R->res->recall_n++;
-            R->res->keys_offloaded += n_off;
+            add_recall(R, h, k, kk, off_end);
         }
     }
     R->t_measure += now_s() - t0;
@@ -1281,18 +1289,7 @@ static ra_status ghook_ratd(void *ctx, ra_gpu_lm *g, unsigned layer, unsigned po
             if ((s = ra_gpu_lm_scores(g, layer, h / grp, q_dev + (size_t)h * hd, sink, off_end, R->d_sc)) != RA_OK ||
                 (s = ra_gpu_lm_copy(g, R->sc, R->d_sc, n_off * sizeof(float), 0)) != RA_OK)
                 return gpu_err(R, s, "scores");
-            float *cp = R->sc + n_off;
-            memcpy(cp, R->sc, n_off * sizeof(float));
-            float kth = kth_largest(cp, n_off, kk);
-            unsigned hit = 0, got = (unsigned)R->tcounts[h];
-            for (unsigned i = 0; i < got && i < k; i++) {
-                int64_t p = R->tpos[(size_t)h * k + i];
-                if (p >= sink && p < off_end && R->sc[p - sink] >= kth)
-                    hit++;
-            }
-            R->res->recall_sum += (double)(hit > kk ? kk : hit) / kk;
-            R->res->recall_n++;
-            R->res->keys_offloaded += n_off;
+            add_recall(R, h, k, kk, off_end);
         }
     }
     R->t_measure += now_s() - t0;
