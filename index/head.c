@@ -50,11 +50,16 @@ struct ra_head {
 const char *ra_index_kind_name(ra_index_kind k)
 {
     switch (k) {
-    case RA_INDEX_GRAPH: return "graph";
-    case RA_INDEX_FLAT: return "flat";
-    case RA_INDEX_IVF: return "ivf";
-    case RA_INDEX_HNSW: return "hnsw";
-    case RA_INDEX_FAISS_FLAT: return "faiss-flat";
+    case RA_INDEX_GRAPH:
+        return "graph";
+    case RA_INDEX_FLAT:
+        return "flat";
+    case RA_INDEX_IVF:
+        return "ivf";
+    case RA_INDEX_HNSW:
+        return "hnsw";
+    case RA_INDEX_FAISS_FLAT:
+        return "faiss-flat";
     }
     return "?";
 }
@@ -63,8 +68,8 @@ void ra_index_opts_default(ra_index_opts *o)
 {
     memset(o, 0, sizeof *o);
     o->kind = RA_INDEX_GRAPH;
-    o->graph_knn = 100;     /* with the projection window of 32 ranks (graph.c) */
-    o->graph_degree = 48;   /* M 48 / build L 128: better recall per scan at 131K (bench/README.md) */
+    o->graph_knn = 100;   /* with the projection window of 32 ranks (graph.c) */
+    o->graph_degree = 48; /* M 48 / build L 128: better recall per scan at 131K (bench/README.md) */
     o->graph_build_ef = 128;
     o->graph_entries = 16;
     o->n_train = 8192;
@@ -83,8 +88,8 @@ static void opts_fill(ra_index_opts *o, const ra_index_opts *in)
         return;
     }
     *o = *in;
-#define DEF(f)                                                                                 \
-    if (o->f <= 0)                                                                             \
+#define DEF(f)                                                                                     \
+    if (o->f <= 0)                                                                                 \
         o->f = d.f;
     DEF(graph_knn)
     DEF(graph_degree)
@@ -104,10 +109,14 @@ static void opts_fill(ra_index_opts *o, const ra_index_opts *in)
 static const ra_backend_ops *kind_ops(ra_index_kind k)
 {
     switch (k) {
-    case RA_INDEX_FLAT: return &ra_backend_scan;
-    case RA_INDEX_FAISS_FLAT: return &ra_backend_flat;
-    case RA_INDEX_IVF: return &ra_backend_ivf;
-    case RA_INDEX_HNSW: return &ra_backend_hnsw;
+    case RA_INDEX_FLAT:
+        return &ra_backend_scan;
+    case RA_INDEX_FAISS_FLAT:
+        return &ra_backend_flat;
+    case RA_INDEX_IVF:
+        return &ra_backend_ivf;
+    case RA_INDEX_HNSW:
+        return &ra_backend_hnsw;
     case RA_INDEX_GRAPH:
 #ifdef RA_HAVE_GRAPH
         return &ra_backend_graph;
@@ -447,7 +456,10 @@ int ra_head_building(ra_head *h)
     return b;
 }
 
-int ra_head_ready(ra_head *h) { return h ? __atomic_load_n(&h->ready, __ATOMIC_ACQUIRE) : 0; }
+int ra_head_ready(ra_head *h)
+{
+    return h ? __atomic_load_n(&h->ready, __ATOMIC_ACQUIRE) : 0;
+}
 
 static ra_status check_search(ra_head *h, const float *q, const ra_search_params *p)
 {
@@ -471,8 +483,8 @@ static ra_status check_search(ra_head *h, const float *q, const ra_search_params
 }
 
 /* Under the read lock. */
-static ra_status search_locked(ra_head *h, const float *q, const ra_search_params *p,
-                               int32_t *ids, float *scores, int *n_out, ra_search_stats *st)
+static ra_status search_locked(ra_head *h, const float *q, const ra_search_params *p, int32_t *ids,
+                               float *scores, int *n_out, ra_search_stats *st)
 {
     ra_search_stats s = {0};
     ra_status r;
@@ -564,59 +576,83 @@ ra_status ra_head_attend(ra_head *h, const float *q, const ra_search_params *p, 
     return r;
 }
 
-#define RA_HEAD_MAX_BATCH 1024
-
-ra_status ra_head_attend_batch(ra_head *h, size_t nq, const float *q, const ra_search_params *p,
-                               float scale, float *o, float *lse, int32_t *ids, float *scores,
-                               int *n_out, ra_search_stats *st)
+ra_status ra_head_attend_group(ra_head *h, size_t nq, const float *q, const ra_search_params *p,
+                               float scale, unsigned flags, float *o, float *lse, int32_t *ids,
+                               float *scores, int *n_out, ra_search_stats *st)
 {
-    if (!h || !q || !p || !o || !lse || nq == 0 || nq > RA_HEAD_MAX_BATCH) {
-        RA_ERROR("head: attend_batch with a NULL argument or %zu query heads (1..%d)", nq,
-                 RA_HEAD_MAX_BATCH);
+    if (!h || !q || !p || !o || !lse || nq == 0 || nq > RA_HEAD_MAX_GROUP) {
+        RA_ERROR("head: attend_group with a NULL argument or %zu query heads (1..%d)", nq,
+                 RA_HEAD_MAX_GROUP);
         return RA_EINVAL;
     }
     int dim = ra_kv_dim(h->kv);
-    int k = p[0].k;
+    int kmax = 0;
     for (size_t j = 0; j < nq; j++) {
-        ra_status r = check_search(h, q + j * (size_t)dim, &p[j]);
-        if (r != RA_OK)
-            return r;
-        if (p[j].k != k) {
-            RA_ERROR("head: attend_batch with different k (%d, %d)", k, p[j].k);
+        if (p[j].k < 0 || p[j].k > RA_HEAD_MAX_K || p[j].effort < 0 || p[j].n_warm < 0 ||
+            (p[j].n_warm && !p[j].warm)) {
+            RA_ERROR("head: bad search parameters of query %zu (k %d, effort %d, n_warm %d)", j,
+                     p[j].k, p[j].effort, p[j].n_warm);
             return RA_EINVAL;
         }
+        if (p[j].k > kmax)
+            kmax = p[j].k;
+    }
+    if (!(flags & RA_HEAD_Q_CHECKED) && !ra_kern_all_finite(q, RA_DTYPE_F32, nq * (size_t)dim)) {
+        RA_ERROR("head: query contains NaN or Inf");
+        return RA_ENONFINITE;
+    }
+    int nbuf[RA_HEAD_MAX_GROUP];
+    if (!(scale > 0.f))
+        scale = 1.0f / sqrtf((float)dim);
+    if (kmax == 0) {
+        memset(o, 0, nq * (size_t)dim * sizeof *o);
+        for (size_t j = 0; j < nq; j++) {
+            lse[j] = -INFINITY;
+            if (n_out)
+                n_out[j] = 0;
+            if (st)
+                st[j] = (ra_search_stats){0};
+        }
+        return RA_OK;
     }
     void *heap = NULL;
     int32_t *I = ids;
     float *S = scores;
     if (!I || !S) {
-        heap = malloc(nq * (size_t)k * (sizeof(int32_t) + sizeof(float)));
+        heap = malloc(nq * (size_t)kmax * (sizeof(int32_t) + sizeof(float)));
         if (!heap)
             return RA_ENOMEM;
         I = I ? I : heap;
-        S = S ? S : (float *)((char *)heap + nq * (size_t)k * sizeof(int32_t));
+        S = S ? S : (float *)((char *)heap + nq * (size_t)kmax * sizeof(int32_t));
     }
-    int nbuf[RA_HEAD_MAX_BATCH];
-    if (!(scale > 0.f))
-        scale = 1.0f / sqrtf((float)dim);
     ra_status r = RA_OK;
     pthread_rwlock_rdlock(&h->lock);
     int indexed = h->state && __atomic_load_n(&h->ready, __ATOMIC_ACQUIRE);
     if (!indexed || h->ops == &ra_backend_scan) {
         size_t cnt = ra_kv_count(h->kv);
-        r = ra_exact_topk_multi(h->kv, cnt, nq, q, k, I, S, nbuf);
-        if (r == RA_OK && st)
-            for (size_t j = 0; j < nq; j++)
-                st[j] = (ra_search_stats){.scanned = cnt, .exact_fallback = !indexed};
+        r = ra_exact_topk_multi(h->kv, cnt, nq, q, kmax, I, S, nbuf);
+        for (size_t j = 0; r == RA_OK && j < nq; j++) {
+            if (nbuf[j] > p[j].k) /* best first: a smaller budget is a prefix */
+                nbuf[j] = p[j].k;
+            if (st)
+                st[j] = (ra_search_stats){.scanned = p[j].k ? cnt : 0, .exact_fallback = !indexed};
+        }
     } else {
-        for (size_t j = 0; j < nq && r == RA_OK; j++)
-            r = search_locked(h, q + j * (size_t)dim, &p[j], I + j * (size_t)k,
-                              S + j * (size_t)k, &nbuf[j], st ? &st[j] : NULL);
+        for (size_t j = 0; j < nq && r == RA_OK; j++) {
+            if (p[j].k == 0) {
+                nbuf[j] = 0;
+                if (st)
+                    st[j] = (ra_search_stats){0};
+                continue;
+            }
+            r = search_locked(h, q + j * (size_t)dim, &p[j], I + j * (size_t)kmax,
+                              S + j * (size_t)kmax, &nbuf[j], st ? &st[j] : NULL);
+        }
     }
     if (r == RA_OK)
         for (size_t j = 0; j < nq; j++)
-            ra_kern_partial_attention(S + j * (size_t)k, I + j * (size_t)k, (size_t)nbuf[j], scale,
-                                      ra_kv_values(h->kv), ra_kv_dtype(h->kv), dim,
+            ra_kern_partial_attention(S + j * (size_t)kmax, I + j * (size_t)kmax, (size_t)nbuf[j],
+                                      scale, ra_kv_values(h->kv), ra_kv_dtype(h->kv), dim,
                                       o + j * (size_t)dim, &lse[j]);
     pthread_rwlock_unlock(&h->lock);
     free(heap);

@@ -18,10 +18,10 @@
 #include "ratd/status.h"
 
 typedef enum ra_index_kind {
-    RA_INDEX_GRAPH = 0, /* attention-aware graph (default) */
-    RA_INDEX_FLAT = 1,  /* exact: SIMD scan of the stored keys, no copy */
-    RA_INDEX_IVF = 2,   /* FAISS IVF-Flat */
-    RA_INDEX_HNSW = 3,  /* FAISS HNSW32,Flat */
+    RA_INDEX_GRAPH = 0,     /* attention-aware graph (default) */
+    RA_INDEX_FLAT = 1,      /* exact: SIMD scan of the stored keys, no copy */
+    RA_INDEX_IVF = 2,       /* FAISS IVF-Flat */
+    RA_INDEX_HNSW = 3,      /* FAISS HNSW32,Flat */
     RA_INDEX_FAISS_FLAT = 4 /* exact through FAISS IndexFlatIP (fp32 copy): a benchmark
                                baseline; RA_INDEX_FLAT is the same answer without a copy */
 } ra_index_kind;
@@ -101,14 +101,20 @@ ra_status ra_head_attend(ra_head *h, const float *q, const ra_search_params *p, 
                          float *o, float *lse, int32_t *ids, float *scores, int *n_out,
                          ra_search_stats *st);
 
-/* GQA: the nq query heads that share this KV head in one call: one lock, and on the exact
- * path (RA_INDEX_FLAT, or while a build runs) one pass over the keys for all of them,
- * which cuts the memory traffic of a group of G heads about G times. q, o: [nq][dim];
- * lse [nq]; p: nq parameter sets with the same k (each may carry its own warm ids);
- * ids/scores [nq][k] or NULL; n_out [nq] or NULL; st [nq] or NULL. 1 <= nq <= 1024. */
-ra_status ra_head_attend_batch(ra_head *h, size_t nq, const float *q, const ra_search_params *p,
-                               float scale, float *o, float *lse, int32_t *ids, float *scores,
-                               int *n_out, ra_search_stats *st);
+/* GQA: the nq query heads that share this KV head, in one call under one lock. The index
+ * is walked once for the whole group where the backend can (one visited set; each key
+ * reached is scored against every query of the group, each query keeps its own top-k),
+ * and the exact path (RA_INDEX_FLAT, or while a build runs) reads the keys once for all.
+ * q, o: [nq][dim]; lse [nq]; p: nq parameter sets, each with its own k (0: that query
+ * reads nothing: o = 0, lse = -INF, n_out 0) and warm ids; ids/scores [nq][kmax] with
+ * kmax the largest p[j].k, or NULL; n_out [nq] or NULL; st [nq] or NULL.
+ * 1 <= nq <= RA_HEAD_MAX_GROUP. flags: RA_HEAD_Q_CHECKED when the caller has already
+ * checked that q is finite (the daemon checks each input once). */
+#define RA_HEAD_MAX_GROUP 256
+#define RA_HEAD_Q_CHECKED 1u
+ra_status ra_head_attend_group(ra_head *h, size_t nq, const float *q, const ra_search_params *p,
+                               float scale, unsigned flags, float *o, float *lse, int32_t *ids,
+                               float *scores, int *n_out, ra_search_stats *st);
 
 size_t ra_head_count(ra_head *h);
 /* Copies the positions of n row ids (caller sized). */

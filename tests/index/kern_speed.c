@@ -188,7 +188,7 @@ int main(int argc, char **argv)
                                              h, qg + j * dim, &pg[j], 0, og, lg, NULL, NULL, &no,
                                              NULL));
             double tgb =
-                TIME_MIN(hreps, ra_head_attend_batch(h, G, qg, pg, 0, og, lg, NULL, NULL, NULL, NULL));
+                TIME_MIN(hreps, ra_head_attend_group(h, G, qg, pg, 0, 0, og, lg, NULL, NULL, NULL, NULL));
             free(qg);
             free(og);
             double tf = 0;

@@ -682,9 +682,9 @@ static void test_concurrent_search_append(void **state)
     }
 }
 
-/* ra_head_attend_batch gives what nq single calls give, on the exact path (one pass over
+/* ra_head_attend_group gives what nq single calls give, on the exact path (one pass over
  * the keys) and through an index. */
-static void test_attend_batch(void **state)
+static void test_attend_group(void **state)
 {
     (void)state;
     const ra_index_kind kinds[3] = {RA_INDEX_FLAT, RA_INDEX_HNSW, RA_INDEX_GRAPH};
@@ -705,7 +705,7 @@ static void test_attend_batch(void **state)
             float sc[NQ * K];
             int nout[NQ];
             ra_search_stats st[NQ];
-            assert_int_equal(ra_head_attend_batch(f.h, NQ, q, p, 0, o, lse, ids, sc, nout, st),
+            assert_int_equal(ra_head_attend_group(f.h, NQ, q, p, 0, 0, o, lse, ids, sc, nout, st),
                              RA_OK);
             for (int j = 0; j < NQ; j++) {
                 float o1[64], l1;
@@ -728,16 +728,32 @@ static void test_attend_batch(void **state)
             }
             /* without id arrays */
             float o2[NQ * 64], l2[NQ];
-            assert_int_equal(ra_head_attend_batch(f.h, NQ, q, p, 0, o2, l2, NULL, NULL, NULL, NULL),
+            assert_int_equal(ra_head_attend_group(f.h, NQ, q, p, 0, 0, o2, l2, NULL, NULL, NULL, NULL),
                              RA_OK);
             assert_memory_equal(o2, o, sizeof o);
-            /* bad batches */
-            p[2].k = K + 1;
-            assert_int_equal(ra_head_attend_batch(f.h, NQ, q, p, 0, o, lse, NULL, NULL, NULL, NULL),
-                             RA_EINVAL);
+            /* a budget of 0 reads nothing; the others are unchanged */
+            p[2].k = 0;
+            assert_int_equal(
+                ra_head_attend_group(f.h, NQ, q, p, 0, 0, o2, l2, NULL, NULL, nout, NULL), RA_OK);
+            assert_int_equal(nout[2], 0);
+            assert_true(isinf(l2[2]) && l2[2] < 0);
+            for (int d = 0; d < f.dim; d++)
+                assert_float_equal(o2[2 * f.dim + d], 0.f, 0);
+            /* bad groups */
+            p[2].k = -1;
+            assert_int_equal(
+                ra_head_attend_group(f.h, NQ, q, p, 0, 0, o, lse, NULL, NULL, NULL, NULL),
+                RA_EINVAL);
             p[2].k = K;
-            assert_int_equal(ra_head_attend_batch(f.h, 0, q, p, 0, o, lse, NULL, NULL, NULL, NULL),
-                             RA_EINVAL);
+            assert_int_equal(
+                ra_head_attend_group(f.h, 0, q, p, 0, 0, o, lse, NULL, NULL, NULL, NULL),
+                RA_EINVAL);
+            float qbad[NQ * 64];
+            memcpy(qbad, q, sizeof qbad);
+            qbad[3 * f.dim + 1] = NAN;
+            assert_int_equal(
+                ra_head_attend_group(f.h, NQ, qbad, p, 0, 0, o, lse, NULL, NULL, NULL, NULL),
+                RA_ENONFINITE);
         }
         free(q);
         free(tq);
@@ -825,7 +841,7 @@ int main(void)
         cmocka_unit_test(test_nonfinite_rejected),
         cmocka_unit_test(test_memory_limit),
         cmocka_unit_test(test_exact_paths),
-        cmocka_unit_test(test_attend_batch),
+        cmocka_unit_test(test_attend_group),
         cmocka_unit_test(test_concurrent_search_append),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
