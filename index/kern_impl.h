@@ -18,12 +18,17 @@ typedef void (*ra_kern_axpy_fn)(float w, const void *row, int dim, float *acc);
 typedef void (*ra_kern_to_f32_fn)(const void *src, size_t n, float *dst);
 typedef void (*ra_kern_from_f32_fn)(const float *src, size_t n, void *dst);
 
+typedef void (*ra_kern_u8dot_fn)(const int8_t *q8, const int16_t *q16, int G, int cbytes,
+                                 const uint8_t *base, size_t stride, const int32_t *ids, size_t n,
+                                 int32_t *out);
+
 typedef struct ra_kern_table {
     ra_kern_dot_range_fn dot_range[3];
     ra_kern_dot_gather_fn dot_gather[3];
     ra_kern_axpy_fn axpy[3];
     ra_kern_to_f32_fn to_f32[3];
     ra_kern_from_f32_fn from_f32[3];
+    ra_kern_u8dot_fn u8dot_gather;
 } ra_kern_table;
 
 extern const ra_kern_table ra_kern_table_scalar;
@@ -31,5 +36,9 @@ extern const ra_kern_table ra_kern_table_scalar;
  * because kernels.c checks the CPU first. */
 extern const ra_kern_table ra_kern_table_avx2;
 extern const ra_kern_table ra_kern_table_avx512;
+/* kernels_vnni.c: the AVX-512 table's u8 code kernel on vpdpbusd */
+void ra_kern_u8dot_gather_vnni(const int8_t *q8, const int16_t *q16, int G, int cbytes,
+                               const uint8_t *base, size_t stride, const int32_t *ids, size_t n,
+                               int32_t *out);
 
 #endif

@@ -5,6 +5,7 @@
  * lives here once for every ISA: its per-row work is the table's axpy, which is where
  * the SIMD conversion of V happens. */
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -74,18 +75,47 @@ static void from_f32_bf16(const float *src, size_t n, void *dst)
         ((uint16_t *)dst)[i] = ra_f32_to_bf16(src[i]);
 }
 
+static void u8dot_gather_scalar(const int8_t *q8, const int16_t *q16, int G, int cbytes,
+                                const uint8_t *base, size_t stride, const int32_t *ids, size_t n,
+                                int32_t *out)
+{
+    (void)q16;
+    for (size_t i = 0; i < n; i++) {
+        const uint8_t *c = base + (size_t)ids[i] * stride;
+        for (int j = 0; j < G; j++) {
+            const int8_t *q = q8 + (size_t)j * cbytes;
+            int32_t s = 0;
+            for (int d = 0; d < cbytes; d++)
+                s += (int32_t)c[d] * q[d];
+            out[i * (size_t)G + j] = s;
+        }
+    }
+}
+
 const ra_kern_table ra_kern_table_scalar = {
     .dot_range = {dot_range_f32, dot_range_f16, dot_range_bf16},
     .dot_gather = {dot_gather_f32, dot_gather_f16, dot_gather_bf16},
     .axpy = {axpy_f32, axpy_f16, axpy_bf16},
     .to_f32 = {to_f32_f32, to_f32_f16, to_f32_bf16},
     .from_f32 = {from_f32_f32, from_f32_f16, from_f32_bf16},
+    .u8dot_gather = u8dot_gather_scalar,
 };
 
 /* ---------- dispatch ---------- */
 
-static const ra_kern_table *const g_tables[3] = {&ra_kern_table_scalar, &ra_kern_table_avx2,
-                                                  &ra_kern_table_avx512};
+/* AVX-512 with VNNI: the AVX-512 table with the u8 code kernel on vpdpbusd. Filled at the
+ * first dispatch (a const initializer cannot copy another table). */
+static ra_kern_table g_table_vnni;
+static pthread_once_t g_vnni_once = PTHREAD_ONCE_INIT;
+static void vnni_init(void)
+{
+    g_table_vnni = ra_kern_table_avx512;
+    g_table_vnni.u8dot_gather = ra_kern_u8dot_gather_vnni;
+}
+
+static const ra_kern_table *const g_tables[4] = {&ra_kern_table_scalar, &ra_kern_table_avx2,
+                                                  &ra_kern_table_avx512, &g_table_vnni};
+#define N_ISA 4
 static const ra_kern_table *g_tab;  /* atomic; NULL until first use */
 static int g_isa = -1;              /* atomic */
 static int g_best = -1;             /* atomic */
@@ -98,7 +128,8 @@ static int cpu_best(void)
     /* kernels_avx512.c is compiled with F, BW and VL */
     int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                  __builtin_cpu_supports("avx512vl");
-    return avx512 ? RA_ISA_AVX512 : avx2 ? RA_ISA_AVX2 : RA_ISA_SCALAR;
+    int vnni = avx512 && __builtin_cpu_supports("avx512vnni");
+    return vnni ? RA_ISA_AVX512VNNI : avx512 ? RA_ISA_AVX512 : avx2 ? RA_ISA_AVX2 : RA_ISA_SCALAR;
 }
 
 ra_isa ra_kern_isa_best(void)
@@ -117,12 +148,14 @@ const char *ra_kern_isa_name(ra_isa isa)
     case RA_ISA_SCALAR: return "scalar";
     case RA_ISA_AVX2: return "avx2";
     case RA_ISA_AVX512: return "avx512";
+    case RA_ISA_AVX512VNNI: return "avx512vnni";
     }
     return "?";
 }
 
 static void isa_store(int isa)
 {
+    pthread_once(&g_vnni_once, vnni_init);
     __atomic_store_n(&g_isa, isa, __ATOMIC_RELEASE);
     __atomic_store_n(&g_tab, g_tables[isa], __ATOMIC_RELEASE);
 }
@@ -136,11 +169,11 @@ static const ra_kern_table *tab(void)
     const char *env = getenv("RA_ISA");
     if (env && *env) {
         int want = -1;
-        for (int i = 0; i < 3; i++)
+        for (int i = 0; i < N_ISA; i++)
             if (strcasecmp(env, ra_kern_isa_name((ra_isa)i)) == 0)
                 want = i;
         if (want < 0)
-            RA_WARN("RA_ISA=%s is not one of scalar, avx2, avx512: using %s", env,
+            RA_WARN("RA_ISA=%s is not one of scalar, avx2, avx512, avx512vnni: using %s", env,
                     ra_kern_isa_name((ra_isa)isa));
         else if (want > isa)
             RA_WARN("RA_ISA=%s: this CPU lacks it, using %s", env, ra_kern_isa_name((ra_isa)isa));
@@ -159,7 +192,7 @@ ra_isa ra_kern_isa_get(void)
 
 ra_status ra_kern_isa_set(ra_isa isa)
 {
-    if ((int)isa < 0 || (int)isa > RA_ISA_AVX512)
+    if ((int)isa < 0 || (int)isa >= N_ISA)
         return RA_EINVAL;
     if ((int)isa > (int)ra_kern_isa_best())
         return RA_ENOTSUP;
@@ -192,6 +225,15 @@ float ra_kern_dot(const float *q, const void *row, ra_dtype t, int dim)
     float r = 0.f;
     ra_kern_dot_range(q, row, t, dim, 0, 1, &r);
     return r;
+}
+
+void ra_kern_u8dot_gather(const int8_t *q8, const int16_t *q16, int G, int cbytes,
+                          const uint8_t *base, size_t stride, const int32_t *ids, size_t n,
+                          int32_t *out)
+{
+    if (G <= 0 || cbytes <= 0 || (cbytes & 63) || n == 0)
+        return;
+    tab()->u8dot_gather(q8, q16, G, cbytes, base, stride, ids, n, out);
 }
 
 void ra_kern_to_f32(const void *src, ra_dtype t, size_t n, float *dst)

@@ -15,7 +15,8 @@
 typedef enum ra_isa {
     RA_ISA_SCALAR = 0,
     RA_ISA_AVX2 = 1,   /* AVX2 + FMA + F16C */
-    RA_ISA_AVX512 = 2  /* AVX-512F + BW + VL */
+    RA_ISA_AVX512 = 2, /* AVX-512F + BW + VL */
+    RA_ISA_AVX512VNNI = 3 /* the same + VNNI: the u8 code kernel uses vpdpbusd */
 } ra_isa;
 
 /* Best ISA this CPU supports (cached). */
@@ -40,6 +41,16 @@ float ra_kern_dot(const float *q, const void *row, ra_dtype t, int dim);
  * fp32 accumulation. */
 void ra_kern_partial_attention(const float *scores, const int32_t *ids, size_t n, float scale,
                                const void *vrows, ra_dtype t, int dim, float *o, float *lse);
+
+/* Search-code inner products (index/codes.c makes the codes and the prepared queries):
+ * for i < n and j < G, out[i * G + j] = sum_{d < cbytes} q8[j][d] * code_i[d], exact int32,
+ * where code_i = base + ids[i] * stride holds cbytes u8 values (cbytes a multiple of 64)
+ * and q8 [G][cbytes] the prepared int8 queries; q16 [G][cbytes] is the same values as
+ * int16 (the non-VNNI paths widen the codes and use vpmaddwd). The result is the same
+ * bit for bit on every ISA: it is integer arithmetic with no saturation. */
+void ra_kern_u8dot_gather(const int8_t *q8, const int16_t *q16, int G, int cbytes,
+                          const uint8_t *base, size_t stride, const int32_t *ids, size_t n,
+                          int32_t *out);
 
 /* Convert n elements of type t to fp32 / from fp32 (round to nearest even). */
 void ra_kern_to_f32(const void *src, ra_dtype t, size_t n, float *dst);

@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "idx_test_util.h"
+#include "ra_codes.h"
 #include "ra_half.h"
 #include "ra_kernels.h"
 
@@ -24,7 +25,8 @@ static const ra_dtype DT[3] = {RA_DTYPE_F32, RA_DTYPE_F16, RA_DTYPE_BF16};
 static const int DIMS[] = {1, 3, 7, 8, 15, 16, 17, 31, 32, 33, 64, 100, 128, 130, 256};
 #define NDIMS (int)(sizeof DIMS / sizeof DIMS[0])
 
-static int isa_scalar = RA_ISA_SCALAR, isa_avx2 = RA_ISA_AVX2, isa_avx512 = RA_ISA_AVX512;
+static int isa_scalar = RA_ISA_SCALAR, isa_avx2 = RA_ISA_AVX2, isa_avx512 = RA_ISA_AVX512,
+           isa_vnni = RA_ISA_AVX512VNNI;
 
 static void use_isa(void **state)
 {
@@ -49,14 +51,15 @@ static void test_isa_dispatch(void **state)
 {
     (void)state;
     ra_isa best = ra_kern_isa_best();
-    assert_true(best >= RA_ISA_SCALAR && best <= RA_ISA_AVX512);
+    assert_true(best >= RA_ISA_SCALAR && best <= RA_ISA_AVX512VNNI);
     fprintf(stderr, "# best ISA on this CPU: %s\n", ra_kern_isa_name(best));
     assert_int_equal(ra_kern_isa_set(RA_ISA_SCALAR), RA_OK);
     assert_int_equal(ra_kern_isa_get(), RA_ISA_SCALAR);
     assert_int_equal(ra_kern_isa_set((ra_isa)7), RA_EINVAL);
     assert_int_equal(ra_kern_isa_set((ra_isa)-1), RA_EINVAL);
-    if (best < RA_ISA_AVX512)
+    if (best < RA_ISA_AVX512VNNI)
         assert_int_equal(ra_kern_isa_set((ra_isa)(best + 1)), RA_ENOTSUP);
+    assert_string_equal(ra_kern_isa_name(RA_ISA_AVX512VNNI), "avx512vnni");
     assert_int_equal(ra_kern_isa_set(best), RA_OK);
     assert_string_equal(ra_kern_isa_name(RA_ISA_AVX2), "avx2");
 }
@@ -414,6 +417,131 @@ static void test_merge(void **state)
     }
 }
 
+/* The u8 code kernel: exact int32 sums, equal to a plain loop, for groups of 1..9 queries
+ * (the kernels take them four at a time), several code lengths and extreme values (255
+ * codes against -127 / 127 weights: the widening and VNNI paths must not saturate). */
+static void test_u8dot(void **state)
+{
+    use_isa(state);
+    trng r = {77};
+    const int CB[] = {64, 128, 192, 1024};
+    for (int ci = 0; ci < 4; ci++)
+        for (int G = 1; G <= 9; G++) {
+            int cb = CB[ci];
+            size_t stride = (size_t)cb + 64 * (ci & 1); /* records longer than the code */
+            enum { NR = 50, NI = 31 };
+            uint8_t *base = malloc(NR * stride);
+            int8_t *q8 = malloc((size_t)G * cb);
+            int16_t *q16 = malloc((size_t)G * cb * sizeof *q16);
+            for (size_t i = 0; i < NR * stride; i++)
+                base[i] = (i % 7 == 0) ? 255 : (uint8_t)trng_u64(&r);
+            for (int i = 0; i < G * cb; i++) {
+                int v = (int)(trng_u64(&r) % 255) - 127;
+                if (i % 5 == 0)
+                    v = (i / 5) & 1 ? 127 : -127;
+                q8[i] = (int8_t)v;
+                q16[i] = (int16_t)v;
+            }
+            int32_t ids[NI];
+            for (int i = 0; i < NI; i++)
+                ids[i] = (int32_t)(trng_u64(&r) % NR);
+            ids[3] = ids[2];
+            int32_t out[NI * 9];
+            ra_kern_u8dot_gather(q8, q16, G, cb, base, stride, ids, NI, out);
+            for (int i = 0; i < NI; i++)
+                for (int j = 0; j < G; j++) {
+                    int64_t ref = 0;
+                    for (int d = 0; d < cb; d++)
+                        ref += (int64_t)base[(size_t)ids[i] * stride + d] * q8[j * cb + d];
+                    if (out[i * G + j] != ref)
+                        fail_msg("u8dot G %d cb %d key %d query %d: %d, expected %lld", G, cb, i,
+                                 j, out[i * G + j], (long long)ref);
+                }
+            free(base);
+            free(q8);
+            free(q16);
+        }
+}
+
+/* Codes: the approximate score is within the bound that the steps and the query's
+ * rounding allow, on anisotropic data with an offset, in every dtype; the ranking of
+ * 2000 keys by code agrees with the exact one at the top. */
+static void test_codebook(void **state)
+{
+    use_isa(state);
+    trng r = {91};
+    const int dims[] = {64, 100, 128};
+    for (int di = 0; di < 3; di++)
+        for (int d = 0; d < 3; d++) {
+            int dim = dims[di];
+            size_t n = 2000;
+            float *kf = malloc(n * dim * sizeof *kf);
+            for (size_t i = 0; i < n; i++)
+                for (int j = 0; j < dim; j++)
+                    kf[i * dim + j] = 0.5f + trng_gauss(&r) * expf(-3.f * j / dim);
+            size_t es = ra_dtype_size(DT[d]);
+            void *rows = malloc(n * dim * es);
+            ra_kern_from_f32(kf, DT[d], n * dim, rows);
+            ra_codebook cb;
+            assert_int_equal(ra_codebook_train(&cb, rows, DT[d], dim, n), RA_OK);
+            assert_int_equal(cb.cbytes % 64, 0);
+            assert_true(cb.cbytes >= dim);
+            uint8_t *codes = malloc(n * cb.cbytes);
+            float *tmp = malloc(dim * sizeof *tmp);
+            for (size_t i = 0; i < n; i++)
+                ra_codebook_encode(&cb, (char *)rows + i * dim * es, DT[d], codes + i * cb.cbytes,
+                                   tmp);
+            float *q = malloc(dim * sizeof *q);
+            for (int j = 0; j < dim; j++)
+                q[j] = 2.f * trng_gauss(&r) + (j > dim / 2 ? 1.f : 0.f);
+            int8_t *q8 = malloc(cb.cbytes);
+            int16_t *q16 = malloc(cb.cbytes * sizeof *q16);
+            float mul, add;
+            ra_codebook_prep(&cb, q, q8, q16, &mul, &add);
+            int32_t *ids = malloc(n * sizeof *ids), *dots = malloc(n * sizeof *dots);
+            for (size_t i = 0; i < n; i++)
+                ids[i] = (int32_t)i;
+            ra_kern_u8dot_gather(q8, q16, 1, cb.cbytes, codes, (size_t)cb.cbytes, ids, n, dots);
+            double bound = 0;
+            float s = mul;
+            for (int j = 0; j < dim; j++) /* half a step per dim, and the query's rounding */
+                bound += 0.5 * fabs(q[j]) * cb.step[j] + 0.5 * s * 255;
+            float *ex = malloc(n * sizeof *ex);
+            ra_kern_dot_range(q, rows, DT[d], dim, 0, n, ex);
+            double maxerr = 0;
+            for (size_t i = 0; i < n; i++) {
+                float approx = mul * (float)dots[i] + add;
+                double e = fabs(approx - ex[i]);
+                if (e > maxerr)
+                    maxerr = e;
+            }
+            /* clipping at 4 sigma can exceed the bound for a handful of keys: allow 2x */
+            if (!(maxerr <= 2 * bound))
+                fail_msg("codes dim %d %s: max error %.4g over bound %.4g", dim,
+                         ra_dtype_name(DT[d]), maxerr, bound);
+            /* the exact top key is in the code's top 10 */
+            size_t best = 0, ab = 0;
+            for (size_t i = 1; i < n; i++) {
+                if (ex[i] > ex[best])
+                    best = i;
+                if (dots[i] > dots[ab])
+                    ab = i;
+            }
+            int rank = 0;
+            for (size_t i = 0; i < n; i++)
+                rank += dots[i] > dots[best];
+            assert_true(rank < 10);
+            free(kf), free(rows), free(codes), free(tmp), free(q), free(q8), free(q16), free(ids);
+            free(dots), free(ex);
+            ra_codebook_fini(&cb);
+        }
+    ra_codebook cb0;
+    assert_int_equal(ra_codebook_train(&cb0, NULL, RA_DTYPE_F16, 0, 0), RA_EINVAL);
+    assert_int_equal(ra_codebook_train(&cb0, NULL, RA_DTYPE_F16, 8, 0), RA_OK); /* empty: usable */
+    assert_true(cb0.step[0] > 0);
+    ra_codebook_fini(&cb0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -430,6 +558,13 @@ int main(void)
                                                  &isa_avx2),
         cmocka_unit_test_prestate_setup_teardown(test_partial_attention, NULL, reset_isa,
                                                  &isa_avx512),
+        cmocka_unit_test_prestate_setup_teardown(test_u8dot, NULL, reset_isa, &isa_scalar),
+        cmocka_unit_test_prestate_setup_teardown(test_u8dot, NULL, reset_isa, &isa_avx2),
+        cmocka_unit_test_prestate_setup_teardown(test_u8dot, NULL, reset_isa, &isa_avx512),
+        cmocka_unit_test_prestate_setup_teardown(test_u8dot, NULL, reset_isa, &isa_vnni),
+        cmocka_unit_test_prestate_setup_teardown(test_codebook, NULL, reset_isa, &isa_scalar),
+        cmocka_unit_test_prestate_setup_teardown(test_codebook, NULL, reset_isa, &isa_avx2),
+        cmocka_unit_test_prestate_setup_teardown(test_codebook, NULL, reset_isa, &isa_vnni),
         cmocka_unit_test(test_half_edge_cases),
         cmocka_unit_test(test_half_roundtrip_exhaustive),
         cmocka_unit_test(test_f16_vs_hardware),

@@ -1,0 +1,68 @@
+/* The u8 search-code kernel on AVX-512 VNNI (this file alone is compiled with
+ * -mavx512vnni; kernels.c installs it in the AVX-512 table only when the CPU has VNNI).
+ * vpdpbusd multiplies 64 u8 codes by 64 s8 query values and adds groups of four into
+ * 16 int32 lanes: one instruction per 64 dimensions and query, exact (no saturation:
+ * |sum| <= 1024 * 255 * 128 fits int32). Four queries per pass share each code load. */
+#include <immintrin.h>
+
+#include "kern_impl.h"
+
+static inline __attribute__((always_inline)) void rows(const int8_t *q8, int g, int cb,
+                                                       const uint8_t *c, int32_t *out)
+{
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    for (int d = 0; d < cb; d += 64) {
+        __m512i cv = _mm512_loadu_si512(c + d);
+        const int8_t *q = q8 + d;
+        a0 = _mm512_dpbusd_epi32(a0, cv, _mm512_loadu_si512(q));
+        if (g > 1)
+            a1 = _mm512_dpbusd_epi32(a1, cv, _mm512_loadu_si512(q + cb));
+        if (g > 2)
+            a2 = _mm512_dpbusd_epi32(a2, cv, _mm512_loadu_si512(q + 2 * cb));
+        if (g > 3)
+            a3 = _mm512_dpbusd_epi32(a3, cv, _mm512_loadu_si512(q + 3 * cb));
+    }
+    if (g == 4) { /* four sums at once: fold 512 -> 256 -> 128, then a 4x4 transpose-add */
+        __m256i b0 = _mm256_add_epi32(_mm512_castsi512_si256(a0), _mm512_extracti64x4_epi64(a0, 1));
+        __m256i b1 = _mm256_add_epi32(_mm512_castsi512_si256(a1), _mm512_extracti64x4_epi64(a1, 1));
+        __m256i b2 = _mm256_add_epi32(_mm512_castsi512_si256(a2), _mm512_extracti64x4_epi64(a2, 1));
+        __m256i b3 = _mm256_add_epi32(_mm512_castsi512_si256(a3), _mm512_extracti64x4_epi64(a3, 1));
+        __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(b0, b1), _mm256_hadd_epi32(b2, b3));
+        _mm_storeu_si128((__m128i *)out,
+                         _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+        return;
+    }
+    out[0] = _mm512_reduce_add_epi32(a0);
+    if (g > 1)
+        out[1] = _mm512_reduce_add_epi32(a1);
+    if (g > 2)
+        out[2] = _mm512_reduce_add_epi32(a2);
+}
+
+void ra_kern_u8dot_gather_vnni(const int8_t *q8, const int16_t *q16, int G, int cb,
+                               const uint8_t *base, size_t stride, const int32_t *ids, size_t n,
+                               int32_t *out)
+{
+    (void)q16;
+    for (size_t i = 0; i < n; i++) {
+        const uint8_t *c = base + (size_t)ids[i] * stride;
+        int32_t *o = out + i * (size_t)G;
+        for (int j = 0; j < G; j += 4) {
+            const int8_t *q = q8 + (size_t)j * cb;
+            switch (G - j) {
+            case 1:
+                rows(q, 1, cb, c, o + j);
+                break;
+            case 2:
+                rows(q, 2, cb, c, o + j);
+                break;
+            case 3:
+                rows(q, 3, cb, c, o + j);
+                break;
+            default:
+                rows(q, 4, cb, c, o + j);
+                break;
+            }
+        }
+    }
+}
