@@ -637,6 +637,9 @@ ra_status ra_head_attend_group(ra_head *h, size_t nq, const float *q, const ra_s
             if (st)
                 st[j] = (ra_search_stats){.scanned = p[j].k ? cnt : 0, .exact_fallback = !indexed};
         }
+    } else if (h->ops->search_group) { /* one walk for the group (warm ids: the backend
+                                          validates them against its own nodes) */
+        r = h->ops->search_group(h->state, h->kv, nq, q, p, kmax, I, S, nbuf, st);
     } else {
         for (size_t j = 0; j < nq && r == RA_OK; j++) {
             if (p[j].k == 0) {

@@ -20,6 +20,12 @@ typedef struct ra_backend_ops {
                         int32_t *ids, float *scores, int *n_out, ra_search_stats *st);
     size_t (*bytes)(void *state);
     void (*destroy)(void *state);
+    /* Optional (NULL: ra_head calls search per query): nq queries that share this head (a
+     * GQA group) in one walk; q [nq][dim]; p[j].k may differ (0: nothing for that query);
+     * ids/scores [nq][kmax] (scores may be NULL); n_out [nq]; st [nq] or NULL. */
+    ra_status (*search_group)(void *state, const ra_kv *kv, size_t nq, const float *q,
+                              const ra_search_params *p, int kmax, int32_t *ids, float *scores,
+                              int *n_out, ra_search_stats *st);
     /* Optional (NULL: unsupported): build from precomputed exact top-K lists of the
      * training queries, lists [nq][K] of row ids in [0, n) (-1 pads), instead of the
      * backend's own kNN (e.g. lists computed on the GPU during prefill). */

@@ -4,9 +4,9 @@
  * cache lines a key instead of four of bf16) and the final candidates are rescored on the
  * stored keys, so returned scores stay exact. A query is prepared once per search into
  * int8 (and int16) weights: q.k ~ mul * sum_d q8_d c_d + add, with the integer sum from
- * ra_kern_u8dot_gather. Ranges are mean +- 4 standard deviations per dimension, clipped
- * to the observed range: at 255 levels a step is 1/32 of a standard deviation, and keys
- * appended later outside the range are clamped (only their approximate score suffers). */
+ * ra_kern_u8dot_gather. Ranges are the observed range per dimension with a margin (codes.c
+ * says why not a few standard deviations); keys appended later outside it are clamped
+ * (only their approximate score suffers; the graph refits the code as keys grow). */
 #ifndef RA_CODES_H
 #define RA_CODES_H
 
@@ -22,8 +22,8 @@ typedef struct ra_codebook {
     float *step;
 } ra_codebook;
 
-/* Fits the code to rows [0, n) of `dim` elements of type t (a sample of at most 65536
- * rows, evenly spaced). n == 0 gives a code centred on 0 with unit steps. */
+/* Fits the code to rows [0, n) of `dim` elements of type t (one pass over all of them).
+ * n == 0 gives a code centred on 0 with unit steps. */
 ra_status ra_codebook_train(ra_codebook *cb, const void *rows, ra_dtype t, int dim, size_t n);
 void ra_codebook_fini(ra_codebook *cb);
 size_t ra_codebook_bytes(const ra_codebook *cb);

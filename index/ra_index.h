@@ -55,8 +55,13 @@ typedef struct ra_search_params {
 } ra_search_params;
 
 typedef struct ra_search_stats {
-    uint64_t scanned;   /* distinct keys whose inner product was computed */
-    uint64_t hops;      /* graph nodes expanded (0 for others) */
+    uint64_t scanned;   /* distinct keys whose inner product (or code score) was computed,
+                           by the walk this query took part in: a group walk shares its
+                           keys among `shared` queries, so its cost per query is
+                           scanned / shared */
+    uint64_t hops;      /* graph nodes expanded (0 for others), of the whole walk */
+    uint64_t rescored;  /* candidates rescored exactly on the stored keys, this query */
+    int shared;         /* queries of the walk (1 for a single search) */
     int exact_fallback; /* 1 when answered by exact scan because the index was not built */
 } ra_search_stats;
 

@@ -682,6 +682,46 @@ static void test_concurrent_search_append(void **state)
     }
 }
 
+/* Scores returned for ids are their exact inner products, best first, ids distinct. */
+static void check_scores_exact(fixture *f, const float *q, const int32_t *ids, const float *sc,
+                               int n)
+{
+    for (int i = 0; i < n; i++) {
+        assert_true(ids[i] >= 0 && (size_t)ids[i] < f->n);
+        double e = tdot(q, f->k, f->dt, f->dim, (size_t)ids[i], NULL);
+        if (!(fabs(sc[i] - e) <= 1e-4 * (1 + fabs(e))))
+            fail_msg("score of id %d: %g, exact %g", ids[i], sc[i], e);
+        if (i)
+            assert_true(sc[i] <= sc[i - 1]);
+        for (int j = 0; j < i; j++)
+            assert_int_not_equal(ids[i], ids[j]);
+    }
+}
+
+/* o and lse are the exact partial attention over ids (double reference). */
+static void check_attn_over(fixture *f, const float *q, const int32_t *ids, int n, const float *o,
+                            float lse)
+{
+    double *s = malloc(((size_t)n + 1) * sizeof *s), ro[1024], rl;
+    assert_true(n >= 0 && f->dim <= 1024);
+    for (int i = 0; i < n; i++)
+        s[i] = tdot(q, f->k, f->dt, f->dim, (size_t)ids[i], NULL);
+    tattn(s, ids, (size_t)n, 1.0 / sqrt((double)f->dim), f->v, f->dt, f->dim, ro, &rl);
+    assert_true(fabs(lse - rl) <= 1e-4 * (1 + fabs(rl)));
+    for (int d = 0; d < f->dim; d++)
+        assert_true(fabs(o[d] - ro[d]) <= 1e-4);
+    free(s);
+}
+
+/* |ids in the exact top k| / k (ties at the k-th score count as hits). */
+static double recall_vs_exact(fixture *f, const float *q, int k, const int32_t *ids, int n)
+{
+    double kth = kth_score(q, f->k, f->dt, f->dim, f->n, k, NULL), hit = 0;
+    for (int i = 0; i < n; i++)
+        hit += tdot(q, f->k, f->dt, f->dim, (size_t)ids[i], NULL) >= kth - 1e-5;
+    return hit / k;
+}
+
 /* ra_head_attend_group gives what nq single calls give, on the exact path (one pass over
  * the keys) and through an index. */
 static void test_attend_group(void **state)
@@ -707,6 +747,11 @@ static void test_attend_group(void **state)
             ra_search_stats st[NQ];
             assert_int_equal(ra_head_attend_group(f.h, NQ, q, p, 0, 0, o, lse, ids, sc, nout, st),
                              RA_OK);
+            /* the graph walks once for the group: its answers may differ from single
+             * searches (each query scores at least what its own walk would), so there the
+             * check is exactness of what it returns and recall no worse than alone */
+            int shared = built && kinds[ki] == RA_INDEX_GRAPH;
+            double rec_group = 0, rec_single = 0;
             for (int j = 0; j < NQ; j++) {
                 float o1[64], l1;
                 int32_t i1[K];
@@ -719,12 +764,27 @@ static void test_attend_group(void **state)
                 assert_int_equal(nout[j], n1);
                 assert_int_equal(st[j].exact_fallback, st1.exact_fallback);
                 assert_int_equal(st[j].exact_fallback, !built);
-                assert_memory_equal(ids + j * K, i1, n1 * sizeof *i1);
-                assert_float_equal(lse[j], l1, 1e-5 * (1 + fabsf(l1)));
-                for (int d = 0; d < f.dim; d++)
-                    assert_float_equal(o[j * f.dim + d], o1[d], 1e-5);
+                if (!shared) {
+                    assert_memory_equal(ids + j * K, i1, n1 * sizeof *i1);
+                    assert_float_equal(lse[j], l1, 1e-5 * (1 + fabsf(l1)));
+                    for (int d = 0; d < f.dim; d++)
+                        assert_float_equal(o[j * f.dim + d], o1[d], 1e-5);
+                } else {
+                    assert_int_equal(st[j].shared, NQ);
+                    check_scores_exact(&f, q + j * f.dim, ids + j * K, sc + j * K, nout[j]);
+                    check_attn_over(&f, q + j * f.dim, ids + j * K, nout[j], o + j * f.dim,
+                                    lse[j]);
+                    rec_group += recall_vs_exact(&f, q + j * f.dim, K, ids + j * K, nout[j]);
+                    rec_single += recall_vs_exact(&f, q + j * f.dim, K, i1, n1);
+                }
                 if (!built || kinds[ki] == RA_INDEX_FLAT)
                     check_exact(&f, q + j * f.dim, K, ids + j * K, sc + j * K, nout[j]);
+            }
+            if (shared) {
+                fprintf(stderr, "# group walk recall %.3f, single searches %.3f\n",
+                        rec_group / NQ, rec_single / NQ);
+                assert_true(rec_group >= rec_single - 0.02 * NQ);
+                assert_true(rec_group / NQ > 0.8);
             }
             /* without id arrays */
             float o2[NQ * 64], l2[NQ];

@@ -1,0 +1,180 @@
+/* Internal to the graph backend (graph.c, graph_build.c, graph_search.c): the
+ * attention-aware graph index (ra_backend_graph), a proximity graph over one head's keys
+ * whose edges are shaped by real queries, after RetrievalAttention and RoarGraph. Decode
+ * queries are out of distribution for the keys, so a graph built from keys alone (HNSW)
+ * or clusters of keys (IVF) leads a query to the wrong places; here the exact top-K keys
+ * of sampled prefill queries are projected onto the keys (keys that answer the same query
+ * become neighbours), pruned with an occlusion rule, completed with reverse edges and made
+ * reachable from the entry points by inserting every key by key->key search (which is in
+ * distribution).
+ *
+ * Layout: one record per node, 64-byte aligned: the key's u8 search code (ra_codes.h,
+ * cbytes) and then its M int32 neighbour slots, so that scoring a node and expanding it
+ * read neighbouring cache lines; a degree byte per node; the squared norm of every key
+ * (L2 search during insertion is an inner-product search with a -|k|^2/2 bias). A search
+ * walks the codes and rescores its final candidates on the stored keys, so returned
+ * scores are exact. Searches are concurrent and lock-free (per-thread scratch). All
+ * mutations (build, add) are exclusive (ra_head holds the lock); they run in batches
+ * whose searches see a frozen graph and whose edge updates are grouped per target node,
+ * so the result depends on the seed and the data, never on thread scheduling. */
+#ifndef RA_GRAPH_INTERNAL_H
+#define RA_GRAPH_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "ra_backend.h"
+#include "ra_codes.h"
+
+/* ---- defaults and bounds (zero / out-of-range options fall back here) ---- */
+#define G_DEF_KNN 100
+#define G_DEF_DEGREE 48 /* 131K synthetic: recall 0.956 at 9.6 % scans vs 0.93 at 9.2 % with 32 */
+#define G_DEF_BUILD_EF 128
+#define G_DEF_ENTRIES 16
+#define G_DEF_NTRAIN 4096
+#define G_MAX_KNN 1024
+#define G_MAX_DEGREE 255 /* the degree array is one byte per node */
+#define G_MAX_EF 4096
+#define G_MAX_ENTRIES 1024
+#define G_MAX_NTRAIN 1000000
+#define G_MAX_K 65536 /* top-k bound for one search */
+#define G_MAX_THREADS 256
+#define G_WINDOW                                                                                   \
+    32 /* rank window: keys within +-32 ranks of one query's list (131K synthetic,                 \
+        * K 100: recall 0.954 at 6.2 % scans vs 0.941 at 6.1 % with +-2, K 32) */
+#define G_PROJ_PCT 0
+#define G_PROJ_LISTS                                                                               \
+    32                  /* a key takes projection candidates from its first 32 lists only:         \
+                         * bounds the pairs at n * 32 * 65 (small heads with many training         \
+                         * queries put one key in hundreds of lists) */
+#define G_ROUTE_MAX 256 /* training queries kept for routing */
+#define G_ROUTE_KEYS 8  /* best keys kept per routing query */
+#define G_ROUTE_TOP 4   /* routing queries used per search */
+#define G_LINK_L2 0     /* 1: link by L2 (measured far worse for MIPS: 0.16 vs 0.60 recall) */
+#define G_ALPHA2 1.44f  /* occlusion slack (alpha = 1.2, on squared distances) */
+
+typedef struct g_cand {
+    float s; /* score: larger is better (IP, or -d2/2 + const in L2 mode) */
+    int32_t id;
+    int32_t done; /* expanded */
+} g_cand;
+
+typedef struct ra_graph {
+    int dim;
+    ra_dtype dtype;
+    size_t row_bytes;
+    int M;
+    int ef_build;
+    int threads;
+    uint64_t seed;
+    size_t n;         /* nodes linked */
+    size_t cap;       /* records allocated */
+    size_t rec_bytes; /* code + adjacency, a multiple of 64 */
+    uint8_t *rec;     /* [cap][rec_bytes], 64-byte aligned */
+    uint8_t *deg;     /* [cap] */
+    uint8_t *pdeg;    /* [cap] protected prefix: edges from the query projection */
+    float *norm2;     /* [cap] |k|^2 */
+    ra_codebook cb;   /* search codes (cb.cbytes bytes at the start of each record) */
+    size_t cb_n;      /* keys the code was fitted on */
+    int32_t *entries;
+    int n_entries;
+    /* routing: a few training queries (fp32, unit norm) and their best keys; a search
+     * starts also from the best keys of the training queries nearest to it */
+    float *route_q;     /* [n_route][dim] */
+    int32_t *route_ids; /* [n_route][G_ROUTE_KEYS] (-1 padded) */
+    int n_route;
+} ra_graph;
+
+static inline int32_t *g_adj(const ra_graph *g, size_t u)
+{
+    return (int32_t *)(g->rec + u * g->rec_bytes + (size_t)g->cb.cbytes);
+}
+
+static inline const uint8_t *g_code(const ra_graph *g, size_t u)
+{
+    return g->rec + u * g->rec_bytes;
+}
+
+static inline const void *g_row(const ra_graph *g, const void *keys, int32_t id)
+{
+    return (const char *)keys + (size_t)id * g->row_bytes;
+}
+
+static inline int g_better(float sa, int32_t ia, float sb, int32_t ib)
+{
+    return sa > sb || (sa == sb && ia < ib); /* ties by id: deterministic */
+}
+
+/* Inserts c into the pool sorted best first (size *np <= L). Returns its position,
+ * or L when it did not make it. */
+static inline int g_pool_insert(g_cand *pool, int *np, int L, float s, int32_t id)
+{
+    int n = *np;
+    if (n == L && !g_better(s, id, pool[n - 1].s, pool[n - 1].id))
+        return L;
+    int lo = 0, hi = n;
+    while (lo < hi) {
+        int mid = (lo + hi) >> 1;
+        if (g_better(pool[mid].s, pool[mid].id, s, id))
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    int move = (n == L ? n - 1 : n) - lo;
+    if (move > 0)
+        memmove(&pool[lo + 1], &pool[lo], (size_t)move * sizeof *pool);
+    pool[lo].s = s;
+    pool[lo].id = id;
+    pool[lo].done = 0;
+    if (n < L)
+        *np = n + 1;
+    return lo;
+}
+
+/* ---- per-thread scratch of the build (graph.c) ---- */
+typedef struct g_tls {
+    uint32_t *stamp;
+    size_t stamp_cap;
+    uint32_t gen;
+    g_cand *pool;
+    int pool_cap;
+    int32_t *buf;
+    float *sc;
+    int buf_cap;
+    float *qf; /* fp32 copy of a key used as a query / in pruning */
+    float *cf;
+    int qf_cap;
+} g_tls;
+
+/* The calling thread's scratch, grown to hold n stamps, a pool of L, gathers of nb
+ * and vectors of dim. NULL on allocation failure. */
+g_tls *g_tls_get(size_t n, int L, int nb, int dim);
+/* A new visit generation; on wrap-around the stamps are cleared once. */
+uint32_t g_tls_next_gen(g_tls *t);
+
+/* ---- a small deterministic parallel-for (graph.c): items are independent, so the
+ * dynamic chunking changes only who computes an item, never its result ---- */
+typedef void (*g_task_fn)(void *ctx, size_t begin, size_t end);
+void g_parallel(int threads, size_t n, size_t chunk, g_task_fn fn, void *ctx);
+int g_threads(int want);
+
+/* Options against the graph's bounds; RA_EINVAL when out of range (graph.c). */
+ra_status g_opts(const ra_index_opts *o, int *K, int *M, int *ef, int *ent, int *ntrain,
+                 int *threads, uint64_t *seed);
+void ra_graph_destroy(ra_graph *g);
+size_t ra_graph_bytes(const ra_graph *g);
+
+/* graph_build.c */
+ra_status ra_graph_build_from(ra_graph **out, const ra_kv *kv, size_t n, const float *train_q,
+                              size_t nq, const int32_t *lists, int lists_k,
+                              const ra_index_opts *opts);
+ra_status ra_graph_add(ra_graph *g, const ra_kv *kv, size_t first, size_t n);
+
+/* graph_search.c: one walk for nq queries sharing this head (a GQA group); see
+ * ra_backend_ops.search_group. */
+ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, const float *q,
+                                const ra_search_params *p, int kmax, int32_t *ids, float *scores,
+                                int *n_out, ra_search_stats *st);
+
+#endif
