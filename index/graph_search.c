@@ -216,6 +216,38 @@ static void offer(const ra_graph *g, s_tls *t, int G, const int32_t *ids, int nb
     }
 }
 
+/* The next node to expand: the best unexpanded candidate of the next query in turn that
+ * has one (queries with none rest until an offer wakes them). take = 0 only looks. */
+static int32_t pick(const ra_graph *g, s_tls *t, int G, int *rr, int take)
+{
+    (void)g;
+    for (int tries = 0; tries < G; tries++) {
+        int j = *rr;
+        *rr = j + 1 == G ? 0 : j + 1;
+        if (!t->act[j])
+            continue;
+        g_cand *pool = t->pool + t->off[j];
+        int k = t->cur[j];
+        while (k < t->np[j] && (pool[k].done || bit_test(t->exp, pool[k].id)))
+            k++;
+        if (take)
+            t->cur[j] = k;
+        if (k >= t->np[j]) {
+            if (take)
+                t->act[j] = 0;
+            continue;
+        }
+        int32_t u = pool[k].id;
+        if (take) {
+            pool[k].done = 1;
+            t->cur[j] = k + 1;
+            bit_test_set(t->exp, u);
+        }
+        return u;
+    }
+    return -1;
+}
+
 ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, const float *q,
                                 const ra_search_params *p, int kmax, int32_t *ids, float *scores,
                                 int *n_out, ra_search_stats *st)
@@ -247,7 +279,7 @@ ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, c
         int nw = p[j].n_warm > G_MAX_K ? G_MAX_K : p[j].n_warm;
         nbmax += (size_t)nw + G_ROUTE_TOP * G_ROUTE_KEYS;
     }
-    s_tls *t = s_get(g->n, G, pool_total, g->cb.cbytes, nbmax, (size_t)kmax * 4 + 64);
+    s_tls *t = s_get(g->n, G, pool_total, g->cb.cbytes, 2 * nbmax, (size_t)kmax * 4 + 64);
     if (!t)
         return RA_ENOMEM;
     size_t words = (g->n + 63) / 64;
@@ -291,54 +323,45 @@ ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, c
     }
     offer(g, t, G, t->nb, ns);
     scanned += (uint64_t)ns;
-    /* the walk: queries take turns expanding their best unexpanded candidate */
+    /* the walk: queries take turns expanding their best unexpanded candidate, as a
+     * two-stage pipeline: while the codes of one expansion's new neighbours are scored,
+     * the next expansion's neighbours are already gathered and their codes prefetched
+     * (and the adjacency of the one after that), so code fetches overlap the arithmetic.
+     * The next node is chosen before the current scores land: the order of expansions
+     * shifts by one, the stopping rule (every candidate of every pool expanded) does not */
+    int32_t *cur = t->nb, *nxt = t->nb + nbmax;
+    int n_cur = 0, rr = 0;
     for (;;) {
-        int any = 0;
-        for (int j = 0; j < G; j++) {
-            if (!t->act[j])
-                continue;
-            g_cand *pool = t->pool + t->off[j];
-            int k = t->cur[j];
-            while (k < t->np[j] && (pool[k].done || bit_test(t->exp, pool[k].id))) {
-                pool[k].done = 1;
-                k++;
-            }
-            if (k >= t->np[j]) {
-                t->cur[j] = k;
-                t->act[j] = 0;
-                continue;
-            }
-            any = 1;
-            int32_t u = pool[k].id;
-            pool[k].done = 1;
-            t->cur[j] = k + 1;
-            bit_test_set(t->exp, u);
+        int32_t u = pick(g, t, G, &rr, 1);
+        int n_nxt = 0;
+        if (u >= 0) {
             hops++;
             const int32_t *nbr = g_adj(g, (size_t)u);
             int d = g->deg[u];
-            /* the next candidate's adjacency, while this expansion is scored */
-            for (int i = k + 1; i < t->np[j]; i++)
-                if (!pool[i].done) {
-                    __builtin_prefetch(g_adj(g, (size_t)pool[i].id));
-                    break;
-                }
-            int nb = 0;
             for (int i = 0; i < d; i++) {
                 int32_t v = nbr[i];
                 if (bit_test_set(t->vis, v))
                     continue;
-                t->nb[nb++] = v;
+                nxt[n_nxt++] = v;
                 const uint8_t *c = g_code(g, (size_t)v);
                 for (int o = 0; o < g->cb.cbytes; o += 64)
                     __builtin_prefetch(c + o);
             }
-            if (!nb)
-                continue;
-            scanned += (uint64_t)nb;
-            offer(g, t, G, t->nb, nb);
+            int rr2 = rr; /* the expansion after: its adjacency */
+            int32_t u2 = pick(g, t, G, &rr2, 0);
+            if (u2 >= 0)
+                __builtin_prefetch(g_adj(g, (size_t)u2));
         }
-        if (!any)
+        if (n_cur) {
+            scanned += (uint64_t)n_cur;
+            offer(g, t, G, cur, n_cur);
+        }
+        if (u < 0 && n_cur == 0)
             break;
+        int32_t *x = cur;
+        cur = nxt;
+        nxt = x;
+        n_cur = n_nxt;
     }
     /* exact rescoring of each query's best candidates by code */
     const void *keys = ra_kv_keys(kv);

@@ -22,6 +22,7 @@
 #include "ra_kernels.h"
 #include "ra_log.h"
 #include "synth.h"
+#include "synth_lin.h"
 #ifdef RA_HAVE_TRACE
 #include "ra_trace.h"
 #endif
@@ -51,6 +52,8 @@ typedef struct bench_cfg {
     const char *synth;
     const char *save; /* write the head's keys and queries as PREFIX.{keys,train,queries}.npy */
     int no_train;     /* build without training queries (what the queries add) */
+    const char *gen;  /* synthetic generator: "calibrated" (synth.h) or "lin" (synth_lin.h) */
+    int group;        /* GQA: query heads per key set (a group walk vs independent searches) */
 } bench_cfg;
 
 static void usage(void)
@@ -66,7 +69,7 @@ static void usage(void)
         "                        [--knn K] [--degree M] [--build-ef E] [--entries E] [--ntrain N]\n"
         "                        [--synth knob=v,...] [--overlap] [--no-train] [--eval-train] "
         "[--verbose]\n"
-        "                        [--save PREFIX]\n");
+        "                        [--save PREFIX] [--gen calibrated|lin] [--group G]\n");
 }
 
 static int parse_args(int argc, char **argv, bench_cfg *c)
@@ -84,6 +87,8 @@ static int parse_args(int argc, char **argv, bench_cfg *c)
     c->indexes = "flat,ivf,hnsw,graph";
     c->insert = 8192;
     c->rho = -1.0f;
+    c->gen = "calibrated";
+    c->group = 1;
     const char *qarg = NULL;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -182,6 +187,12 @@ static int parse_args(int argc, char **argv, bench_cfg *c)
         } else if (!strcmp(a, "--ntrain")) {
             NEEDV;
             c->gopts.n_train = atoi(v);
+        } else if (!strcmp(a, "--gen")) {
+            NEEDV;
+            c->gen = v;
+        } else if (!strcmp(a, "--group")) {
+            NEEDV;
+            c->group = atoi(v);
         } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             usage();
             exit(0);
@@ -203,6 +214,16 @@ static int parse_args(int argc, char **argv, bench_cfg *c)
         fprintf(stderr, "bad sizes\n");
         return -1;
     }
+    if (strcmp(c->gen, "calibrated") && strcmp(c->gen, "lin")) {
+        fprintf(stderr, "--gen: calibrated or lin, not %s\n", c->gen);
+        return -1;
+    }
+    if (c->group < 1 || c->group > 64 || (c->group > 1 && c->keys_npy) ||
+        (c->group > 1 && c->synthetic && !c->trace && !strcmp(c->gen, "calibrated"))) {
+        fprintf(stderr, "--group: 1..64 query heads per key set, with --gen lin or --trace "
+                        "(the calibrated generator has one query stream)\n");
+        return -1;
+    }
     if (c->keys_npy && !c->queries_npy) {
         fprintf(stderr, "--keys needs --queries Q.npy\n");
         return -1;
@@ -215,9 +236,10 @@ static int parse_args(int argc, char **argv, bench_cfg *c)
 typedef struct bench_data {
     size_t n, nt, nq, nins, nqins;
     int dim;
+    int G;          /* query heads sharing the keys; queries are [G][nq][dim], train all G */
     float *keys;    /* [n + nins][dim]: the first n are built, the rest inserted */
     float *train;   /* [nt][dim] */
-    float *queries; /* [nq][dim] decode order */
+    float *queries; /* [G][nq][dim] decode order */
     float *qins;    /* [nqins][dim] queries aimed at the inserted keys */
     char desc[256];
 } bench_data;
@@ -389,6 +411,37 @@ static int load_synthetic(const bench_cfg *c, bench_data *d)
     return 0;
 }
 
+/* The hidden-state generator (synth_lin.h): G query heads on one key set. No insertion
+ * check (it needs queries aimed at the inserted keys; the calibrated generator has it). */
+static int load_lin(const bench_cfg *c, bench_data *d)
+{
+    ra_synth_lin_opts o;
+    ra_synth_lin_opts_default(&o);
+    o.n = c->n;
+    o.dim = c->dim;
+    o.n_rep = c->group;
+    o.n_train = c->ntrain;
+    o.n_queries = c->nq;
+    o.seed = c->seed;
+    ra_synth_group s;
+    ra_status st = ra_synth_lin_make(&o, &s);
+    if (st) {
+        fprintf(stderr, "lin generator: %s\n", ra_strerror(st));
+        return -1;
+    }
+    d->n = c->n;
+    d->dim = c->dim;
+    d->G = c->group;
+    d->keys = s.keys;
+    d->train = s.train_q;
+    d->nt = s.n_train * (size_t)c->group;
+    d->queries = s.queries;
+    d->nq = s.n_queries;
+    snprintf(d->desc, sizeof d->desc, "lin n=%zu dim=%d seed=%llu group=%d", c->n, c->dim,
+             (unsigned long long)c->seed, c->group);
+    return 0;
+}
+
 static int load_npy(const bench_cfg *c, bench_data *d)
 {
     char err[512];
@@ -467,10 +520,16 @@ static int load_trace(const bench_cfg *c, bench_data *d)
         ra_trace_close(t);
         return -1;
     }
-    uint32_t kvh = (uint32_t)c->head / (in->n_heads / in->n_kv_heads);
-    float *K = malloc((size_t)P * D * sizeof *K), *Q = malloc((size_t)P * D * sizeof *Q);
-    if (!K || !Q || ra_trace_read(t, RA_TRACE_K, (uint32_t)c->layer, kvh, 0, P, K) != RA_OK ||
-        ra_trace_read(t, RA_TRACE_Q, (uint32_t)c->layer, (uint32_t)c->head, 0, P, Q) != RA_OK) {
+    uint32_t rep = in->n_heads / in->n_kv_heads;
+    uint32_t kvh = (uint32_t)c->head / rep;
+    /* --group: every query head of this KV head (the real GQA group) */
+    uint32_t G = c->group > 1 ? rep : 1, h0 = G > 1 ? kvh * rep : (uint32_t)c->head;
+    float *K = malloc((size_t)P * D * sizeof *K), *Q = malloc((size_t)G * P * D * sizeof *Q);
+    int bad = !K || !Q || ra_trace_read(t, RA_TRACE_K, (uint32_t)c->layer, kvh, 0, P, K) != RA_OK;
+    for (uint32_t j = 0; !bad && j < G; j++)
+        bad = ra_trace_read(t, RA_TRACE_Q, (uint32_t)c->layer, h0 + j, 0, P,
+                            Q + (size_t)j * P * D) != RA_OK;
+    if (bad) {
         fprintf(stderr, "trace read failed\n");
         free(K);
         free(Q);
@@ -480,26 +539,31 @@ static int load_trace(const bench_cfg *c, bench_data *d)
     ra_trace_close(t);
     size_t nk = P - sink - window;
     d->dim = (int)D;
+    d->G = (int)G;
     d->n = nk;
     d->keys = malloc(nk * D * sizeof *d->keys);
-    d->nt = P - window;
+    size_t nt1 = P - window;
+    d->nt = nt1 * G;
     d->train = malloc(d->nt * D * sizeof *d->train);
     d->nq = window < c->nq ? window : c->nq;
-    d->queries = malloc(d->nq * D * sizeof *d->queries);
+    d->queries = malloc(G * d->nq * D * sizeof *d->queries);
     if (!d->keys || !d->train || !d->queries) {
         free(K);
         free(Q);
         return -1;
     }
     memcpy(d->keys, K + (size_t)sink * D, nk * D * sizeof *K);
-    memcpy(d->train, Q, d->nt * D * sizeof *Q);
-    memcpy(d->queries, Q + (size_t)(P - d->nq) * D, d->nq * D * sizeof *Q);
+    for (uint32_t j = 0; j < G; j++) {
+        const float *Qj = Q + (size_t)j * P * D;
+        memcpy(d->train + j * nt1 * D, Qj, nt1 * D * sizeof *Q);
+        memcpy(d->queries + j * d->nq * D, Qj + (size_t)(P - d->nq) * D, d->nq * D * sizeof *Q);
+    }
     free(K);
     free(Q);
     snprintf(d->desc, sizeof d->desc, "trace %s layer %d head %d (kv head %u): %zu keys, dim %u",
              c->trace, c->layer, c->head, kvh, nk, D);
     /* insertion: the last quarter (up to --insert) of the keys is held out */
-    size_t nins = c->insert < d->n / 4 ? c->insert : d->n / 4;
+    size_t nins = G > 1 ? 0 : c->insert < d->n / 4 ? c->insert : d->n / 4;
     if (nins) {
         d->n -= nins;
         float *pool = malloc(nins * D * sizeof *pool);
@@ -569,6 +633,70 @@ static int run_queries(const ra_backend_ops *ops, void *st, const ra_kv *kv, siz
     o->hops = hops / (double)nq;
     free(ids), free(prev), free(sc);
     return 0;
+}
+
+/* GQA: the G query heads of each decode step in one group walk (search_group; one search
+ * per head for backends without it), warm ids per head from its previous step. Recall per
+ * head against gt [G][nq][k]; scanned and time are per query head (a walk's keys / G). */
+static int run_group(const ra_backend_ops *ops, void *st, const ra_kv *kv, size_t n,
+                     const float *q, size_t nq, int G, int dim, int k, int effort,
+                     const int32_t *gt, sweep_out *o)
+{
+    int32_t *ids = malloc((size_t)G * k * sizeof *ids), *prev = malloc((size_t)G * k * sizeof *prev);
+    float *sc = malloc((size_t)G * k * sizeof *sc), *qs = malloc((size_t)G * dim * sizeof *qs);
+    ra_search_params *p = malloc((size_t)G * sizeof *p);
+    ra_search_stats *ss = malloc((size_t)G * sizeof *ss);
+    int *got = calloc((size_t)G, sizeof *got), *nprev = calloc((size_t)G, sizeof *nprev);
+    int rc = -1;
+    if (!ids || !prev || !sc || !qs || !p || !ss || !got || !nprev)
+        goto done;
+    double hit = 0, scanned = 0, hops = 0;
+    int kk = (size_t)k < n ? k : (int)n;
+    double t0 = ra_now_s();
+    for (size_t i = 0; i < nq; i++) {
+        for (int j = 0; j < G; j++) {
+            memcpy(qs + (size_t)j * dim, q + ((size_t)j * nq + i) * dim, (size_t)dim * sizeof *qs);
+            p[j] = (ra_search_params){.k = k, .effort = effort, .warm = prev + (size_t)j * k,
+                                      .n_warm = nprev[j]};
+        }
+        ra_status s = RA_OK;
+        if (ops->search_group) {
+            s = ops->search_group(st, kv, (size_t)G, qs, p, k, ids, sc, got, ss);
+            scanned += (double)ss[0].scanned;
+            hops += (double)ss[0].hops;
+        } else {
+            for (int j = 0; j < G && !s; j++) {
+                s = ops->search(st, kv, qs + (size_t)j * dim, &p[j], ids + (size_t)j * k,
+                                sc + (size_t)j * k, &got[j], &ss[j]);
+                scanned += (double)ss[j].scanned;
+                hops += (double)ss[j].hops;
+            }
+        }
+        if (s) {
+            fprintf(stderr, "%s group search: %s\n", ops->name, ra_strerror(s));
+            goto done;
+        }
+        for (int j = 0; j < G; j++) {
+            const int32_t *g = gt + ((size_t)j * nq + i) * k;
+            for (int a = 0; a < got[j]; a++)
+                for (int b = 0; b < kk; b++)
+                    if (ids[(size_t)j * k + a] == g[b]) {
+                        hit += 1;
+                        break;
+                    }
+            memcpy(prev + (size_t)j * k, ids + (size_t)j * k, (size_t)got[j] * sizeof *ids);
+            nprev[j] = got[j] < 32 ? got[j] : 32; /* as the daemon keeps them */
+        }
+    }
+    double t1 = ra_now_s();
+    o->recall = hit / ((double)nq * G * kk);
+    o->scanned_frac = scanned / ((double)nq * G * (double)n);
+    o->us = (t1 - t0) * 1e6 / ((double)nq * G);
+    o->hops = hops / ((double)nq * G);
+    rc = 0;
+done:
+    free(ids), free(prev), free(sc), free(qs), free(p), free(ss), free(got), free(nprev);
+    return rc;
 }
 
 static void emit(const bench_cfg *c, const char *index, const char *params, const sweep_out *o,
@@ -681,29 +809,34 @@ int main(int argc, char **argv)
 #endif
     } else if (c.keys_npy) {
         rcl = load_npy(&c, &d);
+    } else if (!strcmp(c.gen, "lin")) {
+        rcl = load_lin(&c, &d);
     } else {
         rcl = load_synthetic(&c, &d);
     }
     if (rcl)
         goto out;
+    if (d.G < 1)
+        d.G = 1;
+    size_t NQ = d.nq * (size_t)d.G; /* every query head's decode queries, head-major */
     int D = d.dim, k = c.topk;
     if (c.eval_train && d.nt >= d.nq) /* in-sample: is the graph itself sound? */
         memcpy(d.queries, d.train + (d.nt - d.nq) * (size_t)D,
                d.nq * (size_t)D * sizeof *d.queries);
     int threads = c.threads ? c.threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
     double ratio = 0;
-    ra_synth_mahalanobis_ratio(d.keys, d.n, d.queries, d.nq, D, &ratio);
-    double cosq = ra_synth_step_cosine(d.queries, d.nq, D);
+    ra_synth_mahalanobis_ratio(d.keys, d.n, d.queries, NQ, D, &ratio);
+    double cosq = ra_synth_step_cosine(d.queries, NQ, D);
     if (c.json)
         printf(
             "{\"data\":\"%s\",\"n\":%zu,\"dim\":%d,\"n_train\":%zu,\"n_queries\":%zu,\"topk\":%d,"
             "\"mahalanobis_ratio\":%.3f,\"step_cosine\":%.3f,\"threads\":%d,\"isa\":\"%s\"}\n",
-            d.desc, d.n, D, d.nt, d.nq, k, ratio, cosq, threads,
+            d.desc, d.n, D, d.nt, NQ, k, ratio, cosq, threads,
             ra_kern_isa_name(ra_kern_isa_get()));
     else
         printf("# %s\n# n=%zu dim=%d train=%zu queries=%zu topk=%d threads=%d isa=%s\n"
                "# Mahalanobis ratio (queries vs held-out keys) %.3f, step cosine %.3f\n",
-               d.desc, d.n, D, d.nt, d.nq, k, threads, ra_kern_isa_name(ra_kern_isa_get()), ratio,
+               d.desc, d.n, D, d.nt, NQ, k, threads, ra_kern_isa_name(ra_kern_isa_get()), ratio,
                cosq);
     fflush(stdout);
 
@@ -712,7 +845,7 @@ int main(int argc, char **argv)
             const char *what;
             const float *x;
             size_t rows;
-        } out[3] = {{"keys", d.keys, d.n}, {"train", d.train, d.nt}, {"queries", d.queries, d.nq}};
+        } out[3] = {{"keys", d.keys, d.n}, {"train", d.train, d.nt}, {"queries", d.queries, NQ}};
         for (int i = 0; i < 3; i++) {
             char path[4096], err[512];
             if (!out[i].rows)
@@ -752,13 +885,13 @@ int main(int argc, char **argv)
         free(pos);
     }
     /* ground truth over the built keys */
-    int32_t *gt = malloc(d.nq * (size_t)k * sizeof *gt);
-    float *gts = malloc(d.nq * (size_t)k * sizeof *gts);
+    int32_t *gt = malloc(NQ * (size_t)k * sizeof *gt);
+    float *gts = malloc(NQ * (size_t)k * sizeof *gts);
     if (!gt || !gts)
         goto out;
     omp_set_num_threads(threads);
     double tg = ra_now_s();
-    if (ra_exact_knn_batch(kv, d.n, d.queries, d.nq, k, gt, gts) != RA_OK) {
+    if (ra_exact_knn_batch(kv, d.n, d.queries, NQ, k, gt, gts) != RA_OK) {
         fprintf(stderr, "exact top-k failed\n");
         goto out;
     }
@@ -769,7 +902,7 @@ int main(int argc, char **argv)
         float *ts2 = malloc(d.nt * (size_t)k * sizeof *ts2);
         ra_exact_knn_batch(kv, d.n, d.train, d.nt, k, tg2, ts2);
         double ov = 0, ov5 = 0;
-        for (size_t i = 0; i < d.nq; i++) {
+        for (size_t i = 0; i < NQ; i++) {
             const float *q = d.queries + i * (size_t)D;
             double best[5] = {-2, -2, -2, -2, -2};
             size_t bi[5] = {0};
@@ -812,16 +945,16 @@ int main(int argc, char **argv)
         }
         printf("# overlap of top-%d with the nearest training query's: %.3f (union of 5 nearest: "
                "%.3f)\n",
-               k, ov / d.nq, ov5 / d.nq);
+               k, ov / NQ, ov5 / NQ);
         double oc = 0;
-        for (size_t i = 1; i < d.nq; i++) {
+        for (size_t i = 1; i < NQ; i++) {
             int h = 0;
             for (int a = 0; a < k; a++)
                 for (int b = 0; b < k; b++)
                     h += gt[i * k + a] == gt[(i - 1) * k + b];
             oc += (double)h / k;
         }
-        printf("# overlap of consecutive decode queries' top-%d: %.3f\n", k, oc / (d.nq - 1));
+        printf("# overlap of consecutive decode queries' top-%d: %.3f\n", k, oc / (NQ - 1));
         free(tg2);
         free(ts2);
     }
@@ -875,14 +1008,22 @@ int main(int argc, char **argv)
                     eff[e] = k;
         for (int e = 0; e < ne; e++) {
             sweep_out so;
-            if (run_queries(idx[ii].ops, st, kv, d.n, d.queries, d.nq, D, k, eff[e], 0, gt, &so))
+            if (run_queries(idx[ii].ops, st, kv, d.n, d.queries, NQ, D, k, eff[e], 0, gt, &so))
                 break;
             char params[64];
             snprintf(params, sizeof params, "effort=%d", eff[e]);
             emit(&c, idx[ii].name, params, &so, build_s, NULL);
+            if (!strcmp(idx[ii].name, "graph") && d.G > 1) {
+                sweep_out sg;
+                if (run_group(idx[ii].ops, st, kv, d.n, d.queries, d.nq, d.G, D, k, eff[e], gt,
+                              &sg))
+                    break;
+                snprintf(params, sizeof params, "effort=%d,group=%d", eff[e], d.G);
+                emit(&c, "graph", params, &sg, build_s, NULL);
+            }
             if (!strcmp(idx[ii].name, "graph")) {
                 sweep_out sw;
-                if (run_queries(idx[ii].ops, st, kv, d.n, d.queries, d.nq, D, k, eff[e], 1, gt,
+                if (run_queries(idx[ii].ops, st, kv, d.n, d.queries, NQ, D, k, eff[e], 1, gt,
                                 &sw))
                     break;
                 snprintf(params, sizeof params, "effort=%d,warm", eff[e]);
