@@ -20,23 +20,10 @@ el() { echo "[$(($(date +%s) - T0)) s] $*"; }
   $PY -c "import sys, torch, transformers, numpy; print(sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__, 'numpy', numpy.__version__, 'cuda', torch.cuda.is_available())"
   $PY -c "import pytest; print('pytest', pytest.__version__)"; git log -1 --format=%H; } >"$out/machine.txt" 2>&1
 cat "$out/machine.txt"
-if [ -f .dev/deps/prefix.tar.xz ]; then
-  D=/tmp/ra-deps
-  mkdir -p $D && tar xJf .dev/deps/prefix.tar.xz -C $D
-  P=$D/prefix/usr
-  if ! command -v pkg-config >/dev/null; then
-    for f in .dev/deps/*.deb; do dpkg -x "$f" $D/pkgconf; done
-    export PATH=$D/pkgconf/usr/bin:$PATH LD_LIBRARY_PATH=$D/pkgconf/usr/lib/x86_64-linux-gnu
-  fi
-  export LD_LIBRARY_PATH=$P/lib/x86_64-linux-gnu:$P/lib/x86_64-linux-gnu/openblas-pthread:${LD_LIBRARY_PATH:-}
-  export PATH=$P/bin:$PATH PKG_CONFIG_PATH=$P/lib/x86_64-linux-gnu/pkgconfig PKG_CONFIG_SYSROOT_DIR=$D/prefix
-  deps=(-DCMAKE_PREFIX_PATH=$P -DCMAKE_LIBRARY_PATH=$P/lib/x86_64-linux-gnu -DRA_FAISS_C_LIB=$P/lib/x86_64-linux-gnu/libfaiss_c.a)
-else
-  deps=()
-fi
+. bench/device-env.sh
 b=build-hf
 if ! cmake -S . -B $b -DCMAKE_BUILD_TYPE=Release -DRA_CUDA=OFF -DBUILD_TESTING=OFF -DRA_PYTHON="$(command -v $PY)" \
-    "${deps[@]}" >"$out/configure.log" 2>&1; then
+    "${RA_DEPS_CMAKE[@]}" >"$out/configure.log" 2>&1; then
   tail -30 "$out/configure.log"; exit 1
 fi
 if ! timeout 300 cmake --build $b -j"$(nproc)" --target ratd ratd-client >"$out/build.log" 2>&1; then
