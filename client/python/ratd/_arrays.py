@@ -120,7 +120,8 @@ def check_out(name, x, shape, dims, dtype="f32"):
 
 def values_within(name, x, lo, hi):
     """Checks that the integer tensor x holds values in [lo, hi]."""
-    if x.size == 0 if isinstance(x, np.ndarray) else x.numel() == 0:
+    empty = x.size == 0 if isinstance(x, np.ndarray) else x.numel() == 0
+    if empty:
         return
     mn, mx = (int(x.min()), int(x.max()))
     if mn < lo or mx > hi:
