@@ -782,3 +782,34 @@ ra_status ra_client_attend(ra_client *c, uint64_t session, int layer, const ra_a
         ra_client_attend_cancel(c, t);
     return st;
 }
+
+/* ---- ABI ------------------------------------------------------------------------- */
+
+uint32_t ra_client_abi_version(void)
+{
+    return RA_CLIENT_ABI_VERSION;
+}
+
+size_t ra_client_struct_size(ra_client_struct which)
+{
+    /* indexed by ra_client_struct; a new struct is one more line here */
+    static const size_t sizes[RA_CLIENT_STRUCT_COUNT] = {
+        [RA_CLIENT_STRUCT_OPTS] = sizeof(ra_client_opts),
+        [RA_CLIENT_STRUCT_SERVER_LIMITS] = sizeof(ra_server_limits),
+        [RA_CLIENT_STRUCT_SERVER_INFO] = sizeof(ra_server_info),
+        [RA_CLIENT_STRUCT_INDEX_OPTS] = sizeof(ra_client_index_opts),
+        [RA_CLIENT_STRUCT_SESSION_DESC] = sizeof(ra_session_desc),
+        [RA_CLIENT_STRUCT_KV_BATCH] = sizeof(ra_kv_batch),
+        [RA_CLIENT_STRUCT_ATTEND_REQ] = sizeof(ra_attend_req),
+        [RA_CLIENT_STRUCT_ATTEND_OUT] = sizeof(ra_attend_out),
+        [RA_CLIENT_STRUCT_OP_STATS] = sizeof(ra_op_stats),
+        [RA_CLIENT_STRUCT_SERVER_STATS] = sizeof(ra_server_stats),
+        [RA_CLIENT_STRUCT_SESSION_STATS] = sizeof(ra_session_stats),
+    };
+    return (unsigned)which < RA_CLIENT_STRUCT_COUNT ? sizes[which] : 0;
+}
+
+const char *ra_client_version(void)
+{
+    return RA_CLIENT_VERSION;
+}

@@ -12,15 +12,7 @@ CTX=${CTX:-15360} EVAL=${EVAL:-1024}
 mkdir -p "$out"
 T0=$(date +%s)
 el() { echo "[$(($(date +%s) - T0)) s] $*"; }
-D=/tmp/ra-deps
-mkdir -p $D && tar xJf .dev/deps/prefix.tar.xz -C $D
-P=$D/prefix/usr
-if ! command -v pkg-config >/dev/null; then
-  for f in .dev/deps/*.deb; do dpkg -x "$f" $D/pkgconf; done
-  export PATH=$D/pkgconf/usr/bin:$PATH LD_LIBRARY_PATH=$D/pkgconf/usr/lib/x86_64-linux-gnu
-fi
-export LD_LIBRARY_PATH=$P/lib/x86_64-linux-gnu:$P/lib/x86_64-linux-gnu/openblas-pthread:${LD_LIBRARY_PATH:-}
-export PATH=$P/bin:$PATH PKG_CONFIG_PATH=$P/lib/x86_64-linux-gnu/pkgconfig PKG_CONFIG_SYSROOT_DIR=$D/prefix
+. bench/device-env.sh
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvcc --version | tail -2; nproc;
   lscpu | grep "Model name"; } >"$out/machine.txt" 2>&1
 b=build-dev

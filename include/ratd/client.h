@@ -272,6 +272,37 @@ ra_status ra_client_session_stats(ra_client *c, uint64_t session, ra_session_sta
  * an exact scan meanwhile); benchmarks use it to measure the built index. */
 ra_status ra_client_wait_ready(ra_client *c, uint64_t session, int timeout_ms);
 
+/* ---- ABI (for bindings that mirror these structs: ctypes, cffi) ----------------- */
+
+/* Bumped whenever a public struct's layout or a call's signature changes. A binding
+ * compares it, and the size of every struct it mirrors, with its own copy at load time
+ * and refuses a library that differs. */
+#define RA_CLIENT_ABI_VERSION 1u
+
+/* The public structs whose sizes ra_client_struct_size reports. Values are stable:
+ * a new struct takes the next value, before RA_CLIENT_STRUCT_COUNT. */
+typedef enum ra_client_struct {
+    RA_CLIENT_STRUCT_OPTS = 0,          /* ra_client_opts */
+    RA_CLIENT_STRUCT_SERVER_LIMITS = 1, /* ra_server_limits */
+    RA_CLIENT_STRUCT_SERVER_INFO = 2,   /* ra_server_info */
+    RA_CLIENT_STRUCT_INDEX_OPTS = 3,    /* ra_client_index_opts */
+    RA_CLIENT_STRUCT_SESSION_DESC = 4,  /* ra_session_desc */
+    RA_CLIENT_STRUCT_KV_BATCH = 5,      /* ra_kv_batch */
+    RA_CLIENT_STRUCT_ATTEND_REQ = 6,    /* ra_attend_req */
+    RA_CLIENT_STRUCT_ATTEND_OUT = 7,    /* ra_attend_out */
+    RA_CLIENT_STRUCT_OP_STATS = 8,      /* ra_op_stats */
+    RA_CLIENT_STRUCT_SERVER_STATS = 9,  /* ra_server_stats */
+    RA_CLIENT_STRUCT_SESSION_STATS = 10, /* ra_session_stats */
+    RA_CLIENT_STRUCT_COUNT = 11
+} ra_client_struct;
+
+/* RA_CLIENT_ABI_VERSION of the library (not of the header a caller was built with). */
+uint32_t ra_client_abi_version(void);
+/* sizeof the struct `which` in the library; 0 for a value it does not know. */
+size_t ra_client_struct_size(ra_client_struct which);
+/* The project version the library was built from ("0.1.0"); a static string. */
+const char *ra_client_version(void);
+
 #ifdef __cplusplus
 }
 #endif
