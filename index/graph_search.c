@@ -2,10 +2,12 @@
  * whole GQA group: the queries share one visited set and one expanded set, every key the
  * walk reaches is fetched once and scored against every query of the group on its search
  * code, and each query keeps its own candidate pool (its own k and candidate-list size).
- * The queries take turns expanding their best unexpanded candidate; a node one query
- * expanded is done for all (its neighbours were scored for all), so each query's pool
- * sees at least what its own walk would have scored. A query whose pool is exhausted
- * rests, and wakes up when another query's expansion puts a better candidate in it.
+ * Each query has the two heaps of a best-first search: its results (the best L scored so
+ * far, worst on top) and its candidates (best on top); the queries take turns expanding
+ * their best candidate. A node one query expanded is done for all (its neighbours were
+ * scored for all), so each query sees at least what its own walk would have scored. A
+ * query stops when its best candidate is worse than its worst result (L full), and wakes
+ * up when another query's expansion gives it a new candidate.
  * At the end each query's best candidates by code score are rescored exactly on the
  * stored keys, sorted, and its top k returned: scores (and the attention over them) are
  * exact; only the choice of candidates comes from the codes. */
@@ -20,19 +22,24 @@
 
 /* per-thread scratch of the search: grown, never shrunk, so a steady decode allocates
  * nothing */
+typedef struct g_hc {
+    float s;
+    int32_t id;
+} g_hc;
+
 typedef struct s_tls {
     uint64_t *vis, *exp; /* visited / expanded bits, [words] each */
     size_t words;
-    g_cand *pool; /* pools of every query, back to back */
-    size_t pool_cap;
+    g_hc *heap; /* every query's result heap then candidate heap, back to back */
+    size_t heap_cap;
     int8_t *q8;
     int16_t *q16;
-    size_t qbytes_cap;       /* per-query code bytes * queries */
-    float *mul, *add;        /* [G] */
-    int *np, *cur, *L, *act; /* [G] */
-    size_t *off;             /* [G] pool offsets */
+    size_t qbytes_cap;            /* per-query code bytes * queries */
+    float *mul, *add;             /* [G] */
+    int *L, *nw, *nc, *cc, *act;  /* [G]: list size, results, candidates, their cap, awake */
+    size_t *ow, *oc;              /* [G] heap offsets */
     int g_cap;
-    int32_t *nb;  /* neighbour ids of one expansion */
+    int32_t *nb;  /* neighbour ids of two expansions (the pipeline) */
     int32_t *dot; /* [nb][G] */
     size_t nb_cap, dot_cap;
     int32_t *rid; /* rescoring: ids and exact scores */
@@ -49,8 +56,9 @@ static void s_free(void *p)
     s_tls *t = p;
     if (!t)
         return;
-    free(t->vis), free(t->exp), free(t->pool), free(t->q8), free(t->q16), free(t->mul);
-    free(t->add), free(t->np), free(t->cur), free(t->L), free(t->act), free(t->off);
+    free(t->vis), free(t->exp), free(t->heap), free(t->q8), free(t->q16), free(t->mul);
+    free(t->add), free(t->L), free(t->nw), free(t->nc), free(t->cc), free(t->act), free(t->ow);
+    free(t->oc);
     free(t->nb), free(t->dot), free(t->rid), free(t->rsc);
     free(t);
 }
@@ -89,8 +97,8 @@ static s_tls *s_get(size_t n, int G, size_t pool, int cbytes, size_t nb, size_t 
         GROW(t->exp, t->words, w);
         t->words = w;
     }
-    GROW(t->pool, t->pool_cap, pool);
-    t->pool_cap = t->pool_cap < pool ? pool : t->pool_cap;
+    GROW(t->heap, t->heap_cap, pool);
+    t->heap_cap = t->heap_cap < pool ? pool : t->heap_cap;
     size_t qb = (size_t)G * (size_t)cbytes;
     if (t->qbytes_cap < qb) {
         GROW(t->q8, t->qbytes_cap, qb);
@@ -101,11 +109,13 @@ static s_tls *s_get(size_t n, int G, size_t pool, int cbytes, size_t nb, size_t 
         size_t gc = (size_t)G, old = (size_t)t->g_cap;
         GROW(t->mul, old, gc);
         GROW(t->add, old, gc);
-        GROW(t->np, old, gc);
-        GROW(t->cur, old, gc);
         GROW(t->L, old, gc);
+        GROW(t->nw, old, gc);
+        GROW(t->nc, old, gc);
+        GROW(t->cc, old, gc);
         GROW(t->act, old, gc);
-        GROW(t->off, old, gc);
+        GROW(t->ow, old, gc);
+        GROW(t->oc, old, gc);
         t->g_cap = G;
     }
     GROW(t->nb, t->nb_cap, nb);
@@ -191,61 +201,129 @@ static int rescore_count(int k, int np)
     return r < np ? (int)r : np;
 }
 
-/* Scores nb gathered ids for all G queries and offers them to every pool. A pool whose
- * new candidate lands before its cursor moves the cursor back (and wakes its query). */
+/* ---- heaps of (score, id); ties by id, so that results do not depend on arrival order */
+
+static inline int hc_better(g_hc a, g_hc b) { return g_better(a.s, a.id, b.s, b.id); }
+
+/* max-heap (best on top) when best = 1, min-heap (worst on top) when best = 0 */
+static inline int hc_before(g_hc a, g_hc b, int best) { return best ? hc_better(a, b) : hc_better(b, a); }
+
+static inline void hc_up(g_hc *h, int i, int best)
+{
+    g_hc x = h[i];
+    while (i > 0) {
+        int p = (i - 1) >> 1;
+        if (!hc_before(x, h[p], best))
+            break;
+        h[i] = h[p];
+        i = p;
+    }
+    h[i] = x;
+}
+
+static inline void hc_down(g_hc *h, int n, int i, int best)
+{
+    g_hc x = h[i];
+    for (;;) {
+        int c = 2 * i + 1;
+        if (c >= n)
+            break;
+        if (c + 1 < n && hc_before(h[c + 1], h[c], best))
+            c++;
+        if (!hc_before(h[c], x, best))
+            break;
+        h[i] = h[c];
+        i = c;
+    }
+    h[i] = x;
+}
+
+/* Query j's candidates without the ones worse than its worst result (never expanded):
+ * run when the candidate heap is full; what stays is at most L (each was a result). */
+static void cand_prune(s_tls *t, int j)
+{
+    g_hc *C = t->heap + t->oc[j], *W = t->heap + t->ow[j];
+    int m = 0;
+    for (int i = 0; i < t->nc[j]; i++)
+        if (t->nw[j] < t->L[j] || !hc_better(W[0], C[i]))
+            C[m++] = C[i];
+    t->nc[j] = m;
+    for (int i = m / 2 - 1; i >= 0; i--)
+        hc_down(C, m, i, 1);
+}
+
+/* Scores nb gathered ids for all G queries and offers them to every query: a key better
+ * than the query's worst result (or any, while it has fewer than L) becomes a result and
+ * a candidate, and wakes the query. */
 static void offer(const ra_graph *g, s_tls *t, int G, const int32_t *ids, int nb)
 {
     ra_kern_u8dot_gather(t->q8, t->q16, G, g->cb.cbytes, g->rec, g->rec_bytes, ids, (size_t)nb,
                          t->dot);
     for (int j = 0; j < G; j++) {
-        if (t->L[j] == 0)
+        int L = t->L[j];
+        if (L == 0)
             continue;
-        g_cand *pool = t->pool + t->off[j];
+        g_hc *W = t->heap + t->ow[j], *C = t->heap + t->oc[j];
         float mul = t->mul[j], add = t->add[j];
-        int best = t->np[j];
         for (int i = 0; i < nb; i++) {
-            float s = mul * (float)t->dot[(size_t)i * G + j] + add;
-            int pos = g_pool_insert(pool, &t->np[j], t->L[j], s, ids[i]);
-            if (pos < best)
-                best = pos;
-        }
-        if (best < t->cur[j]) {
-            t->cur[j] = best;
+            g_hc x = {mul * (float)t->dot[(size_t)i * G + j] + add, ids[i]};
+            if (t->nw[j] < L) {
+                W[t->nw[j]] = x;
+                hc_up(W, t->nw[j]++, 0);
+            } else if (hc_better(x, W[0])) {
+                W[0] = x;
+                hc_down(W, L, 0, 0);
+            } else {
+                continue;
+            }
+            if (t->nc[j] == t->cc[j])
+                cand_prune(t, j);
+            if (t->nc[j] < t->cc[j]) {
+                C[t->nc[j]] = x;
+                hc_up(C, t->nc[j]++, 1);
+            }
             t->act[j] = 1;
         }
     }
 }
 
-/* The next node to expand: the best unexpanded candidate of the next query in turn that
- * has one (queries with none rest until an offer wakes them). take = 0 only looks. */
-static int32_t pick(const ra_graph *g, s_tls *t, int G, int *rr, int take)
+/* The next node to expand: the best candidate of the next query in turn that has one
+ * worth expanding (queries with none rest until an offer wakes them). take = 0 only
+ * looks (and may drop candidates already expanded by others). */
+static int32_t pick(s_tls *t, int G, int *rr, int take)
 {
-    (void)g;
     for (int tries = 0; tries < G; tries++) {
         int j = *rr;
         *rr = j + 1 == G ? 0 : j + 1;
         if (!t->act[j])
             continue;
-        g_cand *pool = t->pool + t->off[j];
-        int k = t->cur[j];
-        while (k < t->np[j] && (pool[k].done || bit_test(t->exp, pool[k].id)))
-            k++;
-        if (take)
-            t->cur[j] = k;
-        if (k >= t->np[j]) {
+        g_hc *W = t->heap + t->ow[j], *C = t->heap + t->oc[j];
+        while (t->nc[j] > 0) {
+            g_hc c = C[0];
+            if (t->nw[j] == t->L[j] && hc_better(W[0], c)) {
+                t->nc[j] = 0; /* every candidate left is worse than the worst result */
+                break;
+            }
+            if (bit_test(t->exp, c.id) || take) {
+                C[0] = C[--t->nc[j]];
+                hc_down(C, t->nc[j], 0, 1);
+                if (bit_test(t->exp, c.id))
+                    continue;
+            }
             if (take)
-                t->act[j] = 0;
-            continue;
+                bit_test_set(t->exp, c.id);
+            return c.id;
         }
-        int32_t u = pool[k].id;
-        if (take) {
-            pool[k].done = 1;
-            t->cur[j] = k + 1;
-            bit_test_set(t->exp, u);
-        }
-        return u;
+        if (take)
+            t->act[j] = 0;
     }
     return -1;
+}
+
+static int hc_cmp_desc(const void *a, const void *b)
+{
+    g_hc x = *(const g_hc *)a, y = *(const g_hc *)b;
+    return hc_better(x, y) ? -1 : hc_better(y, x) ? 1 : 0;
 }
 
 ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, const float *q,
@@ -264,7 +342,7 @@ ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, c
         int L = p[j].k == 0 ? 0 : p[j].effort > 0 ? p[j].effort : default_L(p[j].k);
         if (L && L < p[j].k)
             L = p[j].k;
-        pool_total += (size_t)L + 1;
+        pool_total += 2 * (size_t)L + 2 * (size_t)g->M + 64;
     }
     uint64_t scanned = 0, hops = 0;
     int dim = g->dim;
@@ -289,10 +367,11 @@ ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, c
     for (int j = 0; j < G; j++) {
         int L = p[j].k == 0 ? 0 : p[j].effort > 0 ? p[j].effort : default_L(p[j].k);
         t->L[j] = L && L < p[j].k ? p[j].k : L;
-        t->off[j] = off;
-        off += (size_t)t->L[j] + 1;
-        t->np[j] = 0;
-        t->cur[j] = 0;
+        t->ow[j] = off;
+        t->oc[j] = off + (size_t)t->L[j];
+        t->cc[j] = t->L[j] + 2 * g->M + 64;
+        off += (size_t)t->L[j] + (size_t)t->cc[j];
+        t->nw[j] = t->nc[j] = 0;
         t->act[j] = t->L[j] > 0;
         ra_codebook_prep(&g->cb, q + (size_t)j * dim, t->q8 + (size_t)j * g->cb.cbytes,
                          t->q16 + (size_t)j * g->cb.cbytes, &t->mul[j], &t->add[j]);
@@ -323,16 +402,16 @@ ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, c
     }
     offer(g, t, G, t->nb, ns);
     scanned += (uint64_t)ns;
-    /* the walk: queries take turns expanding their best unexpanded candidate, as a
+    /* the walk: queries take turns expanding their best candidate, as a
      * two-stage pipeline: while the codes of one expansion's new neighbours are scored,
      * the next expansion's neighbours are already gathered and their codes prefetched
      * (and the adjacency of the one after that), so code fetches overlap the arithmetic.
      * The next node is chosen before the current scores land: the order of expansions
-     * shifts by one, the stopping rule (every candidate of every pool expanded) does not */
+     * shifts by one, the stopping rule does not */
     int32_t *cur = t->nb, *nxt = t->nb + nbmax;
     int n_cur = 0, rr = 0;
     for (;;) {
-        int32_t u = pick(g, t, G, &rr, 1);
+        int32_t u = pick(t, G, &rr, 1);
         int n_nxt = 0;
         if (u >= 0) {
             hops++;
@@ -348,7 +427,7 @@ ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, c
                     __builtin_prefetch(c + o);
             }
             int rr2 = rr; /* the expansion after: its adjacency */
-            int32_t u2 = pick(g, t, G, &rr2, 0);
+            int32_t u2 = pick(t, G, &rr2, 0);
             if (u2 >= 0)
                 __builtin_prefetch(g_adj(g, (size_t)u2));
         }
@@ -368,25 +447,28 @@ ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, c
     for (int j = 0; j < G; j++) {
         if (!t->L[j])
             continue;
-        g_cand *pool = t->pool + t->off[j];
-        int r = rescore_count(p[j].k, t->np[j]);
+        /* the results by code score, best first; the best r of them rescored exactly,
+         * sorted again (ties by id), the top k returned */
+        g_hc *W = t->heap + t->ow[j];
+        qsort(W, (size_t)t->nw[j], sizeof *W, hc_cmp_desc);
+        int r = rescore_count(p[j].k, t->nw[j]);
         if ((size_t)r > t->r_cap)
             r = (int)t->r_cap;
         for (int i = 0; i < r; i++) {
-            t->rid[i] = pool[i].id;
-            __builtin_prefetch(g_row(g, keys, pool[i].id));
+            t->rid[i] = W[i].id;
+            __builtin_prefetch(g_row(g, keys, W[i].id));
         }
         ra_kern_dot_gather(q + (size_t)j * dim, keys, g->dtype, dim, t->rid, (size_t)r, t->rsc);
-        /* best first by exact score, ties by id: reuse the pool as the sorted list */
-        int m = 0;
         for (int i = 0; i < r; i++)
-            g_pool_insert(pool, &m, p[j].k, t->rsc[i], t->rid[i]);
+            W[i] = (g_hc){t->rsc[i], t->rid[i]};
+        qsort(W, (size_t)r, sizeof *W, hc_cmp_desc);
+        int m = r < p[j].k ? r : p[j].k;
         n_out[j] = m;
         int32_t *oi = ids + (size_t)j * kmax;
         for (int i = 0; i < m; i++) {
-            oi[i] = pool[i].id;
+            oi[i] = W[i].id;
             if (scores)
-                scores[(size_t)j * kmax + i] = pool[i].s;
+                scores[(size_t)j * kmax + i] = W[i].s;
         }
         if (st)
             st[j].rescored = (uint64_t)r;

@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "npy.h"
@@ -582,7 +583,15 @@ static int load_trace(const bench_cfg *c, bench_data *d)
 
 typedef struct sweep_out {
     double recall, scanned_frac, us, hops;
+    double cpu_us; /* thread CPU time per query: steadier than us on a shared machine */
 } sweep_out;
+
+static double thread_cpu_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
 
 /* Runs nq queries one at a time on this thread; recall against gt [nq][k]. warm: pass
  * the previous query's ids as warm entries (decode order). */
@@ -596,7 +605,7 @@ static int run_queries(const ra_backend_ops *ops, void *st, const ra_kv *kv, siz
         return -1;
     int nprev = 0;
     double hit = 0, scanned = 0, hops = 0;
-    double t0 = ra_now_s();
+    double t0 = ra_now_s(), c0 = thread_cpu_s();
     for (size_t i = 0; i < nq; i++) {
         ra_search_params p = {.k = k,
                               .effort = effort,
@@ -626,6 +635,7 @@ static int run_queries(const ra_backend_ops *ops, void *st, const ra_kv *kv, siz
         nprev = got;
     }
     double t1 = ra_now_s();
+    o->cpu_us = (thread_cpu_s() - c0) * 1e6 / (double)nq;
     int kk = (size_t)k < n ? k : (int)n;
     o->recall = hit / ((double)nq * kk);
     o->scanned_frac = scanned / ((double)nq * (double)n);
@@ -652,7 +662,7 @@ static int run_group(const ra_backend_ops *ops, void *st, const ra_kv *kv, size_
         goto done;
     double hit = 0, scanned = 0, hops = 0;
     int kk = (size_t)k < n ? k : (int)n;
-    double t0 = ra_now_s();
+    double t0 = ra_now_s(), c0 = thread_cpu_s();
     for (size_t i = 0; i < nq; i++) {
         for (int j = 0; j < G; j++) {
             memcpy(qs + (size_t)j * dim, q + ((size_t)j * nq + i) * dim, (size_t)dim * sizeof *qs);
@@ -689,6 +699,7 @@ static int run_group(const ra_backend_ops *ops, void *st, const ra_kv *kv, size_
         }
     }
     double t1 = ra_now_s();
+    o->cpu_us = (thread_cpu_s() - c0) * 1e6 / ((double)nq * G);
     o->recall = hit / ((double)nq * G * kk);
     o->scanned_frac = scanned / ((double)nq * G * (double)n);
     o->us = (t1 - t0) * 1e6 / ((double)nq * G);
@@ -704,12 +715,14 @@ static void emit(const bench_cfg *c, const char *index, const char *params, cons
 {
     if (c->json)
         printf("{\"index\":\"%s\",\"params\":\"%s\",\"recall\":%.4f,\"scanned_frac\":%.5f,"
-               "\"us_per_query\":%.1f,\"build_s\":%.3f,\"hops\":%.1f%s%s}\n",
-               index, params, o->recall, o->scanned_frac, o->us, build_s, o->hops, extra ? "," : "",
+               "\"us_per_query\":%.1f,\"cpu_us_per_query\":%.1f,\"build_s\":%.3f,\"hops\":%.1f%s%s}\n",
+               index, params, o->recall, o->scanned_frac, o->us, o->cpu_us, build_s, o->hops,
+               extra ? "," : "",
                extra ? extra : "");
     else
-        printf("%-6s %-22s recall %.4f  scanned %.5f  %9.1f us/q  build %.2fs %s\n", index, params,
-               o->recall, o->scanned_frac, o->us, build_s, extra ? extra : "");
+        printf("%-6s %-22s recall %.4f  scanned %.5f  %9.1f us/q (cpu %.1f)  build %.2fs %s\n",
+               index, params, o->recall, o->scanned_frac, o->us, o->cpu_us, build_s,
+               extra ? extra : "");
     fflush(stdout);
 }
 
