@@ -245,8 +245,8 @@ static void synth_task(void *arg, size_t i)
     }
 }
 
-ra_status dec_data_synth(const dec_cfg *c, const dec_gen *g, int sess, size_t n_app,
-                         dec_data *d, char *err, size_t errlen)
+ra_status dec_data_synth(const dec_cfg *c, const dec_gen *g, int sess, size_t n_app, dec_data *d,
+                         char *err, size_t errlen)
 {
     memset(d, 0, sizeof *d);
     d->n_layers = c->layers;
@@ -309,9 +309,8 @@ static void trace_task(void *arg, size_t i)
     float *buf = malloc((nk > j->n_pos ? nk : j->n_pos) * D * sizeof *buf);
     float *tq = malloc((d->n_train ? d->n_train : 1) * D * sizeof *tq);
     ra_status s = buf && tq ? RA_OK : RA_ENOMEM;
-    if (s == RA_OK &&
-        (s = ra_trace_read(j->t, RA_TRACE_K, (uint32_t)l, (uint32_t)g, j->sink, (uint32_t)nk,
-                           buf)) == RA_OK)
+    if (s == RA_OK && (s = ra_trace_read(j->t, RA_TRACE_K, (uint32_t)l, (uint32_t)g, j->sink,
+                                         (uint32_t)nk, buf)) == RA_OK)
         store_keys(d, l, g, buf);
     for (int hh = 0; hh < grp && s == RA_OK; hh++) {
         int h = g * grp + hh;
@@ -387,8 +386,7 @@ ra_status dec_data_trace(const dec_cfg *c, ra_trace *t, size_t n_app, dec_data *
     return s;
 }
 
-ra_status dec_data_values(const dec_data *d, int layer, int g, size_t row0, size_t n,
-                          uint16_t *out)
+ra_status dec_data_values(const dec_data *d, int layer, int g, size_t row0, size_t n, uint16_t *out)
 {
     size_t D = (size_t)d->dim;
     if (d->trace) {

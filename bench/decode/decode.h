@@ -94,8 +94,8 @@ void dec_gen_list(FILE *f);
 /* Session `sess`'s data from generator g: layers, heads and sizes from c, context +
  * (append ? steps : 0) keys per head, seeds from (c->seed, sess, layer, KV head).
  * threads workers. A message in err on failure. */
-ra_status dec_data_synth(const dec_cfg *c, const dec_gen *g, int sess, size_t n_app,
-                         dec_data *d, char *err, size_t errlen);
+ra_status dec_data_synth(const dec_cfg *c, const dec_gen *g, int sess, size_t n_app, dec_data *d,
+                         char *err, size_t errlen);
 
 /* A trace's heads: rows [sink, n - window - n_steps) offloaded, the next n_app rows
  * appended, training queries sampled among the rows before the offloaded keys' end,
@@ -198,8 +198,9 @@ typedef struct dec_series {
 
 /* Everything a run measured, and its plan. */
 typedef struct dec_run {
-    size_t n_app; /* keys held back per head for Append */
-    int s_total;  /* decode steps: warm-up + timed */
+    size_t n_app;   /* keys held back per head for Append */
+    size_t n_train; /* training queries per query head sent (a trace may have fewer rows) */
+    int s_total;    /* decode steps: warm-up + timed */
     int private_daemon;
     char endpoint[300];
     ra_server_info info;

@@ -21,63 +21,64 @@
 const char *dec_index_name(ra_client_index_kind k)
 {
     switch (k) {
-    case RA_CLIENT_INDEX_FLAT: return "flat";
-    case RA_CLIENT_INDEX_IVF: return "ivf";
-    case RA_CLIENT_INDEX_HNSW: return "hnsw";
-    default: return "graph";
+    case RA_CLIENT_INDEX_FLAT:
+        return "flat";
+    case RA_CLIENT_INDEX_IVF:
+        return "ivf";
+    case RA_CLIENT_INDEX_HNSW:
+        return "hnsw";
+    default:
+        return "graph";
     }
 }
 
 static void usage(FILE *f)
 {
-    fprintf(
-        f,
-        "usage: ratd-bench-decode [--ratd BIN | --endpoint EP] [options]\n"
-        "\n"
-        "Offloads a long context to ratd, replays decode steps (one synchronous Attend per\n"
-        "layer for all query heads) and reports Attend latency per layer and per token,\n"
-        "the empty request's round trip, build time, memory, and recall / attention mass\n"
-        "against an exact reference on sampled steps.\n"
-        "\n"
-        "daemon:\n"
-        "  --ratd BIN        start a private ratd on an ipc:// path (default: this build\n"
-        "                    tree's daemon/ratd); stopped at the end\n"
-        "  --endpoint EP     use a running ratd instead\n"
-        "  --workers W       the private daemon's attention workers (default: its own)\n"
-        "shape (default Llama-3-8B: 32 layers, 32 query / 8 KV heads, dim 128, bf16):\n"
-        "  --layers L        layers run (figures are per layer; 2 is the usual run)\n"
-        "  --model-layers N  the full model's layers, for the per-token estimate (32)\n"
-        "  --q-heads H --kv-heads G --dim D --dtype bf16|f16\n"
-        "data:\n"
-        "  --context N       offloaded keys per KV head (131072)\n"
-        "  --gen NAME        synthetic generator (calibrated); one of:\n");
+    fprintf(f, "usage: ratd-bench-decode [--ratd BIN | --endpoint EP] [options]\n"
+               "\n"
+               "Offloads a long context to ratd, replays decode steps (one synchronous Attend per\n"
+               "layer for all query heads) and reports Attend latency per layer and per token,\n"
+               "the empty request's round trip, build time, memory, and recall / attention mass\n"
+               "against an exact reference on sampled steps.\n"
+               "\n"
+               "daemon:\n"
+               "  --ratd BIN        start a private ratd on an ipc:// path (default: this build\n"
+               "                    tree's daemon/ratd); stopped at the end\n"
+               "  --endpoint EP     use a running ratd instead\n"
+               "  --workers W       the private daemon's attention workers (default: its own)\n"
+               "shape (default Llama-3-8B: 32 layers, 32 query / 8 KV heads, dim 128, bf16):\n"
+               "  --layers L        layers run (figures are per layer; 2 is the usual run)\n"
+               "  --model-layers N  the full model's layers, for the per-token estimate (32)\n"
+               "  --q-heads H --kv-heads G --dim D --dtype bf16|f16\n"
+               "data:\n"
+               "  --context N       offloaded keys per KV head (131072)\n"
+               "  --gen NAME        synthetic generator (calibrated); one of:\n");
     dec_gen_list(f);
     fprintf(
-        f,
-        "  --synth K=V,...   the generator's knobs (bench/index/synth.h)\n"
-        "  --seed X          data seed (1); sessions, layers and heads draw their own\n"
-        "  --trace FILE      real heads from ratd-lm-eval --dump-trace (shape from the file):\n"
-        "                    rows [sink, n - window - steps) offloaded, the last steps decoded\n"
-        "  --sink N --window N   the decoder's GPU-side rows, with --trace (128, 512)\n"
-        "  --n-train Q       training queries per query head (4096)\n"
-        "decode:\n"
-        "  --steps S         timed decode steps (256)\n"
-        "  --warmup W        untimed steps first (10)\n"
-        "  --top-k K         keys retrieved per query head (100)\n"
-        "  --effort E        search effort (graph: candidate list; 0: the daemon's default)\n"
-        "  --index graph|flat|ivf|hnsw   the sessions' index (graph)\n"
-        "  --batch B         B sessions with their own data; one Attend per layer for all\n"
-        "  --append-every N  Append the N held-back newest tokens every N steps (16; 0: off)\n"
-        "  --sample-every N  fidelity against the exact reference every N timed steps (10;\n"
-        "                    0: off)\n"
-        "  --wait-index MS   wait this long for the index builds before decoding (600000;\n"
-        "                    0: do not wait)\n"
-        "other:\n"
-        "  --threads T       the bench's own threads (generation, reference; 0: all CPUs)\n"
-        "  --json            one JSON object on stdout instead of the table\n"
-        "  --force           run even when the memory needed exceeds MemAvailable\n"
-        "  --quiet           no progress lines on stderr\n"
-        "  -h, --help\n");
+        f, "  --synth K=V,...   the generator's knobs (bench/index/synth.h)\n"
+           "  --seed X          data seed (1); sessions, layers and heads draw their own\n"
+           "  --trace FILE      real heads from ratd-lm-eval --dump-trace (shape from the file):\n"
+           "                    rows [sink, n - window - steps) offloaded, the last steps decoded\n"
+           "  --sink N --window N   the decoder's GPU-side rows, with --trace (128, 512)\n"
+           "  --n-train Q       training queries per query head (4096)\n"
+           "decode:\n"
+           "  --steps S         timed decode steps (256)\n"
+           "  --warmup W        untimed steps first (10)\n"
+           "  --top-k K         keys retrieved per query head (100)\n"
+           "  --effort E        search effort (graph: candidate list; 0: the daemon's default)\n"
+           "  --index graph|flat|ivf|hnsw   the sessions' index (graph)\n"
+           "  --batch B         B sessions with their own data; one Attend per layer for all\n"
+           "  --append-every N  Append the N held-back newest tokens every N steps (16; 0: off)\n"
+           "  --sample-every N  fidelity against the exact reference every N timed steps (10;\n"
+           "                    0: off)\n"
+           "  --wait-index MS   wait this long for the index builds before decoding (600000;\n"
+           "                    0: do not wait)\n"
+           "other:\n"
+           "  --threads T       the bench's own threads (generation, reference; 0: all CPUs)\n"
+           "  --json            one JSON object on stdout instead of the table\n"
+           "  --force           run even when the memory needed exceeds MemAvailable\n"
+           "  --quiet           no progress lines on stderr\n"
+           "  -h, --help\n");
 }
 
 __attribute__((format(printf, 1, 2), noreturn)) static void bad(const char *fmt, ...)
@@ -198,10 +199,18 @@ static void parse_args(int argc, char **argv, dec_cfg *c)
     while ((ch = getopt_long(argc, argv, ":h", g_long, NULL)) != -1) {
         const char *v = optarg;
         switch (ch) {
-        case 'h': usage(stdout); exit(0);
-        case O_RATD: c->ratd_bin = v; break;
-        case O_ENDPOINT: c->endpoint = v; break;
-        case O_WORKERS: c->workers = (int)parse_int("--workers", v, 1, 1024); break;
+        case 'h':
+            usage(stdout);
+            exit(0);
+        case O_RATD:
+            c->ratd_bin = v;
+            break;
+        case O_ENDPOINT:
+            c->endpoint = v;
+            break;
+        case O_WORKERS:
+            c->workers = (int)parse_int("--workers", v, 1, 1024);
+            break;
         case O_LAYERS:
             c->layers = (int)parse_int("--layers", v, 1, 4096);
             c->set_layers = 1;
@@ -238,9 +247,15 @@ static void parse_args(int argc, char **argv, dec_cfg *c)
             c->gen = v;
             c->set_gen = 1;
             break;
-        case O_SYNTH: c->synth = v; break;
-        case O_SEED: c->seed = (uint64_t)parse_int("--seed", v, 0, INT64_MAX); break;
-        case O_TRACE: c->trace = v; break;
+        case O_SYNTH:
+            c->synth = v;
+            break;
+        case O_SEED:
+            c->seed = (uint64_t)parse_int("--seed", v, 0, INT64_MAX);
+            break;
+        case O_TRACE:
+            c->trace = v;
+            break;
         case O_SINK:
             c->sink = (int)parse_int("--sink", v, 0, 1 << 24);
             set_sink = 1;
@@ -249,11 +264,21 @@ static void parse_args(int argc, char **argv, dec_cfg *c)
             c->window = (int)parse_int("--window", v, 1, 1 << 24);
             set_window = 1;
             break;
-        case O_NTRAIN: c->n_train = (int)parse_int("--n-train", v, 0, 1 << 24); break;
-        case O_STEPS: c->steps = (int)parse_int("--steps", v, 1, 1 << 20); break;
-        case O_WARMUP: c->warmup = (int)parse_int("--warmup", v, 0, 1 << 20); break;
-        case O_TOPK: c->top_k = (int)parse_int("--top-k", v, 1, 1 << 20); break;
-        case O_EFFORT: c->effort = (int)parse_int("--effort", v, 0, 1 << 24); break;
+        case O_NTRAIN:
+            c->n_train = (int)parse_int("--n-train", v, 0, 1 << 24);
+            break;
+        case O_STEPS:
+            c->steps = (int)parse_int("--steps", v, 1, 1 << 20);
+            break;
+        case O_WARMUP:
+            c->warmup = (int)parse_int("--warmup", v, 0, 1 << 20);
+            break;
+        case O_TOPK:
+            c->top_k = (int)parse_int("--top-k", v, 1, 1 << 20);
+            break;
+        case O_EFFORT:
+            c->effort = (int)parse_int("--effort", v, 0, 1 << 24);
+            break;
         case O_INDEX:
             if (!strcmp(v, "graph"))
                 c->index = RA_CLIENT_INDEX_GRAPH;
@@ -266,15 +291,32 @@ static void parse_args(int argc, char **argv, dec_cfg *c)
             else
                 bad("--index must be graph, flat, ivf or hnsw, got '%s'", v);
             break;
-        case O_BATCH: c->batch = (int)parse_int("--batch", v, 1, DEC_MAX_BATCH); break;
-        case O_APPEND: c->append_every = (int)parse_int("--append-every", v, 0, 1 << 20); break;
-        case O_SAMPLE: c->sample_every = (int)parse_int("--sample-every", v, 0, 1 << 20); break;
-        case O_WAIT: c->wait_index_ms = (int)parse_int("--wait-index", v, 0, 86400000); break;
-        case O_THREADS: c->threads = (int)parse_int("--threads", v, 0, 256); break;
-        case O_JSON: c->json = 1; break;
-        case O_FORCE: c->force = 1; break;
-        case O_QUIET: c->quiet = 1; break;
-        case ':': bad("%s needs a value", argv[optind - 1]);
+        case O_BATCH:
+            c->batch = (int)parse_int("--batch", v, 1, DEC_MAX_BATCH);
+            break;
+        case O_APPEND:
+            c->append_every = (int)parse_int("--append-every", v, 0, 1 << 20);
+            break;
+        case O_SAMPLE:
+            c->sample_every = (int)parse_int("--sample-every", v, 0, 1 << 20);
+            break;
+        case O_WAIT:
+            c->wait_index_ms = (int)parse_int("--wait-index", v, 0, 86400000);
+            break;
+        case O_THREADS:
+            c->threads = (int)parse_int("--threads", v, 0, 256);
+            break;
+        case O_JSON:
+            c->json = 1;
+            break;
+        case O_FORCE:
+            c->force = 1;
+            break;
+        case O_QUIET:
+            c->quiet = 1;
+            break;
+        case ':':
+            bad("%s needs a value", argv[optind - 1]);
         default:
             if (optopt)
                 bad("unknown flag -%c", optopt);
@@ -355,7 +397,7 @@ static void print_json(const dec_cfg *c, const dec_run *r)
     dec_json_int(&j, "head_dim", c->dim);
     dec_json_str(&j, "dtype", ra_dtype_name(c->dtype));
     dec_json_int(&j, "context", (long long)c->context);
-    dec_json_int(&j, "n_train", c->n_train);
+    dec_json_int(&j, "n_train", (long long)r->n_train);
     dec_json_int(&j, "steps", c->steps);
     dec_json_int(&j, "warmup", c->warmup);
     dec_json_int(&j, "top_k", c->top_k);
@@ -430,14 +472,14 @@ static void print_table(const dec_cfg *c, const dec_run *r)
            c->dim, ra_dtype_name(c->dtype));
     printf("  context %zu keys per KV head, index %s, top_k %d, effort %d, batch %d (%s), "
            "daemon %s %s with %u workers\n",
-           c->context, dec_index_name(c->index), c->top_k, c->effort, c->batch,
-           dec_batch_mode(), r->private_daemon ? "private" : "at", r->endpoint, r->info.workers);
+           c->context, dec_index_name(c->index), c->top_k, c->effort, c->batch, dec_batch_mode(),
+           r->private_daemon ? "private" : "at", r->endpoint, r->info.workers);
     printf("\n%-34s %12s %12s %12s %12s %8s\n", "", "p50", "p90", "p99", "max", "n");
     printf("%-34s %12.1f %12.1f %12.1f %12.1f %8zu\n", "Attend per layer, us",
            dec_series_pct(&r->attend_us, 50), dec_series_pct(&r->attend_us, 90),
            dec_series_pct(&r->attend_us, 99), dec_series_max(&r->attend_us), r->attend_us.n);
     char lbl[64];
-    snprintf(lbl, sizeof lbl, "token (%d layers), us", c->layers);
+    snprintf(lbl, sizeof lbl, "token (%d layer%s), us", c->layers, c->layers > 1 ? "s" : "");
     printf("%-34s %12.1f %12s %12.1f %12.1f %8zu\n", lbl, dec_series_pct(&r->token_us, 50), "",
            dec_series_pct(&r->token_us, 99), dec_series_max(&r->token_us), r->token_us.n);
     printf("%-34s %12.1f %12s %12.1f %12.1f %8zu\n", "empty request (Hello), us",
@@ -445,9 +487,8 @@ static void print_table(const dec_cfg *c, const dec_run *r)
            dec_series_max(&r->rtt_us), r->rtt_us.n);
     if (r->append_us.n) {
         snprintf(lbl, sizeof lbl, "Append of %d tokens, us", c->append_every);
-        printf("%-34s %12.1f %12s %12.1f %12.1f %8zu\n", lbl, dec_series_pct(&r->append_us, 50),
-               "", dec_series_pct(&r->append_us, 99), dec_series_max(&r->append_us),
-               r->append_us.n);
+        printf("%-34s %12.1f %12s %12.1f %12.1f %8zu\n", lbl, dec_series_pct(&r->append_us, 50), "",
+               dec_series_pct(&r->append_us, 99), dec_series_max(&r->append_us), r->append_us.n);
     }
     if (r->have_server)
         printf("%-34s %12.1f / %.1f\n", "daemon wall / work per layer, us",

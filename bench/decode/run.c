@@ -91,9 +91,15 @@ static int plan(bench *b)
     double per_key; /* an index's own bytes per key beyond K and V (ratd's backends) */
     switch (c->index) {
     case RA_CLIENT_INDEX_FLAT:
-    case RA_CLIENT_INDEX_IVF: per_key = 4 * D; break;           /* FAISS's fp32 copy */
-    case RA_CLIENT_INDEX_HNSW: per_key = 4 * D + 64 * 4; break; /* + level-0 links */
-    default: per_key = 48 * 4; break;                           /* graph: M = 48 edges */
+    case RA_CLIENT_INDEX_IVF:
+        per_key = 4 * D;
+        break; /* FAISS's fp32 copy */
+    case RA_CLIENT_INDEX_HNSW:
+        per_key = 4 * D + 64 * 4;
+        break; /* + level-0 links */
+    default:
+        per_key = 48 * 4;
+        break; /* graph: M = 48 edges */
     }
     r->mem_kv = B * L * G * rows * (2 * D * 2 + 8);
     r->mem_index = B * L * G * rows * per_key;
@@ -227,7 +233,10 @@ static int make_data(bench *b)
         }
     }
     b->r->gen_s = now_s() - t0;
-    progress(c, "generate: %d x %d heads (%s), %zu + %zu keys and %d query heads each, %.2f s on %d threads",
+    b->r->n_train = b->data[0].n_train;
+    progress(c,
+             "generate: %d x %d heads (%s), %zu + %zu keys and %d query heads each, %.2f s on %d "
+             "threads",
              b->n_data, c->layers * c->kv_heads, b->trace ? c->trace : b->gen->name, c->context,
              b->r->n_app, c->q_heads / c->kv_heads, b->r->gen_s, dec_threads(c));
     return 0;
@@ -265,8 +274,8 @@ typedef struct vjob {
 static void values_task(void *arg, size_t g)
 {
     vjob *j = arg;
-    j->st[g] = dec_data_values(j->d, j->layer, (int)g, j->row0, j->n,
-                               j->v + g * j->n * (size_t)j->d->dim);
+    j->st[g] =
+        dec_data_values(j->d, j->layer, (int)g, j->row0, j->n, j->v + g * j->n * (size_t)j->d->dim);
 }
 
 /* The values of rows [row0, row0 + n) of one layer, every KV head, into v [G][n][D]. */
@@ -397,13 +406,13 @@ static int memory_stats(bench *b)
 /* ---- decode ---------------------------------------------------------------------------- */
 
 typedef struct dec_bufs {
-    float *qb, *o, *lse;                 /* [B][H][D], [B][H][D], [B][H] */
-    int64_t *fpos;                       /* [L][B][H][k] */
-    float *fsc, *flse;                   /* [L][B][H][k], [L][B][H] */
-    int32_t *fcnt;                       /* [L][B][H] */
-    uint16_t *ak, *av;                   /* [G][N][D] an Append's tokens */
-    int64_t *apos;                       /* [N] */
-    dec_answer *ans;                     /* [B][L] */
+    float *qb, *o, *lse; /* [B][H][D], [B][H][D], [B][H] */
+    int64_t *fpos;       /* [L][B][H][k] */
+    float *fsc, *flse;   /* [L][B][H][k], [L][B][H] */
+    int32_t *fcnt;       /* [L][B][H] */
+    uint16_t *ak, *av;   /* [G][N][D] an Append's tokens */
+    int64_t *apos;       /* [N] */
+    dec_answer *ans;     /* [B][L] */
 } dec_bufs;
 
 static void bufs_free(dec_bufs *u)
@@ -517,7 +526,8 @@ static int decode(bench *b)
                 tok += us;
                 r->have_server = have;
                 if (dec_series_add(&r->attend_us, us) ||
-                    (have && (dec_series_add(&r->server_us, sv) || dec_series_add(&r->work_us, wk))))
+                    (have &&
+                     (dec_series_add(&r->server_us, sv) || dec_series_add(&r->work_us, wk))))
                     rc = fail("out of memory");
             }
             if (!sampled || rc)
