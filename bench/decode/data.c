@@ -211,6 +211,27 @@ static void store_queries(dec_data *d, int l, int h, const float *train, const f
         memcpy((float *)dec_q_step(d, t, l) + (size_t)h * D, dec + (size_t)t * D, D * sizeof *dec);
 }
 
+/* Runs task(job, i) for every (layer, KV head) i on the bench's threads; each task leaves
+ * its status in (*st)[i] (an array made here). The first failure names its head. */
+static ra_status per_head(const dec_cfg *c, dec_data *d, void (*task)(void *, size_t), void *job,
+                          ra_status **st, const char *what, char *err, size_t errlen)
+{
+    size_t n = (size_t)d->n_layers * d->n_kv;
+    ra_status s = RA_OK;
+    if (!(*st = calloc(n, sizeof **st))) {
+        snprintf(err, errlen, "out of memory");
+        return RA_ENOMEM;
+    }
+    dec_par_for(n, dec_threads(c), task, job);
+    for (size_t i = 0; i < n && s == RA_OK; i++)
+        if ((s = (*st)[i]) != RA_OK)
+            snprintf(err, errlen, "%s, layer %zu KV head %zu: %s", what, i / (size_t)d->n_kv,
+                     i % (size_t)d->n_kv, ra_strerror(s));
+    free(*st);
+    *st = NULL;
+    return s;
+}
+
 typedef struct synth_job {
     dec_data *d;
     const dec_gen *g;
@@ -270,21 +291,10 @@ ra_status dec_data_synth(const dec_cfg *c, const dec_gen *g, int sess, size_t n_
         snprintf(err, errlen, "out of memory for session %d's data", sess);
         return RA_ENOMEM;
     }
-    size_t n = (size_t)d->n_layers * d->n_kv;
-    ra_status *st = calloc(n, sizeof *st);
-    if (!st) {
-        dec_data_free(d);
-        snprintf(err, errlen, "out of memory");
-        return RA_ENOMEM;
-    }
-    synth_job j = {d, g, c->synth, sseed, st};
-    dec_par_for(n, dec_threads(c), synth_task, &j);
-    ra_status s = RA_OK;
-    for (size_t i = 0; i < n && s == RA_OK; i++)
-        if ((s = st[i]) != RA_OK)
-            snprintf(err, errlen, "generator %s, layer %zu KV head %zu: %s", g->name,
-                     i / (size_t)d->n_kv, i % (size_t)d->n_kv, ra_strerror(s));
-    free(st);
+    synth_job j = {d, g, c->synth, sseed, NULL};
+    char what[64];
+    snprintf(what, sizeof what, "generator %s", g->name);
+    ra_status s = per_head(c, d, synth_task, &j, &j.st, what, err, errlen);
     if (s != RA_OK)
         dec_data_free(d);
     return s;
@@ -332,12 +342,8 @@ ra_status dec_data_trace(const dec_cfg *c, ra_trace *t, size_t n_app, dec_data *
     const ra_trace_info *in = ra_trace_get_info(t);
     memset(d, 0, sizeof *d);
     unsigned P = in->n_pos, S = (unsigned)(c->warmup + c->steps);
-    unsigned need = (unsigned)c->sink + (unsigned)c->window + S + (unsigned)c->top_k;
-    if ((uint64_t)c->sink + c->window + S + c->top_k > P) {
-        snprintf(err, errlen,
-                 "%s has %u positions; sink %d + window %d + warm-up and steps %u + top_k %d "
-                 "offloaded keys need at least %u",
-                 c->trace, P, c->sink, c->window, S, c->top_k, need);
+    if ((uint64_t)c->sink + c->window + S + c->top_k > P) { /* run.c said why */
+        snprintf(err, errlen, "%s is too short for the request", c->trace);
         return RA_EINVAL;
     }
     unsigned end = P - (unsigned)c->window - S; /* the offloaded rows end here */
@@ -364,22 +370,8 @@ ra_status dec_data_trace(const dec_cfg *c, ra_trace *t, size_t n_app, dec_data *
         snprintf(err, errlen, "out of memory for the trace's data");
         return RA_ENOMEM;
     }
-    size_t n = (size_t)d->n_layers * d->n_kv;
-    ra_status *st = calloc(n, sizeof *st);
-    if (!st) {
-        free(rows);
-        dec_data_free(d);
-        snprintf(err, errlen, "out of memory");
-        return RA_ENOMEM;
-    }
-    trace_job j = {d, t, rows, P, (unsigned)c->sink, st};
-    dec_par_for(n, dec_threads(c), trace_task, &j);
-    ra_status s = RA_OK;
-    for (size_t i = 0; i < n && s == RA_OK; i++)
-        if ((s = st[i]) != RA_OK)
-            snprintf(err, errlen, "%s: reading layer %zu KV head %zu: %s", c->trace,
-                     i / (size_t)d->n_kv, i % (size_t)d->n_kv, ra_strerror(s));
-    free(st);
+    trace_job j = {d, t, rows, P, (unsigned)c->sink, NULL};
+    ra_status s = per_head(c, d, trace_task, &j, &j.st, c->trace, err, errlen);
     free(rows);
     if (s != RA_OK)
         dec_data_free(d);

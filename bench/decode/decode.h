@@ -133,6 +133,12 @@ int dec_threads(const dec_cfg *c);
 
 /* ---- fidelity -------------------------------------------------------------------------- */
 
+/* A growable series of samples (report.c). */
+typedef struct dec_series {
+    double *v;
+    size_t n, cap;
+} dec_series;
+
 /* What the daemon answered for one (session, layer) on a sampled step. */
 typedef struct dec_answer {
     const float *q;     /* [H][D] the query sent */
@@ -142,8 +148,7 @@ typedef struct dec_answer {
 } dec_answer;
 
 typedef struct dec_fid {
-    double *recall, *mass; /* one per (step, session, layer, query head) */
-    size_t n, cap;
+    dec_series recall, mass; /* one per (step, session, layer, query head) */
     uint64_t lse_checked, lse_mismatch, bad_positions;
     double lse_max_err;
     double retrieved; /* sum over heads of counts / top_k */
@@ -191,11 +196,6 @@ int dec_session_bytes(const ra_session_stats *st, uint64_t *bytes);
 
 /* ---- the run ---------------------------------------------------------------------------- */
 
-typedef struct dec_series {
-    double *v;
-    size_t n, cap;
-} dec_series;
-
 /* Everything a run measured, and its plan. */
 typedef struct dec_run {
     size_t n_app;   /* keys held back per head for Append */
@@ -232,6 +232,7 @@ int dec_series_add(dec_series *s, double x);
 double dec_series_pct(const dec_series *s, double p);
 double dec_series_mean(const dec_series *s);
 double dec_series_max(const dec_series *s);
+double dec_series_min(const dec_series *s);
 void dec_series_free(dec_series *s);
 
 /* A flat JSON object written by hand: keys are literals, strings escaped, NAN -> null. */

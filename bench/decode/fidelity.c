@@ -10,34 +10,10 @@
 
 #include "decode.h"
 
-/* Rearranges a[0..n) so that a[k] holds the value of rank k in decreasing order, the
- * values before it >= it and those after it <= it (quickselect, median of three). */
-static void select_desc(double *a, ptrdiff_t n, ptrdiff_t k)
+static int cmp_desc(const void *a, const void *b)
 {
-    ptrdiff_t lo = 0, hi = n - 1;
-    while (hi > lo) {
-        ptrdiff_t mid = lo + (hi - lo) / 2;
-        double x = a[lo], y = a[mid], z = a[hi];
-        double p = x > y ? (y > z ? y : (x > z ? z : x)) : (x > z ? x : (y > z ? z : y));
-        ptrdiff_t i = lo, j = hi;
-        while (i <= j) {
-            while (a[i] > p)
-                i++;
-            while (a[j] < p)
-                j--;
-            if (i <= j) {
-                double t = a[i];
-                a[i++] = a[j];
-                a[j--] = t;
-            }
-        }
-        if (k <= j)
-            hi = j;
-        else if (k >= i)
-            lo = i;
-        else
-            return; /* a[j+1 .. i-1] all equal p */
-    }
+    double x = *(const double *)a, y = *(const double *)b;
+    return x > y ? -1 : x < y;
 }
 
 typedef struct head_res {
@@ -102,10 +78,8 @@ static void fid_task(void *arg, size_t t)
         head_res *o = &j->res[(sess * (size_t)j->L + l) * d->n_q + h];
         memset(o, 0, sizeof *o);
         memcpy(tmp, s, n * sizeof *tmp);
-        select_desc(tmp, (ptrdiff_t)n, (ptrdiff_t)kk - 1);
+        qsort(tmp, n, sizeof *tmp, cmp_desc); /* the exact ranking */
         double thr = tmp[kk - 1], m = tmp[0];
-        for (size_t i = 1; i < kk; i++)
-            m = tmp[i] > m ? tmp[i] : m;
         double top = 0; /* attention mass of the exact top-k, relative to e^(m scale) */
         for (size_t i = 0; i < kk; i++)
             top += exp((tmp[i] - m) * scale);
@@ -150,26 +124,6 @@ static void fid_task(void *arg, size_t t)
     j->st[t] = RA_OK;
 }
 
-static int push(dec_fid *f, double recall, double mass)
-{
-    if (f->n == f->cap) {
-        size_t cap = f->cap ? 2 * f->cap : 1024;
-        double *r = realloc(f->recall, cap * sizeof *r);
-        if (!r)
-            return -1;
-        f->recall = r;
-        double *m = realloc(f->mass, cap * sizeof *m);
-        if (!m)
-            return -1;
-        f->mass = m;
-        f->cap = cap;
-    }
-    f->recall[f->n] = recall;
-    f->mass[f->n] = mass;
-    f->n++;
-    return 0;
-}
-
 ra_status dec_fid_add(dec_fid *f, dec_data *const *data, int n, const dec_answer *ans,
                       size_t n_rows, int top_k, int threads)
 {
@@ -191,7 +145,7 @@ ra_status dec_fid_add(dec_fid *f, dec_data *const *data, int n, const dec_answer
         s = st[i];
     for (size_t i = 0; s == RA_OK && i < (size_t)n * L * H; i++) {
         const head_res *o = &res[i];
-        if (push(f, o->recall, o->mass) != 0) {
+        if (dec_series_add(&f->recall, o->recall) || dec_series_add(&f->mass, o->mass)) {
             s = RA_ENOMEM;
             break;
         }
@@ -211,7 +165,7 @@ ra_status dec_fid_add(dec_fid *f, dec_data *const *data, int n, const dec_answer
 
 void dec_fid_free(dec_fid *f)
 {
-    free(f->recall);
-    free(f->mass);
+    dec_series_free(&f->recall);
+    dec_series_free(&f->mass);
     memset(f, 0, sizeof *f);
 }

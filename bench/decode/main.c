@@ -359,26 +359,6 @@ static void parse_args(int argc, char **argv, dec_cfg *c)
 
 /* ---- report ---------------------------------------------------------------------------- */
 
-static double pct_of(const double *v, size_t n, double p)
-{
-    dec_series s = {(double *)v, n, n};
-    return dec_series_pct(&s, p);
-}
-
-static double mean_of(const double *v, size_t n)
-{
-    dec_series s = {(double *)v, n, n};
-    return dec_series_mean(&s);
-}
-
-static double min_of(const double *v, size_t n)
-{
-    double m = n ? v[0] : NAN;
-    for (size_t i = 1; i < n; i++)
-        m = v[i] < m ? v[i] : m;
-    return m;
-}
-
 static void print_json(const dec_cfg *c, const dec_run *r)
 {
     dec_json j;
@@ -447,17 +427,17 @@ static void print_json(const dec_cfg *c, const dec_run *r)
     dec_json_num(&j, "server_us_p50", r->have_server ? dec_series_pct(&r->server_us, 50) : NAN);
     dec_json_num(&j, "work_us_p50", r->have_server ? dec_series_pct(&r->work_us, 50) : NAN);
     dec_json_int(&j, "fid_steps", r->fid_steps);
-    dec_json_int(&j, "fid_heads", (long long)f->n);
-    dec_json_num(&j, "recall_mean", mean_of(f->recall, f->n));
-    dec_json_num(&j, "recall_p10", pct_of(f->recall, f->n, 10));
-    dec_json_num(&j, "recall_min", min_of(f->recall, f->n));
-    dec_json_num(&j, "mass_mean", mean_of(f->mass, f->n));
-    dec_json_num(&j, "mass_p10", pct_of(f->mass, f->n, 10));
-    dec_json_num(&j, "mass_min", min_of(f->mass, f->n));
-    dec_json_num(&j, "retrieved_frac", f->n ? f->retrieved / (double)f->n : NAN);
+    dec_json_int(&j, "fid_heads", (long long)f->recall.n);
+    dec_json_num(&j, "recall_mean", dec_series_mean(&f->recall));
+    dec_json_num(&j, "recall_p10", dec_series_pct(&f->recall, 10));
+    dec_json_num(&j, "recall_min", dec_series_min(&f->recall));
+    dec_json_num(&j, "mass_mean", dec_series_mean(&f->mass));
+    dec_json_num(&j, "mass_p10", dec_series_pct(&f->mass, 10));
+    dec_json_num(&j, "mass_min", dec_series_min(&f->mass));
+    dec_json_num(&j, "retrieved_frac", f->recall.n ? f->retrieved / (double)f->recall.n : NAN);
     dec_json_int(&j, "lse_checked", (long long)f->lse_checked);
     dec_json_int(&j, "lse_mismatch", (long long)f->lse_mismatch);
-    dec_json_num(&j, "lse_max_err", f->n ? f->lse_max_err : NAN);
+    dec_json_num(&j, "lse_max_err", f->recall.n ? f->lse_max_err : NAN);
     dec_json_int(&j, "bad_positions", (long long)f->bad_positions);
     dec_json_int(&j, "daemon_exit", r->daemon_exit);
     dec_json_num(&j, "wall_s", r->wall_s);
@@ -503,13 +483,14 @@ static void print_table(const dec_cfg *c, const dec_run *r)
         printf("not waited for\n");
     printf("memory per session %.1f MiB (%s)\n", r->session_bytes / 1048576.0,
            r->session_bytes_src ? r->session_bytes_src : "-");
-    if (f->n) {
+    if (f->recall.n) {
         printf("\nfidelity on %d steps, %zu heads      mean      p10      min\n", r->fid_steps,
-               f->n);
+               f->recall.n);
         printf("  recall@%-5d                 %9.4f %8.4f %8.4f\n", c->top_k,
-               mean_of(f->recall, f->n), pct_of(f->recall, f->n, 10), min_of(f->recall, f->n));
-        printf("  attention mass / exact top-k %9.4f %8.4f %8.4f\n", mean_of(f->mass, f->n),
-               pct_of(f->mass, f->n, 10), min_of(f->mass, f->n));
+               dec_series_mean(&f->recall), dec_series_pct(&f->recall, 10),
+               dec_series_min(&f->recall));
+        printf("  attention mass / exact top-k %9.4f %8.4f %8.4f\n", dec_series_mean(&f->mass),
+               dec_series_pct(&f->mass, 10), dec_series_min(&f->mass));
         printf("  lse mismatches %llu of %llu (largest error %.3g), bad positions %llu\n",
                (unsigned long long)f->lse_mismatch, (unsigned long long)f->lse_checked,
                f->lse_max_err, (unsigned long long)f->bad_positions);

@@ -55,11 +55,17 @@ double dec_series_mean(const dec_series *s)
 
 double dec_series_max(const dec_series *s)
 {
-    if (s->n == 0)
-        return NAN;
-    double m = s->v[0];
+    double m = s->n ? s->v[0] : NAN;
     for (size_t i = 1; i < s->n; i++)
         m = s->v[i] > m ? s->v[i] : m;
+    return m;
+}
+
+double dec_series_min(const dec_series *s)
+{
+    double m = s->n ? s->v[0] : NAN;
+    for (size_t i = 1; i < s->n; i++)
+        m = s->v[i] < m ? s->v[i] : m;
     return m;
 }
 

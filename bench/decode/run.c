@@ -35,25 +35,30 @@ static double now_s(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-__attribute__((format(printf, 2, 3))) static void progress(const dec_cfg *c, const char *fmt, ...)
+/* One line on stderr: a progress line (unless --quiet) or a failure (always). */
+static void say(int show, const char *fmt, va_list ap)
 {
-    if (c->quiet)
+    if (!show)
         return;
-    va_list ap;
-    va_start(ap, fmt);
     fputs("ratd-bench-decode: ", stderr);
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
+}
+
+__attribute__((format(printf, 2, 3))) static void progress(const dec_cfg *c, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    say(!c->quiet, fmt, ap);
     va_end(ap);
 }
 
+/* returns the exit code of a runtime failure */
 __attribute__((format(printf, 1, 2))) static int fail(const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    fputs("ratd-bench-decode: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
+    say(1, fmt, ap);
     va_end(ap);
     return 1;
 }
@@ -633,22 +638,11 @@ int dec_run_all(dec_cfg *c, dec_run *r)
     if (!rc && c->endpoint)
         snprintf(r->endpoint, sizeof r->endpoint, "%s", c->endpoint);
     r->private_daemon = !c->endpoint;
-    if (!rc)
-        rc = plan(b);
-    if (!rc)
-        rc = start_daemon(b);
-    if (!rc)
-        rc = check_limits(b);
-    if (!rc)
-        rc = make_data(b);
-    if (!rc)
-        rc = create_sessions(b);
-    if (!rc)
-        rc = offload(b);
-    if (!rc)
-        rc = memory_stats(b);
-    if (!rc)
-        rc = decode(b);
+    static int (*const phases[])(bench *) = {plan,         start_daemon,    check_limits,
+                                             make_data,    create_sessions, offload,
+                                             memory_stats, decode};
+    for (size_t i = 0; i < sizeof phases / sizeof *phases && !rc; i++)
+        rc = phases[i](b);
     for (int i = 0; i < b->n_sid; i++) { /* a running daemon keeps nothing of the run */
         ra_status s = ra_client_session_drop(b->cl, b->sid[i]);
         if (s != RA_OK && !rc)
