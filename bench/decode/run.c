@@ -197,6 +197,7 @@ static int check_limits(bench *b)
         {"head dim", c->dim, lm->max_dim},
         {"top_k", c->top_k, lm->max_top_k},
         {"tokens per Offload (--context)", (double)c->context, lm->max_tokens},
+        {"tokens per Append (--append-every)", c->append_every, lm->max_tokens},
         {"training queries per head (--n-train)", c->n_train, lm->max_queries},
         {"bytes of the K frame of an Offload", kframe, (double)lm->max_frame_bytes},
         {"bytes of the training-query frame", qframe, (double)lm->max_frame_bytes},
@@ -376,6 +377,7 @@ static int offload(bench *b)
     }
     r->build_s = now_s() - t_end;
     r->index_ready = 1;
+    ra_client_set_timeout(b->cl, 30000); /* decode requests are small: fail sooner */
     progress(c, "build: every %s index ready %.2f s after the last Offload",
              dec_index_name(c->index), r->build_s);
     return 0;
