@@ -1,6 +1,6 @@
 /* Figures of ratd-bench-decode: growable series of samples with nearest-rank percentiles,
- * and the flat JSON object of --json, written by hand (numbers with %.6g, strings
- * escaped, NAN and infinities as null) so that the bench needs no JSON library. */
+ * and the flat JSON object of --json, written by hand (integral numbers in full, others
+ * with %.6g, strings escaped, NAN and infinities as null) so that the bench needs no JSON library. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -92,10 +92,12 @@ void dec_json_begin(dec_json *j, FILE *f)
 void dec_json_num(dec_json *j, const char *k, double v)
 {
     key(j, k);
-    if (isfinite(v))
-        fprintf(j->f, "%.6g", v);
-    else
+    if (!isfinite(v))
         fputs("null", j->f);
+    else if (v == floor(v) && fabs(v) < 1e15) /* counts and bytes: every digit */
+        fprintf(j->f, "%.0f", v);
+    else
+        fprintf(j->f, "%.6g", v);
 }
 
 void dec_json_int(dec_json *j, const char *k, long long v)
