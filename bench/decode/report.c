@@ -1,6 +1,7 @@
 /* Figures of ratd-bench-decode: growable series of samples with nearest-rank percentiles,
  * and the flat JSON object of --json, written by hand (integral numbers in full, others
- * with %.6g, strings escaped, NAN and infinities as null) so that the bench needs no JSON library. */
+ * with %.6g, strings escaped, NAN and infinities as null) so that the bench needs no JSON library.
+ */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
