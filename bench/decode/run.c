@@ -118,7 +118,7 @@ static int plan(bench *b)
     r->mem_local = r->private_daemon || !strncmp(r->endpoint, "ipc://", 6);
     double need = r->mem_bench + (r->mem_local ? r->mem_kv + r->mem_index : 0);
     progress(c,
-             "plan: %d session(s) x %d layers x %d KV heads x %zu keys (+%zu appended), %d "
+             "plan: %d session(s) x %d layer(s) x %d KV heads x %zu keys (+%zu appended), %d "
              "query heads, dim %d: daemon %.0f MiB (K, V, positions) + ~%.0f MiB (%s index), "
              "bench %.0f MiB; MemAvailable %.0f MiB",
              c->batch, c->layers, c->kv_heads, c->context, r->n_app, c->q_heads, c->dim,
@@ -348,7 +348,7 @@ static int offload(bench *b)
         r->offload_s += t_sess;
         r->offload_bytes += bytes;
         if (!rc)
-            progress(c, "offload: session %d/%d, %d layers, %.0f MiB in %.2f s", i + 1, c->batch,
+            progress(c, "offload: session %d/%d, %d layer(s), %.0f MiB in %.2f s", i + 1, c->batch,
                      c->layers, MiB(bytes), t_sess);
     }
     free(v);
@@ -498,7 +498,7 @@ static int decode(bench *b)
     float scale = (float)(1.0 / sqrt((double)D));
     size_t appended = 0;
     int rc = 0, every = r->s_total / 10 > 0 ? r->s_total / 10 : 1, threads = dec_threads(c);
-    progress(c, "decode: %d warm-up + %d timed steps x %d layers, batch %d (%s)", c->warmup,
+    progress(c, "decode: %d warm-up + %d timed steps x %d layer(s), batch %d (%s)", c->warmup,
              c->steps, L, c->batch, dec_batch_mode());
     for (int t = 0; t < r->s_total && !rc; t++) {
         int timed = t >= c->warmup;
