@@ -113,7 +113,8 @@ static int plan(bench *b)
     r->mem_bench = n_data * (L * G * rows * D * 2 + L * H * c->n_train * D * 4 +
                              (double)r->s_total * L * H * D * 4) +
                    G * (double)c->context * (D * 2 + 8) /* an Offload's values, positions */
-                   + gen_threads * 2 * rows * D * 4;    /* a generator's fp32 keys in flight */
+                   + gen_threads * 2 * rows * D * 4     /* a generator's fp32 keys in flight */
+                   + th * (H / G + 1) * rows * 8;       /* the reference's scores */
     r->mem_avail = mem_available();
     r->mem_local = r->private_daemon || !strncmp(r->endpoint, "ipc://", 6);
     double need = r->mem_bench + (r->mem_local ? r->mem_kv + r->mem_index : 0);
