@@ -316,61 +316,6 @@ static int make_insert_set(bench_data *d, size_t nins, const float *pool_keys, s
     return 0;
 }
 
-/* --synth knob names and the fields of ra_synth_opts (synth.h) they set; each field is
- * an int or a float, and the table takes which from the field's type */
-#define KNOB(name, field)                                                                          \
-    {                                                                                              \
-        name, offsetof(ra_synth_opts, field),                                                      \
-            _Generic(((ra_synth_opts *)0)->field, int : 1, float : 0)                              \
-    }
-static const struct {
-    const char *name;
-    size_t off;
-    int is_int;
-} knobs[] = {
-    KNOB("offset", offset),   KNOB("mix", mix),
-    KNOB("rank", rank),       KNOB("qscale", qscale),
-    KNOB("qnoise", qnoise),   KNOB("hub", hub_frac),
-    KNOB("needles", needles), KNOB("needle_gain", needle_gain),
-    KNOB("topics", topics),   KNOB("tnoise", tnoise),
-    KNOB("tswitch", tswitch), KNOB("tzipf", tzipf),
-    KNOB("tneedle", tneedle), KNOB("trainatn", train_at_n),
-    KNOB("kdecay", kdecay),   KNOB("krank", krank),
-    KNOB("kslow", kslow),     KNOB("rope_base", rope_base),
-    KNOB("rho", rho),         KNOB("vocab", vocab),
-    KNOB("knoise", knoise),   KNOB("blur", blur),
-};
-#undef KNOB
-
-/* --synth key=value,...: the generator's knobs (synth.h), for studies of the data. */
-static int apply_synth_opts(ra_synth_opts *o, const char *spec)
-{
-    char buf[512];
-    snprintf(buf, sizeof buf, "%s", spec);
-    for (char *tok = strtok(buf, ","); tok; tok = strtok(NULL, ",")) {
-        char *eq = strchr(tok, '=');
-        if (!eq) {
-            fprintf(stderr, "--synth: %s is not key=value\n", tok);
-            return -1;
-        }
-        *eq = 0;
-        double v = atof(eq + 1);
-        size_t x = 0;
-        while (x < sizeof knobs / sizeof *knobs && strcmp(tok, knobs[x].name))
-            x++;
-        if (x == sizeof knobs / sizeof *knobs) {
-            fprintf(stderr, "--synth: unknown knob %s\n", tok);
-            return -1;
-        }
-        char *field = (char *)o + knobs[x].off;
-        if (knobs[x].is_int)
-            *(int *)field = (int)v;
-        else
-            *(float *)field = (float)v;
-    }
-    return 0;
-}
-
 static int load_synthetic(const bench_cfg *c, bench_data *d)
 {
     ra_synth_opts o;
@@ -382,8 +327,11 @@ static int load_synthetic(const bench_cfg *c, bench_data *d)
     o.seed = c->seed;
     if (c->rho >= 0)
         o.rho = c->rho;
-    if (c->synth && apply_synth_opts(&o, c->synth))
+    char err[256];
+    if (c->synth && ra_synth_opts_apply(&o, c->synth, err, sizeof err) != RA_OK) {
+        fprintf(stderr, "%s\n", err);
         return -1;
+    }
     ra_synth s;
     ra_status st = ra_synth_make(&o, &s);
     if (st) {

@@ -16,7 +16,10 @@
  * tswitch per step (defaults calibrated to the trained model's heads). */
 #include "synth.h"
 
+#include <errno.h>
 #include <math.h>
+#include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -69,6 +72,85 @@ void ra_synth_opts_default(ra_synth_opts *o)
     o->tneedle = 0.5f;
     o->vocab = 2048;
     o->knoise = 0.5f;
+}
+
+/* --synth knob names and the fields of ra_synth_opts they set; each field is an int
+ * or a float, and the table takes which from the field's type */
+#define KNOB(name, field)                                                                          \
+    {                                                                                              \
+        name, offsetof(ra_synth_opts, field),                                                      \
+            _Generic(((ra_synth_opts *)0)->field, int : 1, float : 0)                              \
+    }
+static const struct {
+    const char *name;
+    size_t off;
+    int is_int;
+} knobs[] = {
+    KNOB("offset", offset),   KNOB("mix", mix),
+    KNOB("rank", rank),       KNOB("qscale", qscale),
+    KNOB("qnoise", qnoise),   KNOB("hub", hub_frac),
+    KNOB("needles", needles), KNOB("needle_gain", needle_gain),
+    KNOB("topics", topics),   KNOB("tnoise", tnoise),
+    KNOB("tswitch", tswitch), KNOB("tzipf", tzipf),
+    KNOB("tneedle", tneedle), KNOB("trainatn", train_at_n),
+    KNOB("kdecay", kdecay),   KNOB("krank", krank),
+    KNOB("kslow", kslow),     KNOB("rope_base", rope_base),
+    KNOB("rho", rho),         KNOB("vocab", vocab),
+    KNOB("knoise", knoise),   KNOB("blur", blur),
+};
+#undef KNOB
+
+ra_status ra_synth_opts_apply(ra_synth_opts *o, const char *spec, char *err, size_t errlen)
+{
+    if (!o || !spec)
+        return RA_EINVAL;
+    ra_synth_opts t = *o; /* all or nothing */
+    const char *p = spec;
+    while (*p) {
+        const char *end = strchr(p, ',');
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        char tok[128];
+        if (len == 0 || len >= sizeof tok) {
+            if (err && errlen)
+                snprintf(err, errlen, "--synth: empty or overlong item in '%s'", spec);
+            return RA_EINVAL;
+        }
+        memcpy(tok, p, len);
+        tok[len] = 0;
+        p += len + (end ? 1 : 0);
+        char *eq = strchr(tok, '=');
+        if (!eq) {
+            if (err && errlen)
+                snprintf(err, errlen, "--synth: %s is not knob=value", tok);
+            return RA_EINVAL;
+        }
+        *eq = 0;
+        size_t x = 0;
+        while (x < sizeof knobs / sizeof *knobs && strcmp(tok, knobs[x].name))
+            x++;
+        if (x == sizeof knobs / sizeof *knobs) {
+            if (err && errlen)
+                snprintf(err, errlen, "--synth: unknown knob %s", tok);
+            return RA_EINVAL;
+        }
+        char *vend;
+        errno = 0;
+        double v = strtod(eq + 1, &vend);
+        if (errno || vend == eq + 1 || *vend || !isfinite(v) ||
+            (knobs[x].is_int && (v != floor(v) || fabs(v) > 1e9))) {
+            if (err && errlen)
+                snprintf(err, errlen, "--synth: %s takes %s, got '%s'", tok,
+                         knobs[x].is_int ? "an integer" : "a number", eq + 1);
+            return RA_EINVAL;
+        }
+        char *field = (char *)&t + knobs[x].off;
+        if (knobs[x].is_int)
+            *(int *)field = (int)v;
+        else
+            *(float *)field = (float)v;
+    }
+    *o = t;
+    return RA_OK;
 }
 
 void ra_synth_free(ra_synth *s)
@@ -160,49 +242,53 @@ static void compose(float *x, const double *mu, const double *B, const double *s
         x[j] = (float)acc[j];
 }
 
-ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out)
+/* The key side of one KV head and the parameters of its query model (basis, spectra,
+ * means, query subspace): everything the query heads sharing the KV head have in
+ * common. What a query head draws from them (topics, stream, needles) is its own. */
+typedef struct synth_head {
+    int d, r;
+    double rbase;
+    double *B, *sk, *sq, *muk, *muq, *hub;
+    double *U;   /* [r][d] query subspace */
+    float *kpre; /* [n][d] keys before RoPE minus mean: the needles' directions */
+} synth_head;
+
+static void synth_head_free(synth_head *h)
 {
-    if (!o || !out || o->dim <= 0 || o->dim > 4096 || (o->dim & 1) || o->n == 0 ||
-        o->n > ((size_t)1 << 28) || o->n_train > ((size_t)1 << 24) ||
-        o->n_queries > ((size_t)1 << 24) || !(o->rho >= 0.0f && o->rho < 1.0f) ||
-        !(o->offset >= 0.0f) || !(o->hub_frac >= 0.0f && o->hub_frac <= 1.0f) || o->needles < 0 ||
-        o->needles > 64)
-        return RA_EINVAL;
+    free(h->B), free(h->sk), free(h->sq), free(h->muk), free(h->muq), free(h->hub), free(h->U);
+    free(h->kpre);
+    memset(h, 0, sizeof *h);
+}
+
+/* Draws the basis, spectra and means from *rs, then the o->n keys into keys[n][d];
+ * leaves *rs where the queries of qseed 0 continue the stream. */
+static ra_status synth_keys(const ra_synth_opts *o, synth_head *h, float *keys, uint64_t *rsp)
+{
     int d = o->dim;
-    ra_synth s = {.n = o->n, .n_train = o->n_train, .n_queries = o->n_queries, .dim = d};
-    double *B = malloc((size_t)d * d * sizeof *B);
-    double *sk = malloc((size_t)d * sizeof *sk), *sq = malloc((size_t)d * sizeof *sq);
-    double *muk = calloc((size_t)d, sizeof *muk), *muq = calloc((size_t)d, sizeof *muq);
-    double *hub = calloc((size_t)d, sizeof *hub);
-    double *z = malloc((size_t)d * sizeof *z), *w = malloc((size_t)d * sizeof *w);
-    int32_t *nd = malloc((size_t)(o->needles ? o->needles : 1) * sizeof *nd);
-    float *kpre = NULL; /* keys before RoPE minus mean: the needles' directions */
-    s.keys = malloc(o->n * (size_t)d * sizeof *s.keys);
-    s.train_q = malloc((o->n_train ? o->n_train : 1) * (size_t)d * sizeof *s.train_q);
-    s.queries = malloc((o->n_queries ? o->n_queries : 1) * (size_t)d * sizeof *s.queries);
-    kpre = malloc(o->n * (size_t)d * sizeof *kpre);
-    if (!B || !sk || !sq || !muk || !muq || !hub || !z || !w || !nd || !s.keys || !s.train_q ||
-        !s.queries || !kpre) {
-        free(B), free(sk), free(sq), free(muk), free(muq), free(hub), free(z), free(w), free(nd);
-        free(kpre);
-        ra_synth_free(&s);
-        return RA_ENOMEM;
-    }
-    double rbase = o->rope_base > 1.0f ? (double)o->rope_base : 500000.0;
-    uint64_t rs = o->seed * 0x2545f4914f6cdd1dull + 7;
+    ra_status st = RA_ENOMEM;
+    uint64_t rs = *rsp;
+    double *z = malloc((size_t)d * sizeof *z), *tz = NULL, *cdf = NULL;
+    h->d = d;
+    h->B = malloc((size_t)d * d * sizeof *h->B);
+    h->sk = malloc((size_t)d * sizeof *h->sk);
+    h->sq = malloc((size_t)d * sizeof *h->sq);
+    h->muk = calloc((size_t)d, sizeof *h->muk);
+    h->muq = calloc((size_t)d, sizeof *h->muq);
+    h->hub = calloc((size_t)d, sizeof *h->hub);
+    h->kpre = malloc(o->n * (size_t)d * sizeof *h->kpre);
+    if (!z || !h->B || !h->sk || !h->sq || !h->muk || !h->muq || !h->hub || !h->kpre)
+        goto out;
+    double *B = h->B, *sk = h->sk, *sq = h->sq, *muk = h->muk, *muq = h->muq, *hub = h->hub;
+    h->rbase = o->rope_base > 1.0f ? (double)o->rope_base : 500000.0;
     rand_orthonormal(B, d, &rs, o->blur, o->kslow);
     /* key spectrum: decaying (anisotropic), strong directions first. Query variation
      * lives in a rank-r subspace whose directions mix weak key directions (second
      * half of B) with a share `mix` of strong ones: that share is what lets key
      * structure predict a query's ranking a little (IVF ~30 %, not ~100 %). */
-    int r = o->rank > 0 && o->rank <= d ? o->rank : 16;
-    double *U = calloc((size_t)r * d, sizeof *U);
-    if (!U) {
-        free(B), free(sk), free(sq), free(muk), free(muq), free(hub), free(z), free(w), free(nd);
-        free(kpre);
-        ra_synth_free(&s);
-        return RA_ENOMEM;
-    }
+    int r = h->r = o->rank > 0 && o->rank <= d ? o->rank : 16;
+    double *U = h->U = calloc((size_t)r * d, sizeof *U);
+    if (!U)
+        goto out;
     for (int i = 0; i < d; i++)
         sk[i] = exp(-(o->kdecay > 0 ? o->kdecay : 3.0) * i / d); /* 1 .. 0.05 */
     for (int a = 0; a < r; a++) {
@@ -252,16 +338,10 @@ ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out)
      * latent plus a smaller per-position part. Occurrences of one type are what a
      * query's top keys mostly are, so similar queries share top keys. */
     int V = o->vocab > 0 ? o->vocab : 0;
-    double *tz = V ? malloc((size_t)V * d * sizeof *tz) : NULL;
-    double *cdf = V ? malloc((size_t)V * sizeof *cdf) : NULL;
-    if (V && (!tz || !cdf)) {
-        free(tz), free(cdf);
-        free(B), free(sk), free(sq), free(muk), free(muq), free(hub), free(z), free(w), free(nd);
-        free(kpre);
-        free(U);
-        ra_synth_free(&s);
-        return RA_ENOMEM;
-    }
+    tz = V ? malloc((size_t)V * d * sizeof *tz) : NULL;
+    cdf = V ? malloc((size_t)V * sizeof *cdf) : NULL;
+    if (V && (!tz || !cdf))
+        goto out;
     if (V) {
         double acc = 0;
         for (int v = 0; v < V; v++) {
@@ -293,14 +373,40 @@ ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out)
                    : i % kstep
                        ? tz[(size_t)tok * d + i]
                        : tz[(size_t)tok * d + i] + o->knoise * sqrt((double)kstep) * rng_norm(&rs);
-        float *k = s.keys + p * d;
+        float *k = keys + p * d;
         compose(k, muk, B, sk, z, d);
         if (rng_unif(&rs) < o->hub_frac)
             for (int j = 0; j < d; j++)
                 k[j] += (float)(hub[j] * (1.0 + rng_unif(&rs)));
         for (int j = 0; j < d; j++)
-            kpre[p * d + j] = k[j] - (float)muk[j];
-        rope(k, d, (double)p, rbase);
+            h->kpre[p * d + j] = k[j] - (float)muk[j];
+        rope(k, d, (double)p, h->rbase);
+    }
+    *rsp = rs;
+    st = RA_OK;
+out:
+    free(z), free(tz), free(cdf);
+    return st;
+}
+
+/* One query head's prefill queries train_q[n_train][d] and decode queries
+ * queries[n_queries][d] on the keys of h, drawn from the stream *rs. */
+static ra_status synth_queries(const ra_synth_opts *o, const synth_head *h, uint64_t rs,
+                               float *train_q, float *queries)
+{
+    int d = h->d, r = h->r;
+    const double *sq = h->sq, *muq = h->muq, *U = h->U;
+    const float *kpre = h->kpre;
+    int ntop = o->topics > 0 ? o->topics : 1;
+    int nnd = o->needles > 0 ? o->needles : 1;
+    double *w = malloc((size_t)d * sizeof *w);
+    int32_t *nd = malloc((size_t)nnd * sizeof *nd);
+    double *T = malloc((size_t)ntop * r * sizeof *T);
+    double *tcdf = malloc((size_t)ntop * sizeof *tcdf);
+    int32_t *tnd = malloc((size_t)ntop * nnd * sizeof *tnd);
+    if (!w || !nd || !T || !tcdf || !tnd) {
+        free(w), free(nd), free(T), free(tcdf), free(tnd);
+        return RA_ENOMEM;
     }
     /* queries: one AR(1) stream for the last prefill positions and the decode steps,
      * independent draws for the strided prefill positions */
@@ -314,28 +420,10 @@ ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out)
      * its topic's centre plus an AR(1) wobble, and a stream stays on its topic for a
      * while. This is what makes the prefill queries informative about decode queries:
      * their nearest prefill queries share most of their top keys. */
-    int ntop = o->topics > 0 ? o->topics : 1;
-    double *T = malloc((size_t)ntop * r * sizeof *T);
-    if (!T) {
-        free(B), free(sk), free(sq), free(muk), free(muq), free(hub), free(z), free(w), free(nd);
-        free(kpre);
-        free(U);
-        ra_synth_free(&s);
-        return RA_ENOMEM;
-    }
     for (int i = 0; i < ntop * r; i++)
         T[i] = o->topics > 0 ? rng_norm(&rs) : 0.0;
     /* topic frequencies: Zipfian with exponent tzipf (0: uniform), like the token
      * types a query head reacts to */
-    double *tcdf = malloc((size_t)ntop * sizeof *tcdf);
-    if (!tcdf) {
-        free(T);
-        free(B), free(sk), free(sq), free(muk), free(muq), free(hub), free(z), free(w), free(nd);
-        free(kpre);
-        free(U);
-        ra_synth_free(&s);
-        return RA_ENOMEM;
-    }
     {
         double acc = 0;
         for (int v = 0; v < ntop; v++) {
@@ -360,16 +448,6 @@ ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out)
     } while (0)
     /* each topic's own planted keys, in the first half of the positions so that most
      * queries can see them (a query only attends to the past) */
-    int nnd = o->needles > 0 ? o->needles : 1;
-    int32_t *tnd = malloc((size_t)ntop * nnd * sizeof *tnd);
-    if (!tnd) {
-        free(T), free(tcdf);
-        free(B), free(sk), free(sq), free(muk), free(muq), free(hub), free(z), free(w), free(nd);
-        free(kpre);
-        free(U);
-        ra_synth_free(&s);
-        return RA_ENOMEM;
-    }
     for (int i = 0; i < ntop * nnd; i++)
         tnd[i] = (int32_t)(rng_next(&rs) % (o->n / 2 + 1));
     int topic;
@@ -382,15 +460,15 @@ ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out)
         float *q;
         if (t < head) {
             pos = (double)(t * (o->n - (tail < o->n ? tail : 0)) / (head ? head : 1));
-            q = s.train_q + t * d;
+            q = train_q + t * d;
             fresh = 1;
         } else if (t < o->n_train) {
             pos = (double)(o->n - (o->n_train - t));
-            q = s.train_q + t * d;
+            q = train_q + t * d;
             fresh = 0;
         } else {
             pos = (double)(o->n + (t - o->n_train));
-            q = s.queries + (t - o->n_train) * d;
+            q = queries + (t - o->n_train) * d;
             fresh = 0;
         }
         for (int i = 0; i < d; i++)
@@ -426,19 +504,64 @@ ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out)
             for (int i = 0; i < d; i++)
                 q[i] += (float)(f * kp[i]);
         }
-        rope(q, d, t < o->n_train && o->train_at_n ? (double)o->n : pos, rbase);
+        rope(q, d, t < o->n_train && o->train_at_n ? (double)o->n : pos, h->rbase);
     }
-    free(B), free(sk), free(sq), free(muk), free(muq), free(hub), free(z), free(w), free(nd);
-    free(kpre);
-    free(U);
-    free(T);
-    free(tcdf);
-    free(tnd);
 #undef DRAW_TOPIC
-    free(tz);
-    free(cdf);
-    *out = s;
+    free(w), free(nd), free(T), free(tcdf), free(tnd);
     return RA_OK;
+}
+
+/* The stream of a query head with qseed != 0: its own, on the same keys. */
+static uint64_t qseed_stream(uint64_t seed, uint64_t qseed)
+{
+    uint64_t s = (seed * 0x2545f4914f6cdd1dull + 7) ^ (qseed * 0xd1b54a32d192ed03ull);
+    return rng_next(&s);
+}
+
+ra_status ra_synth_make_group(const ra_synth_opts *o, int n_heads, const uint64_t *qseeds,
+                              ra_synth *out)
+{
+    if (!o || !out || !qseeds || n_heads < 1 || n_heads > RA_SYNTH_MAX_GROUP || o->dim <= 0 ||
+        o->dim > 4096 || (o->dim & 1) || o->n == 0 || o->n > ((size_t)1 << 28) ||
+        o->n_train > ((size_t)1 << 24) || o->n_queries > ((size_t)1 << 24) ||
+        !(o->rho >= 0.0f && o->rho < 1.0f) || !(o->offset >= 0.0f) ||
+        !(o->hub_frac >= 0.0f && o->hub_frac <= 1.0f) || o->needles < 0 || o->needles > 64)
+        return RA_EINVAL;
+    int d = o->dim;
+    ra_status st = RA_ENOMEM;
+    synth_head h = {0};
+    memset(out, 0, (size_t)n_heads * sizeof *out);
+    for (int g = 0; g < n_heads; g++) {
+        ra_synth *s = &out[g];
+        *s = (ra_synth){.n = o->n, .n_train = o->n_train, .n_queries = o->n_queries, .dim = d};
+        if (g == 0 && !(s->keys = malloc(o->n * (size_t)d * sizeof *s->keys)))
+            goto fail;
+        s->train_q = malloc((o->n_train ? o->n_train : 1) * (size_t)d * sizeof *s->train_q);
+        s->queries = malloc((o->n_queries ? o->n_queries : 1) * (size_t)d * sizeof *s->queries);
+        if (!s->train_q || !s->queries)
+            goto fail;
+    }
+    uint64_t rs = o->seed * 0x2545f4914f6cdd1dull + 7;
+    if ((st = synth_keys(o, &h, out[0].keys, &rs)) != RA_OK)
+        goto fail;
+    for (int g = 0; g < n_heads; g++)
+        if ((st = synth_queries(o, &h, qseeds[g] ? qseed_stream(o->seed, qseeds[g]) : rs,
+                                out[g].train_q, out[g].queries)) != RA_OK)
+            goto fail;
+    synth_head_free(&h);
+    return RA_OK;
+fail:
+    synth_head_free(&h);
+    for (int g = 0; g < n_heads; g++)
+        ra_synth_free(&out[g]);
+    return st;
+}
+
+ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out)
+{
+    if (!o)
+        return RA_EINVAL;
+    return ra_synth_make_group(o, 1, &o->qseed, out);
 }
 
 /* Cholesky of a d x d SPD matrix in place (lower). 0 on success. */

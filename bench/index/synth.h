@@ -6,7 +6,9 @@
  * positions, and each query has a few heavy-hitter keys. ra_synth_make reproduces
  * those traits, deterministically from a seed; ra_synth_mahalanobis_ratio measures
  * how far queries are from the key distribution compared with held-out keys.
- * Ownership: ra_synth_make allocates the three arrays; ra_synth_free frees them. */
+ * Ownership: ra_synth_make allocates the three arrays; ra_synth_free frees them.
+ * ra_synth_make_group gives the query heads of one KV head their own query streams
+ * (qseed) on the same keys. */
 #ifndef RA_SYNTH_H
 #define RA_SYNTH_H
 
@@ -21,6 +23,10 @@ typedef struct ra_synth_opts {
     size_t n_train;   /* prefill queries (positions < n: half strided, half the last ones) */
     size_t n_queries; /* decode queries at positions n, n+1, ... in order */
     uint64_t seed;
+    /* the query process: 0 gives the queries this generator always gave; another value
+     * draws another query head's topics, AR(1) stream, needles and prefill queries on
+     * the same keys, basis, spectra and means (GQA: query heads sharing a KV head) */
+    uint64_t qseed;
     float rho;         /* step-to-step correlation of consecutive queries (0..1) */
     float offset;      /* norm of the query-mean offset, in units of the key spread */
     float hub_frac;    /* fraction of keys that are heavy hitters for most queries */
@@ -63,6 +69,22 @@ typedef struct ra_synth {
 
 ra_status ra_synth_make(const ra_synth_opts *o, ra_synth *out);
 void ra_synth_free(ra_synth *s);
+
+/* GQA: the keys of one KV head once, and n_heads query heads on them, head h drawn with
+ * qseeds[h] (o->qseed is not read). out[0] holds the keys; out[h].keys is NULL for h > 0
+ * (each out[h] is freed with ra_synth_free). ra_synth_make(o, s) is
+ * ra_synth_make_group(o, 1, &o->qseed, s). On failure nothing stays allocated. */
+#define RA_SYNTH_MAX_GROUP 1024
+ra_status ra_synth_make_group(const ra_synth_opts *o, int n_heads, const uint64_t *qseeds,
+                              ra_synth *out);
+
+/* Applies "knob=value,..." (the benchmarks' --synth) to o: the knob names are the
+ * fields above with short names (offset, mix, rank, qscale, qnoise, hub, needles,
+ * needle_gain, topics, tnoise, tswitch, tzipf, tneedle, trainatn, kdecay, krank, kslow,
+ * rope_base, rho, vocab, knoise, blur). RA_EINVAL with a message in err for an unknown
+ * knob or a value that is not a number (an integer for integer knobs); o is then
+ * unchanged. */
+ra_status ra_synth_opts_apply(ra_synth_opts *o, const char *spec, char *err, size_t errlen);
 
 /* Mean Mahalanobis distance of the queries to the key distribution over mean
  * Mahalanobis distance of held-out keys, with the keys' mean and covariance fit on

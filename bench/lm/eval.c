@@ -380,24 +380,6 @@ typedef struct capture {
 
 #define NCAL 32
 
-/* Training queries for the index: the last n_train/2 positions plus a stride over the
- * rest, as the architecture suggests (recent queries resemble decode queries). */
-static unsigned sample_positions(unsigned C, unsigned want, unsigned *pos)
-{
-    if (want >= C) {
-        for (unsigned i = 0; i < C; i++)
-            pos[i] = i;
-        return C;
-    }
-    unsigned tail = want / 2, head = want - tail, n = 0;
-    unsigned span = C - tail;
-    for (unsigned i = 0; i < head; i++)
-        pos[n++] = (unsigned)((unsigned long long)i * span / head);
-    for (unsigned i = C - tail; i < C; i++)
-        pos[n++] = i;
-    return n;
-}
-
 static ra_status capture_fn(void *ctx, unsigned layer, unsigned pos0, unsigned rows, const float *q,
                             const float *k, const float *v)
 {
@@ -1655,7 +1637,7 @@ int main(int argc, char **argv)
         cap.q_pos = malloc((size_t)(o.n_train < o.context ? o.n_train : o.context) * sizeof(unsigned));
         if (!cap.q_pos)
             goto nomem;
-        cap.n_q = sample_positions(o.context, o.n_train, cap.q_pos);
+        cap.n_q = ra_trace_sample_train(o.context, o.n_train, cap.q_pos);
         cap.q_train = malloc((size_t)c->n_layers * c->n_heads * cap.n_q * c->head_dim * sizeof(float));
         if (!cap.q_train)
             goto nomem;

@@ -81,6 +81,13 @@ uint64_t ra_trace_offset(const ra_trace_info *info, ra_trace_tensor which, uint3
 /* Total file size implied by an info (header included). */
 uint64_t ra_trace_file_size(const ra_trace_info *info);
 
+/* The prefill positions whose queries a decoder sends to train the index (what
+ * ratd-lm-eval sends, and ratd-bench-decode --trace): of rows 0..n_rows-1, the last
+ * want/2 plus a stride over the rest (recent queries resemble decode queries); all rows
+ * when want >= n_rows. Writes min(want, n_rows) increasing positions to pos (caller-sized)
+ * and returns that count. */
+unsigned ra_trace_sample_train(unsigned n_rows, unsigned want, unsigned *pos);
+
 /* ---- reader ---- */
 typedef struct ra_trace ra_trace;
 

@@ -134,6 +134,22 @@ static ra_status full_pwrite(int fd, const void *buf, size_t n, uint64_t off)
     return RA_OK;
 }
 
+unsigned ra_trace_sample_train(unsigned C, unsigned want, unsigned *pos)
+{
+    if (want >= C) {
+        for (unsigned i = 0; i < C; i++)
+            pos[i] = i;
+        return C;
+    }
+    unsigned tail = want / 2, head = want - tail, n = 0;
+    unsigned span = C - tail;
+    for (unsigned i = 0; i < head; i++)
+        pos[n++] = (unsigned)((unsigned long long)i * span / head);
+    for (unsigned i = C - tail; i < C; i++)
+        pos[n++] = i;
+    return n;
+}
+
 ra_status ra_trace_open(const char *path, ra_trace **out, char *err, size_t errlen)
 {
     uint8_t h[RA_TRACE_HEADER_SIZE];

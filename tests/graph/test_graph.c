@@ -485,6 +485,95 @@ static void test_synth_ood(void **state)
     ra_synth_free(&s);
 }
 
+static uint64_t fnv1a(const void *p, size_t n)
+{
+    const unsigned char *c = p;
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++) {
+        h ^= c[i];
+        h *= 1099511628211ull;
+    }
+    return h;
+}
+
+/* qseed: 0 leaves the generator as it was (hashes of its output at commit e68a525, before
+ * qseed existed); the same qseed twice gives the same queries; another qseed other
+ * queries on bit-identical keys; ra_synth_make_group is ra_synth_make per head. */
+static void test_synth_qseed(void **state)
+{
+    (void)state;
+    ra_synth_opts o;
+    ra_synth_opts_default(&o);
+    o.n = 3000;
+    o.dim = 32;
+    o.n_train = 200;
+    o.n_queries = 64;
+    o.seed = 5;
+    const size_t kb = 3000 * 32 * sizeof(float), tb = 200 * 32 * sizeof(float),
+                 qb = 64 * 32 * sizeof(float);
+    ra_synth s;
+    assert_int_equal(ra_synth_make(&o, &s), RA_OK);
+    assert_true(fnv1a(s.keys, kb) == 0xe58ca1ef1e17882full);
+    assert_true(fnv1a(s.train_q, tb) == 0x68d4c2ea3c1fab17ull);
+    assert_true(fnv1a(s.queries, qb) == 0x288391000c25d39full);
+    ra_synth_free(&s);
+    ra_synth_opts o2 = o;
+    o2.tneedle = 0;
+    o2.kslow = 1;
+    o2.seed = 9;
+    assert_int_equal(ra_synth_make(&o2, &s), RA_OK);
+    assert_true(fnv1a(s.keys, kb) == 0xb4cf98b92ee3ca44ull);
+    assert_true(fnv1a(s.train_q, tb) == 0x921897c351e49b3full);
+    assert_true(fnv1a(s.queries, qb) == 0x95cf558e3e47716bull);
+    ra_synth_free(&s);
+
+    uint64_t qs[4] = {0, 5, 5, 7};
+    ra_synth g[4];
+    assert_int_equal(ra_synth_make_group(&o, 4, qs, g), RA_OK);
+    assert_non_null(g[0].keys);
+    assert_null(g[1].keys);
+    assert_true(fnv1a(g[0].keys, kb) == 0xe58ca1ef1e17882full); /* head 0 is qseed 0 */
+    assert_true(fnv1a(g[0].queries, qb) == 0x288391000c25d39full);
+    assert_memory_equal(g[1].train_q, g[2].train_q, tb); /* same qseed, same queries */
+    assert_memory_equal(g[1].queries, g[2].queries, qb);
+    for (int h = 1; h < 4; h += 2) { /* another qseed: other training and decode queries */
+        assert_memory_not_equal(g[h].train_q, g[0].train_q, tb);
+        assert_memory_not_equal(g[h].queries, g[0].queries, qb);
+    }
+    assert_memory_not_equal(g[1].queries, g[3].queries, qb);
+    /* ra_synth_make with a qseed: the same keys as qseed 0, the group head's queries */
+    o.qseed = 7;
+    assert_int_equal(ra_synth_make(&o, &s), RA_OK);
+    assert_memory_equal(s.keys, g[0].keys, kb);
+    assert_memory_equal(s.train_q, g[3].train_q, tb);
+    assert_memory_equal(s.queries, g[3].queries, qb);
+    /* the queries of another qseed are still the generator's: far from the keys */
+    double ratio = 0;
+    assert_int_equal(ra_synth_mahalanobis_ratio(s.keys, s.n, s.queries, s.n_queries, s.dim, &ratio),
+                     RA_OK);
+    assert_true(ratio >= 2.0);
+    ra_synth_free(&s);
+    for (int h = 0; h < 4; h++)
+        ra_synth_free(&g[h]);
+    assert_int_equal(ra_synth_make_group(&o, 0, qs, g), RA_EINVAL);
+    assert_int_equal(ra_synth_make_group(&o, 1, NULL, g), RA_EINVAL);
+
+    /* the --synth knob parser */
+    char err[128];
+    ra_synth_opts_default(&o);
+    assert_int_equal(ra_synth_opts_apply(&o, "needles=3,rho=0.5,kslow=1", err, sizeof err), RA_OK);
+    assert_int_equal(o.needles, 3);
+    assert_true(o.rho == 0.5f && o.kslow == 1);
+    assert_int_equal(ra_synth_opts_apply(&o, "bogus=1", err, sizeof err), RA_EINVAL);
+    assert_non_null(strstr(err, "bogus"));
+    assert_int_equal(ra_synth_opts_apply(&o, "needles=2.5", err, sizeof err), RA_EINVAL);
+    assert_int_equal(ra_synth_opts_apply(&o, "rho=x", err, sizeof err), RA_EINVAL);
+    assert_int_equal(ra_synth_opts_apply(&o, "rho", err, sizeof err), RA_EINVAL);
+    assert_int_equal(ra_synth_opts_apply(&o, "rho=0.1,,mix=1", err, sizeof err), RA_EINVAL);
+    assert_int_equal(ra_synth_opts_apply(&o, "rho=0.9,bogus=1", err, sizeof err), RA_EINVAL);
+    assert_true(o.rho == 0.5f); /* a refused spec changes nothing */
+}
+
 static void test_npy_header(void **state)
 {
     (void)state;
@@ -566,6 +655,7 @@ int main(void)
         cmocka_unit_test(test_duplicate_keys),
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_synth_ood),
+        cmocka_unit_test(test_synth_qseed),
         cmocka_unit_test(test_npy_header),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
