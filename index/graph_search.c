@@ -2,9 +2,12 @@
  * whole GQA group: the queries share one visited set and one expanded set, every key the
  * walk reaches is fetched once and scored against every query of the group on its search
  * code, and each query keeps its own candidate pool (its own k and candidate-list size).
- * Each query has the two heaps of a best-first search: its results (the best L scored so
- * far, worst on top) and its candidates (best on top); the queries take turns expanding
- * their best candidate. A node one query expanded is done for all (its neighbours were
+ * Each query has what a best-first search needs: its results, the best L scored so far
+ * (a buffer of up to L + L/4 with a threshold: a key not better than the L-th best of the
+ * last compaction is refused with one comparison; a full buffer is cut back to its best L
+ * by selection, which costs a few comparisons per key instead of a heap's log L), and
+ * its candidates (a heap, best on top); the queries take turns expanding their best
+ * candidate. A node one query expanded is done for all (its neighbours were
  * scored for all), so each query sees at least what its own walk would have scored. A
  * query stops when its best candidate is worse than its worst result (L full), and wakes
  * up when another query's expansion gives it a new candidate.
@@ -34,10 +37,11 @@ typedef struct s_tls {
     size_t heap_cap;
     int8_t *q8;
     int16_t *q16;
-    size_t qbytes_cap;            /* per-query code bytes * queries */
-    float *mul, *add;             /* [G] */
-    int *L, *nw, *nc, *cc, *act;  /* [G]: list size, results, candidates, their cap, awake */
-    size_t *ow, *oc;              /* [G] heap offsets */
+    size_t qbytes_cap;           /* per-query code bytes * queries */
+    float *mul, *add;            /* [G] */
+    int *L, *nw, *nc, *cc, *act; /* [G]: list size, results, candidates, their cap, awake */
+    g_hc *tau;                   /* [G]: the L-th best result at the last compaction */
+    size_t *ow, *oc;             /* [G] heap offsets */
     int g_cap;
     int32_t *nb;  /* neighbour ids of two expansions (the pipeline) */
     int32_t *dot; /* [nb][G] */
@@ -58,7 +62,7 @@ static void s_free(void *p)
         return;
     free(t->vis), free(t->exp), free(t->heap), free(t->q8), free(t->q16), free(t->mul);
     free(t->add), free(t->L), free(t->nw), free(t->nc), free(t->cc), free(t->act), free(t->ow);
-    free(t->oc);
+    free(t->oc), free(t->tau);
     free(t->nb), free(t->dot), free(t->rid), free(t->rsc);
     free(t);
 }
@@ -116,6 +120,7 @@ static s_tls *s_get(size_t n, int G, size_t pool, int cbytes, size_t nb, size_t 
         GROW(t->act, old, gc);
         GROW(t->ow, old, gc);
         GROW(t->oc, old, gc);
+        GROW(t->tau, old, gc);
         t->g_cap = G;
     }
     GROW(t->nb, t->nb_cap, nb);
@@ -203,10 +208,16 @@ static int rescore_count(int k, int np)
 
 /* ---- heaps of (score, id); ties by id, so that results do not depend on arrival order */
 
-static inline int hc_better(g_hc a, g_hc b) { return g_better(a.s, a.id, b.s, b.id); }
+static inline int hc_better(g_hc a, g_hc b)
+{
+    return g_better(a.s, a.id, b.s, b.id);
+}
 
 /* max-heap (best on top) when best = 1, min-heap (worst on top) when best = 0 */
-static inline int hc_before(g_hc a, g_hc b, int best) { return best ? hc_better(a, b) : hc_better(b, a); }
+static inline int hc_before(g_hc a, g_hc b, int best)
+{
+    return best ? hc_better(a, b) : hc_better(b, a);
+}
 
 static inline void hc_up(g_hc *h, int i, int best)
 {
@@ -238,14 +249,76 @@ static inline void hc_down(g_hc *h, int n, int i, int best)
     h[i] = x;
 }
 
-/* Query j's candidates without the ones worse than its worst result (never expanded):
- * run when the candidate heap is full; what stays is at most L (each was a result). */
+/* Rearranges h[0..n) so that h[0..m) are its m best (in no order), by quickselect
+ * (median of three, ties by id: the result does not depend on the input order). */
+static void hc_select(g_hc *h, int n, int m)
+{
+    int lo = 0, hi = n - 1;
+    while (lo < hi) {
+        int mid = lo + (hi - lo) / 2;
+        if (hc_better(h[mid], h[lo])) {
+            g_hc x = h[mid];
+            h[mid] = h[lo];
+            h[lo] = x;
+        }
+        if (hc_better(h[hi], h[lo])) {
+            g_hc x = h[hi];
+            h[hi] = h[lo];
+            h[lo] = x;
+        }
+        if (hc_better(h[hi], h[mid])) {
+            g_hc x = h[hi];
+            h[hi] = h[mid];
+            h[mid] = x;
+        }
+        g_hc piv = h[mid];
+        int i = lo, j = hi;
+        while (i <= j) {
+            while (hc_better(h[i], piv))
+                i++;
+            while (hc_better(piv, h[j]))
+                j--;
+            if (i <= j) {
+                g_hc x = h[i];
+                h[i] = h[j];
+                h[j] = x;
+                i++;
+                j--;
+            }
+        }
+        if (m - 1 <= j)
+            hi = j;
+        else if (m - 1 >= i)
+            lo = i;
+        else
+            break;
+    }
+}
+
+/* Cuts query j's results back to their best L; the threshold becomes the L-th best. */
+static void res_compact(s_tls *t, int j)
+{
+    g_hc *W = t->heap + t->ow[j];
+    int L = t->L[j], n = t->nw[j];
+    if (n < L)
+        return;
+    hc_select(W, n, L);
+    g_hc worst = W[0];
+    for (int i = 1; i < L; i++)
+        if (hc_better(worst, W[i]))
+            worst = W[i];
+    t->tau[j] = worst;
+    t->nw[j] = L;
+}
+
+/* Query j's candidates without those not better than its threshold (never expanded):
+ * run when the candidate heap is full. */
 static void cand_prune(s_tls *t, int j)
 {
-    g_hc *C = t->heap + t->oc[j], *W = t->heap + t->ow[j];
+    g_hc *C = t->heap + t->oc[j];
     int m = 0;
     for (int i = 0; i < t->nc[j]; i++)
-        if (t->nw[j] < t->L[j] || !hc_better(W[0], C[i]))
+        if (hc_better(C[i], t->tau[j]))
             C[m++] = C[i];
     t->nc[j] = m;
     for (int i = m / 2 - 1; i >= 0; i--)
@@ -253,8 +326,7 @@ static void cand_prune(s_tls *t, int j)
 }
 
 /* Scores nb gathered ids for all G queries and offers them to every query: a key better
- * than the query's worst result (or any, while it has fewer than L) becomes a result and
- * a candidate, and wakes the query. */
+ * than the query's threshold becomes a result and a candidate, and wakes the query. */
 static void offer(const ra_graph *g, s_tls *t, int G, const int32_t *ids, int nb)
 {
     ra_kern_u8dot_gather(t->q8, t->q16, G, g->cb.cbytes, g->rec, g->rec_bytes, ids, (size_t)nb,
@@ -265,16 +337,16 @@ static void offer(const ra_graph *g, s_tls *t, int G, const int32_t *ids, int nb
             continue;
         g_hc *W = t->heap + t->ow[j], *C = t->heap + t->oc[j];
         float mul = t->mul[j], add = t->add[j];
+        g_hc tau = t->tau[j];
+        int cap = L + L / 4 + 16;
         for (int i = 0; i < nb; i++) {
             g_hc x = {mul * (float)t->dot[(size_t)i * G + j] + add, ids[i]};
-            if (t->nw[j] < L) {
-                W[t->nw[j]] = x;
-                hc_up(W, t->nw[j]++, 0);
-            } else if (hc_better(x, W[0])) {
-                W[0] = x;
-                hc_down(W, L, 0, 0);
-            } else {
+            if (!hc_better(x, tau))
                 continue;
+            W[t->nw[j]++] = x;
+            if (t->nw[j] == cap) {
+                res_compact(t, j);
+                tau = t->tau[j];
             }
             if (t->nc[j] == t->cc[j])
                 cand_prune(t, j);
@@ -288,8 +360,10 @@ static void offer(const ra_graph *g, s_tls *t, int G, const int32_t *ids, int nb
 }
 
 /* The next node to expand: the best candidate of the next query in turn that has one
- * worth expanding (queries with none rest until an offer wakes them). take = 0 only
- * looks (and may drop candidates already expanded by others). */
+ * better than its threshold (queries with none rest until an offer wakes them). When the
+ * best candidate is not better than the threshold but results have come in since the
+ * last compaction, the threshold is tightened first: the stopping rule is then the exact
+ * one (no candidate better than the L-th best result is left). take = 0 only looks. */
 static int32_t pick(s_tls *t, int G, int *rr, int take)
 {
     for (int tries = 0; tries < G; tries++) {
@@ -297,11 +371,11 @@ static int32_t pick(s_tls *t, int G, int *rr, int take)
         *rr = j + 1 == G ? 0 : j + 1;
         if (!t->act[j])
             continue;
-        g_hc *W = t->heap + t->ow[j], *C = t->heap + t->oc[j];
+        g_hc *C = t->heap + t->oc[j];
         while (t->nc[j] > 0) {
             g_hc c = C[0];
-            if (t->nw[j] == t->L[j] && hc_better(W[0], c)) {
-                t->nc[j] = 0; /* every candidate left is worse than the worst result */
+            if (!hc_better(c, t->tau[j])) {
+                t->nc[j] = 0; /* every candidate left is worse than the L-th best */
                 break;
             }
             if (bit_test(t->exp, c.id) || take) {
@@ -342,7 +416,7 @@ ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, c
         int L = p[j].k == 0 ? 0 : p[j].effort > 0 ? p[j].effort : default_L(p[j].k);
         if (L && L < p[j].k)
             L = p[j].k;
-        pool_total += 2 * (size_t)L + 2 * (size_t)g->M + 64;
+        pool_total += 2 * (size_t)L + (size_t)L / 4 + 16 + 2 * (size_t)g->M + 64;
     }
     uint64_t scanned = 0, hops = 0;
     int dim = g->dim;
@@ -368,9 +442,10 @@ ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, c
         int L = p[j].k == 0 ? 0 : p[j].effort > 0 ? p[j].effort : default_L(p[j].k);
         t->L[j] = L && L < p[j].k ? p[j].k : L;
         t->ow[j] = off;
-        t->oc[j] = off + (size_t)t->L[j];
+        t->oc[j] = off + (size_t)t->L[j] + (size_t)t->L[j] / 4 + 16;
         t->cc[j] = t->L[j] + 2 * g->M + 64;
-        off += (size_t)t->L[j] + (size_t)t->cc[j];
+        off = t->oc[j] + (size_t)t->cc[j];
+        t->tau[j] = (g_hc){-INFINITY, INT32_MAX};
         t->nw[j] = t->nc[j] = 0;
         t->act[j] = t->L[j] > 0;
         ra_codebook_prep(&g->cb, q + (size_t)j * dim, t->q8 + (size_t)j * g->cb.cbytes,
@@ -450,10 +525,10 @@ ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, c
         /* the results by code score, best first; the best r of them rescored exactly,
          * sorted again (ties by id), the top k returned */
         g_hc *W = t->heap + t->ow[j];
-        qsort(W, (size_t)t->nw[j], sizeof *W, hc_cmp_desc);
-        int r = rescore_count(p[j].k, t->nw[j]);
+        int r = rescore_count(p[j].k, t->nw[j] < t->L[j] ? t->nw[j] : t->L[j]);
         if ((size_t)r > t->r_cap)
             r = (int)t->r_cap;
+        hc_select(W, t->nw[j], r); /* the best r by code, in no order */
         for (int i = 0; i < r; i++) {
             t->rid[i] = W[i].id;
             __builtin_prefetch(g_row(g, keys, W[i].id));
