@@ -477,45 +477,51 @@ ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, c
     }
     offer(g, t, G, t->nb, ns);
     scanned += (uint64_t)ns;
-    /* the walk: queries take turns expanding their best candidate, as a
-     * two-stage pipeline: while the codes of one expansion's new neighbours are scored,
-     * the next expansion's neighbours are already gathered and their codes prefetched
-     * (and the adjacency of the one after that), so code fetches overlap the arithmetic.
-     * The next node is chosen before the current scores land: the order of expansions
-     * shifts by one, the stopping rule does not */
-    int32_t *cur = t->nb, *nxt = t->nb + nbmax;
-    int n_cur = 0, rr = 0;
+    /* the walk: queries take turns expanding their best candidate, as a three-stage
+     * pipeline, since a walk waits on memory more than it computes: a node is chosen and
+     * its adjacency prefetched; one step later its new neighbours are gathered and their
+     * codes prefetched; one step after that they are scored and offered. Nodes are chosen
+     * before the scores of the two expansions in flight land: the order of expansions
+     * shifts by two, the stopping rule does not (the walk ends only with nothing in
+     * flight and no candidate left) */
+    int32_t *lst[2] = {t->nb, t->nb + nbmax};
+    int nl[2] = {0, 0}, side = 0, rr = 0;
+    int32_t pend = -1;
+    size_t adj_bytes = (size_t)g->M * sizeof(int32_t);
     for (;;) {
         int32_t u = pick(t, G, &rr, 1);
-        int n_nxt = 0;
         if (u >= 0) {
             hops++;
-            const int32_t *nbr = g_adj(g, (size_t)u);
-            int d = g->deg[u];
+            const char *a = (const char *)g_adj(g, (size_t)u);
+            for (size_t o = 0; o < adj_bytes; o += 64)
+                __builtin_prefetch(a + o);
+        }
+        int32_t *out = lst[side];
+        int n_new = 0;
+        if (pend >= 0) {
+            const int32_t *nbr = g_adj(g, (size_t)pend);
+            int d = g->deg[pend];
             for (int i = 0; i < d; i++) {
                 int32_t v = nbr[i];
                 if (bit_test_set(t->vis, v))
                     continue;
-                nxt[n_nxt++] = v;
+                out[n_new++] = v;
                 const uint8_t *c = g_code(g, (size_t)v);
                 for (int o = 0; o < g->cb.cbytes; o += 64)
                     __builtin_prefetch(c + o);
             }
-            int rr2 = rr; /* the expansion after: its adjacency */
-            int32_t u2 = pick(t, G, &rr2, 0);
-            if (u2 >= 0)
-                __builtin_prefetch(g_adj(g, (size_t)u2));
         }
-        if (n_cur) {
-            scanned += (uint64_t)n_cur;
-            offer(g, t, G, cur, n_cur);
+        int other = side ^ 1, n_sc = nl[other];
+        if (n_sc) {
+            scanned += (uint64_t)n_sc;
+            offer(g, t, G, lst[other], n_sc);
         }
-        if (u < 0 && n_cur == 0)
+        nl[other] = 0;
+        nl[side] = n_new;
+        if (u < 0 && pend < 0 && n_sc == 0 && n_new == 0)
             break;
-        int32_t *x = cur;
-        cur = nxt;
-        nxt = x;
-        n_cur = n_nxt;
+        pend = u;
+        side = other;
     }
     /* exact rescoring of each query's best candidates by code */
     const void *keys = ra_kv_keys(kv);
