@@ -26,6 +26,8 @@ static void g_tls_free(void *p)
     free(t->sc);
     free(t->qf);
     free(t->cf);
+    free(t->q8);
+    free(t->q16);
     free(t);
 }
 
@@ -78,6 +80,7 @@ g_tls *g_tls_get(size_t n, int L, int nb, int dim)
         t->buf_cap = nb;
     }
     if (t->qf_cap < dim) {
+        int cb = (dim + 63) & ~63;
         float *a = realloc(t->qf, (size_t)dim * sizeof *a);
         if (!a)
             return NULL;
@@ -86,6 +89,14 @@ g_tls *g_tls_get(size_t n, int L, int nb, int dim)
         if (!b)
             return NULL;
         t->cf = b;
+        int8_t *c = realloc(t->q8, (size_t)cb);
+        if (!c)
+            return NULL;
+        t->q8 = c;
+        int16_t *d = realloc(t->q16, (size_t)cb * sizeof *d);
+        if (!d)
+            return NULL;
+        t->q16 = d;
         t->qf_cap = dim;
     }
     return t;

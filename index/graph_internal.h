@@ -145,6 +145,10 @@ typedef struct g_tls {
     float *qf; /* fp32 copy of a key used as a query / in pruning */
     float *cf;
     int qf_cap;
+    int8_t *q8; /* the query prepared for the search codes (ra_codebook_prep) */
+    int16_t *q16;
+    float cmul, cadd;
+    int use_codes; /* 1: g_search scores on the codes (key->key insertion) */
 } g_tls;
 
 /* The calling thread's scratch, grown to hold n stamps, a pool of L, gathers of nb

@@ -965,7 +965,7 @@ int main(int argc, char **argv)
             ne = parse_list(c.efforts, eff, 32);
         if (!strcmp(idx[ii].name, "graph"))
             for (int e = 0; e < ne; e++)
-                if (eff[e] < k)
+                if (eff[e] < k && eff[e] != 0) /* 0: the index's default */
                     eff[e] = k;
         for (int e = 0; e < ne; e++) {
             sweep_out so;
