@@ -92,15 +92,16 @@ void ra_codebook_prep(const ra_codebook *cb, const float *q, int8_t *q8, int16_t
     float amax = 0.f;
     for (int d = 0; d < dim; d++) {
         float w = fabsf(q[d] * cb->step[d]);
-        if (w > amax)
-            amax = w;
+        amax = w > amax ? w : amax;
     }
-    float s = amax > 0.f ? amax / 127.f : 1.f;
+    float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
     double a = 0.0;
     for (int d = 0; d < dim; d++) {
         float w = q[d] * cb->step[d];
-        float r = nearbyintf(w / s);
-        int v = r > 127.f ? 127 : r < -127.f ? -127 : (int)r;
+        /* |w * inv| <= 127 (up to rounding of inv): round half away, clamp */
+        float r = w * inv;
+        int v = (int)(r + (r >= 0.f ? 0.5f : -0.5f));
+        v = v > 127 ? 127 : v < -127 ? -127 : v;
         q8[d] = (int8_t)v;
         q16[d] = (int16_t)v;
         /* the offset, and the query's rounding against a mid-range code: constant over
