@@ -86,7 +86,9 @@ class _Req(ctypes.Structure):
 
 
 class _Out(ctypes.Structure):
-    _fields_ = [("o", _vp), ("lse", _vp), ("pos", _vp), ("scores", _vp), ("counts", _vp)]
+    # the C struct's layout in full: the library writes server_us / work_us on success
+    _fields_ = [("o", _vp), ("lse", _vp), ("pos", _vp), ("scores", _vp), ("counts", _vp),
+                ("server_us", _c_u32), ("work_us", _c_u32)]
 
 
 class _OpStats(ctypes.Structure):
