@@ -780,7 +780,6 @@ fail:
 
 int ratd_server_run(ratd_server *s, volatile sig_atomic_t *stop)
 {
-    pthread_setname_np(pthread_self(), "ratd-io");
     RA_INFO("ratd %s listening on %s (protocol %u, %d workers, queue %d, placement: %s, memory "
             "limit %s)",
             RATD_VERSION, s->cfg.endpoint, RA_PROTO_VERSION, ratd_pool_workers(s->pool),

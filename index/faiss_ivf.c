@@ -19,7 +19,7 @@
 #include "ra_log.h"
 
 #define IVF_DEFAULT_NPROBE 16
-#define IVF_ADD_CHUNK ((size_t)16384)
+#define IVF_ADD_CHUNK ((size_t)4096)
 
 typedef struct ivf_state {
     FaissIndexIVFFlat *idx; /* NULL when there were no keys to train on */

@@ -49,9 +49,10 @@ void ra_index_rows_f32(const ra_kv *kv, size_t first, size_t n, float *dst)
 ra_status ra_index_faiss_add_rows(void *faiss_index, const ra_kv *kv, size_t first, size_t n,
                                   const ra_index_opts *opts)
 {
-    enum { CHUNK = 16384 };
+    /* a build (opts set) checks its cancel flag every chunk: smaller ones there */
+    size_t chunk = opts ? 2048 : 16384;
     int dim = ra_kv_dim(kv);
-    size_t c = n < CHUNK ? n : CHUNK;
+    size_t c = n < chunk ? n : chunk;
     if (n == 0)
         return RA_OK;
     float *buf = malloc(c * (size_t)dim * sizeof(float));
