@@ -363,8 +363,8 @@ ra_status ra_client_hello(ra_client *c, ra_server_info *info)
         MN(max_frame_bytes)
         MN(max_message_bytes)
         MN(mem_limit)
-        MN(max_sessions) MN(max_layers) MN(max_heads) MN(max_dim) MN(max_top_k) MN(max_tokens)
-            MN(max_queries)
+        MN(max_sessions)
+        MN(max_layers) MN(max_heads) MN(max_dim) MN(max_top_k) MN(max_tokens) MN(max_queries)
 #undef MN
     }
     if (info)
@@ -414,7 +414,8 @@ ra_status ra_client_session_create(ra_client *c, const ra_session_desc *d, uint6
     CP(graph_knn)
     CP(graph_degree)
     CP(graph_build_ef)
-    CP(graph_entries) CP(n_train) CP(ivf_nlist) CP(hnsw_m) CP(threads)
+    CP(graph_entries)
+    CP(n_train) CP(ivf_nlist) CP(hnsw_m) CP(threads)
 #undef CP
         io.seed = d->index.seed;
     cs.index = &io;
@@ -750,16 +751,11 @@ static ra_status args_batch(ra_client *c, const ra_attend_batch_req *r, attend_a
 {
     if (r->n_sessions <= 0 || !r->sessions)
         return fail(c, RA_EINVAL, "a batched Attend needs n_sessions > 0 and the session ids");
-    *a = (attend_args){.n_sess = r->n_sessions,
-                       .sessions = r->sessions,
-                       .n_q = r->n_q_heads,
-                       .dim = r->head_dim,
-                       .q = r->q,
-                       .top_k = r->top_k,
-                       .effort = r->effort,
-                       .scale = r->scale,
-                       .want = r->want_topk,
-                       .k_head = r->top_k_per_head};
+    const ra_attend_req one = {r->n_q_heads, r->head_dim, r->q,         r->top_k,
+                               r->effort,    r->scale,    r->want_topk, r->top_k_per_head};
+    *a = args_single(0, &one);
+    a->n_sess = r->n_sessions;
+    a->sessions = r->sessions;
     return RA_OK;
 }
 

@@ -128,18 +128,9 @@ static void raw_recv(void *s, int timeout_ms, raw_reply *r)
 static uint64_t new_session(ra_client *c, int L, int H, int G, int D, ra_dtype dt,
                             ra_client_index_kind kind)
 {
-    ra_session_desc d;
-    ra_session_desc_init(&d);
-    d.n_layers = L;
-    d.n_q_heads = H;
-    d.n_kv_heads = G;
-    d.head_dim = D;
-    d.dtype = dt;
-    d.index.kind = kind;
-    uint64_t s = 0;
-    ra_status st = ra_client_session_create(c, &d, &s);
-    if (st != RA_OK)
-        fail_msg("session_create: %s: %s", ra_strerror(st), ra_client_errmsg(c));
+    uint64_t s = ratd_session_new(c, L, H, G, D, dt, kind);
+    if (!s)
+        fail_msg("session_create: %s", ra_client_errmsg(c));
     return s;
 }
 
@@ -207,29 +198,13 @@ static void kv_offload(ra_client *c, uint64_t session, const kvset *s, ra_dtype 
         fail_msg("offload: %s: %s", ra_strerror(st), ra_client_errmsg(c));
 }
 
-static float *rand_vec(size_t n, float amp)
-{
-    float *q = malloc(n * sizeof(float));
-    for (size_t i = 0; i < n; i++)
-        q[i] = amp * rnd_norm();
-    return q;
-}
-
 /* o/lse of H query heads against exact attention over every token of s. */
 static void check_full(const kvset *s, int H, const float *q, const float *o, const float *lse,
                        double tol)
 {
-    int rep = H / s->G;
-    double *ro = malloc((size_t)s->D * sizeof *ro), rl;
-    for (int h = 0; h < H; h++) {
-        const float *K = s->K + (size_t)(h / rep) * s->n * s->D;
-        const float *V = s->V + (size_t)(h / rep) * s->n * s->D;
-        ref_attend(q + (size_t)h * s->D, K, V, s->D, NULL, s->n, 1.0 / sqrt(s->D), ro, &rl);
-        double e = rel_err(o + (size_t)h * s->D, ro, s->D);
-        if (e > tol || fabs(lse[h] - rl) > tol * fmax(1.0, fabs(rl)))
-            fail_msg("head %d: rel err %.3g, lse %.6f vs %.6f", h, e, lse[h], rl);
-    }
-    free(ro);
+    char msg[256];
+    if (ref_check_heads(s->K, s->V, s->G, s->n, s->D, H, q, o, lse, tol, msg, sizeof msg) >= 0)
+        fail_msg("%s", msg);
 }
 
 static ra_server_stats stats_of(ra_client *c)
@@ -291,7 +266,7 @@ static void test_queue_bound(void **state)
     kv_make(&kv, H, T, D);
     kv_offload(c, s, &kv, RA_DTYPE_F32, kv.K, kv.V, H, 0, NULL);
     ra_server_stats before = stats_of(c);
-    float *q = rand_vec((size_t)N * H * D, 0.2f);
+    float *q = rnd_vec((size_t)N * H * D, 0.2f);
     void *sock = raw_dealer(&d);
     for (int i = 0; i < N; i++)
         raw_attend(sock, 1 + (uint64_t)i, s, q + (size_t)i * H * D, H, D, T, 0);
@@ -348,7 +323,7 @@ static void test_vanishing_client_in_flight(void **state)
     kv_make(&kv, 1, T, D);
     kv_offload(g_c, s, &kv, RA_DTYPE_F32, kv.K, kv.V, H, 0, NULL);
     ra_server_stats before = stats_of(g_c);
-    float *q = rand_vec((size_t)H * D, 0.2f);
+    float *q = rnd_vec((size_t)H * D, 0.2f);
     void *gone = raw_dealer(&g_d);
     for (int i = 0; i < N; i++)
         raw_attend(gone, 1 + (uint64_t)i, s, q, H, D, 1000, 1);
@@ -392,13 +367,13 @@ static void drop_during_build(ra_client *c, ra_client_index_kind kind, uint64_t 
     kv_make(&kv, 1, T, D);
     uint16_t *k16, *v16;
     kv_to_f16(&kv, &k16, &v16);
-    float *qt = rand_vec((size_t)H * NQ * D, 1.0f);
+    float *qt = rnd_vec((size_t)H * NQ * D, 1.0f);
     kv_offload(c, s, &kv, RA_DTYPE_F16, k16, v16, H, NQ, qt);
     ra_session_stats ss;
     assert_int_equal(ra_client_session_stats(c, s, &ss), RA_OK);
     assert_int_equal(ss.heads_building, 1);
     assert_true(ss.bytes >= (uint64_t)T * D * 2 * 2); /* K and V at least */
-    float *q = rand_vec((size_t)H * D, 0.3f), o[H * D], lse[H];
+    float *q = rnd_vec((size_t)H * D, 0.3f), o[H * D], lse[H];
     ra_attend_req r = {.n_q_heads = H, .head_dim = D, .q = q, .top_k = T};
     ra_attend_out out = {.o = o, .lse = lse};
     assert_int_equal(ra_client_attend(c, s, 0, &r, &out), RA_OK);
@@ -472,7 +447,7 @@ static void test_batch_equals_single(void **state)
         kv_make(&kv[i], G, n[i], D);
         kv_offload(g_c, sid[i], &kv[i], RA_DTYPE_F32, kv[i].K, kv[i].V, H, 0, NULL);
     }
-    float *q = rand_vec((size_t)S * H * D, 0.5f);
+    float *q = rnd_vec((size_t)S * H * D, 0.5f);
     int32_t kh[H] = {K, 0, 7, K}; /* per-head budgets apply to every session */
     float o[S * H * D], lse[S * H], sc[S * H * K];
     int64_t pos[S * H * K];
@@ -666,7 +641,7 @@ static void test_sessions_overlap(void **state)
         kv_make(&kv[i], 1, T, D);
         kv_offload(g_c, s[i], &kv[i], RA_DTYPE_F32, kv[i].K, kv[i].V, 1, 0, NULL);
     }
-    float *q = rand_vec(D, 0.2f);
+    float *q = rnd_vec(D, 0.2f);
     void *sock = raw_dealer(&g_d);
     double best = 1e9;
     for (int round = 0; round < 3 && best >= 0.85; round++) {
