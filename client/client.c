@@ -32,6 +32,7 @@ typedef struct ra_reply {
 typedef struct pending {
     uint64_t id; /* 0: free slot */
     int shard;
+    int n_sess; /* 0: a single-session Attend (no leading dimension) */
     int n_q, dim, k, want;
     ra_reply *reply; /* parked, when it arrived during another wait */
 } pending;
@@ -360,8 +361,10 @@ ra_status ra_client_hello(ra_client *c, ra_server_info *info)
             acc.numa_node = -1;
 #define MN(f) acc.limits.f = min_nz(acc.limits.f, one.limits.f);
         MN(max_frame_bytes)
-        MN(max_message_bytes) MN(mem_limit) MN(max_sessions) MN(max_layers) MN(max_heads)
-            MN(max_dim) MN(max_top_k) MN(max_tokens) MN(max_queries)
+        MN(max_message_bytes)
+        MN(mem_limit)
+        MN(max_sessions)
+        MN(max_layers) MN(max_heads) MN(max_dim) MN(max_top_k) MN(max_tokens) MN(max_queries)
 #undef MN
     }
     if (info)
@@ -409,10 +412,12 @@ ra_status ra_client_session_create(ra_client *c, const ra_session_desc *d, uint6
     io.kind = (uint32_t)d->index.kind;
 #define CP(f) io.f = d->index.f > 0 ? (uint32_t)d->index.f : 0;
     CP(graph_knn)
-    CP(graph_degree) CP(graph_build_ef) CP(graph_entries) CP(n_train) CP(ivf_nlist) CP(hnsw_m)
-        CP(threads)
+    CP(graph_degree)
+    CP(graph_build_ef)
+    CP(graph_entries)
+    CP(n_train) CP(ivf_nlist) CP(hnsw_m) CP(threads)
 #undef CP
-            io.seed = d->index.seed;
+        io.seed = d->index.seed;
     cs.index = &io;
     h.create = &cs;
     smap m;
@@ -544,6 +549,7 @@ ra_status ra_client_session_stats(ra_client *c, uint64_t session, ra_session_sta
         acc.heads += s->heads;
         acc.heads_ready += s->heads_ready;
         acc.heads_building += s->heads_building;
+        acc.bytes += s->session_bytes;
         reply_free(r);
     }
     *out = acc;
@@ -567,7 +573,8 @@ ra_status ra_client_wait_ready(ra_client *c, uint64_t session, int timeout_ms)
         if (ss.heads_building == 0)
             return RA_OK;
         clock_gettime(CLOCK_MONOTONIC, &now);
-        double ms = (double)(now.tv_sec - t0.tv_sec) * 1e3 + (double)(now.tv_nsec - t0.tv_nsec) * 1e-6;
+        double ms =
+            (double)(now.tv_sec - t0.tv_sec) * 1e3 + (double)(now.tv_nsec - t0.tv_nsec) * 1e-6;
         if (ms >= timeout_ms)
             return fail(c, RA_ETIMEDOUT, "index builds still running after the timeout");
         struct timespec nap = {0, 5 * 1000 * 1000};
@@ -645,90 +652,185 @@ ra_status ra_client_append(ra_client *c, uint64_t session, int layer, const ra_k
 
 /* ---- attend ----------------------------------------------------------------------- */
 
-ra_status ra_client_attend_send(ra_client *c, uint64_t session, int layer, const ra_attend_req *rq,
-                                ra_ticket *ticket)
+/* One Attend request, single (n_sess 0: Header.session) or batched (AttendParams.sessions
+ * of n_sess local ids, mapped to the shard's own). */
+typedef struct attend_args {
+    int n_sess;
+    const uint64_t *sessions;
+    uint64_t session;
+    int n_q, dim;
+    const float *q;
+    int top_k, effort;
+    float scale;
+    int want;
+    const int32_t *k_head;
+} attend_args;
+
+static ra_status attend_send(ra_client *c, int layer, const attend_args *a, ra_ticket *ticket)
 {
-    if (!c || !rq || !ticket)
-        return c ? fail(c, RA_EINVAL, "NULL argument") : RA_EINVAL;
     if (layer < 0)
         return fail(c, RA_ENOLAYER, "layer %d is negative", layer);
-    if (rq->n_q_heads <= 0 || rq->head_dim <= 0 || !rq->q || rq->top_k <= 0)
+    if (a->n_q <= 0 || a->dim <= 0 || !a->q || a->top_k <= 0)
         return fail(c, RA_EINVAL, "n_q_heads, head_dim and top_k must be positive, q set");
-    if (rq->top_k_per_head)
-        for (int i = 0; i < rq->n_q_heads; i++)
-            if (rq->top_k_per_head[i] < 0 || rq->top_k_per_head[i] > rq->top_k)
+    if (a->k_head)
+        for (int i = 0; i < a->n_q; i++)
+            if (a->k_head[i] < 0 || a->k_head[i] > a->top_k)
                 return fail(c, RA_EINVAL, "top_k_per_head[%d] = %d outside 0..top_k (%d)", i,
-                            rq->top_k_per_head[i], rq->top_k);
+                            a->k_head[i], a->top_k);
     pending *slot = find_pending(c, 0);
     if (!slot)
         return fail(c, RA_EBUSY, "%d attends already outstanding (max_inflight)", c->max_inflight);
     int sh = shard_of(c, layer);
+    uint64_t *remote = NULL;
+    if (a->n_sess > 0) {
+        remote = malloc((size_t)a->n_sess * sizeof *remote);
+        if (!remote)
+            return fail(c, RA_ENOMEM, "out of memory");
+        for (int i = 0; i < a->n_sess; i++)
+            remote[i] = remote_session(c, a->sessions[i], sh);
+    }
     Ratd__Header h = RATD__HEADER__INIT;
     Ratd__AttendParams ap = RATD__ATTEND_PARAMS__INIT;
     h.type = RATD__MSG_TYPE__ATTEND;
-    h.session = remote_session(c, session, sh);
+    h.session = remote ? remote[0] : remote_session(c, a->session, sh);
     h.layer = (uint32_t)layer;
-    ap.top_k = (uint32_t)rq->top_k;
-    ap.effort = rq->effort > 0 ? (uint32_t)rq->effort : 0;
-    ap.scale = rq->scale > 0 ? rq->scale : 0.0f;
-    ap.want_topk = rq->want_topk != 0;
-    if (rq->top_k_per_head) { /* int32 -> uint32, values checked above */
-        ap.n_top_k_per_head = (size_t)rq->n_q_heads;
-        ap.top_k_per_head = (uint32_t *)(uintptr_t)rq->top_k_per_head;
+    ap.top_k = (uint32_t)a->top_k;
+    ap.effort = a->effort > 0 ? (uint32_t)a->effort : 0;
+    ap.scale = a->scale > 0 ? a->scale : 0.0f;
+    ap.want_topk = a->want != 0;
+    if (a->k_head) { /* int32 -> uint32, values checked above */
+        ap.n_top_k_per_head = (size_t)a->n_q;
+        ap.top_k_per_head = (uint32_t *)(uintptr_t)a->k_head;
     }
+    ap.n_sessions = remote ? (size_t)a->n_sess : 0;
+    ap.sessions = remote;
     h.attend = &ap;
-    uint64_t H = (uint64_t)rq->n_q_heads, D = (uint64_t)rq->head_dim;
+    uint64_t S = (uint64_t)a->n_sess, H = (uint64_t)a->n_q, D = (uint64_t)a->dim;
     ra_proto_part p = {
-        RATD__ROLE__Q, RATD__DTYPE__F32, 2, {H, D}, rq->q, (size_t)(H * D) * sizeof(float), 0};
+        RATD__ROLE__Q, RATD__DTYPE__F32, 2, {H, D}, a->q, (size_t)(H * D) * sizeof(float), 0};
+    if (remote) {
+        p.ndim = 3;
+        p.shape[0] = S;
+        p.shape[1] = H;
+        p.shape[2] = D;
+        p.bytes *= (size_t)S;
+    }
     uint64_t id = 0;
     ra_status st = send_req(c, sh, &h, &p, 1, &id);
+    free(remote);
     if (st != RA_OK)
         return st;
     slot->id = id;
     slot->shard = sh;
-    slot->n_q = rq->n_q_heads;
-    slot->dim = rq->head_dim;
-    slot->k = rq->top_k;
-    slot->want = rq->want_topk != 0;
+    slot->n_sess = a->n_sess;
+    slot->n_q = a->n_q;
+    slot->dim = a->dim;
+    slot->k = a->top_k;
+    slot->want = a->want != 0;
     slot->reply = NULL;
     *ticket = id;
     c->err[0] = 0;
     return RA_OK;
 }
 
-static int tensor_is(const ra_proto_view *v, int i, int dt, int ndim, uint64_t a, uint64_t b)
+static attend_args args_single(uint64_t session, const ra_attend_req *r)
 {
+    attend_args a = {.session = session,
+                     .n_q = r->n_q_heads,
+                     .dim = r->head_dim,
+                     .q = r->q,
+                     .top_k = r->top_k,
+                     .effort = r->effort,
+                     .scale = r->scale,
+                     .want = r->want_topk,
+                     .k_head = r->top_k_per_head};
+    return a;
+}
+
+static ra_status args_batch(ra_client *c, const ra_attend_batch_req *r, attend_args *a)
+{
+    if (r->n_sessions <= 0 || !r->sessions)
+        return fail(c, RA_EINVAL, "a batched Attend needs n_sessions > 0 and the session ids");
+    const ra_attend_req one = {r->n_q_heads, r->head_dim, r->q,         r->top_k,
+                               r->effort,    r->scale,    r->want_topk, r->top_k_per_head};
+    *a = args_single(0, &one);
+    a->n_sess = r->n_sessions;
+    a->sessions = r->sessions;
+    return RA_OK;
+}
+
+ra_status ra_client_attend_send(ra_client *c, uint64_t session, int layer, const ra_attend_req *rq,
+                                ra_ticket *ticket)
+{
+    if (!c || !rq || !ticket)
+        return c ? fail(c, RA_EINVAL, "NULL argument") : RA_EINVAL;
+    attend_args a = args_single(session, rq);
+    return attend_send(c, layer, &a, ticket);
+}
+
+ra_status ra_client_attend_batch_send(ra_client *c, int layer, const ra_attend_batch_req *rq,
+                                      ra_ticket *ticket)
+{
+    if (!c || !rq || !ticket)
+        return c ? fail(c, RA_EINVAL, "NULL argument") : RA_EINVAL;
+    attend_args a;
+    ra_status st = args_batch(c, rq, &a);
+    return st != RA_OK ? st : attend_send(c, layer, &a, ticket);
+}
+
+/* Tensor i is dt with shape [lead][a] or [lead][a][b] (lead 0: no leading dimension;
+ * b 0: none). */
+static int tensor_is(const ra_proto_view *v, int i, int dt, uint64_t lead, uint64_t a, uint64_t b)
+{
+    uint64_t want[3];
+    size_t nd = 0;
+    if (lead)
+        want[nd++] = lead;
+    want[nd++] = a;
+    if (b)
+        want[nd++] = b;
     const Ratd__Tensor *t = v->tensor[i];
-    return (int)t->dtype == dt && (int)t->n_shape == ndim && t->shape[0] == a &&
-           (ndim == 1 || t->shape[1] == b);
+    if ((int)t->dtype != dt || t->n_shape != nd)
+        return 0;
+    for (size_t d = 0; d < nd; d++)
+        if (t->shape[d] != want[d])
+            return 0;
+    return 1;
 }
 
 static ra_status unpack_attend(ra_client *c, pending *p, ra_reply *r, ra_attend_out *out)
 {
     ra_proto_view *v = &r->v;
-    uint64_t H = (uint64_t)p->n_q, D = (uint64_t)p->dim, K = (uint64_t)p->k;
+    uint64_t S = (uint64_t)p->n_sess, H = (uint64_t)p->n_q, D = (uint64_t)p->dim,
+             K = (uint64_t)p->k;
+    uint64_t rows = (S ? S : 1) * H;
     int io = ra_proto_find(v, RATD__ROLE__O), il = ra_proto_find(v, RATD__ROLE__LSE);
-    if (io < 0 || il < 0 || !tensor_is(v, io, RATD__DTYPE__F32, 2, H, D) ||
-        !tensor_is(v, il, RATD__DTYPE__F32, 1, H, 0))
-        return fail(c, RA_EPROTO, "Attend reply lacks o [%d][%d] or lse [%d]", p->n_q, p->dim,
-                    p->n_q);
-    memcpy(out->o, zmq_msg_data(v->frame[io]), (size_t)(H * D) * sizeof(float));
-    memcpy(out->lse, zmq_msg_data(v->frame[il]), (size_t)H * sizeof(float));
+    if (io < 0 || il < 0 || !tensor_is(v, io, RATD__DTYPE__F32, S, H, D) ||
+        !tensor_is(v, il, RATD__DTYPE__F32, S, H, 0))
+        return fail(c, RA_EPROTO, "Attend reply lacks o [%d][%d] or lse [%d] (%d sessions)", p->n_q,
+                    p->dim, p->n_q, p->n_sess);
+    int ip = -1, is = -1, ic = -1;
     if (p->want) {
-        int ip = ra_proto_find(v, RATD__ROLE__TOPK_POS);
-        int is = ra_proto_find(v, RATD__ROLE__TOPK_SCORE);
-        int ic = ra_proto_find(v, RATD__ROLE__TOPK_COUNT);
-        if (ip < 0 || is < 0 || ic < 0 || !tensor_is(v, ip, RATD__DTYPE__I64, 2, H, K) ||
-            !tensor_is(v, is, RATD__DTYPE__F32, 2, H, K) ||
-            !tensor_is(v, ic, RATD__DTYPE__I32, 1, H, 0))
+        ip = ra_proto_find(v, RATD__ROLE__TOPK_POS);
+        is = ra_proto_find(v, RATD__ROLE__TOPK_SCORE);
+        ic = ra_proto_find(v, RATD__ROLE__TOPK_COUNT);
+        if (ip < 0 || is < 0 || ic < 0 || !tensor_is(v, ip, RATD__DTYPE__I64, S, H, K) ||
+            !tensor_is(v, is, RATD__DTYPE__F32, S, H, K) ||
+            !tensor_is(v, ic, RATD__DTYPE__I32, S, H, 0))
             return fail(c, RA_EPROTO, "Attend reply lacks the requested top-k tensors");
-        if (out->pos)
-            memcpy(out->pos, zmq_msg_data(v->frame[ip]), (size_t)(H * K) * sizeof(int64_t));
-        if (out->scores)
-            memcpy(out->scores, zmq_msg_data(v->frame[is]), (size_t)(H * K) * sizeof(float));
-        if (out->counts)
-            memcpy(out->counts, zmq_msg_data(v->frame[ic]), (size_t)H * sizeof(int32_t));
     }
+    memcpy(out->o, zmq_msg_data(v->frame[io]), (size_t)(rows * D) * sizeof(float));
+    memcpy(out->lse, zmq_msg_data(v->frame[il]), (size_t)rows * sizeof(float));
+    if (p->want) {
+        if (out->pos)
+            memcpy(out->pos, zmq_msg_data(v->frame[ip]), (size_t)(rows * K) * sizeof(int64_t));
+        if (out->scores)
+            memcpy(out->scores, zmq_msg_data(v->frame[is]), (size_t)(rows * K) * sizeof(float));
+        if (out->counts)
+            memcpy(out->counts, zmq_msg_data(v->frame[ic]), (size_t)rows * sizeof(int32_t));
+    }
+    out->server_us = v->hdr->server_us;
+    out->work_us = v->hdr->work_us;
     return RA_OK;
 }
 
@@ -768,19 +870,38 @@ void ra_client_attend_cancel(ra_client *c, ra_ticket ticket)
     memset(p, 0, sizeof *p);
 }
 
-ra_status ra_client_attend(ra_client *c, uint64_t session, int layer, const ra_attend_req *r,
-                           ra_attend_out *out)
+/* Send, then wait with the client's timeout; a timed-out ticket is cancelled. */
+static ra_status attend_sync(ra_client *c, int layer, const attend_args *a, ra_attend_out *out)
 {
-    if (!c || !out || !out->o || !out->lse)
-        return c ? fail(c, RA_EINVAL, "out->o and out->lse are required") : RA_EINVAL;
+    if (!out || !out->o || !out->lse)
+        return fail(c, RA_EINVAL, "out->o and out->lse are required");
     ra_ticket t;
-    ra_status st = ra_client_attend_send(c, session, layer, r, &t);
+    ra_status st = attend_send(c, layer, a, &t);
     if (st != RA_OK)
         return st;
     st = ra_client_attend_wait(c, t, out, -1);
     if (st == RA_ETIMEDOUT)
         ra_client_attend_cancel(c, t);
     return st;
+}
+
+ra_status ra_client_attend(ra_client *c, uint64_t session, int layer, const ra_attend_req *r,
+                           ra_attend_out *out)
+{
+    if (!c || !r)
+        return c ? fail(c, RA_EINVAL, "NULL argument") : RA_EINVAL;
+    attend_args a = args_single(session, r);
+    return attend_sync(c, layer, &a, out);
+}
+
+ra_status ra_client_attend_batch(ra_client *c, int layer, const ra_attend_batch_req *r,
+                                 ra_attend_out *out)
+{
+    if (!c || !r)
+        return c ? fail(c, RA_EINVAL, "NULL argument") : RA_EINVAL;
+    attend_args a;
+    ra_status st = args_batch(c, r, &a);
+    return st != RA_OK ? st : attend_sync(c, layer, &a, out);
 }
 
 /* ---- ABI ------------------------------------------------------------------------- */
@@ -805,6 +926,7 @@ size_t ra_client_struct_size(ra_client_struct which)
         [RA_CLIENT_STRUCT_OP_STATS] = sizeof(ra_op_stats),
         [RA_CLIENT_STRUCT_SERVER_STATS] = sizeof(ra_server_stats),
         [RA_CLIENT_STRUCT_SESSION_STATS] = sizeof(ra_session_stats),
+        [RA_CLIENT_STRUCT_ATTEND_BATCH_REQ] = sizeof(ra_attend_batch_req),
     };
     return (unsigned)which < RA_CLIENT_STRUCT_COUNT ? sizes[which] : 0;
 }

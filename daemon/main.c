@@ -1,11 +1,15 @@
 /* ratd's entry point, in Redis's fixed start order: defaults -> config file -> env ->
  * flags -> endpoint policy -> topology/pinning and bind (ratd_server_create) -> serve
- * -> on SIGINT/SIGTERM finish the request in progress, free every session, remove the
- * ipc:// socket file, exit 0. Exit 2 on a configuration error, 1 on a start failure. */
+ * -> on SIGINT/SIGTERM stop taking requests, answer those queued, cancel the index
+ * builds, free every session, remove the ipc:// socket file, exit 0 (within a bound:
+ * a build that does not end 3 s after its cancellation is left to the exit). Exit 2
+ * on a configuration error, 1 on a start failure. */
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
+#include "ra_index.h"
 #include "ra_log.h"
 #include "ra_proto.h"
 #include "ratd_config.h"
@@ -25,6 +29,9 @@ static void on_signal(int sig)
 
 int main(int argc, char **argv)
 {
+    /* before any thread of ours: what runs now are library pools (OpenBLAS) that only
+     * index builds use; they get the builds' low priority */
+    ra_index_build_priority_setup();
     ratd_config cfg;
     char err[512];
     int help = 0, version = 0;
@@ -70,7 +77,12 @@ int main(int argc, char **argv)
         RA_ERROR("cannot start: %s (%s)", err, ra_strerror(st));
         return 1;
     }
-    ratd_server_run(s, &g_stop);
+    if (ratd_server_run(s, &g_stop) != 0) {
+        ratd_server_abandon(s);
+        RA_WARN("stopped, leaving running index builds to the exit");
+        fflush(NULL);
+        _exit(0);
+    }
     ratd_server_destroy(s);
     RA_INFO("stopped");
     return 0;

@@ -55,8 +55,14 @@ static const ratd_option g_options[] = {
      "tokens per Offload/Append message at most"},
     {"max-queries", OPT_INT, OFF(max_queries), 0, 0, 1 << 24, "65536",
      "training queries per query head in one Offload at most"},
-    {"index-threads", OPT_INT, OFF(index_threads), 0, 0, 1024, "0",
-     "threads of a background index build (0: the index's default)"},
+    {"max-queue", OPT_INT, OFF(max_queue), 0, 1, 65536, "1024",
+     "Offload/Append/Attend requests queued or running at most; one more gets RA_EBUSY at "
+     "once"},
+    {"max-batch", OPT_INT, OFF(max_batch), 0, 1, 4096, "256",
+     "sessions in one batched Attend at most"},
+    /* the index's own bound (index/opts.c, "threads"); ratd_server_create checks it */
+    {"index-threads", OPT_INT, OFF(index_threads), 0, 0, 256, "0",
+     "threads of a background index build (0: every core)"},
     {"send-timeout-ms", OPT_INT, OFF(send_timeout_ms), 0, 1, 600000, "2000",
      "give up a reply to a client that does not read it after this long"},
     {"log-level", OPT_STR, OFF(log_level), SZ(log_level), 0, 0, "info",
@@ -358,8 +364,12 @@ void ratd_config_usage(FILE *f, const char *prog)
     }
     fprintf(f, "  %-26s %s\n  %-26s %s\n", "--help", "print this text and exit", "--version",
             "print the version and protocol version and exit");
-    fprintf(f, "\nSIGINT/SIGTERM: stop taking requests, finish the one in progress, free every\n"
-               "session, remove the ipc:// socket file, exit 0.\n");
+    fprintf(f, "\nThreads: one I/O thread owns the socket; --workers threads run the requests,\n"
+               "several at once, in order per (session, layer); index builds run in their own\n"
+               "threads at nice 19; a reaper thread frees dropped sessions once their builds\n"
+               "end.\n"
+               "SIGINT/SIGTERM: stop taking requests, answer those queued, cancel index builds,\n"
+               "free every session, remove the ipc:// socket file, exit 0.\n");
 }
 
 static int is_loopback(const char *host)

@@ -28,6 +28,8 @@ typedef struct ratd_config {
     int max_top_k;
     int max_tokens;
     int max_queries;
+    int max_queue; /* Offload/Append/Attend requests queued or running */
+    int max_batch; /* sessions in one batched Attend */
     int index_threads;
     int send_timeout_ms;
     char log_level[16];

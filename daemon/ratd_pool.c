@@ -1,70 +1,192 @@
-/* Worker pool and hwloc placement (see ratd_pool.h). A run publishes a job under the
- * mutex and bumps a generation counter; workers claim task indices with an atomic
- * counter, so short per-head tasks need no per-task locking. */
+/* Worker pool and hwloc placement (see ratd_pool.h). The ticket ring is Dmitry Vyukov's
+ * bounded MPMC queue: each cell carries a sequence number that tells producers and
+ * consumers whose turn it is, so a push or a pop is one CAS on its own index. A
+ * semaphore counts the tickets, so a worker only pops after a push completed and idle
+ * workers sleep in the kernel instead of spinning. */
+#define _GNU_SOURCE
 #include "ratd_pool.h"
 
+#include <errno.h>
 #include <hwloc.h>
 #include <pthread.h>
+#include <sched.h>
+#include <semaphore.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "ra_log.h"
 
-struct ratd_pool {
-    pthread_mutex_t mu;
-    pthread_cond_t wake, done;
-    pthread_t *threads;
-    int n_threads; /* background workers (callers add one) */
-    int started;
-    unsigned long gen;
-    int stop;
-    /* the current job */
+typedef struct run_work {
+    ratd_work w;
+    ratd_pool *p;
     ratd_task_fn fn;
     void *arg;
-    int n_tasks;
-    int next;     /* atomic */
-    int finished; /* workers done with this generation */
+    sem_t done;
+} run_work;
+
+typedef struct ring_cell {
+    size_t seq; /* atomic */
+    ratd_work *w;
+} ring_cell;
+
+struct ratd_pool {
+    /* the ring: producers and consumers on their own cache lines */
+    ring_cell *cells;
+    size_t mask;
+    char pad0[64];
+    size_t head; /* atomic: next cell to push */
+    char pad1[64];
+    size_t tail; /* atomic: next cell to pop */
+    char pad2[64];
+    sem_t tickets;
+    run_work run; /* ratd_pool_run's, one at a time */
+    pthread_mutex_t run_mu;
+    pthread_t *threads;
+    int n_threads;
     hwloc_topology_t topo;
     hwloc_bitmap_t cpuset; /* NULL: unbound */
     int numa_node;
     char placement[256];
 };
 
-static void work(ratd_pool *p, ratd_task_fn fn, void *arg, int n)
+typedef struct worker_arg {
+    ratd_pool *p;
+    int index;
+} worker_arg;
+
+static uint64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+static void ring_push(ratd_pool *p, ratd_work *w)
+{
+    size_t pos = __atomic_load_n(&p->head, __ATOMIC_RELAXED);
+    for (;;) {
+        ring_cell *c = &p->cells[pos & p->mask];
+        size_t seq = __atomic_load_n(&c->seq, __ATOMIC_ACQUIRE);
+        intptr_t dif = (intptr_t)seq - (intptr_t)pos;
+        if (dif == 0) {
+            if (__atomic_compare_exchange_n(&p->head, &pos, pos + 1, 1, __ATOMIC_RELAXED,
+                                            __ATOMIC_RELAXED)) {
+                c->w = w;
+                __atomic_store_n(&c->seq, pos + 1, __ATOMIC_RELEASE);
+                return;
+            }
+        } else if (dif < 0) { /* full: workers are taking tickets, wait for a cell */
+            sched_yield();
+            pos = __atomic_load_n(&p->head, __ATOMIC_RELAXED);
+        } else {
+            pos = __atomic_load_n(&p->head, __ATOMIC_RELAXED);
+        }
+    }
+}
+
+/* Only after a successful sem_wait: a ticket is there or about to be published. */
+static ratd_work *ring_pop(ratd_pool *p)
+{
+    size_t pos = __atomic_load_n(&p->tail, __ATOMIC_RELAXED);
+    for (;;) {
+        ring_cell *c = &p->cells[pos & p->mask];
+        size_t seq = __atomic_load_n(&c->seq, __ATOMIC_ACQUIRE);
+        intptr_t dif = (intptr_t)seq - (intptr_t)(pos + 1);
+        if (dif == 0) {
+            if (__atomic_compare_exchange_n(&p->tail, &pos, pos + 1, 1, __ATOMIC_RELAXED,
+                                            __ATOMIC_RELAXED)) {
+                ratd_work *w = c->w;
+                __atomic_store_n(&c->seq, pos + p->mask + 1, __ATOMIC_RELEASE);
+                return w;
+            }
+        } else if (dif < 0) { /* a producer claimed this cell and is writing it */
+            sched_yield();
+            pos = __atomic_load_n(&p->tail, __ATOMIC_RELAXED);
+        } else {
+            pos = __atomic_load_n(&p->tail, __ATOMIC_RELAXED);
+        }
+    }
+}
+
+/* Claims and runs tasks of w until none is left. The claim word holds the task count
+ * with the index, so a stale ticket (of a finished phase, or of a work since reused)
+ * claims either nothing or a task of the work as it is now, never a task twice. */
+static void work_run(ratd_work *w, int worker)
 {
     for (;;) {
-        int i = __atomic_fetch_add(&p->next, 1, __ATOMIC_RELAXED);
+        uint64_t c = __atomic_fetch_add(&w->claim, 1, __ATOMIC_ACQ_REL);
+        uint32_t i = (uint32_t)c, n = (uint32_t)(c >> 32);
         if (i >= n)
             return;
-        fn(arg, i);
+        uint64_t t0 = now_ns();
+        w->fn(w, (int)i, worker);
+        __atomic_add_fetch(&w->work_ns, now_ns() - t0, __ATOMIC_RELAXED);
+        if (__atomic_sub_fetch(&w->left, 1, __ATOMIC_ACQ_REL) == 0) {
+            w->done(w, worker); /* w may be reused from here on */
+            return;
+        }
     }
 }
 
 static void *worker_main(void *vp)
 {
-    ratd_pool *p = vp;
+    worker_arg *a = vp;
+    ratd_pool *p = a->p;
+    char name[16];
+    snprintf(name, sizeof name, "ratd-w%d", a->index);
+    pthread_setname_np(pthread_self(), name);
     if (p->cpuset)
         hwloc_set_cpubind(p->topo, p->cpuset, HWLOC_CPUBIND_THREAD);
-    unsigned long seen = 0;
-    pthread_mutex_lock(&p->mu);
     for (;;) {
-        while (!p->stop && p->gen == seen)
-            pthread_cond_wait(&p->wake, &p->mu);
-        if (p->stop)
+        while (sem_wait(&p->tickets) != 0 && errno == EINTR)
+            ;
+        ratd_work *w = ring_pop(p);
+        if (!w) /* stop */
             break;
-        seen = p->gen;
-        ratd_task_fn fn = p->fn;
-        void *arg = p->arg;
-        int n = p->n_tasks;
-        pthread_mutex_unlock(&p->mu);
-        work(p, fn, arg, n);
-        pthread_mutex_lock(&p->mu);
-        if (++p->finished == p->n_threads)
-            pthread_cond_signal(&p->done);
+        work_run(w, a->index);
     }
-    pthread_mutex_unlock(&p->mu);
+    free(a);
     return NULL;
+}
+
+void ratd_pool_submit(ratd_pool *p, ratd_work *w, int n_tasks)
+{
+    __atomic_store_n(&w->left, n_tasks, __ATOMIC_RELAXED);
+    __atomic_store_n(&w->claim, (uint64_t)(uint32_t)n_tasks << 32, __ATOMIC_RELEASE);
+    int t = n_tasks < p->n_threads ? n_tasks : p->n_threads;
+    for (int i = 0; i < t; i++) {
+        ring_push(p, w);
+        sem_post(&p->tickets);
+    }
+}
+
+static void run_task(ratd_work *w, int task, int worker)
+{
+    (void)worker;
+    ratd_pool *p = ((run_work *)w)->p;
+    p->run.fn(p->run.arg, task);
+}
+
+static void run_done(ratd_work *w, int worker)
+{
+    (void)worker;
+    sem_post(&((run_work *)w)->done);
+}
+
+void ratd_pool_run(ratd_pool *p, int n_tasks, ratd_task_fn fn, void *arg)
+{
+    if (n_tasks <= 0)
+        return;
+    /* the pool's own work, not one on this stack: leftover tickets may name it later */
+    pthread_mutex_lock(&p->run_mu);
+    p->run.fn = fn;
+    p->run.arg = arg;
+    ratd_pool_submit(p, &p->run.w, n_tasks);
+    while (sem_wait(&p->run.done) != 0 && errno == EINTR)
+        ;
+    pthread_mutex_unlock(&p->run_mu);
 }
 
 ra_status ratd_pool_create(ratd_pool **out, int n_workers, int numa_node, const char *cpuset,
@@ -76,9 +198,12 @@ ra_status ratd_pool_create(ratd_pool **out, int n_workers, int numa_node, const 
         return RA_ENOMEM;
     }
     ra_status st = RA_EINVAL;
-    pthread_mutex_init(&p->mu, NULL);
-    pthread_cond_init(&p->wake, NULL);
-    pthread_cond_init(&p->done, NULL);
+    sem_init(&p->tickets, 0, 0);
+    sem_init(&p->run.done, 0, 0);
+    pthread_mutex_init(&p->run_mu, NULL);
+    p->run.w.fn = run_task;
+    p->run.w.done = run_done;
+    p->run.p = p;
     p->numa_node = -1;
     snprintf(p->placement, sizeof p->placement, "none");
     if (hwloc_topology_init(&p->topo) < 0 || hwloc_topology_load(p->topo) < 0) {
@@ -141,22 +266,36 @@ ra_status ratd_pool_create(ratd_pool **out, int n_workers, int numa_node, const 
         n_workers = hwloc_bitmap_weight(p->cpuset ? p->cpuset : all);
     if (n_workers <= 0)
         n_workers = 1;
-    p->n_threads = n_workers - 1; /* the caller is a worker too */
-    if (p->n_threads > 0) {
-        p->threads = calloc((size_t)p->n_threads, sizeof *p->threads);
-        if (!p->threads) {
-            snprintf(err, errlen, "out of memory");
+    /* A ticket per worker per work at most: room for 1024 works of 64-way fan-out
+     * before a submitter has to wait for the workers. */
+    size_t cells = 4096, want = 1024 * (size_t)(n_workers < 64 ? n_workers : 64);
+    while (cells < want)
+        cells <<= 1;
+    p->cells = malloc(cells * sizeof *p->cells);
+    p->threads = calloc((size_t)n_workers, sizeof *p->threads);
+    if (!p->cells || !p->threads) {
+        snprintf(err, errlen, "out of memory");
+        st = RA_ENOMEM;
+        goto fail;
+    }
+    for (size_t i = 0; i < cells; i++) {
+        p->cells[i].seq = i;
+        p->cells[i].w = NULL;
+    }
+    p->mask = cells - 1;
+    for (int i = 0; i < n_workers; i++) {
+        worker_arg *a = malloc(sizeof *a);
+        if (a) {
+            a->p = p;
+            a->index = i;
+        }
+        if (!a || pthread_create(&p->threads[i], NULL, worker_main, a) != 0) {
+            free(a);
+            snprintf(err, errlen, "cannot start worker thread %d", i);
             st = RA_ENOMEM;
             goto fail;
         }
-        for (int i = 0; i < p->n_threads; i++) {
-            if (pthread_create(&p->threads[i], NULL, worker_main, p) != 0) {
-                snprintf(err, errlen, "cannot start worker thread %d", i);
-                st = RA_ENOMEM;
-                p->n_threads = i;
-                goto fail;
-            }
-        }
+        p->n_threads = i + 1;
     }
     *out = p;
     return RA_OK;
@@ -169,51 +308,27 @@ void ratd_pool_destroy(ratd_pool *p)
 {
     if (!p)
         return;
-    pthread_mutex_lock(&p->mu);
-    p->stop = 1;
-    pthread_cond_broadcast(&p->wake);
-    pthread_mutex_unlock(&p->mu);
+    for (int i = 0; i < p->n_threads; i++) { /* after every ticket already queued */
+        ring_push(p, NULL);
+        sem_post(&p->tickets);
+    }
     for (int i = 0; i < p->n_threads; i++)
         pthread_join(p->threads[i], NULL);
     free(p->threads);
+    free(p->cells);
     if (p->cpuset)
         hwloc_bitmap_free(p->cpuset);
     if (p->topo)
         hwloc_topology_destroy(p->topo);
-    pthread_mutex_destroy(&p->mu);
-    pthread_cond_destroy(&p->wake);
-    pthread_cond_destroy(&p->done);
+    sem_destroy(&p->tickets);
+    sem_destroy(&p->run.done);
+    pthread_mutex_destroy(&p->run_mu);
     free(p);
-}
-
-void ratd_pool_run(ratd_pool *p, int n_tasks, ratd_task_fn fn, void *arg)
-{
-    if (n_tasks <= 0)
-        return;
-    if (p->n_threads == 0 || n_tasks == 1) {
-        for (int i = 0; i < n_tasks; i++)
-            fn(arg, i);
-        return;
-    }
-    pthread_mutex_lock(&p->mu);
-    p->fn = fn;
-    p->arg = arg;
-    p->n_tasks = n_tasks;
-    __atomic_store_n(&p->next, 0, __ATOMIC_RELAXED);
-    p->finished = 0;
-    p->gen++;
-    pthread_cond_broadcast(&p->wake);
-    pthread_mutex_unlock(&p->mu);
-    work(p, fn, arg, n_tasks);
-    pthread_mutex_lock(&p->mu);
-    while (p->finished < p->n_threads)
-        pthread_cond_wait(&p->done, &p->mu);
-    pthread_mutex_unlock(&p->mu);
 }
 
 int ratd_pool_workers(const ratd_pool *p)
 {
-    return p->n_threads + 1;
+    return p->n_threads;
 }
 int ratd_pool_numa_node(const ratd_pool *p)
 {

@@ -71,7 +71,17 @@ static ra_status hnsw_build(void **state, const ra_kv *kv, size_t n, const float
         return RA_ENOMEM;
     pthread_rwlock_init(&s->lock, NULL);
     s->dim = ra_kv_dim(kv);
-    int m = opts->hnsw_m > 0 && opts->hnsw_m <= 256 ? opts->hnsw_m : 32;
+    /* ra_head checked and filled the options from the table (index/opts.c); called
+     * directly, 0 is the default and anything else out of range is refused */
+    ra_index_opts f = *opts;
+    ra_index_opts_fill(&f);
+    char oerr[160];
+    if (ra_index_opts_check(&f, oerr, sizeof oerr) != RA_OK) {
+        RA_ERROR("hnsw: %s", oerr);
+        hnsw_destroy(s);
+        return RA_EINVAL;
+    }
+    int m = f.hnsw_m;
     char desc[64];
     snprintf(desc, sizeof desc, "HNSW%d,Flat", m);
     s->m = m;
@@ -86,7 +96,7 @@ static ra_status hnsw_build(void **state, const ra_kv *kv, size_t n, const float
         goto fail;
     }
     s->ef = 16; /* FAISS's default */
-    if ((st = ra_index_faiss_add_rows(s->idx, kv, 0, n)) != RA_OK)
+    if ((st = ra_index_faiss_add_rows(s->idx, kv, 0, n, opts)) != RA_OK)
         goto fail;
     *state = s;
     return RA_OK;
@@ -99,7 +109,7 @@ static ra_status hnsw_add(void *state, const ra_kv *kv, size_t first, size_t n)
 {
     hnsw_state *s = state;
     pthread_rwlock_wrlock(&s->lock); /* FAISS HNSW add is not safe against searches */
-    ra_status st = ra_index_faiss_add_rows(s->idx, kv, first, n);
+    ra_status st = ra_index_faiss_add_rows(s->idx, kv, first, n, NULL);
     pthread_rwlock_unlock(&s->lock);
     return st;
 }

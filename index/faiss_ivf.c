@@ -19,6 +19,7 @@
 #include "ra_log.h"
 
 #define IVF_DEFAULT_NPROBE 16
+#define IVF_ADD_CHUNK ((size_t)4096)
 
 typedef struct ivf_state {
     FaissIndexIVFFlat *idx; /* NULL when there were no keys to train on */
@@ -81,13 +82,25 @@ static ra_status ivf_build(void **state, const ra_kv *kv, size_t n, const float 
         goto fail;
     }
     ra_index_rows_f32(kv, 0, n, x);
+    if (ra_index_cancelled(opts)) {
+        st = RA_ECLOSED;
+        goto fail;
+    }
     if ((rc = faiss_Index_train((FaissIndex *)s->idx, (idx_t)n, x))) {
         st = ra_index_faiss_error("IndexIVFFlat_train", rc);
         goto fail;
     }
-    if ((rc = faiss_Index_add((FaissIndex *)s->idx, (idx_t)n, x))) {
-        st = ra_index_faiss_error("IndexIVFFlat_add", rc);
-        goto fail;
+    /* in chunks, so that a cancelled build ends within one chunk */
+    for (size_t i = 0; i < n; i += IVF_ADD_CHUNK) {
+        size_t m = n - i < IVF_ADD_CHUNK ? n - i : IVF_ADD_CHUNK;
+        if (ra_index_cancelled(opts)) {
+            st = RA_ECLOSED;
+            goto fail;
+        }
+        if ((rc = faiss_Index_add((FaissIndex *)s->idx, (idx_t)m, x + i * (size_t)s->dim))) {
+            st = ra_index_faiss_error("IndexIVFFlat_add", rc);
+            goto fail;
+        }
     }
     s->nprobe = faiss_IndexIVF_nprobe(s->idx);
     free(x);
@@ -106,7 +119,7 @@ static ra_status ivf_add(void *state, const ra_kv *kv, size_t first, size_t n)
     ivf_state *s = state;
     if (!s->idx)
         return RA_OK; /* untrained: searches scan exactly, which sees every row */
-    return ra_index_faiss_add_rows(s->idx, kv, first, n);
+    return ra_index_faiss_add_rows(s->idx, kv, first, n, NULL);
 }
 
 typedef struct ivf_call {

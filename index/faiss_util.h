@@ -5,6 +5,7 @@
 
 #include <stddef.h>
 
+#include "ra_index.h"
 #include "ra_kv.h"
 #include "ratd/status.h"
 
@@ -16,8 +17,10 @@ ra_status ra_index_faiss_error(const char *what, int rc);
 void ra_index_rows_f32(const ra_kv *kv, size_t first, size_t n, float *dst);
 
 /* Adds rows [first, first + n) of kv to a FAISS index (FaissIndex *), converting to fp32
- * in chunks so the temporary stays small. */
-ra_status ra_index_faiss_add_rows(void *faiss_index, const ra_kv *kv, size_t first, size_t n);
+ * in chunks so the temporary stays small. opts: NULL, or a build's options, whose
+ * cancel flag is checked between chunks (RA_ECLOSED). */
+ra_status ra_index_faiss_add_rows(void *faiss_index, const ra_kv *kv, size_t first, size_t n,
+                                  const ra_index_opts *opts);
 
 /* Runs fn(arg) with this thread's OpenMP team size forced to 1: FAISS opens a parallel
  * region even for one query, which on a daemon worker only oversubscribes the cores. */

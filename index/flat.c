@@ -46,11 +46,13 @@ void ra_index_rows_f32(const ra_kv *kv, size_t first, size_t n, float *dst)
     ra_kern_to_f32(k, t, n * (size_t)dim, dst);
 }
 
-ra_status ra_index_faiss_add_rows(void *faiss_index, const ra_kv *kv, size_t first, size_t n)
+ra_status ra_index_faiss_add_rows(void *faiss_index, const ra_kv *kv, size_t first, size_t n,
+                                  const ra_index_opts *opts)
 {
-    enum { CHUNK = 16384 };
+    /* a build (opts set) checks its cancel flag every chunk: smaller ones there */
+    size_t chunk = opts ? 2048 : 16384;
     int dim = ra_kv_dim(kv);
-    size_t c = n < CHUNK ? n : CHUNK;
+    size_t c = n < chunk ? n : chunk;
     if (n == 0)
         return RA_OK;
     float *buf = malloc(c * (size_t)dim * sizeof(float));
@@ -59,6 +61,10 @@ ra_status ra_index_faiss_add_rows(void *faiss_index, const ra_kv *kv, size_t fir
     ra_status st = RA_OK;
     for (size_t i = 0; i < n; i += c) {
         size_t m = n - i < c ? n - i : c;
+        if (ra_index_cancelled(opts)) {
+            st = RA_ECLOSED;
+            break;
+        }
         ra_index_rows_f32(kv, first + i, m, buf);
         int rc = faiss_Index_add((FaissIndex *)faiss_index, (idx_t)m, buf);
         if (rc) {
@@ -261,7 +267,7 @@ static ra_status flat_build(void **state, const ra_kv *kv, size_t n, const float
         flat_destroy(s);
         return st;
     }
-    ra_status st = ra_index_faiss_add_rows(s->idx, kv, 0, n);
+    ra_status st = ra_index_faiss_add_rows(s->idx, kv, 0, n, opts);
     if (st != RA_OK) {
         flat_destroy(s);
         return st;
@@ -273,7 +279,7 @@ static ra_status flat_build(void **state, const ra_kv *kv, size_t n, const float
 static ra_status flat_add(void *state, const ra_kv *kv, size_t first, size_t n)
 {
     flat_state *s = state;
-    return ra_index_faiss_add_rows(s->idx, kv, first, n);
+    return ra_index_faiss_add_rows(s->idx, kv, first, n, NULL);
 }
 
 typedef struct flat_call {

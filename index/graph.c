@@ -170,36 +170,28 @@ int g_threads(int want)
     return c > G_MAX_THREADS ? G_MAX_THREADS : (int)c;
 }
 
+/* Bounds and defaults from the option table (index/opts.c), so that the daemon and
+ * ra_head accept exactly what a build accepts; the two caps guard this file's arrays. */
 ra_status g_opts(const ra_index_opts *o, int *K, int *M, int *ef, int *ent, int *ntrain,
                  int *threads, uint64_t *seed)
 {
-    *K = G_DEF_KNN;
-    *M = G_DEF_DEGREE;
-    *ef = G_DEF_BUILD_EF;
-    *ent = G_DEF_ENTRIES;
-    *ntrain = G_DEF_NTRAIN;
-    *threads = 0;
-    *seed = 0;
-    if (!o)
-        return RA_OK;
-    if (o->graph_knn < 0 || o->graph_knn > G_MAX_KNN || o->graph_degree < 0 ||
-        (o->graph_degree > 0 && o->graph_degree < 2) || o->graph_degree > G_MAX_DEGREE ||
-        o->graph_build_ef < 0 || o->graph_build_ef > G_MAX_EF || o->graph_entries < 0 ||
-        o->graph_entries > G_MAX_ENTRIES || o->n_train < 0 || o->n_train > G_MAX_NTRAIN ||
-        o->threads < 0 || o->threads > G_MAX_THREADS)
+    ra_index_opts f;
+    if (o && ra_index_opts_check(o, NULL, 0) != RA_OK)
         return RA_EINVAL;
-    if (o->graph_knn)
-        *K = o->graph_knn;
-    if (o->graph_degree)
-        *M = o->graph_degree;
-    if (o->graph_build_ef)
-        *ef = o->graph_build_ef;
-    if (o->graph_entries)
-        *ent = o->graph_entries;
-    if (o->n_train)
-        *ntrain = o->n_train;
-    *threads = o->threads;
-    *seed = o->seed;
+    if (o)
+        f = *o;
+    else
+        memset(&f, 0, sizeof f);
+    *threads = f.threads; /* before the fill: 0 stays "every core" */
+    *seed = f.seed;
+    ra_index_opts_fill(&f);
+    *K = f.graph_knn;
+    *M = f.graph_degree;
+    *ef = f.graph_build_ef;
+    *ent = f.graph_entries;
+    *ntrain = f.n_train;
+    if (*M > G_MAX_DEGREE || *threads > G_MAX_THREADS)
+        return RA_EINVAL;
     return RA_OK;
 }
 

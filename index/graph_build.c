@@ -487,6 +487,10 @@ static ra_status g_insert_nodes(ra_graph *g, const void *keys, const int32_t *no
         linked += g->deg[i] > 0;
     size_t done = 0;
     while (done < n) {
+        if (g_cancelled(g)) {
+            st = RA_ECLOSED;
+            goto fail;
+        }
         /* batches grow with the linked graph so early searches are not blind, and
          * double from 64 within one call so that keys inserted together (a burst
          * of appends, often about one topic) see each other: one batch of 8192 new
@@ -553,7 +557,7 @@ static ra_status g_connect(ra_graph *g, const void *keys)
         st = RA_ENOMEM;
         goto fail;
     }
-    for (int round = 0; round < 8; round++) {
+    for (int round = 0; round < 8 && !g_cancelled(g); round++) {
         memset(seen, 0, n);
         size_t qh = 0, qt = 0;
         for (int i = 0; i < g->n_entries; i++) {
@@ -915,6 +919,7 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
     g->ef_build = ef;
     g->threads = g_threads(threads);
     g->seed = seed;
+    g->cancel = opts ? opts->cancel : NULL; /* cleared when the build returns */
     g->rec_bytes = (((size_t)((dim + 63) & ~63) + (size_t)M * sizeof(int32_t)) + 63) & ~(size_t)63;
     if ((st = g_reserve(g, n > 0 ? n : 1)))
         goto fail;
@@ -966,6 +971,10 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
             if (knn[i] >= (int32_t)n)
                 knn[i] = -1;
         double t1 = ra_now_s();
+        if (g_cancelled(g)) {
+            st = RA_ECLOSED;
+            goto fail;
+        }
         st = g_project(g, keys, knn, ns, Kk, occ);
         if (st)
             goto fail;
@@ -1049,9 +1058,12 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
             goto fail;
         RA_DEBUG("graph: key->key linking %.2fs", ra_now_s() - t2);
         st = g_connect(g, keys);
+        if (!st && g_cancelled(g))
+            st = RA_ECLOSED;
         if (st)
             goto fail;
     }
+    g->cancel = NULL;
     RA_DEBUG("graph: built %zu keys from %zu queries in %.2fs", n, ns, ra_now_s() - t0);
     free(sq);
     free(sidx);

@@ -68,15 +68,16 @@ typedef struct ra_graph {
     int ef_build;
     int threads;
     uint64_t seed;
-    size_t n;         /* nodes linked */
-    size_t cap;       /* records allocated */
-    size_t rec_bytes; /* code + adjacency, a multiple of 64 */
-    uint8_t *rec;     /* [cap][rec_bytes], 64-byte aligned */
-    uint8_t *deg;     /* [cap] */
-    uint8_t *pdeg;    /* [cap] protected prefix: edges from the query projection */
-    float *norm2;     /* [cap] |k|^2 */
-    ra_codebook cb;   /* search codes (cb.cbytes bytes at the start of each record) */
-    size_t cb_n;      /* keys the code was fitted on */
+    size_t n;          /* nodes linked */
+    size_t cap;        /* records allocated */
+    size_t rec_bytes;  /* code + adjacency, a multiple of 64 */
+    uint8_t *rec;      /* [cap][rec_bytes], 64-byte aligned */
+    uint8_t *deg;      /* [cap] */
+    uint8_t *pdeg;     /* [cap] protected prefix: edges from the query projection */
+    float *norm2;      /* [cap] |k|^2 */
+    ra_codebook cb;    /* search codes (cb.cbytes bytes at the start of each record) */
+    size_t cb_n;       /* keys the code was fitted on */
+    const int *cancel; /* while a build runs: its ra_index_opts.cancel (NULL otherwise) */
     int32_t *entries;
     int n_entries;
     /* routing: a few training queries (fp32, unit norm) and their best keys; a search
@@ -168,6 +169,12 @@ ra_status g_opts(const ra_index_opts *o, int *K, int *M, int *ef, int *ent, int 
                  int *threads, uint64_t *seed);
 void ra_graph_destroy(ra_graph *g);
 size_t ra_graph_bytes(const ra_graph *g);
+
+/* 1 when the build in progress was asked to end (checked between phases and batches) */
+static inline int g_cancelled(const ra_graph *g)
+{
+    return g->cancel && __atomic_load_n(g->cancel, __ATOMIC_RELAXED);
+}
 
 /* graph_build.c */
 ra_status ra_graph_build_from(ra_graph **out, const ra_kv *kv, size_t n, const float *train_q,

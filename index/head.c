@@ -7,11 +7,15 @@
  * previous index on a rebuild) until the new index is swapped in, and rows appended
  * during the build are inserted into it just before the swap. */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <math.h>
 #include <omp.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include "ra_backend.h"
 #include "ra_index.h"
@@ -30,6 +34,7 @@ struct ra_head {
     void *state;          /* the index in use, NULL while none is built */
     size_t index_charged; /* bytes of `state` charged on acct */
     int ready;            /* atomic: state is complete and in use */
+    int cancel;           /* atomic, sticky: builds end early (ra_head_cancel); opts.cancel */
 
     pthread_mutex_t bmu; /* guards the fields below */
     pthread_cond_t bcv;
@@ -64,46 +69,14 @@ const char *ra_index_kind_name(ra_index_kind k)
     return "?";
 }
 
-void ra_index_opts_default(ra_index_opts *o)
-{
-    memset(o, 0, sizeof *o);
-    o->kind = RA_INDEX_GRAPH;
-    o->graph_knn = 100;   /* with the projection window of 32 ranks (graph.c) */
-    o->graph_degree = 48; /* M 48 / build L 128: better recall per scan at 131K (bench/README.md) */
-    o->graph_build_ef = 128;
-    o->graph_entries = 16;
-    o->n_train = 8192;
-    o->ivf_nlist = 0; /* ~4*sqrt(n) at build */
-    o->hnsw_m = 32;
-    o->threads = 0;
-    o->seed = 1;
-}
-
+/* Zero fields from the option table (index/opts.c); the caller checked the rest. */
 static void opts_fill(ra_index_opts *o, const ra_index_opts *in)
 {
-    ra_index_opts d;
-    ra_index_opts_default(&d);
-    if (!in) {
-        *o = d;
-        return;
-    }
-    *o = *in;
-#define DEF(f)                                                                                     \
-    if (o->f <= 0)                                                                                 \
-        o->f = d.f;
-    DEF(graph_knn)
-    DEF(graph_degree)
-    DEF(graph_build_ef)
-    DEF(graph_entries)
-    DEF(n_train)
-    DEF(hnsw_m)
-#undef DEF
-    if (o->ivf_nlist < 0)
-        o->ivf_nlist = 0;
-    if (o->threads < 0)
-        o->threads = 0;
-    if (o->seed == 0)
-        o->seed = d.seed;
+    if (in)
+        *o = *in;
+    else
+        memset(o, 0, sizeof *o);
+    ra_index_opts_fill(o);
 }
 
 static const ra_backend_ops *kind_ops(ra_index_kind k)
@@ -138,7 +111,7 @@ static const ra_backend_ops *kind_ops(ra_index_kind k)
 static void charge_index(ra_head *h, size_t now)
 {
     if (now > h->index_charged)
-        __atomic_add_fetch(&h->acct->used, now - h->index_charged, __ATOMIC_RELAXED);
+        ra_mem_charge(h->acct, now - h->index_charged);
     else
         ra_mem_release(h->acct, h->index_charged - now);
     h->index_charged = now;
@@ -151,8 +124,9 @@ ra_status ra_head_create(ra_head **out, int dim, ra_dtype dtype, const ra_index_
         RA_ERROR("head: NULL out pointer");
         return RA_EINVAL;
     }
-    if (opts && (opts->kind < RA_INDEX_GRAPH || opts->kind > RA_INDEX_FAISS_FLAT)) {
-        RA_ERROR("head: unknown index kind %d", (int)opts->kind);
+    char oerr[192];
+    if (opts && ra_index_opts_check(opts, oerr, sizeof oerr) != RA_OK) {
+        RA_ERROR("head: %s", oerr);
         return RA_EINVAL;
     }
     ra_head *h = calloc(1, sizeof *h);
@@ -164,6 +138,7 @@ ra_status ra_head_create(ra_head **out, int dim, ra_dtype dtype, const ra_index_
         return st;
     }
     opts_fill(&h->opts, opts);
+    h->opts.cancel = &h->cancel;
     h->ops = kind_ops(h->opts.kind);
     h->acct = acct;
     static ra_mem no_acct; /* so charge_index needs no NULL test; never limited */
@@ -200,6 +175,7 @@ void ra_head_destroy(ra_head *h)
 {
     if (!h)
         return;
+    ra_head_cancel(h);
     ra_head_wait(h);
     if (h->state)
         h->ops->destroy(h->state);
@@ -250,13 +226,21 @@ static pthread_mutex_t g_gate_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t g_gate_cv = PTHREAD_COND_INITIALIZER;
 static int g_gate_busy;
 
-static void build_gate_enter(void)
+static int build_cancelled(ra_head *h)
+{
+    return __atomic_load_n(&h->cancel, __ATOMIC_RELAXED) != 0;
+}
+
+/* 0 when the build was cancelled while it waited (it holds no place then). */
+static int build_gate_enter(ra_head *h)
 {
     pthread_mutex_lock(&g_gate_mu);
-    while (g_gate_busy >= RA_MAX_BUILDS)
+    while (g_gate_busy >= RA_MAX_BUILDS && !build_cancelled(h))
         pthread_cond_wait(&g_gate_cv, &g_gate_mu);
-    g_gate_busy++;
+    int in = !build_cancelled(h);
+    g_gate_busy += in;
     pthread_mutex_unlock(&g_gate_mu);
+    return in;
 }
 
 static void build_gate_leave(void)
@@ -267,26 +251,70 @@ static void build_gate_leave(void)
     pthread_mutex_unlock(&g_gate_mu);
 }
 
+void ra_head_cancel(ra_head *h)
+{
+    if (!h)
+        return;
+    __atomic_store_n(&h->cancel, 1, __ATOMIC_RELAXED);
+    pthread_mutex_lock(&g_gate_mu); /* a build waiting for its turn re-checks the flag */
+    pthread_cond_broadcast(&g_gate_cv);
+    pthread_mutex_unlock(&g_gate_mu);
+}
+
+/* nice 19 and SCHED_BATCH for thread `tid` (0: the caller). An unprivileged thread can
+ * lower its priority but never raise it back, so only threads that exist to build call
+ * this: background build threads, and (ra_index_build_priority_setup) library pools. */
+static int lower_priority(pid_t tid)
+{
+    if (!tid)
+        tid = gettid();
+    struct sched_param sp = {0};
+    int a = sched_setscheduler(tid, SCHED_BATCH, &sp);
+    int b = setpriority(PRIO_PROCESS, (id_t)tid, 19);
+    return a == 0 && b == 0;
+}
+
+int ra_index_build_priority_setup(void)
+{
+    DIR *d = opendir("/proc/self/task");
+    if (!d)
+        return 0;
+    pid_t self = gettid();
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        pid_t tid = (pid_t)atoi(e->d_name);
+        if (tid > 0 && tid != self)
+            n += lower_priority(tid);
+    }
+    closedir(d);
+    return n;
+}
+
 static void *build_main(void *arg)
 {
     ra_head *h = arg;
-    build_gate_enter();
+    void *state = NULL, *old = NULL;
+    size_t now = 0;
+    ra_status st = RA_ECLOSED;
+    int gated = build_gate_enter(h);
+    double t0 = ra_now_s();
     /* This thread's FAISS/OpenMP team; restored, since a foreground build runs on the
      * caller's (a daemon worker's) thread. */
     int omp_old = omp_get_max_threads();
     if (h->opts.threads > 0)
         omp_set_num_threads(h->opts.threads);
-    double t0 = ra_now_s();
-    void *state = NULL;
-    ra_status st = h->lists && h->ops->build_lists
-                       ? h->ops->build_lists(&state, h->view, h->n_build, h->train_q, h->nq,
-                                             h->lists, h->lists_k, &h->opts)
-                       : h->ops->build(&state, h->view, h->n_build, h->train_q, h->nq, &h->opts);
+    if (gated)
+        st = h->lists && h->ops->build_lists
+                 ? h->ops->build_lists(&state, h->view, h->n_build, h->train_q, h->nq, h->lists,
+                                       h->lists_k, &h->opts)
+                 : h->ops->build(&state, h->view, h->n_build, h->train_q, h->nq, &h->opts);
     double t1 = ra_now_s();
+    if (st == RA_OK && build_cancelled(h))
+        st = RA_ECLOSED; /* the head is going away: skip the insert and the swap-in */
 
-    void *old = NULL;
     pthread_rwlock_wrlock(&h->lock);
-    size_t now = ra_kv_count(h->kv);
+    now = ra_kv_count(h->kv);
     if (st == RA_OK && now > h->n_build) {
         st = h->ops->add(state, h->kv, h->n_build, now - h->n_build);
         if (st != RA_OK)
@@ -309,6 +337,9 @@ static void *build_main(void *arg)
             charge_index(h, bytes);
             __atomic_store_n(&h->ready, 1, __ATOMIC_RELEASE);
         }
+    } else if (st == RA_ECLOSED) {
+        RA_INFO("head: %s build over %zu keys cancelled after %.3f s", h->ops->name, h->n_build,
+                t1 - t0);
     } else {
         RA_ERROR("head: %s build over %zu keys failed (%s); searches stay exact", h->ops->name,
                  h->n_build, ra_strerror(st));
@@ -330,13 +361,24 @@ static void *build_main(void *arg)
     h->lists = NULL;
     if (h->opts.threads > 0)
         omp_set_num_threads(omp_old);
-    build_gate_leave();
+    if (gated)
+        build_gate_leave();
     pthread_mutex_lock(&h->bmu);
     h->last_build = st;
     h->building = 0;
     pthread_cond_broadcast(&h->bcv);
     pthread_mutex_unlock(&h->bmu);
     return NULL;
+}
+
+/* A background build: below every serving thread, so that it never delays a reply.
+ * Its OpenMP team and the graph's helper threads are created by this thread and
+ * inherit the priority (libgomp makes a team per master thread). */
+static void *build_thread_main(void *arg)
+{
+    if (!lower_priority(0))
+        RA_DEBUG("head: could not lower the build thread's priority");
+    return build_main(arg);
 }
 
 ra_status ra_head_build(ra_head *h, const float *train_q, size_t nq, int background)
@@ -424,7 +466,7 @@ ra_status ra_head_build_lists(ra_head *h, const float *train_q, size_t nq, const
         /* Created under bmu so the thread is recorded before it can finish and another
          * build can start (the thread takes bmu last thing). */
         pthread_mutex_lock(&h->bmu);
-        int rc = pthread_create(&h->thr, NULL, build_main, h);
+        int rc = pthread_create(&h->thr, NULL, build_thread_main, h);
         h->thr_live = rc == 0;
         pthread_mutex_unlock(&h->bmu);
         if (rc == 0)

@@ -19,18 +19,27 @@ ra_status ra_mem_reserve(ra_mem *acct, size_t bytes)
 {
     if (!acct || bytes == 0)
         return RA_OK;
-    size_t used = __atomic_add_fetch(&acct->used, bytes, __ATOMIC_RELAXED);
-    if (acct->limit && used > acct->limit) {
-        __atomic_sub_fetch(&acct->used, bytes, __ATOMIC_RELAXED);
-        return RA_ENOMEM;
+    for (ra_mem *a = acct; a; a = a->parent) {
+        size_t used = __atomic_add_fetch(&a->used, bytes, __ATOMIC_RELAXED);
+        if (a->limit && used > a->limit) {
+            for (ra_mem *b = acct; b != a->parent; b = b->parent) /* undo up to a */
+                __atomic_sub_fetch(&b->used, bytes, __ATOMIC_RELAXED);
+            return RA_ENOMEM;
+        }
     }
     return RA_OK;
 }
 
 void ra_mem_release(ra_mem *acct, size_t bytes)
 {
-    if (acct && bytes)
-        __atomic_sub_fetch(&acct->used, bytes, __ATOMIC_RELAXED);
+    for (ra_mem *a = bytes ? acct : NULL; a; a = a->parent)
+        __atomic_sub_fetch(&a->used, bytes, __ATOMIC_RELAXED);
+}
+
+void ra_mem_charge(ra_mem *acct, size_t bytes)
+{
+    for (ra_mem *a = bytes ? acct : NULL; a; a = a->parent)
+        __atomic_add_fetch(&a->used, bytes, __ATOMIC_RELAXED);
 }
 
 typedef struct ra_kv_retired {

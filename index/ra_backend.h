@@ -33,6 +33,13 @@ typedef struct ra_backend_ops {
                              size_t nq, const int32_t *lists, int K, const ra_index_opts *opts);
 } ra_backend_ops;
 
+/* 1 when the build that got these options was asked to end (ra_index_opts.cancel):
+ * builds check it between phases and chunks and then return RA_ECLOSED. */
+static inline int ra_index_cancelled(const ra_index_opts *o)
+{
+    return o && o->cancel && __atomic_load_n(o->cancel, __ATOMIC_RELAXED);
+}
+
 extern const ra_backend_ops ra_backend_scan;  /* index/flat.c (SIMD scan of the ra_kv) */
 extern const ra_backend_ops ra_backend_flat;  /* index/flat.c (FAISS IndexFlatIP) */
 extern const ra_backend_ops ra_backend_ivf;   /* index/faiss_ivf.c */

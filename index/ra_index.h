@@ -28,7 +28,9 @@ typedef enum ra_index_kind {
 
 const char *ra_index_kind_name(ra_index_kind k);
 
-/* Index options; zero fields take the defaults (ra_index_opts_default). */
+/* Index options; zero fields take the defaults (ra_index_opts_default). Bounds and
+ * defaults come from one table (index/opts.c, ra_index_opt_table) that the daemon,
+ * ra_head and the backends all read. */
 typedef struct ra_index_opts {
     ra_index_kind kind;
     int graph_knn;      /* K: exact top-K keys per training query */
@@ -40,9 +42,31 @@ typedef struct ra_index_opts {
     int hnsw_m;         /* HNSW M */
     int threads;        /* build threads (0: all) */
     uint64_t seed;
+    /* Set by ra_head for the backends' build calls (a caller's value is ignored): its
+     * own flag, read atomically; nonzero asks a running build to end early with
+     * RA_ECLOSED (ra_head_cancel, ra_head_destroy). NULL: never cancelled. */
+    const int *cancel;
 } ra_index_opts;
 
+/* One row per int option: a set value must lie in [min, max]; 0 always means "the
+ * default", which is `def` (0 where the backend chooses at build time: `zero` says how). */
+typedef struct ra_index_opt_def {
+    const char *name; /* the field's name, as on the wire (IndexOptions) */
+    size_t offset;    /* of an int-sized field of ra_index_opts */
+    int min, max;
+    int def;
+    const char *zero; /* what 0 means, for messages: "48", "every core" */
+    const char *help;
+} ra_index_opt_def;
+
+const ra_index_opt_def *ra_index_opt_table(int *n);
+/* Every field at its default (seed 1, cancel NULL). */
 void ra_index_opts_default(ra_index_opts *o);
+/* Zero fields -> defaults (seed 0 -> 1); other fields are left as they are. */
+void ra_index_opts_fill(ra_index_opts *o);
+/* RA_EINVAL when a field is outside its row's bounds (negative included); err (may be
+ * NULL) names the option, its value and its range. */
+ra_status ra_index_opts_check(const ra_index_opts *o, char *err, size_t errlen);
 
 /* Search-time knobs: `effort` is the backend's own dial (graph: candidate list size,
  * IVF: nprobe, HNSW: efSearch; 0 = default). `warm`/`n_warm`: previous step's row ids
@@ -67,10 +91,24 @@ typedef struct ra_search_stats {
 
 typedef struct ra_head ra_head;
 
+/* opts (may be NULL: defaults) are checked with ra_index_opts_check (RA_EINVAL). */
 ra_status ra_head_create(ra_head **out, int dim, ra_dtype dtype, const ra_index_opts *opts,
                          ra_mem *acct);
-/* Waits for a running build, then frees everything. */
+/* Cancels a running or waiting build (ra_head_cancel), waits for it to end, then frees
+ * everything. */
 void ra_head_destroy(ra_head *h);
+/* Asks a running build, or one waiting for its turn, to end early; returns at once.
+ * The head keeps answering (by exact scan, or the previous index); later builds of a
+ * cancelled head end at once with RA_ECLOSED. For owners that free heads off the
+ * serving thread: cancel every head first, then destroy them one by one. */
+void ra_head_cancel(ra_head *h);
+/* Gives the threads that exist now, other than the caller, the priority of index
+ * builds (nice 19, SCHED_BATCH). Call first thing in main(), before starting threads:
+ * the ones already there are library pools made at load time -- OpenBLAS's pthread
+ * server, which FAISS's BLAS calls of index builds run on. Build threads lower
+ * themselves, and OpenMP teams and the graph's helper threads, created by a build
+ * thread, inherit that. Returns the number of threads changed. */
+int ra_index_build_priority_setup(void);
 
 /* Appends n tokens: k, v are [n][dim] of the head's dtype; pos n positions. Validated
  * (finite, sizes) before anything changes. If an index is built, inserts them. */

@@ -11,15 +11,21 @@
 
 #include "ratd/status.h"
 
-/* A daemon-wide memory account: `limit` bytes (0 = unlimited), `used` updated atomically. */
+/* A memory account: `limit` bytes (0 = unlimited), `used` updated atomically. Accounts
+ * may nest (a session's inside the daemon's): every change applies to the account and
+ * each parent, and a reservation must fit every limit on the way up. */
 typedef struct ra_mem {
     size_t limit;
     size_t used; /* accessed with __atomic builtins */
+    struct ra_mem *parent; /* NULL, or an account that also carries these bytes */
 } ra_mem;
 
-/* Reserve / release bytes on an account (acct may be NULL). RA_ENOMEM when over the limit. */
+/* Reserve / release bytes on an account (acct may be NULL). RA_ENOMEM when over a limit. */
 ra_status ra_mem_reserve(ra_mem *acct, size_t bytes);
 void ra_mem_release(ra_mem *acct, size_t bytes);
+/* Adds bytes whatever the limits (growth that already happened, e.g. an index that
+ * followed accepted rows). */
+void ra_mem_charge(ra_mem *acct, size_t bytes);
 
 typedef struct ra_kv ra_kv;
 

@@ -92,6 +92,13 @@ static const char *role_name(int r)
 ra_status ra_proto_parse(ra_proto_msg *m, int first, const ra_proto_limits *lim, ra_proto_view *v,
                          uint64_t *req_id, int *type, char *err, size_t errlen)
 {
+    return ra_proto_parse_with(m, first, lim, NULL, v, req_id, type, err, errlen);
+}
+
+ra_status ra_proto_parse_with(ra_proto_msg *m, int first, const ra_proto_limits *lim,
+                              ProtobufCAllocator *alloc, ra_proto_view *v, uint64_t *req_id,
+                              int *type, char *err, size_t errlen)
+{
     memset(v, 0, sizeof *v);
     if (m->dropped) {
         snprintf(err, errlen, "message has more than %d frames", RA_PROTO_MAX_FRAMES);
@@ -112,7 +119,7 @@ ra_status ra_proto_parse(ra_proto_msg *m, int first, const ra_proto_limits *lim,
         return RA_ETOOBIG;
     }
     Ratd__Header *h =
-        ratd__header__unpack(NULL, hsz, (const uint8_t *)zmq_msg_data(&m->frames[first]));
+        ratd__header__unpack(alloc, hsz, (const uint8_t *)zmq_msg_data(&m->frames[first]));
     if (!h) {
         snprintf(err, errlen, "header frame (%zu bytes) is not a ratd protocol header", hsz);
         return RA_EPROTO;
@@ -182,10 +189,11 @@ ra_status ra_proto_parse(ra_proto_msg *m, int first, const ra_proto_limits *lim,
         v->elems[i] = prod;
     }
     v->hdr = h;
+    v->alloc = alloc;
     v->n_tensors = nt;
     return RA_OK;
 fail:
-    ratd__header__free_unpacked(h, NULL);
+    ratd__header__free_unpacked(h, alloc);
     memset(v, 0, sizeof *v);
     return st;
 }
@@ -193,7 +201,7 @@ fail:
 void ra_proto_view_free(ra_proto_view *v)
 {
     if (v->hdr)
-        ratd__header__free_unpacked(v->hdr, NULL);
+        ratd__header__free_unpacked(v->hdr, v->alloc);
     memset(v, 0, sizeof *v);
 }
 
@@ -227,9 +235,35 @@ static void free_cb(void *data, void *hint)
     free(data);
 }
 
+typedef struct lender {
+    ra_proto_release_fn fn;
+    void *hint;
+} lender;
+
+/* A part zmq did not take: free it or hand it back to its owner. */
+static void part_drop(ra_proto_part *p, const lender *l)
+{
+    if (p->give == RA_PROTO_LEND)
+        l->fn((void *)p->data, l->hint);
+    else if (p->give)
+        free((void *)p->data);
+}
+
 int ra_proto_send(void *sock, zmq_msg_t *route, int delim, Ratd__Header *h, ra_proto_part *parts,
                   int n_parts)
 {
+    for (int i = 0; i < n_parts; i++)
+        if (parts[i].give == RA_PROTO_LEND) { /* nobody to hand it back to */
+            errno = EINVAL;
+            return -1;
+        }
+    return ra_proto_send_lend(sock, route, delim, h, parts, n_parts, NULL, NULL);
+}
+
+int ra_proto_send_lend(void *sock, zmq_msg_t *route, int delim, Ratd__Header *h,
+                       ra_proto_part *parts, int n_parts, ra_proto_release_fn release, void *hint)
+{
+    const lender l = {release, hint};
     Ratd__Tensor tens[RA_PROTO_MAX_FRAMES];
     Ratd__Tensor *tp[RA_PROTO_MAX_FRAMES];
     int next = 0; /* first part not yet handed to zmq */
@@ -280,15 +314,16 @@ int ra_proto_send(void *sock, zmq_msg_t *route, int delim, Ratd__Header *h, ra_p
         zmq_msg_t pm;
         int ok;
         if (p->give && p->bytes > 0) {
-            ok = zmq_msg_init_data(&pm, (void *)p->data, p->bytes, free_cb, NULL) == 0;
+            int lend = p->give == RA_PROTO_LEND;
+            ok = zmq_msg_init_data(&pm, (void *)p->data, p->bytes, lend ? release : free_cb,
+                                   lend ? hint : NULL) == 0;
             if (!ok)
-                free((void *)p->data);
+                part_drop(p, &l);
         } else {
             ok = zmq_msg_init_size(&pm, p->bytes) == 0;
             if (ok && p->bytes)
                 memcpy(zmq_msg_data(&pm), p->data, p->bytes);
-            if (p->give)
-                free((void *)p->data);
+            part_drop(p, &l);
         }
         if (!ok) {
             /* a frame we cannot build: end the message with an empty part so that the
@@ -308,8 +343,7 @@ int ra_proto_send(void *sock, zmq_msg_t *route, int delim, Ratd__Header *h, ra_p
     rc = 0;
 out:
     for (; next < n_parts; next++)
-        if (parts[next].give)
-            free((void *)parts[next].data);
+        part_drop(&parts[next], &l);
     h->n_tensors = 0;
     h->tensors = NULL;
     if (rc < 0)

@@ -42,7 +42,8 @@ void ra_proto_msg_close(ra_proto_msg *m);
 
 /* A message after validation: the unpacked header and its tensor frames. */
 typedef struct ra_proto_view {
-    Ratd__Header *hdr; /* owned: ra_proto_view_free */
+    Ratd__Header *hdr;         /* owned: ra_proto_view_free */
+    ProtobufCAllocator *alloc; /* what hdr was unpacked with (NULL: malloc) */
     int n_tensors;
     const Ratd__Tensor *tensor[RA_PROTO_MAX_FRAMES];
     zmq_msg_t *frame[RA_PROTO_MAX_FRAMES];
@@ -59,6 +60,11 @@ typedef struct ra_proto_view {
  * reply can still name the request. */
 ra_status ra_proto_parse(ra_proto_msg *m, int first, const ra_proto_limits *lim, ra_proto_view *v,
                          uint64_t *req_id, int *type, char *err, size_t errlen);
+/* ra_proto_parse with the header unpacked through `alloc` (NULL: malloc), e.g. an arena
+ * that the caller resets after ra_proto_view_free, so that parsing allocates nothing. */
+ra_status ra_proto_parse_with(ra_proto_msg *m, int first, const ra_proto_limits *lim,
+                              ProtobufCAllocator *alloc, ra_proto_view *v, uint64_t *req_id,
+                              int *type, char *err, size_t errlen);
 void ra_proto_view_free(ra_proto_view *v);
 
 /* Finds the first tensor with `role`; -1 if none. */
@@ -73,7 +79,10 @@ const char *ra_proto_type_name(int type);
 
 /* A tensor to send: `data` of `bytes`, described by role/dtype/shape. With `give`=1
  * zmq takes ownership of a malloc()ed `data` and free()s it when sent (no copy);
- * with `give`=0 the bytes are copied into the frame before ra_proto_send returns. */
+ * with `give`=RA_PROTO_LEND it is sent without a copy and handed back through the
+ * release function of ra_proto_send_lend; with `give`=0 the bytes are copied into the
+ * frame before ra_proto_send returns. */
+#define RA_PROTO_LEND 2
 typedef struct ra_proto_part {
     Ratd__Role role;
     Ratd__DType dtype;
@@ -83,6 +92,9 @@ typedef struct ra_proto_part {
     size_t bytes;
     int give;
 } ra_proto_part;
+/* release(data, hint) is called once per lent part when zmq is done with it: from a
+ * zmq thread after the send, or from ra_proto_send_lend itself on failure. */
+typedef void (*ra_proto_release_fn)(void *data, void *hint);
 
 /* Sends [route] [empty delimiter if delim] header parts... as one message. The
  * header's tensors field is filled from parts (whatever it held is replaced).
@@ -90,5 +102,8 @@ typedef struct ra_proto_part {
  * Returns 0, or -1 with errno from zmq. */
 int ra_proto_send(void *sock, zmq_msg_t *route, int delim, Ratd__Header *h, ra_proto_part *parts,
                   int n_parts);
+/* ra_proto_send whose RA_PROTO_LEND parts go back through release(data, hint). */
+int ra_proto_send_lend(void *sock, zmq_msg_t *route, int delim, Ratd__Header *h,
+                       ra_proto_part *parts, int n_parts, ra_proto_release_fn release, void *hint);
 
 #endif

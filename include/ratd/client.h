@@ -79,6 +79,7 @@ void ra_client_set_timeout(ra_client *c, int timeout_ms);
 #define RA_CAP_FAISS (1u << 3)
 #define RA_CAP_TOPK (1u << 4) /* returns top-k positions and scores on request */
 #define RA_CAP_NUMA (1u << 5) /* workers and memory bound to a NUMA node / cpuset */
+#define RA_CAP_BATCH (1u << 6) /* batched Attend over several sessions (ra_client_attend_batch) */
 
 /* The daemon's limits: a request beyond any of them is refused (RA_ETOOBIG/RA_EINVAL). */
 typedef struct ra_server_limits {
@@ -193,13 +194,17 @@ typedef struct ra_attend_req {
 } ra_attend_req;
 
 /* Caller-sized result arrays (see the layouts at the top). pos/scores/counts are used
- * only when want_topk was set, and may be NULL otherwise. */
+ * only when want_topk was set, and may be NULL otherwise. A batched Attend puts a
+ * leading [n_sessions] dimension in front of every array. server_us and work_us are
+ * written on success. */
 typedef struct ra_attend_out {
     float *o;        /* [n_q_heads][head_dim] */
     float *lse;      /* [n_q_heads] */
     int64_t *pos;    /* [n_q_heads][top_k]; rows shorter than top_k padded with -1 */
     float *scores;   /* [n_q_heads][top_k]; padding -INF */
     int32_t *counts; /* [n_q_heads]: entries filled per head */
+    uint32_t server_us; /* the daemon's wall time from the request's arrival to its reply */
+    uint32_t work_us;   /* the sum of the request's task times (its work on one thread) */
 } ra_attend_out;
 
 /* Partial attention over the offloaded tokens of one layer, per query head. */
@@ -218,6 +223,33 @@ ra_status ra_client_attend_send(ra_client *c, uint64_t session, int layer, const
 ra_status ra_client_attend_wait(ra_client *c, ra_ticket ticket, ra_attend_out *out, int timeout_ms);
 /* Forgets a ticket; its reply is discarded when it arrives. */
 void ra_client_attend_cancel(ra_client *c, ra_ticket ticket);
+
+/* Batched decode: one Attend carrying several sessions' queries for the same layer
+ * (continuous batching). The sessions must share n_q_heads, n_kv_heads and head_dim;
+ * ids are distinct; at most the daemon's max-batch (256 by default) of them. An
+ * unknown session fails the whole request (RA_ENOSESSION naming it), a shape mismatch
+ * is RA_ESHAPE naming the session. The daemon runs the request's tasks (per session x
+ * KV head x sub-group) in parallel. Needs RA_CAP_BATCH. With sharding, layer l lives on
+ * daemon l % n and the session ids are mapped as everywhere else. */
+typedef struct ra_attend_batch_req {
+    int n_sessions;
+    const uint64_t *sessions; /* [n_sessions] */
+    int n_q_heads, head_dim;
+    const float *q; /* [n_sessions][n_q_heads][head_dim] fp32 */
+    int top_k, effort;
+    float scale;
+    int want_topk;
+    const int32_t *top_k_per_head; /* NULL or [n_q_heads], applies to every session */
+} ra_attend_batch_req;
+/* out arrays get a leading [n_sessions] dimension: o [n_sessions][n_q_heads][head_dim],
+ * lse [n_sessions][n_q_heads], pos/scores [n_sessions][n_q_heads][top_k], counts
+ * [n_sessions][n_q_heads]. */
+ra_status ra_client_attend_batch(ra_client *c, int layer, const ra_attend_batch_req *r,
+                                 ra_attend_out *out);
+/* Asynchronous form, as ra_client_attend_send; its ticket is waited for with
+ * ra_client_attend_wait (out arrays with the leading dimension) or cancelled. */
+ra_status ra_client_attend_batch_send(ra_client *c, int layer, const ra_attend_batch_req *r,
+                                      ra_ticket *ticket);
 
 /* ---- Stats -------------------------------------------------------------------- */
 
@@ -264,6 +296,8 @@ typedef struct ra_session_stats {
     uint32_t heads;          /* (layer, KV head) pairs holding tokens */
     uint32_t heads_ready;    /* of which the index is built and in use */
     uint32_t heads_building; /* of which a build is running (answered by exact scan) */
+    uint64_t bytes;          /* accounted memory: K, V, indexes, tables (a dropped session's
+                                stays on the daemon's mem_used until it is freed) */
 } ra_session_stats;
 ra_status ra_client_session_stats(ra_client *c, uint64_t session, ra_session_stats *st);
 
@@ -277,7 +311,7 @@ ra_status ra_client_wait_ready(ra_client *c, uint64_t session, int timeout_ms);
 /* Bumped whenever a public struct's layout or a call's signature changes. A binding
  * compares it, and the size of every struct it mirrors, with its own copy at load time
  * and refuses a library that differs. */
-#define RA_CLIENT_ABI_VERSION 1u
+#define RA_CLIENT_ABI_VERSION 2u
 
 /* The public structs whose sizes ra_client_struct_size reports. Values are stable:
  * a new struct takes the next value, before RA_CLIENT_STRUCT_COUNT. */
@@ -293,7 +327,8 @@ typedef enum ra_client_struct {
     RA_CLIENT_STRUCT_OP_STATS = 8,      /* ra_op_stats */
     RA_CLIENT_STRUCT_SERVER_STATS = 9,  /* ra_server_stats */
     RA_CLIENT_STRUCT_SESSION_STATS = 10, /* ra_session_stats */
-    RA_CLIENT_STRUCT_COUNT = 11
+    RA_CLIENT_STRUCT_ATTEND_BATCH_REQ = 11, /* ra_attend_batch_req */
+    RA_CLIENT_STRUCT_COUNT = 12
 } ra_client_struct;
 
 /* RA_CLIENT_ABI_VERSION of the library (not of the header a caller was built with). */

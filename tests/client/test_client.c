@@ -111,27 +111,14 @@ static void batch_free(ra_kv_batch *b)
 
 static float *rand_q(int H, int D, float amp)
 {
-    float *q = malloc((size_t)H * D * sizeof(float));
-    for (int i = 0; i < H * D; i++)
-        q[i] = amp * rnd_norm();
-    return q;
+    return rnd_vec((size_t)H * D, amp);
 }
 
 static uint64_t new_session(int L, int H, int G, int D, ra_dtype dt, ra_client_index_kind kind)
 {
-    ra_session_desc d;
-    ra_session_desc_init(&d);
-    d.n_layers = L;
-    d.n_q_heads = H;
-    d.n_kv_heads = G;
-    d.head_dim = D;
-    d.dtype = dt;
-    d.index.kind = kind;
-    uint64_t s = 0;
-    ra_status st = ra_client_session_create(g_c, &d, &s);
-    if (st != RA_OK)
-        fail_msg("session_create: %s: %s", ra_strerror(st), ra_client_errmsg(g_c));
-    assert_true(s != 0);
+    uint64_t s = ratd_session_new(g_c, L, H, G, D, dt, kind);
+    if (!s)
+        fail_msg("session_create: %s", ra_client_errmsg(g_c));
     return s;
 }
 
@@ -158,17 +145,9 @@ static void load_layer(uint64_t s, int layer, const layer_data *L, int n_off, in
 static void check_exact(const layer_data *L, int H, const float *q, const float *o,
                         const float *lse, double tol)
 {
-    int rep = H / L->G;
-    double *ro = malloc((size_t)L->D * sizeof *ro), rl;
-    for (int h = 0; h < H; h++) {
-        int g = h / rep;
-        const float *K = L->K + (size_t)g * L->n * L->D, *V = L->V + (size_t)g * L->n * L->D;
-        ref_attend(q + (size_t)h * L->D, K, V, L->D, NULL, L->n, 1.0 / sqrt(L->D), ro, &rl);
-        double e = rel_err(o + (size_t)h * L->D, ro, L->D);
-        if (e > tol || fabs(lse[h] - rl) > tol * fmax(1.0, fabs(rl)))
-            fail_msg("head %d: rel err %.3g, lse %.6f vs %.6f (tol %g)", h, e, lse[h], rl, tol);
-    }
-    free(ro);
+    char msg[256];
+    if (ref_check_heads(L->K, L->V, L->G, L->n, L->D, H, q, o, lse, tol, msg, sizeof msg) >= 0)
+        fail_msg("%s", msg);
 }
 
 static int setup(void **state)

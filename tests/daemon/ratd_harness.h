@@ -263,4 +263,55 @@ __attribute__((unused)) static double rel_err(const float *o, const double *ref,
     return sqrt(num) / fmax(sqrt(den), 1e-6);
 }
 
+/* o [H][D] / lse [H] of H query heads (GQA: head h reads KV head h / (H / G)) against
+ * exact attention over all n tokens of K, V ([G][n][D] fp32 as the daemon stores them).
+ * Returns the first head off by more than tol (relative), with a description in msg,
+ * or -1. */
+__attribute__((unused)) static int ref_check_heads(const float *K, const float *V, int G, int n,
+                                                   int D, int H, const float *q, const float *o,
+                                                   const float *lse, double tol, char *msg,
+                                                   size_t msglen)
+{
+    int rep = H / G, bad = -1;
+    double *ro = malloc((size_t)D * sizeof *ro), rl;
+    for (int h = 0; h < H && bad < 0; h++) {
+        const float *Kg = K + (size_t)(h / rep) * n * D, *Vg = V + (size_t)(h / rep) * n * D;
+        ref_attend(q + (size_t)h * D, Kg, Vg, D, NULL, n, 1.0 / sqrt(D), ro, &rl);
+        double e = rel_err(o + (size_t)h * D, ro, D);
+        if (e > tol || fabs(lse[h] - rl) > tol * fmax(1.0, fabs(rl))) {
+            snprintf(msg, msglen, "head %d: rel err %.3g, lse %.6f vs %.6f (tol %g)", h, e,
+                     lse[h], rl, tol);
+            bad = h;
+        }
+    }
+    free(ro);
+    return bad;
+}
+
+/* n floats of N(0, amp^2). */
+__attribute__((unused)) static float *rnd_vec(size_t n, float amp)
+{
+    float *q = malloc(n * sizeof(float));
+    for (size_t i = 0; i < n; i++)
+        q[i] = amp * rnd_norm();
+    return q;
+}
+
+/* A session of L layers, H query heads over G KV heads of dim D; 0 on failure (the
+ * client's message says why). */
+__attribute__((unused)) static uint64_t ratd_session_new(ra_client *c, int L, int H, int G, int D,
+                                                         ra_dtype dt, ra_client_index_kind kind)
+{
+    ra_session_desc d;
+    ra_session_desc_init(&d);
+    d.n_layers = L;
+    d.n_q_heads = H;
+    d.n_kv_heads = G;
+    d.head_dim = D;
+    d.dtype = dt;
+    d.index.kind = kind;
+    uint64_t s = 0;
+    return ra_client_session_create(c, &d, &s) == RA_OK ? s : 0;
+}
+
 #endif

@@ -1,7 +1,8 @@
 /* Unit tests of ratd's pieces without a socket: the option table and its sources
  * (defaults, sizes with suffixes, bounds, config file, environment, flags and their
  * order), the endpoint policy (default ipc://, tcp:// non-loopback needs allow-remote),
- * and the worker pool (every task exactly once, many runs, bad placement refused). */
+ * the worker pool (every task exactly once, many runs, many works in flight at once,
+ * bad placement refused) and the Attend split rule. */
 #include <fcntl.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -15,6 +16,7 @@
 #include <cmocka.h>
 
 #include "ratd_config.h"
+#include "ratd_internal.h"
 #include "ratd_pool.h"
 
 static void test_defaults(void **state)
@@ -145,12 +147,12 @@ static void test_usage_lists_options(void **state)
     ratd_config_usage(f, "ratd");
     fclose(f);
     const char *flags[] = {
-        "--endpoint",        "--allow-remote", "--workers",         "--numa-node",
-        "--cpuset",          "--mem-limit",    "--max-frame-bytes", "--max-message-bytes",
-        "--max-sessions",    "--max-layers",   "--max-heads",       "--max-dim",
-        "--max-top-k",       "--max-tokens",   "--max-queries",     "--index-threads",
-        "--send-timeout-ms", "--log-level",    "--config",          "--help",
-        "--version"};
+        "--endpoint",     "--allow-remote",  "--workers",         "--numa-node",
+        "--cpuset",       "--mem-limit",     "--max-frame-bytes", "--max-message-bytes",
+        "--max-sessions", "--max-layers",    "--max-heads",       "--max-dim",
+        "--max-top-k",    "--max-tokens",    "--max-queries",     "--max-queue",
+        "--max-batch",    "--index-threads", "--send-timeout-ms", "--log-level",
+        "--config",       "--help",          "--version"};
     for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
         if (!strstr(buf, flags[i]))
             fail_msg("--help does not document %s", flags[i]);
@@ -212,6 +214,95 @@ static void test_pool_placement(void **state)
     ratd_pool_destroy(p);
 }
 
+/* Many works in flight at once, submitted without waiting, each with its own task
+ * count: every task of every work runs once, every done once, after its tasks. */
+typedef struct multi_work {
+    ratd_work w;
+    int n;
+    int hits[64];
+    int done;      /* atomic */
+    int early;     /* done saw a task not yet run */
+    int *finished; /* atomic: works done */
+} multi_work;
+
+static void multi_task(ratd_work *w, int task, int worker)
+{
+    (void)worker;
+    multi_work *m = (multi_work *)w;
+    __atomic_fetch_add(&m->hits[task], 1, __ATOMIC_RELAXED);
+}
+
+static void multi_done(ratd_work *w, int worker)
+{
+    (void)worker;
+    multi_work *m = (multi_work *)w;
+    for (int i = 0; i < m->n; i++)
+        m->early |= __atomic_load_n(&m->hits[i], __ATOMIC_RELAXED) != 1;
+    __atomic_fetch_add(&m->done, 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(m->finished, 1, __ATOMIC_RELEASE);
+}
+
+static void test_pool_works_in_flight(void **state)
+{
+    (void)state;
+    ratd_pool *p;
+    char err[256];
+    assert_int_equal(ratd_pool_create(&p, 3, -1, NULL, err, sizeof err), RA_OK);
+    enum { NW = 300 };
+    multi_work *w = calloc(NW, sizeof *w);
+    int finished = 0;
+    for (int round = 0; round < 3; round++) { /* the same works again: reuse is allowed */
+        __atomic_store_n(&finished, 0, __ATOMIC_RELAXED);
+        for (int i = 0; i < NW; i++) {
+            memset(w[i].hits, 0, sizeof w[i].hits);
+            w[i].w.fn = multi_task;
+            w[i].w.done = multi_done;
+            w[i].n = 1 + (i * 7 + round) % 64;
+            w[i].done = 0;
+            w[i].finished = &finished;
+            ratd_pool_submit(p, &w[i].w, w[i].n);
+        }
+        for (int t = 0; t < 20000 && __atomic_load_n(&finished, __ATOMIC_ACQUIRE) < NW; t++)
+            usleep(1000);
+        assert_int_equal(__atomic_load_n(&finished, __ATOMIC_ACQUIRE), NW);
+        for (int i = 0; i < NW; i++) {
+            assert_int_equal(w[i].done, 1);
+            assert_int_equal(w[i].early, 0);
+            for (int t = 0; t < 64; t++)
+                if (w[i].hits[t] != (t < w[i].n ? 1 : 0))
+                    fail_msg("round %d work %d: task %d ran %d times", round, i, t, w[i].hits[t]);
+        }
+    }
+    ratd_pool_destroy(p); /* before the works go: leftover tickets may name them */
+    free(w);
+}
+
+/* The Attend split rule (ratd_attend.c): sub-groups only when the batch's KV heads
+ * cannot feed the workers, none empty, never more than the query heads. */
+static void test_attend_split(void **state)
+{
+    (void)state;
+    struct {
+        int S, G, R, W, P, gsize;
+    } c[] = {
+        {1, 8, 4, 16, 2, 2},   /* the brief's example: 16 tasks of 2 query heads */
+        {1, 8, 4, 8, 1, 4},    /* as many KV heads as workers: one task per KV head */
+        {4, 8, 4, 16, 1, 4},   /* a batch of 4 sessions feeds 16 workers by itself */
+        {1, 1, 32, 16, 16, 2}, /* one KV head, 32 query heads */
+        {1, 2, 4, 16, 4, 1},   /* more workers than query heads: one head per task */
+        {1, 8, 1, 64, 1, 1},   /* MHA: nothing to split */
+        {1, 1, 7, 3, 3, 3},    /* 7 heads on 3 workers: 3 + 3 + 1 */
+        {1, 1, 5, 4, 3, 2},    /* ceil(5/4) = 2 per group: 3 groups, none empty */
+    };
+    for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
+        int P, g;
+        ratd_attend_split(c[i].S, c[i].G, c[i].R, c[i].W, &P, &g);
+        if (P != c[i].P || g != c[i].gsize)
+            fail_msg("case %zu: P %d gsize %d, expected %d and %d", i, P, g, c[i].P, c[i].gsize);
+        assert_true((P - 1) * g < c[i].R && P * g >= c[i].R);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -222,6 +313,8 @@ int main(void)
         cmocka_unit_test(test_usage_lists_options),
         cmocka_unit_test(test_pool_runs_each_task_once),
         cmocka_unit_test(test_pool_placement),
+        cmocka_unit_test(test_pool_works_in_flight),
+        cmocka_unit_test(test_attend_split),
     };
     return cmocka_run_group_tests_name("daemon-unit", tests, NULL, NULL);
 }

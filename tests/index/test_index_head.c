@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <dirent.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -887,6 +888,147 @@ static void test_exact_paths(void **state)
     free(bs);
 }
 
+/* The option table: defaults, bounds (negative, zero, min, max, max + 1), messages that
+ * name the option and its range, and ra_head_create / the HNSW backend refusing what the
+ * table refuses instead of replacing it. */
+static void test_opts_table(void **state)
+{
+    (void)state;
+    ra_index_opts o;
+    ra_index_opts_default(&o);
+    assert_int_equal(o.kind, RA_INDEX_GRAPH);
+    assert_int_equal(o.n_train, 8192); /* one default for ra_head and the graph */
+    assert_int_equal(o.hnsw_m, 32);
+    assert_int_equal(o.graph_degree, 48);
+    assert_int_equal(o.seed, 1);
+    assert_null(o.cancel);
+    char err[256];
+    assert_int_equal(ra_index_opts_check(&o, err, sizeof err), RA_OK);
+    int n;
+    const ra_index_opt_def *t = ra_index_opt_table(&n);
+    assert_true(n >= 9);
+    for (int i = 0; i < n; i++) {
+        int *f = (int *)((char *)&o + t[i].offset);
+        int keep = *f;
+        int probe[5] = {t[i].min, t[i].max, t[i].max + 1, -1, 0};
+        int ok[5] = {1, 1, 0, 0, 1};
+        if (t[i].min > 1) { /* a gap between 0 (default) and min */
+            probe[3] = t[i].min - 1;
+        }
+        for (int p = 0; p < 5; p++) {
+            *f = probe[p];
+            ra_status st = ra_index_opts_check(&o, err, sizeof err);
+            if ((st == RA_OK) != ok[p])
+                fail_msg("%s = %d: %s", t[i].name, probe[p], ra_strerror(st));
+            if (st != RA_OK && !strstr(err, t[i].name))
+                fail_msg("message does not name %s: %s", t[i].name, err);
+        }
+        *f = keep;
+    }
+    o.hnsw_m = 1; /* FAISS's construction never ends with M 1 */
+    assert_int_equal(ra_index_opts_check(&o, err, sizeof err), RA_EINVAL);
+    assert_non_null(strstr(err, "hnsw_m = 1"));
+    assert_non_null(strstr(err, "4..128"));
+    o.kind = RA_INDEX_HNSW;
+    ra_head *h = NULL;
+    assert_int_equal(ra_head_create(&h, 8, RA_DTYPE_F32, &o, NULL), RA_EINVAL);
+    assert_null(h);
+    o.hnsw_m = 300; /* was silently replaced by 32 */
+    assert_int_equal(ra_head_create(&h, 8, RA_DTYPE_F32, &o, NULL), RA_EINVAL);
+    o.hnsw_m = 0;
+    o.graph_degree = 255;
+    assert_int_equal(ra_head_create(&h, 8, RA_DTYPE_F32, &o, NULL), RA_OK);
+    ra_head_destroy(h);
+    o.graph_degree = 256;
+    assert_int_equal(ra_head_create(&h, 8, RA_DTYPE_F32, &o, NULL), RA_EINVAL);
+    /* the backend called directly refuses too */
+    ra_kv *kv;
+    assert_int_equal(ra_kv_create(&kv, 8, RA_DTYPE_F32, NULL), RA_OK);
+    float row[8] = {1, 0, 0, 0, 0, 0, 0, 0};
+    int64_t pos = 0;
+    assert_int_equal(ra_kv_append(kv, row, row, &pos, 1), RA_OK);
+    ra_index_opts_default(&o);
+    o.hnsw_m = 300;
+    void *bs = NULL;
+    assert_int_equal(ra_backend_hnsw.build(&bs, kv, 1, NULL, 0, &o), RA_EINVAL);
+    assert_null(bs);
+    o.hnsw_m = 0; /* 0: the default */
+    assert_int_equal(ra_backend_hnsw.build(&bs, kv, 1, NULL, 0, &o), RA_OK);
+    ra_backend_hnsw.destroy(bs);
+    ra_kv_destroy(kv);
+}
+
+/* How many threads of this process have nice value `want` (/proc/self/task/<tid>/stat,
+ * field 19). */
+static int threads_with_nice(int want)
+{
+    int n = 0;
+    DIR *d = opendir("/proc/self/task");
+    if (!d)
+        return 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.')
+            continue;
+        char path[300], buf[1024];
+        snprintf(path, sizeof path, "/proc/self/task/%s/stat", e->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            continue;
+        size_t len = fread(buf, 1, sizeof buf - 1, f);
+        fclose(f);
+        buf[len] = 0;
+        const char *p = strrchr(buf, ')'); /* the name may hold spaces */
+        int field = 2;
+        for (; p && *p; p++)
+            if (*p == ' ' && ++field == 19) {
+                n += atoi(p + 1) == want;
+                break;
+            }
+    }
+    closedir(d);
+    return n;
+}
+
+/* A background build runs at nice 19 (never ahead of the serving threads), and
+ * ra_head_cancel ends it early: the index is not swapped in, the head keeps answering
+ * by exact scan, later builds of the head end at once. */
+static void test_build_priority_and_cancel(void **state)
+{
+    (void)state;
+    fixture f;
+    fx_init(&f, RA_INDEX_HNSW, 32, RA_DTYPE_F32, 60000, 77);
+    int before = threads_with_nice(19);
+    assert_int_equal(ra_head_build(f.h, NULL, 0, 1), RA_OK);
+    int seen = 0;
+    for (int i = 0; i < 200 && !seen && ra_head_building(f.h); i++) {
+        seen = threads_with_nice(19) > before;
+        if (!seen)
+            usleep(5000);
+    }
+    ra_head_cancel(f.h);
+    double t0 = ra_now_s();
+    ra_head_wait(f.h);
+    double waited = ra_now_s() - t0;
+    fprintf(stderr, "# build thread at nice 19 seen: %d; wait after cancel %.3f s\n", seen,
+            waited);
+    assert_true(seen);
+    assert_int_equal(ra_head_ready(f.h), 0); /* cancelled: not swapped in */
+    float q[32];
+    for (int d = 0; d < 32; d++)
+        q[d] = ((const float *)f.k)[5 * 32 + d];
+    int32_t ids[4];
+    float sc[4];
+    int n = 0;
+    ra_search_stats st;
+    ra_search_params p = {.k = 4};
+    assert_int_equal(ra_head_search(f.h, q, &p, ids, sc, &n, &st), RA_OK);
+    assert_int_equal(st.exact_fallback, 1);
+    check_exact(&f, q, 4, ids, sc, n);
+    assert_int_equal(ra_head_build(f.h, NULL, 0, 0), RA_ECLOSED); /* sticky */
+    fx_fini(&f);
+}
+
 int main(void)
 {
     ra_log_set_level(RA_LOG_WARN);
@@ -903,6 +1045,8 @@ int main(void)
         cmocka_unit_test(test_exact_paths),
         cmocka_unit_test(test_attend_group),
         cmocka_unit_test(test_concurrent_search_append),
+        cmocka_unit_test(test_opts_table),
+        cmocka_unit_test(test_build_priority_and_cancel),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

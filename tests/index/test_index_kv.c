@@ -37,7 +37,7 @@ static void test_append_readback(void **state)
     (void)state;
     ra_dtype dts[3] = {RA_DTYPE_F32, RA_DTYPE_F16, RA_DTYPE_BF16};
     for (int d = 0; d < 3; d++) {
-        ra_mem acct = {0, 0};
+        ra_mem acct = {0, 0, NULL};
         ra_kv *kv;
         int dim = 24;
         assert_int_equal(ra_kv_create(&kv, dim, dts[d], &acct), RA_OK);
@@ -77,7 +77,7 @@ static void test_append_readback(void **state)
 static void test_append_rejects(void **state)
 {
     (void)state;
-    ra_mem acct = {0, 0};
+    ra_mem acct = {0, 0, NULL};
     ra_kv *kv;
     int dim = 8;
     assert_int_equal(ra_kv_create(&kv, dim, RA_DTYPE_F16, &acct), RA_OK);
@@ -134,6 +134,22 @@ static void test_memory_limit(void **state)
     ra_mem_release(&acct, 150000);
     assert_int_equal(acct.used, 0);
     assert_int_equal(ra_mem_reserve(NULL, 1 << 30), RA_OK);
+    /* nested accounts (a session inside the daemon): each change reaches the parent, a
+     * reservation must fit both limits and a refused one leaves both as they were */
+    ra_mem top = {.limit = 100000}, sess = {.limit = 0, .parent = &top};
+    assert_int_equal(ra_mem_reserve(&sess, 70000), RA_OK);
+    assert_int_equal(top.used, 70000);
+    assert_int_equal(ra_mem_reserve(&sess, 40000), RA_ENOMEM);
+    assert_int_equal(sess.used, 70000);
+    assert_int_equal(top.used, 70000);
+    sess.limit = 80000;
+    assert_int_equal(ra_mem_reserve(&sess, 20000), RA_ENOMEM); /* the child's own limit */
+    assert_int_equal(top.used, 70000);
+    ra_mem_charge(&sess, 50000); /* growth that already happened passes the limits */
+    assert_int_equal(top.used, 120000);
+    ra_mem_release(&sess, 120000);
+    assert_int_equal(sess.used, 0);
+    assert_int_equal(top.used, 0);
     free(k);
     free(v);
     free(pos);
@@ -142,7 +158,7 @@ static void test_memory_limit(void **state)
 static void test_pinned_view(void **state)
 {
     (void)state;
-    ra_mem acct = {0, 0};
+    ra_mem acct = {0, 0, NULL};
     ra_kv *kv, *view = NULL;
     int dim = 16;
     assert_int_equal(ra_kv_create(&kv, dim, RA_DTYPE_F16, &acct), RA_OK);

@@ -13,7 +13,7 @@ c_size, c_float, c_double, c_vp = ctypes.c_size_t, ctypes.c_float, ctypes.c_doub
 P = ctypes.POINTER
 
 # RA_CLIENT_ABI_VERSION of the header this file mirrors
-ABI_VERSION = 1
+ABI_VERSION = 2
 OP_NAMES = ("hello", "create", "offload", "append", "attend", "drop", "stats")  # ra_op
 RA_OP_COUNT = len(OP_NAMES)
 
@@ -60,7 +60,8 @@ class AttendReq(ctypes.Structure):  # ra_attend_req
 
 
 class AttendOut(ctypes.Structure):  # ra_attend_out
-    _fields_ = [("o", c_vp), ("lse", c_vp), ("pos", c_vp), ("scores", c_vp), ("counts", c_vp)]
+    _fields_ = [("o", c_vp), ("lse", c_vp), ("pos", c_vp), ("scores", c_vp), ("counts", c_vp),
+                ("server_us", c_u32), ("work_us", c_u32)]
 
 
 class OpStats(ctypes.Structure):  # ra_op_stats
@@ -76,10 +77,10 @@ class ServerStats(ctypes.Structure):  # ra_server_stats
 
 class SessionStats(ctypes.Structure):  # ra_session_stats
     _fields_ = [("tokens", c_u64), ("heads", c_u32), ("heads_ready", c_u32),
-                ("heads_building", c_u32)]
+                ("heads_building", c_u32), ("bytes", c_u64)]
 
 
-class AttendBatchReq(ctypes.Structure):  # ra_attend_batch_req (libraries that have it)
+class AttendBatchReq(ctypes.Structure):  # ra_attend_batch_req
     _fields_ = [("n_sessions", c_int), ("sessions", c_vp), ("n_q_heads", c_int),
                 ("head_dim", c_int), ("q", c_vp), ("top_k", c_int), ("effort", c_int),
                 ("scale", c_float), ("want_topk", c_int), ("top_k_per_head", c_vp)]
@@ -87,7 +88,7 @@ class AttendBatchReq(ctypes.Structure):  # ra_attend_batch_req (libraries that h
 
 # ra_client_struct value -> the mirror; the order of the C enum
 STRUCTS = (ClientOpts, ServerLimits, ServerInfo, IndexOpts, SessionDesc, KvBatch, AttendReq,
-           AttendOut, OpStats, ServerStats, SessionStats)
+           AttendOut, OpStats, ServerStats, SessionStats, AttendBatchReq)
 
 # name -> (restype, argtypes); every call of client.h and status.h
 SIGNATURES = {
@@ -106,6 +107,8 @@ SIGNATURES = {
     "ra_client_attend_send": (c_int, [c_vp, c_u64, c_int, P(AttendReq), P(c_u64)]),
     "ra_client_attend_wait": (c_int, [c_vp, c_u64, P(AttendOut), c_int]),
     "ra_client_attend_cancel": (None, [c_vp, c_u64]),
+    "ra_client_attend_batch": (c_int, [c_vp, c_int, P(AttendBatchReq), P(AttendOut)]),
+    "ra_client_attend_batch_send": (c_int, [c_vp, c_int, P(AttendBatchReq), P(c_u64)]),
     "ra_op_name": (ctypes.c_char_p, [c_int]),
     "ra_client_stats": (c_int, [c_vp, P(ServerStats)]),
     "ra_client_session_stats": (c_int, [c_vp, c_u64, P(SessionStats)]),
@@ -117,12 +120,6 @@ SIGNATURES = {
     "ra_dtype_size": (ctypes.c_uint, [c_int]),
     "ra_dtype_name": (ctypes.c_char_p, [c_int]),
 }
-# calls a library may lack (newer than ABI 1): bound when present
-OPTIONAL_SIGNATURES = {
-    "ra_client_attend_batch": (c_int, [c_vp, c_int, P(AttendBatchReq), P(AttendOut)]),
-}
-
-
 class AbiError(ImportError):
     """The library's ABI differs from the one this package mirrors."""
 
@@ -134,26 +131,16 @@ def bind(lib, path, package_version):
         raise AbiError("%s lacks %s: it is older than this ratd package (%s); rebuild the "
                        "library from the same tree, or point RATD_LIB_DIR at a matching "
                        "one" % (path, ", ".join(missing), package_version))
-    for table in (SIGNATURES, OPTIONAL_SIGNATURES):
-        for name, (res, args) in table.items():
-            if hasattr(lib, name):
-                f = getattr(lib, name)
-                f.restype, f.argtypes = res, args
+    for name, (res, args) in SIGNATURES.items():
+        f = getattr(lib, name)
+        f.restype, f.argtypes = res, args
     check_abi(lib, path, package_version)
     return lib
 
 
-# ra_client_struct value a library with ra_client_attend_batch may report for its request
-ATTEND_BATCH_REQ_STRUCT = len(STRUCTS)
-
-
 def has_attend_batch(lib):
-    """True when the library has ra_client_attend_batch with the request this file mirrors
-    (a library that reports the struct's size must agree with it)."""
-    if not hasattr(lib, "ra_client_attend_batch"):
-        return False
-    n = lib.ra_client_struct_size(ATTEND_BATCH_REQ_STRUCT)
-    return n in (0, ctypes.sizeof(AttendBatchReq))
+    """True: every library of ABI 2 has ra_client_attend_batch (kept for callers)."""
+    return hasattr(lib, "ra_client_attend_batch")
 
 
 def check_abi(lib, path, package_version):

@@ -526,7 +526,7 @@ class Client:
 
     def session_stats(self, session):
         """One session's tokens and index state: a dict with tokens, heads (layer, KV head
-        pairs holding tokens), heads_ready, heads_building."""
+        pairs holding tokens), heads_ready, heads_building, bytes (its accounted memory)."""
         s = self._session(session)
         st = _abi.SessionStats()
         with self._lock:

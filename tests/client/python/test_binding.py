@@ -274,18 +274,19 @@ def test_no_daemon_is_fast(tmp_path):
 def test_abi_check_refuses_mismatch(monkeypatch):
     lib = _load.load()
     _abi.check_abi(lib, "libx", "0.1.0")  # the real one agrees
-    monkeypatch.setattr(_abi, "ABI_VERSION", 2)
-    with pytest.raises(_abi.AbiError, match=r"libx has client ABI 1 \(ratd 0.1.0\) but this ratd package \(0.1.0\) speaks ABI 2"):
+    real = _abi.ABI_VERSION
+    monkeypatch.setattr(_abi, "ABI_VERSION", real + 1)
+    with pytest.raises(_abi.AbiError, match=r"libx has client ABI %d \(ratd 0.1.0\) but this ratd package \(0.1.0\) speaks ABI %d" % (real, real + 1)):
         _abi.check_abi(lib, "libx", "0.1.0")
-    monkeypatch.setattr(_abi, "ABI_VERSION", 1)
+    monkeypatch.setattr(_abi, "ABI_VERSION", real)
 
-    class Out2(ctypes.Structure):  # ra_attend_out with one field more than the library's
-        _fields_ = _abi.AttendOut._fields_ + [("server_us", ctypes.c_uint32), ("work_us", ctypes.c_uint32)]
+    class Out2(ctypes.Structure):  # ra_attend_out with two fields more than the library's
+        _fields_ = _abi.AttendOut._fields_ + [("extra", ctypes.c_uint64)]
 
     structs = list(_abi.STRUCTS)
     structs[7] = Out2
     monkeypatch.setattr(_abi, "STRUCTS", tuple(structs))
-    with pytest.raises(_abi.AbiError, match=r"Out2: library 40 bytes, package 48"):
+    with pytest.raises(_abi.AbiError, match=r"Out2: library 48 bytes, package 56"):
         _abi.check_abi(lib, "libx", "0.1.0")
 
 

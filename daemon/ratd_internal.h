@@ -1,0 +1,211 @@
+/* Internal to daemon/: the server, its sessions and its jobs, shared by the I/O loop
+ * (ratd_server.c), the session table and reaper (ratd_session.c) and the handlers
+ * (ratd_attend.c, ratd_tokens.c).
+ *
+ * Who touches what. The I/O thread owns the ROUTER socket, the session table, every
+ * session's lanes and reference count, the counters, and every job outside its run.
+ * A job's tasks (workers) touch the job, the sessions' ra_heads (thread-safe), and the
+ * per-(session, layer) state that only that lane's jobs use, one at a time: warm ids,
+ * `broken`, the creation of the layer's heads. The reaper thread frees sessions that
+ * nobody references any more. */
+#ifndef RATD_INTERNAL_H
+#define RATD_INTERNAL_H
+
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ra_index.h"
+#include "ra_proto.h"
+#include "ratd_config.h"
+#include "ratd_pool.h"
+#include "ratd_server.h"
+
+/* Previous result ids kept per (layer, query head) as graph entry points. */
+#define RATD_WARM 32
+#define RATD_N_OPS 7
+/* Sessions no bigger than this, with no build running, are freed by Drop itself;
+ * others go to the reaper. */
+#define RATD_INLINE_FREE_BYTES ((size_t)64 << 20)
+
+typedef struct ratd_job ratd_job;
+typedef struct ratd_session ratd_session;
+
+/* One job's place in one (session, layer) lane: a FIFO whose head job may run. */
+typedef struct ratd_lane_node {
+    ratd_job *job;
+    struct ratd_lane_node *next;
+} ratd_lane_node;
+
+typedef struct ratd_lane {
+    ratd_lane_node *head, *tail;
+} ratd_lane;
+
+struct ratd_session {
+    uint64_t id;
+    int n_layers, n_q, n_kv, dim, rep;
+    ra_dtype dtype;
+    ra_index_opts iopts;
+    ra_head **heads;  /* [n_layers][n_kv]; set once by the layer's first tokens job
+                         (atomic store), read with atomic loads */
+    int32_t *warm;    /* [n_layers][n_q][RATD_WARM]: that lane's jobs only */
+    int *n_warm;      /* [n_layers][n_q] */
+    uint8_t *broken;  /* [n_layers]: a failed store left KV heads out of step */
+    ratd_lane *lanes; /* [n_layers], I/O thread */
+    ra_mem mem;       /* this session's account (K, V, indexes, tables); parent: the daemon's */
+    size_t own_bytes; /* the tables above, reserved on mem */
+    uint64_t tokens;  /* I/O thread */
+    int refs;         /* I/O thread: the table's, plus one per job naming the session */
+    uint64_t mark;    /* I/O thread: duplicate check of a batched Attend */
+    ratd_session *reap_next;
+};
+
+typedef struct op_stat {
+    uint64_t count, errors, total_us, max_us;
+} op_stat;
+
+/* A bump allocator for the protobuf-c header of one request: parsing allocates
+ * nothing once the arena has grown to the largest header seen. */
+typedef struct ratd_arena {
+    ProtobufCAllocator pa;
+    char *buf;
+    size_t cap, used, spilled;
+    void *spill; /* overflow blocks of this request, freed at reset */
+} ratd_arena;
+
+typedef enum { JOB_INLINE = 0, JOB_ATTEND, JOB_TOKENS } ratd_job_kind;
+
+/* A growable buffer, reused by the next request of the job that holds it. */
+typedef struct ratd_buf {
+    void *p;
+    size_t cap;
+} ratd_buf;
+
+/* One request from its arrival to the release of its reply frames. Jobs are pooled by
+ * the server and never freed while it runs (the worker pool may hold stale tickets). */
+struct ratd_job {
+    ratd_work work; /* first: the pool's view */
+    ratd_server *srv;
+    ratd_job *next; /* free list, completion stack or the I/O thread's ready list */
+    ratd_job *all_next;
+    ratd_job_kind kind;
+    /* the request */
+    ra_proto_msg msg; /* frames, kept until the reply: tensors are read in place */
+    ra_proto_view v;
+    ratd_arena arena;
+    int delim, type;
+    uint64_t req_id;
+    double t_arrive;
+    char peer[80];
+    /* sessions and lanes (a batched Attend names several) */
+    int n_sess;
+    uint32_t layer;
+    ratd_buf ss_buf, node_buf; /* ratd_session *[n_sess], ratd_lane_node [n_sess] */
+    ratd_session **ss;
+    ratd_lane_node *nodes;
+    int waiting; /* lanes in which this job is not yet first (I/O thread) */
+    /* the outcome (written by the job's worker before it completes) */
+    ra_status st;
+    char err[RA_PROTO_ERRLEN];
+    int n_tasks;
+    int resubmit;           /* a next phase of n_tasks is ready to run */
+    ratd_buf tst;           /* ra_status [n_tasks] */
+    uint64_t stored_tokens; /* tokens job: stored on success */
+    /* reply frames referencing this job's buffers + the I/O thread's own reference */
+    int frames; /* atomic */
+    /* Attend */
+    struct {
+        int k, effort, want, P, gsize, tasks_per_sess;
+        float scale;
+        const uint32_t *k_head; /* NULL or [n_q] */
+        const float *q;         /* [n_sess][n_q][dim] */
+        ratd_buf qcopy, o, lse, ids, sc, pos, cnt;
+    } a;
+    /* Offload / Append */
+    struct {
+        int offload, phase, knn_k;
+        size_t n, nq, es;
+        const uint8_t *k, *v;
+        const int64_t *pos;
+        const float *q;
+        const int32_t *knn;
+        ratd_buf copy[5];          /* unaligned frames */
+        ratd_buf bad, bad_at, bst; /* per KV head: error, entry index, build status */
+    } t;
+};
+
+struct ratd_server {
+    ratd_config cfg;
+    void *ctx, *sock;
+    int efd; /* eventfd: workers wake the I/O thread */
+    ratd_pool *pool;
+    ra_mem mem;
+    ra_proto_limits lim;
+    /* sessions, sorted by id (ids only grow): binary search, I/O thread */
+    ratd_session **sessions;
+    int n_sessions, cap_sessions;
+    uint64_t next_session;
+    /* jobs */
+    ratd_job *done_stack;  /* atomic: finished jobs, pushed by workers */
+    ratd_job *free_shared; /* atomic: jobs whose reply frames were released */
+    ratd_job *free_local;  /* I/O thread */
+    ratd_job *all_jobs;    /* I/O thread: every job, for the final free */
+    ratd_job *ready;       /* I/O thread: finished jobs to answer, FIFO */
+    ratd_job *ready_tail;
+    int active; /* jobs accepted and not yet answered (--max-queue) */
+    uint64_t mark_gen;
+    /* reaper */
+    pthread_t reaper;
+    int reaper_live;
+    pthread_mutex_t reap_mu;
+    pthread_cond_t reap_cv;
+    ratd_session *reap_head;
+    int reap_pending, reap_stop;
+    /* counters, I/O thread */
+    char ipc_path[512];
+    double t0;
+    uint64_t requests, errors, bad_messages, bytes_in, bytes_out, tokens;
+    op_stat ops[RATD_N_OPS];
+};
+
+/* ---- ratd_session.c ----------------------------------------------------------------- */
+ratd_session *ratd_session_find(ratd_server *s, uint64_t id);
+/* Validates a CreateSession and adds the session (reply: Header.session). */
+ra_status ratd_session_create(ratd_server *s, const Ratd__CreateSession *c, uint64_t *id, char *err,
+                              size_t errlen);
+/* Takes the session out of the table; it is freed when its last job ends. */
+ra_status ratd_session_drop(ratd_server *s, uint64_t id, char *err, size_t errlen);
+void ratd_session_unref(ratd_server *s, ratd_session *ss);
+ra_status ratd_reaper_start(ratd_server *s, char *err, size_t errlen);
+/* Drops every session, then waits up to `seconds` for the reaper to free them all.
+ * Returns 0 when all are freed, -1 when builds were still running at the deadline. */
+int ratd_reaper_finish(ratd_server *s, double seconds);
+/* ESTATE message for a layer a failed store left out of step, or RA_OK. */
+ra_status ratd_session_check_layer(ratd_session *ss, uint32_t layer, char *err, size_t errlen);
+
+/* ---- handlers: validate on the I/O thread (RA_OK: j is ready to be queued, its tasks
+ * and sessions set), run on the workers, build the reply on the I/O thread ----------- */
+ra_status ratd_attend_accept(ratd_server *s, ratd_job *j);
+int ratd_attend_reply(ratd_job *j, ra_proto_part *parts);
+ra_status ratd_tokens_accept(ratd_server *s, ratd_job *j);
+/* The split of an Attend over the workers: P sub-groups of gsize query heads per KV
+ * head (see ratd_attend.c). */
+void ratd_attend_split(int n_sess, int n_kv, int rep, int workers, int *P, int *gsize);
+
+/* ---- ratd_server.c: helpers the handlers share ------------------------------------ */
+/* Grows b to at least `bytes` (kept for the next request); NULL on allocation failure. */
+void *ratd_buf_get(ratd_buf *b, size_t bytes);
+/* Tensor i's data aligned to `align` (in place, or copied into b). NULL: no memory. */
+const void *ratd_frame_data(ra_proto_view *v, int i, size_t align, ratd_buf *b);
+/* Checks that tensor `role` exists with dtype dt and the given shape. */
+ra_status ratd_want_tensor(ra_proto_view *v, Ratd__Role role, const char *name, int dt, int ndim,
+                           const uint64_t *shape, int *idx, char *err, size_t errlen);
+/* Called by a job's last task (or phase): hands the job back to the I/O thread. */
+void ratd_job_complete(ratd_job *j);
+/* ra_proto_part.release of reply frames made from a job's buffers. */
+void ratd_job_frame_release(void *data, void *hint);
+void ratd_job_set_err(ratd_job *j, ra_status st, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+int ratd_all_finite(const void *p, size_t n, ra_dtype dt);
+
+#endif

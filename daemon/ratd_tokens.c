@@ -1,0 +1,308 @@
+/* Offload and Append: a layer's tokens for every KV head, plus (Offload) training
+ * queries and optional exact training lists. Shapes and limits are checked on the I/O
+ * thread; the data itself in two phases of one task per KV head on the workers. Phase
+ * 0 checks everything (K, V and training queries finite, training list entries in
+ * range) so that a bad message stores nothing; between the phases the last checker
+ * creates the layer's heads if this is its first batch; phase 1 appends and starts the
+ * index builds (background threads in index/). The job runs in its (session, layer)
+ * lane, so the next Attend of the layer sees the tokens. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ra_log.h"
+#include "ratd_internal.h"
+
+enum { BAD_NONE = 0, BAD_FINITE, BAD_LIST };
+
+static void check_task(ratd_job *j, int g)
+{
+    ratd_session *ss = j->ss[0];
+    int *bad = j->t.bad.p;
+    size_t *bad_at = j->t.bad_at.p;
+    size_t per = j->t.n * (size_t)ss->dim;
+    bad[g] = BAD_NONE;
+    if (!ratd_all_finite(j->t.k + (size_t)g * per * j->t.es, per, ss->dtype) ||
+        !ratd_all_finite(j->t.v + (size_t)g * per * j->t.es, per, ss->dtype)) {
+        bad[g] = BAD_FINITE;
+        return;
+    }
+    size_t qn = (size_t)ss->rep * j->t.nq; /* the training queries of KV head g */
+    if (j->t.q && !ratd_all_finite(j->t.q + (size_t)g * qn * (size_t)ss->dim, qn * (size_t)ss->dim,
+                                   RA_DTYPE_F32)) {
+        bad[g] = BAD_FINITE;
+        return;
+    }
+    if (!j->t.knn)
+        return;
+    size_t m = qn * (size_t)j->t.knn_k, first = (size_t)g * m;
+    for (size_t i = first; i < first + m; i++)
+        if (j->t.knn[i] < -1 || (int64_t)j->t.knn[i] >= (int64_t)j->t.n) {
+            bad[g] = BAD_LIST;
+            bad_at[g] = i;
+            return;
+        }
+}
+
+static void append_task(ratd_job *j, int g)
+{
+    ratd_session *ss = j->ss[0];
+    ra_status *tst = j->tst.p, *bst = j->t.bst.p;
+    ra_head *h = __atomic_load_n(&ss->heads[(size_t)j->layer * (size_t)ss->n_kv + (size_t)g],
+                                 __ATOMIC_ACQUIRE);
+    size_t per = j->t.n * (size_t)ss->dim * j->t.es;
+    size_t base = ra_head_count(h); /* row of this message's first token */
+    ra_status st = RA_OK;
+    if (j->t.n)
+        st =
+            ra_head_append(h, j->t.k + (size_t)g * per, j->t.v + (size_t)g * per, j->t.pos, j->t.n);
+    tst[g] = st;
+    bst[g] = RA_OK;
+    if (st != RA_OK || !j->t.q || !j->t.nq)
+        return;
+    /* [n_q][nq][dim]: the rep query heads of KV head g are contiguous */
+    size_t qn = (size_t)ss->rep * j->t.nq;
+    const float *q = j->t.q + (size_t)g * qn * (size_t)ss->dim;
+    ra_status bs;
+    if (j->t.knn) { /* the client's exact lists: message indices -> this head's rows */
+        size_t m = qn * (size_t)j->t.knn_k;
+        int32_t *rows = malloc(m * sizeof *rows);
+        const int32_t *src = j->t.knn + (size_t)g * m;
+        if (rows) {
+            for (size_t i = 0; i < m; i++)
+                rows[i] = src[i] < 0 ? -1 : (int32_t)(base + (size_t)src[i]);
+            bs = ra_head_build_lists(h, q, qn, rows, j->t.knn_k, 1);
+            free(rows);
+        } else {
+            bs = RA_ENOMEM;
+        }
+    } else {
+        bs = ra_head_build(h, q, qn, 1);
+    }
+    if (bs == RA_EBUSY) /* a build runs: it inserts the new keys when it ends */
+        bs = RA_OK;
+    bst[g] = bs;
+}
+
+static void tokens_task(ratd_work *w, int g, int worker)
+{
+    (void)worker;
+    ratd_job *j = (ratd_job *)w;
+    if (j->t.phase == 0)
+        check_task(j, g);
+    else
+        append_task(j, g);
+}
+
+/* After the checks: refuse, or create the layer's heads and run phase 1. */
+static void checks_done(ratd_job *j)
+{
+    ratd_session *ss = j->ss[0];
+    const int *bad = j->t.bad.p;
+    const size_t *bad_at = j->t.bad_at.p;
+    for (int g = 0; g < ss->n_kv; g++) {
+        if (bad[g] == BAD_FINITE) {
+            ratd_job_set_err(j, RA_ENONFINITE,
+                             "NaN or Inf in the data of KV head %d; nothing stored", g);
+            return;
+        }
+        if (bad[g] == BAD_LIST) {
+            ratd_job_set_err(j, RA_EINVAL,
+                             "training list entry %zu is %d: outside -1..%llu (indices into this "
+                             "message's tokens); nothing stored",
+                             bad_at[g], j->t.knn[bad_at[g]], (unsigned long long)j->t.n - 1);
+            return;
+        }
+    }
+    ra_head **heads = ss->heads + (size_t)j->layer * (size_t)ss->n_kv;
+    for (int g = 0; g < ss->n_kv; g++) {
+        if (heads[g])
+            continue;
+        ra_head *h = NULL;
+        ra_status st = ra_head_create(&h, ss->dim, ss->dtype, &ss->iopts, &ss->mem);
+        if (st != RA_OK) {
+            ratd_job_set_err(j, st, "cannot create the index of layer %u head %d: %s", j->layer, g,
+                             ra_strerror(st));
+            for (int x = 0; x < g; x++) { /* leave the layer as it was: empty */
+                ra_head *hx = heads[x];
+                if (hx && ra_head_count(hx) == 0) {
+                    __atomic_store_n(&heads[x], NULL, __ATOMIC_RELEASE);
+                    ra_head_destroy(hx);
+                }
+            }
+            return;
+        }
+        __atomic_store_n(&heads[g], h, __ATOMIC_RELEASE); /* Stats reads it */
+    }
+    j->t.phase = 1;
+    j->resubmit = 1; /* the I/O thread submits phase 1 */
+}
+
+static void stores_done(ratd_job *j)
+{
+    ratd_session *ss = j->ss[0];
+    const ra_status *tst = j->tst.p, *bst = j->t.bst.p;
+    int n_ok = 0, first_bad = -1;
+    for (int g = 0; g < ss->n_kv; g++) {
+        if (tst[g] == RA_OK)
+            n_ok++;
+        else if (first_bad < 0)
+            first_bad = g;
+    }
+    if (first_bad >= 0) {
+        /* appends are validated before they change anything, so a head either took all
+         * n tokens or none; heads that disagree now cannot be reconciled */
+        int partial = n_ok > 0 && j->t.n > 0;
+        if (partial)
+            __atomic_store_n(&ss->broken[j->layer], 1, __ATOMIC_RELEASE);
+        ratd_job_set_err(j, tst[first_bad], "layer %u KV head %d: %s while storing %zu tokens%s",
+                         j->layer, first_bad, ra_strerror(tst[first_bad]), j->t.n,
+                         partial ? "; other heads stored them, so the layer is now unusable: "
+                                   "drop the session (raise --mem-limit or free memory first)"
+                                 : "; nothing was stored");
+        return;
+    }
+    j->stored_tokens = j->t.n;
+    /* the tokens are stored and answered by exact scan: the request succeeded, but say
+     * loudly that the index is missing */
+    for (int g = 0; g < ss->n_kv; g++)
+        if (bst[g] != RA_OK)
+            RA_WARN("session %llu layer %u KV head %d: index build not started (%s); this head "
+                    "answers by exact scan",
+                    (unsigned long long)ss->id, j->layer, g, ra_strerror(bst[g]));
+}
+
+static void tokens_done(ratd_work *w, int worker)
+{
+    (void)worker;
+    ratd_job *j = (ratd_job *)w;
+    if (j->t.phase == 0)
+        checks_done(j);
+    else
+        stores_done(j);
+    ratd_job_complete(j);
+}
+
+ra_status ratd_tokens_accept(ratd_server *s, ratd_job *j)
+{
+    Ratd__Header *hd = j->v.hdr;
+    ra_proto_view *v = &j->v;
+    char *err = j->err;
+    size_t el = sizeof j->err;
+    int offload = j->type == RATD__MSG_TYPE__OFFLOAD;
+    ratd_session *ss = ratd_session_find(s, hd->session);
+    if (!ss) {
+        snprintf(err, el, "no session %llu (never created, or dropped)",
+                 (unsigned long long)hd->session);
+        return RA_ENOSESSION;
+    }
+    if (hd->layer >= (uint32_t)ss->n_layers) {
+        snprintf(err, el, "layer %u does not exist: session %llu has layers 0..%d", hd->layer,
+                 (unsigned long long)ss->id, ss->n_layers - 1);
+        return RA_ENOLAYER;
+    }
+    int ik = ra_proto_find(v, RATD__ROLE__K);
+    if (ik < 0) {
+        snprintf(err, el, "request has no K frame");
+        return RA_EPROTO;
+    }
+    const Ratd__Tensor *tk = v->tensor[ik];
+    uint64_t n = tk->n_shape == 3 ? tk->shape[1] : 0;
+    if (n > (uint64_t)s->cfg.max_tokens) {
+        snprintf(err, el, "%llu tokens in one message; at most %d (max-tokens)",
+                 (unsigned long long)n, s->cfg.max_tokens);
+        return RA_ETOOBIG;
+    }
+    uint64_t kshape[3] = {(uint64_t)ss->n_kv, n, (uint64_t)ss->dim};
+    int iv, ip, iq = -1;
+    ra_status st;
+    if ((st = ratd_want_tensor(v, RATD__ROLE__K, "K", ss->dtype, 3, kshape, &ik, err, el)) ||
+        (st = ratd_want_tensor(v, RATD__ROLE__V, "V", ss->dtype, 3, kshape, &iv, err, el)) ||
+        (st = ratd_want_tensor(v, RATD__ROLE__POS, "positions", RATD__DTYPE__I64, 1, &n, &ip, err,
+                               el)))
+        return st;
+    uint64_t nq = 0;
+    int qi = ra_proto_find(v, RATD__ROLE__Q_TRAIN);
+    if (qi >= 0) {
+        if (!offload) {
+            snprintf(err, el, "Append takes no training queries (send them with Offload)");
+            return RA_EPROTO;
+        }
+        const Ratd__Tensor *tq = v->tensor[qi];
+        nq = tq->n_shape == 3 ? tq->shape[1] : 0;
+        if (nq > (uint64_t)s->cfg.max_queries) {
+            snprintf(err, el, "%llu training queries per head; at most %d (max-queries)",
+                     (unsigned long long)nq, s->cfg.max_queries);
+            return RA_ETOOBIG;
+        }
+        uint64_t qshape[3] = {(uint64_t)ss->n_q, nq, (uint64_t)ss->dim};
+        if ((st = ratd_want_tensor(v, RATD__ROLE__Q_TRAIN, "training queries", RATD__DTYPE__F32, 3,
+                                   qshape, &iq, err, el)))
+            return st;
+    }
+    int ikn = ra_proto_find(v, RATD__ROLE__TRAIN_TOPK);
+    uint64_t knn_k = 0;
+    if (ikn >= 0) {
+        const Ratd__Tensor *tt = v->tensor[ikn];
+        knn_k = tt->n_shape == 3 ? tt->shape[2] : 0;
+        if (iq < 0 || nq == 0) {
+            snprintf(err, el,
+                     "training lists (TRAIN_TOPK) come only with the training queries of "
+                     "an Offload");
+            return RA_EPROTO;
+        }
+        if (knn_k < 1 || knn_k > RA_HEAD_MAX_LIST_K) {
+            snprintf(err, el, "training lists of %llu entries per query; 1..%d allowed",
+                     (unsigned long long)knn_k, RA_HEAD_MAX_LIST_K);
+            return RA_EINVAL;
+        }
+        uint64_t lshape[3] = {(uint64_t)ss->n_q, nq, knn_k};
+        if ((st = ratd_want_tensor(v, RATD__ROLE__TRAIN_TOPK, "training lists", RATD__DTYPE__I32, 3,
+                                   lshape, &ikn, err, el)))
+            return st;
+    }
+    j->n_tasks = 0;
+    if (n == 0 && nq == 0)
+        return RA_OK; /* nothing to store: answered at once */
+    size_t es = ra_dtype_size(ss->dtype);
+    /* K+V+positions per head, before anything is allocated */
+    size_t need = (size_t)ss->n_kv * (size_t)n * ((size_t)ss->dim * es * 2 + sizeof(int64_t));
+    size_t used = __atomic_load_n(&s->mem.used, __ATOMIC_RELAXED);
+    if (s->mem.limit && used + need > s->mem.limit) {
+        snprintf(err, el,
+                 "storing %llu tokens needs %zu MiB; the daemon's memory limit is %zu MiB with "
+                 "%zu MiB in use (drop sessions or raise --mem-limit)",
+                 (unsigned long long)n, need >> 20, s->mem.limit >> 20, used >> 20);
+        return RA_ENOMEM;
+    }
+    j->ss = ratd_buf_get(&j->ss_buf, sizeof *j->ss);
+    j->nodes = ratd_buf_get(&j->node_buf, sizeof *j->nodes);
+    size_t G = (size_t)ss->n_kv;
+    j->t.k = ratd_frame_data(v, ik, es, &j->t.copy[0]);
+    j->t.v = ratd_frame_data(v, iv, es, &j->t.copy[1]);
+    j->t.pos = ratd_frame_data(v, ip, sizeof(int64_t), &j->t.copy[2]);
+    j->t.q = iq >= 0 && nq ? ratd_frame_data(v, iq, sizeof(float), &j->t.copy[3]) : NULL;
+    j->t.knn = ikn >= 0 ? ratd_frame_data(v, ikn, sizeof(int32_t), &j->t.copy[4]) : NULL;
+    if (!j->ss || !j->nodes || !j->t.k || !j->t.v || !j->t.pos || (iq >= 0 && nq && !j->t.q) ||
+        (ikn >= 0 && !j->t.knn) || !ratd_buf_get(&j->t.bad, G * sizeof(int)) ||
+        !ratd_buf_get(&j->t.bad_at, G * sizeof(size_t)) ||
+        !ratd_buf_get(&j->t.bst, G * sizeof(ra_status)) ||
+        !ratd_buf_get(&j->tst, G * sizeof(ra_status))) {
+        snprintf(err, el, "out of memory");
+        return RA_ENOMEM;
+    }
+    j->ss[0] = ss;
+    j->n_sess = 1;
+    j->layer = hd->layer;
+    j->kind = JOB_TOKENS;
+    j->t.offload = offload;
+    j->t.phase = 0;
+    j->t.n = (size_t)n;
+    j->t.nq = (size_t)nq;
+    j->t.es = es;
+    j->t.knn_k = (int)knn_k;
+    j->work.fn = tokens_task;
+    j->work.done = tokens_done;
+    j->n_tasks = ss->n_kv; /* per phase */
+    return RA_OK;
+}
