@@ -377,6 +377,22 @@ static void g_rev_task(void *arg, size_t b, size_t end)
             g->deg[v] = (uint8_t)n;
             continue;
         }
+        if (g->light_rev) { /* keys appended after the build: see ra_graph.light_rev */
+            /* ids[0..M) is the row filled up with the first new ones; the rest (n - M of
+             * them) compete with the row's last nt members for those nt slots */
+            int extra = n - M, nt = extra < M - pd ? extra : M - pd;
+            int32_t *cand = ids + (M - nt);
+            ra_kern_to_f32(g_row(g, c->keys, v), g->dtype, (size_t)g->dim, t->qf);
+            ra_kern_dot_gather(t->qf, c->keys, g->dtype, g->dim, cand, (size_t)(nt + extra), t->sc);
+            for (int i = 0; i < nt + extra; i++)
+                tmp[i] = (g_nb){.d2 = -t->sc[i], .id = cand[i]};
+            qsort(tmp, (size_t)(nt + extra), sizeof *tmp, g_nb_cmp);
+            for (int i = 0; i < nt; i++)
+                cand[i] = tmp[i].id;
+            memcpy(row, ids, (size_t)M * sizeof *row);
+            g->deg[v] = (uint8_t)M;
+            continue;
+        }
         /* full: the protected prefix stays, the rest is re-pruned */
         int k = g_link_list(g, c->keys, v, ids + pd, n - pd, M - pd, tmp, out, t);
         memcpy(row + pd, out, (size_t)k * sizeof *out);
@@ -1139,7 +1155,9 @@ ra_status ra_graph_add(ra_graph *g, const ra_kv *kv, size_t first, size_t n)
     }
     /* new rows are searched only once linked; nodes of one batch cannot see each
      * other, which is why the batches start small (g_insert_nodes) */
+    g->light_rev = 1;
     st = g_insert_nodes(g, keys, nodes, n, 0);
+    g->light_rev = 0;
     free(nodes);
     return st;
 }

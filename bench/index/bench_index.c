@@ -596,11 +596,11 @@ static int run_queries(const ra_backend_ops *ops, void *st, const ra_kv *kv, siz
 /* GQA: the G query heads of each decode step in one group walk (search_group; one search
  * per head for backends without it), warm ids per head from its previous step. Recall per
  * head against gt [G][nq][k]; scanned and time are per query head (a walk's keys / G). */
-static int run_group(const ra_backend_ops *ops, void *st, const ra_kv *kv, size_t n,
-                     const float *q, size_t nq, int G, int dim, int k, int effort,
-                     const int32_t *gt, sweep_out *o)
+static int run_group(const ra_backend_ops *ops, void *st, const ra_kv *kv, size_t n, const float *q,
+                     size_t nq, int G, int dim, int k, int effort, const int32_t *gt, sweep_out *o)
 {
-    int32_t *ids = malloc((size_t)G * k * sizeof *ids), *prev = malloc((size_t)G * k * sizeof *prev);
+    int32_t *ids = malloc((size_t)G * k * sizeof *ids),
+            *prev = malloc((size_t)G * k * sizeof *prev);
     float *sc = malloc((size_t)G * k * sizeof *sc), *qs = malloc((size_t)G * dim * sizeof *qs);
     ra_search_params *p = malloc((size_t)G * sizeof *p);
     ra_search_stats *ss = malloc((size_t)G * sizeof *ss);
@@ -614,8 +614,8 @@ static int run_group(const ra_backend_ops *ops, void *st, const ra_kv *kv, size_
     for (size_t i = 0; i < nq; i++) {
         for (int j = 0; j < G; j++) {
             memcpy(qs + (size_t)j * dim, q + ((size_t)j * nq + i) * dim, (size_t)dim * sizeof *qs);
-            p[j] = (ra_search_params){.k = k, .effort = effort, .warm = prev + (size_t)j * k,
-                                      .n_warm = nprev[j]};
+            p[j] = (ra_search_params){
+                .k = k, .effort = effort, .warm = prev + (size_t)j * k, .n_warm = nprev[j]};
         }
         ra_status s = RA_OK;
         if (ops->search_group) {
@@ -662,11 +662,11 @@ static void emit(const bench_cfg *c, const char *index, const char *params, cons
                  double build_s, const char *extra)
 {
     if (c->json)
-        printf("{\"index\":\"%s\",\"params\":\"%s\",\"recall\":%.4f,\"scanned_frac\":%.5f,"
-               "\"us_per_query\":%.1f,\"cpu_us_per_query\":%.1f,\"build_s\":%.3f,\"hops\":%.1f%s%s}\n",
-               index, params, o->recall, o->scanned_frac, o->us, o->cpu_us, build_s, o->hops,
-               extra ? "," : "",
-               extra ? extra : "");
+        printf(
+            "{\"index\":\"%s\",\"params\":\"%s\",\"recall\":%.4f,\"scanned_frac\":%.5f,"
+            "\"us_per_query\":%.1f,\"cpu_us_per_query\":%.1f,\"build_s\":%.3f,\"hops\":%.1f%s%s}\n",
+            index, params, o->recall, o->scanned_frac, o->us, o->cpu_us, build_s, o->hops,
+            extra ? "," : "", extra ? extra : "");
     else
         printf("%-6s %-22s recall %.4f  scanned %.5f  %9.1f us/q (cpu %.1f)  build %.2fs %s\n",
                index, params, o->recall, o->scanned_frac, o->us, o->cpu_us, build_s,
@@ -691,8 +691,11 @@ static void insert_check(const bench_cfg *c, const bench_data *d, ra_kv *kv,
     ra_kern_from_f32(d->keys + d->n * (size_t)D, c->dtype, d->nins * (size_t)D, buf);
     for (size_t i = 0; i < d->nins; i++)
         pos[i] = (int64_t)(d->n + i);
-    if (ra_kv_append(kv, buf, buf, pos, d->nins) != RA_OK)
+    ra_status as = ra_kv_append(kv, buf, buf, pos, d->nins);
+    if (as != RA_OK) {
+        fprintf(stderr, "insertion check: appending %zu keys: %s\n", d->nins, ra_strerror(as));
         goto done;
+    }
     omp_set_num_threads(c->threads ? c->threads : (int)sysconf(_SC_NPROCESSORS_ONLN));
     double t0 = ra_now_s();
     ra_status s = ops->add(st, kv, d->n, d->nins);
@@ -792,8 +795,7 @@ int main(int argc, char **argv)
         printf(
             "{\"data\":\"%s\",\"n\":%zu,\"dim\":%d,\"n_train\":%zu,\"n_queries\":%zu,\"topk\":%d,"
             "\"mahalanobis_ratio\":%.3f,\"step_cosine\":%.3f,\"threads\":%d,\"isa\":\"%s\"}\n",
-            d.desc, d.n, D, d.nt, NQ, k, ratio, cosq, threads,
-            ra_kern_isa_name(ra_kern_isa_get()));
+            d.desc, d.n, D, d.nt, NQ, k, ratio, cosq, threads, ra_kern_isa_name(ra_kern_isa_get()));
     else
         printf("# %s\n# n=%zu dim=%d train=%zu queries=%zu topk=%d threads=%d isa=%s\n"
                "# Mahalanobis ratio (queries vs held-out keys) %.3f, step cosine %.3f\n",
@@ -984,8 +986,7 @@ int main(int argc, char **argv)
             }
             if (!strcmp(idx[ii].name, "graph")) {
                 sweep_out sw;
-                if (run_queries(idx[ii].ops, st, kv, d.n, d.queries, NQ, D, k, eff[e], 1, gt,
-                                &sw))
+                if (run_queries(idx[ii].ops, st, kv, d.n, d.queries, NQ, D, k, eff[e], 1, gt, &sw))
                     break;
                 snprintf(params, sizeof params, "effort=%d,warm", eff[e]);
                 emit(&c, "graph", params, &sw, build_s, NULL);
