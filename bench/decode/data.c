@@ -6,6 +6,7 @@
 #define _GNU_SOURCE
 #include <math.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -13,6 +14,7 @@
 #include "decode.h"
 #include "ra_half.h"
 #include "synth.h"
+#include "synth_lin.h"
 
 /* ---- small helpers --------------------------------------------------------------------- */
 
@@ -136,11 +138,122 @@ static ra_status calibrated_make(const dec_gen_req *r, float **keys, float **tra
     return RA_OK;
 }
 
+/* bench/index/synth_lin.c's hidden-state generator: keys and queries are different linear
+ * maps of one token stream's hidden states (token-match heads, a query bias on the keys'
+ * weakest RoPE pairs); its knobs: name=value,... of the float and int fields below */
+static ra_status lin_apply(ra_synth_lin_opts *o, const char *spec, char *err, size_t errlen)
+{
+    static const struct {
+        const char *name;
+        size_t off;
+        int is_int;
+    } knobs[] = {
+        {"hidden", offsetof(ra_synth_lin_opts, hidden), 1},
+        {"vocab", offsetof(ra_synth_lin_opts, vocab), 1},
+        {"topics", offsetof(ra_synth_lin_opts, topics), 1},
+        {"segment", offsetof(ra_synth_lin_opts, segment), 1},
+        {"zipf", offsetof(ra_synth_lin_opts, zipf), 0},
+        {"match", offsetof(ra_synth_lin_opts, match), 0},
+        {"proj", offsetof(ra_synth_lin_opts, proj), 0},
+        {"offset", offsetof(ra_synth_lin_opts, offset), 0},
+        {"kdecay", offsetof(ra_synth_lin_opts, kdecay), 0},
+        {"rope_base", offsetof(ra_synth_lin_opts, rope_base), 0},
+    };
+    char buf[512];
+    if (!spec || !*spec)
+        return RA_OK;
+    if (strlen(spec) >= sizeof buf) {
+        if (err)
+            snprintf(err, errlen, "--synth: longer than %zu characters", sizeof buf - 1);
+        return RA_EINVAL;
+    }
+    strcpy(buf, spec);
+    for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok;
+         tok = strtok_r(NULL, ",", &save)) {
+        char *eq = strchr(tok, '=');
+        size_t i = 0, nk = sizeof knobs / sizeof *knobs;
+        if (eq) {
+            *eq = 0;
+            while (i < nk && strcmp(knobs[i].name, tok))
+                i++;
+        }
+        char *end = NULL;
+        double v = eq ? strtod(eq + 1, &end) : 0;
+        if (!eq || i == nk || end == eq + 1 || *end || !isfinite(v) || v < -1e6 || v > 1e9) {
+            if (err)
+                snprintf(err, errlen,
+                         "--synth (lin): '%s' is not name=number with name one of hidden, "
+                         "vocab, topics, segment, zipf, match, proj, offset, kdecay, rope_base",
+                         tok);
+            return RA_EINVAL;
+        }
+        if (knobs[i].is_int)
+            *(int *)((char *)o + knobs[i].off) = (int)v;
+        else
+            *(float *)((char *)o + knobs[i].off) = (float)v;
+    }
+    return RA_OK;
+}
+
+static ra_status lin_check(const char *spec, char *err, size_t errlen)
+{
+    ra_synth_lin_opts o;
+    ra_synth_lin_opts_default(&o);
+    return lin_apply(&o, spec, err, errlen);
+}
+
+static ra_status lin_make(const dec_gen_req *r, float **keys, float **train, float **dec)
+{
+    ra_synth_lin_opts o;
+    ra_synth_lin_opts_default(&o);
+    if (lin_apply(&o, r->spec, NULL, 0) != RA_OK)
+        return RA_EINVAL;
+    o.n = r->n;
+    o.dim = r->dim;
+    o.n_rep = r->n_q;
+    o.n_train = r->n_train;
+    o.n_queries = r->n_dec;
+    o.seed = r->seed;
+    o.threads = 1; /* the bench runs one generator call per thread */
+    ra_synth_group s;
+    ra_status st = ra_synth_lin_make(&o, &s);
+    if (st != RA_OK)
+        return st;
+    size_t tb = r->n_train * (size_t)r->dim * sizeof(float);
+    size_t db = r->n_dec * (size_t)r->dim * sizeof(float);
+    int h = 0;
+    for (; h < r->n_q; h++) { /* one array per head: the caller frees each */
+        train[h] = malloc(tb ? tb : 1);
+        dec[h] = malloc(db ? db : 1);
+        if (!train[h] || !dec[h])
+            break;
+        memcpy(train[h], s.train_q + (size_t)h * r->n_train * r->dim, tb);
+        memcpy(dec[h], s.queries + (size_t)h * r->n_dec * r->dim, db);
+    }
+    if (h < r->n_q) {
+        for (int i = 0; i <= h && i < r->n_q; i++) {
+            free(train[i]);
+            free(dec[i]);
+            train[i] = dec[i] = NULL;
+        }
+        ra_synth_group_free(&s);
+        return RA_ENOMEM;
+    }
+    *keys = s.keys;
+    s.keys = NULL;
+    ra_synth_group_free(&s);
+    return RA_OK;
+}
+
 /* To add a generator: one row (name, what it is, a knob check, a maker). */
 static const dec_gen g_gens[] = {
     {"calibrated",
      "bench/index/synth.c, calibrated to the trained model's heads (knobs: synth.h via --synth)",
      calibrated_check, calibrated_make},
+    {"lin",
+     "bench/index/synth_lin.c, an independent hidden-state generator (k = W_K h, q = W_Q h; "
+     "knobs: synth_lin.h via --synth)",
+     lin_check, lin_make},
 };
 
 const dec_gen *dec_gen_find(const char *name)

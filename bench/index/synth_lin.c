@@ -11,6 +11,7 @@
 #include "synth_lin.h"
 
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -150,6 +151,7 @@ ra_status ra_synth_lin_make(const ra_synth_lin_opts *o, ra_synth_group *out)
     double kdecay = o->kdecay > 0 ? o->kdecay : 2.0;
     double base = o->rope_base > 1.f ? o->rope_base : 500000.0;
     size_t npos = o->n + o->n_queries;
+    int nthr = o->threads > 0 ? o->threads : omp_get_max_threads();
     ra_synth_group g = {
         .n = o->n, .n_train = o->n_train, .n_queries = o->n_queries, .dim = d, .n_rep = R};
     float *WK = malloc((size_t)d * H * sizeof *WK), *bK = malloc((size_t)d * sizeof *bK);
@@ -266,7 +268,7 @@ ra_status ra_synth_lin_make(const ra_synth_lin_opts *o, ra_synth_group *out)
         }
     }
     /* keys: W_K h_t + b_K = WE[x] + WC[z] + WP lat + b_K */
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(nthr)
     for (size_t t = 0; t < o->n; t++) {
         float *k = g.keys + t * d;
         const float *we = L.WE + (size_t)L.tok[t] * d, *wc = L.WC + (size_t)L.top[t] * d;
@@ -304,7 +306,7 @@ ra_status ra_synth_lin_make(const ra_synth_lin_opts *o, ra_synth_group *out)
     /* queries of head h at position t */
     size_t tail = o->n_train / 2, rest = o->n_train - tail;
     size_t head_n = o->n > tail ? o->n - tail : 0;
-#pragma omp parallel for schedule(dynamic, 64) collapse(2)
+#pragma omp parallel for schedule(dynamic, 64) collapse(2) num_threads(nthr)
     for (int h = 0; h < R; h++)
         for (size_t i = 0; i < o->n_train + o->n_queries; i++) {
             size_t t;

@@ -37,6 +37,7 @@ typedef struct ra_synth_lin_opts {
                         key spread (0: 1.5; < 0: none) */
     float kdecay;    /* singular values of W_K decay as exp(-kdecay i / dim) (0: 2) */
     float rope_base; /* 0: 500000 (Llama-3) */
+    int threads;     /* OpenMP threads of the key and query loops (0: OpenMP's default) */
 } ra_synth_lin_opts;
 
 void ra_synth_lin_opts_default(ra_synth_lin_opts *o);

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# bench/decode/device-run.sh OUT_DIR [RUN...]: ratd-bench-decode on the GPU host's CPU (16
+# Xeon cores), the figures of bench/README.md "Decode". Release build of ratd and the
+# bench (no CUDA), then each RUN (default: c128k l128k c1m) as one JSON file in OUT_DIR:
+#   c32k   calibrated generator, Llama-3-8B shape, 32K keys per KV head, 2 layers
+#   c128k  the same at 128K          l128k  the hidden-state generator (lin) at 128K
+#   c1m    calibrated, 1M keys, 8 query / 2 KV heads, 2 layers
+#   b128k  batch 8 at 128K, 1 layer (8 sessions per Attend)
+set -uo pipefail
+out=${1:?usage: device-run.sh OUT_DIR [RUN...]}
+shift
+runs=("$@")
+[ ${#runs[@]} -gt 0 ] || runs=(c128k l128k c1m)
+mkdir -p "$out"
+T0=$(date +%s)
+el() { echo "[$(($(date +%s) - T0)) s] $*"; }
+{ nproc; lscpu | grep -E "Model name|L3"; free -g | head -2; git log -1 --format=%H 2>/dev/null; } >"$out/machine.txt" 2>&1
+. bench/device-env.sh
+b=build-dev
+cmake -S . -B $b -DCMAKE_BUILD_TYPE=Release -DRA_CUDA=OFF -DBUILD_TESTING=OFF "${RA_DEPS_CMAKE[@]}" \
+  >"$out/configure.log" 2>&1 || { tail -30 "$out/configure.log"; exit 1; }
+timeout 300 cmake --build $b -j"$(nproc)" --target ratd ratd-bench-decode >"$out/build.log" 2>&1 ||
+  { grep -E "error|Error" "$out/build.log" | head -30; exit 1; }
+el built
+D="$b/bench/ratd-bench-decode --ratd $b/daemon/ratd --json --steps 200"
+for r in "${runs[@]}"; do
+  case $r in
+  c32k) a=(--context 32768 --layers 2) ;;
+  c128k) a=(--context 131072 --layers 2) ;;
+  l128k) a=(--context 131072 --layers 2 --gen lin) ;;
+  c1m) a=(--context 1048576 --layers 2 --q-heads 8 --kv-heads 2) ;;
+  b128k) a=(--context 131072 --layers 1 --batch 8 --steps 100) ;;
+  *) echo "unknown run $r"; continue ;;
+  esac
+  timeout 420 $D "${a[@]}" >"$out/$r.json" 2>"$out/$r.log"
+  echo "$r rc=$?"
+  tail -2 "$out/$r.log"
+  python3 - "$out/$r.json" <<'PY' || cat "$out/$r.json" | head -c 600
+import json, sys
+d = json.load(open(sys.argv[1]))
+keys = ["context", "workers", "build_s", "attend_us_p50", "attend_us_p90", "attend_us_p99", "attend_us_max",
+        "token_ms_model_est", "rtt_us_p50", "server_us_p50", "work_us_p50", "append_us_p50",
+        "recall_mean", "recall_p10", "mass_mean", "retrieved_frac", "session_bytes", "lse_mismatch"]
+print(" ".join("%s=%s" % (k, d.get(k)) for k in keys))
+PY
+  el "$r"
+done
