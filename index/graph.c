@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "graph_internal.h"
+#include "ra_bigmem.h"
 #include "ra_kernels.h"
 #include "ra_log.h"
 
@@ -199,7 +200,7 @@ void ra_graph_destroy(ra_graph *g)
 {
     if (!g)
         return;
-    free(g->rec);
+    ra_big_free(g->rec, g->cap * g->rec_bytes);
     free(g->deg);
     free(g->pdeg);
     free(g->norm2);

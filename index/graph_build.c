@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "graph_internal.h"
+#include "ra_bigmem.h"
 #include "ra_kernels.h"
 #include "ra_log.h"
 
@@ -258,13 +259,11 @@ static ra_status g_reserve(ra_graph *g, size_t n)
         c = (size_t)INT32_MAX;
     if (c < n)
         return RA_ETOOBIG;
-    /* records are 64-byte aligned: realloc cannot promise that, so copy */
-    uint8_t *a = aligned_alloc(64, c * g->rec_bytes);
+    /* records in their own mapping: page-aligned, huge pages, grown by mremap (no copy
+     * of a few hundred MB while an Append waits) */
+    uint8_t *a = ra_big_resize(g->rec, g->cap * g->rec_bytes, c * g->rec_bytes);
     if (!a)
         return RA_ENOMEM;
-    if (g->rec)
-        memcpy(a, g->rec, g->cap * g->rec_bytes);
-    free(g->rec);
     g->rec = a;
     uint8_t *d = realloc(g->deg, c);
     if (!d)
@@ -445,7 +444,9 @@ static void g_ins_task(void *arg, size_t b, size_t e)
 {
     g_ins_ctx *c = arg;
     ra_graph *g = c->g;
-    int L = g->ef_build;
+    /* appended keys (decode-time tokens, a few per step) walk half the build's list: the
+     * Append is on the decode path and its walk costs as much as a query's */
+    int L = g->light_rev ? (g->ef_build / 2 > 32 ? g->ef_build / 2 : 32) : g->ef_build;
     int M = g->M;
     int ncand = L + M;
     int32_t *ids = malloc((size_t)ncand * sizeof *ids);

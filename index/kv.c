@@ -13,6 +13,7 @@
 
 #include "ra_kernels.h"
 #include "ra_kv.h"
+#include "ra_bigmem.h"
 #include "ra_log.h"
 
 ra_status ra_mem_reserve(ra_mem *acct, size_t bytes)
@@ -45,6 +46,7 @@ void ra_mem_charge(ra_mem *acct, size_t bytes)
 typedef struct ra_kv_retired {
     void *k, *v;
     int64_t *pos;
+    size_t cap; /* rows the arrays were mapped for */
     size_t bytes;
     struct ra_kv_retired *next;
 } ra_kv_retired;
@@ -65,12 +67,14 @@ struct ra_kv {
 
 #define RA_KV_MAX_DIM 65536
 
-static void *alloc64(size_t bytes)
+/* The three arrays live in their own mappings (ra_bigmem.h): page-aligned rows, huge
+ * pages where the kernel has them, and growth by mremap (no copy) unless a view pins
+ * the old arrays. */
+static void arrays_free(const ra_kv *kv, void *k, void *v, int64_t *pos, size_t cap)
 {
-    if (bytes == 0)
-        bytes = 64;
-    bytes = (bytes + 63) & ~(size_t)63;
-    return aligned_alloc(64, bytes);
+    ra_big_free(k, cap * kv->row_bytes);
+    ra_big_free(v, cap * kv->row_bytes);
+    ra_big_free(pos, cap * sizeof(int64_t));
 }
 
 static size_t kv_bytes_for(const ra_kv *kv, size_t cap)
@@ -100,9 +104,7 @@ static void free_retired(ra_kv *kv)
     while (kv->retired) {
         ra_kv_retired *r = kv->retired;
         kv->retired = r->next;
-        free(r->k);
-        free(r->v);
-        free(r->pos);
+        arrays_free(kv, r->k, r->v, r->pos, r->cap);
         ra_mem_release(kv->acct, r->bytes);
         free(r);
     }
@@ -119,9 +121,7 @@ void ra_kv_destroy(ra_kv *kv)
     if (kv->pins)
         RA_ERROR("kv: destroyed with %d pinned views outstanding", kv->pins);
     free_retired(kv);
-    free(kv->k);
-    free(kv->v);
-    free(kv->pos);
+    arrays_free(kv, kv->k, kv->v, kv->pos, kv->cap);
     ra_mem_release(kv->acct, kv->held);
     free(kv);
 }
@@ -146,38 +146,57 @@ static ra_status kv_grow(ra_kv *kv, size_t need)
         RA_ERROR("kv: memory limit reached growing to %zu rows (%zu bytes)", cap, bytes);
         return st;
     }
-    void *k = alloc64(cap * kv->row_bytes);
-    void *v = alloc64(cap * kv->row_bytes);
-    int64_t *pos = alloc64(cap * sizeof(int64_t));
-    if (!k || !v || !pos) {
-        free(k);
-        free(v);
-        free(pos);
-        ra_mem_release(kv->acct, bytes);
-        RA_ERROR("kv: out of memory growing to %zu rows", cap);
-        return RA_ENOMEM;
-    }
-    if (kv->n) {
-        memcpy(k, kv->k, kv->n * kv->row_bytes);
-        memcpy(v, kv->v, kv->n * kv->row_bytes);
-        memcpy(pos, kv->pos, kv->n * sizeof(int64_t));
-    }
-    if (kv->pins && kv->k) {
-        ra_kv_retired *r = malloc(sizeof *r);
-        if (!r) {
-            free(k);
-            free(v);
-            free(pos);
+    void *k = NULL, *v = NULL;
+    int64_t *pos = NULL;
+    size_t rb = kv->row_bytes, oc = kv->cap;
+    if (!kv->pins && kv->k) { /* nobody holds the old arrays: remap them in place */
+        k = ra_big_resize(kv->k, oc * rb, cap * rb);
+        if (k) {
+            kv->k = k;
+            v = ra_big_resize(kv->v, oc * rb, cap * rb);
+        }
+        if (v) {
+            kv->v = v;
+            pos = ra_big_resize(kv->pos, oc * sizeof(int64_t), cap * sizeof(int64_t));
+        }
+        if (!pos) { /* undo what grew: the store stays as it was */
+            if (v)
+                kv->v = ra_big_resize(kv->v, cap * rb, oc * rb);
+            if (k)
+                kv->k = ra_big_resize(kv->k, cap * rb, oc * rb);
             ra_mem_release(kv->acct, bytes);
+            RA_ERROR("kv: out of memory growing to %zu rows", cap);
             return RA_ENOMEM;
         }
-        *r = (ra_kv_retired){kv->k, kv->v, kv->pos, kv->held, kv->retired};
-        kv->retired = r;
-    } else {
-        free(kv->k);
-        free(kv->v);
-        free(kv->pos);
         ra_mem_release(kv->acct, kv->held);
+    } else {
+        k = ra_big_alloc(cap * rb);
+        v = ra_big_alloc(cap * rb);
+        pos = ra_big_alloc(cap * sizeof(int64_t));
+        if (!k || !v || !pos) {
+            arrays_free(kv, k, v, pos, cap);
+            ra_mem_release(kv->acct, bytes);
+            RA_ERROR("kv: out of memory growing to %zu rows", cap);
+            return RA_ENOMEM;
+        }
+        if (kv->n) {
+            memcpy(k, kv->k, kv->n * rb);
+            memcpy(v, kv->v, kv->n * rb);
+            memcpy(pos, kv->pos, kv->n * sizeof(int64_t));
+        }
+        if (kv->pins && kv->k) {
+            ra_kv_retired *r = malloc(sizeof *r);
+            if (!r) {
+                arrays_free(kv, k, v, pos, cap);
+                ra_mem_release(kv->acct, bytes);
+                return RA_ENOMEM;
+            }
+            *r = (ra_kv_retired){kv->k, kv->v, kv->pos, oc, kv->held, kv->retired};
+            kv->retired = r;
+        } else {
+            arrays_free(kv, kv->k, kv->v, kv->pos, oc);
+            ra_mem_release(kv->acct, kv->held);
+        }
     }
     kv->k = k;
     kv->v = v;
