@@ -361,10 +361,8 @@ ra_status ra_client_hello(ra_client *c, ra_server_info *info)
             acc.numa_node = -1;
 #define MN(f) acc.limits.f = min_nz(acc.limits.f, one.limits.f);
         MN(max_frame_bytes)
-        MN(max_message_bytes)
-        MN(mem_limit)
-        MN(max_sessions)
-        MN(max_layers) MN(max_heads) MN(max_dim) MN(max_top_k) MN(max_tokens) MN(max_queries)
+        MN(max_message_bytes) MN(mem_limit) MN(max_sessions) MN(max_layers) MN(max_heads)
+            MN(max_dim) MN(max_top_k) MN(max_tokens) MN(max_queries)
 #undef MN
     }
     if (info)
@@ -412,12 +410,10 @@ ra_status ra_client_session_create(ra_client *c, const ra_session_desc *d, uint6
     io.kind = (uint32_t)d->index.kind;
 #define CP(f) io.f = d->index.f > 0 ? (uint32_t)d->index.f : 0;
     CP(graph_knn)
-    CP(graph_degree)
-    CP(graph_build_ef)
-    CP(graph_entries)
-    CP(n_train) CP(ivf_nlist) CP(hnsw_m) CP(threads)
+    CP(graph_degree) CP(graph_build_ef) CP(graph_entries) CP(n_train) CP(ivf_nlist) CP(hnsw_m)
+        CP(threads)
 #undef CP
-        io.seed = d->index.seed;
+            io.seed = d->index.seed;
     cs.index = &io;
     h.create = &cs;
     smap m;
@@ -573,8 +569,7 @@ ra_status ra_client_wait_ready(ra_client *c, uint64_t session, int timeout_ms)
         if (ss.heads_building == 0)
             return RA_OK;
         clock_gettime(CLOCK_MONOTONIC, &now);
-        double ms =
-            (double)(now.tv_sec - t0.tv_sec) * 1e3 + (double)(now.tv_nsec - t0.tv_nsec) * 1e-6;
+        double ms = (double)(now.tv_sec - t0.tv_sec) * 1e3 + (double)(now.tv_nsec - t0.tv_nsec) * 1e-6;
         if (ms >= timeout_ms)
             return fail(c, RA_ETIMEDOUT, "index builds still running after the timeout");
         struct timespec nap = {0, 5 * 1000 * 1000};

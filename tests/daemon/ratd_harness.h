@@ -279,8 +279,8 @@ __attribute__((unused)) static int ref_check_heads(const float *K, const float *
         ref_attend(q + (size_t)h * D, Kg, Vg, D, NULL, n, 1.0 / sqrt(D), ro, &rl);
         double e = rel_err(o + (size_t)h * D, ro, D);
         if (e > tol || fabs(lse[h] - rl) > tol * fmax(1.0, fabs(rl))) {
-            snprintf(msg, msglen, "head %d: rel err %.3g, lse %.6f vs %.6f (tol %g)", h, e,
-                     lse[h], rl, tol);
+            snprintf(msg, msglen, "head %d: rel err %.3g, lse %.6f vs %.6f (tol %g)", h, e, lse[h],
+                     rl, tol);
             bad = h;
         }
     }

@@ -623,43 +623,52 @@ static void test_append_then_attend_order(void **state)
 
 /* ---- concurrency happens -------------------------------------------------------------- */
 
-/* Two sessions, 8 Attends each, all sent at once to a daemon of two workers; each Attend
- * is one task (one query head on one KV head), so only running requests side by side
- * shortens the whole. A daemon serving one request at a time answers the last one
- * after every task ran: max(server_us) >= sum(work_us). With two lanes on two workers
- * the last answer comes after about half the work (plus the lanes' hand-overs). Task
- * times are wall times, so a busy machine stretches both sides alike; the best of
- * three rounds counts. */
+/* Two sessions' Attends sent at once to a daemon of two workers; each Attend is one
+ * task (one query head on one KV head), so only running the two requests side by side
+ * shortens the pair. A daemon serving one request at a time answers the second after
+ * both tasks ran, so the pair takes at least work_us(a) + work_us(b) from sending to
+ * the last reply; with the two on two workers it takes about one task. The time is
+ * taken here, not by the daemon: a late I/O thread delays both designs alike and can
+ * make the concurrent daemon look slower, never a serial one faster. Task times are
+ * wall times, so a busy machine stretches both sides alike; the best of several rounds
+ * counts. */
 static void test_sessions_overlap(void **state)
 {
     (void)state;
-    enum { D = 128, T = 50000, PER = 8 };
+    /* tasks of 10+ ms (a scan of 50K keys of dim 256 and attention over all of them):
+     * longer than a scheduler slice, so that two workers overlap even on one free core */
+    enum { D = 256, T = 50000 };
     uint64_t s[2];
     kvset kv[2];
     for (int i = 0; i < 2; i++) {
-        s[i] = new_session(g_c, 1, 1, 1, D, RA_DTYPE_F32, RA_CLIENT_INDEX_FLAT);
+        s[i] = new_session(g_c, 1, 1, 1, D, RA_DTYPE_F16, RA_CLIENT_INDEX_FLAT);
         kv_make(&kv[i], 1, T, D);
-        kv_offload(g_c, s[i], &kv[i], RA_DTYPE_F32, kv[i].K, kv[i].V, 1, 0, NULL);
+        uint16_t *k16, *v16;
+        kv_to_f16(&kv[i], &k16, &v16);
+        kv_offload(g_c, s[i], &kv[i], RA_DTYPE_F16, k16, v16, 1, 0, NULL);
+        free(k16);
+        free(v16);
     }
     float *q = rnd_vec(D, 0.2f);
     void *sock = raw_dealer(&g_d);
     double best = 1e9;
-    for (int round = 0; round < 3 && best >= 0.85; round++) {
-        for (int i = 0; i < 2 * PER; i++)
-            raw_attend(sock, 1 + (uint64_t)i, s[i & 1], q, 1, D, 64, 0);
-        uint64_t sum_work = 0, max_server = 0;
-        for (int i = 0; i < 2 * PER; i++) {
+    for (int round = 0; round < 8 && best >= 0.75; round++) {
+        double t0 = ra_now_s(), last = t0;
+        for (int i = 0; i < 2; i++)
+            raw_attend(sock, 1 + (uint64_t)i, s[i], q, 1, D, T, 0);
+        uint64_t sum_work = 0;
+        for (int i = 0; i < 2; i++) {
             raw_reply r;
             raw_recv(sock, 30000, &r);
             if (r.status != RA_OK)
                 fail_msg("status %d: %s", r.status, r.msg);
+            assert_true(r.server_us > 0 && r.work_us > 0 && r.server_us >= r.work_us / 2);
             sum_work += r.work_us;
-            if (r.server_us > max_server)
-                max_server = r.server_us;
+            last = r.t;
         }
-        double ratio = (double)max_server / (double)(sum_work ? sum_work : 1);
-        fprintf(stderr, "# round %d: sum of work %.1f ms, last answer after %.1f ms (%.2f)\n",
-                round, sum_work / 1e3, max_server / 1e3, ratio);
+        double ratio = (last - t0) * 1e6 / (double)sum_work;
+        fprintf(stderr, "# round %d: work %.1f ms in all, both answered after %.1f ms (%.2f)\n",
+                round, sum_work / 1e3, (last - t0) * 1e3, ratio);
         if (ratio < best)
             best = ratio;
     }

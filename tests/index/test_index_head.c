@@ -1010,8 +1010,7 @@ static void test_build_priority_and_cancel(void **state)
     double t0 = ra_now_s();
     ra_head_wait(f.h);
     double waited = ra_now_s() - t0;
-    fprintf(stderr, "# build thread at nice 19 seen: %d; wait after cancel %.3f s\n", seen,
-            waited);
+    fprintf(stderr, "# build thread at nice 19 seen: %d; wait after cancel %.3f s\n", seen, waited);
     assert_true(seen);
     assert_int_equal(ra_head_ready(f.h), 0); /* cancelled: not swapped in */
     float q[32];

@@ -2,13 +2,15 @@
  * header + tensor frames, and every way ra_proto_parse must refuse a message (garbage
  * header, missing/extra frames, truncated frames, frames over the limit, too many
  * frames, oversized header, unknown dtype, overflowing shapes) while still reporting
- * the request id when the header itself was readable. */
+ * the request id when the header itself was readable; lent frames handed back once,
+ * headers parsed through a caller's allocator. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -380,6 +382,104 @@ static void test_dtype_sizes(void **state)
     assert_string_equal(ra_proto_type_name(1000), "unknown");
 }
 
+/* Lent parts (RA_PROTO_LEND) go out without a copy and come back through the release
+ * function once each, also when the send fails; a header parsed through a caller's
+ * allocator is freed through it. */
+typedef struct lend_count {
+    int calls;
+    const void *last;
+} lend_count;
+
+static void lend_release(void *data, void *hint)
+{
+    lend_count *c = hint;
+    __atomic_fetch_add(&c->calls, 1, __ATOMIC_RELAXED);
+    c->last = data;
+}
+
+typedef struct bump {
+    char buf[8192];
+    size_t used;
+    int allocs, frees;
+} bump;
+
+static void *bump_alloc(void *d, size_t n)
+{
+    bump *b = d;
+    n = (n + 15) & ~(size_t)15;
+    if (b->used + n > sizeof b->buf)
+        return NULL;
+    b->allocs++;
+    void *p = b->buf + b->used;
+    b->used += n;
+    return p;
+}
+
+static void bump_free(void *d, void *p)
+{
+    bump *b = d;
+    assert_true((char *)p >= b->buf && (char *)p < b->buf + sizeof b->buf);
+    b->frees++;
+}
+
+static void test_lend_and_allocator(void **state)
+{
+    pair *p = *state;
+    static float o[64], lse[8];
+    for (int i = 0; i < 64; i++)
+        o[i] = (float)i;
+    lend_count lc = {0, NULL};
+    Ratd__Header h = RATD__HEADER__INIT;
+    Ratd__AttendParams ap = RATD__ATTEND_PARAMS__INIT;
+    uint64_t sessions[3] = {4, 9, 2};
+    h.version = RA_PROTO_VERSION;
+    h.type = RATD__MSG_TYPE__ATTEND;
+    h.server_us = 1234;
+    h.work_us = 567;
+    ap.n_sessions = 3;
+    ap.sessions = sessions;
+    h.attend = &ap;
+    ra_proto_part parts[2] = {
+        {RATD__ROLE__O, RATD__DTYPE__F32, 3, {2, 4, 8}, o, sizeof o, RA_PROTO_LEND},
+        {RATD__ROLE__LSE, RATD__DTYPE__F32, 2, {2, 4}, lse, sizeof lse, RA_PROTO_LEND},
+    };
+    /* a lent part without a lender is refused before anything is sent */
+    assert_int_equal(ra_proto_send(p->a, NULL, 0, &h, parts, 2), -1);
+    assert_int_equal(ra_proto_send_lend(p->a, NULL, 0, &h, parts, 2, lend_release, &lc), 0);
+    ra_proto_msg m;
+    assert_int_equal(ra_proto_recv(p->b, &m, 0), 0);
+    bump b = {.used = 0};
+    ProtobufCAllocator pa = {bump_alloc, bump_free, &b};
+    ra_proto_view v;
+    char err[RA_PROTO_ERRLEN];
+    assert_int_equal(ra_proto_parse_with(&m, 0, NULL, &pa, &v, NULL, NULL, err, sizeof err), RA_OK);
+    assert_true(b.allocs > 0);
+    assert_int_equal(v.hdr->server_us, 1234);
+    assert_int_equal(v.hdr->work_us, 567);
+    assert_int_equal(v.hdr->attend->n_sessions, 3);
+    assert_int_equal(v.hdr->attend->sessions[1], 9);
+    assert_int_equal(v.tensor[0]->n_shape, 3);
+    assert_memory_equal(zmq_msg_data(v.frame[0]), o, sizeof o);
+    ra_proto_view_free(&v);
+    assert_int_equal(b.frees, b.allocs);
+    ra_proto_msg_close(&m);
+    for (int i = 0; i < 200 && __atomic_load_n(&lc.calls, __ATOMIC_RELAXED) < 2; i++)
+        usleep(1000); /* zmq releases sent frames from its own thread */
+    assert_int_equal(__atomic_load_n(&lc.calls, __ATOMIC_RELAXED), 2);
+    /* a failed send hands every lent part back at once */
+    lend_count lf = {0, NULL};
+    void *closed = zmq_socket(p->ctx, ZMQ_ROUTER); /* no peer: the route is unknown */
+    int one = 1;
+    zmq_setsockopt(closed, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
+    zmq_msg_t route;
+    zmq_msg_init_size(&route, 3);
+    memcpy(zmq_msg_data(&route), "abc", 3);
+    assert_int_equal(ra_proto_send_lend(closed, &route, 0, &h, parts, 2, lend_release, &lf), -1);
+    assert_int_equal(lf.calls, 2);
+    zmq_msg_close(&route);
+    zmq_close(closed);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -394,6 +494,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_too_many_frames, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_dtype_and_shape, setup, teardown),
         cmocka_unit_test(test_dtype_sizes),
+        cmocka_unit_test_setup_teardown(test_lend_and_allocator, setup, teardown),
     };
     return cmocka_run_group_tests_name("proto", tests, NULL, NULL);
 }
