@@ -27,18 +27,11 @@
 #include "ra_backend.h"
 #include "ra_codes.h"
 
-/* ---- defaults and bounds (zero / out-of-range options fall back here) ---- */
-#define G_DEF_KNN 100
-#define G_DEF_DEGREE 48 /* 131K synthetic: recall 0.956 at 9.6 % scans vs 0.93 at 9.2 % with 32 */
-#define G_DEF_BUILD_EF 128
-#define G_DEF_ENTRIES 16
-#define G_DEF_NTRAIN 4096
-#define G_MAX_KNN 1024
+/* ---- bounds of this backend's arrays and constants of its design (option defaults and
+ * bounds: the table of index/opts.c) ---- */
 #define G_MAX_DEGREE 255 /* the degree array is one byte per node */
-#define G_MAX_EF 4096
-#define G_MAX_ENTRIES 1024
-#define G_MAX_NTRAIN 1000000
-#define G_MAX_K 65536 /* top-k bound for one search */
+#define G_MAX_EF 4096    /* search effort bound: G_MAX_EF * 16 (option bounds: index/opts.c) */
+#define G_MAX_K 65536    /* top-k bound for one search */
 #define G_MAX_THREADS 256
 #define G_WINDOW                                                                                   \
     32 /* rank window: keys within +-32 ranks of one query's list (131K synthetic,                 \
