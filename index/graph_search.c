@@ -331,10 +331,30 @@ static void cand_prune(s_tls *t, int j)
 
 /* Scores nb gathered ids for all G queries and offers them to every query: a key better
  * than the query's threshold becomes a result and a candidate, and wakes the query. */
-static void offer(const ra_graph *g, s_tls *t, int G, const int32_t *ids, int nb)
+static inline void prefetch_code(const ra_graph *g, int32_t v)
 {
-    ra_kern_u8dot_gather(t->q8, t->q16, G, g->cb.cbytes, g->rec, g->rec_bytes, ids, (size_t)nb,
-                         t->dot);
+    const uint8_t *c = g_code(g, (size_t)v);
+    for (int o = 0; o < g->cb.cbytes; o += 64)
+        __builtin_prefetch(c + o);
+}
+
+/* ... and while scoring, prefetches the codes of the next list (nx[0..n_nx)), spread over
+ * the scoring in chunks: issued all at once, tens of prefetches fill the core's miss
+ * buffers and stall the loop that issues them, and nothing overlaps. */
+static void offer(const ra_graph *g, s_tls *t, int G, const int32_t *ids, int nb, const int32_t *nx,
+                  int n_nx)
+{
+    enum { CH = 4 };
+    int per = nb ? (n_nx * CH + nb - 1) / nb : n_nx, done = 0;
+    for (int i = 0; i < nb; i += CH) {
+        int m = nb - i < CH ? nb - i : CH;
+        ra_kern_u8dot_gather(t->q8, t->q16, G, g->cb.cbytes, g->rec, g->rec_bytes, ids + i,
+                             (size_t)m, t->dot + (size_t)i * G);
+        for (int e = done + per; done < e && done < n_nx; done++)
+            prefetch_code(g, nx[done]);
+    }
+    for (; done < n_nx; done++)
+        prefetch_code(g, nx[done]);
     for (int j = 0; j < G; j++) {
         int L = t->L[j];
         if (L == 0)
@@ -479,12 +499,15 @@ ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, c
         bit_test_set(t->vis, 0);
         t->nb[ns++] = 0;
     }
-    offer(g, t, G, t->nb, ns);
+    for (int i = 0; i < ns; i++)
+        prefetch_code(g, t->nb[i]);
+    offer(g, t, G, t->nb, ns, NULL, 0);
     scanned += (uint64_t)ns;
     /* the walk: queries take turns expanding their best candidate, as a three-stage
      * pipeline, since a walk waits on memory more than it computes: a node is chosen and
-     * its adjacency prefetched; one step later its new neighbours are gathered and their
-     * codes prefetched; one step after that they are scored and offered. Nodes are chosen
+     * its adjacency prefetched; one step later its new neighbours are gathered, and their
+     * codes prefetched while the step scores the list before; one step after that they
+     * are scored and offered. Nodes are chosen
      * before the scores of the two expansions in flight land: the order of expansions
      * shifts by two, the stopping rule does not (the walk ends only with nothing in
      * flight and no candidate left) */
@@ -509,16 +532,16 @@ ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, c
                 int32_t v = nbr[i];
                 if (bit_test_set(t->vis, v))
                     continue;
-                out[n_new++] = v;
-                const uint8_t *c = g_code(g, (size_t)v);
-                for (int o = 0; o < g->cb.cbytes; o += 64)
-                    __builtin_prefetch(c + o);
+                out[n_new++] = v; /* codes prefetched while the previous list is scored */
             }
         }
         int other = side ^ 1, n_sc = nl[other];
         if (n_sc) {
             scanned += (uint64_t)n_sc;
-            offer(g, t, G, lst[other], n_sc);
+            offer(g, t, G, lst[other], n_sc, out, n_new);
+        } else {
+            for (int i = 0; i < n_new; i++)
+                prefetch_code(g, out[i]);
         }
         nl[other] = 0;
         nl[side] = n_new;

@@ -28,6 +28,7 @@ typedef struct dec_cfg {
     size_t context; /* offloaded keys per KV head */
     int steps, warmup;
     int top_k, effort;
+    int sweep[16], n_sweep; /* --sweep: more decode passes at these efforts */
     int batch;
     int workers; /* passed to a private daemon; 0: its default */
     int threads; /* the bench's own threads (generation, exact reference); 0: all CPUs */
@@ -218,6 +219,14 @@ typedef struct dec_run {
     double session_bytes;
     const char *session_bytes_src;
     int daemon_exit; /* private daemon's exit status after SIGTERM */
+    /* --sweep: one more pass over the same decode steps per effort, on the sessions as
+     * the main pass left them (appends done, no more appended) */
+    struct dec_sweep {
+        int effort;
+        double attend_p50, attend_p90, attend_p99, work_p50, server_p50;
+        double recall_mean, recall_p10, mass_mean;
+    } sweep[16];
+    int n_sweep;
 } dec_run;
 
 /* Runs the benchmark (c's shape is completed from a trace); 0, or 1 after a message. */

@@ -26,9 +26,9 @@ D="$b/bench/ratd-bench-decode --ratd $b/daemon/ratd --json --steps 200"
 for r in "${runs[@]}"; do
   case $r in
   c32k) a=(--context 32768 --layers 2) ;;
-  c128k) a=(--context 131072 --layers 2) ;;
+  c128k) a=(--context 131072 --layers 2 --sweep 150,200,250,300,400) ;;
   l128k) a=(--context 131072 --layers 2 --gen lin) ;;
-  c1m) a=(--context 1048576 --layers 2 --q-heads 8 --kv-heads 2) ;;
+  c1m) a=(--context 1048576 --layers 2 --q-heads 8 --kv-heads 2 --sweep 400,600,1000) ;;
   b128k) a=(--context 131072 --layers 1 --batch 8 --steps 100) ;;
   *) echo "unknown run $r"; continue ;;
   esac
@@ -42,6 +42,9 @@ keys = ["context", "workers", "build_s", "attend_us_p50", "attend_us_p90", "atte
         "token_ms_model_est", "rtt_us_p50", "server_us_p50", "work_us_p50", "append_us_p50",
         "recall_mean", "recall_p10", "mass_mean", "retrieved_frac", "session_bytes", "lse_mismatch"]
 print(" ".join("%s=%s" % (k, d.get(k)) for k in keys))
+for i in range(d.get("sweep_n", 0)):
+    print("  sweep", " ".join("%s=%s" % (k, d.get("sweep%d_%s" % (i, k))) for k in
+          ["effort", "attend_us_p50", "attend_us_p99", "work_us_p50", "recall_mean", "recall_p10"]))
 PY
   el "$r"
 done

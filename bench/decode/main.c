@@ -69,6 +69,9 @@ static void usage(FILE *f)
            "  --index graph|flat|ivf|hnsw   the sessions' index (graph)\n"
            "  --batch B         B sessions with their own data; one Attend per layer for all\n"
            "  --append-every N  Append the N held-back newest tokens every N steps (16; 0: off)\n"
+           "  --sweep E1,E2,... after the run, the same decode steps again at each effort\n"
+           "                    (0: the default), on the same sessions: latency and\n"
+           "                    fidelity per effort (at most 16)\n"
            "  --sample-every N  fidelity against the exact reference every N timed steps (10;\n"
            "                    0: off)\n"
            "  --wait-index MS   wait this long for the index builds before decoding (600000;\n"
@@ -128,6 +131,7 @@ enum {
     O_BATCH,
     O_APPEND,
     O_SAMPLE,
+    O_SWEEP,
     O_WAIT,
     O_THREADS,
     O_JSON,
@@ -161,6 +165,7 @@ static const struct option g_long[] = {
     {"batch", required_argument, 0, O_BATCH},
     {"append-every", required_argument, 0, O_APPEND},
     {"sample-every", required_argument, 0, O_SAMPLE},
+    {"sweep", required_argument, 0, O_SWEEP},
     {"wait-index", required_argument, 0, O_WAIT},
     {"threads", required_argument, 0, O_THREADS},
     {"json", no_argument, 0, O_JSON},
@@ -300,6 +305,21 @@ static void parse_args(int argc, char **argv, dec_cfg *c)
         case O_SAMPLE:
             c->sample_every = (int)parse_int("--sample-every", v, 0, 1 << 20);
             break;
+        case O_SWEEP: {
+            char buf[256];
+            if (strlen(v) >= sizeof buf)
+                bad("--sweep: a list of at most 16 efforts, got '%s'", v);
+            strcpy(buf, v);
+            c->n_sweep = 0;
+            for (char *sv = NULL, *t = strtok_r(buf, ",", &sv); t; t = strtok_r(NULL, ",", &sv)) {
+                if (c->n_sweep == 16)
+                    bad("--sweep: at most 16 efforts, got '%s'", v);
+                c->sweep[c->n_sweep++] = (int)parse_int("--sweep", t, 0, 1 << 24);
+            }
+            if (!c->n_sweep)
+                bad("--sweep: a comma-separated list of efforts, got '%s'", v);
+            break;
+        }
         case O_WAIT:
             c->wait_index_ms = (int)parse_int("--wait-index", v, 0, 86400000);
             break;
@@ -440,6 +460,27 @@ static void print_json(const dec_cfg *c, const dec_run *r)
     dec_json_num(&j, "lse_max_err", f->recall.n ? f->lse_max_err : NAN);
     dec_json_int(&j, "bad_positions", (long long)f->bad_positions);
     dec_json_int(&j, "daemon_exit", r->daemon_exit);
+    dec_json_int(&j, "sweep_n", r->n_sweep);
+    for (int i = 0; i < r->n_sweep; i++) { /* flat keys: sweep<i>_<figure> */
+        const struct dec_sweep *w = &r->sweep[i];
+        const struct {
+            const char *name;
+            double v;
+        } f[] = {{"effort", w->effort},
+                 {"attend_us_p50", w->attend_p50},
+                 {"attend_us_p90", w->attend_p90},
+                 {"attend_us_p99", w->attend_p99},
+                 {"work_us_p50", w->work_p50},
+                 {"server_us_p50", w->server_p50},
+                 {"recall_mean", w->recall_mean},
+                 {"recall_p10", w->recall_p10},
+                 {"mass_mean", w->mass_mean}};
+        for (size_t k = 0; k < sizeof f / sizeof *f; k++) {
+            char key[48];
+            snprintf(key, sizeof key, "sweep%d_%s", i, f[k].name);
+            dec_json_num(&j, key, f[k].v);
+        }
+    }
     dec_json_num(&j, "wall_s", r->wall_s);
     dec_json_end(&j);
 }
@@ -494,6 +535,16 @@ static void print_table(const dec_cfg *c, const dec_run *r)
         printf("  lse mismatches %llu of %llu (largest error %.3g), bad positions %llu\n",
                (unsigned long long)f->lse_mismatch, (unsigned long long)f->lse_checked,
                f->lse_max_err, (unsigned long long)f->bad_positions);
+    }
+    if (r->n_sweep) {
+        printf("\nsweep (same steps, no appends)  Attend p50    p90    p99 us  work p50 us  "
+               "recall mean   p10  mass\n");
+        for (int i = 0; i < r->n_sweep; i++) {
+            const struct dec_sweep *w = &r->sweep[i];
+            printf("  effort %-8d %18.1f %6.1f %6.1f %12.1f %12.4f %6.3f %6.4f\n", w->effort,
+                   w->attend_p50, w->attend_p90, w->attend_p99, w->work_p50, w->recall_mean,
+                   w->recall_p10, w->mass_mean);
+        }
     }
 }
 

@@ -26,6 +26,7 @@ typedef struct bench {
     ra_client *cl;
     uint64_t sid[DEC_MAX_BATCH];
     int n_sid;
+    size_t base_app; /* rows appended before this decode pass (a --sweep pass: all) */
 } bench;
 
 static double now_s(void)
@@ -497,7 +498,7 @@ static int decode(bench *b)
     if (bufs_alloc(c, &u))
         return fail("out of memory for the decode buffers");
     float scale = (float)(1.0 / sqrt((double)D));
-    size_t appended = 0;
+    size_t appended = b->base_app;
     int rc = 0, every = r->s_total / 10 > 0 ? r->s_total / 10 : 1, threads = dec_threads(c);
     progress(c, "decode: %d warm-up + %d timed steps x %d layer(s), batch %d (%s)", c->warmup,
              c->steps, L, c->batch, dec_batch_mode());
@@ -587,6 +588,51 @@ static int decode(bench *b)
     return rc;
 }
 
+/* --sweep: the same decode steps again at each effort, on the same sessions (no Appends:
+ * the held-back keys are in since the main pass), each into a run of its own whose
+ * figures are summarised into r->sweep. */
+static int sweep(bench *b)
+{
+    dec_cfg *c = b->c;
+    dec_run *r = b->r;
+    int effort = c->effort, every = c->append_every;
+    int rc = 0;
+    for (int i = 0; i < c->n_sweep && !rc; i++) {
+        dec_run p;
+        memset(&p, 0, sizeof p);
+        p.s_total = r->s_total;
+        p.n_app = r->n_app;
+        c->effort = c->sweep[i];
+        c->append_every = 0;
+        b->base_app = r->appended;
+        b->r = &p;
+        progress(c, "sweep: effort %d", c->effort);
+        rc = decode(b);
+        b->r = r;
+        struct dec_sweep *w = &r->sweep[r->n_sweep++];
+        *w = (struct dec_sweep){
+            .effort = c->effort,
+            .attend_p50 = dec_series_pct(&p.attend_us, 50),
+            .attend_p90 = dec_series_pct(&p.attend_us, 90),
+            .attend_p99 = dec_series_pct(&p.attend_us, 99),
+            .work_p50 = p.have_server ? dec_series_pct(&p.work_us, 50) : NAN,
+            .server_p50 = p.have_server ? dec_series_pct(&p.server_us, 50) : NAN,
+            .recall_mean = dec_series_mean(&p.fid.recall),
+            .recall_p10 = dec_series_pct(&p.fid.recall, 10),
+            .mass_mean = dec_series_mean(&p.fid.mass),
+        };
+        if (!rc && (p.fid.lse_mismatch || p.fid.bad_positions)) { /* counted in the total */
+            r->fid.lse_mismatch += p.fid.lse_mismatch;
+            r->fid.bad_positions += p.fid.bad_positions;
+        }
+        dec_run_free(&p);
+    }
+    c->effort = effort;
+    c->append_every = every;
+    b->base_app = 0;
+    return rc;
+}
+
 /* ---- the whole run ------------------------------------------------------------------------ */
 
 /* --trace: the shape comes from the file. */
@@ -643,7 +689,7 @@ int dec_run_all(dec_cfg *c, dec_run *r)
     r->private_daemon = !c->endpoint;
     static int (*const phases[])(bench *) = {plan,         start_daemon,    check_limits,
                                              make_data,    create_sessions, offload,
-                                             memory_stats, decode};
+                                             memory_stats, decode,          sweep};
     for (size_t i = 0; i < sizeof phases / sizeof *phases && !rc; i++)
         rc = phases[i](b);
     for (int i = 0; i < b->n_sid; i++) { /* a running daemon keeps nothing of the run */
