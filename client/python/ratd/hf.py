@@ -279,6 +279,8 @@ def enable(model, *, endpoint=None, client=None, timeout_ms=30000, connect_timeo
         disable(model)
     orig_generate = model.generate
     orig_attn = getattr(model.config, "_attn_implementation", None)
+    if orig_attn == NAME:  # loaded with attn_implementation="ratd": disable() falls back to SDPA
+        orig_attn = "sdpa"
     _set_attn(model, NAME)
 
     @functools.wraps(orig_generate)
@@ -298,7 +300,8 @@ def enable(model, *, endpoint=None, client=None, timeout_ms=30000, connect_timeo
 
 
 def disable(model):
-    """Undoes enable(): the previous attention implementation and generate()."""
+    """Undoes enable(): the previous attention implementation ('sdpa' for a model loaded
+    with attn_implementation='ratd', which cannot run without ratd) and generate()."""
     st = getattr(model, "_ratd", None)
     if st is None:
         return model
