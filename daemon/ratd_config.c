@@ -63,6 +63,8 @@ static const ratd_option g_options[] = {
     /* the index's own bound (index/opts.c, "threads"); ratd_server_create checks it */
     {"index-threads", OPT_INT, OFF(index_threads), 0, 0, 256, "0",
      "threads of a background index build (0: every core)"},
+    {"spin-us", OPT_INT, OFF(spin_us), 0, 0, 100000, "100",
+     "microseconds an idle worker spins for the next task before it sleeps (0: at once)"},
     {"send-timeout-ms", OPT_INT, OFF(send_timeout_ms), 0, 1, 600000, "2000",
      "give up a reply to a client that does not read it after this long"},
     {"log-level", OPT_STR, OFF(log_level), SZ(log_level), 0, 0, "info",

@@ -32,6 +32,7 @@ typedef struct ratd_config {
     int max_batch; /* sessions in one batched Attend */
     int index_threads;
     int send_timeout_ms;
+    int spin_us;
     char log_level[16];
     char config_file[512];
 } ratd_config;

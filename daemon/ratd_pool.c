@@ -41,7 +41,8 @@ struct ratd_pool {
     size_t tail; /* atomic: next cell to pop */
     char pad2[64];
     sem_t tickets;
-    run_work run; /* ratd_pool_run's, one at a time */
+    uint64_t spin_ns; /* idle workers poll the semaphore this long before sleeping */
+    run_work run;     /* ratd_pool_run's, one at a time */
     pthread_mutex_t run_mu;
     pthread_t *threads;
     int n_threads;
@@ -140,8 +141,21 @@ static void *worker_main(void *vp)
     if (p->cpuset)
         hwloc_set_cpubind(p->topo, p->cpuset, HWLOC_CPUBIND_THREAD);
     for (;;) {
-        while (sem_wait(&p->tickets) != 0 && errno == EINTR)
-            ;
+        /* spin a little first: the next layer's Attend usually comes within microseconds,
+         * and a worker asleep in the kernel takes tens of them to wake */
+        int got = 0;
+        uint64_t spin = __atomic_load_n(&p->spin_ns, __ATOMIC_RELAXED);
+        if (spin) {
+            uint64_t until = now_ns() + spin;
+            for (unsigned i = 0; !(got = sem_trywait(&p->tickets) == 0); i++) {
+                __builtin_ia32_pause();
+                if ((i & 63) == 63 && now_ns() > until)
+                    break;
+            }
+        }
+        if (!got)
+            while (sem_wait(&p->tickets) != 0 && errno == EINTR)
+                ;
         ratd_work *w = ring_pop(p);
         if (!w) /* stop */
             break;
@@ -149,6 +163,11 @@ static void *worker_main(void *vp)
     }
     free(a);
     return NULL;
+}
+
+void ratd_pool_set_spin(ratd_pool *p, int spin_us)
+{
+    __atomic_store_n(&p->spin_ns, spin_us > 0 ? (uint64_t)spin_us * 1000u : 0, __ATOMIC_RELAXED);
 }
 
 void ratd_pool_submit(ratd_pool *p, ratd_work *w, int n_tasks)

@@ -55,6 +55,10 @@ void ratd_pool_submit(ratd_pool *p, ratd_work *w, int n_tasks);
 typedef void (*ratd_task_fn)(void *arg, int task);
 void ratd_pool_run(ratd_pool *p, int n_tasks, ratd_task_fn fn, void *arg);
 
+/* An idle worker spins this long for the next ticket before it sleeps (0: sleeps at
+ * once). Set before the first submit. */
+void ratd_pool_set_spin(ratd_pool *p, int spin_us);
+
 int ratd_pool_workers(const ratd_pool *p);
 int ratd_pool_numa_node(const ratd_pool *p);
 int ratd_pool_bound(const ratd_pool *p);

@@ -732,6 +732,8 @@ ra_status ratd_server_create(ratd_server **out, const ratd_config *cfg, char *er
     if ((st = ra_index_opts_check(&probe, err, errlen)) != RA_OK)
         goto fail;
     st = ratd_pool_create(&s->pool, cfg->workers, cfg->numa_node, cfg->cpuset, err, errlen);
+    if (st == RA_OK)
+        ratd_pool_set_spin(s->pool, cfg->spin_us);
     if (st != RA_OK)
         goto fail;
     if ((s->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) < 0) {
