@@ -40,11 +40,14 @@ class RatdError(Exception):
         super().__init__("%s: %s" % (self.name, message))
 
 
-AttendResult = namedtuple("AttendResult", "o lse pos scores counts")
+AttendResult = namedtuple("AttendResult", "o lse pos scores counts server_us work_us",
+                          defaults=(None, None))
 AttendResult.__doc__ = """Partial attention of one layer: o [n_q_heads][head_dim] float32,
 lse [n_q_heads] float32 (natural log, -inf for a head that read no key); with
 want_topk also pos [n_q_heads][top_k] int64 (-1 pads), scores (float32, -inf pads) and
-counts [n_q_heads] int32; None otherwise. Arrays of the kind (and device) of q."""
+counts [n_q_heads] int32; None otherwise. Arrays of the kind (and device) of q; a
+batched attend puts a leading [n_sessions] on each. server_us: the daemon's time from the
+request's arrival to its reply; work_us: the sum of its task times (ints)."""
 
 
 def dtype_value(dtype):
@@ -384,22 +387,23 @@ class Client:
             r.top_k_per_head = a_t.ptr
         return r, a_q
 
-    def _outs(self, kind, H, D, K, want, out_o, out_lse, keep):
+    def _outs(self, kind, H, D, K, want, out_o, out_lse, keep, B=None):
         out = _abi.AttendOut()
+        lead, names = ((), ()) if B is None else ((B,), ("n_sessions",))
         if out_o is not None:
-            o = _arrays.check_out("out_o", out_o, (H, D), ("n_q_heads", "head_dim")).obj
+            o = _arrays.check_out("out_o", out_o, lead + (H, D), names + ("n_q_heads", "head_dim")).obj
         else:
-            o = _arrays.empty(kind, (H, D), "f32")
+            o = _arrays.empty(kind, lead + (H, D), "f32")
         if out_lse is not None:
-            lse = _arrays.check_out("out_lse", out_lse, (H,), ("n_q_heads",)).obj
+            lse = _arrays.check_out("out_lse", out_lse, lead + (H,), names + ("n_q_heads",)).obj
         else:
-            lse = _arrays.empty(kind, (H,), "f32")
+            lse = _arrays.empty(kind, lead + (H,), "f32")
         res = {"o": o, "lse": lse, "pos": None, "scores": None, "counts": None}
         out.o, out.lse = _arrays.address(o), _arrays.address(lse)
         if want:
-            res["pos"] = _arrays.empty(kind, (H, K), "i64")
-            res["scores"] = _arrays.empty(kind, (H, K), "f32")
-            res["counts"] = _arrays.empty(kind, (H,), "i32")
+            res["pos"] = _arrays.empty(kind, lead + (H, K), "i64")
+            res["scores"] = _arrays.empty(kind, lead + (H, K), "f32")
+            res["counts"] = _arrays.empty(kind, lead + (H,), "i32")
             out.pos = _arrays.address(res["pos"])
             out.scores = _arrays.address(res["scores"])
             out.counts = _arrays.address(res["counts"])
@@ -407,17 +411,18 @@ class Client:
         return out, res
 
     @staticmethod
-    def _result(res, kind, device, given):
+    def _result(res, kind, device, given, out):
         moved = {k: (v if v is None or k in given else _arrays.to_caller(kind, v, device))
                  for k, v in res.items()}
-        return AttendResult(**moved)
+        return AttendResult(**moved, server_us=int(out.server_us), work_us=int(out.work_us))
 
     def attend(self, session, layer, q, *, top_k, effort=0, scale=0.0, want_topk=False,
                top_k_per_head=None, out_o=None, out_lse=None):
         """Partial attention over the offloaded tokens of one layer, per query head.
         q [n_q_heads][head_dim] float32 (numpy or torch; CUDA tensors are copied to the
         host and the results come back on q's device); top_k in 1..limits.max_top_k;
-        effort: the search's candidate list (0: default, 2 top_k); scale: softmax scale
+        effort: the search's candidate list (0: the daemon's default, 2 top_k grown with
+        the keys as (n/32768)^0.4); scale: softmax scale
         (0: 1/sqrt(head_dim)); top_k_per_head: int32 [n_q_heads] budgets in 0..top_k;
         out_o/out_lse: optional host buffers to write into. Returns an AttendResult."""
         s = self._session(session)
@@ -429,7 +434,7 @@ class Client:
             self._check(self._lib.ra_client_attend(self._h(), int(s), layer, ctypes.byref(r),
                                                    ctypes.byref(out)))
         given = {k for k, v in (("o", out_o), ("lse", out_lse)) if v is not None}
-        return self._result(res, a_q.kind, a_q.device, given)
+        return self._result(res, a_q.kind, a_q.device, given, out)
 
     def attend_send(self, session, layer, q, *, top_k, effort=0, scale=0.0, want_topk=False,
                     top_k_per_head=None):
@@ -444,7 +449,8 @@ class Client:
             self._check(self._lib.ra_client_attend_send(self._h(), int(s), layer, ctypes.byref(r),
                                                         ctypes.byref(t)))
             ticket = Ticket(t.value)
-            self._tickets[int(ticket)] = (s.n_q_heads, s.head_dim, r.top_k, want_topk, a_q.kind, a_q.device)
+            self._tickets[int(ticket)] = (s.n_q_heads, s.head_dim, r.top_k, want_topk, a_q.kind,
+                                          a_q.device, None)
         return ticket
 
     def attend_wait(self, ticket, timeout_ms=-1, *, out_o=None, out_lse=None):
@@ -457,15 +463,15 @@ class Client:
             if meta is None:
                 raise ValueError("unknown ticket %r (already waited for, cancelled, or from "
                                  "another Client)" % (ticket,))
-            H, D, K, want, kind, device = meta
+            H, D, K, want, kind, device, B = meta
             keep = []
-            out, res = self._outs(kind, H, D, K, want, out_o, out_lse, keep)
+            out, res = self._outs(kind, H, D, K, want, out_o, out_lse, keep, B)
             st = self._lib.ra_client_attend_wait(self._h(), int(ticket), ctypes.byref(out), timeout_ms)
             if st != RA_ETIMEDOUT:
                 del self._tickets[int(ticket)]
             self._check(st)
         given = {k for k, v in (("o", out_o), ("lse", out_lse)) if v is not None}
-        return self._result(res, kind, device, given)
+        return self._result(res, kind, device, given, out)
 
     def attend_cancel(self, ticket):
         """Forgets a ticket; its reply is discarded when it arrives."""
@@ -478,37 +484,69 @@ class Client:
         one layer in one Attend)."""
         return _abi.has_attend_batch(self._lib)
 
-    def attend_batch(self, sessions, layer, q, *, top_k, effort=0, scale=0.0):
-        """One Attend for several sessions of the same shape: q [n_sessions][n_q_heads]
-        [head_dim] float32; returns AttendResult with a leading [n_sessions] dimension
-        (no top-k). Needs a library with ra_client_attend_batch (has_attend_batch)."""
-        if not self.has_attend_batch():
-            raise RatdError(13, "this libratd-client has no ra_client_attend_batch: use attend "
-                            "per session")
+    def _batch_req(self, sessions, layer, q, top_k, effort, scale, want_topk, top_k_per_head, keep):
         ss = [self._session(s) for s in sessions]
         if not ss:
             raise ValueError("sessions is empty")
         s0 = ss[0]
         for s in ss[1:]:
-            if (s.n_q_heads, s.head_dim, s.n_layers) != (s0.n_q_heads, s0.head_dim, s0.n_layers):
-                raise ValueError("sessions of one attend_batch must share n_layers, n_q_heads and head_dim")
+            if (s.n_q_heads, s.n_kv_heads, s.head_dim, s.n_layers) != \
+                    (s0.n_q_heads, s0.n_kv_heads, s0.head_dim, s0.n_layers):
+                raise ValueError("sessions of one attend_batch must share n_layers, n_q_heads, "
+                                 "n_kv_heads and head_dim")
+        if len({int(s) for s in ss}) != len(ss):
+            raise ValueError("a session appears twice in one attend_batch")
         layer = self._layer(s0, layer)
         B, H, D = len(ss), s0.n_q_heads, s0.head_dim
         a_q = _arrays.check("q", q, "f32", (B, H, D), ("n_sessions", "n_q_heads", "head_dim"))
         top_k = _int("top_k", top_k, 1, self._limit("max_top_k") or INT32_MAX)
         ids = (ctypes.c_uint64 * B)(*[int(s) for s in ss])
+        keep += [a_q, ids]
         r = _abi.AttendBatchReq()
         r.n_sessions, r.sessions, r.n_q_heads, r.head_dim, r.q = B, ctypes.addressof(ids), H, D, a_q.ptr
         r.top_k, r.effort = top_k, _int("effort", effort, 0, INT32_MAX)
-        r.scale, r.want_topk, r.top_k_per_head = _float("scale", scale, 0.0, 3.0e38), 0, None
-        o = _arrays.empty(a_q.kind, (B, H, D), "f32")
-        lse = _arrays.empty(a_q.kind, (B, H), "f32")
-        out = _abi.AttendOut()
-        out.o, out.lse = _arrays.address(o), _arrays.address(lse)
+        r.scale = _float("scale", scale, 0.0, 3.0e38)
+        if not isinstance(want_topk, bool):
+            raise TypeError("want_topk must be a bool")
+        r.want_topk = int(want_topk)
+        if top_k_per_head is not None:
+            a_t = _arrays.check("top_k_per_head", top_k_per_head, "i32", (H,), ("n_q_heads",))
+            _arrays.values_within("top_k_per_head", a_t.obj, 0, top_k)
+            keep.append(a_t)
+            r.top_k_per_head = a_t.ptr
+        return r, a_q, layer, (B, H, D)
+
+    def attend_batch(self, sessions, layer, q, *, top_k, effort=0, scale=0.0, want_topk=False,
+                     top_k_per_head=None, out_o=None, out_lse=None):
+        """One Attend for several sessions of the same shape (continuous batching): q
+        [n_sessions][n_q_heads][head_dim] float32; the other arguments as attend's
+        (top_k_per_head applies to every session). Returns an AttendResult whose arrays
+        have a leading [n_sessions]. An unknown session fails the whole request (the
+        message names it)."""
+        keep = []
+        r, a_q, layer, (B, H, D) = self._batch_req(sessions, layer, q, top_k, effort, scale,
+                                                   want_topk, top_k_per_head, keep)
+        out, res = self._outs(a_q.kind, H, D, r.top_k, want_topk, out_o, out_lse, keep, B)
         with self._lock:
-            self._check(self._lib.ra_client_attend_batch(self._h(), layer, ctypes.byref(r), ctypes.byref(out)))
-        return AttendResult(_arrays.to_caller(a_q.kind, o, a_q.device),
-                            _arrays.to_caller(a_q.kind, lse, a_q.device), None, None, None)
+            self._check(self._lib.ra_client_attend_batch(self._h(), layer, ctypes.byref(r),
+                                                         ctypes.byref(out)))
+        given = {k for k, v in (("o", out_o), ("lse", out_lse)) if v is not None}
+        return self._result(res, a_q.kind, a_q.device, given, out)
+
+    def attend_batch_send(self, sessions, layer, q, *, top_k, effort=0, scale=0.0,
+                          want_topk=False, top_k_per_head=None):
+        """attend_batch's asynchronous form: sends now (q is copied before return) and
+        returns a Ticket for attend_wait, whose result has the leading [n_sessions]."""
+        keep = []
+        r, a_q, layer, (B, H, D) = self._batch_req(sessions, layer, q, top_k, effort, scale,
+                                                   want_topk, top_k_per_head, keep)
+        t = ctypes.c_uint64()
+        with self._lock:
+            self._check(self._lib.ra_client_attend_batch_send(self._h(), layer, ctypes.byref(r),
+                                                              ctypes.byref(t)))
+            ticket = Ticket(t.value)
+            self._tickets[int(ticket)] = (H, D, r.top_k, want_topk, a_q.kind, a_q.device, B)
+        return ticket
 
     # ---- stats --------------------------------------------------------------------------
 

@@ -300,3 +300,36 @@ def test_library_search(tmp_path):
                         "print(ratd.merge(*[numpy.zeros((1, 2), 'f4'), numpy.zeros(1, 'f4')] * 2)[1])"],
                        env=env, capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout.startswith("0.1.0"), p.stderr  # no library needed
+
+
+def test_attend_batch_forms(daemon):
+    """attend_batch and attend_batch_send give each session what its own attend gives
+    (exact index), with the daemon's timings; bad batches are refused before C."""
+    import numpy as np
+    c = ratd.Client(daemon[0])
+    rng = np.random.default_rng(5)
+    sess = [c.create_session(n_layers=1, n_q_heads=4, n_kv_heads=2, head_dim=32, dtype="f32",
+                             index="flat") for _ in range(3)]
+    for s in sess:
+        k = rng.standard_normal((2, 300, 32), dtype=np.float32)
+        v = rng.standard_normal((2, 300, 32), dtype=np.float32)
+        c.offload(s, 0, k, v, np.arange(300, dtype=np.int64))
+    q = rng.standard_normal((3, 4, 32), dtype=np.float32)
+    one = [c.attend(s, 0, q[i], top_k=20, want_topk=True) for i, s in enumerate(sess)]
+    r = c.attend_batch(sess, 0, q, top_k=20, want_topk=True)
+    t = c.attend_batch_send(sess, 0, q, top_k=20)
+    w = c.attend_wait(t)
+    assert r.o.shape == (3, 4, 32) and r.pos.shape == (3, 4, 20) and w.lse.shape == (3, 4)
+    for i in range(3):
+        np.testing.assert_allclose(r.o[i], one[i].o, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(w.lse[i], one[i].lse, rtol=1e-5, atol=1e-6)
+        assert (r.pos[i] == one[i].pos).all()
+    assert r.server_us >= 0 and r.work_us >= 0 and one[0].server_us >= 0
+    with pytest.raises(ValueError, match="appears twice"):
+        c.attend_batch([sess[0], sess[0]], 0, q[:2], top_k=20)
+    with pytest.raises(ValueError, match="n_sessions"):
+        c.attend_batch(sess, 0, q[:2], top_k=20)
+    other = c.create_session(n_layers=1, n_q_heads=8, n_kv_heads=2, head_dim=32, dtype="f32")
+    with pytest.raises(ValueError, match="must share"):
+        c.attend_batch([sess[0], other], 0, q[:2], top_k=20)
+    c.close()
