@@ -937,6 +937,7 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
     g->threads = g_threads(threads);
     g->seed = seed;
     g->cancel = opts ? opts->cancel : NULL; /* cleared when the build returns */
+    g->l_mult = 1.0f;
     g->rec_bytes = (((size_t)((dim + 63) & ~63) + (size_t)M * sizeof(int32_t)) + 63) & ~(size_t)63;
     if ((st = g_reserve(g, n > 0 ? n : 1)))
         goto fail;
@@ -950,8 +951,8 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
         st = RA_ENOMEM;
         goto fail;
     }
-    size_t ns = 0;
-    int knn_w = 0; /* width of the knn rows */
+    size_t ns = 0, n_hold = 0; /* training queries used; held out for the calibration */
+    int knn_w = 0;             /* width of the knn rows */
     if (n > 1 && nq > 0) {
         size_t want = (size_t)ntrain;
         sidx = malloc((want < nq ? want : nq) * sizeof *sidx);
@@ -992,6 +993,11 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
             st = RA_ECLOSED;
             goto fail;
         }
+        /* hold out the most recent training queries (the last rows of the sample, a
+         * block of consecutive positions, as decode queries follow the prefill) for the
+         * calibration of the search effort: the graph never sees their lists */
+        n_hold = ns >= 2048 && Kk >= 10 ? 128 : 0;
+        ns -= n_hold;
         st = g_project(g, keys, knn, ns, Kk, occ);
         if (st)
             goto fail;
@@ -1079,6 +1085,12 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
             st = RA_ECLOSED;
         if (st)
             goto fail;
+    }
+    if (n_hold) {
+        double tc = ra_now_s();
+        ra_graph_calibrate(g, kv, sq + ns * (size_t)dim, n_hold, knn + ns * (size_t)knn_w, knn_w);
+        RA_DEBUG("graph: search effort calibrated in %.2fs: x%.2f", ra_now_s() - tc,
+                 (double)g->l_mult);
     }
     g->cancel = NULL;
     RA_DEBUG("graph: built %zu keys from %zu queries in %.2fs", n, ns, ra_now_s() - t0);

@@ -70,6 +70,8 @@ typedef struct ra_graph {
     float *norm2;      /* [cap] |k|^2 */
     ra_codebook cb;    /* search codes (cb.cbytes bytes at the start of each record) */
     size_t cb_n;       /* keys the code was fitted on */
+    float l_mult;      /* the default candidate list's factor for this head, >= 1: set at
+                          build by ra_graph_calibrate from held-out prefill queries */
     const int *cancel; /* while a build runs: its ra_index_opts.cancel (NULL otherwise) */
     int light_rev;     /* while keys are appended: a reverse edge into a full row replaces
                           the row's last (farthest) members when closer, instead of
@@ -178,6 +180,13 @@ ra_status ra_graph_build_from(ra_graph **out, const ra_kv *kv, size_t n, const f
                               size_t nq, const int32_t *lists, int lists_k,
                               const ra_index_opts *opts);
 ra_status ra_graph_add(ra_graph *g, const ra_kv *kv, size_t first, size_t n);
+
+/* graph_search.c: sets g->l_mult, the smallest factor of the default candidate list (1 to
+ * 4) at which single-query walks reach `target` mean recall@min(K, 100) on nh held-out
+ * queries q [nh][dim] with exact top-K lists gt [nh][K] (the graph never saw them).
+ * Threads: g->threads. */
+void ra_graph_calibrate(ra_graph *g, const ra_kv *kv, const float *q, size_t nh, const int32_t *gt,
+                        int K);
 
 /* graph_search.c: one walk for nq queries sharing this head (a GQA group); see
  * ra_backend_ops.search_group. */
