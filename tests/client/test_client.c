@@ -352,7 +352,7 @@ static void test_session_stats_ready(void **state)
         assert_int_equal(ra_client_offload(g_c, s, l, &b), RA_OK);
         batch_free(&b);
     }
-    assert_int_equal(ra_client_wait_ready(g_c, s, 60000), RA_OK);
+    assert_int_equal(ra_client_wait_ready(g_c, s, 300000), RA_OK);
     assert_int_equal(ra_client_session_stats(g_c, s, &ss), RA_OK);
     assert_int_equal(ss.heads, Ls * G); /* the third layer has no tokens */
     assert_int_equal(ss.heads_building, 0);
@@ -466,7 +466,7 @@ static void test_offload_train_lists(void **state)
     assert_int_equal(ss.tokens, 0);
     lists[3] = save;
     assert_int_equal(ra_client_offload(g_c, s, 0, &b), RA_OK);
-    assert_int_equal(ra_client_wait_ready(g_c, s, 60000), RA_OK);
+    assert_int_equal(ra_client_wait_ready(g_c, s, 300000), RA_OK);
     assert_int_equal(ra_client_session_stats(g_c, s, &ss), RA_OK);
     assert_int_equal(ss.heads_ready, 1);
     assert_int_equal(ss.tokens, N);
