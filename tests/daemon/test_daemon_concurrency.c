@@ -39,6 +39,11 @@ static void *raw_dealer(const ratd_proc *d)
 static void raw_send(void *s, Ratd__Header *h, ra_proto_part *p, int n)
 {
     h->version = RA_PROTO_VERSION;
+    uint8_t *tok = ratd_token_of(h->session); /* the session's owner speaks */
+    if (tok && !h->token.len) {
+        h->token.data = tok;
+        h->token.len = RA_SESSION_TOKEN_BYTES;
+    }
     assert_int_equal(ra_proto_send(s, NULL, 0, h, p, n), 0);
 }
 
