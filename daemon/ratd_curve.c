@@ -5,7 +5,8 @@
  * inproc://zeromq.zap.01 served by its own thread, answering 200 for an authorised key
  * and 400 for any other, so that an unknown client's connection ends at its handshake.
  * Keys are Z85 text (40 characters); a line may be the bare key or "public KEY" (the
- * keygen output), and "secret" lines in a clients file are skipped with a warning. */
+ * keygen output), lines starting with '#' are comments ('#' elsewhere belongs to Z85),
+ * and "secret" lines in a clients file are skipped with a warning. */
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <errno.h>
@@ -70,9 +71,10 @@ static int read_small(const char *path, char *buf, size_t len, struct stat *sb, 
 /* The next key of a line: `kind` gets "public", "secret" or "" (a bare key). 0: none. */
 static int line_key(char *line, const char **kind, char **key)
 {
-    char *hash = strchr(line, '#');
-    if (hash)
-        *hash = 0;
+    while (*line == ' ' || *line == '\t')
+        line++;
+    if (*line == '#') /* a comment line; '#' inside a line is part of Z85 */
+        return 0;
     char *save = NULL, *a = strtok_r(line, " \t\r", &save), *b = a ? strtok_r(NULL, " \t\r", &save) : NULL;
     if (!a)
         return 0;

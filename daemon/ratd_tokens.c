@@ -338,9 +338,9 @@ ra_status ratd_tokens_accept(ratd_server *s, ratd_job *j)
     size_t used = __atomic_load_n(&s->mem.used, __ATOMIC_RELAXED);
     if (s->mem.limit && used + need > s->mem.limit) {
         snprintf(err, el,
-                 "storing %llu tokens needs %zu MiB; the daemon's memory limit is %zu MiB with "
-                 "%zu MiB in use (drop sessions or raise --mem-limit)",
-                 (unsigned long long)n, need >> 20, s->mem.limit >> 20, used >> 20);
+                 "storing %llu tokens needs %zu bytes; the daemon's memory limit is %zu bytes "
+                 "with %zu in use (drop sessions or raise --mem-limit); nothing stored",
+                 (unsigned long long)n, need, s->mem.limit, used);
         return RA_ENOMEM;
     }
     j->ss = ratd_buf_get(&j->ss_buf, sizeof *j->ss);

@@ -35,6 +35,13 @@ static int g_harness_seq = 0;
  * ipc:// one (e.g. a tcp:// test); reset by ratd_start. */
 static const char *g_harness_endpoint = NULL;
 
+/* When set before ratd_start, called in the child just before exec (setrlimit, umask,
+ * environment); reset by ratd_start. */
+static void (*g_harness_child_setup)(void) = NULL;
+/* When set before ratd_start, no --endpoint is passed (the daemon's default applies);
+ * g_harness_endpoint then says where to connect. Reset by ratd_start. */
+static int g_harness_omit_endpoint = 0;
+
 /* Daemons still running: killed at exit, so that a failed assertion (cmocka longjmps
  * out of the test) never leaves an orphan ratd holding the test's pipes. */
 static pid_t g_harness_pids[16];
@@ -88,8 +95,15 @@ static int ratd_start(ratd_proc *p, ...)
     const char *argv[64];
     int argc = 0;
     argv[argc++] = bin;
-    argv[argc++] = "--endpoint";
-    argv[argc++] = p->endpoint;
+    if (!g_harness_omit_endpoint) {
+        argv[argc++] = "--endpoint";
+        argv[argc++] = p->endpoint;
+    } else if (!strncmp(p->endpoint, "ipc://", 6)) {
+        snprintf(p->path, sizeof p->path, "%s", p->endpoint + 6);
+    }
+    void (*setup)(void) = g_harness_child_setup;
+    g_harness_child_setup = NULL;
+    g_harness_omit_endpoint = 0;
     argv[argc++] = "--workers";
     argv[argc++] = "2";
     va_list ap;
@@ -109,6 +123,8 @@ static int ratd_start(ratd_proc *p, ...)
             dup2(fd, 2);
             close(fd);
         }
+        if (setup)
+            setup();
         execv(bin, (char *const *)argv);
         _exit(127);
     }
