@@ -592,13 +592,13 @@ static void test_session_ttl(void **state)
     (void)state;
     enum { H = 2, D = 16 };
     ratd_proc d;
-    assert_int_equal(ratd_start(&d, "--session-ttl", "1", NULL), 0);
+    assert_int_equal(ratd_start(&d, "--session-ttl", "2", NULL), 0);
     ra_client *c = ratd_connect(&d, 5000);
     uint64_t idle = new_session(c, H, 1, D, RA_CLIENT_INDEX_FLAT);
     uint64_t busy = new_session(c, H, 1, D, RA_CLIENT_INDEX_FLAT);
     assert_int_equal(offload(c, busy, 1, 32, D, H, 0), RA_OK);
-    for (int i = 0; i < 6; i++) { /* 3 s: the busy one is used every half second */
-        usleep(500000);
+    for (int i = 0; i < 18; i++) { /* 4.5 s: the busy one is used every quarter second */
+        usleep(250000);
         assert_int_equal(attend(c, busy, H, D, 5), RA_OK);
     }
     ra_server_stats st = stats(c);
