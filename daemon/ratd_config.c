@@ -540,6 +540,12 @@ ra_status ratd_config_check_endpoint(ratd_config *c, char *err, size_t errlen)
             return st;
         snprintf(c->endpoint, sizeof c->endpoint, "ipc://%s/ratd.sock", dir);
     }
+    if (!c->curve_secret_file[0] && c->curve_clients[0]) {
+        snprintf(err, errlen,
+                 "--curve-clients needs --curve-secret-file (the server's own key); CURVE is "
+                 "off without it");
+        return RA_EINVAL;
+    }
     if (c->curve_secret_file[0] && !c->curve_clients[0]) {
         snprintf(err, errlen,
                  "--curve-secret-file needs --curve-clients (the public keys that may "
