@@ -15,6 +15,7 @@
 #include <cmocka.h>
 
 #include "../daemon/ratd_harness.h"
+#include "../daemon/ratd_raw.h"
 #include "ra_half.h"
 #include "ra_log.h"
 #include "ra_proto.h"
@@ -27,13 +28,7 @@ static void *g_ctx;
 
 static void *raw_dealer(const ratd_proc *d)
 {
-    void *s = zmq_socket(g_ctx, ZMQ_DEALER);
-    int linger = 0, hwm = 0;
-    zmq_setsockopt(s, ZMQ_LINGER, &linger, sizeof linger);
-    zmq_setsockopt(s, ZMQ_SNDHWM, &hwm, sizeof hwm);
-    zmq_setsockopt(s, ZMQ_RCVHWM, &hwm, sizeof hwm);
-    assert_int_equal(zmq_connect(s, d->endpoint), 0);
-    return s;
+    return ratd_raw_dealer(g_ctx, d, 0);
 }
 
 static void raw_send(void *s, Ratd__Header *h, ra_proto_part *p, int n)

@@ -20,6 +20,7 @@
 #include <cmocka.h>
 
 #include "../daemon/ratd_harness.h"
+#include "../daemon/ratd_raw.h"
 #include "ra_log.h"
 #include "ra_proto.h"
 
@@ -93,13 +94,7 @@ static ra_status attend(ra_client *c, uint64_t s, int H, int D, int k)
 
 static void *raw_dealer(const ratd_proc *d, int rcvhwm)
 {
-    void *s = zmq_socket(g_ctx, ZMQ_DEALER);
-    int linger = 0, zero = 0;
-    zmq_setsockopt(s, ZMQ_LINGER, &linger, sizeof linger);
-    zmq_setsockopt(s, ZMQ_SNDHWM, &zero, sizeof zero);
-    zmq_setsockopt(s, ZMQ_RCVHWM, &rcvhwm, sizeof rcvhwm);
-    assert_int_equal(zmq_connect(s, d->endpoint), 0);
-    return s;
+    return ratd_raw_dealer(g_ctx, d, rcvhwm);
 }
 
 /* Status of the next reply on s (-1: none within timeout_ms); its message into msg. */
