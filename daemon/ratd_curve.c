@@ -249,12 +249,17 @@ static void zap_serve_one(ratd_server *s)
         text = "OK";
     }
     if (code[0] != '2') {
-        __atomic_add_fetch(&s->curve_refused, 1, __ATOMIC_RELAXED);
-        char z85[KEY_Z85 + 1] = "?";
-        if (kept >= 7 && zmq_msg_size(&f[6]) == KEY_BYTES)
-            zmq_z85_encode(z85, zmq_msg_data(&f[6]), KEY_BYTES);
-        RA_WARN("CURVE: refused a connection from %s with key %s (not in --curve-clients)", addr,
-                z85);
+        uint64_t n = __atomic_add_fetch(&s->curve_refused, 1, __ATOMIC_RELAXED);
+        double now = ra_now_s();
+        if (now - s->zap_last_log >= 1.0) { /* a refused client retries: one line a second */
+            char z85[KEY_Z85 + 1] = "?";
+            if (kept >= 7 && zmq_msg_size(&f[6]) == KEY_BYTES)
+                zmq_z85_encode(z85, zmq_msg_data(&f[6]), KEY_BYTES);
+            RA_WARN("CURVE: refused a connection from %s with key %s (not in --curve-clients); "
+                    "%llu refused so far",
+                    addr, z85, (unsigned long long)n);
+            s->zap_last_log = now;
+        }
     }
     const char *ver = "1.0";
     zmq_send(s->zap, ver, 3, ZMQ_SNDMORE);

@@ -191,6 +191,7 @@ struct ratd_server {
     void *zap;          /* REP socket on inproc://zeromq.zap.01, its own thread */
     pthread_t zap_thread;
     int zap_live, zap_stop;
+    double zap_last_log; /* ZAP thread: the last refusal logged */
     uint8_t *curve_keys; /* sorted 32-byte public keys of authorised clients */
     size_t n_curve_keys;
     uint64_t curve_refused; /* atomic: handshakes refused by the ZAP handler */
