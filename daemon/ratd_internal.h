@@ -264,6 +264,22 @@ void ratd_listen_close(ratd_server *s);
 /* After the context ends: the descriptors. */
 void ratd_listen_release(ratd_server *s);
 
+/* ---- ratd_peer.c: clients, their charged replies, dropped replies ------------------- */
+/* The record of a routing id, made on first sight; NULL when out of memory. */
+ratd_peer *ratd_peer_get(ratd_server *s, zmq_msg_t *route, double now);
+/* Frees the records no job names that sent nothing for `idle` seconds (idle < 0: all,
+ * at the end). */
+void ratd_peer_sweep(ratd_server *s, double now, double idle);
+/* A reply the client's full queue refused: counted, logged once per 10 s a client. */
+void ratd_peer_reply_dropped(ratd_server *s, ratd_job *j);
+/* Reserves an Attend's reply bytes on the daemon's account and the client's share
+ * (--max-peer-reply-bytes) until ZeroMQ releases the reply; RA_ENOMEM / RA_EBUSY with
+ * the job's message set. */
+ra_status ratd_job_charge(ratd_server *s, ratd_job *j, size_t bytes);
+/* When the job's last reply frame is released: the charge and the client's reference
+ * go back (any thread). */
+void ratd_job_uncharge(ratd_server *s, ratd_job *j);
+
 /* ---- ratd_curve.c: CURVE keys and the ZAP handler ------------------------------------ */
 /* Prints a new key pair; 0 on success. */
 int ratd_curve_keygen(FILE *f);
@@ -280,10 +296,6 @@ const void *ratd_frame_data(ra_proto_view *v, int i, size_t align, ratd_buf *b);
 /* Checks that tensor `role` exists with dtype dt and the given shape. */
 ra_status ratd_want_tensor(ra_proto_view *v, Ratd__Role role, const char *name, int dt, int ndim,
                            const uint64_t *shape, int *idx, char *err, size_t errlen);
-/* Reserves an Attend's reply bytes on the daemon's account and the client's share
- * (--max-peer-reply-bytes) until ZeroMQ releases the reply; RA_ENOMEM / RA_EBUSY with
- * the job's message set. */
-ra_status ratd_job_charge(ratd_server *s, ratd_job *j, size_t bytes);
 /* Called by a job's last task (or phase): hands the job back to the I/O thread. */
 void ratd_job_complete(ratd_job *j);
 /* ra_proto_part.release of reply frames made from a job's buffers. */

@@ -11,8 +11,9 @@
  * wakes the I/O thread through an eventfd it polls next to the socket; the I/O thread
  * starts the lanes' next jobs and sends the reply, whose tensor frames leave without a
  * copy from the job's buffers, which return to the job pool when ZeroMQ releases them.
- * Nothing on this path allocates once the pool's jobs have grown to the request sizes
- * seen. */
+ * A reply is never waited for: one that the client's full queue refuses is dropped and
+ * counted (ratd_peer.c). Nothing on this path allocates once the pool's jobs have grown
+ * to the request sizes seen. */
 #define _GNU_SOURCE
 #include "ratd_server.h"
 
@@ -207,48 +208,8 @@ static void job_unref(ratd_job *j)
     if (__atomic_sub_fetch(&j->frames, 1, __ATOMIC_ACQ_REL) != 0)
         return;
     ratd_server *s = j->srv;
-    ratd_peer *cl = j->cl;
-    if (j->charged) { /* the reply's bytes leave the accounts with its frames */
-        ra_mem_release(&s->mem, j->charged);
-        __atomic_sub_fetch(&s->reply_bytes, j->charged, __ATOMIC_RELAXED);
-        if (cl)
-            __atomic_sub_fetch(&cl->reply_bytes, j->charged, __ATOMIC_RELAXED);
-        j->charged = 0;
-    }
-    j->cl = NULL;
-    if (cl)
-        __atomic_sub_fetch(&cl->refs, 1, __ATOMIC_RELEASE);
+    ratd_job_uncharge(s, j);
     job_free_push(s, j);
-}
-
-ra_status ratd_job_charge(ratd_server *s, ratd_job *j, size_t bytes)
-{
-    ratd_peer *cl = j->cl;
-    size_t unread = cl ? __atomic_load_n(&cl->reply_bytes, __ATOMIC_RELAXED) : 0;
-    if (unread && unread + bytes > s->cfg.max_peer_reply_bytes) {
-        ratd_job_set_err(j, RA_EBUSY,
-                         "%zu MiB of replies to this client are not yet read; with this one "
-                         "(%zu MiB) they would pass --max-peer-reply-bytes (%llu MiB): read "
-                         "the replies first",
-                         unread >> 20, bytes >> 20,
-                         (unsigned long long)(s->cfg.max_peer_reply_bytes >> 20));
-        return RA_EBUSY;
-    }
-    if (ra_mem_reserve(&s->mem, bytes) != RA_OK) {
-        ratd_job_set_err(j, RA_ENOMEM,
-                         "the reply (%zu MiB) does not fit the daemon's memory limit (%zu MiB, "
-                         "%zu MiB in use, of which %zu MiB are replies not yet read by their "
-                         "clients)",
-                         bytes >> 20, s->mem.limit >> 20,
-                         __atomic_load_n(&s->mem.used, __ATOMIC_RELAXED) >> 20,
-                         __atomic_load_n(&s->reply_bytes, __ATOMIC_RELAXED) >> 20);
-        return RA_ENOMEM;
-    }
-    j->charged = bytes;
-    __atomic_add_fetch(&s->reply_bytes, bytes, __ATOMIC_RELAXED);
-    if (cl)
-        __atomic_add_fetch(&cl->reply_bytes, bytes, __ATOMIC_RELAXED);
-    return RA_OK;
 }
 
 void ratd_job_frame_release(void *data, void *hint)
@@ -361,82 +322,6 @@ static void peer_str(zmq_msg_t *id, char *buf, size_t len)
         snprintf(buf, len, "?");
 }
 
-/* ---- peers ------------------------------------------------------------------------- */
-
-static size_t peer_hash(const uint8_t *id, size_t n)
-{
-    uint64_t h = 1469598103934665603ull;
-    for (size_t i = 0; i < n; i++)
-        h = (h ^ id[i]) * 1099511628211ull;
-    return (size_t)(h % RATD_PEER_BUCKETS);
-}
-
-/* The peer record of a routing id, made on first sight; NULL when out of memory. */
-static ratd_peer *peer_get(ratd_server *s, zmq_msg_t *route, double now)
-{
-    const uint8_t *id = zmq_msg_data(route);
-    size_t n = zmq_msg_size(route);
-    if (n > RATD_PEER_ID_MAX)
-        n = RATD_PEER_ID_MAX;
-    size_t b = peer_hash(id, n);
-    for (ratd_peer *p = s->peers[b]; p; p = p->next)
-        if (p->id_len == n && !memcmp(p->id, id, n)) {
-            p->last_seen = now;
-            return p;
-        }
-    ratd_peer *p = calloc(1, sizeof *p);
-    if (!p)
-        return NULL;
-    memcpy(p->id, id, n);
-    p->id_len = n;
-    p->last_seen = now;
-    p->last_drop_log = -1e9;
-    p->next = s->peers[b];
-    s->peers[b] = p;
-    s->n_peers++;
-    return p;
-}
-
-/* Frees peers that no job names and that sent nothing for `idle` seconds (all: idle
- * < 0, at the end). */
-static void peer_sweep(ratd_server *s, double now, double idle)
-{
-    for (int b = 0; b < RATD_PEER_BUCKETS; b++)
-        for (ratd_peer **pp = &s->peers[b]; *pp;) {
-            ratd_peer *p = *pp;
-            if ((idle < 0 || now - p->last_seen > idle) &&
-                __atomic_load_n(&p->refs, __ATOMIC_ACQUIRE) == 0) {
-                *pp = p->next;
-                free(p);
-                s->n_peers--;
-            } else {
-                pp = &p->next;
-            }
-        }
-}
-
-/* A reply that the client's full queue refused: counted, logged once per 10 s a peer. */
-static void reply_dropped(ratd_server *s, ratd_job *j)
-{
-    s->replies_dropped++;
-    ratd_peer *p = j->cl;
-    if (!p) {
-        RA_WARN("request %llu (%s): the queue of client %s is full; reply dropped",
-                (unsigned long long)j->req_id, ra_proto_type_name(j->type), j->peer);
-        return;
-    }
-    p->dropped++;
-    double now = ra_now_s();
-    if (now - p->last_drop_log < 10.0)
-        return;
-    RA_WARN("client %s does not read its replies (its queue is full): %llu replies dropped "
-            "(%llu since the last report); the daemon serves everyone else meanwhile",
-            j->peer, (unsigned long long)p->dropped,
-            (unsigned long long)(p->dropped - p->dropped_logged));
-    p->last_drop_log = now;
-    p->dropped_logged = p->dropped;
-}
-
 /* Sends j's reply (parts only with RA_OK), counts it, and releases the request. */
 static void reply(ratd_server *s, ratd_job *j, Ratd__Header *rep, ra_status st,
                   ra_proto_part *parts, int n_parts)
@@ -465,7 +350,7 @@ static void reply(ratd_server *s, ratd_job *j, Ratd__Header *rep, ra_status st,
     if (ra_proto_send_lend_flags(s->sock, &j->msg.frames[0], j->delim, rep, parts, n_parts,
                                  ratd_job_frame_release, j, ZMQ_DONTWAIT) < 0) {
         if (errno == EAGAIN)
-            reply_dropped(s, j);
+            ratd_peer_reply_dropped(s, j);
         else if (errno == EHOSTUNREACH)
             RA_WARN("request %llu (%s): client %s went away before its reply; reply dropped",
                     (unsigned long long)j->req_id, ra_proto_type_name(j->type), j->peer);
@@ -736,7 +621,7 @@ static void on_message(ratd_server *s, ratd_job *j)
     s->requests++;
     s->bytes_in += j->msg.total_bytes;
     peer_str(&j->msg.frames[0], j->peer, sizeof j->peer);
-    j->cl = peer_get(s, &j->msg.frames[0], j->t_arrive);
+    j->cl = ratd_peer_get(s, &j->msg.frames[0], j->t_arrive);
     if (j->cl)
         __atomic_add_fetch(&j->cl->refs, 1, __ATOMIC_RELAXED);
     /* REQ clients put an empty delimiter before the header; DEALER clients do not */
@@ -813,7 +698,7 @@ static int serve_once(ratd_server *s, int timeout_ms, int burst, volatile sig_at
     double now = ra_now_s();
     if (now >= s->next_sweep) {
         ratd_session_expire(s, now);
-        peer_sweep(s, now, 60.0);
+        ratd_peer_sweep(s, now, 60.0);
         s->next_sweep = now + 1.0;
     }
     if (it[0].revents & ZMQ_POLLIN) {
@@ -938,7 +823,7 @@ void ratd_server_destroy(ratd_server *s)
     if (s->ctx)
         zmq_ctx_term(s->ctx); /* releases reply frames still queued: jobs back to the pool */
     ratd_listen_release(s);
-    peer_sweep(s, 0, -1);
+    ratd_peer_sweep(s, 0, -1);
     free(s->curve_keys);
     for (ratd_job *j = s->all_jobs, *nx; j; j = nx) {
         nx = j->all_next;
