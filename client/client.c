@@ -143,9 +143,9 @@ ra_status ra_client_open(ra_client **out, const char *endpoint, const ra_client_
         if (opts->max_inflight > 0)
             o.max_inflight = opts->max_inflight;
         curve = opts->curve_server_key || opts->curve_public_key || opts->curve_secret_key;
-        if (curve && (!curve_key_ok(opts->curve_server_key) ||
-                      !curve_key_ok(opts->curve_public_key) ||
-                      !curve_key_ok(opts->curve_secret_key)))
+        if (curve &&
+            (!curve_key_ok(opts->curve_server_key) || !curve_key_ok(opts->curve_public_key) ||
+             !curve_key_ok(opts->curve_secret_key)))
             return RA_EINVAL; /* all three, each 40 characters of Z85 */
     }
     ra_client *c = calloc(1, sizeof *c);

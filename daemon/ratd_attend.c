@@ -170,8 +170,8 @@ static ra_status attend_sessions(ratd_server *s, ratd_job *j, const Ratd__Attend
         const ProtobufCBinaryData *tok = i < ap->n_session_tokens ? &ap->session_tokens[i]
                                          : i == 0                 ? &hd->token
                                                                   : NULL;
-        ratd_session *ss = ratd_session_get(s, id, tok ? tok->data : NULL, tok ? tok->len : 0,
-                                            j->peer, err, el);
+        ratd_session *ss =
+            ratd_session_get(s, id, tok ? tok->data : NULL, tok ? tok->len : 0, j->peer, err, el);
         if (!ss) {
             if (batch) {
                 size_t o = strlen(err);

@@ -3,13 +3,13 @@
  * --help all read that row, so adding an option is one line. */
 #include "ratd_config.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <limits.h>
+#include <netinet/in.h>
 #include <stdlib.h>
 #include <string.h>
-#include <arpa/inet.h>
-#include <netinet/in.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -196,8 +196,7 @@ ra_status ratd_config_set(ratd_config *c, const char *name, const char *value, c
         errno = 0;
         long v = strtol(value, &end, 8);
         if (end == value || *end || errno) {
-            snprintf(err, errlen, "option %s: '%s' is not an octal mode such as 0600", name,
-                     value);
+            snprintf(err, errlen, "option %s: '%s' is not an octal mode such as 0600", name, value);
             return RA_EINVAL;
         }
         x = v;
@@ -391,11 +390,11 @@ void ratd_config_usage(FILE *f, const char *prog)
             prog);
     for (size_t i = 0; i < N_OPTIONS; i++) {
         const ratd_option *o = &g_options[i];
-        const char *arg = o->type == OPT_BOOL   ? ""
-                          : o->type == OPT_STR  ? " STR"
-                          : o->type == OPT_SIZE ? " SIZE"
+        const char *arg = o->type == OPT_BOOL    ? ""
+                          : o->type == OPT_STR   ? " STR"
+                          : o->type == OPT_SIZE  ? " SIZE"
                           : o->type == OPT_OCTAL ? " MODE"
-                                                : " N";
+                                                 : " N";
         char head[64];
         snprintf(head, sizeof head, "--%s%s", o->name, arg);
         fprintf(f, "  %-26s %s", head, o->help);
@@ -518,8 +517,7 @@ static ra_status tcp_policy(const ratd_config *c, const char *ep, int loopback, 
     return RA_OK;
 }
 
-ra_status ratd_config_check_bound(const ratd_config *c, const char *bound, char *err,
-                                  size_t errlen)
+ra_status ratd_config_check_bound(const ratd_config *c, const char *bound, char *err, size_t errlen)
 {
     if (strncmp(bound, "tcp://", 6) != 0)
         return RA_OK;
@@ -572,8 +570,7 @@ ra_status ratd_config_check_endpoint(ratd_config *c, char *err, size_t errlen)
             snprintf(err, errlen, "endpoint %s: expected tcp://host:port", c->endpoint);
             return RA_EINVAL;
         }
-        return tcp_policy(c, c->endpoint, ratd_endpoint_is_loopback(c->endpoint, 0), err,
-                          errlen);
+        return tcp_policy(c, c->endpoint, ratd_endpoint_is_loopback(c->endpoint, 0), err, errlen);
     }
     snprintf(err, errlen, "endpoint %s: only ipc:// and tcp:// are supported", c->endpoint);
     return RA_EINVAL;

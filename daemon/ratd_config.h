@@ -18,13 +18,13 @@ typedef struct ratd_config {
     int allow_plain_loopback; /* tcp:// on loopback without CURVE */
     int socket_mode;          /* mode of the ipc:// socket file */
     char curve_secret_file[512];
-    char curve_clients[512]; /* a directory or a file of authorised client public keys */
-    int curve_keygen;        /* action: print a key pair and exit */
-    int max_clients;         /* connections at once; 0: from RLIMIT_NOFILE */
-    int session_ttl;         /* seconds a session may stay idle; 0: forever */
+    char curve_clients[512];       /* a directory or a file of authorised client public keys */
+    int curve_keygen;              /* action: print a key pair and exit */
+    int max_clients;               /* connections at once; 0: from RLIMIT_NOFILE */
+    int session_ttl;               /* seconds a session may stay idle; 0: forever */
     uint64_t max_peer_reply_bytes; /* reply bytes one client may leave unread */
-    int workers;   /* 0: one per CPU of the binding set */
-    int numa_node; /* -1: none */
+    int workers;                   /* 0: one per CPU of the binding set */
+    int numa_node;                 /* -1: none */
     char cpuset[256];
     uint64_t mem_limit; /* bytes, 0: none */
     uint64_t max_frame_bytes;

@@ -28,8 +28,9 @@ int ratd_curve_keygen(FILE *f)
 {
     char pub[KEY_Z85 + 1], sec[KEY_Z85 + 1];
     if (zmq_curve_keypair(pub, sec) != 0) {
-        fprintf(stderr, "ratd: cannot make a CURVE key pair: %s (is libzmq built with "
-                        "CURVE?)\n",
+        fprintf(stderr,
+                "ratd: cannot make a CURVE key pair: %s (is libzmq built with "
+                "CURVE?)\n",
                 zmq_strerror(errno));
         return 1;
     }
@@ -75,7 +76,8 @@ static int line_key(char *line, const char **kind, char **key)
         line++;
     if (*line == '#') /* a comment line; '#' inside a line is part of Z85 */
         return 0;
-    char *save = NULL, *a = strtok_r(line, " \t\r", &save), *b = a ? strtok_r(NULL, " \t\r", &save) : NULL;
+    char *save = NULL, *a = strtok_r(line, " \t\r", &save),
+         *b = a ? strtok_r(NULL, " \t\r", &save) : NULL;
     if (!a)
         return 0;
     if (b) {
@@ -115,8 +117,9 @@ static ra_status load_secret(const char *path, uint8_t sec[KEY_BYTES], char *err
         if (!line_key(ln, &kind, &key) || !strcmp(kind, "public"))
             continue;
         if ((strcmp(kind, "secret") && *kind) || !decode(key, sec)) {
-            snprintf(err, errlen, "%s: expected 'secret KEY' with a 40-character Z85 key (as "
-                                  "ratd --curve-keygen writes)",
+            snprintf(err, errlen,
+                     "%s: expected 'secret KEY' with a 40-character Z85 key (as "
+                     "ratd --curve-keygen writes)",
                      path);
             return RA_EINVAL;
         }
@@ -207,8 +210,7 @@ static ra_status load_clients(ratd_server *s, const char *path, char *err, size_
     if (st != RA_OK)
         return st;
     if (!s->n_curve_keys) {
-        snprintf(err, errlen, "--curve-clients %s holds no public key: nobody could connect",
-                 path);
+        snprintf(err, errlen, "--curve-clients %s holds no public key: nobody could connect", path);
         return RA_EINVAL;
     }
     qsort(s->curve_keys, s->n_curve_keys, KEY_BYTES, key_cmp);

@@ -12,9 +12,9 @@
 #define RATD_INTERNAL_H
 
 #include <pthread.h>
-#include <stdio.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "ra_index.h"
 #include "ra_proto.h"
@@ -177,18 +177,18 @@ struct ratd_server {
     ratd_peer *peers[RATD_PEER_BUCKETS];
     int n_peers;
     /* the listener (ratd_listen.c), I/O thread */
-    void *mon;       /* PAIR receiving the ROUTER's connection events */
-    int listen_fd;   /* our listening socket; a duplicate is lent to ZeroMQ (ZMQ_USE_FD) */
+    void *mon;               /* PAIR receiving the ROUTER's connection events */
+    int listen_fd;           /* our listening socket; a duplicate is lent to ZeroMQ (ZMQ_USE_FD) */
     int zmq_fd, zmq_fd_lent; /* that duplicate; 1: ZeroMQ owns it */
-    int idle_fd;     /* an idle listening socket that stands in for it while paused */
-    int spare_fd;    /* kept to accept-and-close with when descriptors run out */
-    char bound[512]; /* ZMQ_LAST_ENDPOINT */
+    int idle_fd;             /* an idle listening socket that stands in for it while paused */
+    int spare_fd;            /* kept to accept-and-close with when descriptors run out */
+    char bound[512];         /* ZMQ_LAST_ENDPOINT */
     int max_clients, clients, paused;
     uint8_t *conn_fds; /* bitmap of live connection descriptors */
     int conn_fds_cap;
     uint64_t listener_pauses;
     /* CURVE (ratd_curve.c) */
-    void *zap;          /* REP socket on inproc://zeromq.zap.01, its own thread */
+    void *zap; /* REP socket on inproc://zeromq.zap.01, its own thread */
     pthread_t zap_thread;
     int zap_live, zap_stop;
     double zap_last_log; /* ZAP thread: the last refusal logged */

@@ -49,8 +49,9 @@ static ra_status check_ipc_path(const char *path, char *err, size_t errlen)
     if (lstat(path, &sb) != 0)
         return RA_OK;
     if (!S_ISSOCK(sb.st_mode)) {
-        snprintf(err, errlen, "%s exists and is not a socket; remove it or choose another "
-                              "--endpoint",
+        snprintf(err, errlen,
+                 "%s exists and is not a socket; remove it or choose another "
+                 "--endpoint",
                  path);
         return RA_EEXIST;
     }

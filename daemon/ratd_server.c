@@ -266,9 +266,9 @@ static ratd_job *job_get(ratd_server *s)
 
 static void job_destroy(ratd_job *j)
 {
-    ratd_buf *bufs[] = {&j->ss_buf,    &j->node_buf,  &j->tst,      &j->a.qcopy,   &j->a.o,
-                        &j->a.lse,     &j->a.ids,     &j->a.sc,     &j->a.pos,     &j->a.cnt,
-                        &j->t.bad,     &j->t.bad_at,  &j->t.bst,    &j->t.copy[0], &j->t.copy[1],
+    ratd_buf *bufs[] = {&j->ss_buf,    &j->node_buf,  &j->tst,       &j->a.qcopy,   &j->a.o,
+                        &j->a.lse,     &j->a.ids,     &j->a.sc,      &j->a.pos,     &j->a.cnt,
+                        &j->t.bad,     &j->t.bad_at,  &j->t.bst,     &j->t.copy[0], &j->t.copy[1],
                         &j->t.copy[2], &j->t.copy[3], &j->t.copy[4], &j->t.grow};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         buf_free(bufs[i]);
@@ -776,9 +776,9 @@ int ratd_server_run(ratd_server *s, volatile sig_atomic_t *stop)
 {
     RA_INFO("ratd %s listening on %s (protocol %u, %d workers, queue %d, placement: %s, memory "
             "limit %s, up to %d clients, %s, instance %016llx)",
-            RATD_VERSION, s->bound, RA_PROTO_VERSION, ratd_pool_workers(s->pool),
-            s->cfg.max_queue, ratd_pool_placement(s->pool), s->cfg.mem_limit ? "set" : "none",
-            s->max_clients, s->zap ? "CURVE" : "no CURVE", (unsigned long long)s->instance_id);
+            RATD_VERSION, s->bound, RA_PROTO_VERSION, ratd_pool_workers(s->pool), s->cfg.max_queue,
+            ratd_pool_placement(s->pool), s->cfg.mem_limit ? "set" : "none", s->max_clients,
+            s->zap ? "CURVE" : "no CURVE", (unsigned long long)s->instance_id);
     while (!*stop)
         if (serve_once(s, 250, 64, stop) < 0)
             break;

@@ -36,8 +36,7 @@ static double now_ms(void)
 static int run_ratd(const char *env, const char *args, char *out, size_t outlen)
 {
     char cmd[2048];
-    snprintf(cmd, sizeof cmd, "%s timeout 10 %s %s 2>&1", env ? env : "", getenv("RATD_BIN"),
-             args);
+    snprintf(cmd, sizeof cmd, "%s timeout 10 %s %s 2>&1", env ? env : "", getenv("RATD_BIN"), args);
     FILE *f = popen(cmd, "r");
     size_t n = fread(out, 1, outlen - 1, f);
     out[n] = 0;
@@ -190,8 +189,7 @@ static void test_tcp_policy(void **state)
     snprintf(args, sizeof args, "--endpoint 'tcp://127.0.0.1:1;0.0.0.0:%d'", port);
     assert_int_equal(run_ratd(NULL, args, out, sizeof out), 2);
     assert_non_null(strstr(out, "';'"));
-    snprintf(args, sizeof args, "--endpoint 'tcp://127.0.0.1:1;*:%d' --allow-plain-loopback",
-             port);
+    snprintf(args, sizeof args, "--endpoint 'tcp://127.0.0.1:1;*:%d' --allow-plain-loopback", port);
     assert_int_equal(run_ratd(NULL, args, out, sizeof out), 2);
     assert_non_null(strstr(out, "';'"));
     snprintf(env, sizeof env, "RATD_ENDPOINT='tcp://127.0.0.1:1;0.0.0.0:%d'", port);
@@ -226,8 +224,8 @@ static void test_fd_exhaustion(void **state)
     struct rlimit rl;
     getrlimit(RLIMIT_NOFILE, &rl);
     if (rl.rlim_max < N + 200) {
-        print_message("# skipped: this test needs %d descriptors, the hard limit is %lu\n",
-                      N + 200, (unsigned long)rl.rlim_max);
+        print_message("# skipped: this test needs %d descriptors, the hard limit is %lu\n", N + 200,
+                      (unsigned long)rl.rlim_max);
         skip();
     }
     rl.rlim_cur = rl.rlim_max;
@@ -388,8 +386,8 @@ static void test_reply_memory(void **state)
     assert_true(st.ops[RA_OP_ATTEND].errors > 0);
     assert_true(rss1 - rss0 < 160 * 1024); /* 840 MiB before the fix */
     /* this client's own large Attend is refused while those replies hold the memory */
-    float *qq = rnd_vec(H * D, 1.0f), *o = malloc(H * D * 4), lse[H], *sc = malloc(
-                                                                        (size_t)H * K * 4);
+    float *qq = rnd_vec(H * D, 1.0f), *o = malloc(H * D * 4), lse[H],
+          *sc = malloc((size_t)H * K * 4);
     int64_t *pos = malloc((size_t)H * K * 8);
     int32_t cnt[H];
     ra_attend_req r = {.n_q_heads = H, .head_dim = D, .q = qq, .top_k = K, .want_topk = 1};
@@ -433,8 +431,8 @@ static void test_reply_memory(void **state)
     assert_int_equal(ra_proto_send(b, NULL, 0, &h, pp, 3), 0);
     assert_int_equal(raw_reply(b, 3000, NULL, 0), -1);
     long rss3 = rss_kib(d.pid);
-    print_message("# 200 MB Offload at --mem-limit 64M: no reply, RSS %ld -> %ld MiB\n",
-                  rss2 >> 10, rss3 >> 10);
+    print_message("# 200 MB Offload at --mem-limit 64M: no reply, RSS %ld -> %ld MiB\n", rss2 >> 10,
+                  rss3 >> 10);
     assert_true(rss3 - rss2 < 64 * 1024);
     free(kb);
     zmq_close(b);
@@ -455,8 +453,7 @@ static ra_status store_at(uint64_t limit, uint64_t *used)
     char lim[32];
     snprintf(lim, sizeof lim, "%llu", (unsigned long long)limit);
     ratd_proc d;
-    assert_int_equal(ratd_start(&d, "--workers", "1", "--mem-limit", limit ? lim : "0", NULL),
-                     0);
+    assert_int_equal(ratd_start(&d, "--workers", "1", "--mem-limit", limit ? lim : "0", NULL), 0);
     ra_client *c = ratd_connect(&d, 10000);
     uint64_t s = new_session(c, H, G, D, RA_CLIENT_INDEX_FLAT);
     assert_int_equal(offload(c, s, G, 256, D, H, 0), RA_OK);
@@ -531,8 +528,8 @@ static void test_session_ownership(void **state)
     assert_int_equal(ra_client_session_drop(b, s), RA_ENOSESSION);
     uint64_t both[2] = {s, s2};
     float *q = rnd_vec(2 * H * D, 1.0f), o[2 * H * D], lse[2 * H];
-    ra_attend_batch_req br = {.n_sessions = 2, .sessions = both, .n_q_heads = H, .head_dim = D,
-                              .q = q, .top_k = 5};
+    ra_attend_batch_req br = {
+        .n_sessions = 2, .sessions = both, .n_q_heads = H, .head_dim = D, .q = q, .top_k = 5};
     ra_attend_out bo = {.o = o, .lse = lse};
     assert_int_equal(ra_client_attend_batch(b, 0, &br, &bo), RA_ENOSESSION);
     assert_int_equal(ra_client_attend_batch(a, 0, &br, &bo), RA_OK);
@@ -575,8 +572,8 @@ static void test_session_ownership(void **state)
     assert_true(ib.instance_id != ia.instance_id);
     uint64_t t = new_session(c, H, 1, D, RA_CLIENT_INDEX_FLAT);
     assert_true(t != s && t != s2);
-    assert_int_equal(ra_client_session_adopt(c, s2, (const ra_session_token *)(void *)ratd_token_of(s2)),
-                     RA_OK);
+    assert_int_equal(
+        ra_client_session_adopt(c, s2, (const ra_session_token *)(void *)ratd_token_of(s2)), RA_OK);
     assert_int_equal(attend(c, s2, H, D, 10), RA_ENOSESSION);
     ra_client_close(c);
     assert_int_equal(ratd_stop(&d2), 0);

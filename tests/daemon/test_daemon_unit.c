@@ -186,8 +186,7 @@ static void test_endpoint_policy(void **state)
     assert_int_equal(ratd_config_check_bound(&c, "tcp://0.0.0.0:47107", err, sizeof err),
                      RA_EINVAL);
     assert_int_equal(ratd_config_check_bound(&c, "tcp://[::]:47107", err, sizeof err), RA_EINVAL);
-    assert_int_equal(ratd_config_check_bound(&c, "tcp://127.0.0.1:47107", err, sizeof err),
-                     RA_OK);
+    assert_int_equal(ratd_config_check_bound(&c, "tcp://127.0.0.1:47107", err, sizeof err), RA_OK);
     assert_int_equal(ratd_config_check_bound(&c, "tcp://[::ffff:127.0.0.1]:1", err, sizeof err),
                      RA_OK);
     assert_int_equal(ratd_config_check_bound(&c, "ipc:///x", err, sizeof err), RA_OK);
@@ -213,15 +212,37 @@ static void test_usage_lists_options(void **state)
     FILE *f = open_memstream(&buf, &len);
     ratd_config_usage(f, "ratd");
     fclose(f);
-    const char *flags[] = {
-        "--endpoint",     "--allow-remote",  "--workers",         "--numa-node",
-        "--cpuset",       "--mem-limit",     "--max-frame-bytes", "--max-message-bytes",
-        "--max-sessions", "--max-layers",    "--max-heads",       "--max-dim",
-        "--max-top-k",    "--max-tokens",    "--max-queries",     "--max-queue",
-        "--max-batch",    "--index-threads", "--send-timeout-ms", "--log-level",
-        "--config",       "--help",          "--version",         "--allow-plain-loopback",
-        "--socket-mode",  "--curve-secret-file", "--curve-clients", "--curve-keygen",
-        "--max-clients",  "--session-ttl",   "--max-peer-reply-bytes"};
+    const char *flags[] = {"--endpoint",
+                           "--allow-remote",
+                           "--workers",
+                           "--numa-node",
+                           "--cpuset",
+                           "--mem-limit",
+                           "--max-frame-bytes",
+                           "--max-message-bytes",
+                           "--max-sessions",
+                           "--max-layers",
+                           "--max-heads",
+                           "--max-dim",
+                           "--max-top-k",
+                           "--max-tokens",
+                           "--max-queries",
+                           "--max-queue",
+                           "--max-batch",
+                           "--index-threads",
+                           "--send-timeout-ms",
+                           "--log-level",
+                           "--config",
+                           "--help",
+                           "--version",
+                           "--allow-plain-loopback",
+                           "--socket-mode",
+                           "--curve-secret-file",
+                           "--curve-clients",
+                           "--curve-keygen",
+                           "--max-clients",
+                           "--session-ttl",
+                           "--max-peer-reply-bytes"};
     for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
         if (!strstr(buf, flags[i]))
             fail_msg("--help does not document %s", flags[i]);

@@ -247,9 +247,9 @@ static void test_pinned_view(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_create_args),   cmocka_unit_test(test_append_readback),
+        cmocka_unit_test(test_create_args),    cmocka_unit_test(test_append_readback),
         cmocka_unit_test(test_append_rejects), cmocka_unit_test(test_memory_limit),
-        cmocka_unit_test(test_pinned_view),   cmocka_unit_test(test_grow_prepaid),
+        cmocka_unit_test(test_pinned_view),    cmocka_unit_test(test_grow_prepaid),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
