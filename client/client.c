@@ -5,9 +5,15 @@
  * dropped. Replies are validated like requests are in the daemon (ra_proto_parse),
  * so a confused or hostile daemon cannot make us write outside the caller's arrays.
  *
+ * Sessions: a table sorted by the caller's id keeps each session's id and token on
+ * every daemon; every request naming a session carries its token (Header.token, or
+ * AttendParams.session_tokens in a batch), so callers never see tokens unless they
+ * hand a session to another client (ra_client_session_token / _adopt). The table
+ * lives in the client, not the connection: a DEALER that reconnects keeps it.
+ *
  * Sharding: an endpoint list "A,B,..." opens one socket per daemon; layer l lives on
  * daemon l % n. A session is created on every daemon; the id the caller sees is the
- * first daemon's, and a small table maps it to each daemon's own id. */
+ * first daemon's. */
 #include "ratd/client.h"
 
 #include <errno.h>
@@ -17,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 #include <zmq.h>
 
 #include "ra_log.h"
@@ -37,9 +44,13 @@ typedef struct pending {
     ra_reply *reply; /* parked, when it arrived during another wait */
 } pending;
 
+/* A session this client created (or adopted): its id on each daemon and the token each
+ * daemon gave it (token_len 0: none, a daemon that predates tokens). */
 typedef struct smap {
     uint64_t local;
     uint64_t remote[RA_CLIENT_MAX_SHARDS];
+    uint8_t token[RA_CLIENT_MAX_SHARDS][RA_SESSION_TOKEN_BYTES];
+    uint8_t token_len[RA_CLIENT_MAX_SHARDS];
 } smap;
 
 struct ra_client {
@@ -82,6 +93,24 @@ void ra_client_opts_default(ra_client_opts *o)
     o->max_inflight = 64;
 }
 
+ra_status ra_client_default_endpoint(char *buf, size_t len)
+{
+    const char *xdg = getenv("XDG_RUNTIME_DIR");
+    int n;
+    if (xdg && *xdg && strlen(xdg) < 300 && access(xdg, W_OK) == 0)
+        n = snprintf(buf, len, "ipc://%s/ratd/ratd.sock", xdg);
+    else
+        n = snprintf(buf, len, "ipc:///tmp/ratd-%u/ratd.sock", (unsigned)geteuid());
+    return n >= 0 && (size_t)n < len ? RA_OK : RA_EINVAL;
+}
+
+/* A Z85 CURVE key: 40 characters that decode. */
+static int curve_key_ok(const char *k)
+{
+    uint8_t b[32];
+    return k && strlen(k) == 40 && zmq_z85_decode(b, k) != NULL;
+}
+
 void ra_session_desc_init(ra_session_desc *d)
 {
     memset(d, 0, sizeof *d);
@@ -97,15 +126,27 @@ const char *ra_op_name(ra_op op)
 
 ra_status ra_client_open(ra_client **out, const char *endpoint, const ra_client_opts *opts)
 {
-    if (!out || !endpoint)
+    if (!out)
         return RA_EINVAL;
+    char def[400];
+    if (!endpoint) {
+        if (ra_client_default_endpoint(def, sizeof def) != RA_OK)
+            return RA_EINVAL;
+        endpoint = def;
+    }
     ra_client_opts o;
     ra_client_opts_default(&o);
+    int curve = 0;
     if (opts) {
         if (opts->timeout_ms > 0)
             o.timeout_ms = opts->timeout_ms;
         if (opts->max_inflight > 0)
             o.max_inflight = opts->max_inflight;
+        curve = opts->curve_server_key || opts->curve_public_key || opts->curve_secret_key;
+        if (curve &&
+            (!curve_key_ok(opts->curve_server_key) || !curve_key_ok(opts->curve_public_key) ||
+             !curve_key_ok(opts->curve_secret_key)))
+            return RA_EINVAL; /* all three, each 40 characters of Z85 */
     }
     ra_client *c = calloc(1, sizeof *c);
     if (!c)
@@ -133,6 +174,10 @@ ra_status ra_client_open(ra_client **out, const char *endpoint, const ra_client_
         int linger = 0;
         zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof linger);
         zmq_setsockopt(sock, ZMQ_SNDTIMEO, &c->timeout_ms, sizeof c->timeout_ms);
+        if (curve && (zmq_setsockopt(sock, ZMQ_CURVE_SERVERKEY, opts->curve_server_key, 40) != 0 ||
+                      zmq_setsockopt(sock, ZMQ_CURVE_PUBLICKEY, opts->curve_public_key, 40) != 0 ||
+                      zmq_setsockopt(sock, ZMQ_CURVE_SECRETKEY, opts->curve_secret_key, 40) != 0))
+            goto fail;
         if (zmq_connect(sock, ep) != 0)
             goto fail;
         e += len;
@@ -184,18 +229,64 @@ static int shard_of(const ra_client *c, int layer)
     return layer % c->n_shards;
 }
 
-static smap *map_find(ra_client *c, uint64_t local)
+static int map_index(const ra_client *c, uint64_t local, int *at)
 {
-    for (int i = 0; i < c->n_map; i++)
-        if (c->map[i].local == local)
-            return &c->map[i];
-    return NULL;
+    int lo = 0, hi = c->n_map - 1;
+    while (lo <= hi) {
+        int mid = lo + (hi - lo) / 2;
+        if (c->map[mid].local == local)
+            return mid;
+        if (c->map[mid].local < local)
+            lo = mid + 1;
+        else
+            hi = mid - 1;
+    }
+    if (at)
+        *at = lo;
+    return -1;
 }
 
-static uint64_t remote_session(ra_client *c, uint64_t session, int shard)
+static smap *map_find(ra_client *c, uint64_t local)
 {
-    smap *m = c->n_shards > 1 ? map_find(c, session) : NULL;
-    return m ? m->remote[shard] : session;
+    int i = map_index(c, local, NULL);
+    return i < 0 ? NULL : &c->map[i];
+}
+
+/* Adds or replaces m (room for one more is made by map_reserve first). */
+static void map_put(ra_client *c, const smap *m)
+{
+    int at = 0, i = map_index(c, m->local, &at);
+    if (i >= 0) {
+        c->map[i] = *m;
+        return;
+    }
+    memmove(&c->map[at + 1], &c->map[at], (size_t)(c->n_map - at) * sizeof *c->map);
+    c->map[at] = *m;
+    c->n_map++;
+}
+
+static int map_reserve(ra_client *c)
+{
+    if (c->n_map < c->cap_map)
+        return 0;
+    int cap = c->cap_map ? 2 * c->cap_map : 16;
+    smap *m = realloc(c->map, (size_t)cap * sizeof *m);
+    if (!m)
+        return -1;
+    c->map = m;
+    c->cap_map = cap;
+    return 0;
+}
+
+/* Header.session and .token of a request naming `session` on `shard`. */
+static void name_session(ra_client *c, Ratd__Header *h, uint64_t session, int shard)
+{
+    smap *m = map_find(c, session);
+    h->session = m ? m->remote[shard] : session;
+    if (m && m->token_len[shard]) {
+        h->token.data = m->token[shard];
+        h->token.len = m->token_len[shard];
+    }
 }
 
 static ra_status send_req(ra_client *c, int shard, Ratd__Header *h, ra_proto_part *parts, int n,
@@ -349,10 +440,11 @@ ra_status ra_client_hello(ra_client *c, ra_server_info *info)
                 one.limits.max_tokens = l->max_tokens;
                 one.limits.max_queries = l->max_queries;
             }
+            one.instance_id = hr->instance_id;
         }
         reply_free(r);
         if (sh == 0) {
-            acc = one;
+            acc = one; /* instance_id: the first daemon's */
             continue;
         }
         acc.capabilities &= one.capabilities;
@@ -371,11 +463,14 @@ ra_status ra_client_hello(ra_client *c, ra_server_info *info)
     return RA_OK;
 }
 
-static ra_status drop_one(ra_client *c, int shard, uint64_t remote)
+static ra_status drop_one(ra_client *c, int shard, uint64_t remote, const uint8_t *tok,
+                          size_t tok_len)
 {
     Ratd__Header h = RATD__HEADER__INIT;
     h.type = RATD__MSG_TYPE__DROP_SESSION;
     h.session = remote;
+    h.token.data = (uint8_t *)(uintptr_t)tok;
+    h.token.len = tok_len;
     ra_reply *r;
     ra_status st = call(c, shard, &h, NULL, 0, &r);
     if (st == RA_OK)
@@ -390,14 +485,8 @@ ra_status ra_client_session_create(ra_client *c, const ra_session_desc *d, uint6
     if (d->n_layers <= 0 || d->n_q_heads <= 0 || d->n_kv_heads <= 0 || d->head_dim <= 0 ||
         (int)d->index.kind < 0)
         return fail(c, RA_EINVAL, "session sizes must be positive");
-    if (c->n_shards > 1 && c->n_map == c->cap_map) {
-        int cap = c->cap_map ? 2 * c->cap_map : 16;
-        smap *m = realloc(c->map, (size_t)cap * sizeof *m);
-        if (!m)
-            return fail(c, RA_ENOMEM, "out of memory");
-        c->map = m;
-        c->cap_map = cap;
-    }
+    if (map_reserve(c) < 0)
+        return fail(c, RA_ENOMEM, "out of memory");
     Ratd__Header h = RATD__HEADER__INIT;
     Ratd__CreateSession cs = RATD__CREATE_SESSION__INIT;
     Ratd__IndexOptions io = RATD__INDEX_OPTIONS__INIT;
@@ -422,28 +511,30 @@ ra_status ra_client_session_create(ra_client *c, const ra_session_desc *d, uint6
         ra_reply *r;
         ra_status st = call(c, sh, &h, NULL, 0, &r);
         uint64_t id = st == RA_OK ? r->v.hdr->session : 0;
-        if (st == RA_OK)
+        if (st == RA_OK) {
+            const ProtobufCBinaryData *t = &r->v.hdr->token;
+            if (t->len > RA_SESSION_TOKEN_BYTES) {
+                st = fail(c, RA_EPROTO, "ratd sent a session token of %zu bytes", t->len);
+            } else {
+                memcpy(m.token[sh], t->data, t->len);
+                m.token_len[sh] = (uint8_t)t->len;
+            }
             reply_free(r);
+        }
         if (st == RA_OK && !id)
             st = fail(c, RA_EPROTO, "ratd created a session but sent no id");
         if (st != RA_OK) {
             char keep[sizeof c->err];
             memcpy(keep, c->err, sizeof keep);
             for (int x = 0; x < sh; x++) /* undo: all daemons or none */
-                drop_one(c, x, m.remote[x]);
+                drop_one(c, x, m.remote[x], m.token[x], m.token_len[x]);
             memcpy(c->err, keep, sizeof keep);
             return st;
         }
         m.remote[sh] = id;
     }
     m.local = m.remote[0];
-    if (c->n_shards > 1) {
-        smap *old = map_find(c, m.local);
-        if (old) /* an id the first daemon reuses after a drop elsewhere */
-            *old = m;
-        else
-            c->map[c->n_map++] = m;
-    }
+    map_put(c, &m); /* an id the first daemon gives again replaces the old entry */
     *session = m.local;
     c->err[0] = 0;
     return RA_OK;
@@ -455,28 +546,66 @@ ra_status ra_client_session_drop(ra_client *c, uint64_t session)
         return RA_EINVAL;
     ra_status first = RA_OK;
     char keep[sizeof c->err] = "";
+    int i = map_index(c, session, NULL);
+    smap *m = i >= 0 ? &c->map[i] : NULL;
     for (int sh = 0; sh < c->n_shards; sh++) {
-        ra_status st = drop_one(c, sh, remote_session(c, session, sh));
+        ra_status st = drop_one(c, sh, m ? m->remote[sh] : session, m ? m->token[sh] : NULL,
+                                m ? m->token_len[sh] : 0);
         if (st != RA_OK && first == RA_OK) {
             first = st;
             memcpy(keep, c->err, sizeof keep);
         }
     }
-    smap *m = c->n_shards > 1 ? map_find(c, session) : NULL;
-    if (m)
-        *m = c->map[--c->n_map];
+    if (i >= 0) {
+        memmove(&c->map[i], &c->map[i + 1], (size_t)(c->n_map - i - 1) * sizeof *c->map);
+        c->n_map--;
+    }
     memcpy(c->err, keep, sizeof keep);
     return first;
 }
 
+ra_status ra_client_session_token(ra_client *c, uint64_t session, ra_session_token *out)
+{
+    if (!c || !out)
+        return c ? fail(c, RA_EINVAL, "NULL argument") : RA_EINVAL;
+    if (c->n_shards > 1)
+        return fail(c, RA_ENOTSUP, "a sharded client's session has one token per daemon");
+    smap *m = map_find(c, session);
+    if (!m || m->token_len[0] != RA_SESSION_TOKEN_BYTES)
+        return fail(c, RA_ENOSESSION, "this client holds no token of session %llu",
+                    (unsigned long long)session);
+    memcpy(out->bytes, m->token[0], RA_SESSION_TOKEN_BYTES);
+    c->err[0] = 0;
+    return RA_OK;
+}
+
+ra_status ra_client_session_adopt(ra_client *c, uint64_t session, const ra_session_token *tok)
+{
+    if (!c || !tok || !session)
+        return c ? fail(c, RA_EINVAL, "NULL argument or session 0") : RA_EINVAL;
+    if (c->n_shards > 1)
+        return fail(c, RA_ENOTSUP, "a sharded client's session has one token per daemon");
+    if (map_reserve(c) < 0)
+        return fail(c, RA_ENOMEM, "out of memory");
+    smap m;
+    memset(&m, 0, sizeof m);
+    m.local = m.remote[0] = session;
+    memcpy(m.token[0], tok->bytes, RA_SESSION_TOKEN_BYTES);
+    m.token_len[0] = RA_SESSION_TOKEN_BYTES;
+    map_put(c, &m);
+    c->err[0] = 0;
+    return RA_OK;
+}
+
 /* One daemon's Stats reply (session 0: the daemon's counters). *r is freed by the
  * caller on RA_OK; *s points into it. */
-static ra_status stats_call(ra_client *c, int sh, uint64_t remote, ra_reply **r,
+static ra_status stats_call(ra_client *c, int sh, uint64_t session, ra_reply **r,
                             const Ratd__StatsReply **s)
 {
     Ratd__Header h = RATD__HEADER__INIT;
     h.type = RATD__MSG_TYPE__STATS;
-    h.session = remote;
+    if (session)
+        name_session(c, &h, session, sh);
     ra_status st = call(c, sh, &h, NULL, 0, r);
     if (st != RA_OK)
         return st;
@@ -510,6 +639,14 @@ ra_status ra_client_stats(ra_client *c, ra_server_stats *out)
         acc.mem_used += s->mem_used;
         acc.mem_limit += s->mem_limit;
         acc.tokens += s->tokens;
+        acc.clients += s->clients;
+        acc.max_clients += s->max_clients;
+        acc.listener_pauses += s->listener_pauses;
+        acc.replies_dropped += s->replies_dropped;
+        acc.sessions_expired += s->sessions_expired;
+        acc.tokens_refused += s->tokens_refused;
+        acc.reply_bytes += s->reply_bytes;
+        acc.curve_refused += s->curve_refused;
         if (s->uptime_s > acc.uptime_s)
             acc.uptime_s = s->uptime_s;
         for (size_t i = 0; i < s->n_ops && i < RA_OP_COUNT; i++) {
@@ -538,7 +675,7 @@ ra_status ra_client_session_stats(ra_client *c, uint64_t session, ra_session_sta
     for (int sh = 0; sh < c->n_shards; sh++) {
         ra_reply *r;
         const Ratd__StatsReply *s;
-        ra_status st = stats_call(c, sh, remote_session(c, session, sh), &r, &s);
+        ra_status st = stats_call(c, sh, session, &r, &s);
         if (st != RA_OK)
             return st;
         acc.tokens += s->session_tokens;
@@ -604,7 +741,7 @@ static ra_status tokens(ra_client *c, uint64_t session, int layer, const ra_kv_b
     int sh = shard_of(c, layer);
     Ratd__Header h = RATD__HEADER__INIT;
     h.type = offload ? RATD__MSG_TYPE__OFFLOAD : RATD__MSG_TYPE__APPEND;
-    h.session = remote_session(c, session, sh);
+    name_session(c, &h, session, sh);
     h.layer = (uint32_t)layer;
     ra_proto_part p[5] = {
         {RATD__ROLE__K, (Ratd__DType)b->dtype, 3, {G, n, D}, b->k, kvb, 0},
@@ -677,17 +814,31 @@ static ra_status attend_send(ra_client *c, int layer, const attend_args *a, ra_t
         return fail(c, RA_EBUSY, "%d attends already outstanding (max_inflight)", c->max_inflight);
     int sh = shard_of(c, layer);
     uint64_t *remote = NULL;
-    if (a->n_sess > 0) {
+    ProtobufCBinaryData *toks = NULL;
+    if (a->n_sess > 0) { /* each session's id and token on this shard */
         remote = malloc((size_t)a->n_sess * sizeof *remote);
-        if (!remote)
+        toks = calloc((size_t)a->n_sess, sizeof *toks);
+        if (!remote || !toks) {
+            free(remote);
+            free(toks);
             return fail(c, RA_ENOMEM, "out of memory");
-        for (int i = 0; i < a->n_sess; i++)
-            remote[i] = remote_session(c, a->sessions[i], sh);
+        }
+        for (int i = 0; i < a->n_sess; i++) {
+            smap *m = map_find(c, a->sessions[i]);
+            remote[i] = m ? m->remote[sh] : a->sessions[i];
+            if (m) {
+                toks[i].data = m->token[sh];
+                toks[i].len = m->token_len[sh];
+            }
+        }
     }
     Ratd__Header h = RATD__HEADER__INIT;
     Ratd__AttendParams ap = RATD__ATTEND_PARAMS__INIT;
     h.type = RATD__MSG_TYPE__ATTEND;
-    h.session = remote ? remote[0] : remote_session(c, a->session, sh);
+    if (remote)
+        h.session = remote[0];
+    else
+        name_session(c, &h, a->session, sh);
     h.layer = (uint32_t)layer;
     ap.top_k = (uint32_t)a->top_k;
     ap.effort = a->effort > 0 ? (uint32_t)a->effort : 0;
@@ -699,6 +850,8 @@ static ra_status attend_send(ra_client *c, int layer, const attend_args *a, ra_t
     }
     ap.n_sessions = remote ? (size_t)a->n_sess : 0;
     ap.sessions = remote;
+    ap.n_session_tokens = remote ? (size_t)a->n_sess : 0;
+    ap.session_tokens = toks;
     h.attend = &ap;
     uint64_t S = (uint64_t)a->n_sess, H = (uint64_t)a->n_q, D = (uint64_t)a->dim;
     ra_proto_part p = {
@@ -713,6 +866,7 @@ static ra_status attend_send(ra_client *c, int layer, const attend_args *a, ra_t
     uint64_t id = 0;
     ra_status st = send_req(c, sh, &h, &p, 1, &id);
     free(remote);
+    free(toks);
     if (st != RA_OK)
         return st;
     slot->id = id;
@@ -922,6 +1076,7 @@ size_t ra_client_struct_size(ra_client_struct which)
         [RA_CLIENT_STRUCT_SERVER_STATS] = sizeof(ra_server_stats),
         [RA_CLIENT_STRUCT_SESSION_STATS] = sizeof(ra_session_stats),
         [RA_CLIENT_STRUCT_ATTEND_BATCH_REQ] = sizeof(ra_attend_batch_req),
+        [RA_CLIENT_STRUCT_SESSION_TOKEN] = sizeof(ra_session_token),
     };
     return (unsigned)which < RA_CLIENT_STRUCT_COUNT ? sizes[which] : 0;
 }

@@ -3,7 +3,8 @@
  * -> on SIGINT/SIGTERM stop taking requests, answer those queued, cancel the index
  * builds, free every session, remove the ipc:// socket file, exit 0 (within a bound:
  * a build that does not end 3 s after its cancellation is left to the exit). Exit 2
- * on a configuration error, 1 on a start failure. */
+ * on a configuration error (also an endpoint the policy refuses once bound, or a CURVE
+ * file that is not private), 1 on another start failure. */
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
@@ -14,6 +15,8 @@
 #include "ra_proto.h"
 #include "ratd_config.h"
 #include "ratd_server.h"
+
+int ratd_curve_keygen(FILE *f); /* ratd_curve.c */
 
 #ifndef RATD_VERSION
 #define RATD_VERSION "0.1.0"
@@ -47,6 +50,8 @@ int main(int argc, char **argv)
         printf("ratd %s (wire protocol %u)\n", RATD_VERSION, RA_PROTO_VERSION);
         return 0;
     }
+    if (cfg.curve_keygen)
+        return ratd_curve_keygen(stdout);
     if (!strcmp(cfg.log_level, "error"))
         ra_log_set_level(RA_LOG_ERROR);
     else if (!strcmp(cfg.log_level, "warn"))
@@ -75,7 +80,7 @@ int main(int argc, char **argv)
     ra_status st = ratd_server_create(&s, &cfg, err, sizeof err);
     if (st != RA_OK) {
         RA_ERROR("cannot start: %s (%s)", err, ra_strerror(st));
-        return 1;
+        return st == RA_EINVAL ? 2 : 1; /* 2: what was asked for is not allowed */
     }
     if (ratd_server_run(s, &g_stop) != 0) {
         ratd_server_abandon(s);

@@ -166,11 +166,17 @@ static ra_status attend_sessions(ratd_server *s, ratd_job *j, const Ratd__Attend
     uint64_t gen = ++s->mark_gen;
     for (size_t i = 0; i < n; i++) {
         uint64_t id = batch ? ap->sessions[i] : hd->session;
-        ratd_session *ss = ratd_session_find(s, id);
+        /* a batch carries one token per session; Header.token serves the first */
+        const ProtobufCBinaryData *tok = i < ap->n_session_tokens ? &ap->session_tokens[i]
+                                         : i == 0                 ? &hd->token
+                                                                  : NULL;
+        ratd_session *ss =
+            ratd_session_get(s, id, tok ? tok->data : NULL, tok ? tok->len : 0, j->peer, err, el);
         if (!ss) {
-            snprintf(err, el, "no session %llu (never created, or dropped)%s",
-                     (unsigned long long)id,
-                     batch ? "; the batched Attend is refused as a whole" : "");
+            if (batch) {
+                size_t o = strlen(err);
+                snprintf(err + o, el - o, "; the batched Attend is refused as a whole");
+            }
             return RA_ENOSESSION;
         }
         if (ss->mark == gen) {
@@ -255,6 +261,10 @@ ra_status ratd_attend_accept(ratd_server *s, ratd_job *j)
         st = RA_ETOOBIG;
         goto fail;
     }
+    /* the reply's buffers count on the memory limit while they are computed and until
+     * ZeroMQ has sent them: a client that never reads cannot pile them up outside it */
+    if ((st = ratd_job_charge(s, j, rows * per_row)) != RA_OK)
+        goto fail;
     j->a.q = ratd_frame_data(&j->v, iq, sizeof(float), &j->a.qcopy);
     int ok = j->a.q && ratd_buf_get(&j->a.o, rows * D * sizeof(float)) &&
              ratd_buf_get(&j->a.lse, rows * sizeof(float)) &&

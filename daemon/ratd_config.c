@@ -3,14 +3,17 @@
  * --help all read that row, so adding an option is one line. */
 #include "ratd_config.h"
 
+#include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
 #include <limits.h>
+#include <netinet/in.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
-typedef enum { OPT_INT, OPT_SIZE, OPT_STR, OPT_BOOL } opt_type;
+typedef enum { OPT_INT, OPT_SIZE, OPT_STR, OPT_BOOL, OPT_OCTAL } opt_type;
 
 typedef struct ratd_option {
     const char *name;
@@ -29,9 +32,30 @@ typedef struct ratd_option {
 static const ratd_option g_options[] = {
     {"endpoint", OPT_STR, OFF(endpoint), SZ(endpoint), 0, 0, "",
      "ZeroMQ endpoint to bind: ipc:///path or tcp://host:port (default "
-     "ipc://$XDG_RUNTIME_DIR/ratd.sock, else ipc:///tmp/ratd-<uid>.sock)"},
+     "ipc://$XDG_RUNTIME_DIR/ratd/ratd.sock, else ipc:///tmp/ratd-<uid>/ratd.sock, in a "
+     "directory created 0700 and checked)"},
     {"allow-remote", OPT_BOOL, OFF(allow_remote), 0, 0, 1, "0",
-     "allow a tcp:// bind to a non-loopback address (no authentication: trusted networks only)"},
+     "allow a tcp:// bind to a non-loopback address (needs CURVE: --curve-secret-file and "
+     "--curve-clients)"},
+    {"allow-plain-loopback", OPT_BOOL, OFF(allow_plain_loopback), 0, 0, 1, "0",
+     "allow tcp:// on a loopback address without CURVE (any local user can connect)"},
+    {"socket-mode", OPT_OCTAL, OFF(socket_mode), 0, 0600, 0777, "0600",
+     "mode of the ipc:// socket file, octal; whoever may write it may connect"},
+    {"curve-secret-file", OPT_STR, OFF(curve_secret_file), SZ(curve_secret_file), 0, 0, "",
+     "the server's CURVE secret key (Z85, from --curve-keygen); the file must be ours and "
+     "mode 0600 or stricter; turns CURVE on"},
+    {"curve-clients", OPT_STR, OFF(curve_clients), SZ(curve_clients), 0, 0, "",
+     "authorised client public keys (Z85): a file of one key per line, or a directory of "
+     "such files; read at start, checked for every connection"},
+    {"curve-keygen", OPT_BOOL, OFF(curve_keygen), 0, 0, 1, "0",
+     "print a new CURVE key pair (public and secret, Z85) and exit"},
+    {"max-clients", OPT_INT, OFF(max_clients), 0, 0, 1 << 20, "0",
+     "connections at once (0: from RLIMIT_NOFILE, keeping a margin of descriptors); beyond "
+     "it ratd stops accepting until connections close"},
+    {"session-ttl", OPT_INT, OFF(session_ttl), 0, 0, 30 * 86400, "0",
+     "drop a session unused for this many seconds (0: never)"},
+    {"max-peer-reply-bytes", OPT_SIZE, OFF(max_peer_reply_bytes), 0, 1 << 20, 64 * GiB, "256M",
+     "reply bytes one client may leave unread; its requests beyond it get RA_EBUSY"},
     {"workers", OPT_INT, OFF(workers), 0, 0, 1024, "0",
      "attention worker threads (0: one per CPU of the binding set)"},
     {"numa-node", OPT_INT, OFF(numa_node), 0, -1, 4096, "-1",
@@ -66,7 +90,8 @@ static const ratd_option g_options[] = {
     {"spin-us", OPT_INT, OFF(spin_us), 0, 0, 100000, "100",
      "microseconds an idle worker spins for the next task before it sleeps (0: at once)"},
     {"send-timeout-ms", OPT_INT, OFF(send_timeout_ms), 0, 1, 600000, "2000",
-     "give up a reply to a client that does not read it after this long"},
+     "unused: replies never wait (one to a client whose queue is full is dropped and "
+     "counted); kept so that older configurations still load"},
     {"log-level", OPT_STR, OFF(log_level), SZ(log_level), 0, 0, "info",
      "error, warn, info or debug"},
     {"config", OPT_STR, OFF(config_file), SZ(config_file), 0, 0, "",
@@ -168,6 +193,22 @@ ra_status ratd_config_set(ratd_config *c, const char *name, const char *value, c
         x = v;
         break;
     }
+    case OPT_OCTAL: {
+        char *end;
+        errno = 0;
+        long v = strtol(value, &end, 8);
+        if (end == value || *end || errno) {
+            snprintf(err, errlen, "option %s: '%s' is not an octal mode such as 0600", name, value);
+            return RA_EINVAL;
+        }
+        x = v;
+        if (x < o->min || x > o->max) {
+            snprintf(err, errlen, "option %s: %04llo is outside [%04llo, %04llo]", name,
+                     (long long)x, (long long)o->min, (long long)o->max);
+            return RA_EINVAL;
+        }
+        break;
+    }
     case OPT_SIZE:
         if (parse_size(value, &x) < 0) {
             snprintf(err, errlen, "option %s: '%s' is not a size (e.g. 4096, 512M, 8G)", name,
@@ -181,7 +222,7 @@ ra_status ratd_config_set(ratd_config *c, const char *name, const char *value, c
                  (long long)o->min, (long long)o->max);
         return RA_EINVAL;
     }
-    if (o->type == OPT_INT)
+    if (o->type == OPT_INT || o->type == OPT_OCTAL)
         *(int *)field = (int)x;
     else
         *(uint64_t *)field = (uint64_t)x;
@@ -351,10 +392,11 @@ void ratd_config_usage(FILE *f, const char *prog)
             prog);
     for (size_t i = 0; i < N_OPTIONS; i++) {
         const ratd_option *o = &g_options[i];
-        const char *arg = o->type == OPT_BOOL   ? ""
-                          : o->type == OPT_STR  ? " STR"
-                          : o->type == OPT_SIZE ? " SIZE"
-                                                : " N";
+        const char *arg = o->type == OPT_BOOL    ? ""
+                          : o->type == OPT_STR   ? " STR"
+                          : o->type == OPT_SIZE  ? " SIZE"
+                          : o->type == OPT_OCTAL ? " MODE"
+                                                 : " N";
         char head[64];
         snprintf(head, sizeof head, "--%s%s", o->name, arg);
         fprintf(f, "  %-26s %s", head, o->help);
@@ -374,21 +416,141 @@ void ratd_config_usage(FILE *f, const char *prog)
                "free every session, remove the ipc:// socket file, exit 0.\n");
 }
 
-static int is_loopback(const char *host)
+/* The host part of a tcp:// endpoint into host (brackets of an IPv6 address removed);
+ * -1 when there is no host:port. */
+static int tcp_host(const char *endpoint, char *host, size_t len)
 {
-    return !strcmp(host, "localhost") || !strncmp(host, "127.", 4) || !strcmp(host, "::1") ||
-           !strcmp(host, "[::1]") || !strcmp(host, "lo");
+    const char *h = endpoint + 6;
+    const char *colon = strrchr(h, ':');
+    if (!colon || colon == h || (size_t)(colon - h) >= len)
+        return -1;
+    size_t n = (size_t)(colon - h);
+    if (n >= 2 && h[0] == '[' && h[n - 1] == ']') {
+        h++;
+        n -= 2;
+    }
+    memcpy(host, h, n);
+    host[n] = 0;
+    return 0;
+}
+
+int ratd_endpoint_is_loopback(const char *endpoint, int numeric_only)
+{
+    char host[256];
+    if (strncmp(endpoint, "tcp://", 6) != 0 || tcp_host(endpoint, host, sizeof host) < 0)
+        return 0;
+    if (!numeric_only && (!strcmp(host, "localhost") || !strcmp(host, "lo")))
+        return 1;
+    struct in_addr a4;
+    struct in6_addr a6;
+    if (inet_pton(AF_INET, host, &a4) == 1)
+        return (ntohl(a4.s_addr) >> 24) == 127;
+    if (inet_pton(AF_INET6, host, &a6) == 1) {
+        if (IN6_IS_ADDR_LOOPBACK(&a6))
+            return 1;
+        return IN6_IS_ADDR_V4MAPPED(&a6) && a6.s6_addr[12] == 127;
+    }
+    return 0;
+}
+
+ra_status ratd_private_dir(const char *dir, int create, char *err, size_t errlen)
+{
+    if (create && mkdir(dir, 0700) != 0 && errno != EEXIST) {
+        snprintf(err, errlen, "cannot create the socket directory %s: %s", dir, strerror(errno));
+        return RA_EIO;
+    }
+    struct stat sb;
+    if (lstat(dir, &sb) != 0) {
+        snprintf(err, errlen, "socket directory %s: %s", dir, strerror(errno));
+        return RA_EIO;
+    }
+    if (S_ISLNK(sb.st_mode) || !S_ISDIR(sb.st_mode)) {
+        snprintf(err, errlen,
+                 "socket directory %s is %s, not a directory of ours; remove it or choose "
+                 "another --endpoint",
+                 dir, S_ISLNK(sb.st_mode) ? "a symbolic link" : "not a directory");
+        return RA_EINVAL;
+    }
+    if (sb.st_uid != geteuid()) {
+        snprintf(err, errlen,
+                 "socket directory %s belongs to uid %u, not to this user (uid %u): refusing "
+                 "to put the socket there; remove it or choose another --endpoint",
+                 dir, (unsigned)sb.st_uid, (unsigned)geteuid());
+        return RA_EINVAL;
+    }
+    if (sb.st_mode & 077) {
+        snprintf(err, errlen,
+                 "socket directory %s has mode %04o: others may reach it; make it private "
+                 "(chmod 700 %s) or choose another --endpoint",
+                 dir, (unsigned)(sb.st_mode & 07777), dir);
+        return RA_EINVAL;
+    }
+    return RA_OK;
+}
+
+static ra_status tcp_policy(const ratd_config *c, const char *ep, int loopback, char *err,
+                            size_t errlen)
+{
+    int curve = c->curve_secret_file[0] != 0;
+    if (!loopback) {
+        if (!c->allow_remote) {
+            snprintf(err, errlen,
+                     "endpoint %s binds a non-loopback address; this needs --allow-remote and "
+                     "CURVE (--curve-secret-file, --curve-clients), or bind tcp://127.0.0.1:PORT",
+                     ep);
+            return RA_EINVAL;
+        }
+        if (!curve) {
+            snprintf(err, errlen,
+                     "endpoint %s binds a non-loopback address: remote clients must "
+                     "authenticate with CURVE; give --curve-secret-file (ratd --curve-keygen "
+                     "makes a key pair) and --curve-clients",
+                     ep);
+            return RA_EINVAL;
+        }
+    } else if (!curve && !c->allow_plain_loopback) {
+        snprintf(err, errlen,
+                 "endpoint %s: tcp:// without CURVE lets every local user connect; use an "
+                 "ipc:// endpoint (its directory and socket file are private), CURVE "
+                 "(--curve-secret-file, --curve-clients), or say --allow-plain-loopback",
+                 ep);
+        return RA_EINVAL;
+    }
+    return RA_OK;
+}
+
+ra_status ratd_config_check_bound(const ratd_config *c, const char *bound, char *err, size_t errlen)
+{
+    if (strncmp(bound, "tcp://", 6) != 0)
+        return RA_OK;
+    return tcp_policy(c, bound, ratd_endpoint_is_loopback(bound, 1), err, errlen);
 }
 
 ra_status ratd_config_check_endpoint(ratd_config *c, char *err, size_t errlen)
 {
+    ra_status st;
     if (!c->endpoint[0]) {
+        char dir[400];
         const char *xdg = getenv("XDG_RUNTIME_DIR");
-        if (xdg && *xdg && access(xdg, W_OK) == 0)
-            snprintf(c->endpoint, sizeof c->endpoint, "ipc://%s/ratd.sock", xdg);
+        if (xdg && *xdg && strlen(xdg) < 300 && access(xdg, W_OK) == 0)
+            snprintf(dir, sizeof dir, "%s/ratd", xdg);
         else
-            snprintf(c->endpoint, sizeof c->endpoint, "ipc:///tmp/ratd-%u.sock",
-                     (unsigned)getuid());
+            snprintf(dir, sizeof dir, "/tmp/ratd-%u", (unsigned)geteuid());
+        if ((st = ratd_private_dir(dir, 1, err, errlen)) != RA_OK)
+            return st;
+        snprintf(c->endpoint, sizeof c->endpoint, "ipc://%s/ratd.sock", dir);
+    }
+    if (!c->curve_secret_file[0] && c->curve_clients[0]) {
+        snprintf(err, errlen,
+                 "--curve-clients needs --curve-secret-file (the server's own key); CURVE is "
+                 "off without it");
+        return RA_EINVAL;
+    }
+    if (c->curve_secret_file[0] && !c->curve_clients[0]) {
+        snprintf(err, errlen,
+                 "--curve-secret-file needs --curve-clients (the public keys that may "
+                 "connect); without them every key would be accepted");
+        return RA_EINVAL;
     }
     if (!strncmp(c->endpoint, "ipc://", 6)) {
         if (!c->endpoint[6]) {
@@ -399,22 +561,18 @@ ra_status ratd_config_check_endpoint(ratd_config *c, char *err, size_t errlen)
     }
     if (!strncmp(c->endpoint, "tcp://", 6)) {
         char host[256];
-        const char *h = c->endpoint + 6;
-        const char *colon = strrchr(h, ':');
-        if (!colon || colon == h || (size_t)(colon - h) >= sizeof host) {
-            snprintf(err, errlen, "endpoint %s: expected tcp://host:port", c->endpoint);
-            return RA_EINVAL;
-        }
-        memcpy(host, h, (size_t)(colon - h));
-        host[colon - h] = 0;
-        if (!is_loopback(host) && !c->allow_remote) {
+        if (strchr(c->endpoint, ';')) {
             snprintf(err, errlen,
-                     "endpoint %s binds a non-loopback address; ratd has no authentication, so "
-                     "this needs --allow-remote (or bind tcp://127.0.0.1:PORT)",
+                     "endpoint %s: ';' is ZeroMQ's source;address form, which would bind the "
+                     "address after it; give one tcp://host:port",
                      c->endpoint);
             return RA_EINVAL;
         }
-        return RA_OK;
+        if (tcp_host(c->endpoint, host, sizeof host) < 0) {
+            snprintf(err, errlen, "endpoint %s: expected tcp://host:port", c->endpoint);
+            return RA_EINVAL;
+        }
+        return tcp_policy(c, c->endpoint, ratd_endpoint_is_loopback(c->endpoint, 0), err, errlen);
     }
     snprintf(err, errlen, "endpoint %s: only ipc:// and tcp:// are supported", c->endpoint);
     return RA_EINVAL;

@@ -15,8 +15,16 @@
 typedef struct ratd_config {
     char endpoint[512];
     int allow_remote;
-    int workers;   /* 0: one per CPU of the binding set */
-    int numa_node; /* -1: none */
+    int allow_plain_loopback; /* tcp:// on loopback without CURVE */
+    int socket_mode;          /* mode of the ipc:// socket file */
+    char curve_secret_file[512];
+    char curve_clients[512];       /* a directory or a file of authorised client public keys */
+    int curve_keygen;              /* action: print a key pair and exit */
+    int max_clients;               /* connections at once; 0: from RLIMIT_NOFILE */
+    int session_ttl;               /* seconds a session may stay idle; 0: forever */
+    uint64_t max_peer_reply_bytes; /* reply bytes one client may leave unread */
+    int workers;                   /* 0: one per CPU of the binding set */
+    int numa_node;                 /* -1: none */
     char cpuset[256];
     uint64_t mem_limit; /* bytes, 0: none */
     uint64_t max_frame_bytes;
@@ -52,8 +60,22 @@ ra_status ratd_config_args(ratd_config *c, int argc, char **argv, int *help, int
 ra_status ratd_config_load(ratd_config *c, int argc, char **argv, int *help, int *version,
                            char *err, size_t errlen);
 void ratd_config_usage(FILE *f, const char *prog);
-/* Fills the default endpoint (ipc:// under $XDG_RUNTIME_DIR or /tmp) when none is set,
- * and refuses a tcp:// bind to a non-loopback address without allow-remote. */
+/* Fills the default endpoint when none is set (ipc:// in the private directory
+ * $XDG_RUNTIME_DIR/ratd/, else /tmp/ratd-<uid>/, created 0700 and checked: ours, not a
+ * symlink, no group/other bits), and applies the transport policy before the bind:
+ * a tcp:// endpoint has no ';' (ZeroMQ's source;bind form), a non-loopback address
+ * needs allow-remote and CURVE, a loopback one CURVE or allow-plain-loopback; CURVE
+ * needs its authorised clients. */
 ra_status ratd_config_check_endpoint(ratd_config *c, char *err, size_t errlen);
+/* The same policy on the address actually bound (ZMQ_LAST_ENDPOINT, e.g.
+ * "tcp://0.0.0.0:47107"): RA_EINVAL with a message when it is not allowed. */
+ra_status ratd_config_check_bound(const ratd_config *c, const char *bound, char *err,
+                                  size_t errlen);
+/* 1 when a tcp:// endpoint's host is a numeric loopback address (127.0.0.0/8, ::1,
+ * ::ffff:127.x), or the names localhost / lo before the bind. */
+int ratd_endpoint_is_loopback(const char *endpoint, int numeric_only);
+/* Creates (0700) or checks the private directory `dir`: a real directory, owned by
+ * this user, without group/other permission bits. */
+ra_status ratd_private_dir(const char *dir, int create, char *err, size_t errlen);
 
 #endif

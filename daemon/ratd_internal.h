@@ -14,6 +14,7 @@
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "ra_index.h"
 #include "ra_proto.h"
@@ -28,8 +29,28 @@
  * others go to the reaper. */
 #define RATD_INLINE_FREE_BYTES ((size_t)64 << 20)
 
+/* Bytes of a session's token (Header.token). */
+#define RATD_TOKEN_BYTES 16
+/* Longest ZeroMQ routing id kept per peer (ROUTER-made ids are 5 bytes). */
+#define RATD_PEER_ID_MAX 32
+#define RATD_PEER_BUCKETS 1024
+
 typedef struct ratd_job ratd_job;
 typedef struct ratd_session ratd_session;
+
+/* One client connection as the ROUTER names it: what its unread replies hold, and when
+ * a dropped reply to it was last logged. Made by the I/O thread at a request; jobs hold
+ * references (atomic: released from ZeroMQ's threads); swept by the I/O thread when
+ * unreferenced and idle. */
+typedef struct ratd_peer {
+    uint8_t id[RATD_PEER_ID_MAX];
+    size_t id_len;
+    size_t reply_bytes; /* atomic: charged replies not yet released by ZeroMQ */
+    int refs;           /* atomic: jobs naming this peer */
+    double last_seen, last_drop_log;
+    uint64_t dropped, dropped_logged;
+    struct ratd_peer *next;
+} ratd_peer;
 
 /* One job's place in one (session, layer) lane: a FIFO whose head job may run. */
 typedef struct ratd_lane_node {
@@ -43,6 +64,9 @@ typedef struct ratd_lane {
 
 struct ratd_session {
     uint64_t id;
+    uint8_t token[RATD_TOKEN_BYTES]; /* the owner's proof (Header.token) */
+    double last_used;                /* I/O thread: last request naming it (--session-ttl) */
+    char owner[80];                  /* routing id of the creator, for logs */
     int n_layers, n_q, n_kv, dim, rep;
     ra_dtype dtype;
     ra_index_opts iopts;
@@ -97,6 +121,8 @@ struct ratd_job {
     uint64_t req_id;
     double t_arrive;
     char peer[80];
+    ratd_peer *cl;  /* the requesting connection (NULL when out of memory) */
+    size_t charged; /* reply bytes reserved on the daemon's account and cl (Attend) */
     /* sessions and lanes (a batched Attend names several) */
     int n_sess;
     uint32_t layer;
@@ -131,6 +157,7 @@ struct ratd_job {
         const int32_t *knn;
         ratd_buf copy[5];          /* unaligned frames */
         ratd_buf bad, bad_at, bst; /* per KV head: error, entry index, build status */
+        ratd_buf grow;             /* per KV head: {rows to grow to, bytes prepaid} */
     } t;
 };
 
@@ -141,10 +168,33 @@ struct ratd_server {
     ratd_pool *pool;
     ra_mem mem;
     ra_proto_limits lim;
-    /* sessions, sorted by id (ids only grow): binary search, I/O thread */
+    /* sessions, sorted by id (random ids, never 0): binary search, I/O thread */
     ratd_session **sessions;
     int n_sessions, cap_sessions;
-    uint64_t next_session;
+    uint64_t instance_id; /* random per start (HelloReply.instance_id) */
+    double next_sweep;    /* I/O thread: next --session-ttl and peer sweep */
+    /* peers (ratd_peer), I/O thread */
+    ratd_peer *peers[RATD_PEER_BUCKETS];
+    int n_peers;
+    /* the listener (ratd_listen.c), I/O thread */
+    void *mon;               /* PAIR receiving the ROUTER's connection events */
+    int listen_fd;           /* our listening socket; a duplicate is lent to ZeroMQ (ZMQ_USE_FD) */
+    int zmq_fd, zmq_fd_lent; /* that duplicate; 1: ZeroMQ owns it */
+    int idle_fd;             /* an idle listening socket that stands in for it while paused */
+    int spare_fd;            /* kept to accept-and-close with when descriptors run out */
+    char bound[512];         /* ZMQ_LAST_ENDPOINT */
+    int max_clients, clients, paused;
+    uint8_t *conn_fds; /* bitmap of live connection descriptors */
+    int conn_fds_cap;
+    uint64_t listener_pauses;
+    /* CURVE (ratd_curve.c) */
+    void *zap; /* REP socket on inproc://zeromq.zap.01, its own thread */
+    pthread_t zap_thread;
+    int zap_live, zap_stop;
+    double zap_last_log; /* ZAP thread: the last refusal logged */
+    uint8_t *curve_keys; /* sorted 32-byte public keys of authorised clients */
+    size_t n_curve_keys;
+    uint64_t curve_refused; /* atomic: handshakes refused by the ZAP handler */
     /* jobs */
     ratd_job *done_stack;  /* atomic: finished jobs, pushed by workers */
     ratd_job *free_shared; /* atomic: jobs whose reply frames were released */
@@ -165,16 +215,28 @@ struct ratd_server {
     char ipc_path[512];
     double t0;
     uint64_t requests, errors, bad_messages, bytes_in, bytes_out, tokens;
+    uint64_t replies_dropped, sessions_expired, tokens_refused;
+    size_t reply_bytes; /* atomic: reply bytes charged now */
     op_stat ops[RATD_N_OPS];
 };
 
 /* ---- ratd_session.c ----------------------------------------------------------------- */
 ratd_session *ratd_session_find(ratd_server *s, uint64_t id);
-/* Validates a CreateSession and adds the session (reply: Header.session). */
-ra_status ratd_session_create(ratd_server *s, const Ratd__CreateSession *c, uint64_t *id, char *err,
+/* The session `id` when `token` (len bytes) is its token; else NULL with the message of
+ * an unknown session in err (a wrong token is counted and logged, never told apart). */
+ratd_session *ratd_session_get(ratd_server *s, uint64_t id, const uint8_t *token, size_t len,
+                               const char *peer, char *err, size_t errlen);
+/* Validates a CreateSession and adds the session (reply: Header.session and .token). */
+ra_status ratd_session_create(ratd_server *s, const Ratd__CreateSession *c, const char *peer,
+                              uint64_t *id, uint8_t token[RATD_TOKEN_BYTES], char *err,
                               size_t errlen);
 /* Takes the session out of the table; it is freed when its last job ends. */
-ra_status ratd_session_drop(ratd_server *s, uint64_t id, char *err, size_t errlen);
+ra_status ratd_session_drop(ratd_server *s, uint64_t id, const uint8_t *token, size_t len,
+                            const char *peer, char *err, size_t errlen);
+/* Drops the sessions unused for --session-ttl with no request in flight. */
+void ratd_session_expire(ratd_server *s, double now);
+/* Random bytes from getrandom(2); RA_EIO when the kernel has none to give. */
+ra_status ratd_random(void *buf, size_t n);
 void ratd_session_unref(ratd_server *s, ratd_session *ss);
 ra_status ratd_reaper_start(ratd_server *s, char *err, size_t errlen);
 /* Drops every session, then waits up to `seconds` for the reaper to free them all.
@@ -191,6 +253,40 @@ ra_status ratd_tokens_accept(ratd_server *s, ratd_job *j);
 /* The split of an Attend over the workers: P sub-groups of gsize query heads per KV
  * head (see ratd_attend.c). */
 void ratd_attend_split(int n_sess, int n_kv, int rep, int workers, int *P, int *gsize);
+
+/* ---- ratd_listen.c: the bind, the policy on the bound address, the connection
+ * budget (stop accepting at max-clients, resume below it) ---------------------------- */
+ra_status ratd_listen_bind(ratd_server *s, char *err, size_t errlen);
+/* Handles the ROUTER's connection events waiting on s->mon. */
+void ratd_listen_events(ratd_server *s);
+/* Before the ROUTER closes: accepting resumed, the monitor closed. */
+void ratd_listen_close(ratd_server *s);
+/* After the context ends: the descriptors. */
+void ratd_listen_release(ratd_server *s);
+
+/* ---- ratd_peer.c: clients, their charged replies, dropped replies ------------------- */
+/* The record of a routing id, made on first sight; NULL when out of memory. */
+ratd_peer *ratd_peer_get(ratd_server *s, zmq_msg_t *route, double now);
+/* Frees the records no job names that sent nothing for `idle` seconds (idle < 0: all,
+ * at the end). */
+void ratd_peer_sweep(ratd_server *s, double now, double idle);
+/* A reply the client's full queue refused: counted, logged once per 10 s a client. */
+void ratd_peer_reply_dropped(ratd_server *s, ratd_job *j);
+/* Reserves an Attend's reply bytes on the daemon's account and the client's share
+ * (--max-peer-reply-bytes) until ZeroMQ releases the reply; RA_ENOMEM / RA_EBUSY with
+ * the job's message set. */
+ra_status ratd_job_charge(ratd_server *s, ratd_job *j, size_t bytes);
+/* When the job's last reply frame is released: the charge and the client's reference
+ * go back (any thread). */
+void ratd_job_uncharge(ratd_server *s, ratd_job *j);
+
+/* ---- ratd_curve.c: CURVE keys and the ZAP handler ------------------------------------ */
+/* Prints a new key pair; 0 on success. */
+int ratd_curve_keygen(FILE *f);
+/* Loads the secret and the client keys, starts the ZAP thread and sets the ROUTER's
+ * CURVE options (before its bind). No-op without --curve-secret-file. */
+ra_status ratd_curve_setup(ratd_server *s, char *err, size_t errlen);
+void ratd_curve_stop(ratd_server *s);
 
 /* ---- ratd_server.c: helpers the handlers share ------------------------------------ */
 /* Grows b to at least `bytes` (kept for the next request); NULL on allocation failure. */

@@ -11,8 +11,9 @@
  * wakes the I/O thread through an eventfd it polls next to the socket; the I/O thread
  * starts the lanes' next jobs and sends the reply, whose tensor frames leave without a
  * copy from the job's buffers, which return to the job pool when ZeroMQ releases them.
- * Nothing on this path allocates once the pool's jobs have grown to the request sizes
- * seen. */
+ * A reply is never waited for: one that the client's full queue refuses is dropped and
+ * counted (ratd_peer.c). Nothing on this path allocates once the pool's jobs have grown
+ * to the request sizes seen. */
 #define _GNU_SOURCE
 #include "ratd_server.h"
 
@@ -204,8 +205,11 @@ static void job_free_push(ratd_server *s, ratd_job *j)
  * the job and its buffers go back to the pool. Called from ZeroMQ's threads. */
 static void job_unref(ratd_job *j)
 {
-    if (__atomic_sub_fetch(&j->frames, 1, __ATOMIC_ACQ_REL) == 0)
-        job_free_push(j->srv, j);
+    if (__atomic_sub_fetch(&j->frames, 1, __ATOMIC_ACQ_REL) != 0)
+        return;
+    ratd_server *s = j->srv;
+    ratd_job_uncharge(s, j);
+    job_free_push(s, j);
 }
 
 void ratd_job_frame_release(void *data, void *hint)
@@ -250,6 +254,8 @@ static ratd_job *job_get(ratd_server *s)
     j->stored_tokens = 0;
     j->req_id = 0;
     j->type = 0;
+    j->cl = NULL;
+    j->charged = 0;
     j->t.phase = 0;
     j->work.fn = NULL;
     j->work.done = job_work_done;
@@ -260,10 +266,10 @@ static ratd_job *job_get(ratd_server *s)
 
 static void job_destroy(ratd_job *j)
 {
-    ratd_buf *bufs[] = {&j->ss_buf,    &j->node_buf,  &j->tst,      &j->a.qcopy,   &j->a.o,
-                        &j->a.lse,     &j->a.ids,     &j->a.sc,     &j->a.pos,     &j->a.cnt,
-                        &j->t.bad,     &j->t.bad_at,  &j->t.bst,    &j->t.copy[0], &j->t.copy[1],
-                        &j->t.copy[2], &j->t.copy[3], &j->t.copy[4]};
+    ratd_buf *bufs[] = {&j->ss_buf,    &j->node_buf,  &j->tst,       &j->a.qcopy,   &j->a.o,
+                        &j->a.lse,     &j->a.ids,     &j->a.sc,      &j->a.pos,     &j->a.cnt,
+                        &j->t.bad,     &j->t.bad_at,  &j->t.bst,     &j->t.copy[0], &j->t.copy[1],
+                        &j->t.copy[2], &j->t.copy[3], &j->t.copy[4], &j->t.grow};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         buf_free(bufs[i]);
     arena_reset(&j->arena);
@@ -340,9 +346,12 @@ static void reply(ratd_server *s, ratd_job *j, Ratd__Header *rep, ra_status st,
     rep->server_us = us < 4e9 ? (uint32_t)us : UINT32_MAX;
     rep->work_us = work_us < UINT32_MAX ? (uint32_t)work_us : UINT32_MAX;
     __atomic_add_fetch(&j->frames, lent, __ATOMIC_RELAXED); /* released by the frames */
-    if (ra_proto_send_lend(s->sock, &j->msg.frames[0], j->delim, rep, parts, n_parts,
-                           ratd_job_frame_release, j) < 0) {
-        if (errno == EHOSTUNREACH)
+    /* never wait: a client that does not read must not hold the loop */
+    if (ra_proto_send_lend_flags(s->sock, &j->msg.frames[0], j->delim, rep, parts, n_parts,
+                                 ratd_job_frame_release, j, ZMQ_DONTWAIT) < 0) {
+        if (errno == EAGAIN)
+            ratd_peer_reply_dropped(s, j);
+        else if (errno == EHOSTUNREACH)
             RA_WARN("request %llu (%s): client %s went away before its reply; reply dropped",
                     (unsigned long long)j->req_id, ra_proto_type_name(j->type), j->peer);
         else
@@ -478,6 +487,7 @@ static void do_hello(ratd_server *s, Ratd__Header *rep, Ratd__HelloReply *hr, Ra
     hr->server_version = (char *)RATD_VERSION;
     hr->workers = (uint32_t)ratd_pool_workers(s->pool);
     hr->numa_node = ratd_pool_numa_node(s->pool);
+    hr->instance_id = s->instance_id;
     lm->max_frame_bytes = s->cfg.max_frame_bytes;
     lm->max_message_bytes = s->cfg.max_message_bytes;
     lm->mem_limit = s->cfg.mem_limit;
@@ -499,9 +509,11 @@ static ra_status do_stats(ratd_server *s, ratd_job *j, Ratd__StatsReply *sr, Rat
 {
     uint64_t sid = j->v.hdr->session;
     if (sid) { /* one session's index state */
-        ratd_session *ss = ratd_session_find(s, sid);
+        const ProtobufCBinaryData *tok = &j->v.hdr->token;
+        ratd_session *ss =
+            ratd_session_get(s, sid, tok->data, tok->len, j->peer, j->err, sizeof j->err);
         if (!ss) {
-            ratd_job_set_err(j, RA_ENOSESSION, "unknown session %llu", (unsigned long long)sid);
+            j->st = RA_ENOSESSION;
             return RA_ENOSESSION;
         }
         sr->session_tokens = ss->tokens;
@@ -525,6 +537,14 @@ static ra_status do_stats(ratd_server *s, ratd_job *j, Ratd__StatsReply *sr, Rat
     sr->mem_limit = s->mem.limit;
     sr->tokens = s->tokens;
     sr->uptime_s = ra_now_s() - s->t0;
+    sr->clients = (uint32_t)s->clients;
+    sr->max_clients = (uint32_t)s->max_clients;
+    sr->listener_pauses = s->listener_pauses;
+    sr->replies_dropped = s->replies_dropped;
+    sr->sessions_expired = s->sessions_expired;
+    sr->tokens_refused = s->tokens_refused;
+    sr->reply_bytes = __atomic_load_n(&s->reply_bytes, __ATOMIC_RELAXED);
+    sr->curve_refused = __atomic_load_n(&s->curve_refused, __ATOMIC_RELAXED);
     for (int i = 0; i < RATD_N_OPS; i++) {
         ratd__op_stats__init(&os[i]);
         os[i].count = s->ops[i].count;
@@ -547,6 +567,7 @@ static void handle_inline(ratd_server *s, ratd_job *j, int version_ok)
     Ratd__StatsReply sr = RATD__STATS_REPLY__INIT;
     Ratd__OpStats os[RATD_N_OPS];
     Ratd__OpStats *osp[RATD_N_OPS];
+    uint8_t tok[RATD_TOKEN_BYTES];
     Ratd__Header *hd = j->v.hdr;
     rep.session = hd->session;
     rep.layer = hd->layer;
@@ -568,13 +589,17 @@ static void handle_inline(ratd_server *s, ratd_job *j, int version_ok)
         break;
     case RATD__MSG_TYPE__CREATE_SESSION: {
         uint64_t id = 0;
-        st = ratd_session_create(s, hd->create, &id, j->err, sizeof j->err);
-        if (st == RA_OK)
+        st = ratd_session_create(s, hd->create, j->peer, &id, tok, j->err, sizeof j->err);
+        if (st == RA_OK) {
             rep.session = id;
+            rep.token.data = tok;
+            rep.token.len = RATD_TOKEN_BYTES;
+        }
         break;
     }
     case RATD__MSG_TYPE__DROP_SESSION:
-        st = ratd_session_drop(s, hd->session, j->err, sizeof j->err);
+        st = ratd_session_drop(s, hd->session, hd->token.data, hd->token.len, j->peer, j->err,
+                               sizeof j->err);
         break;
     case RATD__MSG_TYPE__STATS:
         st = do_stats(s, j, &sr, os, osp);
@@ -596,6 +621,9 @@ static void on_message(ratd_server *s, ratd_job *j)
     s->requests++;
     s->bytes_in += j->msg.total_bytes;
     peer_str(&j->msg.frames[0], j->peer, sizeof j->peer);
+    j->cl = ratd_peer_get(s, &j->msg.frames[0], j->t_arrive);
+    if (j->cl)
+        __atomic_add_fetch(&j->cl->refs, 1, __ATOMIC_RELAXED);
     /* REQ clients put an empty delimiter before the header; DEALER clients do not */
     j->delim = j->msg.n >= 3 && zmq_msg_size(&j->msg.frames[1]) == 0;
     ra_status st = ra_proto_parse_with(&j->msg, 1 + j->delim, &s->lim, &j->arena.pa, &j->v,
@@ -653,13 +681,25 @@ static int receive_one(ratd_server *s)
  * `burst` requests. Returns the requests handled, or -1 when the socket is unusable. */
 static int serve_once(ratd_server *s, int timeout_ms, int burst, volatile sig_atomic_t *stop)
 {
-    zmq_pollitem_t it[2] = {{NULL, s->efd, ZMQ_POLLIN, 0}, {s->sock, 0, ZMQ_POLLIN, 0}};
-    int rc = zmq_poll(it, burst > 0 ? 2 : 1, s->ready ? 0 : timeout_ms);
+    /* while accepting is paused, the I/O thread refuses the waiting connections */
+    zmq_pollitem_t it[4] = {{NULL, s->efd, ZMQ_POLLIN, 0},
+                            {s->mon, 0, ZMQ_POLLIN, 0},
+                            {NULL, s->paused ? s->listen_fd : -1, ZMQ_POLLIN, 0},
+                            {s->sock, 0, ZMQ_POLLIN, 0}};
+    int rc = zmq_poll(it, burst > 0 ? 4 : 3, s->ready ? 0 : timeout_ms);
     if (rc < 0) {
         if (errno == EINTR)
             return 0;
         RA_ERROR("poll: %s", zmq_strerror(errno));
         return -1;
+    }
+    if ((it[1].revents | it[2].revents) & ZMQ_POLLIN)
+        ratd_listen_events(s);
+    double now = ra_now_s();
+    if (now >= s->next_sweep) {
+        ratd_session_expire(s, now);
+        ratd_peer_sweep(s, now, 60.0);
+        s->next_sweep = now + 1.0;
     }
     if (it[0].revents & ZMQ_POLLIN) {
         uint64_t x;
@@ -668,7 +708,7 @@ static int serve_once(ratd_server *s, int timeout_ms, int burst, volatile sig_at
     }
     drain_completions(s);
     int n = 0;
-    if (burst > 0 && (it[1].revents & ZMQ_POLLIN))
+    if (burst > 0 && (it[3].revents & ZMQ_POLLIN))
         for (; n < burst && !(stop && *stop); n++) {
             if (!receive_one(s))
                 break;
@@ -678,37 +718,6 @@ static int serve_once(ratd_server *s, int timeout_ms, int burst, volatile sig_at
     if (s->ready) /* refused when they became first in their lanes: answer now */
         drain_completions(s);
     return n;
-}
-
-/* An ipc:// path that a live process still accepts on belongs to another daemon:
- * refuse to steal it. A stale file (no listener) is removed. */
-static ra_status check_ipc_path(const char *path, char *err, size_t errlen)
-{
-    struct stat sb;
-    if (stat(path, &sb) != 0)
-        return RA_OK;
-    struct sockaddr_un a;
-    memset(&a, 0, sizeof a);
-    a.sun_family = AF_UNIX;
-    if (strlen(path) >= sizeof a.sun_path) {
-        snprintf(err, errlen, "ipc path %s is longer than %zu bytes", path, sizeof a.sun_path - 1);
-        return RA_EINVAL;
-    }
-    strcpy(a.sun_path, path);
-    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
-    if (fd >= 0) {
-        int live = connect(fd, (struct sockaddr *)&a, sizeof a) == 0;
-        close(fd);
-        if (live) {
-            snprintf(err, errlen,
-                     "%s is in use by another running ratd; stop it or choose another "
-                     "--endpoint",
-                     path);
-            return RA_EEXIST;
-        }
-    }
-    unlink(path);
-    return RA_OK;
 }
 
 ra_status ratd_server_create(ratd_server **out, const ratd_config *cfg, char *err, size_t errlen)
@@ -721,7 +730,7 @@ ra_status ratd_server_create(ratd_server **out, const ratd_config *cfg, char *er
     ra_status st;
     s->cfg = *cfg;
     s->efd = -1;
-    s->next_session = 1;
+    s->listen_fd = s->zmq_fd = s->idle_fd = s->spare_fd = -1;
     s->mem.limit = cfg->mem_limit;
     s->lim.max_frame_bytes = cfg->max_frame_bytes;
     s->lim.max_message_bytes = cfg->max_message_bytes;
@@ -743,12 +752,10 @@ ra_status ratd_server_create(ratd_server **out, const ratd_config *cfg, char *er
     }
     if ((st = ratd_reaper_start(s, err, errlen)) != RA_OK)
         goto fail;
-    if (!strncmp(cfg->endpoint, "ipc://", 6)) {
-        snprintf(s->ipc_path, sizeof s->ipc_path, "%s", cfg->endpoint + 6);
-        if ((st = check_ipc_path(s->ipc_path, err, errlen)) != RA_OK) {
-            s->ipc_path[0] = 0;
-            goto fail;
-        }
+    if (ratd_random(&s->instance_id, sizeof s->instance_id) != RA_OK) {
+        snprintf(err, errlen, "the kernel has no random bytes (getrandom)");
+        st = RA_EIO;
+        goto fail;
     }
     s->ctx = zmq_ctx_new();
     if (!s->ctx || !(s->sock = zmq_socket(s->ctx, ZMQ_ROUTER))) {
@@ -756,23 +763,10 @@ ra_status ratd_server_create(ratd_server **out, const ratd_config *cfg, char *er
         st = RA_EIO;
         goto fail;
     }
-    int one = 1, linger = 1000, hwm = 64, sndto = cfg->send_timeout_ms;
-    /* Frames a little over the limit still arrive and get an RA_ETOOBIG reply; beyond
-     * twice the limit the transport drops the connection before buffering them. */
-    int64_t maxmsg = (int64_t)(cfg->max_frame_bytes > (uint64_t)INT64_MAX / 2
-                                   ? INT64_MAX
-                                   : 2 * cfg->max_frame_bytes + RA_PROTO_MAX_HEADER_BYTES);
-    zmq_setsockopt(s->sock, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
-    zmq_setsockopt(s->sock, ZMQ_LINGER, &linger, sizeof linger);
-    zmq_setsockopt(s->sock, ZMQ_RCVHWM, &hwm, sizeof hwm);
-    zmq_setsockopt(s->sock, ZMQ_SNDTIMEO, &sndto, sizeof sndto);
-    zmq_setsockopt(s->sock, ZMQ_MAXMSGSIZE, &maxmsg, sizeof maxmsg);
-    if (zmq_bind(s->sock, cfg->endpoint) != 0) {
-        snprintf(err, errlen, "cannot bind %s: %s", cfg->endpoint, zmq_strerror(errno));
-        st = RA_EIO;
-        s->ipc_path[0] = 0;
+    if ((st = ratd_curve_setup(s, err, errlen)) != RA_OK)
         goto fail;
-    }
+    if ((st = ratd_listen_bind(s, err, errlen)) != RA_OK)
+        goto fail;
     *out = s;
     return RA_OK;
 fail:
@@ -783,9 +777,10 @@ fail:
 int ratd_server_run(ratd_server *s, volatile sig_atomic_t *stop)
 {
     RA_INFO("ratd %s listening on %s (protocol %u, %d workers, queue %d, placement: %s, memory "
-            "limit %s)",
-            RATD_VERSION, s->cfg.endpoint, RA_PROTO_VERSION, ratd_pool_workers(s->pool),
-            s->cfg.max_queue, ratd_pool_placement(s->pool), s->cfg.mem_limit ? "set" : "none");
+            "limit %s, up to %d clients, %s, instance %016llx)",
+            RATD_VERSION, s->bound, RA_PROTO_VERSION, ratd_pool_workers(s->pool), s->cfg.max_queue,
+            ratd_pool_placement(s->pool), s->cfg.mem_limit ? "set" : "none", s->max_clients,
+            s->zap ? "CURVE" : "no CURVE", (unsigned long long)s->instance_id);
     while (!*stop)
         if (serve_once(s, 250, 64, stop) < 0)
             break;
@@ -823,10 +818,15 @@ void ratd_server_destroy(ratd_server *s)
         return;
     ratd_reaper_finish(s, 3.0);
     ratd_pool_destroy(s->pool); /* no job is in flight: leftover tickets find nothing */
+    ratd_listen_close(s);
     if (s->sock)
         zmq_close(s->sock);
+    ratd_curve_stop(s);
     if (s->ctx)
         zmq_ctx_term(s->ctx); /* releases reply frames still queued: jobs back to the pool */
+    ratd_listen_release(s);
+    ratd_peer_sweep(s, 0, -1);
+    free(s->curve_keys);
     for (ratd_job *j = s->all_jobs, *nx; j; j = nx) {
         nx = j->all_next;
         job_destroy(j);

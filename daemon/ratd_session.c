@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <time.h>
 
 #include "ra_log.h"
@@ -38,6 +39,57 @@ ratd_session *ratd_session_find(ratd_server *s, uint64_t id)
 {
     int i = find_index(s, id);
     return i < 0 ? NULL : s->sessions[i];
+}
+
+ra_status ratd_random(void *buf, size_t n)
+{
+    uint8_t *p = buf;
+    while (n > 0) {
+        ssize_t r = getrandom(p, n, 0);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return RA_EIO;
+        }
+        p += r;
+        n -= (size_t)r;
+    }
+    return RA_OK;
+}
+
+/* Compares in time independent of where the tokens differ. */
+static int token_equal(const uint8_t *a, const uint8_t *b)
+{
+    uint8_t d = 0;
+    for (int i = 0; i < RATD_TOKEN_BYTES; i++)
+        d |= (uint8_t)(a[i] ^ b[i]);
+    return d == 0;
+}
+
+static void unknown_session(uint64_t id, char *err, size_t errlen)
+{
+    snprintf(err, errlen,
+             "no session %llu (never created, dropped, expired, or the request's token is "
+             "not the one CreateSession returned)",
+             (unsigned long long)id);
+}
+
+ratd_session *ratd_session_get(ratd_server *s, uint64_t id, const uint8_t *token, size_t len,
+                               const char *peer, char *err, size_t errlen)
+{
+    ratd_session *ss = ratd_session_find(s, id);
+    if (ss && len == RATD_TOKEN_BYTES && token_equal(ss->token, token)) {
+        ss->last_used = ra_now_s();
+        return ss;
+    }
+    if (ss) {
+        s->tokens_refused++;
+        RA_WARN("client %s named session %llu (created by client %s) with %s token: refused "
+                "as unknown",
+                peer, (unsigned long long)id, ss->owner, len ? "a wrong" : "no");
+    }
+    unknown_session(id, err, errlen);
+    return NULL;
 }
 
 ra_status ratd_session_check_layer(ratd_session *ss, uint32_t layer, char *err, size_t errlen)
@@ -206,7 +258,8 @@ static ra_status index_opts(const ratd_config *cfg, const Ratd__IndexOptions *x,
     return RA_OK;
 }
 
-ra_status ratd_session_create(ratd_server *s, const Ratd__CreateSession *c, uint64_t *id, char *err,
+ra_status ratd_session_create(ratd_server *s, const Ratd__CreateSession *c, const char *peer,
+                              uint64_t *id, uint8_t token[RATD_TOKEN_BYTES], char *err,
                               size_t errlen)
 {
     if (!c) {
@@ -290,35 +343,77 @@ ra_status ratd_session_create(ratd_server *s, const Ratd__CreateSession *c, uint
         snprintf(err, errlen, "out of memory creating a session");
         return RA_ENOMEM;
     }
-    ss->id = s->next_session++;
+    /* a random id below 2^63 (never 0, never one of the table), so that ids do not
+     * repeat across restarts, and a random token that proves ownership */
+    uint64_t nid = 0;
+    for (int tries = 0; nid == 0 || find_index(s, nid) >= 0; tries++) {
+        if (tries == 64 || ratd_random(&nid, sizeof nid) != RA_OK ||
+            ratd_random(ss->token, sizeof ss->token) != RA_OK) {
+            session_free(ss);
+            snprintf(err, errlen, "the kernel has no random bytes for a session id (getrandom)");
+            return RA_EIO;
+        }
+        nid &= ~((uint64_t)1 << 63);
+    }
+    ss->id = nid;
+    ss->last_used = ra_now_s();
+    snprintf(ss->owner, sizeof ss->owner, "%s", peer);
     ss->n_q = (int)c->n_q_heads;
     ss->rep = ss->n_q / ss->n_kv;
     ss->dim = (int)c->head_dim;
     ss->dtype = (ra_dtype)c->dtype;
     ss->iopts = io;
     ss->refs = 1;
-    s->sessions[s->n_sessions++] = ss; /* ids only grow: the table stays sorted */
+    int at = s->n_sessions; /* sorted insertion */
+    while (at > 0 && s->sessions[at - 1]->id > nid)
+        at--;
+    memmove(&s->sessions[at + 1], &s->sessions[at],
+            (size_t)(s->n_sessions - at) * sizeof *s->sessions);
+    s->sessions[at] = ss;
+    s->n_sessions++;
     *id = ss->id;
-    RA_INFO("session %llu: %d layers, %d query heads, %d KV heads, dim %d, %s, index %s",
-            (unsigned long long)ss->id, ss->n_layers, ss->n_q, ss->n_kv, ss->dim,
+    memcpy(token, ss->token, RATD_TOKEN_BYTES);
+    RA_INFO("session %llu (client %s): %d layers, %d query heads, %d KV heads, dim %d, %s, "
+            "index %s",
+            (unsigned long long)ss->id, peer, ss->n_layers, ss->n_q, ss->n_kv, ss->dim,
             ra_dtype_name(ss->dtype), ra_index_kind_name(io.kind));
     return RA_OK;
 }
 
-ra_status ratd_session_drop(ratd_server *s, uint64_t id, char *err, size_t errlen)
+static void remove_at(ratd_server *s, int i)
 {
-    int i = find_index(s, id);
-    if (i < 0) {
-        snprintf(err, errlen, "no session %llu (never created, or dropped)",
-                 (unsigned long long)id);
-        return RA_ENOSESSION;
-    }
     ratd_session *ss = s->sessions[i];
     memmove(&s->sessions[i], &s->sessions[i + 1],
             (size_t)(s->n_sessions - i - 1) * sizeof *s->sessions);
     s->n_sessions--;
     s->tokens -= ss->tokens <= s->tokens ? ss->tokens : s->tokens;
+}
+
+ra_status ratd_session_drop(ratd_server *s, uint64_t id, const uint8_t *token, size_t len,
+                            const char *peer, char *err, size_t errlen)
+{
+    ratd_session *ss = ratd_session_get(s, id, token, len, peer, err, errlen);
+    if (!ss)
+        return RA_ENOSESSION;
+    remove_at(s, find_index(s, id));
     RA_INFO("session %llu dropped (%d jobs still hold it)", (unsigned long long)id, ss->refs - 1);
     ratd_session_unref(s, ss);
     return RA_OK;
+}
+
+void ratd_session_expire(ratd_server *s, double now)
+{
+    if (s->cfg.session_ttl <= 0)
+        return;
+    for (int i = s->n_sessions - 1; i >= 0; i--) {
+        ratd_session *ss = s->sessions[i];
+        double idle = now - ss->last_used;
+        if (ss->refs > 1 || idle < (double)s->cfg.session_ttl)
+            continue; /* in use: a request in flight, or recent */
+        remove_at(s, i);
+        s->sessions_expired++;
+        RA_INFO("session %llu (client %s) expired: unused for %.0f s (--session-ttl %d)",
+                (unsigned long long)ss->id, ss->owner, idle, s->cfg.session_ttl);
+        ratd_session_unref(s, ss);
+    }
 }

@@ -1,11 +1,15 @@
 /* Offload and Append: a layer's tokens for every KV head, plus (Offload) training
  * queries and optional exact training lists. Shapes and limits are checked on the I/O
- * thread; the data itself in two phases of one task per KV head on the workers. Phase
+ * thread; the data itself in three phases of one task per KV head on the workers. Phase
  * 0 checks everything (K, V and training queries finite, training list entries in
- * range) so that a bad message stores nothing; between the phases the last checker
- * creates the layer's heads if this is its first batch; phase 1 appends and starts the
- * index builds (background threads in index/). The job runs in its (session, layer)
- * lane, so the next Attend of the layer sees the tokens. */
+ * range) so that a bad message stores nothing. Then the last checker creates the
+ * layer's heads if this is its first batch and reserves, in one step on the session's
+ * account, the memory every head's store needs for the new tokens (the geometric
+ * growth, else exactly what they need); phase 1 grows the stores with it; only when
+ * every head has its room does phase 2 append and start the index builds (background
+ * threads in index/). So the memory limit refuses a store as a whole, never on one KV
+ * head only, which would leave the layer's heads out of step. The job runs in its
+ * (session, layer) lane, so the next Attend of the layer sees the tokens. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -84,14 +88,56 @@ static void append_task(ratd_job *j, int g)
     bst[g] = bs;
 }
 
+/* Phase 1: this head's store grows into the room reserved for it. */
+static void grow_task(ratd_job *j, int g)
+{
+    ratd_session *ss = j->ss[0];
+    size_t *gr = (size_t *)j->t.grow.p + 2 * (size_t)g;
+    ra_head *h = __atomic_load_n(&ss->heads[(size_t)j->layer * (size_t)ss->n_kv + (size_t)g],
+                                 __ATOMIC_ACQUIRE);
+    size_t left = gr[1];
+    ra_status st = gr[0] ? ra_head_reserve(h, gr[0], gr[1], &left) : RA_OK;
+    ra_mem_release(&ss->mem, left);
+    ((ra_status *)j->tst.p)[g] = st;
+}
+
 static void tokens_task(ratd_work *w, int g, int worker)
 {
     (void)worker;
     ratd_job *j = (ratd_job *)w;
     if (j->t.phase == 0)
         check_task(j, g);
+    else if (j->t.phase == 1)
+        grow_task(j, g);
     else
         append_task(j, g);
+}
+
+/* The room of every head for the new tokens, reserved at once: the geometric growth
+ * when the limit has it, else the exact one. */
+static ra_status reserve_stores(ratd_job *j)
+{
+    ratd_session *ss = j->ss[0];
+    ra_head **heads = ss->heads + (size_t)j->layer * (size_t)ss->n_kv;
+    size_t *gr = j->t.grow.p;
+    for (int exact = 0; exact < 2; exact++) {
+        size_t total = 0;
+        for (int g = 0; g < ss->n_kv; g++) {
+            ra_head_grow_cost(heads[g], j->t.n, exact, &gr[2 * g], &gr[2 * g + 1]);
+            total += gr[2 * g + 1];
+        }
+        if (ra_mem_reserve(&ss->mem, total) == RA_OK)
+            return RA_OK;
+        if (exact) {
+            size_t used = __atomic_load_n(&ss->mem.parent->used, __ATOMIC_RELAXED);
+            ratd_job_set_err(j, RA_ENOMEM,
+                             "storing %zu tokens on %d KV heads needs %zu bytes more; the "
+                             "daemon's memory limit is %zu bytes with %zu in use (drop sessions "
+                             "or raise --mem-limit); nothing stored",
+                             j->t.n, ss->n_kv, total, ss->mem.parent->limit, used);
+        }
+    }
+    return RA_ENOMEM;
 }
 
 /* After the checks: refuse, or create the layer's heads and run phase 1. */
@@ -134,8 +180,28 @@ static void checks_done(ratd_job *j)
         }
         __atomic_store_n(&heads[g], h, __ATOMIC_RELEASE); /* Stats reads it */
     }
+    if (j->t.n && reserve_stores(j) != RA_OK)
+        return;
+    if (!j->t.n) /* training queries only: no room to make */
+        memset(j->t.grow.p, 0, 2 * sizeof(size_t) * (size_t)ss->n_kv);
     j->t.phase = 1;
     j->resubmit = 1; /* the I/O thread submits phase 1 */
+}
+
+/* After the growths: append only when every head has its room. */
+static void grows_done(ratd_job *j)
+{
+    ratd_session *ss = j->ss[0];
+    const ra_status *tst = j->tst.p;
+    for (int g = 0; g < ss->n_kv; g++)
+        if (tst[g] != RA_OK) {
+            ratd_job_set_err(j, tst[g],
+                             "layer %u KV head %d: %s making room for %zu tokens; nothing stored",
+                             j->layer, g, ra_strerror(tst[g]), j->t.n);
+            return;
+        }
+    j->t.phase = 2;
+    j->resubmit = 1;
 }
 
 static void stores_done(ratd_job *j)
@@ -150,8 +216,10 @@ static void stores_done(ratd_job *j)
             first_bad = g;
     }
     if (first_bad >= 0) {
-        /* appends are validated before they change anything, so a head either took all
-         * n tokens or none; heads that disagree now cannot be reconciled */
+        /* appends are validated before they change anything and their room is made
+         * before any of them runs, so a head either took all n tokens or none; heads
+         * that disagree now (not the memory limit: e.g. the row limit) cannot be
+         * reconciled */
         int partial = n_ok > 0 && j->t.n > 0;
         if (partial)
             __atomic_store_n(&ss->broken[j->layer], 1, __ATOMIC_RELEASE);
@@ -178,6 +246,8 @@ static void tokens_done(ratd_work *w, int worker)
     ratd_job *j = (ratd_job *)w;
     if (j->t.phase == 0)
         checks_done(j);
+    else if (j->t.phase == 1)
+        grows_done(j);
     else
         stores_done(j);
     ratd_job_complete(j);
@@ -190,12 +260,10 @@ ra_status ratd_tokens_accept(ratd_server *s, ratd_job *j)
     char *err = j->err;
     size_t el = sizeof j->err;
     int offload = j->type == RATD__MSG_TYPE__OFFLOAD;
-    ratd_session *ss = ratd_session_find(s, hd->session);
-    if (!ss) {
-        snprintf(err, el, "no session %llu (never created, or dropped)",
-                 (unsigned long long)hd->session);
+    ratd_session *ss =
+        ratd_session_get(s, hd->session, hd->token.data, hd->token.len, j->peer, err, el);
+    if (!ss)
         return RA_ENOSESSION;
-    }
     if (hd->layer >= (uint32_t)ss->n_layers) {
         snprintf(err, el, "layer %u does not exist: session %llu has layers 0..%d", hd->layer,
                  (unsigned long long)ss->id, ss->n_layers - 1);
@@ -270,9 +338,9 @@ ra_status ratd_tokens_accept(ratd_server *s, ratd_job *j)
     size_t used = __atomic_load_n(&s->mem.used, __ATOMIC_RELAXED);
     if (s->mem.limit && used + need > s->mem.limit) {
         snprintf(err, el,
-                 "storing %llu tokens needs %zu MiB; the daemon's memory limit is %zu MiB with "
-                 "%zu MiB in use (drop sessions or raise --mem-limit)",
-                 (unsigned long long)n, need >> 20, s->mem.limit >> 20, used >> 20);
+                 "storing %llu tokens needs %zu bytes; the daemon's memory limit is %zu bytes "
+                 "with %zu in use (drop sessions or raise --mem-limit); nothing stored",
+                 (unsigned long long)n, need, s->mem.limit, used);
         return RA_ENOMEM;
     }
     j->ss = ratd_buf_get(&j->ss_buf, sizeof *j->ss);
@@ -287,6 +355,7 @@ ra_status ratd_tokens_accept(ratd_server *s, ratd_job *j)
         (ikn >= 0 && !j->t.knn) || !ratd_buf_get(&j->t.bad, G * sizeof(int)) ||
         !ratd_buf_get(&j->t.bad_at, G * sizeof(size_t)) ||
         !ratd_buf_get(&j->t.bst, G * sizeof(ra_status)) ||
+        !ratd_buf_get(&j->t.grow, 2 * G * sizeof(size_t)) ||
         !ratd_buf_get(&j->tst, G * sizeof(ra_status))) {
         snprintf(err, el, "out of memory");
         return RA_ENOMEM;

@@ -706,6 +706,27 @@ ra_status ra_head_attend_group(ra_head *h, size_t nq, const float *q, const ra_s
     return r;
 }
 
+void ra_head_grow_cost(ra_head *h, size_t n, int exact, size_t *cap, size_t *bytes)
+{
+    *cap = *bytes = 0;
+    if (!h)
+        return;
+    pthread_rwlock_rdlock(&h->lock);
+    ra_kv_grow_cost(h->kv, n, exact, cap, bytes);
+    pthread_rwlock_unlock(&h->lock);
+}
+
+ra_status ra_head_reserve(ra_head *h, size_t cap, size_t prepaid, size_t *left)
+{
+    *left = prepaid;
+    if (!h)
+        return RA_EINVAL;
+    pthread_rwlock_wrlock(&h->lock);
+    ra_status st = ra_kv_grow(h->kv, cap, prepaid, left);
+    pthread_rwlock_unlock(&h->lock);
+    return st;
+}
+
 size_t ra_head_count(ra_head *h)
 {
     if (!h)

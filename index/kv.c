@@ -126,30 +126,60 @@ void ra_kv_destroy(ra_kv *kv)
     free(kv);
 }
 
-static ra_status kv_grow(ra_kv *kv, size_t need)
+/* The rows a growth to hold `need` rows goes to: the geometric step, or exactly need. */
+static size_t grow_cap(const ra_kv *kv, size_t need, int exact)
 {
-    size_t cap = kv->cap + kv->cap / 2;
+    size_t cap = exact ? need : kv->cap + kv->cap / 2;
     if (cap < need)
         cap = need;
-    if (cap < 256)
+    if (!exact && cap < 256)
         cap = 256;
     if (cap > RA_KV_MAX_ROWS)
         cap = RA_KV_MAX_ROWS;
+    return cap;
+}
+
+/* What growing to `cap` rows adds to the account while it runs: the new arrays, less
+ * the old ones when they can be remapped in place (nobody pins them; no copy). */
+static size_t grow_cost(const ra_kv *kv, size_t cap)
+{
     size_t bytes = kv_bytes_for(kv, cap);
-    ra_status st = ra_mem_reserve(kv->acct, bytes);
-    if (st != RA_OK && cap > need) { /* near the limit: grow only as far as needed */
-        cap = need;
-        bytes = kv_bytes_for(kv, cap);
-        st = ra_mem_reserve(kv->acct, bytes);
+    return !kv->pins && kv->k ? bytes - kv->held : bytes;
+}
+
+void ra_kv_grow_cost(const ra_kv *kv, size_t n, int exact, size_t *cap, size_t *bytes)
+{
+    *cap = 0;
+    *bytes = 0;
+    if (!kv || kv->parent || n == 0 || n > RA_KV_MAX_ROWS - kv->n || kv->n + n <= kv->cap)
+        return;
+    *cap = grow_cap(kv, kv->n + n, exact);
+    *bytes = grow_cost(kv, *cap);
+}
+
+/* Grows to `cap` rows. `prepaid` bytes are already reserved on the account for it (0:
+ * reserve here); *left gets the part of them this growth did not need (the caller
+ * releases it; all of prepaid on failure). */
+static ra_status kv_grow_to(ra_kv *kv, size_t cap, size_t prepaid, size_t *left)
+{
+    *left = prepaid;
+    size_t bytes = kv_bytes_for(kv, cap), cost = grow_cost(kv, cap);
+    int remap = !kv->pins && kv->k;
+    if (cost > prepaid) {
+        ra_status st = ra_mem_reserve(kv->acct, cost - prepaid);
+        if (st != RA_OK) {
+            RA_ERROR("kv: memory limit reached growing to %zu rows (%zu bytes)", cap, bytes);
+            return st;
+        }
+        *left = 0;
+    } else {
+        *left = prepaid - cost;
     }
-    if (st != RA_OK) {
-        RA_ERROR("kv: memory limit reached growing to %zu rows (%zu bytes)", cap, bytes);
-        return st;
-    }
+    /* from here `cost` is reserved for this growth; failures give it back */
     void *k = NULL, *v = NULL;
     int64_t *pos = NULL;
     size_t rb = kv->row_bytes, oc = kv->cap;
-    if (!kv->pins && kv->k) { /* nobody holds the old arrays: remap them in place */
+    if (remap) { /* nobody holds the old arrays: remap them in place */
         k = ra_big_resize(kv->k, oc * rb, cap * rb);
         if (k) {
             kv->k = k;
@@ -164,18 +194,17 @@ static ra_status kv_grow(ra_kv *kv, size_t need)
                 kv->v = ra_big_resize(kv->v, cap * rb, oc * rb);
             if (k)
                 kv->k = ra_big_resize(kv->k, cap * rb, oc * rb);
-            ra_mem_release(kv->acct, bytes);
+            ra_mem_release(kv->acct, cost);
             RA_ERROR("kv: out of memory growing to %zu rows", cap);
             return RA_ENOMEM;
         }
-        ra_mem_release(kv->acct, kv->held);
     } else {
         k = ra_big_alloc(cap * rb);
         v = ra_big_alloc(cap * rb);
         pos = ra_big_alloc(cap * sizeof(int64_t));
         if (!k || !v || !pos) {
             arrays_free(kv, k, v, pos, cap);
-            ra_mem_release(kv->acct, bytes);
+            ra_mem_release(kv->acct, cost);
             RA_ERROR("kv: out of memory growing to %zu rows", cap);
             return RA_ENOMEM;
         }
@@ -188,7 +217,7 @@ static ra_status kv_grow(ra_kv *kv, size_t need)
             ra_kv_retired *r = malloc(sizeof *r);
             if (!r) {
                 arrays_free(kv, k, v, pos, cap);
-                ra_mem_release(kv->acct, bytes);
+                ra_mem_release(kv->acct, cost);
                 return RA_ENOMEM;
             }
             *r = (ra_kv_retired){kv->k, kv->v, kv->pos, oc, kv->held, kv->retired};
@@ -204,6 +233,25 @@ static ra_status kv_grow(ra_kv *kv, size_t need)
     kv->cap = cap;
     kv->held = bytes;
     return RA_OK;
+}
+
+ra_status ra_kv_grow(ra_kv *kv, size_t cap, size_t prepaid, size_t *left)
+{
+    *left = prepaid;
+    if (!kv || kv->parent)
+        return RA_EINVAL;
+    if (cap <= kv->cap)
+        return RA_OK;
+    return kv_grow_to(kv, cap, prepaid, left);
+}
+
+static ra_status kv_grow(ra_kv *kv, size_t need)
+{
+    size_t left;
+    ra_status st = kv_grow_to(kv, grow_cap(kv, need, 0), 0, &left);
+    if (st == RA_ENOMEM && grow_cap(kv, need, 0) > need) /* near the limit: only as needed */
+        st = kv_grow_to(kv, need, 0, &left);
+    return st;
 }
 
 ra_status ra_kv_append(ra_kv *kv, const void *k, const void *v, const int64_t *pos, size_t n)

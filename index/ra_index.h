@@ -113,6 +113,13 @@ int ra_index_build_priority_setup(void);
 /* Appends n tokens: k, v are [n][dim] of the head's dtype; pos n positions. Validated
  * (finite, sizes) before anything changes. If an index is built, inserts them. */
 ra_status ra_head_append(ra_head *h, const void *k, const void *v, const int64_t *pos, size_t n);
+/* For an owner that stores the same n tokens on several heads and must not fail on some
+ * of them only: what making room for n more tokens costs on the head's account now
+ * (ra_kv_grow_cost: *cap 0 when none is needed), then the growth itself with bytes the
+ * owner reserved beforehand (ra_kv_grow: *left is the unused part, the owner releases
+ * it). After a successful reserve, ra_head_append of n tokens needs no K/V memory. */
+void ra_head_grow_cost(ra_head *h, size_t n, int exact, size_t *cap, size_t *bytes);
+ra_status ra_head_reserve(ra_head *h, size_t cap, size_t prepaid, size_t *left);
 
 /* Starts building the index over the keys present now, from nq training queries
  * (fp32 [nq][dim], copied). background=1 returns at once; 0 waits. A second call while

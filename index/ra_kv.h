@@ -38,6 +38,17 @@ void ra_kv_destroy(ra_kv *kv);
  * Rejects NaN/Inf (RA_ENONFINITE) and overflow (RA_ETOOBIG) before changing anything. */
 ra_status ra_kv_append(ra_kv *kv, const void *k, const void *v, const int64_t *pos, size_t n);
 
+/* What growing the store for n more rows would reserve on its account now: *cap the
+ * rows it would grow to (0 and *bytes 0: no growth needed), *bytes the reservation
+ * (the new arrays, less the old ones when they can be remapped in place). exact: grow
+ * to exactly count + n rows; else by the geometric step. */
+void ra_kv_grow_cost(const ra_kv *kv, size_t n, int exact, size_t *cap, size_t *bytes);
+/* Grows the capacity to `cap` rows (no-op when it holds that many), drawing on
+ * `prepaid` bytes the caller already reserved on the account and reserving any
+ * shortfall; *left gets what of prepaid was not used (all of it on failure), which the
+ * caller releases. A later append of up to cap - count rows then needs no memory. */
+ra_status ra_kv_grow(ra_kv *kv, size_t cap, size_t prepaid, size_t *left);
+
 size_t ra_kv_count(const ra_kv *kv);
 int ra_kv_dim(const ra_kv *kv);
 ra_dtype ra_kv_dtype(const ra_kv *kv);

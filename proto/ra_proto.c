@@ -263,6 +263,13 @@ int ra_proto_send(void *sock, zmq_msg_t *route, int delim, Ratd__Header *h, ra_p
 int ra_proto_send_lend(void *sock, zmq_msg_t *route, int delim, Ratd__Header *h,
                        ra_proto_part *parts, int n_parts, ra_proto_release_fn release, void *hint)
 {
+    return ra_proto_send_lend_flags(sock, route, delim, h, parts, n_parts, release, hint, 0);
+}
+
+int ra_proto_send_lend_flags(void *sock, zmq_msg_t *route, int delim, Ratd__Header *h,
+                             ra_proto_part *parts, int n_parts, ra_proto_release_fn release,
+                             void *hint, int flags)
+{
     const lender l = {release, hint};
     Ratd__Tensor tens[RA_PROTO_MAX_FRAMES];
     Ratd__Tensor *tp[RA_PROTO_MAX_FRAMES];
@@ -287,13 +294,13 @@ int ra_proto_send_lend(void *sock, zmq_msg_t *route, int delim, Ratd__Header *h,
         zmq_msg_t r;
         zmq_msg_init(&r);
         zmq_msg_copy(&r, route);
-        if (zmq_msg_send(&r, sock, ZMQ_SNDMORE) < 0) {
+        if (zmq_msg_send(&r, sock, ZMQ_SNDMORE | flags) < 0) {
             e = errno;
             zmq_msg_close(&r);
             goto out;
         }
     }
-    if (delim && zmq_send(sock, "", 0, ZMQ_SNDMORE) < 0) {
+    if (delim && zmq_send(sock, "", 0, ZMQ_SNDMORE | flags) < 0) {
         e = errno;
         goto out;
     }
@@ -304,7 +311,7 @@ int ra_proto_send_lend(void *sock, zmq_msg_t *route, int delim, Ratd__Header *h,
         goto out;
     }
     ratd__header__pack(h, (uint8_t *)zmq_msg_data(&hm));
-    if (zmq_msg_send(&hm, sock, n_parts ? ZMQ_SNDMORE : 0) < 0) {
+    if (zmq_msg_send(&hm, sock, (n_parts ? ZMQ_SNDMORE : 0) | flags) < 0) {
         e = errno;
         zmq_msg_close(&hm);
         goto out;
@@ -333,7 +340,7 @@ int ra_proto_send_lend(void *sock, zmq_msg_t *route, int delim, Ratd__Header *h,
             next++;
             goto out;
         }
-        if (zmq_msg_send(&pm, sock, next + 1 < n_parts ? ZMQ_SNDMORE : 0) < 0) {
+        if (zmq_msg_send(&pm, sock, (next + 1 < n_parts ? ZMQ_SNDMORE : 0) | flags) < 0) {
             e = errno;
             zmq_msg_close(&pm); /* frees an owned buffer through free_cb */
             next++;

@@ -105,5 +105,11 @@ int ra_proto_send(void *sock, zmq_msg_t *route, int delim, Ratd__Header *h, ra_p
 /* ra_proto_send whose RA_PROTO_LEND parts go back through release(data, hint). */
 int ra_proto_send_lend(void *sock, zmq_msg_t *route, int delim, Ratd__Header *h,
                        ra_proto_part *parts, int n_parts, ra_proto_release_fn release, void *hint);
+/* ra_proto_send_lend with zmq send flags on every frame (ZMQ_DONTWAIT: -1 with EAGAIN
+ * instead of waiting when the peer's queue is full; a ROUTER with ZMQ_ROUTER_MANDATORY
+ * refuses at the first frame, so nothing of the message is queued then). */
+int ra_proto_send_lend_flags(void *sock, zmq_msg_t *route, int delim, Ratd__Header *h,
+                             ra_proto_part *parts, int n_parts, ra_proto_release_fn release,
+                             void *hint, int flags);
 
 #endif

@@ -46,13 +46,22 @@ typedef struct ra_client ra_client;
 typedef struct ra_client_opts {
     int timeout_ms;   /* bound of every wait; <= 0: 30000 */
     int max_inflight; /* asynchronous attends outstanding at once; <= 0: 64 */
+    /* CURVE (a daemon with --curve-secret-file, needed for tcp:// off loopback): the
+     * daemon's public key and this client's key pair, each 40 characters of Z85 as
+     * `ratd --curve-keygen` prints them. All three NULL: no CURVE. The client's public
+     * key must be in the daemon's --curve-clients, else its connection ends at the
+     * handshake and requests time out (RA_ETIMEDOUT). The strings are copied. */
+    const char *curve_server_key;
+    const char *curve_public_key;
+    const char *curve_secret_key;
 } ra_client_opts;
 
 void ra_client_opts_default(ra_client_opts *o);
 
-/* Connects to `endpoint` ("ipc:///path" or "tcp://host:port"). Does no network I/O:
- * an absent daemon shows up as RA_ETIMEDOUT on the first request (call
- * ra_client_hello to check the daemon and the protocol version). opts may be NULL.
+/* Connects to `endpoint` ("ipc:///path" or "tcp://host:port"; NULL: the daemon's default,
+ * see ra_client_default_endpoint). Does no network I/O: an absent daemon shows up as
+ * RA_ETIMEDOUT on the first request (call ra_client_hello to check the daemon and the
+ * protocol version). opts may be NULL. RA_EINVAL for a malformed endpoint or CURVE key.
  *
  * Sharding: a comma-separated list of up to 16 endpoints ("ipc:///a,ipc:///b") spreads
  * layers over several daemons (e.g. one per NUMA node): layer l lives on daemon
@@ -62,6 +71,12 @@ void ra_client_opts_default(ra_client_opts *o);
 ra_status ra_client_open(ra_client **out, const char *endpoint, const ra_client_opts *opts);
 /* Closes the socket, abandons outstanding requests, frees the client. NULL is a no-op. */
 void ra_client_close(ra_client *c);
+
+/* The endpoint a ratd started without --endpoint binds, by the same rule:
+ * ipc://$XDG_RUNTIME_DIR/ratd/ratd.sock when XDG_RUNTIME_DIR is set (and writable), else
+ * ipc:///tmp/ratd-<uid>/ratd.sock. Writes at most len bytes (NUL included); RA_EINVAL when
+ * it does not fit. */
+ra_status ra_client_default_endpoint(char *buf, size_t len);
 
 /* Message of the last failed call on this client ("" after a success). Valid until the
  * next call on the same client. Never NULL. */
@@ -102,6 +117,8 @@ typedef struct ra_server_info {
     uint32_t workers;
     int32_t numa_node; /* -1 when not bound */
     ra_server_limits limits;
+    uint64_t instance_id; /* random at every start of the (first) daemon: a change means
+                             that its sessions are gone */
 } ra_server_info;
 
 /* Exchanges protocol versions; a daemon that speaks another version answers
@@ -144,10 +161,26 @@ typedef struct ra_session_desc {
 /* Zeroes *d (defaults: graph index, fp16). */
 void ra_session_desc_init(ra_session_desc *d);
 
-/* Creates a session on the daemon; *session is its id (never 0). */
+/* Creates a session on the daemon; *session is its id (never 0; random, so ids do not
+ * repeat across daemon restarts). The daemon also returns the session's token, a random
+ * 128-bit secret that every later request naming the session must carry; the client
+ * keeps it and sends it by itself, across reconnects too. Without the right token a
+ * session is unknown (RA_ENOSESSION) to everyone, whatever its id. */
 ra_status ra_client_session_create(ra_client *c, const ra_session_desc *d, uint64_t *session);
 /* Frees the session and everything of it on the daemon. */
 ra_status ra_client_session_drop(ra_client *c, uint64_t session);
+
+/* A session's token, to use the session from another ra_client (or process) that did
+ * not create it: ra_client_session_token on the creator, ra_client_session_adopt on the
+ * other. Whoever holds the token owns the session: pass it only as securely as the data.
+ * Single-daemon clients only (RA_ENOTSUP on a sharded one); RA_ENOSESSION when this
+ * client does not know the session. */
+#define RA_SESSION_TOKEN_BYTES 16
+typedef struct ra_session_token {
+    uint8_t bytes[RA_SESSION_TOKEN_BYTES];
+} ra_session_token;
+ra_status ra_client_session_token(ra_client *c, uint64_t session, ra_session_token *out);
+ra_status ra_client_session_adopt(ra_client *c, uint64_t session, const ra_session_token *token);
 
 /* ---- Tokens ------------------------------------------------------------------- */
 
@@ -283,6 +316,14 @@ typedef struct ra_server_stats {
     uint64_t tokens;    /* tokens stored, all sessions */
     double uptime_s;
     ra_op_stats ops[RA_OP_COUNT];
+    uint64_t clients;          /* connections now */
+    uint64_t max_clients;      /* the daemon's connection limit */
+    uint64_t listener_pauses;  /* times it stopped accepting at max_clients */
+    uint64_t replies_dropped;  /* replies dropped because their client's queue was full */
+    uint64_t sessions_expired; /* sessions dropped after --session-ttl unused */
+    uint64_t tokens_refused;   /* requests naming a live session with a wrong/missing token */
+    uint64_t reply_bytes;      /* reply bytes charged on the memory account now */
+    uint64_t curve_refused;    /* CURVE handshakes refused (key not authorised) */
 } ra_server_stats;
 
 const char *ra_op_name(ra_op op);
@@ -311,7 +352,7 @@ ra_status ra_client_wait_ready(ra_client *c, uint64_t session, int timeout_ms);
 /* Bumped whenever a public struct's layout or a call's signature changes. A binding
  * compares it, and the size of every struct it mirrors, with its own copy at load time
  * and refuses a library that differs. */
-#define RA_CLIENT_ABI_VERSION 2u
+#define RA_CLIENT_ABI_VERSION 3u
 
 /* The public structs whose sizes ra_client_struct_size reports. Values are stable:
  * a new struct takes the next value, before RA_CLIENT_STRUCT_COUNT. */
@@ -328,7 +369,8 @@ typedef enum ra_client_struct {
     RA_CLIENT_STRUCT_SERVER_STATS = 9,  /* ra_server_stats */
     RA_CLIENT_STRUCT_SESSION_STATS = 10, /* ra_session_stats */
     RA_CLIENT_STRUCT_ATTEND_BATCH_REQ = 11, /* ra_attend_batch_req */
-    RA_CLIENT_STRUCT_COUNT = 12
+    RA_CLIENT_STRUCT_SESSION_TOKEN = 12,    /* ra_session_token */
+    RA_CLIENT_STRUCT_COUNT = 13
 } ra_client_struct;
 
 /* RA_CLIENT_ABI_VERSION of the library (not of the header a caller was built with). */

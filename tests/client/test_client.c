@@ -712,11 +712,16 @@ static void test_tcp_loopback(void **state)
         snprintf(ep, sizeof ep, "tcp://127.0.0.1:%d",
                  20000 + (int)((getpid() * 7 + attempt * 7919) % 20000));
         g_harness_endpoint = ep;
-        up = ratd_start(&d2, NULL);
+        up = ratd_start(&d2, "--allow-plain-loopback", NULL);
         if (up != 0)
             unlink(d2.log);
     }
     assert_int_equal(up, 0);
+    /* plain (no CURVE) tcp:// lets every local user in: only when asked for */
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "%s --endpoint tcp://127.0.0.1:1 >/dev/null 2>&1", getenv("RATD_BIN"));
+    int rc = system(cmd);
+    assert_true(WIFEXITED(rc) && WEXITSTATUS(rc) == 2);
     ra_client *c = ratd_connect(&d2, 10000);
     assert_non_null(c);
     ra_client *save = g_c;

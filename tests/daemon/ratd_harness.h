@@ -35,6 +35,13 @@ static int g_harness_seq = 0;
  * ipc:// one (e.g. a tcp:// test); reset by ratd_start. */
 static const char *g_harness_endpoint = NULL;
 
+/* When set before ratd_start, called in the child just before exec (setrlimit, umask,
+ * environment); reset by ratd_start. */
+static void (*g_harness_child_setup)(void) = NULL;
+/* When set before ratd_start, no --endpoint is passed (the daemon's default applies);
+ * g_harness_endpoint then says where to connect. Reset by ratd_start. */
+static int g_harness_omit_endpoint = 0;
+
 /* Daemons still running: killed at exit, so that a failed assertion (cmocka longjmps
  * out of the test) never leaves an orphan ratd holding the test's pipes. */
 static pid_t g_harness_pids[16];
@@ -88,8 +95,15 @@ static int ratd_start(ratd_proc *p, ...)
     const char *argv[64];
     int argc = 0;
     argv[argc++] = bin;
-    argv[argc++] = "--endpoint";
-    argv[argc++] = p->endpoint;
+    if (!g_harness_omit_endpoint) {
+        argv[argc++] = "--endpoint";
+        argv[argc++] = p->endpoint;
+    } else if (!strncmp(p->endpoint, "ipc://", 6)) {
+        snprintf(p->path, sizeof p->path, "%s", p->endpoint + 6);
+    }
+    void (*setup)(void) = g_harness_child_setup;
+    g_harness_child_setup = NULL;
+    g_harness_omit_endpoint = 0;
     argv[argc++] = "--workers";
     argv[argc++] = "2";
     va_list ap;
@@ -109,6 +123,8 @@ static int ratd_start(ratd_proc *p, ...)
             dup2(fd, 2);
             close(fd);
         }
+        if (setup)
+            setup();
         execv(bin, (char *const *)argv);
         _exit(127);
     }
@@ -297,8 +313,44 @@ __attribute__((unused)) static float *rnd_vec(size_t n, float amp)
     return q;
 }
 
+/* ---- session tokens, for tests that speak the wire protocol by hand --------------------- */
+
+static struct {
+    uint64_t id;
+    ra_session_token tok;
+} g_harness_tok[512];
+static int g_harness_ntok;
+
+/* Remembers the token client c holds for session id (ratd_token_of finds it). */
+__attribute__((unused)) static void ratd_remember_token(ra_client *c, uint64_t id)
+{
+    ra_session_token t;
+    if (ra_client_session_token(c, id, &t) != RA_OK)
+        return;
+    int i = 0;
+    while (i < g_harness_ntok && g_harness_tok[i].id != id)
+        i++;
+    if (i == g_harness_ntok) {
+        if (g_harness_ntok == 512)
+            i = 0; /* oldest out */
+        else
+            g_harness_ntok++;
+    }
+    g_harness_tok[i].id = id;
+    g_harness_tok[i].tok = t;
+}
+
+/* The remembered token of session id (16 bytes), or NULL. */
+__attribute__((unused)) static uint8_t *ratd_token_of(uint64_t id)
+{
+    for (int i = 0; i < g_harness_ntok; i++)
+        if (g_harness_tok[i].id == id)
+            return g_harness_tok[i].tok.bytes;
+    return NULL;
+}
+
 /* A session of L layers, H query heads over G KV heads of dim D; 0 on failure (the
- * client's message says why). */
+ * client's message says why). Its token is remembered (ratd_token_of). */
 __attribute__((unused)) static uint64_t ratd_session_new(ra_client *c, int L, int H, int G, int D,
                                                          ra_dtype dt, ra_client_index_kind kind)
 {
@@ -311,7 +363,10 @@ __attribute__((unused)) static uint64_t ratd_session_new(ra_client *c, int L, in
     d.dtype = dt;
     d.index.kind = kind;
     uint64_t s = 0;
-    return ra_client_session_create(c, &d, &s) == RA_OK ? s : 0;
+    if (ra_client_session_create(c, &d, &s) != RA_OK)
+        return 0;
+    ratd_remember_token(c, s);
+    return s;
 }
 
 #endif

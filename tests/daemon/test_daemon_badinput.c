@@ -76,6 +76,11 @@ static int raw_call(Ratd__Header *h, ra_proto_part *parts, int n, char *msg, siz
     void *s = raw_dealer();
     if (!h->version)
         h->version = RA_PROTO_VERSION;
+    uint8_t *tok = ratd_token_of(h->session); /* the session's owner speaks */
+    if (tok && !h->token.len) {
+        h->token.data = tok;
+        h->token.len = RA_SESSION_TOKEN_BYTES;
+    }
     h->request_id = 4242;
     assert_int_equal(ra_proto_send(s, NULL, 0, h, parts, n), 0);
     uint64_t id = 0;
@@ -173,6 +178,7 @@ static int setup(void **state)
     d.index.kind = RA_CLIENT_INDEX_FLAT;
     if (ra_client_session_create(g_c, &d, &g_keeper) != RA_OK)
         return -1;
+    ratd_remember_token(g_c, g_keeper);
     uint16_t *k = malloc(KG * KN * KD * 2), *v = malloc(KG * KN * KD * 2);
     int64_t pos[KN];
     for (int i = 0; i < KG * KN * KD; i++) {
@@ -699,6 +705,7 @@ static void test_random_damage(void **state)
     sd.index.kind = RA_CLIENT_INDEX_FLAT;
     uint64_t s;
     assert_int_equal(ra_client_session_create(c, &sd, &s), RA_OK);
+    ratd_remember_token(c, s);
     void *sock = zmq_socket(g_ctx, ZMQ_DEALER);
     int linger = 0;
     zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof linger);
@@ -724,6 +731,8 @@ static void test_random_damage(void **state)
         h.version = 1;
         h.request_id = 100000 + (uint64_t)m;
         h.session = s;
+        h.token.data = ratd_token_of(s);
+        h.token.len = RA_SESSION_TOKEN_BYTES;
         h.layer = (uint32_t)(rnd_unif() * 2);
         int type = 1 + (int)(rnd_unif() * 7);
         h.type = (Ratd__MsgType)type;

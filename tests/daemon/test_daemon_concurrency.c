@@ -15,6 +15,7 @@
 #include <cmocka.h>
 
 #include "../daemon/ratd_harness.h"
+#include "../daemon/ratd_raw.h"
 #include "ra_half.h"
 #include "ra_log.h"
 #include "ra_proto.h"
@@ -27,18 +28,17 @@ static void *g_ctx;
 
 static void *raw_dealer(const ratd_proc *d)
 {
-    void *s = zmq_socket(g_ctx, ZMQ_DEALER);
-    int linger = 0, hwm = 0;
-    zmq_setsockopt(s, ZMQ_LINGER, &linger, sizeof linger);
-    zmq_setsockopt(s, ZMQ_SNDHWM, &hwm, sizeof hwm);
-    zmq_setsockopt(s, ZMQ_RCVHWM, &hwm, sizeof hwm);
-    assert_int_equal(zmq_connect(s, d->endpoint), 0);
-    return s;
+    return ratd_raw_dealer(g_ctx, d, 0);
 }
 
 static void raw_send(void *s, Ratd__Header *h, ra_proto_part *p, int n)
 {
     h->version = RA_PROTO_VERSION;
+    uint8_t *tok = ratd_token_of(h->session); /* the session's owner speaks */
+    if (tok && !h->token.len) {
+        h->token.data = tok;
+        h->token.len = RA_SESSION_TOKEN_BYTES;
+    }
     assert_int_equal(ra_proto_send(s, NULL, 0, h, p, n), 0);
 }
 

@@ -13,6 +13,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <cmocka.h>
 
 #include "ratd_config.h"
@@ -108,34 +111,97 @@ static void test_endpoint_policy(void **state)
 {
     (void)state;
     ratd_config c;
-    char err[512];
+    char err[512], dir[128], sub[160];
     ratd_config_defaults(&c);
-    setenv("XDG_RUNTIME_DIR", "/tmp", 1);
+    /* the default: a private directory under $XDG_RUNTIME_DIR, made 0700 */
+    snprintf(dir, sizeof dir, "/tmp/ratd-unit-%d", (int)getpid());
+    assert_int_equal(mkdir(dir, 0700), 0);
+    setenv("XDG_RUNTIME_DIR", dir, 1);
     assert_int_equal(ratd_config_check_endpoint(&c, err, sizeof err), RA_OK);
-    assert_string_equal(c.endpoint, "ipc:///tmp/ratd.sock");
+    snprintf(sub, sizeof sub, "ipc://%s/ratd/ratd.sock", dir);
+    assert_string_equal(c.endpoint, sub);
+    snprintf(sub, sizeof sub, "%s/ratd", dir);
+    struct stat sb;
+    assert_int_equal(lstat(sub, &sb), 0);
+    assert_int_equal(sb.st_mode & 0777, 0700);
+    /* a directory others may enter is refused, with the fix in the message */
+    chmod(sub, 0755);
+    ratd_config_defaults(&c);
+    assert_int_equal(ratd_config_check_endpoint(&c, err, sizeof err), RA_EINVAL);
+    assert_non_null(strstr(err, "chmod 700"));
+    /* a symbolic link is refused */
+    rmdir(sub);
+    assert_int_equal(symlink("/tmp", sub), 0);
+    ratd_config_defaults(&c);
+    assert_int_equal(ratd_config_check_endpoint(&c, err, sizeof err), RA_EINVAL);
+    assert_non_null(strstr(err, "symbolic link"));
+    unlink(sub);
+    rmdir(dir);
     ratd_config_defaults(&c);
     setenv("XDG_RUNTIME_DIR", "/nonexistent-dir-for-ratd", 1);
     assert_int_equal(ratd_config_check_endpoint(&c, err, sizeof err), RA_OK);
-    assert_true(strncmp(c.endpoint, "ipc:///tmp/ratd-", 16) == 0);
+    snprintf(sub, sizeof sub, "ipc:///tmp/ratd-%u/ratd.sock", (unsigned)geteuid());
+    assert_string_equal(c.endpoint, sub);
     unsetenv("XDG_RUNTIME_DIR");
+    /* tcp:// on loopback: CURVE or --allow-plain-loopback */
     const char *ok[] = {"tcp://127.0.0.1:5555", "tcp://localhost:1", "tcp://[::1]:9"};
     for (int i = 0; i < 3; i++) {
         strcpy(c.endpoint, ok[i]);
+        c.allow_plain_loopback = 0;
+        assert_int_equal(ratd_config_check_endpoint(&c, err, sizeof err), RA_EINVAL);
+        assert_non_null(strstr(err, "--allow-plain-loopback"));
+        c.allow_plain_loopback = 1;
         assert_int_equal(ratd_config_check_endpoint(&c, err, sizeof err), RA_OK);
     }
-    const char *remote[] = {"tcp://0.0.0.0:5555", "tcp://*:5555", "tcp://10.1.2.3:7"};
-    for (int i = 0; i < 3; i++) {
+    /* elsewhere: --allow-remote and CURVE, whatever the plain-loopback flag says */
+    const char *remote[] = {"tcp://0.0.0.0:5555", "tcp://*:5555", "tcp://10.1.2.3:7",
+                            "tcp://127.evil.example:7"};
+    for (int i = 0; i < 4; i++) {
         strcpy(c.endpoint, remote[i]);
         c.allow_remote = 0;
         assert_int_equal(ratd_config_check_endpoint(&c, err, sizeof err), RA_EINVAL);
         assert_non_null(strstr(err, "--allow-remote"));
         c.allow_remote = 1;
+        assert_int_equal(ratd_config_check_endpoint(&c, err, sizeof err), RA_EINVAL);
+        assert_non_null(strstr(err, "CURVE"));
+        strcpy(c.curve_secret_file, "/some/secret");
+        assert_int_equal(ratd_config_check_endpoint(&c, err, sizeof err), RA_EINVAL);
+        assert_non_null(strstr(err, "--curve-clients"));
+        strcpy(c.curve_clients, "/some/clients");
         assert_int_equal(ratd_config_check_endpoint(&c, err, sizeof err), RA_OK);
+        c.curve_secret_file[0] = c.curve_clients[0] = 0;
     }
+    c.allow_remote = 0;
+    /* ZeroMQ's source;address form would bind the second address: refused outright */
+    const char *semi[] = {"tcp://127.0.0.1:1;0.0.0.0:47107", "tcp://127.0.0.1:1;*:47107",
+                          "tcp://lo;127.0.0.1:5"};
+    for (int i = 0; i < 3; i++) {
+        strcpy(c.endpoint, semi[i]);
+        c.allow_remote = i == 2;
+        assert_int_equal(ratd_config_check_endpoint(&c, err, sizeof err), RA_EINVAL);
+        assert_non_null(strstr(err, "';'"));
+    }
+    c.allow_remote = 0;
+    /* the bound address decides, numerically */
+    assert_int_equal(ratd_config_check_bound(&c, "tcp://0.0.0.0:47107", err, sizeof err),
+                     RA_EINVAL);
+    assert_int_equal(ratd_config_check_bound(&c, "tcp://[::]:47107", err, sizeof err), RA_EINVAL);
+    assert_int_equal(ratd_config_check_bound(&c, "tcp://127.0.0.1:47107", err, sizeof err), RA_OK);
+    assert_int_equal(ratd_config_check_bound(&c, "tcp://[::ffff:127.0.0.1]:1", err, sizeof err),
+                     RA_OK);
+    assert_int_equal(ratd_config_check_bound(&c, "ipc:///x", err, sizeof err), RA_OK);
+    assert_int_equal(ratd_endpoint_is_loopback("tcp://localhost:1", 1), 0);
+    assert_int_equal(ratd_endpoint_is_loopback("tcp://[::1]:1", 1), 1);
     strcpy(c.endpoint, "inproc://x");
     assert_int_equal(ratd_config_check_endpoint(&c, err, sizeof err), RA_EINVAL);
     strcpy(c.endpoint, "tcp://nohostport");
     assert_int_equal(ratd_config_check_endpoint(&c, err, sizeof err), RA_EINVAL);
+    /* the socket mode is octal and bounded: the owner keeps read and write */
+    assert_int_equal(ratd_config_set(&c, "socket-mode", "0660", err, sizeof err), RA_OK);
+    assert_int_equal(c.socket_mode, 0660);
+    assert_int_equal(ratd_config_set(&c, "socket-mode", "0400", err, sizeof err), RA_EINVAL);
+    assert_int_equal(ratd_config_set(&c, "socket-mode", "0999", err, sizeof err), RA_EINVAL);
+    assert_int_equal(ratd_config_set(&c, "socket-mode", "01777", err, sizeof err), RA_EINVAL);
 }
 
 static void test_usage_lists_options(void **state)
@@ -146,13 +212,37 @@ static void test_usage_lists_options(void **state)
     FILE *f = open_memstream(&buf, &len);
     ratd_config_usage(f, "ratd");
     fclose(f);
-    const char *flags[] = {
-        "--endpoint",     "--allow-remote",  "--workers",         "--numa-node",
-        "--cpuset",       "--mem-limit",     "--max-frame-bytes", "--max-message-bytes",
-        "--max-sessions", "--max-layers",    "--max-heads",       "--max-dim",
-        "--max-top-k",    "--max-tokens",    "--max-queries",     "--max-queue",
-        "--max-batch",    "--index-threads", "--send-timeout-ms", "--log-level",
-        "--config",       "--help",          "--version"};
+    const char *flags[] = {"--endpoint",
+                           "--allow-remote",
+                           "--workers",
+                           "--numa-node",
+                           "--cpuset",
+                           "--mem-limit",
+                           "--max-frame-bytes",
+                           "--max-message-bytes",
+                           "--max-sessions",
+                           "--max-layers",
+                           "--max-heads",
+                           "--max-dim",
+                           "--max-top-k",
+                           "--max-tokens",
+                           "--max-queries",
+                           "--max-queue",
+                           "--max-batch",
+                           "--index-threads",
+                           "--send-timeout-ms",
+                           "--log-level",
+                           "--config",
+                           "--help",
+                           "--version",
+                           "--allow-plain-loopback",
+                           "--socket-mode",
+                           "--curve-secret-file",
+                           "--curve-clients",
+                           "--curve-keygen",
+                           "--max-clients",
+                           "--session-ttl",
+                           "--max-peer-reply-bytes"};
     for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
         if (!strstr(buf, flags[i]))
             fail_msg("--help does not document %s", flags[i]);

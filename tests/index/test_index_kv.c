@@ -155,6 +155,60 @@ static void test_memory_limit(void **state)
     free(pos);
 }
 
+/* Room made ahead of an append (what a daemon reserves for all KV heads of a store at
+ * once): the cost is known before, the growth uses bytes reserved by the caller, and the
+ * append that follows needs no memory. */
+static void test_grow_prepaid(void **state)
+{
+    (void)state;
+    int dim = 16;
+    size_t row = 2 * (size_t)dim * 4 + 8;
+    ra_mem acct = {0, 0, NULL};
+    ra_kv *kv;
+    assert_int_equal(ra_kv_create(&kv, dim, RA_DTYPE_F32, &acct), RA_OK);
+    trng r = {9};
+    float *k = tfill(&r, RA_DTYPE_F32, 300 * dim, 1.f);
+    int64_t *pos = calloc(300, sizeof *pos);
+    size_t cap, bytes, left;
+    ra_kv_grow_cost(kv, 256, 1, &cap, &bytes); /* empty: the whole arrays */
+    assert_int_equal(cap, 256);
+    assert_int_equal(bytes, 256 * row);
+    assert_int_equal(ra_kv_append(kv, k, k, pos, 256), RA_OK);
+    assert_int_equal(acct.used, 256 * row);
+    ra_kv_grow_cost(kv, 10, 0, &cap, &bytes); /* remapped in place: only the new rows */
+    assert_int_equal(cap, 384);
+    assert_int_equal(bytes, 128 * row);
+    ra_kv_grow_cost(kv, 10, 1, &cap, &bytes);
+    assert_int_equal(cap, 266);
+    assert_int_equal(bytes, 10 * row);
+    acct.limit = 256 * row + 10 * row; /* exactly that */
+    assert_int_equal(ra_mem_reserve(&acct, 10 * row), RA_OK);
+    assert_int_equal(ra_kv_grow(kv, cap, 10 * row, &left), RA_OK);
+    assert_int_equal(left, 0);
+    assert_int_equal(acct.used, acct.limit);
+    assert_int_equal(ra_kv_append(kv, k, k, pos, 10), RA_OK); /* no memory needed */
+    assert_int_equal(acct.used, acct.limit);
+    ra_kv_grow_cost(kv, 0, 1, &cap, &bytes);
+    assert_int_equal(cap, 0);
+    /* more prepaid than needed comes back as left; a failed growth returns all of it */
+    acct.limit = 0;
+    ra_kv_grow_cost(kv, 1, 1, &cap, &bytes);
+    assert_int_equal(ra_mem_reserve(&acct, bytes + 100), RA_OK);
+    assert_int_equal(ra_kv_grow(kv, cap, bytes + 100, &left), RA_OK);
+    assert_int_equal(left, 100);
+    ra_mem_release(&acct, left);
+    size_t used = acct.used;
+    acct.limit = used;
+    ra_kv_grow_cost(kv, 50, 1, &cap, &bytes);
+    assert_int_equal(ra_kv_grow(kv, cap, 0, &left), RA_ENOMEM);
+    assert_int_equal(left, 0);
+    assert_int_equal(acct.used, used);
+    ra_kv_destroy(kv);
+    assert_int_equal(acct.used, 0);
+    free(k);
+    free(pos);
+}
+
 static void test_pinned_view(void **state)
 {
     (void)state;
@@ -193,9 +247,9 @@ static void test_pinned_view(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_create_args),   cmocka_unit_test(test_append_readback),
+        cmocka_unit_test(test_create_args),    cmocka_unit_test(test_append_readback),
         cmocka_unit_test(test_append_rejects), cmocka_unit_test(test_memory_limit),
-        cmocka_unit_test(test_pinned_view),
+        cmocka_unit_test(test_pinned_view),    cmocka_unit_test(test_grow_prepaid),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -13,13 +13,15 @@ c_size, c_float, c_double, c_vp = ctypes.c_size_t, ctypes.c_float, ctypes.c_doub
 P = ctypes.POINTER
 
 # RA_CLIENT_ABI_VERSION of the header this file mirrors
-ABI_VERSION = 2
+ABI_VERSION = 3
 OP_NAMES = ("hello", "create", "offload", "append", "attend", "drop", "stats")  # ra_op
 RA_OP_COUNT = len(OP_NAMES)
 
 
 class ClientOpts(ctypes.Structure):  # ra_client_opts
-    _fields_ = [("timeout_ms", c_int), ("max_inflight", c_int)]
+    _fields_ = [("timeout_ms", c_int), ("max_inflight", c_int),
+                ("curve_server_key", ctypes.c_char_p), ("curve_public_key", ctypes.c_char_p),
+                ("curve_secret_key", ctypes.c_char_p)]
 
 
 class ServerLimits(ctypes.Structure):  # ra_server_limits
@@ -32,7 +34,7 @@ class ServerLimits(ctypes.Structure):  # ra_server_limits
 class ServerInfo(ctypes.Structure):  # ra_server_info
     _fields_ = [("protocol_version", c_u32), ("capabilities", c_u32),
                 ("server_version", ctypes.c_char * 32), ("workers", c_u32), ("numa_node", c_i32),
-                ("limits", ServerLimits)]
+                ("limits", ServerLimits), ("instance_id", c_u64)]
 
 
 class IndexOpts(ctypes.Structure):  # ra_client_index_opts
@@ -72,7 +74,10 @@ class ServerStats(ctypes.Structure):  # ra_server_stats
     _fields_ = [("sessions", c_u64), ("requests", c_u64), ("errors", c_u64),
                 ("bad_messages", c_u64), ("bytes_in", c_u64), ("bytes_out", c_u64),
                 ("mem_used", c_u64), ("mem_limit", c_u64), ("tokens", c_u64),
-                ("uptime_s", c_double), ("ops", OpStats * RA_OP_COUNT)]
+                ("uptime_s", c_double), ("ops", OpStats * RA_OP_COUNT), ("clients", c_u64),
+                ("max_clients", c_u64), ("listener_pauses", c_u64), ("replies_dropped", c_u64),
+                ("sessions_expired", c_u64), ("tokens_refused", c_u64), ("reply_bytes", c_u64),
+                ("curve_refused", c_u64)]
 
 
 class SessionStats(ctypes.Structure):  # ra_session_stats
@@ -86,21 +91,28 @@ class AttendBatchReq(ctypes.Structure):  # ra_attend_batch_req
                 ("scale", c_float), ("want_topk", c_int), ("top_k_per_head", c_vp)]
 
 
+class SessionToken(ctypes.Structure):  # ra_session_token
+    _fields_ = [("bytes", ctypes.c_uint8 * 16)]
+
+
 # ra_client_struct value -> the mirror; the order of the C enum
 STRUCTS = (ClientOpts, ServerLimits, ServerInfo, IndexOpts, SessionDesc, KvBatch, AttendReq,
-           AttendOut, OpStats, ServerStats, SessionStats, AttendBatchReq)
+           AttendOut, OpStats, ServerStats, SessionStats, AttendBatchReq, SessionToken)
 
 # name -> (restype, argtypes); every call of client.h and status.h
 SIGNATURES = {
     "ra_client_opts_default": (None, [P(ClientOpts)]),
     "ra_client_open": (c_int, [P(c_vp), ctypes.c_char_p, P(ClientOpts)]),
     "ra_client_close": (None, [c_vp]),
+    "ra_client_default_endpoint": (c_int, [ctypes.c_char_p, c_size]),
     "ra_client_errmsg": (ctypes.c_char_p, [c_vp]),
     "ra_client_set_timeout": (None, [c_vp, c_int]),
     "ra_client_hello": (c_int, [c_vp, P(ServerInfo)]),
     "ra_session_desc_init": (None, [P(SessionDesc)]),
     "ra_client_session_create": (c_int, [c_vp, P(SessionDesc), P(c_u64)]),
     "ra_client_session_drop": (c_int, [c_vp, c_u64]),
+    "ra_client_session_token": (c_int, [c_vp, c_u64, P(SessionToken)]),
+    "ra_client_session_adopt": (c_int, [c_vp, c_u64, P(SessionToken)]),
     "ra_client_offload": (c_int, [c_vp, c_u64, c_int, P(KvBatch)]),
     "ra_client_append": (c_int, [c_vp, c_u64, c_int, P(KvBatch)]),
     "ra_client_attend": (c_int, [c_vp, c_u64, c_int, P(AttendReq), P(AttendOut)]),

@@ -90,12 +90,15 @@ def _float(name, v, lo, hi):
 class Session(int):
     """A session id (an int) that also carries the session's shape, so that inputs are
     checked against it: n_layers, n_q_heads, n_kv_heads, head_dim, dtype ('f32', 'f16',
-    'bf16'). Returned by Client.create_session; any Client may use it."""
+    'bf16'), and its token (16 bytes: whoever holds it owns the session; None for a
+    sharded Client's session). Returned by Client.create_session; any Client connected to
+    the same daemon may use it (the token travels with it)."""
 
-    def __new__(cls, sid, n_layers, n_q_heads, n_kv_heads, head_dim, dtype):
+    def __new__(cls, sid, n_layers, n_q_heads, n_kv_heads, head_dim, dtype, token=None):
         s = int.__new__(cls, sid)
         s.n_layers, s.n_q_heads, s.n_kv_heads, s.head_dim = n_layers, n_q_heads, n_kv_heads, head_dim
         s.dtype = dtype
+        s.token = token
         return s
 
     def __repr__(self):
@@ -123,12 +126,26 @@ def _check_endpoints(endpoint):
 
 
 def default_endpoint():
-    """ratd's own default: ipc://$XDG_RUNTIME_DIR/ratd.sock, else ipc:///tmp/ratd-<uid>.sock;
+    """ratd's own default: ipc://$XDG_RUNTIME_DIR/ratd/ratd.sock, else
+    ipc:///tmp/ratd-<uid>/ratd.sock (private directories that ratd creates 0700);
     $RATD_ENDPOINT wins over both."""
     if os.environ.get("RATD_ENDPOINT"):
         return os.environ["RATD_ENDPOINT"]
     rt = os.environ.get("XDG_RUNTIME_DIR")
-    return "ipc://%s/ratd.sock" % rt if rt else "ipc:///tmp/ratd-%d.sock" % os.getuid()
+    if rt and len(rt) < 300 and os.access(rt, os.W_OK):
+        return "ipc://%s/ratd/ratd.sock" % rt
+    return "ipc:///tmp/ratd-%d/ratd.sock" % os.geteuid()
+
+
+def _curve_key(name, k):
+    if k is None:
+        return None
+    if isinstance(k, str):
+        k = k.encode()
+    if not isinstance(k, (bytes, bytearray)) or len(k) != 40:
+        raise ValueError("%s must be a 40-character Z85 key as ratd --curve-keygen prints it"
+                         % name)
+    return bytes(k)
 
 
 class Client:
@@ -143,8 +160,15 @@ class Client:
     timeout_ms bounds every later wait."""
 
     def __init__(self, endpoint=None, *, timeout_ms=DEFAULT_TIMEOUT_MS,
-                 connect_timeout_ms=DEFAULT_CONNECT_TIMEOUT_MS, max_inflight=64, check=True):
+                 connect_timeout_ms=DEFAULT_CONNECT_TIMEOUT_MS, max_inflight=64, check=True,
+                 curve_server_key=None, curve_public_key=None, curve_secret_key=None):
         self._c = None
+        keys = [_curve_key(n, k) for n, k in (("curve_server_key", curve_server_key),
+                                              ("curve_public_key", curve_public_key),
+                                              ("curve_secret_key", curve_secret_key))]
+        if any(keys) and not all(keys):
+            raise ValueError("CURVE needs curve_server_key, curve_public_key and "
+                             "curve_secret_key together")
         endpoint = default_endpoint() if endpoint is None else endpoint
         parts = _check_endpoints(endpoint)
         self.endpoint = endpoint
@@ -154,6 +178,8 @@ class Client:
         self._lib = _load.load()
         self._lock = threading.Lock()
         self._tickets = {}
+        self._known = set()  # sessions whose token this Client holds
+        self._sharded = len(parts) > 1
         self.info = None
         if check:
             for p in parts:
@@ -163,10 +189,11 @@ class Client:
         o = _abi.ClientOpts()
         self._lib.ra_client_opts_default(ctypes.byref(o))
         o.timeout_ms, o.max_inflight = self._timeout, max_inflight
+        o.curve_server_key, o.curve_public_key, o.curve_secret_key = keys
         h = ctypes.c_void_p()
         st = self._lib.ra_client_open(ctypes.byref(h), endpoint.encode(), ctypes.byref(o))
         if st:
-            raise RatdError(st, "cannot open %s (a malformed endpoint?)" % endpoint)
+            raise RatdError(st, "cannot open %s (a malformed endpoint or CURVE key?)" % endpoint)
         self._c = h
         if check:
             self.set_timeout(connect_timeout_ms)
@@ -233,6 +260,13 @@ class Client:
             raise TypeError("session must be the Session that create_session returned (it "
                             "carries the shape inputs are checked against), got %s"
                             % type(session).__name__)
+        sid = int(session)
+        if sid not in self._known and session.token is not None and not self._sharded:
+            t = _abi.SessionToken()
+            t.bytes[:] = list(session.token)
+            with self._lock:  # another Client's session: this one learns its token
+                self._check(self._lib.ra_client_session_adopt(self._h(), sid, ctypes.byref(t)))
+                self._known.add(sid)
         return session
 
     def _layer(self, s, layer):
@@ -251,7 +285,8 @@ class Client:
         return {"protocol_version": info.protocol_version, "capabilities": info.capabilities,
                 "caps": [k for k, b in CAPABILITIES.items() if info.capabilities & b],
                 "server_version": info.server_version.decode(errors="replace"),
-                "workers": info.workers, "numa_node": info.numa_node, "limits": lim}
+                "workers": info.workers, "numa_node": info.numa_node, "limits": lim,
+                "instance_id": info.instance_id}
 
     def create_session(self, *, n_layers, n_q_heads, n_kv_heads, head_dim, dtype="f16",
                        index="graph", graph_knn=0, graph_degree=0, graph_build_ef=0,
@@ -283,14 +318,21 @@ class Client:
         sid = ctypes.c_uint64()
         with self._lock:
             self._check(self._lib.ra_client_session_create(self._h(), ctypes.byref(d), ctypes.byref(sid)))
+            token = None
+            t = _abi.SessionToken()
+            if not self._sharded and not self._lib.ra_client_session_token(self._h(), sid.value,
+                                                                           ctypes.byref(t)):
+                token = bytes(t.bytes)
+            self._known.add(sid.value)
         name = [k for k, v in DTYPE_NAMES.items() if v == dt][0]
-        return Session(sid.value, n_layers, n_q_heads, n_kv_heads, head_dim, name)
+        return Session(sid.value, n_layers, n_q_heads, n_kv_heads, head_dim, name, token)
 
     def session_drop(self, session):
         """Frees the session and everything of it on the daemon(s)."""
         s = self._session(session)
         with self._lock:
             self._check(self._lib.ra_client_session_drop(self._h(), int(s)))
+            self._known.discard(int(s))
 
     drop_session = session_drop
 

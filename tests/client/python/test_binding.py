@@ -256,6 +256,41 @@ def test_bad_inputs(client, data):
     assert e.value.name == "RA_ECLOSED"
 
 
+def test_session_tokens(daemon, client, data):
+    """A session belongs to its token: another Client gets it with the Session (which
+    carries the token); an id without the token is an unknown session; Stats counts."""
+    K, V, pos, q = data
+    s = session(client)
+    assert isinstance(s.token, bytes) and len(s.token) == 16
+    fill(client, s, K, V, pos)
+    r1 = client.attend(s, 1, q, top_k=N)
+    with ratd.Client(daemon[0], timeout_ms=20000) as other:
+        r2 = other.attend(s, 1, q, top_k=N)  # adopts the token the Session carries
+        assert np.array_equal(r1.o, r2.o) and np.array_equal(r1.lse, r2.lse)
+        bare = ratd.Session(int(s), s.n_layers, s.n_q_heads, s.n_kv_heads, s.head_dim, s.dtype)
+        with ratd.Client(daemon[0], timeout_ms=20000) as third:
+            with pytest.raises(ratd.RatdError) as e:
+                third.attend(bare, 1, q, top_k=N)
+            assert e.value.status == 4 and "never created" in str(e.value)
+            assert third.stats()["tokens_refused"] >= 1
+        assert client.hello()["instance_id"] == other.hello()["instance_id"] != 0
+    client.session_drop(s)
+
+
+def test_default_endpoint_rule(monkeypatch, tmp_path):
+    monkeypatch.delenv("RATD_ENDPOINT", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert ratd.default_endpoint() == "ipc://%s/ratd/ratd.sock" % tmp_path
+    buf = ctypes.create_string_buffer(400)
+    assert _load.load().ra_client_default_endpoint(buf, 400) == 0
+    assert buf.value.decode() == ratd.default_endpoint()
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert ratd.default_endpoint() == "ipc:///tmp/ratd-%d/ratd.sock" % os.geteuid()
+    with pytest.raises(ValueError, match="40-character"):
+        ratd.Client("ipc:///x", curve_server_key="short", curve_public_key="a" * 40,
+                    curve_secret_key="b" * 40, check=False)
+
+
 def test_no_daemon_is_fast(tmp_path):
     t0 = time.monotonic()
     with pytest.raises(ratd.RatdError, match="socket file does not exist") as e:
