@@ -3,9 +3,13 @@
  * -> on SIGINT/SIGTERM stop taking requests, answer those queued, cancel the index
  * builds, free every session, remove the ipc:// socket file, exit 0 (within a bound:
  * a build that does not end 3 s after its cancellation is left to the exit). Exit 2
- * on a configuration error, 1 on a start failure. */
+ * on a configuration error (an unwritable --log-file included), 1 on a start failure.
+ * --print-config prints the merged configuration in config-file syntax and exits. */
+#include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -34,11 +38,24 @@ int main(int argc, char **argv)
     ra_index_build_priority_setup();
     ratd_config cfg;
     char err[512];
-    int help = 0, version = 0;
-    if (ratd_config_load(&cfg, argc, argv, &help, &version, err, sizeof err) != RA_OK) {
+    int help = 0, version = 0, print_config = 0;
+    /* --print-config is an action, not an option of the table: taken out here */
+    char **args = calloc((size_t)argc + 1, sizeof *args);
+    int nargs = 0;
+    if (!args)
+        return 1;
+    for (int i = 0; i < argc; i++) {
+        if (i > 0 && !strcmp(argv[i], "--print-config"))
+            print_config = 1;
+        else
+            args[nargs++] = argv[i];
+    }
+    if (ratd_config_load(&cfg, nargs, args, &help, &version, err, sizeof err) != RA_OK) {
         fprintf(stderr, "ratd: %s\n", err);
+        free(args);
         return 2;
     }
+    free(args);
     if (help) {
         ratd_config_usage(stdout, argv[0]);
         return 0;
@@ -62,6 +79,24 @@ int main(int argc, char **argv)
     if (ratd_config_check_endpoint(&cfg, err, sizeof err) != RA_OK) {
         fprintf(stderr, "ratd: %s\n", err);
         return 2;
+    }
+    if (print_config) {
+        ratd_config_print(stdout, &cfg);
+        return 0;
+    }
+    if (cfg.log_file[0]) { /* refused now, with the reason, rather than logging nowhere */
+        int fd = open(cfg.log_file, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+        if (fd < 0) {
+            fprintf(stderr, "ratd: cannot open the log file %s for writing: %s\n", cfg.log_file,
+                    strerror(errno));
+            return 2;
+        }
+        if (dup2(fd, STDERR_FILENO) < 0) {
+            fprintf(stderr, "ratd: cannot log to %s: %s\n", cfg.log_file, strerror(errno));
+            close(fd);
+            return 2;
+        }
+        close(fd);
     }
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);

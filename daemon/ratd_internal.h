@@ -18,12 +18,13 @@
 #include "ra_index.h"
 #include "ra_proto.h"
 #include "ratd_config.h"
+#include "ratd_ops.h"
 #include "ratd_pool.h"
 #include "ratd_server.h"
 
 /* Previous result ids kept per (layer, query head) as graph entry points. */
 #define RATD_WARM 32
-#define RATD_N_OPS 7
+#define RATD_N_OPS 10 /* MsgType 1..10 */
 /* Sessions no bigger than this, with no build running, are freed by Drop itself;
  * others go to the reaper. */
 #define RATD_INLINE_FREE_BYTES ((size_t)64 << 20)
@@ -57,6 +58,7 @@ struct ratd_session {
     uint64_t tokens;  /* I/O thread */
     int refs;         /* I/O thread: the table's, plus one per job naming the session */
     uint64_t mark;    /* I/O thread: duplicate check of a batched Attend */
+    double last_used; /* I/O thread: arrival of the last request naming it (ListSessions) */
     ratd_session *reap_next;
 };
 
@@ -165,7 +167,8 @@ struct ratd_server {
     char ipc_path[512];
     double t0;
     uint64_t requests, errors, bad_messages, bytes_in, bytes_out, tokens;
-    op_stat ops[RATD_N_OPS];
+    op_stat op_stats[RATD_N_OPS];
+    ratd_ops *ops; /* metrics, ListSessions/GetConfig/WaitReady, heap trimming (ratd_ops.c) */
 };
 
 /* ---- ratd_session.c ----------------------------------------------------------------- */
@@ -200,6 +203,8 @@ const void *ratd_frame_data(ra_proto_view *v, int i, size_t align, ratd_buf *b);
 /* Checks that tensor `role` exists with dtype dt and the given shape. */
 ra_status ratd_want_tensor(ra_proto_view *v, Ratd__Role role, const char *name, int dt, int ndim,
                            const uint64_t *shape, int *idx, char *err, size_t errlen);
+/* Sends j's reply (no tensor frames), counts it and releases the request. */
+void ratd_reply(ratd_server *s, ratd_job *j, Ratd__Header *rep, ra_status st);
 /* Called by a job's last task (or phase): hands the job back to the I/O thread. */
 void ratd_job_complete(ratd_job *j);
 /* ra_proto_part.release of reply frames made from a job's buffers. */

@@ -327,8 +327,9 @@ static void reply(ratd_server *s, ratd_job *j, Ratd__Header *rep, ra_status st,
     if (st != RA_OK) {
         s->errors++;
         rep->message = j->err;
-        RA_WARN("request %llu (%s) from client %s: %s: %s", (unsigned long long)j->req_id,
-                ra_proto_type_name(j->type), j->peer, ra_strerror(st), j->err);
+        RA_WARN("request %llu (%s) session %llu layer %u from client %s: %s: %s",
+                (unsigned long long)j->req_id, ra_proto_type_name(j->type),
+                (unsigned long long)rep->session, rep->layer, j->peer, ra_strerror(st), j->err);
     }
     int lent = 0;
     for (int i = 0; i < n_parts; i++) {
@@ -351,17 +352,23 @@ static void reply(ratd_server *s, ratd_job *j, Ratd__Header *rep, ra_status st,
                     zmq_strerror(errno));
     }
     if (j->type >= 1 && j->type <= RATD_N_OPS) {
-        op_stat *o = &s->ops[j->type - 1];
+        op_stat *o = &s->op_stats[j->type - 1];
         o->count++;
         o->errors += st != RA_OK;
         o->total_us += (uint64_t)us;
         if ((uint64_t)us > o->max_us)
             o->max_us = (uint64_t)us;
     }
+    ratd_ops_on_reply(s, j->type, st, (uint64_t)us);
     ra_proto_view_free(&j->v);
     arena_reset(&j->arena);
     ra_proto_msg_close(&j->msg);
     job_unref(j); /* the I/O thread's reference */
+}
+
+void ratd_reply(ratd_server *s, ratd_job *j, Ratd__Header *rep, ra_status st)
+{
+    reply(s, j, rep, st, NULL, 0);
 }
 
 static void reply_status(ratd_server *s, ratd_job *j, ra_status st)
@@ -398,6 +405,7 @@ static void enqueue(ratd_server *s, ratd_job *j)
         ratd_lane *l = &ss->lanes[j->layer];
         ratd_lane_node *nd = &j->nodes[i];
         ss->refs++;
+        ss->last_used = j->t_arrive;
         nd->job = j;
         nd->next = NULL;
         if (l->tail) {
@@ -527,10 +535,10 @@ static ra_status do_stats(ratd_server *s, ratd_job *j, Ratd__StatsReply *sr, Rat
     sr->uptime_s = ra_now_s() - s->t0;
     for (int i = 0; i < RATD_N_OPS; i++) {
         ratd__op_stats__init(&os[i]);
-        os[i].count = s->ops[i].count;
-        os[i].errors = s->ops[i].errors;
-        os[i].total_us = s->ops[i].total_us;
-        os[i].max_us = s->ops[i].max_us;
+        os[i].count = s->op_stats[i].count;
+        os[i].errors = s->op_stats[i].errors;
+        os[i].total_us = s->op_stats[i].total_us;
+        os[i].max_us = s->op_stats[i].max_us;
         osp[i] = &os[i];
     }
     sr->n_ops = RATD_N_OPS;
@@ -577,11 +585,16 @@ static void handle_inline(ratd_server *s, ratd_job *j, int version_ok)
         st = ratd_session_drop(s, hd->session, j->err, sizeof j->err);
         break;
     case RATD__MSG_TYPE__STATS:
+        ratd_ops_trim(s); /* before the figures: mem and RSS read after this are settled */
         st = do_stats(s, j, &sr, os, osp);
         if (st == RA_OK)
             rep.stats = &sr;
         break;
     default:
+        if (ratd_ops_owns(j->type)) { /* ListSessions, GetConfig, WaitReady */
+            ratd_ops_handle(s, j);
+            return;
+        }
         ratd_job_set_err(j, RA_EPROTO, "unknown request type %d", j->type);
         st = RA_EPROTO;
         s->bad_messages++;
@@ -654,6 +667,7 @@ static int receive_one(ratd_server *s)
 static int serve_once(ratd_server *s, int timeout_ms, int burst, volatile sig_atomic_t *stop)
 {
     zmq_pollitem_t it[2] = {{NULL, s->efd, ZMQ_POLLIN, 0}, {s->sock, 0, ZMQ_POLLIN, 0}};
+    timeout_ms = ratd_ops_tick(s, timeout_ms);
     int rc = zmq_poll(it, burst > 0 ? 2 : 1, s->ready ? 0 : timeout_ms);
     if (rc < 0) {
         if (errno == EINTR)
@@ -771,6 +785,8 @@ ra_status ratd_server_create(ratd_server **out, const ratd_config *cfg, char *er
         s->ipc_path[0] = 0;
         goto fail;
     }
+    if ((st = ratd_ops_create(s, err, errlen)) != RA_OK)
+        goto fail;
     *out = s;
     return RA_OK;
 fail:
@@ -803,6 +819,7 @@ int ratd_server_run(ratd_server *s, volatile sig_atomic_t *stop)
     while (s->active > 0 || s->ready)
         if (serve_once(s, 100, 0, NULL) < 0)
             break;
+    ratd_ops_flush(s); /* parked WaitReady requests: RA_ECLOSED */
     RA_INFO("stopping: %d sessions, %llu requests served (%d drained)", s->n_sessions,
             (unsigned long long)s->requests, drained);
     /* every session goes; builds are cancelled and given a bounded time to end */
@@ -820,6 +837,8 @@ void ratd_server_destroy(ratd_server *s)
     if (!s)
         return;
     ratd_reaper_finish(s, 3.0);
+    ratd_ops_flush(s);
+    ratd_ops_destroy(s); /* the metrics thread first: it reads the server */
     ratd_pool_destroy(s->pool); /* no job is in flight: leftover tickets find nothing */
     if (s->sock)
         zmq_close(s->sock);

@@ -297,6 +297,7 @@ ra_status ratd_session_create(ratd_server *s, const Ratd__CreateSession *c, uint
     ss->dtype = (ra_dtype)c->dtype;
     ss->iopts = io;
     ss->refs = 1;
+    ss->last_used = ra_now_s();
     s->sessions[s->n_sessions++] = ss; /* ids only grow: the table stays sorted */
     *id = ss->id;
     RA_INFO("session %llu: %d layers, %d query heads, %d KV heads, dim %d, %s, index %s",

@@ -132,6 +132,10 @@ static void checks_done(ratd_job *j)
             }
             return;
         }
+        char label[64];
+        snprintf(label, sizeof label, "session %llu layer %u kv-head %d",
+                 (unsigned long long)ss->id, j->layer, g);
+        ra_head_set_label(h, label);
         __atomic_store_n(&heads[g], h, __ATOMIC_RELEASE); /* Stats reads it */
     }
     j->t.phase = 1;
