@@ -584,29 +584,37 @@ ra_status ra_client_wait_ready(ra_client *c, uint64_t session, int timeout_ms)
         timeout_ms = c->timeout_ms;
     double deadline = ra_now_s() + timeout_ms * 1e-3;
     for (int sh = 0; sh < c->n_shards; sh++) {
-        int left = (int)((deadline - ra_now_s()) * 1e3);
-        if (left < 1)
-            left = 1;
-        Ratd__Header h = RATD__HEADER__INIT;
-        Ratd__WaitParams wp = RATD__WAIT_PARAMS__INIT;
-        h.type = RATD__MSG_TYPE__WAIT_READY;
-        h.session = remote_session(c, session, sh);
-        wp.timeout_ms = (uint32_t)left;
-        h.wait = &wp;
-        uint64_t id = 0;
-        ra_status st = send_req(c, sh, &h, NULL, 0, &id);
-        ra_reply *r = NULL;
-        /* the daemon answers at its deadline at the latest: wait a little longer */
-        if (st == RA_OK)
-            st = wait_reply(c, sh, id, left + 2000, &r);
-        if (st == RA_OK) {
+        for (;;) {
+            /* The daemon answers one WaitReady at most c->timeout_ms later, so that a daemon
+             * that died meanwhile is noticed within the client's own bound, as with any
+             * other call; a long wait is a few such requests. */
+            int left = (int)((deadline - ra_now_s()) * 1e3);
+            if (left < 1)
+                left = 1;
+            int slice = left < c->timeout_ms ? left : c->timeout_ms;
+            Ratd__Header h = RATD__HEADER__INIT;
+            Ratd__WaitParams wp = RATD__WAIT_PARAMS__INIT;
+            h.type = RATD__MSG_TYPE__WAIT_READY;
+            h.session = remote_session(c, session, sh);
+            wp.timeout_ms = (uint32_t)slice;
+            h.wait = &wp;
+            uint64_t id = 0;
+            ra_status st = send_req(c, sh, &h, NULL, 0, &id);
+            ra_reply *r = NULL;
+            if (st == RA_OK) /* the daemon answers at its deadline: wait a little longer */
+                st = wait_reply(c, sh, id, slice + 2000, &r);
+            if (st != RA_OK)
+                return st; /* no answer at all: the daemon is gone or unreachable */
             st = reply_status(c, r);
             reply_free(r);
+            if (unknown_type(st, c))
+                return wait_ready_poll(c, session, deadline, timeout_ms);
+            if (st == RA_ETIMEDOUT && ra_now_s() < deadline)
+                continue; /* this slice ended, the caller's time has not */
+            if (st != RA_OK)
+                return st;
+            break;
         }
-        if (unknown_type(st, c))
-            return wait_ready_poll(c, session, deadline, timeout_ms);
-        if (st != RA_OK)
-            return st;
     }
     c->err[0] = 0;
     return RA_OK;

@@ -327,9 +327,12 @@ static void reply(ratd_server *s, ratd_job *j, Ratd__Header *rep, ra_status st,
     if (st != RA_OK) {
         s->errors++;
         rep->message = j->err;
-        RA_WARN("request %llu (%s) session %llu layer %u from client %s: %s: %s",
-                (unsigned long long)j->req_id, ra_proto_type_name(j->type),
-                (unsigned long long)rep->session, rep->layer, j->peer, ra_strerror(st), j->err);
+        /* a WaitReady slice that ends before the builds is routine, not a warning */
+        ra_log(st == RA_ETIMEDOUT && j->type == RATD__MSG_TYPE__WAIT_READY ? RA_LOG_DEBUG
+                                                                           : RA_LOG_WARN,
+               "request %llu (%s) session %llu layer %u from client %s: %s: %s",
+               (unsigned long long)j->req_id, ra_proto_type_name(j->type),
+               (unsigned long long)rep->session, rep->layer, j->peer, ra_strerror(st), j->err);
     }
     int lent = 0;
     for (int i = 0; i < n_parts; i++) {
