@@ -222,15 +222,6 @@ ra_status ra_lm_st_open(const char *path, ra_lm_st **out, char *err, size_t errl
             goto fail;
         }
     }
-    free(sorted);
-    sorted = malloc((s->n ? s->n : 1) * sizeof *sorted);
-    if (!sorted) {
-        seterr(err, errlen, "%s: out of memory", path);
-        st = RA_ENOMEM;
-        goto fail;
-    }
-    for (size_t i = 0; i < s->n; i++)
-        sorted[i] = &s->t[i];
     qsort(sorted, s->n, sizeof *sorted, by_offset);
     for (size_t i = 1; i < s->n; i++) {
         if (sorted[i - 1]->data + sorted[i - 1]->nbytes > sorted[i]->data) {

@@ -264,6 +264,17 @@ static void test_metrics_endpoint(void **state)
     assert_non_null(strstr(g_out, "expected tcp://host:port"));
 }
 
+/* Runs ratctl with `args` against endpoint ep: its exit status must be rc and its
+ * output must contain `needle`. */
+static void ctl_expect(const char *ctl, const char *ep, const char *args, int rc, const char *needle)
+{
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "%s --endpoint %s %s", ctl, ep, args);
+    int got = run_capture(cmd, g_out, sizeof g_out);
+    if (got != rc || !strstr(g_out, needle))
+        fail_msg("ratctl %s: exit %d (want %d), output lacks '%s':\n%s", args, got, rc, needle, g_out);
+}
+
 /* ratctl against a daemon with one session, for a person and with --json. */
 static void test_ratctl(void **state)
 {
@@ -273,56 +284,29 @@ static void test_ratctl(void **state)
     ra_client *c = ratd_connect(&d, 10000);
     uint64_t s = ratd_session_new(c, 3, 8, 2, 32, RA_DTYPE_F16, RA_CLIENT_INDEX_FLAT);
     assert_true(s > 0);
-    char cmd[1024];
     const char *ctl = bin("RATCTL_BIN");
-#define CTL(args) snprintf(cmd, sizeof cmd, "%s --endpoint %s " args, ctl, d.endpoint)
-    CTL("ping");
-    assert_int_equal(run_capture(cmd, g_out, sizeof g_out), 0);
-    assert_non_null(strstr(g_out, "protocol 1, 2 workers"));
-    CTL("--json ping");
-    assert_int_equal(run_capture(cmd, g_out, sizeof g_out), 0);
-    assert_non_null(strstr(g_out, "\"ok\": true"));
-    assert_non_null(strstr(g_out, "\"workers\": 2"));
-    CTL("stats");
-    assert_int_equal(run_capture(cmd, g_out, sizeof g_out), 0);
-    assert_non_null(strstr(g_out, "1 sessions"));
-    assert_non_null(strstr(g_out, "create "));
-    CTL("--json stats");
-    assert_int_equal(run_capture(cmd, g_out, sizeof g_out), 0);
-    assert_non_null(strstr(g_out, "\"sessions\": 1,"));
-    CTL("sessions");
-    assert_int_equal(run_capture(cmd, g_out, sizeof g_out), 0);
-    assert_non_null(strstr(g_out, "3 x 8/2 x 32"));
-    assert_non_null(strstr(g_out, "f16"));
-    CTL("--json sessions");
-    assert_int_equal(run_capture(cmd, g_out, sizeof g_out), 0);
-    char want[64];
+    ctl_expect(ctl, d.endpoint, "ping", 0, "protocol 1, 2 workers");
+    ctl_expect(ctl, d.endpoint, "--json ping", 0, "\"workers\": 2");
+    ctl_expect(ctl, d.endpoint, "stats", 0, "1 sessions");
+    ctl_expect(ctl, d.endpoint, "stats", 0, "create ");
+    ctl_expect(ctl, d.endpoint, "--json stats", 0, "\"sessions\": 1,");
+    ctl_expect(ctl, d.endpoint, "sessions", 0, "3 x 8/2 x 32");
+    ctl_expect(ctl, d.endpoint, "sessions", 0, "f16");
+    char want[64], drop[64];
     snprintf(want, sizeof want, "{\"id\": %llu, \"n_layers\": 3", (unsigned long long)s);
-    assert_non_null(strstr(g_out, want));
-    CTL("config");
-    assert_int_equal(run_capture(cmd, g_out, sizeof g_out), 0);
-    assert_non_null(strstr(g_out, "workers 2\n"));
-    CTL("--json config");
-    assert_int_equal(run_capture(cmd, g_out, sizeof g_out), 0);
-    assert_non_null(strstr(g_out, "\"workers\": \"2\""));
-    snprintf(cmd, sizeof cmd, "%s --endpoint %s drop %llu", ctl, d.endpoint, (unsigned long long)s);
-    assert_int_equal(run_capture(cmd, g_out, sizeof g_out), 0);
-    assert_int_equal(run_capture(cmd, g_out, sizeof g_out), 1); /* gone now */
-    assert_non_null(strstr(g_out, "unknown session"));
-    CTL("--json sessions");
-    assert_int_equal(run_capture(cmd, g_out, sizeof g_out), 0);
-    assert_non_null(strstr(g_out, "\"sessions\": []"));
-    CTL("drop abc");
-    assert_int_equal(run_capture(cmd, g_out, sizeof g_out), 2);
-    CTL("frobnicate");
-    assert_int_equal(run_capture(cmd, g_out, sizeof g_out), 2);
+    ctl_expect(ctl, d.endpoint, "--json sessions", 0, want);
+    ctl_expect(ctl, d.endpoint, "config", 0, "workers 2\n");
+    ctl_expect(ctl, d.endpoint, "--json config", 0, "\"workers\": \"2\"");
+    snprintf(drop, sizeof drop, "drop %llu", (unsigned long long)s);
+    ctl_expect(ctl, d.endpoint, drop, 0, "dropped");
+    ctl_expect(ctl, d.endpoint, drop, 1, "unknown session"); /* gone now */
+    ctl_expect(ctl, d.endpoint, "--json sessions", 0, "\"sessions\": []");
+    ctl_expect(ctl, d.endpoint, "drop abc", 2, "not a session id");
+    ctl_expect(ctl, d.endpoint, "frobnicate", 2, "unknown command");
     ra_client_close(c);
     assert_int_equal(ratd_stop(&d), 0);
     /* no daemon: a clear failure within the timeout */
-    CTL("--timeout-ms 300 ping");
-    assert_int_equal(run_capture(cmd, g_out, sizeof g_out), 1);
-    assert_non_null(strstr(g_out, "timed out"));
-#undef CTL
+    ctl_expect(ctl, d.endpoint, "--timeout-ms 300 ping", 1, "timed out");
 }
 
 int main(void)
