@@ -35,6 +35,7 @@
 #include "ratd/client.h"
 
 #define MAX_SESS 3  /* live sessions per client thread */
+static int g_index = -1; /* --index: one kind for every session, -1: a random mix */
 #define MAX_TOK 600 /* tokens per (layer, KV head) before a layer stops growing */
 
 /* ---- what is counted --------------------------------------------------------------------- */
@@ -183,6 +184,8 @@ static void do_create(worker *w)
     static const ra_client_index_kind kinds[] = {RA_CLIENT_INDEX_FLAT, RA_CLIENT_INDEX_GRAPH,
                                                  RA_CLIENT_INDEX_HNSW};
     s->kind = kinds[rint_(w, 0, 2)];
+    if (g_index >= 0)
+        s->kind = (ra_client_index_kind)g_index;
     ra_session_desc d;
     ra_session_desc_init(&d);
     d.n_layers = s->L;
@@ -542,19 +545,28 @@ static void *worker_main(void *arg)
 
 /* ---- the daemon's side ------------------------------------------------------------------ */
 
-static long rss_kb(int pid)
+/* A field of /proc/PID/status ("VmRSS:", "Threads:"), -1 when unreadable. */
+static long proc_field(int pid, const char *field)
 {
     char path[64], line[256];
     snprintf(path, sizeof path, "/proc/%d/status", pid);
     FILE *f = fopen(path, "r");
     if (!f)
         return -1;
-    long kb = -1;
+    long v = -1;
+    size_t fl = strlen(field);
     while (fgets(line, sizeof line, f))
-        if (sscanf(line, "VmRSS: %ld kB", &kb) == 1)
+        if (!strncmp(line, field, fl)) {
+            v = strtol(line + fl, NULL, 10);
             break;
+        }
     fclose(f);
-    return kb;
+    return v;
+}
+
+static long rss_kb(int pid)
+{
+    return proc_field(pid, "VmRSS:");
 }
 
 /* Stats after a second of idleness (the daemon trims its heap then and on Stats). */
@@ -578,7 +590,7 @@ static ra_status settle(ra_client *c, uint64_t base, ra_server_stats *st)
 static void usage(FILE *f)
 {
     fprintf(f, "usage: ratd-bench-soak --minutes M --clients C [--seed S] [--workers N] [--ratd BIN]\n"
-               "                       [--rss-slack-mb MB] [--json]\n"
+               "                       [--index flat|graph|hnsw|mix] [--rss-slack-mb MB] [--json]\n"
                "C client threads against a private ratd for M minutes (random sessions, offloads,\n"
                "appends, attends checked against exact attention, drops, provoked errors, clients\n"
                "closed with requests in flight, reconnects); exit 0 when nothing went wrong and\n"
@@ -598,6 +610,7 @@ int main(int argc, char **argv)
         {"seed", required_argument, 0, 's'},    {"workers", required_argument, 0, 'w'},
         {"ratd", required_argument, 0, 'r'},    {"rss-slack-mb", required_argument, 0, 'k'},
         {"json", no_argument, 0, 'j'},          {"help", no_argument, 0, 'h'},
+        {"index", required_argument, 0, 'i'},
         {0, 0, 0, 0}};
     while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         char *end = NULL;
@@ -642,6 +655,18 @@ int main(int argc, char **argv)
             break;
         case 'j':
             json = 1;
+            break;
+        case 'i':
+            if (!strcmp(optarg, "flat"))
+                g_index = RA_CLIENT_INDEX_FLAT;
+            else if (!strcmp(optarg, "graph"))
+                g_index = RA_CLIENT_INDEX_GRAPH;
+            else if (!strcmp(optarg, "hnsw"))
+                g_index = RA_CLIENT_INDEX_HNSW;
+            else if (strcmp(optarg, "mix") != 0) {
+                fprintf(stderr, "ratd-bench-soak: --index must be flat, graph, hnsw or mix\n");
+                return 2;
+            }
             break;
         case 'h':
             usage(stdout);
@@ -699,7 +724,8 @@ int main(int argc, char **argv)
     pthread_barrier_wait(&g_warm_done);
     ra_server_stats sw;
     ra_status wst = settle(ctl, s0.mem_used, &sw);
-    long rss_warm = rss_kb(dm.pid);
+    long rss_warm = rss_kb(dm.pid), thr_warm = proc_field(dm.pid, "Threads:");
+    long anon_warm = proc_field(dm.pid, "RssAnon:");
     int warm_ok = wst == RA_OK && sw.mem_used == s0.mem_used && sw.sessions == 0;
     pthread_barrier_wait(&g_warm_measured);
     long rss_peak = rss_warm > rss0 ? rss_warm : rss0;
@@ -738,7 +764,8 @@ int main(int argc, char **argv)
     pthread_mutex_unlock(&g_mu);
     /* every session is dropped; the reaper may still be freeing: wait for mem_used */
     ra_status sst = settle(ctl, s0.mem_used, &s1);
-    long rss1 = rss_kb(dm.pid);
+    long rss1 = rss_kb(dm.pid), thr1 = proc_field(dm.pid, "Threads:");
+    long anon1 = proc_field(dm.pid, "RssAnon:");
     uint64_t daemon_errors = sst == RA_OK ? s1.errors - s0.errors : 0;
     ra_client_close(ctl);
     int exit_st = dec_daemon_stop(&dm);
@@ -758,14 +785,15 @@ int main(int argc, char **argv)
                "\"max_rel_err\":%.3g,\"tokens_stored\":%llu,\"in_flight_abandoned\":%llu,"
                "\"daemon_errors\":%llu,\"mem_used_start\":%llu,\"mem_used_end\":%llu,"
                "\"rss_start_kb\":%ld,\"rss_warm_kb\":%ld,\"rss_peak_kb\":%ld,\"rss_end_kb\":%ld,"
-               "\"rss_slack_kb\":%ld,\"warmup_s\":%.1f,\"daemon_exit\":%d",
+               "\"rss_slack_kb\":%ld,\"warmup_s\":%.1f,\"daemon_exit\":%d,\"threads_warm\":%ld,"
+               "\"threads_end\":%ld,\"rss_anon_warm_kb\":%ld,\"rss_anon_end_kb\":%ld",
                pass ? "pass" : "fail", minutes, clients, (unsigned long long)seed, workers, secs,
                (unsigned long long)T->requests, (unsigned long long)T->provoked,
                (unsigned long long)T->unprovoked, (unsigned long long)T->wrong,
                (unsigned long long)T->checked_o, T->max_err, (unsigned long long)T->tokens,
                (unsigned long long)T->in_flight_abandoned, (unsigned long long)daemon_errors,
                (unsigned long long)s0.mem_used, (unsigned long long)s1.mem_used, rss0, rss_warm,
-               rss_peak, rss1, slack_kb, warm, exit_st);
+               rss_peak, rss1, slack_kb, warm, exit_st, thr_warm, thr1, anon_warm, anon1);
         for (int a = 0; a < A_N; a++)
             printf(",\"%s\":%llu", g_action[a], (unsigned long long)T->act[a]);
         printf("}\n");
@@ -792,6 +820,8 @@ int main(int argc, char **argv)
                (unsigned long long)s0.mem_used, (unsigned long long)s1.mem_used,
                mem_ok ? "ok" : "NOT BACK", warm, rss0, rss_warm, rss_peak, rss1, slack_kb,
                rss_ok ? "ok" : "TOO HIGH", exit_st);
+        printf("  daemon threads %ld after the warm-up, %ld at the end; RssAnon %ld kB -> %ld kB\n",
+               thr_warm, thr1, anon_warm, anon1);
         if (T->first_problem[0])
             printf("  first problem: %s\n", T->first_problem);
         printf("  verdict: %s\n", pass ? "pass" : "FAIL");
