@@ -690,14 +690,9 @@ ra_status ra_client_session_stats(ra_client *c, uint64_t session, ra_session_sta
     return RA_OK;
 }
 
-ra_status ra_client_wait_ready(ra_client *c, uint64_t session, int timeout_ms)
+/* The Stats polling of daemons that predate WaitReady. */
+static ra_status wait_ready_poll(ra_client *c, uint64_t session, double deadline, int timeout_ms)
 {
-    if (!c)
-        return RA_EINVAL;
-    if (timeout_ms <= 0)
-        timeout_ms = c->timeout_ms;
-    struct timespec t0, now;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
     for (;;) {
         ra_session_stats ss;
         ra_status st = ra_client_session_stats(c, session, &ss);
@@ -705,13 +700,61 @@ ra_status ra_client_wait_ready(ra_client *c, uint64_t session, int timeout_ms)
             return st;
         if (ss.heads_building == 0)
             return RA_OK;
-        clock_gettime(CLOCK_MONOTONIC, &now);
-        double ms = (double)(now.tv_sec - t0.tv_sec) * 1e3 + (double)(now.tv_nsec - t0.tv_nsec) * 1e-6;
-        if (ms >= timeout_ms)
-            return fail(c, RA_ETIMEDOUT, "index builds still running after the timeout");
+        if (ra_now_s() >= deadline)
+            return fail(c, RA_ETIMEDOUT, "index builds still running after %d ms", timeout_ms);
         struct timespec nap = {0, 5 * 1000 * 1000};
         nanosleep(&nap, NULL);
     }
+}
+
+/* A daemon's answer to a request type it does not know. */
+static int unknown_type(ra_status st, const ra_client *c)
+{
+    return st == RA_EPROTO && strstr(c->err, "unknown request type") != NULL;
+}
+
+ra_status ra_client_wait_ready(ra_client *c, uint64_t session, int timeout_ms)
+{
+    if (!c)
+        return RA_EINVAL;
+    if (timeout_ms <= 0)
+        timeout_ms = c->timeout_ms;
+    double deadline = ra_now_s() + timeout_ms * 1e-3;
+    for (int sh = 0; sh < c->n_shards; sh++) {
+        for (;;) {
+            /* The daemon answers one WaitReady at most c->timeout_ms later, so that a daemon
+             * that died meanwhile is noticed within the client's own bound, as with any
+             * other call; a long wait is a few such requests. */
+            int left = (int)((deadline - ra_now_s()) * 1e3);
+            if (left < 1)
+                left = 1;
+            int slice = left < c->timeout_ms ? left : c->timeout_ms;
+            Ratd__Header h = RATD__HEADER__INIT;
+            Ratd__WaitParams wp = RATD__WAIT_PARAMS__INIT;
+            h.type = RATD__MSG_TYPE__WAIT_READY;
+            name_session(c, &h, session, sh);
+            wp.timeout_ms = (uint32_t)slice;
+            h.wait = &wp;
+            uint64_t id = 0;
+            ra_status st = send_req(c, sh, &h, NULL, 0, &id);
+            ra_reply *r = NULL;
+            if (st == RA_OK) /* the daemon answers at its deadline: wait a little longer */
+                st = wait_reply(c, sh, id, slice + 2000, &r);
+            if (st != RA_OK)
+                return st; /* no answer at all: the daemon is gone or unreachable */
+            st = reply_status(c, r);
+            reply_free(r);
+            if (unknown_type(st, c))
+                return wait_ready_poll(c, session, deadline, timeout_ms);
+            if (st == RA_ETIMEDOUT && ra_now_s() < deadline)
+                continue; /* this slice ended, the caller's time has not */
+            if (st != RA_OK)
+                return st;
+            break;
+        }
+    }
+    c->err[0] = 0;
+    return RA_OK;
 }
 
 /* ---- tokens ----------------------------------------------------------------------- */
@@ -1053,6 +1096,79 @@ ra_status ra_client_attend_batch(ra_client *c, int layer, const ra_attend_batch_
     return st != RA_OK ? st : attend_sync(c, layer, &a, out);
 }
 
+/* ---- operations ------------------------------------------------------------------- */
+
+ra_status ra_client_list_sessions(ra_client *c, ra_session_info *out, size_t cap, size_t *n)
+{
+    if (!c || !n || (cap && !out))
+        return c ? fail(c, RA_EINVAL, "NULL argument") : RA_EINVAL;
+    Ratd__Header h = RATD__HEADER__INIT;
+    h.type = RATD__MSG_TYPE__LIST_SESSIONS;
+    ra_reply *r;
+    ra_status st = call(c, 0, &h, NULL, 0, &r);
+    if (unknown_type(st, c))
+        return fail(c, RA_ENOTSUP, "this ratd predates ListSessions: %s", c->err);
+    if (st != RA_OK)
+        return st;
+    const Ratd__ListSessionsReply *lr = r->v.hdr->session_list;
+    size_t total = lr ? lr->n_sessions : 0;
+    for (size_t i = 0; i < total && i < cap; i++) {
+        const Ratd__SessionInfo *x = lr->sessions[i];
+        ra_session_info *o = &out[i];
+        memset(o, 0, sizeof *o);
+        o->id = x->id;
+        o->n_layers = (int)x->n_layers;
+        o->n_q_heads = (int)x->n_q_heads;
+        o->n_kv_heads = (int)x->n_kv_heads;
+        o->head_dim = (int)x->head_dim;
+        o->dtype = (ra_dtype)x->dtype;
+        o->index_kind = (ra_client_index_kind)x->index_kind;
+        o->tokens = x->tokens;
+        o->bytes = x->bytes;
+        o->heads = x->heads;
+        o->heads_ready = x->heads_ready;
+        o->heads_building = x->heads_building;
+        o->jobs = x->jobs;
+        o->idle_s = x->idle_s;
+    }
+    reply_free(r);
+    *n = total;
+    c->err[0] = 0;
+    return RA_OK;
+}
+
+ra_status ra_client_get_config(ra_client *c, char *buf, size_t cap)
+{
+    if (!c || !buf || !cap)
+        return c ? fail(c, RA_EINVAL, "NULL argument") : RA_EINVAL;
+    Ratd__Header h = RATD__HEADER__INIT;
+    h.type = RATD__MSG_TYPE__GET_CONFIG;
+    ra_reply *r;
+    ra_status st = call(c, 0, &h, NULL, 0, &r);
+    if (unknown_type(st, c))
+        return fail(c, RA_ENOTSUP, "this ratd predates GetConfig: %s", c->err);
+    if (st != RA_OK)
+        return st;
+    const Ratd__ConfigReply *cr = r->v.hdr->config;
+    size_t used = 0;
+    buf[0] = 0;
+    for (size_t i = 0; cr && i < cr->n_options && st == RA_OK; i++) {
+        const Ratd__ConfigEntry *e = cr->options[i];
+        int w = snprintf(buf + used, cap - used, "%s %s\n", e->name ? e->name : "?",
+                         e->value ? e->value : "");
+        if (w < 0 || (size_t)w >= cap - used) {
+            buf[used] = 0;
+            st = fail(c, RA_ETOOBIG, "the configuration needs more than %zu bytes", cap);
+        } else {
+            used += (size_t)w;
+        }
+    }
+    reply_free(r);
+    if (st == RA_OK)
+        c->err[0] = 0;
+    return st;
+}
+
 /* ---- ABI ------------------------------------------------------------------------- */
 
 uint32_t ra_client_abi_version(void)
@@ -1077,6 +1193,7 @@ size_t ra_client_struct_size(ra_client_struct which)
         [RA_CLIENT_STRUCT_SESSION_STATS] = sizeof(ra_session_stats),
         [RA_CLIENT_STRUCT_ATTEND_BATCH_REQ] = sizeof(ra_attend_batch_req),
         [RA_CLIENT_STRUCT_SESSION_TOKEN] = sizeof(ra_session_token),
+        [RA_CLIENT_STRUCT_SESSION_INFO] = sizeof(ra_session_info),
     };
     return (unsigned)which < RA_CLIENT_STRUCT_COUNT ? sizes[which] : 0;
 }

@@ -1,5 +1,5 @@
 # Finds ratd's third-party dependencies and makes imported targets:
-#   PkgConfig::ZMQ  PkgConfig::PROTOBUFC  PkgConfig::HWLOC  PkgConfig::CMOCKA
+#   PkgConfig::ZMQ  PkgConfig::PROTOBUFC  PkgConfig::HWLOC  PkgConfig::CMOCKA  PkgConfig::MHD
 #   ra::faiss_c (FAISS C API + FAISS + BLAS + OpenMP)  ra::blas (OpenBLAS cblas)
 # and the protoc-c executable PROTOC_C. The FAISS C API is taken from the system when
 # a libfaiss_c exists there (conda, FAISS built with FAISS_ENABLE_C_API=ON), else from
@@ -9,6 +9,8 @@ pkg_check_modules(ZMQ REQUIRED IMPORTED_TARGET libzmq)
 pkg_check_modules(PROTOBUFC REQUIRED IMPORTED_TARGET libprotobuf-c)
 pkg_check_modules(HWLOC REQUIRED IMPORTED_TARGET hwloc)
 pkg_check_modules(CMOCKA IMPORTED_TARGET cmocka)
+# libmicrohttpd: the daemon's Prometheus endpoint (--metrics)
+pkg_check_modules(MHD REQUIRED IMPORTED_TARGET libmicrohttpd)
 find_program(PROTOC_C NAMES protoc-c protoc-gen-c REQUIRED)
 find_package(Threads REQUIRED)
 find_package(OpenMP REQUIRED)

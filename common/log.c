@@ -24,8 +24,10 @@ void ra_log(ra_log_level lvl, const char *fmt, ...)
     clock_gettime(CLOCK_REALTIME, &ts);
     struct tm tm;
     gmtime_r(&ts.tv_sec, &tm);
-    fprintf(stderr, "%02d:%02d:%02d.%03ld ratd %s: %s\n", tm.tm_hour, tm.tm_min, tm.tm_sec,
-            ts.tv_nsec / 1000000, names[lvl], msg);
+    /* ISO 8601 in UTC, so that lines of several days and hosts sort and compare */
+    fprintf(stderr, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ ratd %s: %s\n", tm.tm_year + 1900,
+            tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000,
+            names[lvl], msg);
 }
 
 double ra_now_s(void)

@@ -95,7 +95,13 @@ static const ratd_option g_options[] = {
     {"log-level", OPT_STR, OFF(log_level), SZ(log_level), 0, 0, "info",
      "error, warn, info or debug"},
     {"config", OPT_STR, OFF(config_file), SZ(config_file), 0, 0, "",
-     "read options from this file first: lines \"name value\", # comments"},
+     "read options from this file first: lines \"name value\" (or name=value), # comments"},
+    {"log-file", OPT_STR, OFF(log_file), SZ(log_file), 0, 0, "",
+     "append log lines to this file instead of stderr (refused at start when it cannot be "
+     "opened for writing)"},
+    {"metrics", OPT_STR, OFF(metrics), SZ(metrics), 0, 0, "",
+     "serve Prometheus metrics over HTTP at tcp://host:port (GET /metrics), loopback only "
+     "unless allow-remote; empty: off"},
 };
 #define N_OPTIONS (sizeof g_options / sizeof g_options[0])
 
@@ -264,12 +270,13 @@ ra_status ratd_config_file(ratd_config *c, const char *path, char *err, size_t e
             p++;
         if (!*p)
             continue;
-        char *name = p;
-        while (*p && !isspace((unsigned char)*p))
+        char *name = p; /* "name value", "name=value" or "name = value" */
+        while (*p && !isspace((unsigned char)*p) && *p != '=')
             p++;
+        int eq = *p == '=';
         if (*p)
             *p++ = 0;
-        while (isspace((unsigned char)*p))
+        while (isspace((unsigned char)*p) || (!eq && *p == '=' && (eq = 1)))
             p++;
         char *val = p;
         size_t n = strlen(val);
@@ -406,14 +413,110 @@ void ratd_config_usage(FILE *f, const char *prog)
             fprintf(f, " [%lld..%lld]", (long long)o->min, (long long)o->max);
         fprintf(f, "\n");
     }
-    fprintf(f, "  %-26s %s\n  %-26s %s\n", "--help", "print this text and exit", "--version",
-            "print the version and protocol version and exit");
+    fprintf(f, "  %-26s %s\n  %-26s %s\n  %-26s %s\n", "--help", "print this text and exit",
+            "--version", "print the version and protocol version and exit", "--print-config",
+            "print the effective configuration in config-file syntax and exit");
     fprintf(f, "\nThreads: one I/O thread owns the socket; --workers threads run the requests,\n"
                "several at once, in order per (session, layer); index builds run in their own\n"
                "threads at nice 19; a reaper thread frees dropped sessions once their builds\n"
                "end.\n"
                "SIGINT/SIGTERM: stop taking requests, answer those queued, cancel index builds,\n"
                "free every session, remove the ipc:// socket file, exit 0.\n");
+}
+
+static void size_str(uint64_t x, char *buf, size_t len)
+{
+    static const char suf[] = "TGMK";
+    for (int i = 0; i < 4; i++) {
+        uint64_t u = (uint64_t)1 << (10 * (4 - i));
+        if (x && x % u == 0) {
+            snprintf(buf, len, "%llu%c", (unsigned long long)(x / u), suf[i]);
+            return;
+        }
+    }
+    snprintf(buf, len, "%llu", (unsigned long long)x);
+}
+
+int ratd_config_value(const ratd_config *c, size_t i, const char **name, char *buf, size_t len)
+{
+    if (i >= N_OPTIONS)
+        return 0;
+    const ratd_option *o = &g_options[i];
+    const char *field = (const char *)c + o->offset;
+    *name = o->name;
+    switch (o->type) {
+    case OPT_STR:
+        snprintf(buf, len, "%s", field);
+        break;
+    case OPT_BOOL:
+        snprintf(buf, len, "%s", *(const int *)field ? "yes" : "no");
+        break;
+    case OPT_INT:
+        snprintf(buf, len, "%d", *(const int *)field);
+        break;
+    case OPT_OCTAL:
+        snprintf(buf, len, "%04o", (unsigned)*(const int *)field);
+        break;
+    case OPT_SIZE:
+        size_str(*(const uint64_t *)field, buf, len);
+        break;
+    }
+    return 1;
+}
+
+void ratd_config_print(FILE *f, const ratd_config *c)
+{
+    fprintf(f, "# ratd %s: effective configuration (defaults, config file, environment and "
+               "flags merged)\n",
+#ifdef RATD_VERSION
+            RATD_VERSION
+#else
+            ""
+#endif
+    );
+    const char *name;
+    char val[600];
+    for (size_t i = 0; ratd_config_value(c, i, &name, val, sizeof val); i++) {
+        if (!strcmp(name, "config") || !strcmp(name, "curve-keygen"))
+            continue; /* a file does not name itself; keygen is an action, not a setting */
+        if (val[0])
+            fprintf(f, "%s %s\n", name, val);
+        else
+            fprintf(f, "# %s (unset)\n", name);
+    }
+}
+
+/* 1 for a numeric loopback address (127.0.0.0/8, ::1, ::ffff:127.x; brackets allowed)
+ * or, unless numeric_only, the names localhost and lo. */
+static int host_is_loopback(const char *host, int numeric_only)
+{
+    char h[256];
+    size_t n = strlen(host);
+    if (n >= sizeof h)
+        return 0;
+    if (n >= 2 && host[0] == '[' && host[n - 1] == ']') {
+        memcpy(h, host + 1, n - 2);
+        h[n - 2] = 0;
+    } else {
+        memcpy(h, host, n + 1);
+    }
+    if (!numeric_only && (!strcmp(h, "localhost") || !strcmp(h, "lo")))
+        return 1;
+    struct in_addr a4;
+    struct in6_addr a6;
+    if (inet_pton(AF_INET, h, &a4) == 1)
+        return (ntohl(a4.s_addr) >> 24) == 127;
+    if (inet_pton(AF_INET6, h, &a6) == 1) {
+        if (IN6_IS_ADDR_LOOPBACK(&a6))
+            return 1;
+        return IN6_IS_ADDR_V4MAPPED(&a6) && a6.s6_addr[12] == 127;
+    }
+    return 0;
+}
+
+int ratd_config_host_is_loopback(const char *host)
+{
+    return host_is_loopback(host, 0);
 }
 
 /* The host part of a tcp:// endpoint into host (brackets of an IPv6 address removed);
@@ -439,18 +542,7 @@ int ratd_endpoint_is_loopback(const char *endpoint, int numeric_only)
     char host[256];
     if (strncmp(endpoint, "tcp://", 6) != 0 || tcp_host(endpoint, host, sizeof host) < 0)
         return 0;
-    if (!numeric_only && (!strcmp(host, "localhost") || !strcmp(host, "lo")))
-        return 1;
-    struct in_addr a4;
-    struct in6_addr a6;
-    if (inet_pton(AF_INET, host, &a4) == 1)
-        return (ntohl(a4.s_addr) >> 24) == 127;
-    if (inet_pton(AF_INET6, host, &a6) == 1) {
-        if (IN6_IS_ADDR_LOOPBACK(&a6))
-            return 1;
-        return IN6_IS_ADDR_V4MAPPED(&a6) && a6.s6_addr[12] == 127;
-    }
-    return 0;
+    return host_is_loopback(host, numeric_only);
 }
 
 ra_status ratd_private_dir(const char *dir, int create, char *err, size_t errlen)

@@ -43,6 +43,8 @@ typedef struct ratd_config {
     int spin_us;
     char log_level[16];
     char config_file[512];
+    char log_file[512]; /* "": stderr */
+    char metrics[256];  /* Prometheus endpoint tcp://host:port, "": off */
 } ratd_config;
 
 void ratd_config_defaults(ratd_config *c);
@@ -60,6 +62,14 @@ ra_status ratd_config_args(ratd_config *c, int argc, char **argv, int *help, int
 ra_status ratd_config_load(ratd_config *c, int argc, char **argv, int *help, int *version,
                            char *err, size_t errlen);
 void ratd_config_usage(FILE *f, const char *prog);
+/* Option i of the table (0, 1, ... until it returns 0): its name and its value in c as
+ * a config file writes it (sizes with a K/M/G suffix when exact, booleans yes/no). */
+int ratd_config_value(const ratd_config *c, size_t i, const char **name, char *buf, size_t len);
+/* Writes the effective configuration in config-file syntax (every option but `config`),
+ * which ratd --config reads back to the same configuration. */
+void ratd_config_print(FILE *f, const ratd_config *c);
+/* 1 for localhost, lo, 127.0.0.0/8, ::1 and ::ffff:127.x (brackets allowed). */
+int ratd_config_host_is_loopback(const char *host);
 /* Fills the default endpoint when none is set (ipc:// in the private directory
  * $XDG_RUNTIME_DIR/ratd/, else /tmp/ratd-<uid>/, created 0700 and checked: ours, not a
  * symlink, no group/other bits), and applies the transport policy before the bind:

@@ -19,12 +19,13 @@
 #include "ra_index.h"
 #include "ra_proto.h"
 #include "ratd_config.h"
+#include "ratd_ops.h"
 #include "ratd_pool.h"
 #include "ratd_server.h"
 
 /* Previous result ids kept per (layer, query head) as graph entry points. */
 #define RATD_WARM 32
-#define RATD_N_OPS 7
+#define RATD_N_OPS 10 /* MsgType 1..10 */
 /* Sessions no bigger than this, with no build running, are freed by Drop itself;
  * others go to the reaper. */
 #define RATD_INLINE_FREE_BYTES ((size_t)64 << 20)
@@ -65,7 +66,7 @@ typedef struct ratd_lane {
 struct ratd_session {
     uint64_t id;
     uint8_t token[RATD_TOKEN_BYTES]; /* the owner's proof (Header.token) */
-    double last_used;                /* I/O thread: last request naming it (--session-ttl) */
+    double last_used; /* I/O thread: last request naming it (--session-ttl, ListSessions) */
     char owner[80];                  /* routing id of the creator, for logs */
     int n_layers, n_q, n_kv, dim, rep;
     ra_dtype dtype;
@@ -217,7 +218,8 @@ struct ratd_server {
     uint64_t requests, errors, bad_messages, bytes_in, bytes_out, tokens;
     uint64_t replies_dropped, sessions_expired, tokens_refused;
     size_t reply_bytes; /* atomic: reply bytes charged now */
-    op_stat ops[RATD_N_OPS];
+    op_stat op_stats[RATD_N_OPS];
+    ratd_ops *ops; /* metrics, ListSessions/GetConfig/WaitReady, heap trimming (ratd_ops.c) */
 };
 
 /* ---- ratd_session.c ----------------------------------------------------------------- */
@@ -296,6 +298,8 @@ const void *ratd_frame_data(ra_proto_view *v, int i, size_t align, ratd_buf *b);
 /* Checks that tensor `role` exists with dtype dt and the given shape. */
 ra_status ratd_want_tensor(ra_proto_view *v, Ratd__Role role, const char *name, int dt, int ndim,
                            const uint64_t *shape, int *idx, char *err, size_t errlen);
+/* Sends j's reply (no tensor frames), counts it and releases the request. */
+void ratd_reply(ratd_server *s, ratd_job *j, Ratd__Header *rep, ra_status st);
 /* Called by a job's last task (or phase): hands the job back to the I/O thread. */
 void ratd_job_complete(ratd_job *j);
 /* ra_proto_part.release of reply frames made from a job's buffers. */

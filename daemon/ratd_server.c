@@ -333,8 +333,12 @@ static void reply(ratd_server *s, ratd_job *j, Ratd__Header *rep, ra_status st,
     if (st != RA_OK) {
         s->errors++;
         rep->message = j->err;
-        RA_WARN("request %llu (%s) from client %s: %s: %s", (unsigned long long)j->req_id,
-                ra_proto_type_name(j->type), j->peer, ra_strerror(st), j->err);
+        /* a WaitReady slice that ends before the builds is routine, not a warning */
+        ra_log(st == RA_ETIMEDOUT && j->type == RATD__MSG_TYPE__WAIT_READY ? RA_LOG_DEBUG
+                                                                           : RA_LOG_WARN,
+               "request %llu (%s) session %llu layer %u from client %s: %s: %s",
+               (unsigned long long)j->req_id, ra_proto_type_name(j->type),
+               (unsigned long long)rep->session, rep->layer, j->peer, ra_strerror(st), j->err);
     }
     int lent = 0;
     for (int i = 0; i < n_parts; i++) {
@@ -360,17 +364,23 @@ static void reply(ratd_server *s, ratd_job *j, Ratd__Header *rep, ra_status st,
                     zmq_strerror(errno));
     }
     if (j->type >= 1 && j->type <= RATD_N_OPS) {
-        op_stat *o = &s->ops[j->type - 1];
+        op_stat *o = &s->op_stats[j->type - 1];
         o->count++;
         o->errors += st != RA_OK;
         o->total_us += (uint64_t)us;
         if ((uint64_t)us > o->max_us)
             o->max_us = (uint64_t)us;
     }
+    ratd_ops_on_reply(s, j->type, st, (uint64_t)us);
     ra_proto_view_free(&j->v);
     arena_reset(&j->arena);
     ra_proto_msg_close(&j->msg);
     job_unref(j); /* the I/O thread's reference */
+}
+
+void ratd_reply(ratd_server *s, ratd_job *j, Ratd__Header *rep, ra_status st)
+{
+    reply(s, j, rep, st, NULL, 0);
 }
 
 static void reply_status(ratd_server *s, ratd_job *j, ra_status st)
@@ -407,6 +417,7 @@ static void enqueue(ratd_server *s, ratd_job *j)
         ratd_lane *l = &ss->lanes[j->layer];
         ratd_lane_node *nd = &j->nodes[i];
         ss->refs++;
+        ss->last_used = j->t_arrive;
         nd->job = j;
         nd->next = NULL;
         if (l->tail) {
@@ -547,10 +558,10 @@ static ra_status do_stats(ratd_server *s, ratd_job *j, Ratd__StatsReply *sr, Rat
     sr->curve_refused = __atomic_load_n(&s->curve_refused, __ATOMIC_RELAXED);
     for (int i = 0; i < RATD_N_OPS; i++) {
         ratd__op_stats__init(&os[i]);
-        os[i].count = s->ops[i].count;
-        os[i].errors = s->ops[i].errors;
-        os[i].total_us = s->ops[i].total_us;
-        os[i].max_us = s->ops[i].max_us;
+        os[i].count = s->op_stats[i].count;
+        os[i].errors = s->op_stats[i].errors;
+        os[i].total_us = s->op_stats[i].total_us;
+        os[i].max_us = s->op_stats[i].max_us;
         osp[i] = &os[i];
     }
     sr->n_ops = RATD_N_OPS;
@@ -602,11 +613,16 @@ static void handle_inline(ratd_server *s, ratd_job *j, int version_ok)
                                sizeof j->err);
         break;
     case RATD__MSG_TYPE__STATS:
+        ratd_ops_trim(s); /* before the figures: mem and RSS read after this are settled */
         st = do_stats(s, j, &sr, os, osp);
         if (st == RA_OK)
             rep.stats = &sr;
         break;
     default:
+        if (ratd_ops_owns(j->type)) { /* ListSessions, GetConfig, WaitReady */
+            ratd_ops_handle(s, j);
+            return;
+        }
         ratd_job_set_err(j, RA_EPROTO, "unknown request type %d", j->type);
         st = RA_EPROTO;
         s->bad_messages++;
@@ -686,6 +702,7 @@ static int serve_once(ratd_server *s, int timeout_ms, int burst, volatile sig_at
                             {s->mon, 0, ZMQ_POLLIN, 0},
                             {NULL, s->paused ? s->listen_fd : -1, ZMQ_POLLIN, 0},
                             {s->sock, 0, ZMQ_POLLIN, 0}};
+    timeout_ms = ratd_ops_tick(s, timeout_ms);
     int rc = zmq_poll(it, burst > 0 ? 4 : 3, s->ready ? 0 : timeout_ms);
     if (rc < 0) {
         if (errno == EINTR)
@@ -767,6 +784,8 @@ ra_status ratd_server_create(ratd_server **out, const ratd_config *cfg, char *er
         goto fail;
     if ((st = ratd_listen_bind(s, err, errlen)) != RA_OK)
         goto fail;
+    if ((st = ratd_ops_create(s, err, errlen)) != RA_OK)
+        goto fail;
     *out = s;
     return RA_OK;
 fail:
@@ -800,6 +819,7 @@ int ratd_server_run(ratd_server *s, volatile sig_atomic_t *stop)
     while (s->active > 0 || s->ready)
         if (serve_once(s, 100, 0, NULL) < 0)
             break;
+    ratd_ops_flush(s); /* parked WaitReady requests: RA_ECLOSED */
     RA_INFO("stopping: %d sessions, %llu requests served (%d drained)", s->n_sessions,
             (unsigned long long)s->requests, drained);
     /* every session goes; builds are cancelled and given a bounded time to end */
@@ -817,6 +837,8 @@ void ratd_server_destroy(ratd_server *s)
     if (!s)
         return;
     ratd_reaper_finish(s, 3.0);
+    ratd_ops_flush(s);
+    ratd_ops_destroy(s); /* the metrics thread first: it reads the server */
     ratd_pool_destroy(s->pool); /* no job is in flight: leftover tickets find nothing */
     ratd_listen_close(s);
     if (s->sock)

@@ -146,6 +146,12 @@ void ratd_session_unref(ratd_server *s, ratd_session *ss)
     }
     RA_INFO("session %llu: %zu MiB and %s go to the reaper", (unsigned long long)ss->id,
             bytes >> 20, session_building(ss) ? "running index builds" : "no build");
+    /* Cancel its builds now, not when the reaper reaches it: a build waiting for a build
+     * slot then leaves at once, and one running ends at its next check, instead of taking
+     * slots from live sessions while dropped ones queue in the reaper (seen in the soak:
+     * under session churn the queue of dropped sessions' builds outgrew the two slots). */
+    for (int i = 0; i < ss->n_layers * ss->n_kv; i++)
+        ra_head_cancel(__atomic_load_n(&ss->heads[i], __ATOMIC_ACQUIRE));
     pthread_mutex_lock(&s->reap_mu);
     ss->reap_next = s->reap_head;
     s->reap_head = ss;

@@ -178,6 +178,10 @@ static void checks_done(ratd_job *j)
             }
             return;
         }
+        char label[64];
+        snprintf(label, sizeof label, "session %llu layer %u kv-head %d",
+                 (unsigned long long)ss->id, j->layer, g);
+        ra_head_set_label(h, label);
         __atomic_store_n(&heads[g], h, __ATOMIC_RELEASE); /* Stats reads it */
     }
     if (j->t.n && reserve_stores(j) != RA_OK)

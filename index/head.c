@@ -12,6 +12,7 @@
 #include <omp.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -50,7 +51,28 @@ struct ra_head {
     size_t nq;
     int32_t *lists; /* NULL, or [nq][lists_k] precomputed exact top-K row ids */
     int lists_k;
+    char label[64]; /* for log lines: "session S layer L kv-head G" or "" */
 };
+
+/* process-wide build counters (ra_index_build_counts_get), atomics */
+static uint64_t g_builds_queued, g_builds_running, g_builds_done, g_builds_failed,
+    g_builds_cancelled, g_build_us;
+
+void ra_index_build_counts_get(ra_index_build_counts *o)
+{
+    o->queued = __atomic_load_n(&g_builds_queued, __ATOMIC_RELAXED);
+    o->running = __atomic_load_n(&g_builds_running, __ATOMIC_RELAXED);
+    o->done = __atomic_load_n(&g_builds_done, __ATOMIC_RELAXED);
+    o->failed = __atomic_load_n(&g_builds_failed, __ATOMIC_RELAXED);
+    o->cancelled = __atomic_load_n(&g_builds_cancelled, __ATOMIC_RELAXED);
+    o->seconds = (double)__atomic_load_n(&g_build_us, __ATOMIC_RELAXED) * 1e-6;
+}
+
+void ra_head_set_label(ra_head *h, const char *label)
+{
+    if (h)
+        snprintf(h->label, sizeof h->label, "%s", label ? label : "");
+}
 
 const char *ra_index_kind_name(ra_index_kind k)
 {
@@ -297,8 +319,13 @@ static void *build_main(void *arg)
     void *state = NULL, *old = NULL;
     size_t now = 0;
     ra_status st = RA_ECLOSED;
+    double tq = ra_now_s();
+    __atomic_add_fetch(&g_builds_queued, 1, __ATOMIC_RELAXED);
     int gated = build_gate_enter(h);
+    __atomic_sub_fetch(&g_builds_queued, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&g_builds_running, 1, __ATOMIC_RELAXED);
     double t0 = ra_now_s();
+    const char *who = h->label[0] ? h->label : "head";
     /* This thread's FAISS/OpenMP team; restored, since a foreground build runs on the
      * caller's (a daemon worker's) thread. */
     int omp_old = omp_get_max_threads();
@@ -338,11 +365,11 @@ static void *build_main(void *arg)
             __atomic_store_n(&h->ready, 1, __ATOMIC_RELEASE);
         }
     } else if (st == RA_ECLOSED) {
-        RA_INFO("head: %s build over %zu keys cancelled after %.3f s", h->ops->name, h->n_build,
-                t1 - t0);
+        RA_INFO("index build: %s: %s build over %zu keys cancelled after %.3f s", who, h->ops->name,
+                h->n_build, t1 - t0);
     } else {
-        RA_ERROR("head: %s build over %zu keys failed (%s); searches stay exact", h->ops->name,
-                 h->n_build, ra_strerror(st));
+        RA_ERROR("index build: %s: %s build over %zu keys failed (%s); searches stay exact", who,
+                 h->ops->name, h->n_build, ra_strerror(st));
     }
     ra_kv_unpin(h->kv, h->view);
     h->view = NULL;
@@ -353,8 +380,16 @@ static void *build_main(void *arg)
     if (old)
         h->ops->destroy(old);
     if (st == RA_OK)
-        RA_DEBUG("head: %s index over %zu keys (+%zu appended) built in %.3f s", h->ops->name,
-                 h->n_build, now - h->n_build, t1 - t0);
+        RA_INFO("index build: %s: %s build over %zu keys (+%zu appended) done in %.3f s (%.3f s "
+                "waiting for a build slot)",
+                who, h->ops->name, h->n_build, now - h->n_build, t1 - t0, t0 - tq);
+    __atomic_sub_fetch(&g_builds_running, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(st == RA_OK       ? &g_builds_done
+                       : st == RA_ECLOSED ? &g_builds_cancelled
+                                          : &g_builds_failed,
+                       1, __ATOMIC_RELAXED);
+    if (st == RA_OK)
+        __atomic_add_fetch(&g_build_us, (uint64_t)((t1 - t0) * 1e6), __ATOMIC_RELAXED);
     free(h->train_q);
     h->train_q = NULL;
     free(h->lists);

@@ -132,6 +132,16 @@ ra_status ra_head_build(ra_head *h, const float *train_q, size_t nq, int backgro
 #define RA_HEAD_MAX_LIST_K 4096
 ra_status ra_head_build_lists(ra_head *h, const float *train_q, size_t nq, const int32_t *lists,
                               int K, int background);
+/* A name for the head's log lines (e.g. "session 3 layer 2 kv-head 1"), copied; at most
+ * 63 characters are kept. Set it before the first build. */
+void ra_head_set_label(ra_head *h, const char *label);
+/* Index builds of every head of the process: waiting for a build slot, running, and
+ * ended since the start (built, failed or cancelled). Safe from any thread. */
+typedef struct ra_index_build_counts {
+    uint64_t queued, running, done, failed, cancelled;
+    double seconds; /* total build time of the builds done */
+} ra_index_build_counts;
+void ra_index_build_counts_get(ra_index_build_counts *out);
 /* 1 when the index is built and in use. */
 int ra_head_ready(ra_head *h);
 /* 1 while a build runs. */

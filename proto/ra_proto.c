@@ -72,8 +72,9 @@ size_t ra_proto_dtype_size(int dt)
 
 const char *ra_proto_type_name(int type)
 {
-    static const char *names[] = {"none",   "hello",  "create_session", "offload",
-                                  "append", "attend", "drop_session",   "stats"};
+    static const char *names[] = {"none",   "hello",         "create_session", "offload",
+                                  "append", "attend",        "drop_session",   "stats",
+                                  "list_sessions", "get_config", "wait_ready"};
     if (type < 0 || type >= (int)(sizeof names / sizeof names[0]))
         return "unknown";
     return names[type];

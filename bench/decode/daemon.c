@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -83,6 +84,7 @@ ra_status dec_daemon_start(dec_daemon *dm, const char *bin, int workers, char *e
         return RA_EIO;
     }
     if (p == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGTERM); /* a bench killed outright takes its daemon along */
         execv(bin, (char *const *)argv);
         fprintf(stderr, "ratd-bench-decode: cannot run %s: %s\n", bin, strerror(errno));
         _exit(127);

@@ -53,6 +53,7 @@ typedef struct opts {
     ra_dtype trace_dtype, kv_dtype;
     unsigned long seed;
     int json, quiet, wait_index_ms;
+    int ratd_timeout_ms; /* bound of every ratd call; past it ratd counts as gone */
     unsigned gpu_knn; /* --device cuda, ratd mode: exact training lists of K from the GPU */
     int cuda; /* --device cuda */
 } opts;
@@ -74,6 +75,9 @@ typedef struct result {
     double keys_read, keys_offloaded; /* summed per (step, layer, head) */
     double keys_perhead;              /* adaptive: keys a per-head budget would read */
     unsigned long attends;            /* Attend requests */
+    int ratd_lost;                    /* ratd stopped answering: window-only from then on */
+    unsigned lost_at;                 /* position of the step that found it gone */
+    unsigned long window_only;        /* layer steps answered window-only after that */
     int adaptive;
     double seconds;
     unsigned steps;
@@ -126,7 +130,10 @@ static void die_usage(const char *msg)
             "         [--endpoint ipc://...|tcp://...] [--ratd BIN] [--index graph|flat|ivf|hnsw]\n"
             "         [--kv-dtype f16|bf16|f32] [--n-train Q] [--effort E] [--wait-index MS]\n"
             "         [--dump-trace FILE [--trace-dtype f32|f16|bf16]] [--json] [--quiet]\n"
-            "         [--device cpu|cuda]\n"
+            "         [--device cpu|cuda] [--ratd-timeout-ms MS]\n"
+            "  --ratd-timeout-ms MS: bound of every call to ratd (default 120000); a daemon that\n"
+            "               does not answer within it (killed, restarted) is given up: the rest of\n"
+            "               the run is window-only attention, with a warning (CPU decoder)\n"
             "  --gpu-knn K: with --device cuda, ratd mode: the exact top-K keys of every training\n"
             "               query come from the GPU (ra_gpu_knn) with the Offload, so ratd skips\n"
             "               its own kNN (default 100; 0: ratd computes them)\n"
@@ -176,6 +183,7 @@ static void parse_args(int argc, char **argv, opts *o)
     o->adaptive_q = 0.9;
     o->adaptive_min = 100;
     o->wait_index_ms = 600000;
+    o->ratd_timeout_ms = 120000;
     o->gpu_knn = 100;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -228,6 +236,8 @@ static void parse_args(int argc, char **argv, opts *o)
             o->seed = parse_uint(a, v, 0, 0xffffffffu);
         else if (ARG("--wait-index"))
             o->wait_index_ms = (int)parse_uint(a, v, 0, 600000);
+        else if (ARG("--ratd-timeout-ms"))
+            o->ratd_timeout_ms = (int)parse_uint(a, v, 100, 3600000);
         else if (ARG("--adaptive-quantile")) {
             char *end;
             o->adaptive_q = strtod(v, &end);
@@ -588,6 +598,42 @@ static void add_recall(run *R, unsigned h, unsigned k, unsigned kk, unsigned off
     R->res->keys_offloaded += n_off;
 }
 
+/* A status that means the daemon is gone (killed, restarted, unreachable) rather than
+ * that it refused the request. */
+static int ratd_gone(ra_status s)
+{
+    return s == RA_ETIMEDOUT || s == RA_ECLOSED || s == RA_EIO;
+}
+
+/* From now on this run answers window-only (sink + window), said once, loudly. */
+static void ratd_lose(run *R, const char *what, ra_status s, unsigned layer, unsigned pos)
+{
+    R->res->ratd_lost = 1;
+    R->res->lost_at = pos;
+    fprintf(stderr,
+            "ratd-lm-eval: WARNING: ratd stopped answering (%s, layer %u, position %u: %s: %s); "
+            "the rest of this run falls back to window-only attention (sink %u + window %u): "
+            "its figures from here on are not ratd's\n",
+            what, layer, pos, ra_strerror(s), ra_client_errmsg(R->cl), R->o->sink, R->o->window);
+}
+
+/* A step of a run whose daemon is gone: the local part (sink + window, computed before
+ * the daemon was asked) is the answer, as in window mode; its error is still measured. */
+static ra_status window_only_step(run *R, ra_lm *lm, unsigned layer, unsigned pos, const float *q, float *o)
+{
+    const ra_lm_config *c = ra_lm_get_config(lm);
+    size_t n = (size_t)c->n_heads * c->head_dim;
+    memcpy(o, R->o_loc, n * sizeof(float));
+    R->res->window_only++;
+    double t0 = now_s();
+    reference(lm, layer, pos, q, R->o_ref);
+    R->res->rel_l2[layer] += rel_l2(o, R->o_ref, (unsigned)n);
+    if (layer == 0)
+        R->res->n_rel++;
+    R->t_measure += now_s() - t0;
+    return RA_OK;
+}
+
 static ra_status hook_ratd(void *ctx, ra_lm *lm, unsigned layer, unsigned pos, const float *q, float *o)
 {
     run *R = ctx;
@@ -612,13 +658,19 @@ static ra_status hook_ratd(void *ctx, ra_lm *lm, unsigned layer, unsigned pos, c
         ra_kv_batch b;
         if ((s = pack_staged(R, &sv, &b)) != RA_OK)
             return s;
-        if ((s = ra_client_append(R->cl, R->session, (int)layer, &b)) != RA_OK) {
-            fprintf(stderr, "ratd-lm-eval: append: %s (%s)\n", ra_strerror(s), ra_client_errmsg(R->cl));
-            return s;
+        if (!R->res->ratd_lost && (s = ra_client_append(R->cl, R->session, (int)layer, &b)) != RA_OK) {
+            if (!ratd_gone(s)) {
+                fprintf(stderr, "ratd-lm-eval: append: %s (%s)\n", ra_strerror(s), ra_client_errmsg(R->cl));
+                return s;
+            }
+            ratd_lose(R, "append", s, layer, pos);
         }
+        /* without a daemon the evicted tokens are simply dropped, as window mode does */
         if ((s = ra_gpu_cache_evicted_release(R->gc, layer)) != RA_OK)
             return s;
     }
+    if (R->res->ratd_lost)
+        return window_only_step(R, lm, layer, pos, q, o);
     unsigned off_end = pos + 1 > R->o->window ? pos + 1 - R->o->window : 0; /* offloaded: [sink, off_end) */
     unsigned n_off = off_end > R->o->sink ? off_end - R->o->sink : 0;
     unsigned k = R->adaptive ? R->k_layer[layer] : R->topk;
@@ -635,8 +687,12 @@ static ra_status hook_ratd(void *ctx, ra_lm *lm, unsigned layer, unsigned pos, c
         ra_attend_out ao = {.o = R->o_rem, .lse = R->lse_rem, .pos = R->tpos, .scores = R->tscores,
                             .counts = R->tcounts};
         if ((s = ra_client_attend(R->cl, R->session, (int)layer, &rq, &ao)) != RA_OK) {
-            fprintf(stderr, "ratd-lm-eval: attend: %s (%s)\n", ra_strerror(s), ra_client_errmsg(R->cl));
-            return s;
+            if (!ratd_gone(s)) {
+                fprintf(stderr, "ratd-lm-eval: attend: %s (%s)\n", ra_strerror(s), ra_client_errmsg(R->cl));
+                return s;
+            }
+            ratd_lose(R, "attend", s, layer, pos);
+            return window_only_step(R, lm, layer, pos, q, o);
         }
         R->res->attends++;
         for (unsigned h = 0; h < nh; h++) {
@@ -715,7 +771,7 @@ static ra_status connect_daemon(const opts *o, const char *ep, ra_client **out)
     ra_client *cl = NULL;
     ra_client_opts co;
     ra_client_opts_default(&co);
-    co.timeout_ms = 120000;
+    co.timeout_ms = o->ratd_timeout_ms;
     ra_status s = ra_client_open(&cl, ep, &co);
     if (s != RA_OK) {
         fprintf(stderr, "ratd-lm-eval: cannot open %s: %s\n", ep, ra_strerror(s));
@@ -771,7 +827,7 @@ typedef struct shared {
 
 static void free_run(run *R)
 {
-    if (R->cl && R->session)
+    if (R->cl && R->session && !(R->res && R->res->ratd_lost)) /* a gone daemon: no Drop */
         ra_client_session_drop(R->cl, R->session);
     ra_client_close(R->cl);
     ra_gpu_cache_destroy(R->gc);
@@ -949,10 +1005,14 @@ static ra_status setup_ratd(shared *S, run *R)
                 b.n_queries = S->cap->n_q;
                 b.q_train = S->cap->q_train + (size_t)l * c->n_heads * S->cap->n_q * hd;
             }
-            if ((s = ra_client_offload(R->cl, R->session, (int)l, &b)) != RA_OK) {
-                fprintf(stderr, "ratd-lm-eval: offload layer %u: %s (%s)\n", l, ra_strerror(s),
-                        ra_client_errmsg(R->cl));
-                break;
+            if (!R->res->ratd_lost && (s = ra_client_offload(R->cl, R->session, (int)l, &b)) != RA_OK) {
+                if (!ratd_gone(s)) {
+                    fprintf(stderr, "ratd-lm-eval: offload layer %u: %s (%s)\n", l, ra_strerror(s),
+                            ra_client_errmsg(R->cl));
+                    break;
+                }
+                ratd_lose(R, "offload", s, l, C);
+                s = RA_OK;
             }
         }
         s = ra_gpu_cache_offload_release(R->gc, l);
@@ -960,10 +1020,15 @@ static ra_status setup_ratd(shared *S, run *R)
     free(kv);
     ra_gpu_cache_trim(R->gc);
     /* measure the built index, not the exact scan that answers while builds run */
-    if (s == RA_OK && o->wait_index_ms > 0 &&
-        (s = ra_client_wait_ready(R->cl, R->session, o->wait_index_ms)) != RA_OK)
+    if (s == RA_OK && o->wait_index_ms > 0 && !R->res->ratd_lost &&
+        (s = ra_client_wait_ready(R->cl, R->session, o->wait_index_ms)) != RA_OK) {
         fprintf(stderr, "ratd-lm-eval: waiting for the index builds: %s (%s)\n", ra_strerror(s),
                 ra_client_errmsg(R->cl));
+        if (ratd_gone(s) && !strstr(ra_client_errmsg(R->cl), "still running")) {
+            ratd_lose(R, "wait for the index builds", s, 0, C);
+            s = RA_OK;
+        }
+    }
     return s;
 }
 
@@ -1520,8 +1585,12 @@ static void print_result(const opts *o, const ra_lm_config *c, const result *r, 
         printf(",\"ms_per_token\":%.3f,\"rel_l2\":[", ms);
         for (unsigned l = 0; l < c->n_layers; l++)
             printf("%s%.6g", l ? "," : "", r->n_rel ? r->rel_l2[l] / r->n_rel : 0.0);
-        printf("],\"context\":%u,\"eval\":%u,\"sink\":%u,\"window\":%u}\n", o->context, o->eval, o->sink,
+        printf("],\"context\":%u,\"eval\":%u,\"sink\":%u,\"window\":%u", o->context, o->eval, o->sink,
                o->window);
+        if (r->ratd_lost)
+            printf(",\"ratd_lost\":true,\"ratd_lost_at\":%u,\"window_only_layer_steps\":%lu", r->lost_at,
+                   r->window_only);
+        printf("}\n");
     } else {
         char k[16] = "-", rc[16] = "-", fr[16] = "-", rp[16] = "-";
         if (r->mode == MODE_RATD) {
@@ -1545,6 +1614,9 @@ static void print_result(const opts *o, const ra_lm_config *c, const result *r, 
                    o->adaptive, r->keys_read / ((double)r->attends * c->n_heads),
                    (double)r->attends / ((double)r->steps * c->n_layers),
                    r->keys_offloaded > 0 ? 100 * r->keys_perhead / r->keys_offloaded : 0.0);
+        if (r->ratd_lost)
+            printf("   (ratd lost at position %u: window-only after it, %lu layer steps)", r->lost_at,
+                   r->window_only);
         printf("\n");
     }
     fflush(stdout);

@@ -2,7 +2,8 @@
  * tensor names to {dtype, shape, data_offsets}, then the raw data. The reader maps the
  * file and validates every field against the file before anything is used: header
  * length vs file size, dtypes, ranks, element counts vs byte ranges, ranges inside the
- * data area and not overlapping. Internal to bench/lm. */
+ * data area and not overlapping, every name once (a duplicate is ambiguous). Internal
+ * to bench/lm. */
 #ifndef RA_LM_ST_H
 #define RA_LM_ST_H
 

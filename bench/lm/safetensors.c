@@ -41,6 +41,12 @@ static int by_offset(const void *a, const void *b)
     return x->data < y->data ? -1 : x->data > y->data;
 }
 
+static int by_name(const void *a, const void *b)
+{
+    const ra_lm_st_tensor *x = *(const ra_lm_st_tensor *const *)a, *y = *(const ra_lm_st_tensor *const *)b;
+    return strcmp(x->name, y->name);
+}
+
 static void fmt_shape(char *buf, size_t len, unsigned rank, const uint64_t *shape)
 {
     size_t n = (size_t)snprintf(buf, len, "[");
@@ -197,7 +203,8 @@ ra_status ra_lm_st_open(const char *path, ra_lm_st **out, char *err, size_t errl
         t->nbytes = (uint64_t)(o1 - o0);
         s->n++;
     }
-    /* overlapping ranges mean a corrupt or hostile file */
+    /* a name given twice is ambiguous (JSON readers keep the first or the last): refused;
+     * overlapping ranges mean a corrupt or hostile file */
     sorted = malloc((s->n ? s->n : 1) * sizeof *sorted);
     if (!sorted) {
         seterr(err, errlen, "%s: out of memory", path);
@@ -206,6 +213,15 @@ ra_status ra_lm_st_open(const char *path, ra_lm_st **out, char *err, size_t errl
     }
     for (size_t i = 0; i < s->n; i++)
         sorted[i] = &s->t[i];
+    qsort(sorted, s->n, sizeof *sorted, by_name);
+    for (size_t i = 1; i < s->n; i++) {
+        if (strcmp(sorted[i - 1]->name, sorted[i]->name) == 0) {
+            seterr(err, errlen, "%s: tensor '%s' appears more than once in the header", path,
+                   sorted[i]->name);
+            st = RA_EPROTO;
+            goto fail;
+        }
+    }
     qsort(sorted, s->n, sizeof *sorted, by_offset);
     for (size_t i = 1; i < s->n; i++) {
         if (sorted[i - 1]->data + sorted[i - 1]->nbytes > sorted[i]->data) {

@@ -342,10 +342,40 @@ typedef struct ra_session_stats {
 } ra_session_stats;
 ra_status ra_client_session_stats(ra_client *c, uint64_t session, ra_session_stats *st);
 
-/* Blocks until no index build of the session is running (polling, bounded by
- * timeout_ms; <= 0: the client's timeout). Attend never needs this (it is answered by
- * an exact scan meanwhile); benchmarks use it to measure the built index. */
+/* Blocks until no index build of the session is running and no Offload/Append of it is
+ * queued, bounded by timeout_ms (<= 0: the client's timeout; RA_ETIMEDOUT after it).
+ * One request per daemon, answered by the daemon when the builds are done (a daemon
+ * older than WaitReady is polled with Stats instead). Attend never needs this (it is
+ * answered by an exact scan meanwhile); benchmarks use it to measure the built index. */
 ra_status ra_client_wait_ready(ra_client *c, uint64_t session, int timeout_ms);
+
+/* ---- Operations (ratctl) ---------------------------------------------------------- */
+
+/* One live session of a daemon (ra_client_list_sessions). */
+typedef struct ra_session_info {
+    uint64_t id;
+    int n_layers, n_q_heads, n_kv_heads, head_dim;
+    ra_dtype dtype;
+    ra_client_index_kind index_kind;
+    uint64_t tokens;
+    uint64_t bytes;          /* accounted memory: K, V, indexes, tables */
+    uint32_t heads;          /* (layer, KV head) pairs holding tokens */
+    uint32_t heads_ready;    /* of which the index is built */
+    uint32_t heads_building; /* of which a build is running */
+    uint32_t jobs;           /* its requests queued or running now */
+    double idle_s;           /* since the last request that named it */
+} ra_session_info;
+
+/* The live sessions of the first daemon of the client's endpoint list (ids are that
+ * daemon's own), in id order: up to cap into out (may be NULL when cap is 0); *n gets
+ * the number of live sessions, which may exceed cap. RA_ENOTSUP from a daemon that
+ * predates the request. */
+ra_status ra_client_list_sessions(ra_client *c, ra_session_info *out, size_t cap, size_t *n);
+
+/* The first daemon's effective configuration (defaults, config file, environment and
+ * flags merged) as "name value" lines, one per option, into buf[cap], NUL-terminated.
+ * RA_ETOOBIG when it does not fit (about 2 KiB is enough), RA_ENOTSUP from an older daemon. */
+ra_status ra_client_get_config(ra_client *c, char *buf, size_t cap);
 
 /* ---- ABI (for bindings that mirror these structs: ctypes, cffi) ----------------- */
 
@@ -370,7 +400,8 @@ typedef enum ra_client_struct {
     RA_CLIENT_STRUCT_SESSION_STATS = 10, /* ra_session_stats */
     RA_CLIENT_STRUCT_ATTEND_BATCH_REQ = 11, /* ra_attend_batch_req */
     RA_CLIENT_STRUCT_SESSION_TOKEN = 12,    /* ra_session_token */
-    RA_CLIENT_STRUCT_COUNT = 13
+    RA_CLIENT_STRUCT_SESSION_INFO = 13,     /* ra_session_info */
+    RA_CLIENT_STRUCT_COUNT = 14
 } ra_client_struct;
 
 /* RA_CLIENT_ABI_VERSION of the library (not of the header a caller was built with). */
