@@ -6,6 +6,7 @@
 #   c128k  the same at 128K          l128k  the hidden-state generator (lin) at 128K
 #   c1m    calibrated, 1M keys, 8 query / 2 KV heads, 2 layers
 #   b128k  batch 8 at 128K, 1 layer (8 sessions per Attend)
+# RA_RUN_TIMEOUT: seconds per run (default 420).
 set -uo pipefail
 out=${1:?usage: device-run.sh OUT_DIR [RUN...]}
 shift
@@ -32,7 +33,7 @@ for r in "${runs[@]}"; do
   b128k) a=(--context 131072 --layers 1 --batch 8 --steps 100) ;;
   *) echo "unknown run $r"; continue ;;
   esac
-  timeout 420 $D "${a[@]}" >"$out/$r.json" 2>"$out/$r.log"
+  timeout "${RA_RUN_TIMEOUT:-420}" $D "${a[@]}" >"$out/$r.json" 2>"$out/$r.log"
   echo "$r rc=$?"
   tail -2 "$out/$r.log"
   python3 - "$out/$r.json" <<'PY' || cat "$out/$r.json" | head -c 600

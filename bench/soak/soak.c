@@ -76,6 +76,7 @@ typedef struct layer_kv {
 
 typedef struct sess {
     uint64_t id;
+    ra_session_token tok; /* the session's owner token: adopted again after a reconnect */
     int L, H, G, D;
     ra_dtype dt;
     ra_client_index_kind kind;
@@ -167,6 +168,16 @@ static int expect(worker *w, const char *what, ra_status got, ra_status want)
     return 0;
 }
 
+/* A client-side call that sends nothing (token kept or adopted): it must succeed. */
+static int local_ok(worker *w, const char *what, ra_status got)
+{
+    if (got == RA_OK)
+        return 1;
+    problem(&w->c, "client %d: %s: %s: %s", w->idx, what, ra_strerror(got), ra_client_errmsg(w->cl));
+    w->c.unprovoked++;
+    return 0;
+}
+
 /* ---- actions ----------------------------------------------------------------------------- */
 
 static void do_create(worker *w)
@@ -198,7 +209,8 @@ static void do_create(worker *w)
     d.index.threads = 1;
     d.index.seed = rnd(w);
     ra_status st = ra_client_session_create(w->cl, &d, &s->id);
-    if (expect(w, "create", st, RA_OK))
+    if (expect(w, "create", st, RA_OK) &&
+        local_ok(w, "session_token", ra_client_session_token(w->cl, s->id, &s->tok)))
         w->n_s++;
 }
 
@@ -438,6 +450,9 @@ static int open_client(worker *w)
         w->c.unprovoked++;
         return -1;
     }
+    /* a new client knows none of the sessions: it takes them over with their tokens */
+    for (int i = 0; i < w->n_s; i++)
+        local_ok(w, "session_adopt", ra_client_session_adopt(w->cl, w->s[i].id, &w->s[i].tok));
     return 0;
 }
 
