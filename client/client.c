@@ -776,6 +776,12 @@ static ra_status tokens(ra_client *c, uint64_t session, int layer, const ra_kv_b
     int with_knn = with_q && b->train_knn;
     if (with_knn && b->train_knn_k <= 0)
         return fail(c, RA_EINVAL, "train_knn needs train_knn_k > 0");
+    int with_graph = offload && b->graph_adj;
+    if (with_graph && (b->graph_degree < 1 || b->graph_degree > 255 || !b->graph_entries ||
+                       b->graph_n_entries < 1 || b->graph_n_entries > 1024 || b->n_tokens == 0))
+        return fail(c, RA_EINVAL,
+                    "graph_adj needs n_tokens > 0, graph_degree 1..255, graph_entries and "
+                    "graph_n_entries 1..1024");
     size_t es = ra_dtype_size(b->dtype);
     uint64_t G = (uint64_t)b->n_kv_heads, n = b->n_tokens, D = (uint64_t)b->head_dim;
     if (n > ((uint64_t)1 << 40) / (G * D))
@@ -786,7 +792,7 @@ static ra_status tokens(ra_client *c, uint64_t session, int layer, const ra_kv_b
     h.type = offload ? RATD__MSG_TYPE__OFFLOAD : RATD__MSG_TYPE__APPEND;
     name_session(c, &h, session, sh);
     h.layer = (uint32_t)layer;
-    ra_proto_part p[5] = {
+    ra_proto_part p[7] = {
         {RATD__ROLE__K, (Ratd__DType)b->dtype, 3, {G, n, D}, b->k, kvb, 0},
         {RATD__ROLE__V, (Ratd__DType)b->dtype, 3, {G, n, D}, b->v, kvb, 0},
         {RATD__ROLE__POS, RATD__DTYPE__I64, 1, {n}, b->pos, n * sizeof(int64_t), 0},
@@ -805,9 +811,35 @@ static ra_status tokens(ra_client *c, uint64_t session, int layer, const ra_kv_b
          with_knn ? (size_t)b->n_q_heads * b->n_queries * (size_t)b->train_knn_k * sizeof(int32_t)
                   : 0,
          0},
+        {RATD__ROLE__GRAPH_ADJ,
+         RATD__DTYPE__I32,
+         3,
+         {G, n, (uint64_t)(with_graph ? b->graph_degree : 0)},
+         b->graph_adj,
+         with_graph ? (size_t)(G * n) * (size_t)b->graph_degree * sizeof(int32_t) : 0,
+         0},
+        {RATD__ROLE__GRAPH_ENTRIES,
+         RATD__DTYPE__I32,
+         2,
+         {G, (uint64_t)(with_graph ? b->graph_n_entries : 0)},
+         b->graph_entries,
+         with_graph ? (size_t)G * (size_t)b->graph_n_entries * sizeof(int32_t) : 0,
+         0},
     };
+    Ratd__OffloadParams op = RATD__OFFLOAD_PARAMS__INIT;
+    int np = 3;
+    if (with_q)
+        p[np++] = p[3];
+    if (with_knn)
+        p[np++] = p[4];
+    if (with_graph) {
+        op.graph_degree = (uint32_t)b->graph_degree;
+        h.offload = &op;
+        p[np++] = p[5];
+        p[np++] = p[6];
+    }
     ra_reply *r;
-    ra_status st = call(c, sh, &h, p, with_knn ? 5 : with_q ? 4 : 3, &r);
+    ra_status st = call(c, sh, &h, p, np, &r);
     if (st != RA_OK)
         return st;
     reply_free(r);

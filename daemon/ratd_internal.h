@@ -156,8 +156,11 @@ struct ratd_job {
         const int64_t *pos;
         const float *q;
         const int32_t *knn;
-        ratd_buf copy[5];          /* unaligned frames */
+        const int32_t *adj, *ent;  /* GRAPH_ADJ [n_kv][n][gdeg], GRAPH_ENTRIES [n_kv][n_ent] */
+        int gdeg, n_ent;
+        ratd_buf copy[7];          /* unaligned frames */
         ratd_buf bad, bad_at, bst; /* per KV head: error, entry index, build status */
+        ratd_buf fault;            /* per KV head: what is wrong with its graph */
         ratd_buf grow;             /* per KV head: {rows to grow to, bytes prepaid} */
     } t;
 };

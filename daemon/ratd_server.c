@@ -46,6 +46,7 @@
 #define CAP_TOPK (1u << 4)
 #define CAP_NUMA (1u << 5)
 #define CAP_BATCH (1u << 6)
+#define CAP_GRAPH_ADJ (1u << 7) /* Offload takes a prebuilt graph (GRAPH_ADJ) */
 
 /* ---- small shared helpers ------------------------------------------------------------- */
 
@@ -266,10 +267,11 @@ static ratd_job *job_get(ratd_server *s)
 
 static void job_destroy(ratd_job *j)
 {
-    ratd_buf *bufs[] = {&j->ss_buf,    &j->node_buf,  &j->tst,       &j->a.qcopy,   &j->a.o,
-                        &j->a.lse,     &j->a.ids,     &j->a.sc,      &j->a.pos,     &j->a.cnt,
-                        &j->t.bad,     &j->t.bad_at,  &j->t.bst,     &j->t.copy[0], &j->t.copy[1],
-                        &j->t.copy[2], &j->t.copy[3], &j->t.copy[4], &j->t.grow};
+    ratd_buf *bufs[] = {&j->ss_buf,    &j->node_buf,  &j->tst,      &j->a.qcopy,   &j->a.o,
+                        &j->a.lse,     &j->a.ids,     &j->a.sc,     &j->a.pos,     &j->a.cnt,
+                        &j->t.bad,     &j->t.bad_at,  &j->t.bst,    &j->t.copy[0], &j->t.copy[1],
+                        &j->t.copy[2], &j->t.copy[3], &j->t.copy[4], &j->t.copy[5],
+                        &j->t.copy[6], &j->t.fault,   &j->t.grow};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         buf_free(bufs[i]);
     arena_reset(&j->arena);
@@ -494,6 +496,7 @@ static void drain_completions(ratd_server *s)
 static void do_hello(ratd_server *s, Ratd__Header *rep, Ratd__HelloReply *hr, Ratd__Limits *lm)
 {
     hr->capabilities = CAP_F16 | CAP_BF16 | CAP_GRAPH | CAP_FAISS | CAP_TOPK | CAP_BATCH |
+                       CAP_GRAPH_ADJ |
                        (ratd_pool_bound(s->pool) ? CAP_NUMA : 0u);
     hr->server_version = (char *)RATD_VERSION;
     hr->workers = (uint32_t)ratd_pool_workers(s->pool);

@@ -1,12 +1,15 @@
 /* Offload and Append: a layer's tokens for every KV head, plus (Offload) training
- * queries and optional exact training lists. Shapes and limits are checked on the I/O
- * thread; the data itself in three phases of one task per KV head on the workers. Phase
- * 0 checks everything (K, V and training queries finite, training list entries in
- * range) so that a bad message stores nothing. Then the last checker creates the
- * layer's heads if this is its first batch and reserves, in one step on the session's
- * account, the memory every head's store needs for the new tokens (the geometric
- * growth, else exactly what they need); phase 1 grows the stores with it; only when
- * every head has its room does phase 2 append and start the index builds (background
+ * queries, optional exact training lists and an optional prebuilt graph. Shapes and
+ * limits are checked on the I/O thread; the data itself in three phases of one task per
+ * KV head on the workers. Phase 0 checks everything (K, V and training queries finite,
+ * training list entries in range, the graph valid for an empty layer:
+ * ra_graph_adj_check) so that a bad message stores nothing -- the session and the layer
+ * stay as they were, answered by exact scan over what they held, and a retry without
+ * the graph gets the daemon's own build. Then the last checker creates the layer's heads
+ * if this is its first batch and reserves, in one step on the session's account, the
+ * memory every head's store needs for the new tokens (the geometric growth, else exactly
+ * what they need); phase 1 grows the stores with it; only when every head has its room
+ * does phase 2 append and start the index builds, or install the graph (background
  * threads in index/). So the memory limit refuses a store as a whole, never on one KV
  * head only, which would leave the layer's heads out of step. The job runs in its
  * (session, layer) lane, so the next Attend of the layer sees the tokens. */
@@ -17,7 +20,24 @@
 #include "ra_log.h"
 #include "ratd_internal.h"
 
-enum { BAD_NONE = 0, BAD_FINITE, BAD_LIST };
+enum { BAD_NONE = 0, BAD_FINITE, BAD_LIST, BAD_GRAPH, BAD_GRAPH_LAYER };
+
+/* What ra_graph_adj_check said about KV head g's graph: FAULT_MSG bytes per head. */
+enum { FAULT_MSG = 160 };
+static char *fault_msg(const ratd_job *j, int g)
+{
+    return (char *)j->t.fault.p + (size_t)g * FAULT_MSG;
+}
+
+/* KV head g's graph from the message's frames (views, not copies). */
+static ra_graph_adj graph_of(const ratd_job *j, int g)
+{
+    return (ra_graph_adj){.n = j->t.n,
+                          .M = j->t.gdeg,
+                          .adj = (int32_t *)(uintptr_t)(j->t.adj + (size_t)g * j->t.n * j->t.gdeg),
+                          .n_entries = j->t.n_ent,
+                          .entries = (int32_t *)(uintptr_t)(j->t.ent + (size_t)g * j->t.n_ent)};
+}
 
 static void check_task(ratd_job *j, int g)
 {
@@ -37,15 +57,31 @@ static void check_task(ratd_job *j, int g)
         bad[g] = BAD_FINITE;
         return;
     }
-    if (!j->t.knn)
-        return;
-    size_t m = qn * (size_t)j->t.knn_k, first = (size_t)g * m;
-    for (size_t i = first; i < first + m; i++)
-        if (j->t.knn[i] < -1 || (int64_t)j->t.knn[i] >= (int64_t)j->t.n) {
-            bad[g] = BAD_LIST;
-            bad_at[g] = i;
+    if (j->t.knn) {
+        size_t m = qn * (size_t)j->t.knn_k, first = (size_t)g * m;
+        for (size_t i = first; i < first + m; i++)
+            if (j->t.knn[i] < -1 || (int64_t)j->t.knn[i] >= (int64_t)j->t.n) {
+                bad[g] = BAD_LIST;
+                bad_at[g] = i;
+                return;
+            }
+    }
+    if (j->t.adj) {
+        /* rows are this message's tokens: the head must have none before them */
+        ra_head *h = __atomic_load_n(&ss->heads[(size_t)j->layer * (size_t)ss->n_kv + (size_t)g],
+                                     __ATOMIC_ACQUIRE);
+        if (h && ra_head_count(h) > 0) {
+            bad[g] = BAD_GRAPH_LAYER;
+            bad_at[g] = ra_head_count(h);
             return;
         }
+        ra_graph_adj a = graph_of(j, g);
+        ra_status st = ra_graph_adj_check(&a, NULL, fault_msg(j, g), FAULT_MSG);
+        if (st != RA_OK) {
+            bad[g] = BAD_GRAPH;
+            bad_at[g] = (size_t)st;
+        }
+    }
 }
 
 static void append_task(ratd_job *j, int g)
@@ -62,13 +98,18 @@ static void append_task(ratd_job *j, int g)
             ra_head_append(h, j->t.k + (size_t)g * per, j->t.v + (size_t)g * per, j->t.pos, j->t.n);
     tst[g] = st;
     bst[g] = RA_OK;
-    if (st != RA_OK || !j->t.q || !j->t.nq)
+    if (st != RA_OK || (!j->t.adj && (!j->t.q || !j->t.nq)))
         return;
     /* [n_q][nq][dim]: the rep query heads of KV head g are contiguous */
-    size_t qn = (size_t)ss->rep * j->t.nq;
-    const float *q = j->t.q + (size_t)g * qn * (size_t)ss->dim;
+    size_t qn = j->t.q ? (size_t)ss->rep * j->t.nq : 0;
+    const float *q = j->t.q ? j->t.q + (size_t)g * qn * (size_t)ss->dim : NULL;
     ra_status bs;
-    if (j->t.knn) { /* the client's exact lists: message indices -> this head's rows */
+    if (j->t.adj) { /* a prebuilt graph: the layer was empty, so message index = row */
+        ra_graph_adj a = graph_of(j, g);
+        bs = ra_head_install_graph(
+            h, &a, q, qn, j->t.knn ? j->t.knn + (size_t)g * qn * (size_t)j->t.knn_k : NULL,
+            j->t.knn_k, 1);
+    } else if (j->t.knn) { /* the client's exact lists: message indices -> this head's rows */
         size_t m = qn * (size_t)j->t.knn_k;
         int32_t *rows = malloc(m * sizeof *rows);
         const int32_t *src = j->t.knn + (size_t)g * m;
@@ -157,6 +198,20 @@ static void checks_done(ratd_job *j)
                              "training list entry %zu is %d: outside -1..%llu (indices into this "
                              "message's tokens); nothing stored",
                              bad_at[g], j->t.knn[bad_at[g]], (unsigned long long)j->t.n - 1);
+            return;
+        }
+        if (bad[g] == BAD_GRAPH_LAYER) {
+            ratd_job_set_err(j, RA_EINVAL,
+                             "a prebuilt graph (GRAPH_ADJ) only with the first tokens of a layer: "
+                             "layer %u KV head %d holds %zu already; nothing stored",
+                             j->layer, g, bad_at[g]);
+            return;
+        }
+        if (bad[g] == BAD_GRAPH) {
+            ratd_job_set_err(j, (ra_status)bad_at[g],
+                             "prebuilt graph of KV head %d refused: %s; nothing stored, the "
+                             "layer stays as it was",
+                             g, fault_msg(j, g));
             return;
         }
     }
@@ -333,6 +388,49 @@ ra_status ratd_tokens_accept(ratd_server *s, ratd_job *j)
                                    lshape, &ikn, err, el)))
             return st;
     }
+    int iga = ra_proto_find(v, RATD__ROLE__GRAPH_ADJ), ige = ra_proto_find(v, RATD__ROLE__GRAPH_ENTRIES);
+    uint64_t gdeg = 0, n_ent = 0;
+    if (iga >= 0 || ige >= 0) {
+        if (!offload) {
+            snprintf(err, el, "Append takes no prebuilt graph (GRAPH_ADJ comes with an Offload)");
+            return RA_EPROTO;
+        }
+        if (iga < 0 || ige < 0) {
+            snprintf(err, el, "a prebuilt graph needs both GRAPH_ADJ and GRAPH_ENTRIES frames");
+            return RA_EPROTO;
+        }
+        if (ss->iopts.kind != RA_INDEX_GRAPH) {
+            snprintf(err, el, "a prebuilt graph for a session with the %s index (graph only)",
+                     ra_index_kind_name(ss->iopts.kind));
+            return RA_EINVAL;
+        }
+        gdeg = hd->offload ? hd->offload->graph_degree : 0;
+        if (gdeg < 1 || gdeg > RA_GRAPH_MAX_DEGREE) {
+            snprintf(err, el,
+                     "prebuilt graph degree (OffloadParams.graph_degree) %llu: 1..%d allowed",
+                     (unsigned long long)gdeg, RA_GRAPH_MAX_DEGREE);
+            return RA_EINVAL;
+        }
+        if (n == 0) {
+            snprintf(err, el, "a prebuilt graph over no tokens");
+            return RA_EINVAL;
+        }
+        uint64_t ashape[3] = {(uint64_t)ss->n_kv, n, gdeg};
+        if ((st = ratd_want_tensor(v, RATD__ROLE__GRAPH_ADJ, "graph adjacency (GRAPH_ADJ)",
+                                   RATD__DTYPE__I32, 3, ashape, &iga, err, el)))
+            return st;
+        const Ratd__Tensor *te = v->tensor[ige];
+        n_ent = te->n_shape == 2 ? te->shape[1] : 0;
+        if (n_ent < 1 || n_ent > RA_GRAPH_MAX_ENTRIES) {
+            snprintf(err, el, "%llu graph entry points per head; 1..%d allowed",
+                     (unsigned long long)n_ent, RA_GRAPH_MAX_ENTRIES);
+            return RA_EINVAL;
+        }
+        uint64_t eshape[2] = {(uint64_t)ss->n_kv, n_ent};
+        if ((st = ratd_want_tensor(v, RATD__ROLE__GRAPH_ENTRIES, "graph entries (GRAPH_ENTRIES)",
+                                   RATD__DTYPE__I32, 2, eshape, &ige, err, el)))
+            return st;
+    }
     j->n_tasks = 0;
     if (n == 0 && nq == 0)
         return RA_OK; /* nothing to store: answered at once */
@@ -355,8 +453,12 @@ ra_status ratd_tokens_accept(ratd_server *s, ratd_job *j)
     j->t.pos = ratd_frame_data(v, ip, sizeof(int64_t), &j->t.copy[2]);
     j->t.q = iq >= 0 && nq ? ratd_frame_data(v, iq, sizeof(float), &j->t.copy[3]) : NULL;
     j->t.knn = ikn >= 0 ? ratd_frame_data(v, ikn, sizeof(int32_t), &j->t.copy[4]) : NULL;
+    j->t.adj = iga >= 0 ? ratd_frame_data(v, iga, sizeof(int32_t), &j->t.copy[5]) : NULL;
+    j->t.ent = iga >= 0 ? ratd_frame_data(v, ige, sizeof(int32_t), &j->t.copy[6]) : NULL;
     if (!j->ss || !j->nodes || !j->t.k || !j->t.v || !j->t.pos || (iq >= 0 && nq && !j->t.q) ||
-        (ikn >= 0 && !j->t.knn) || !ratd_buf_get(&j->t.bad, G * sizeof(int)) ||
+        (ikn >= 0 && !j->t.knn) || (iga >= 0 && (!j->t.adj || !j->t.ent)) ||
+        (iga >= 0 && !ratd_buf_get(&j->t.fault, G * FAULT_MSG)) ||
+        !ratd_buf_get(&j->t.bad, G * sizeof(int)) ||
         !ratd_buf_get(&j->t.bad_at, G * sizeof(size_t)) ||
         !ratd_buf_get(&j->t.bst, G * sizeof(ra_status)) ||
         !ratd_buf_get(&j->t.grow, 2 * G * sizeof(size_t)) ||
@@ -374,6 +476,8 @@ ra_status ratd_tokens_accept(ratd_server *s, ratd_job *j)
     j->t.nq = (size_t)nq;
     j->t.es = es;
     j->t.knn_k = (int)knn_k;
+    j->t.gdeg = (int)gdeg;
+    j->t.n_ent = (int)n_ent;
     j->work.fn = tokens_task;
     j->work.done = tokens_done;
     j->n_tasks = ss->n_kv; /* per phase */

@@ -22,6 +22,8 @@ static void g_tls_free(void *p)
     if (!t)
         return;
     free(t->stamp);
+    free(t->slot);
+    free(t->vis);
     free(t->pool);
     free(t->buf);
     free(t->sc);
@@ -55,12 +57,26 @@ g_tls *g_tls_get(size_t n, int L, int nb, int dim)
     if (t->stamp_cap < n) {
         size_t c = n + n / 4 + 1024;
         uint32_t *s = calloc(c, sizeof *s); /* fresh zeros: every stamp is stale */
-        if (!s)
+        uint32_t *sl = malloc(c * sizeof *sl);
+        if (!s || !sl) {
+            free(s);
+            free(sl);
             return NULL;
+        }
         free(t->stamp);
+        free(t->slot);
         t->stamp = s;
+        t->slot = sl;
         t->stamp_cap = c;
         t->gen = 0;
+    }
+    if (t->vis_words < (n + 63) / 64) {
+        size_t w = (n + n / 4 + 1024 + 63) / 64;
+        uint64_t *v = realloc(t->vis, w * sizeof *v);
+        if (!v)
+            return NULL;
+        t->vis = v;
+        t->vis_words = w;
     }
     if (t->pool_cap < L + 1) {
         g_cand *p = realloc(t->pool, (size_t)(L + 1) * sizeof *p);
@@ -245,6 +261,18 @@ static ra_status graph_build_lists(void **state, const ra_kv *kv, size_t n, cons
     return ra_graph_build_from((ra_graph **)state, kv, n, train_q, nq, lists, K, opts);
 }
 
+static ra_status graph_install(void **state, const ra_kv *kv, size_t n, const ra_graph_adj *a,
+                               const float *train_q, size_t nq, const int32_t *lists, int K,
+                               const ra_index_opts *opts)
+{
+    return ra_graph_install((ra_graph **)state, kv, n, a, train_q, nq, lists, K, opts);
+}
+
+static ra_status graph_export(void *state, ra_graph_adj *out)
+{
+    return ra_graph_export(state, out);
+}
+
 static ra_status graph_add(void *state, const ra_kv *kv, size_t first, size_t n)
 {
     return ra_graph_add(state, kv, first, n);
@@ -273,6 +301,8 @@ const ra_backend_ops ra_backend_graph = {
     .name = "graph",
     .build = graph_build,
     .build_lists = graph_build_lists,
+    .install = graph_install,
+    .export_graph = graph_export,
     .add = graph_add,
     .search = graph_search,
     .search_group = graph_search_group,

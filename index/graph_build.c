@@ -5,8 +5,10 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "graph_internal.h"
+#include "graph_sort.h"
 #include "ra_bigmem.h"
 #include "ra_kernels.h"
 #include "ra_log.h"
@@ -52,6 +54,14 @@ static void g_score(const ra_graph *g, const void *keys, const float *q, int l2,
             out[i] -= 0.5f * g->norm2[ids[i]];
 }
 
+static inline int g_bit_test_set(uint64_t *b, int32_t i)
+{
+    uint64_t m = 1ull << (i & 63), *w = &b[i >> 6];
+    int was = (*w & m) != 0;
+    *w |= m;
+    return was;
+}
+
 /* Beam search over nodes [0, g->n) from the entry points, the warm ids and the given
  * seeds. Leaves the best L candidates in t->pool, sorted; returns their count. Every
  * node is expanded at most once and the pool is bounded, so it always ends. */
@@ -59,8 +69,8 @@ static int g_search(const ra_graph *g, const void *keys, const float *q, int l2,
                     const int32_t *warm, int n_warm, const int32_t *route, int n_route,
                     int32_t skip, g_tls *t, uint64_t *scanned, uint64_t *hops)
 {
-    uint32_t gen = g_tls_next_gen(t);
-    uint32_t *stamp = t->stamp;
+    uint64_t *vis = t->vis;
+    memset(vis, 0, (g->n + 63) / 64 * sizeof *vis);
     g_cand *pool = t->pool;
     int np = 0;
     uint64_t nscan = 0, nhop = 0;
@@ -73,9 +83,8 @@ static int g_search(const ra_graph *g, const void *keys, const float *q, int l2,
             continue;
         for (int i = 0; i < ns; i++) {
             int32_t id = src[i];
-            if (id < 0 || (size_t)id >= g->n || stamp[id] == gen)
+            if (id < 0 || (size_t)id >= g->n || g_bit_test_set(vis, id))
                 continue;
-            stamp[id] = gen;
             t->buf[nb++] = id;
             if (nb == t->buf_cap) {
                 g_score(g, keys, q, l2, t->buf, nb, t->sc, t);
@@ -88,7 +97,7 @@ static int g_search(const ra_graph *g, const void *keys, const float *q, int l2,
         }
     }
     if (nb == 0 && np == 0 && g->n > 0) { /* nothing valid: start at node 0 */
-        stamp[0] = gen;
+        g_bit_test_set(vis, 0);
         t->buf[nb++] = 0;
     }
     if (nb) {
@@ -98,9 +107,8 @@ static int g_search(const ra_graph *g, const void *keys, const float *q, int l2,
             if (t->buf[j] != skip)
                 g_pool_insert(pool, &np, L, t->sc[j], t->buf[j]);
     }
-    if (skip >= 0 && (size_t)skip < g->n && stamp[skip] != gen) {
-        stamp[skip] = gen; /* never score or return the node being linked */
-    }
+    if (skip >= 0 && (size_t)skip < g->n)
+        g_bit_test_set(vis, skip); /* never score or return the node being linked */
     int k = 0;
     while (k < np) {
         if (pool[k].done) {
@@ -112,19 +120,20 @@ static int g_search(const ra_graph *g, const void *keys, const float *q, int l2,
         int32_t u = pool[k].id;
         const int32_t *nbr = g_adj(g, u);
         int d = g->deg[u];
-        /* prefetch the next candidate's adjacency while this one is scored */
+        /* prefetch the next candidate's adjacency (all its lines) while this one is
+         * scored: its first load was 16 % of a walk with one line prefetched */
         for (int j = k + 1; j < np; j++)
             if (!pool[j].done) {
-                __builtin_prefetch(g_adj(g, (size_t)pool[j].id));
+                const char *a = (const char *)g_adj(g, (size_t)pool[j].id);
+                for (size_t o = 0; o < (size_t)g->M * sizeof(int32_t); o += 64)
+                    __builtin_prefetch(a + o);
                 break;
             }
         nb = 0;
         for (int j = 0; j < d; j++) {
             int32_t v = nbr[j];
-            if (stamp[v] == gen)
-                continue;
-            stamp[v] = gen;
-            t->buf[nb++] = v;
+            if (!g_bit_test_set(vis, v))
+                t->buf[nb++] = v;
         }
 
         if (!nb) {
@@ -151,47 +160,57 @@ static int g_search(const ra_graph *g, const void *keys, const float *q, int l2,
 /* ------------------------------------------------------------------------ */
 /* occlusion pruning */
 
-typedef struct g_nb {
-    float d2;
-    int32_t id;
-} g_nb;
-
-static int g_nb_cmp(const void *a, const void *b)
+/* A candidate of node u as one sortable key: its distance to u (d2 below) in the high
+ * half, its id in the low half, so that ascending keys are ascending (d2, id). */
+static inline uint64_t g_nb_key(float d2, int32_t id)
 {
-    const g_nb *x = a, *y = b;
-    if (x->d2 < y->d2)
-        return -1;
-    if (x->d2 > y->d2)
-        return 1;
-    return (x->id > y->id) - (x->id < y->id);
+    return (uint64_t)g_f32_key(d2) << 32 | (uint32_t)id;
 }
 
-/* From candidates c[0..nc) (d2 = distance to u: -u.c for inner product, the default,
- * or |u - c|^2; sorted ascending, no duplicates, u excluded) keeps at most M that no
- * kept r occludes: c is dropped when r is closer to c than u is (IP: r.c > u.c; L2:
- * alpha^2 |r - c|^2 < |u - c|^2). Strict comparisons keep exact duplicates, so
+static inline int32_t g_nb_id(uint64_t k)
+{
+    return (int32_t)(uint32_t)k;
+}
+
+static inline float g_nb_d2(uint64_t k)
+{
+    return g_f32_unkey((uint32_t)(k >> 32));
+}
+
+/* From candidates c[0..nc) (g_nb_key; d2 = distance to u: -u.c for inner product, the
+ * default, or |u - c|^2; sorted ascending, no duplicates, u excluded) keeps at most M
+ * that no kept r occludes: c is dropped when r is closer to c than u is (IP: r.c > u.c;
+ * L2: alpha^2 |r - c|^2 < |u - c|^2). Strict comparisons keep exact duplicates, so
  * all-equal keys still get edges. A second pass refills up to M/2 slots with the
  * nearest dropped candidates, which keeps degrees up on heavy-tailed data. Writes ids
- * to out; returns the count. */
-static int g_prune(const ra_graph *g, const void *keys, const g_nb *c, int nc, int M, int32_t *out,
-                   g_tls *t)
+ * to out; returns the count. A candidate's dots with the kept ones are computed 8 at a
+ * time, stopping at the first occluder (the nearest kept ones occlude most): the same
+ * dots as one gather over all of them (groups of 4 stay aligned), fewer of them. */
+static int g_prune(const ra_graph *g, const void *keys, const uint64_t *c, int nc, int M,
+                   int32_t *out, g_tls *t)
 {
     int kept = 0;
     uint8_t dropped[1024] = {0};
     int lim = nc < 1024 ? nc : 1024;
+    int l2 = g_use_l2();
     for (int i = 0; i < lim && kept < M; i++) {
-        int32_t cid = c[i].id;
+        int32_t cid = g_nb_id(c[i]);
+        float cd2 = g_nb_d2(c[i]);
         dropped[i] = 0;
         if (kept) {
             ra_kern_to_f32(g_row(g, keys, cid), g->dtype, (size_t)g->dim, t->cf);
-            ra_kern_dot_gather(t->cf, keys, g->dtype, g->dim, out, (size_t)kept, t->sc);
             float nc2 = g->norm2[cid];
-            for (int j = 0; j < kept; j++) {
-                int l2 = g_use_l2();
-                float drc = l2 ? g->norm2[out[j]] + nc2 - 2.0f * t->sc[j] : -t->sc[j];
-                if (l2 ? G_ALPHA2 * drc < c[i].d2 : drc < c[i].d2) {
-                    dropped[i] = 1;
-                    break;
+            for (int b = 0; b < kept && !dropped[i]; b += 8) {
+                int e = b + 8 < kept ? b + 8 : kept;
+                ra_kern_dot_gather(t->cf, keys, g->dtype, g->dim, out + b, (size_t)(e - b),
+                                   t->sc);
+                for (int j = b; j < e; j++) {
+                    float dot = t->sc[j - b];
+                    float drc = l2 ? g->norm2[out[j]] + nc2 - 2.0f * dot : -dot;
+                    if (l2 ? G_ALPHA2 * drc < cd2 : drc < cd2) {
+                        dropped[i] = 1;
+                        break;
+                    }
                 }
             }
         }
@@ -201,54 +220,50 @@ static int g_prune(const ra_graph *g, const void *keys, const g_nb *c, int nc, i
     /* half the slots at most are refilled: long edges are what pruning is for */
     for (int i = 0; i < lim && kept < M / 2; i++)
         if (dropped[i])
-            out[kept++] = c[i].id;
+            out[kept++] = g_nb_id(c[i]);
     return kept;
 }
 
-/* Candidates ids[0..n) of node u: computes d2, sorts, dedups, prunes into out. */
+/* Candidates ids[0..n) of node u (-1, u itself and repeated ids are skipped): computes
+ * d2, sorts, prunes into out. tmp holds n keys; t's stamps cover the graph's nodes.
+ * Repeats are dropped by id before any distance: the SIMD gather computes a row in a
+ * group of 4 and a row in the tail in different orders, so one id at two places of the
+ * list can get two distances, and a dedup by (d2, id) after sorting kept both (graphs
+ * with an id twice in a row: a wasted slot, and refused by ra_graph_adj_check). */
 static int g_link_list(const ra_graph *g, const void *keys, int32_t u, const int32_t *ids, int n,
-                       int M, g_nb *tmp, int32_t *out, g_tls *t)
+                       int M, uint64_t *tmp, int32_t *out, g_tls *t)
 {
     ra_kern_to_f32(g_row(g, keys, u), g->dtype, (size_t)g->dim, t->qf);
+    uint32_t gen = g_tls_next_gen(t);
+    t->stamp[u] = gen;
     int m = 0;
-    for (int i = 0; i < n; i++)
-        if (ids[i] != u && ids[i] >= 0)
-            tmp[m++].id = ids[i];
+    for (int i = 0; i < n; i++) {
+        int32_t v = ids[i];
+        if (v < 0 || t->stamp[v] == gen)
+            continue;
+        t->stamp[v] = gen;
+        tmp[m++] = (uint32_t)v;
+    }
     /* dots in chunks through the tls gather buffer */
     for (int b = 0; b < m; b += t->buf_cap) {
         int e = b + t->buf_cap < m ? b + t->buf_cap : m;
         for (int i = b; i < e; i++)
-            t->buf[i - b] = tmp[i].id;
+            t->buf[i - b] = g_nb_id(tmp[i]);
         ra_kern_dot_gather(t->qf, keys, g->dtype, g->dim, t->buf, (size_t)(e - b), t->sc);
         for (int i = b; i < e; i++) {
-            float d2 = g->norm2[u] + g->norm2[tmp[i].id] - 2.0f * t->sc[i - b];
-            tmp[i].d2 = g_use_l2() ? (d2 > 0.0f ? d2 : 0.0f) : -t->sc[i - b];
+            int32_t v = t->buf[i - b];
+            float d2 = g->norm2[u] + g->norm2[v] - 2.0f * t->sc[i - b];
+            tmp[i] = g_nb_key(g_use_l2() ? (d2 > 0.0f ? d2 : 0.0f) : -t->sc[i - b], v);
         }
     }
-    qsort(tmp, (size_t)m, sizeof *tmp, g_nb_cmp);
-    int w = 0;
-    for (int i = 0; i < m; i++) /* equal ids have equal d2: adjacent after sorting */
-        if (i == 0 || tmp[i].id != tmp[w - 1].id || tmp[i].d2 != tmp[w - 1].d2)
-            tmp[w++] = tmp[i];
-    /* a duplicate id can still hide behind an equal-d2 other id: drop it */
-    int w2 = 0;
-    for (int i = 0; i < w; i++) {
-        int dup = 0;
-        for (int j = i - 1; j >= 0 && tmp[j].d2 == tmp[i].d2; j--)
-            if (tmp[j].id == tmp[i].id) {
-                dup = 1;
-                break;
-            }
-        if (!dup)
-            tmp[w2++] = tmp[i];
-    }
-    return g_prune(g, keys, tmp, w2, M, out, t);
+    g_sort_u64(tmp, (size_t)m, NULL);
+    return g_prune(g, keys, tmp, m, M, out, t);
 }
 
 /* ------------------------------------------------------------------------ */
 /* storage */
 
-static ra_status g_reserve(ra_graph *g, size_t n)
+ra_status g_reserve(ra_graph *g, size_t n)
 {
     if (n <= g->cap)
         return RA_OK;
@@ -310,16 +325,21 @@ static void g_norm_task(void *arg, size_t b, size_t e)
 /* ------------------------------------------------------------------------ */
 /* edge updates grouped by target node: (target, source) pairs */
 
-typedef struct g_edge {
-    int32_t to, from;
-} g_edge;
+typedef uint64_t g_edge; /* target in the high half, source in the low: sorts by both */
 
-static int g_edge_cmp(const void *a, const void *b)
+static inline g_edge g_edge_of(int32_t to, int32_t from)
 {
-    const g_edge *x = a, *y = b;
-    if (x->to != y->to)
-        return (x->to > y->to) - (x->to < y->to);
-    return (x->from > y->from) - (x->from < y->from);
+    return (uint64_t)(uint32_t)to << 32 | (uint32_t)from;
+}
+
+static inline int32_t g_edge_to(g_edge e)
+{
+    return (int32_t)(uint32_t)(e >> 32);
+}
+
+static inline int32_t g_edge_from(g_edge e)
+{
+    return (int32_t)(uint32_t)e;
 }
 
 typedef struct g_rev_ctx {
@@ -336,16 +356,16 @@ static void g_rev_task(void *arg, size_t b, size_t end)
     ra_graph *g = c->g;
     int M = g->M;
     int32_t *ids = malloc((size_t)(M + 4096) * sizeof *ids);
-    g_nb *tmp = malloc((size_t)(M + 4096) * sizeof *tmp);
+    uint64_t *tmp = malloc((size_t)(M + 4096) * sizeof *tmp);
     int32_t out[G_MAX_DEGREE];
-    g_tls *t = g_tls_get(0, 1, M + 4096, g->dim);
+    g_tls *t = g_tls_get(g->n, 1, M + 4096, g->dim);
     if (!ids || !tmp || !t) {
         atomic_store(&c->fail, 1);
         goto done;
     }
     for (size_t gi = b; gi < end; gi++) {
         size_t s = c->grp[gi], e = c->grp[gi + 1];
-        int32_t v = c->e[s].to;
+        int32_t v = g_edge_to(c->e[s]);
         int32_t *row = g_adj(g, v);
         int d = g->deg[v];
         int pd = g->pdeg[v];
@@ -354,7 +374,7 @@ static void g_rev_task(void *arg, size_t b, size_t end)
             ids[n++] = row[j];
         int added = 0;
         for (size_t i = s; i < e && n < M + 4096; i++) {
-            int32_t u = c->e[i].from;
+            int32_t u = g_edge_from(c->e[i]);
             if (u == v)
                 continue;
             int have = 0;
@@ -384,10 +404,10 @@ static void g_rev_task(void *arg, size_t b, size_t end)
             ra_kern_to_f32(g_row(g, c->keys, v), g->dtype, (size_t)g->dim, t->qf);
             ra_kern_dot_gather(t->qf, c->keys, g->dtype, g->dim, cand, (size_t)(nt + extra), t->sc);
             for (int i = 0; i < nt + extra; i++)
-                tmp[i] = (g_nb){.d2 = -t->sc[i], .id = cand[i]};
-            qsort(tmp, (size_t)(nt + extra), sizeof *tmp, g_nb_cmp);
+                tmp[i] = g_nb_key(-t->sc[i], cand[i]);
+            g_sort_u64(tmp, (size_t)(nt + extra), NULL);
             for (int i = 0; i < nt; i++)
-                cand[i] = tmp[i].id;
+                cand[i] = g_nb_id(tmp[i]);
             memcpy(row, ids, (size_t)M * sizeof *row);
             g->deg[v] = (uint8_t)M;
             continue;
@@ -407,17 +427,19 @@ static ra_status g_apply_edges(ra_graph *g, const void *keys, g_edge *e, size_t 
 {
     if (!ne)
         return RA_OK;
-    qsort(e, ne, sizeof *e, g_edge_cmp);
+    g_edge *tmp = malloc(ne * sizeof *tmp);
+    g_sort_u64(e, ne, tmp);
+    free(tmp);
     size_t ngrp = 0;
     for (size_t i = 0; i < ne; i++)
-        if (i == 0 || e[i].to != e[i - 1].to)
+        if (i == 0 || g_edge_to(e[i]) != g_edge_to(e[i - 1]))
             ngrp++;
     size_t *grp = malloc((ngrp + 1) * sizeof *grp);
     if (!grp)
         return RA_ENOMEM;
     size_t k = 0;
     for (size_t i = 0; i < ne; i++)
-        if (i == 0 || e[i].to != e[i - 1].to)
+        if (i == 0 || g_edge_to(e[i]) != g_edge_to(e[i - 1]))
             grp[k++] = i;
     grp[ngrp] = ne;
     g_rev_ctx c = {.g = g, .keys = keys, .e = e, .grp = grp};
@@ -438,6 +460,7 @@ typedef struct g_ins_ctx {
     int *counts;
     int keep_old; /* merge the node's current out-list into its candidates */
     atomic_int fail;
+    atomic_ullong scanned, hops; /* of the walks, for the phase log */
 } g_ins_ctx;
 
 static void g_ins_task(void *arg, size_t b, size_t e)
@@ -450,13 +473,14 @@ static void g_ins_task(void *arg, size_t b, size_t e)
     int M = g->M;
     int ncand = L + M;
     int32_t *ids = malloc((size_t)ncand * sizeof *ids);
-    g_nb *tmp = malloc((size_t)ncand * sizeof *tmp);
+    uint64_t *tmp = malloc((size_t)ncand * sizeof *tmp);
     float *q = malloc((size_t)g->dim * sizeof *q);
     g_tls *t = g_tls_get(g->n, L, ncand > M ? ncand : M, g->dim);
     if (!ids || !tmp || !q || !t) {
         atomic_store(&c->fail, 1);
         goto done;
     }
+    uint64_t nscan = 0, nhop = 0;
     for (size_t i = b; i < e; i++) {
         int32_t u = c->nodes[i];
         ra_kern_to_f32(g_row(g, c->keys, u), g->dtype, (size_t)g->dim, q);
@@ -465,7 +489,7 @@ static void g_ins_task(void *arg, size_t b, size_t e)
          * recall as exact walks on the calibrated 131K head, linking 19 s vs 24 s here */
         ra_codebook_prep(&g->cb, q, t->q8, t->q16, &t->cmul, &t->cadd);
         t->use_codes = 1;
-        int np = g_search(g, c->keys, q, g_use_l2(), L, NULL, 0, NULL, 0, u, t, NULL, NULL);
+        int np = g_search(g, c->keys, q, g_use_l2(), L, NULL, 0, NULL, 0, u, t, &nscan, &nhop);
         t->use_codes = 0;
         int n = 0;
         for (int j = 0; j < np; j++)
@@ -480,6 +504,8 @@ static void g_ins_task(void *arg, size_t b, size_t e)
         memcpy(out, g_adj(g, u), (size_t)pd * sizeof *out);
         c->counts[i] = pd + g_link_list(g, c->keys, u, ids, n, M - pd, tmp, out + pd, t);
     }
+    atomic_fetch_add(&c->scanned, nscan);
+    atomic_fetch_add(&c->hops, nhop);
 done:
     free(ids);
     free(tmp);
@@ -503,6 +529,9 @@ static ra_status g_insert_nodes(ra_graph *g, const void *keys, const int32_t *no
     for (size_t i = 0; i < g->n; i++)
         linked += g->deg[i] > 0;
     size_t done = 0;
+    double tw[2] = {0, 0}, tc[2] = {0, 0};
+    uint64_t scanned = 0, hops = 0;
+    int batches = 0;
     while (done < n) {
         if (g_cancelled(g)) {
             st = RA_ECLOSED;
@@ -528,11 +557,19 @@ static ra_status g_insert_nodes(ra_graph *g, const void *keys, const int32_t *no
                        .counts = counts,
                        .keep_old = keep_old};
         atomic_init(&c.fail, 0);
+        atomic_init(&c.scanned, 0);
+        atomic_init(&c.hops, 0);
+        double w0, c0, w1, c1, w2, c2;
+        g_clock(&w0, &c0);
         g_parallel(g->threads, bs, 16, g_ins_task, &c);
         if (atomic_load(&c.fail)) {
             st = RA_ENOMEM;
             goto fail;
         }
+        g_clock(&w1, &c1);
+        tw[0] += w1 - w0, tc[0] += c1 - c0;
+        scanned += atomic_load(&c.scanned);
+        hops += atomic_load(&c.hops);
         size_t ne = 0;
         for (size_t i = 0; i < bs; i++) {
             int32_t u = nodes[done + i];
@@ -540,13 +577,21 @@ static ra_status g_insert_nodes(ra_graph *g, const void *keys, const int32_t *no
             memcpy(row, lists + i * (size_t)g->M, (size_t)counts[i] * sizeof *row);
             g->deg[u] = (uint8_t)counts[i];
             for (int j = 0; j < counts[i]; j++)
-                e[ne++] = (g_edge){.to = row[j], .from = u};
+                e[ne++] = g_edge_of(row[j], u);
         }
         st = g_apply_edges(g, keys, e, ne);
         if (st)
             goto fail;
+        g_clock(&w2, &c2);
+        tw[1] += w2 - w1, tc[1] += c2 - c1;
         done += bs;
+        batches++;
     }
+    if (n >= 1024) /* the build's linking and connectivity passes, not a few appended keys */
+        RA_DEBUG("graph: linked %zu keys in %d batches: walks+pruning %.2f/%.2f s (%.0f keys "
+                 "scored, %.1f expanded per walk), reverse edges %.2f/%.2f s (wall/cpu)",
+                 n, batches, tw[0], tc[0], (double)scanned / (double)n, (double)hops / (double)n,
+                 tw[1], tc[1]);
 fail:
     free(lists);
     free(counts);
@@ -635,194 +680,168 @@ static int g_proj_slots(int M)
     return G_PROJ_PCT * M / 100;
 }
 
+/* (count, id) as one key that sorts by count descending, then id ascending */
+static inline uint64_t g_cnt_key(int32_t cnt, int32_t id)
+{
+    return (uint64_t)(UINT32_MAX - (uint32_t)cnt) << 32 | (uint32_t)id;
+}
+
+/* The projection's inputs: every training query's exact list and, per node, the lists
+ * it takes its candidates from (its first G_PROJ_LISTS occurrences, in query order). */
 typedef struct g_proj_ctx {
     ra_graph *g;
     const void *keys;
-    const size_t *off; /* candidates of node u: cand[off[u] .. off[u] + kept[u]) */
-    const int32_t *kept;
-    const int32_t *cand;
-    int mp; /* protected slots per node */
+    const int32_t *knn; /* [nq][K] */
+    int K;
+    const int *len;      /* [nq] valid entries of each list */
+    const size_t *off;   /* occurrences of node u: occ[off[u] .. off[u + 1]) */
+    const uint64_t *occ; /* query << 16 | rank */
+    size_t cmax;         /* distinct candidates kept per node, most frequent first */
+    int mp;              /* protected slots per node */
     atomic_int fail;
 } g_proj_ctx;
 
+/* Per node: the candidates of its occurrences (each key of a list gets the keys within
+ * G_WINDOW ranks of it and the list's best key; the best key gets the whole list),
+ * counted (a stamp and a slot per distinct id: no sort of the multiset), the cmax most
+ * frequent (ties by id), pruned into the node's row. This was a sort of every pair (up
+ * to n x 32 x 65) in an array filled on one thread; the pairs are never stored now. */
 static void g_proj_task(void *arg, size_t b, size_t e)
 {
     g_proj_ctx *c = arg;
     ra_graph *g = c->g;
-    size_t maxc = 0;
-    for (size_t u = b; u < e; u++)
-        if ((size_t)c->kept[u] > maxc)
-            maxc = (size_t)c->kept[u];
-    g_nb *tmp = malloc((maxc + 1) * sizeof *tmp);
-    g_tls *t = g_tls_get(0, 1, 1024, g->dim);
-    if (!tmp || !t) {
+    size_t cap = 1024;
+    uint64_t *key = malloc(cap * sizeof *key);
+    int32_t *cnt = malloc(cap * sizeof *cnt), *ids = malloc(c->cmax * sizeof *ids);
+    uint64_t *tmp = malloc(c->cmax * sizeof *tmp);
+    g_tls *t = g_tls_get(g->n, 1, 1024, g->dim);
+    if (!key || !cnt || !ids || !tmp || !t) {
         atomic_store(&c->fail, 1);
-        free(tmp);
-        return;
+        goto done;
     }
     for (size_t u = b; u < e; u++) {
-        size_t s = c->off[u], n = (size_t)c->kept[u];
-        if (!n)
+        if (c->off[u] == c->off[u + 1])
             continue;
-        int32_t *row = g_adj(g, u);
-        /* the most frequent co-answers, in order: occlusion by key distance would
-         * drop exactly the far-apart keys one query scores high together */
-        int mp = c->mp;
-        if (mp == 0) { /* unprotected: occlusion-pruned like every other edge */
-            int k = g_link_list(g, c->keys, (int32_t)u, c->cand + s, (int)n, g->M, tmp, row, t);
-            g->deg[u] = (uint8_t)k;
-            continue;
-        }
-        int k = (int)n < mp ? (int)n : mp;
-        memcpy(row, c->cand + s, (size_t)k * sizeof *row);
-        g->deg[u] = (uint8_t)k;
-        g->pdeg[u] = (uint8_t)k;
-    }
-    free(tmp);
-}
-
-typedef struct g_cnt {
-    int32_t cnt, id;
-} g_cnt;
-
-static int g_cnt_cmp(const void *a, const void *b)
-{
-    const g_cnt *x = a, *y = b;
-    if (x->cnt != y->cnt)
-        return (x->cnt < y->cnt) - (x->cnt > y->cnt);
-    return (x->id > y->id) - (x->id < y->id);
-}
-
-static int g_i32_cmp(const void *a, const void *b)
-{
-    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
-    return (x > y) - (x < y);
-}
-
-typedef struct g_dedup_ctx {
-    const size_t *off;
-    int32_t *pairs;
-    int32_t *kept;
-    size_t cmax;
-    atomic_int fail;
-} g_dedup_ctx;
-
-/* Per node: distinct candidates with their counts, the cmax most frequent first,
- * written back to the front of the node's own range. */
-static void g_dedup_task(void *arg, size_t b, size_t end)
-{
-    g_dedup_ctx *c = arg;
-    g_cnt *tmp = NULL;
-    size_t cap = 0;
-    for (size_t u = b; u < end; u++) {
-        size_t s = c->off[u], e = c->off[u + 1];
-        int32_t *p = c->pairs;
-        if (e - s > 1)
-            qsort(p + s, e - s, sizeof *p, g_i32_cmp);
-        if (e - s > cap) {
-            g_cnt *nt = realloc(tmp, (e - s) * sizeof *nt);
-            if (!nt) {
-                atomic_store(&c->fail, 1);
-                break;
-            }
-            tmp = nt;
-            cap = e - s;
-        }
+        uint32_t gen = g_tls_next_gen(t);
         size_t m = 0;
-        for (size_t i = s; i < e; i++) {
-            if (m && tmp[m - 1].id == p[i])
-                tmp[m - 1].cnt++;
-            else
-                tmp[m++] = (g_cnt){.cnt = 1, .id = p[i]};
+        for (size_t o = c->off[u]; o < c->off[u + 1]; o++) {
+            size_t qi = (size_t)(c->occ[o] >> 16);
+            int r = (int)(c->occ[o] & 0xffff), len = c->len[qi];
+            const int32_t *l = c->knn + qi * (size_t)c->K;
+            int lo = r == 0 ? 1 : (r - G_WINDOW < 0 ? 0 : r - G_WINDOW);
+            int hi = r == 0 ? len - 1 : (r + G_WINDOW >= len ? len - 1 : r + G_WINDOW);
+            /* the pivot l[0] as one extra candidate when the window misses it */
+            int extra = r > 0 && lo > 0;
+            for (int j = lo; j <= hi + extra; j++) {
+                int32_t v = j > hi ? l[0] : l[j];
+                if (v == (int32_t)u)
+                    continue;
+                if (t->stamp[v] == gen) {
+                    cnt[t->slot[v]]++;
+                    continue;
+                }
+                if (m == cap) {
+                    uint64_t *k2 = realloc(key, 2 * cap * sizeof *k2);
+                    if (k2)
+                        key = k2;
+                    int32_t *c2 = k2 ? realloc(cnt, 2 * cap * sizeof *c2) : NULL;
+                    if (!c2) {
+                        atomic_store(&c->fail, 1);
+                        goto done;
+                    }
+                    cnt = c2;
+                    cap *= 2;
+                }
+                t->stamp[v] = gen;
+                t->slot[v] = (uint32_t)m;
+                key[m] = (uint32_t)v;
+                cnt[m++] = 1;
+            }
         }
-        if (m > 1)
-            qsort(tmp, m, sizeof *tmp, g_cnt_cmp);
-        if (m > c->cmax)
-            m = c->cmax;
         for (size_t i = 0; i < m; i++)
-            p[s + i] = tmp[i].id;
-        c->kept[u] = (int32_t)m;
+            key[i] = g_cnt_key(cnt[i], (int32_t)key[i]);
+        g_sort_u64(key, m, NULL);
+        size_t k = m < c->cmax ? m : c->cmax;
+        for (size_t i = 0; i < k; i++)
+            ids[i] = (int32_t)(uint32_t)key[i];
+        int32_t *row = g_adj(g, u);
+        if (c->mp == 0) { /* unprotected: occlusion-pruned like every other edge */
+            int d = g_link_list(g, c->keys, (int32_t)u, ids, (int)k, g->M, tmp, row, t);
+            g->deg[u] = (uint8_t)d;
+            continue;
+        }
+        /* the most frequent co-answers, in order: occlusion by key distance would drop
+         * exactly the far-apart keys one query scores high together */
+        int kp = (int)k < c->mp ? (int)k : c->mp;
+        memcpy(row, ids, (size_t)kp * sizeof *row);
+        g->deg[u] = g->pdeg[u] = (uint8_t)kp;
     }
+done:
+    free(key);
+    free(cnt);
+    free(ids);
     free(tmp);
 }
 
-/* The candidate lists of the projection, CSR by node: for every training query's
- * exact top-K list, each key gets the keys within G_WINDOW ranks of it and the
- * query's best key; the best key (the query's pivot) gets the whole list. Per node,
- * at most cmax distinct candidates, the most frequent co-answers first. */
+/* The projection: per node, its candidates from the training lists it occurs in (the
+ * first G_PROJ_LISTS), the cmax most frequent co-answers pruned into its row; then the
+ * reverse edges. occ[u] (may be NULL) counts every occurrence of u. */
 static ra_status g_project(ra_graph *g, const void *keys, const int32_t *knn, size_t nq, int K,
                            int32_t *occ)
 {
     ra_status st = RA_OK;
     size_t n = g->n;
-    size_t *off = calloc(n + 1, sizeof *off);
-    size_t *fill = NULL;
-    int32_t *pairs = NULL, *kept = NULL;
-    uint16_t *taken = calloc(n ? n : 1, sizeof *taken);
-    if (!off || !taken) {
-        free(off);
-        free(taken);
-        return RA_ENOMEM;
-    }
-    /* pass 1 counts, pass 2 fills */
-    for (int pass = 0; pass < 2; pass++) {
-        memset(taken, 0, (n ? n : 1) * sizeof *taken);
-        for (size_t qi = 0; qi < nq; qi++) {
-            const int32_t *l = knn + qi * (size_t)K;
-            int len = 0;
-            while (len < K && l[len] >= 0)
-                len++;
-            for (int r = 0; r < len; r++) {
-                int32_t u = l[r];
-                if (pass == 0 && occ)
-                    occ[u]++;
-                if (taken[u] >= G_PROJ_LISTS)
-                    continue;
-                taken[u]++;
-                int lo = r == 0 ? 1 : (r - G_WINDOW < 0 ? 0 : r - G_WINDOW);
-                int hi = r == 0 ? len - 1 : (r + G_WINDOW >= len ? len - 1 : r + G_WINDOW);
-                /* the pivot l[0] as one extra candidate when the window misses it */
-                int extra = r > 0 && lo > 0;
-                for (int j = lo; j <= hi + extra; j++) {
-                    int32_t v = j > hi ? l[0] : l[j];
-                    if (v == u)
-                        continue;
-                    if (pass == 0)
-                        off[u + 1]++;
-                    else
-                        pairs[fill[u]++] = v;
-                }
-            }
-        }
-        if (pass == 0) {
-            for (size_t i = 0; i < n; i++)
-                off[i + 1] += off[i];
-            pairs = malloc((off[n] ? off[n] : 1) * sizeof *pairs);
-            fill = malloc(n * sizeof *fill);
-            if (!pairs || !fill) {
-                st = RA_ENOMEM;
-                goto fail;
-            }
-            memcpy(fill, off, n * sizeof *fill);
-        }
-    }
-    /* dedup per node with counts; keep the cmax most frequent (in parallel, in place) */
-    kept = malloc((n ? n : 1) * sizeof *kept);
-    if (!kept) {
+    size_t *off = calloc(n + 1, sizeof *off), *fill = NULL;
+    int *len = malloc((nq ? nq : 1) * sizeof *len);
+    uint64_t *oc = NULL;
+    if (!off || !len) {
         st = RA_ENOMEM;
         goto fail;
     }
-    {
-        g_dedup_ctx dc = {.off = off, .pairs = pairs, .kept = kept, .cmax = (size_t)g->M * 4};
-        atomic_init(&dc.fail, 0);
-        g_parallel(g->threads, n, 256, g_dedup_task, &dc);
-        if (atomic_load(&dc.fail)) {
-            st = RA_ENOMEM;
-            goto fail;
+    if (K > 0xffff) { /* ranks are 16 bits in the occurrences (K <= 4096 from ra_head) */
+        st = RA_EINVAL;
+        goto fail;
+    }
+    /* occurrences per node (capped), in query order: a count pass, then a fill pass */
+    for (size_t qi = 0; qi < nq; qi++) {
+        const int32_t *l = knn + qi * (size_t)K;
+        int m = 0;
+        while (m < K && l[m] >= 0)
+            m++;
+        len[qi] = m;
+        for (int r = 0; r < m; r++) {
+            if (occ)
+                occ[l[r]]++;
+            if (off[l[r] + 1] < G_PROJ_LISTS)
+                off[l[r] + 1]++;
         }
     }
-    g_proj_ctx c = {
-        .g = g, .keys = keys, .off = off, .kept = kept, .cand = pairs, .mp = g_proj_slots(g->M)};
+    for (size_t i = 0; i < n; i++)
+        off[i + 1] += off[i];
+    oc = malloc((off[n] ? off[n] : 1) * sizeof *oc);
+    fill = malloc((n ? n : 1) * sizeof *fill);
+    if (!oc || !fill) {
+        st = RA_ENOMEM;
+        goto fail;
+    }
+    memcpy(fill, off, n * sizeof *fill);
+    for (size_t qi = 0; qi < nq; qi++) {
+        const int32_t *l = knn + qi * (size_t)K;
+        for (int r = 0; r < len[qi]; r++) {
+            int32_t u = l[r];
+            if (fill[u] < off[u + 1])
+                oc[fill[u]++] = (uint64_t)qi << 16 | (uint64_t)r;
+        }
+    }
+    g_proj_ctx c = {.g = g,
+                    .keys = keys,
+                    .knn = knn,
+                    .K = K,
+                    .len = len,
+                    .off = off,
+                    .occ = oc,
+                    .cmax = (size_t)g->M * 4,
+                    .mp = g_proj_slots(g->M)};
     atomic_init(&c.fail, 0);
     g_parallel(g->threads, n, 256, g_proj_task, &c);
     if (atomic_load(&c.fail)) {
@@ -841,23 +860,22 @@ static ra_status g_project(ra_graph *g, const void *keys, const int32_t *knn, si
         size_t k = 0;
         for (size_t u = 0; u < n; u++)
             for (int j = 0; j < g->deg[u]; j++)
-                e[k++] = (g_edge){.to = g_adj(g, u)[j], .from = (int32_t)u};
+                e[k++] = g_edge_of(g_adj(g, u)[j], (int32_t)u);
         st = g_apply_edges(g, keys, e, k);
         free(e);
     }
 fail:
     free(off);
     free(fill);
-    free(pairs);
-    free(kept);
-    free(taken);
+    free(len);
+    free(oc);
     return st;
 }
 
 /* Picks training queries: half the budget from the last positions (closest to the
  * decode steps that follow), the rest on a stride over the earlier ones, offset by
  * the seed. Returns the count written to idx. */
-static size_t g_sample_queries(size_t nq, size_t want, uint64_t seed, size_t *idx)
+size_t g_sample_queries(size_t nq, size_t want, uint64_t seed, size_t *idx)
 {
     if (nq <= want) {
         for (size_t i = 0; i < nq; i++)
@@ -879,7 +897,7 @@ static size_t g_sample_queries(size_t nq, size_t want, uint64_t seed, size_t *id
 }
 
 /* Fits the search code to rows [0, n) and encodes them (with their norms). */
-static ra_status g_fit_codes(ra_graph *g, const void *keys, size_t n)
+ra_status g_fit_codes(ra_graph *g, const void *keys, size_t n)
 {
     ra_codebook cb;
     ra_status st = ra_codebook_train(&cb, keys, g->dtype, g->dim, n);
@@ -893,6 +911,57 @@ static ra_status g_fit_codes(ra_graph *g, const void *keys, size_t n)
     return RA_OK;
 }
 
+/* Routing queries: evenly spaced over the sample (half tail, half stride), unit rows,
+ * each with the first G_ROUTE_KEYS ids of its list (lists [ns][Kk]). */
+ra_status g_set_routing(ra_graph *g, const float *sq, size_t ns, const int32_t *knn, int Kk)
+{
+    int dim = g->dim;
+    int nr = ns < G_ROUTE_MAX ? (int)ns : G_ROUTE_MAX;
+    g->route_q = malloc((size_t)nr * dim * sizeof *g->route_q);
+    g->route_ids = malloc((size_t)nr * G_ROUTE_KEYS * sizeof *g->route_ids);
+    if (!g->route_q || !g->route_ids)
+        return RA_ENOMEM;
+    for (int r = 0; r < nr; r++) {
+        size_t qi = g_route_pick(r, nr, ns);
+        const float *src = sq + qi * dim;
+        double nn = 0;
+        for (int j = 0; j < dim; j++)
+            nn += (double)src[j] * src[j];
+        float inv = nn > 0 ? (float)(1.0 / sqrt(nn)) : 0.0f; /* cosine: unit rows */
+        for (int j = 0; j < dim; j++)
+            g->route_q[(size_t)r * dim + j] = src[j] * inv;
+        for (int j = 0; j < G_ROUTE_KEYS; j++)
+            g->route_ids[(size_t)r * G_ROUTE_KEYS + j] = j < Kk ? knn[qi * Kk + j] : -1;
+    }
+    g->n_route = nr;
+    return RA_OK;
+}
+
+ra_graph *g_alloc(int dim, ra_dtype dt, int M, int ef, int threads, uint64_t seed)
+{
+    ra_graph *g = calloc(1, sizeof *g);
+    if (!g)
+        return NULL;
+    g->dim = dim;
+    g->dtype = dt;
+    g->row_bytes = (size_t)dim * ra_dtype_size(dt);
+    g->M = M;
+    g->ef_build = ef;
+    g->threads = g_threads(threads);
+    g->seed = seed;
+    g->l_mult = 1.0f; /* the calibration of a build sets it */
+    g->rec_bytes = (((size_t)((dim + 63) & ~63) + (size_t)M * sizeof(int32_t)) + 63) & ~(size_t)63;
+    return g;
+}
+
+void g_clock(double *wall, double *cpu)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    *cpu = (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+    *wall = ra_now_s();
+}
+
 ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const float *train_q,
                               size_t nq, const int32_t *lists, int lists_k,
                               const ra_index_opts *opts)
@@ -904,7 +973,7 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
     int32_t *knn = NULL;
     float *knn_s = NULL;
     int32_t *occ = NULL, *miss = NULL;
-    g_cnt *rank = NULL;
+    uint64_t *rank = NULL;
     if (!state || !kv)
         return RA_EINVAL;
     if (n > ra_kv_count(kv) || n > (size_t)INT32_MAX - 1)
@@ -926,26 +995,20 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
         RA_ERROR("graph: training queries contain NaN or Inf");
         return RA_ENONFINITE;
     }
-    g = calloc(1, sizeof *g);
-    if (!g)
+    if (!(g = g_alloc(dim, dt, M, ef, threads, seed)))
         return RA_ENOMEM;
-    g->dim = dim;
-    g->dtype = dt;
-    g->row_bytes = (size_t)dim * ra_dtype_size(dt);
-    g->M = M;
-    g->ef_build = ef;
-    g->threads = g_threads(threads);
-    g->seed = seed;
     g->cancel = opts ? opts->cancel : NULL; /* cleared when the build returns */
-    g->l_mult = 1.0f;
-    g->rec_bytes = (((size_t)((dim + 63) & ~63) + (size_t)M * sizeof(int32_t)) + 63) & ~(size_t)63;
     if ((st = g_reserve(g, n > 0 ? n : 1)))
         goto fail;
     g->n = n;
     const void *keys = ra_kv_keys(kv);
-    double t0 = ra_now_s();
+    /* phase clocks (wall, process CPU): codes, kNN, projection, linking, connectivity */
+    double w[6], c[6];
+    g_clock(&w[0], &c[0]);
     if ((st = g_fit_codes(g, keys, n)))
         goto fail;
+    g_clock(&w[1], &c[1]);
+    w[2] = w[3] = w[1], c[2] = c[3] = c[1];
     occ = calloc(n ? n : 1, sizeof *occ);
     if (!occ) {
         st = RA_ENOMEM;
@@ -988,7 +1051,7 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
         for (size_t i = 0; i < ns * (size_t)Kk; i++) /* never trust an index from outside */
             if (knn[i] >= (int32_t)n)
                 knn[i] = -1;
-        double t1 = ra_now_s();
+        g_clock(&w[2], &c[2]);
         if (g_cancelled(g)) {
             st = RA_ECLOSED;
             goto fail;
@@ -1001,7 +1064,15 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
         st = g_project(g, keys, knn, ns, Kk, occ);
         if (st)
             goto fail;
-        RA_DEBUG("graph: knn+projection %.2fs (knn %.2fs)", ra_now_s() - t0, t1 - t0);
+        size_t cov = 0, full = 0, edges = 0;
+        for (size_t i = 0; i < n; i++) {
+            cov += g->deg[i] > 0;
+            full += g->deg[i] >= g->M;
+            edges += g->deg[i];
+        }
+        RA_DEBUG("graph: projection: %zu of %zu keys linked (%zu full rows), mean degree %.1f",
+                 cov, n, full, (double)edges / (double)n);
+        g_clock(&w[3], &c[3]);
     }
     /* entry points: the keys most often in a training query's top-K (heavy hitters,
      * which many queries score high), then evenly spaced keys for the rest */
@@ -1010,7 +1081,7 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
         if (ne < 1)
             ne = 1;
         g->entries = malloc((size_t)ne * sizeof *g->entries);
-        rank = malloc((n ? n : 1) * sizeof *rank);
+        rank = malloc(2 * (n ? n : 1) * sizeof *rank); /* keys, radix scratch */
         if (!g->entries || !rank) {
             st = RA_ENOMEM;
             goto fail;
@@ -1020,11 +1091,11 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
             size_t m = 0;
             for (size_t i = 0; i < n; i++)
                 if (occ[i] > 0)
-                    rank[m++] = (g_cnt){.cnt = occ[i], .id = (int32_t)i};
-            qsort(rank, m, sizeof *rank, g_cnt_cmp);
+                    rank[m++] = g_cnt_key(occ[i], (int32_t)i);
+            g_sort_u64(rank, m, rank + n);
             int hh = ns ? (ne + 1) / 2 : 0;
             for (size_t i = 0; i < m && k < hh; i++)
-                g->entries[k++] = rank[i].id;
+                g->entries[k++] = (int32_t)(uint32_t)rank[i];
             for (int i = 0; k < ne && i < ne * 4; i++) {
                 int32_t id = (int32_t)(((uint64_t)i * n + seed % n) / (uint64_t)ne % n);
                 int dup = 0;
@@ -1036,30 +1107,8 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
         }
         g->n_entries = k;
     }
-    /* routing queries: evenly spaced over the sample, which is half tail, half stride */
-    if (ns > 0) {
-        int nr = ns < G_ROUTE_MAX ? (int)ns : G_ROUTE_MAX;
-        int Kk = knn_w;
-        g->route_q = malloc((size_t)nr * dim * sizeof *g->route_q);
-        g->route_ids = malloc((size_t)nr * G_ROUTE_KEYS * sizeof *g->route_ids);
-        if (!g->route_q || !g->route_ids) {
-            st = RA_ENOMEM;
-            goto fail;
-        }
-        for (int r = 0; r < nr; r++) {
-            size_t qi = (size_t)r * ns / (size_t)nr;
-            const float *src = sq + qi * dim;
-            double nn = 0;
-            for (int j = 0; j < dim; j++)
-                nn += (double)src[j] * src[j];
-            float inv = nn > 0 ? (float)(1.0 / sqrt(nn)) : 0.0f; /* cosine: unit rows */
-            for (int j = 0; j < dim; j++)
-                g->route_q[(size_t)r * dim + j] = src[j] * inv;
-            for (int j = 0; j < G_ROUTE_KEYS; j++)
-                g->route_ids[(size_t)r * G_ROUTE_KEYS + j] = j < Kk ? knn[qi * Kk + j] : -1;
-        }
-        g->n_route = nr;
-    }
+    if (ns > 0 && (st = g_set_routing(g, sq, ns, knn, knn_w)))
+        goto fail;
     /* keys no training query reached: insert them by key->key search */
     if (n > 1) {
         miss = malloc(n * sizeof *miss);
@@ -1075,11 +1124,11 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
          * (recall@100 0.57 vs 0.78 at 32K keys, M=32, L=100). */
         for (size_t i = 0; i < n; i++)
             miss[nm++] = (int32_t)i;
-        double t2 = ra_now_s();
+        g_clock(&w[3], &c[3]); /* entries and routing belong to the projection */
         st = g_insert_nodes(g, keys, miss, nm, 1);
         if (st)
             goto fail;
-        RA_DEBUG("graph: key->key linking %.2fs", ra_now_s() - t2);
+        g_clock(&w[4], &c[4]);
         st = g_connect(g, keys);
         if (!st && g_cancelled(g))
             st = RA_ECLOSED;
@@ -1093,7 +1142,15 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
                  (double)g->l_mult);
     }
     g->cancel = NULL;
-    RA_DEBUG("graph: built %zu keys from %zu queries in %.2fs", n, ns, ra_now_s() - t0);
+    g_clock(&w[5], &c[5]);
+    if (n <= 1)
+        w[4] = w[3], c[4] = c[3];
+    RA_DEBUG("graph: built %zu keys from %zu queries in %.2fs (cpu %.2fs): codes %.2f/%.2f, "
+             "kNN %s%.2f/%.2f, projection %.2f/%.2f, key->key linking %.2f/%.2f, "
+             "connectivity %.2f/%.2f (s wall/cpu)",
+             n, ns, w[5] - w[0], c[5] - c[0], w[1] - w[0], c[1] - c[0], lists ? "(given) " : "",
+             w[2] - w[1], c[2] - c[1], w[3] - w[2], c[3] - c[2], w[4] - w[3], c[4] - c[3],
+             w[5] - w[4], c[5] - c[4]);
     free(sq);
     free(sidx);
     free(knn);

@@ -134,9 +134,13 @@ static inline int g_pool_insert(g_cand *pool, int *np, int L, float s, int32_t i
 
 /* ---- per-thread scratch of the build (graph.c) ---- */
 typedef struct g_tls {
-    uint32_t *stamp;
+    uint32_t *stamp; /* visit generations (candidate dedup) */
+    uint32_t *slot;  /* [stamp_cap]: where a stamped id sits in a list being counted */
     size_t stamp_cap;
     uint32_t gen;
+    uint64_t *vis; /* visited bits of a build walk: 1/32 of the stamps' footprint, so the
+                      test per neighbour hits L1 (the stamps' misses were 30 % of a walk) */
+    size_t vis_words;
     g_cand *pool;
     int pool_cap;
     int32_t *buf;
@@ -174,6 +178,28 @@ static inline int g_cancelled(const ra_graph *g)
 {
     return g->cancel && __atomic_load_n(g->cancel, __ATOMIC_RELAXED);
 }
+
+/* The sampled training query of routing query r of nr (evenly spaced over ns). */
+static inline size_t g_route_pick(int r, int nr, size_t ns)
+{
+    return (size_t)r * ns / (size_t)nr;
+}
+
+/* graph_build.c: storage, codes and routing shared with graph_io.c */
+/* An empty graph (no records) of rows of dim elements of dt, degree M; NULL: no memory. */
+ra_graph *g_alloc(int dim, ra_dtype dt, int M, int ef, int threads, uint64_t seed);
+ra_status g_reserve(ra_graph *g, size_t n);
+ra_status g_fit_codes(ra_graph *g, const void *keys, size_t n);
+size_t g_sample_queries(size_t nq, size_t want, uint64_t seed, size_t *idx);
+ra_status g_set_routing(ra_graph *g, const float *sq, size_t ns, const int32_t *knn, int Kk);
+/* Wall and CPU seconds of the process, for the build's phase log. */
+void g_clock(double *wall, double *cpu);
+
+/* graph_io.c: graphs in the wire form (ra_index.h) */
+ra_status ra_graph_export(const ra_graph *g, ra_graph_adj *out);
+ra_status ra_graph_install(ra_graph **out, const ra_kv *kv, size_t n, const ra_graph_adj *a,
+                           const float *train_q, size_t nq, const int32_t *lists, int lists_k,
+                           const ra_index_opts *opts);
 
 /* graph_build.c */
 ra_status ra_graph_build_from(ra_graph **out, const ra_kv *kv, size_t n, const float *train_q,

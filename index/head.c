@@ -52,6 +52,7 @@ struct ra_head {
     int32_t *lists; /* NULL, or [nq][lists_k] precomputed exact top-K row ids */
     int lists_k;
     char label[64]; /* for log lines: "session S layer L kv-head G" or "" */
+    ra_graph_adj graph; /* graph.adj != NULL: install this prebuilt graph (a copy) */
 };
 
 /* process-wide build counters (ra_index_build_counts_get), atomics */
@@ -319,9 +320,11 @@ static void *build_main(void *arg)
     void *state = NULL, *old = NULL;
     size_t now = 0;
     ra_status st = RA_ECLOSED;
+    /* an install costs one pass over the keys: it does not queue behind CPU builds */
+    int install = h->graph.adj != NULL;
     double tq = ra_now_s();
     __atomic_add_fetch(&g_builds_queued, 1, __ATOMIC_RELAXED);
-    int gated = build_gate_enter(h);
+    int gated = install ? !build_cancelled(h) : build_gate_enter(h);
     __atomic_sub_fetch(&g_builds_queued, 1, __ATOMIC_RELAXED);
     __atomic_add_fetch(&g_builds_running, 1, __ATOMIC_RELAXED);
     double t0 = ra_now_s();
@@ -331,7 +334,10 @@ static void *build_main(void *arg)
     int omp_old = omp_get_max_threads();
     if (h->opts.threads > 0)
         omp_set_num_threads(h->opts.threads);
-    if (gated)
+    if (gated && install)
+        st = h->ops->install(&state, h->view, h->n_build, &h->graph, h->train_q, h->nq, h->lists,
+                             h->lists_k, &h->opts);
+    else if (gated)
         st = h->lists && h->ops->build_lists
                  ? h->ops->build_lists(&state, h->view, h->n_build, h->train_q, h->nq, h->lists,
                                        h->lists_k, &h->opts)
@@ -394,9 +400,10 @@ static void *build_main(void *arg)
     h->train_q = NULL;
     free(h->lists);
     h->lists = NULL;
+    ra_graph_adj_fini(&h->graph);
     if (h->opts.threads > 0)
         omp_set_num_threads(omp_old);
-    if (gated)
+    if (gated && !install)
         build_gate_leave();
     pthread_mutex_lock(&h->bmu);
     h->last_build = st;
@@ -421,8 +428,35 @@ ra_status ra_head_build(ra_head *h, const float *train_q, size_t nq, int backgro
     return ra_head_build_lists(h, train_q, nq, NULL, 0, background);
 }
 
+static ra_status start_build(ra_head *h, const float *train_q, size_t nq, const int32_t *lists,
+                             int K, const ra_graph_adj *graph, int background);
+
 ra_status ra_head_build_lists(ra_head *h, const float *train_q, size_t nq, const int32_t *lists,
                               int K, int background)
+{
+    return start_build(h, train_q, nq, lists, K, NULL, background);
+}
+
+ra_status ra_head_install_graph(ra_head *h, const ra_graph_adj *a, const float *train_q,
+                                size_t nq, const int32_t *lists, int K, int background)
+{
+    if (!h || !a)
+        return RA_EINVAL;
+    if (!h->ops->install) {
+        RA_ERROR("head: a prebuilt graph for a %s index (graph heads only)", h->ops->name);
+        return RA_ENOTSUP;
+    }
+    char err[192];
+    ra_status st = ra_graph_adj_check(a, NULL, err, sizeof err);
+    if (st != RA_OK) {
+        RA_ERROR("head: prebuilt graph refused: %s", err);
+        return st;
+    }
+    return start_build(h, train_q, nq, lists, K, a, background);
+}
+
+static ra_status start_build(ra_head *h, const float *train_q, size_t nq, const int32_t *lists,
+                             int K, const ra_graph_adj *graph, int background)
 {
     if (!h)
         return RA_EINVAL;
@@ -461,6 +495,22 @@ ra_status ra_head_build_lists(ra_head *h, const float *train_q, size_t nq, const
     ra_status st = RA_OK;
     float *tq = NULL;
     int32_t *tl = NULL;
+    ra_graph_adj ga = {0};
+    if (graph) {
+        size_t cells = graph->n * (size_t)graph->M;
+        ga = (ra_graph_adj){.n = graph->n,
+                            .M = graph->M,
+                            .n_entries = graph->n_entries,
+                            .adj = malloc(cells * sizeof *ga.adj),
+                            .entries = malloc((size_t)graph->n_entries * sizeof *ga.entries)};
+        if (!ga.adj || !ga.entries) {
+            RA_ERROR("head: out of memory copying a graph of %zu x %d", graph->n, graph->M);
+            st = RA_ENOMEM;
+            goto fail;
+        }
+        memcpy(ga.adj, graph->adj, cells * sizeof *ga.adj);
+        memcpy(ga.entries, graph->entries, (size_t)graph->n_entries * sizeof *ga.entries);
+    }
     if (nq) {
         tq = malloc(nq * (size_t)dim * sizeof(float));
         if (!tq) {
@@ -488,6 +538,12 @@ ra_status ra_head_build_lists(ra_head *h, const float *train_q, size_t nq, const
             st = RA_EINVAL;
             goto fail;
         }
+    if (graph && graph->n != count) {
+        pthread_rwlock_unlock(&h->lock);
+        RA_ERROR("head: a prebuilt graph of %zu rows for a head of %zu keys", graph->n, count);
+        st = RA_EINVAL;
+        goto fail;
+    }
     st = ra_kv_pin(h->kv, &h->view);
     h->n_build = count;
     pthread_rwlock_unlock(&h->lock);
@@ -497,6 +553,7 @@ ra_status ra_head_build_lists(ra_head *h, const float *train_q, size_t nq, const
     h->nq = nq;
     h->lists = tl;
     h->lists_k = K;
+    h->graph = ga;
     if (background) {
         /* Created under bmu so the thread is recorded before it can finish and another
          * build can start (the thread takes bmu last thing). */
@@ -516,10 +573,23 @@ ra_status ra_head_build_lists(ra_head *h, const float *train_q, size_t nq, const
 fail:
     free(tq);
     free(tl);
+    ra_graph_adj_fini(&ga);
     pthread_mutex_lock(&h->bmu);
     h->building = 0;
     pthread_cond_broadcast(&h->bcv);
     pthread_mutex_unlock(&h->bmu);
+    return st;
+}
+
+ra_status ra_head_graph_export(ra_head *h, ra_graph_adj *out)
+{
+    if (!h || !out)
+        return RA_EINVAL;
+    pthread_rwlock_rdlock(&h->lock);
+    ra_status st = RA_ESTATE;
+    if (h->state && h->ops->export_graph && __atomic_load_n(&h->ready, __ATOMIC_ACQUIRE))
+        st = h->ops->export_graph(h->state, out);
+    pthread_rwlock_unlock(&h->lock);
     return st;
 }
 

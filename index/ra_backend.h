@@ -31,6 +31,15 @@ typedef struct ra_backend_ops {
      * backend's own kNN (e.g. lists computed on the GPU during prefill). */
     ra_status (*build_lists)(void **state, const ra_kv *kv, size_t n, const float *train_q,
                              size_t nq, const int32_t *lists, int K, const ra_index_opts *opts);
+    /* Optional (NULL: unsupported): the index from a graph built elsewhere over rows
+     * [0, n) of kv (ra_head_install_graph; a->n == n, checked with ra_graph_adj_check);
+     * lists (may be NULL) as in build_lists, used for the routing queries. */
+    ra_status (*install)(void **state, const ra_kv *kv, size_t n, const ra_graph_adj *a,
+                         const float *train_q, size_t nq, const int32_t *lists, int K,
+                         const ra_index_opts *opts);
+    /* Optional (NULL: unsupported): the index as a graph in the wire form (malloc()ed
+     * arrays, ra_graph_adj_fini). */
+    ra_status (*export_graph)(void *state, ra_graph_adj *out);
 } ra_backend_ops;
 
 /* 1 when the build that got these options was asked to end (ra_index_opts.cancel):

@@ -142,6 +142,65 @@ typedef struct ra_index_build_counts {
     double seconds; /* total build time of the builds done */
 } ra_index_build_counts;
 void ra_index_build_counts_get(ra_index_build_counts *out);
+/* ---- graphs built elsewhere, and graphs handed out ----------------------------------
+ * The wire form of a graph over n keys (rows 0..n-1 of a head): an adjacency of n rows
+ * of M int32 slots, each a row id in [0, n) or -1 (padding, anywhere in the row), and
+ * the entry points a search starts from. It is the format of the Offload frames
+ * GRAPH_ADJ / GRAPH_ENTRIES (proto/ratd.proto), of ra_head_graph_export and of a
+ * builder outside the daemon (ra_gpu_graph_build). */
+#define RA_GRAPH_MAX_DEGREE 255  /* M: one degree byte per node */
+#define RA_GRAPH_MAX_ENTRIES 1024 /* as the option graph_entries */
+
+typedef struct ra_graph_adj {
+    size_t n;         /* rows */
+    int M;            /* slots per row, 1..RA_GRAPH_MAX_DEGREE */
+    int32_t *adj;     /* [n][M] */
+    int n_entries;    /* 1..RA_GRAPH_MAX_ENTRIES */
+    int32_t *entries; /* [n_entries] distinct row ids */
+} ra_graph_adj;
+
+/* What is wrong with an adjacency (ra_graph_adj_check), in the order it is checked. */
+typedef enum ra_graph_fault_kind {
+    RA_GRAPH_FAULT_NONE = 0,
+    RA_GRAPH_FAULT_SHAPE,        /* n, M or n_entries out of bounds, NULL arrays */
+    RA_GRAPH_FAULT_ENTRY,        /* entries[slot] out of range or repeated */
+    RA_GRAPH_FAULT_RANGE,        /* adj[row][slot] outside -1..n-1 */
+    RA_GRAPH_FAULT_SELF,         /* adj[row][slot] == row */
+    RA_GRAPH_FAULT_DUPLICATE,    /* adj[row][slot] repeats an earlier slot of the row */
+    RA_GRAPH_FAULT_UNREACHABLE   /* key `row` is not reachable from the entries */
+} ra_graph_fault_kind;
+
+typedef struct ra_graph_fault {
+    ra_graph_fault_kind kind;
+    size_t row;    /* RANGE, SELF, DUPLICATE, UNREACHABLE */
+    int slot;      /* ENTRY, RANGE, SELF, DUPLICATE (-1 otherwise) */
+    int64_t value; /* the offending id (or the bad size, SHAPE) */
+} ra_graph_fault;
+
+/* Checks a graph for installation: sizes, every id in range, no self edge, no id twice
+ * in a row, entries in range and distinct, every key reachable from the entries (BFS).
+ * RA_OK, or RA_EINVAL with the first fault (f may be NULL; err, if not NULL, gets a
+ * sentence naming row, slot and value), RA_ENOMEM for the BFS's scratch (n/8 bytes and
+ * 4n bytes). O(n M). Reads nothing outside the arrays the sizes declare. */
+ra_status ra_graph_adj_check(const ra_graph_adj *a, ra_graph_fault *f, char *err, size_t errlen);
+/* Frees what ra_head_graph_export allocated and zeroes *a. */
+void ra_graph_adj_fini(ra_graph_adj *a);
+
+/* Installs a graph built elsewhere over every row of the head (its row count must be
+ * a->n; RA_EINVAL otherwise, and for a graph that fails ra_graph_adj_check) instead of
+ * building one: the head computes the search codes, norms and routing (from nq training
+ * queries fp32 [nq][dim] and, if lists is not NULL, their exact top-K lists as in
+ * ra_head_build_lists; else the routing queries' own exact top keys) in the layout the
+ * graph search walks, and charges it like a built graph. Arrays are copied. Graph heads
+ * only (RA_ENOTSUP for other kinds). background as in ra_head_build; an install does
+ * not wait for the gate of the CPU builds (it costs one pass over the keys). */
+ra_status ra_head_install_graph(ra_head *h, const ra_graph_adj *a, const float *train_q,
+                                size_t nq, const int32_t *lists, int K, int background);
+/* The graph index in use, in the wire form (n = the keys it links, rows appended since
+ * included): adj and entries are malloc()ed, freed by ra_graph_adj_fini. RA_ESTATE when
+ * no graph index is built (not a graph head, or still building). */
+ra_status ra_head_graph_export(ra_head *h, ra_graph_adj *out);
+
 /* 1 when the index is built and in use. */
 int ra_head_ready(ra_head *h);
 /* 1 while a build runs. */

@@ -84,7 +84,8 @@ static const char *role_name(int r)
 {
     static const char *names[] = {"none",     "K",          "V",          "pos",
                                   "q_train",  "q",          "o",          "lse",
-                                  "topk_pos", "topk_score", "topk_count", "train_topk"};
+                                  "topk_pos", "topk_score", "topk_count", "train_topk",
+                                  "graph_adj", "graph_entries"};
     if (r < 0 || r >= (int)(sizeof names / sizeof names[0]))
         return "unknown";
     return names[r];

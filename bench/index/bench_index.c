@@ -55,6 +55,8 @@ typedef struct bench_cfg {
     int no_train;     /* build without training queries (what the queries add) */
     const char *gen;  /* synthetic generator: "calibrated" (synth.h) or "lin" (synth_lin.h) */
     int group;        /* GQA: query heads per key set (a group walk vs independent searches) */
+    const char *save_graph; /* write the built graph (wire form) to this file */
+    const char *load_graph; /* install this graph instead of building one */
 } bench_cfg;
 
 static void usage(void)
@@ -70,7 +72,8 @@ static void usage(void)
         "                        [--knn K] [--degree M] [--build-ef E] [--entries E] [--ntrain N]\n"
         "                        [--synth knob=v,...] [--overlap] [--no-train] [--eval-train] "
         "[--verbose]\n"
-        "                        [--save PREFIX] [--gen calibrated|lin] [--group G]\n");
+        "                        [--save PREFIX] [--gen calibrated|lin] [--group G]\n"
+        "                        [--save-graph FILE] [--load-graph FILE]\n");
 }
 
 static int parse_args(int argc, char **argv, bench_cfg *c)
@@ -191,6 +194,12 @@ static int parse_args(int argc, char **argv, bench_cfg *c)
         } else if (!strcmp(a, "--gen")) {
             NEEDV;
             c->gen = v;
+        } else if (!strcmp(a, "--save-graph")) {
+            NEEDV;
+            c->save_graph = v;
+        } else if (!strcmp(a, "--load-graph")) {
+            NEEDV;
+            c->load_graph = v;
         } else if (!strcmp(a, "--group")) {
             NEEDV;
             c->group = atoi(v);
@@ -733,6 +742,62 @@ done:
     free(gts);
 }
 
+/* ---- graph files (--save-graph / --load-graph): the wire form of ra_graph_adj, as
+ * "RAGRAPH1", u64 n, u32 M, u32 n_entries, int32 adj [n][M], int32 entries, host order */
+
+static int graph_save(const char *path, const ra_graph_adj *a)
+{
+    FILE *f = fopen(path, "wb");
+    if (!f) {
+        fprintf(stderr, "--save-graph: cannot create %s\n", path);
+        return -1;
+    }
+    uint64_t n = a->n;
+    uint32_t M = (uint32_t)a->M, ne = (uint32_t)a->n_entries;
+    int ok = fwrite("RAGRAPH1", 1, 8, f) == 8 && fwrite(&n, sizeof n, 1, f) == 1 &&
+             fwrite(&M, sizeof M, 1, f) == 1 && fwrite(&ne, sizeof ne, 1, f) == 1 &&
+             fwrite(a->adj, sizeof(int32_t) * M, a->n, f) == a->n &&
+             fwrite(a->entries, sizeof(int32_t), ne, f) == ne;
+    if (fclose(f) != 0 || !ok) {
+        fprintf(stderr, "--save-graph: writing %s failed\n", path);
+        return -1;
+    }
+    return 0;
+}
+
+static int graph_load(const char *path, ra_graph_adj *a)
+{
+    memset(a, 0, sizeof *a);
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fprintf(stderr, "--load-graph: cannot open %s\n", path);
+        return -1;
+    }
+    char magic[8];
+    uint64_t n = 0;
+    uint32_t M = 0, ne = 0;
+    int ok = fread(magic, 1, 8, f) == 8 && !memcmp(magic, "RAGRAPH1", 8) &&
+             fread(&n, sizeof n, 1, f) == 1 && fread(&M, sizeof M, 1, f) == 1 &&
+             fread(&ne, sizeof ne, 1, f) == 1 && n >= 1 && n <= RA_KV_MAX_ROWS && M >= 1 &&
+             M <= RA_GRAPH_MAX_DEGREE && ne >= 1 && ne <= RA_GRAPH_MAX_ENTRIES;
+    if (ok) {
+        a->adj = malloc(n * M * sizeof *a->adj);
+        a->entries = malloc(ne * sizeof *a->entries);
+        ok = a->adj && a->entries && fread(a->adj, sizeof(int32_t) * M, n, f) == n &&
+             fread(a->entries, sizeof(int32_t), ne, f) == ne && fgetc(f) == EOF;
+    }
+    fclose(f);
+    if (!ok) {
+        fprintf(stderr, "--load-graph: %s is not a graph file (or truncated)\n", path);
+        ra_graph_adj_fini(a);
+        return -1;
+    }
+    a->n = n;
+    a->M = (int)M;
+    a->n_entries = (int)ne;
+    return 0;
+}
+
 static int parse_list(const char *s, int *out, int max)
 {
     int n = 0;
@@ -952,12 +1017,33 @@ int main(int argc, char **argv)
             o.n_train = c.gopts.n_train;
         void *st = NULL;
         omp_set_num_threads(threads);
+        int is_graph = !strcmp(idx[ii].name, "graph");
+        ra_graph_adj ga = {0};
+        if (is_graph && c.load_graph && graph_load(c.load_graph, &ga))
+            goto out;
         double t0 = ra_now_s();
-        ra_status s = idx[ii].ops->build(&st, kv, d.n, d.train, c.no_train ? 0 : d.nt, &o);
+        ra_status s = is_graph && c.load_graph
+                          ? idx[ii].ops->install(&st, kv, d.n, &ga, d.train,
+                                                 c.no_train ? 0 : d.nt, NULL, 0, &o)
+                          : idx[ii].ops->build(&st, kv, d.n, d.train, c.no_train ? 0 : d.nt, &o);
         double build_s = ra_now_s() - t0;
+        ra_graph_adj_fini(&ga);
         if (s) {
-            fprintf(stderr, "%s build: %s\n", idx[ii].name, ra_strerror(s));
+            fprintf(stderr, "%s %s: %s\n", idx[ii].name, c.load_graph ? "install" : "build",
+                    ra_strerror(s));
             continue;
+        }
+        if (is_graph && c.save_graph) {
+            if ((s = idx[ii].ops->export_graph(st, &ga)) != RA_OK || graph_save(c.save_graph, &ga)) {
+                fprintf(stderr, "--save-graph: export failed (%s)\n", ra_strerror(s));
+                ra_graph_adj_fini(&ga);
+                idx[ii].ops->destroy(st);
+                goto out;
+            }
+            if (!c.json)
+                printf("# graph of %zu keys, M %d, %d entries written to %s\n", ga.n, ga.M,
+                       ga.n_entries, c.save_graph);
+            ra_graph_adj_fini(&ga);
         }
         omp_set_num_threads(1); /* single-thread search, as the targets are stated */
         int eff[32];

@@ -95,6 +95,7 @@ void ra_client_set_timeout(ra_client *c, int timeout_ms);
 #define RA_CAP_TOPK (1u << 4) /* returns top-k positions and scores on request */
 #define RA_CAP_NUMA (1u << 5) /* workers and memory bound to a NUMA node / cpuset */
 #define RA_CAP_BATCH (1u << 6) /* batched Attend over several sessions (ra_client_attend_batch) */
+#define RA_CAP_GRAPH_ADJ (1u << 7) /* Offload takes a prebuilt graph (ra_kv_batch.graph_adj) */
 
 /* The daemon's limits: a request beyond any of them is refused (RA_ETOOBIG/RA_EINVAL). */
 typedef struct ra_server_limits {
@@ -202,6 +203,19 @@ typedef struct ra_kv_batch {
      * prefill. The graph index then skips its own kNN. NULL: ratd computes them. */
     const int32_t *train_knn;
     int train_knn_k;
+    /* Offload only, optional (daemon capability RA_CAP_GRAPH_ADJ): a graph index built
+     * outside ratd over this batch's tokens (e.g. ra_gpu_graph_build), installed instead of
+     * ratd's own build. Only for a layer that holds no tokens yet, in a session with the
+     * graph index. graph_adj [n_kv_heads][n_tokens][graph_degree] int32: the out-neighbours
+     * of each token as indices 0..n_tokens-1, -1 pads; no self edge, no index twice in a
+     * row, every token reachable from the entries. graph_entries [n_kv_heads]
+     * [graph_n_entries] distinct indices. The daemon checks all of it before it stores
+     * anything: RA_EINVAL names the first bad (head, row, slot), and nothing of the batch is
+     * stored. NULL: ratd builds the index itself. */
+    const int32_t *graph_adj;
+    int graph_degree;    /* 1..255 */
+    const int32_t *graph_entries;
+    int graph_n_entries; /* 1..1024 */
 } ra_kv_batch;
 
 /* Prefill: stores the tokens of one layer and starts building that layer's index in the

@@ -52,7 +52,8 @@ class KvBatch(ctypes.Structure):  # ra_kv_batch
     _fields_ = [("n_kv_heads", c_int), ("head_dim", c_int), ("dtype", c_int), ("n_tokens", c_size),
                 ("k", c_vp), ("v", c_vp), ("pos", c_vp), ("n_q_heads", c_int),
                 ("n_queries", c_size), ("q_train", c_vp), ("train_knn", c_vp),
-                ("train_knn_k", c_int)]
+                ("train_knn_k", c_int), ("graph_adj", c_vp), ("graph_degree", c_int),
+                ("graph_entries", c_vp), ("graph_n_entries", c_int)]
 
 
 class AttendReq(ctypes.Structure):  # ra_attend_req

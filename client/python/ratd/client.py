@@ -23,7 +23,8 @@ STATUS = ("RA_OK", "RA_EINVAL", "RA_ENOMEM", "RA_ETIMEDOUT", "RA_ENOSESSION", "R
           "RA_ESTATE")
 RA_ETIMEDOUT, RA_ECLOSED = 3, 10
 INDEX_KINDS = {"graph": 0, "flat": 1, "ivf": 2, "hnsw": 3}
-CAPABILITIES = {"f16": 1, "bf16": 2, "graph": 4, "faiss": 8, "topk": 16, "numa": 32}
+CAPABILITIES = {"f16": 1, "bf16": 2, "graph": 4, "faiss": 8, "topk": 16, "numa": 32,
+                "batch": 64, "graph_adj": 128}
 INT32_MAX = 2**31 - 1
 DEFAULT_TIMEOUT_MS = 30000
 DEFAULT_CONNECT_TIMEOUT_MS = 2000
@@ -361,13 +362,18 @@ class Client:
         b.k, b.v, b.pos = a_k.ptr or None, a_v.ptr or None, a_p.ptr or None
         return b, n
 
-    def offload(self, session, layer, k, v, pos, *, q_train=None, train_knn=None):
+    def offload(self, session, layer, k, v, pos, *, q_train=None, train_knn=None,
+                graph_adj=None, graph_entries=None):
         """Prefill: stores one layer's tokens and starts its index build in the background.
         k, v [n_kv_heads][n_tokens][head_dim] of the session's dtype (torch bf16, or numpy
         uint16 bf16 bits, for a bf16 session), pos [n_tokens] int64; q_train: training
         queries [n_q_heads][n_queries][head_dim] float32; train_knn: optional exact top-K
         token indices of each training query [n_q_heads][n_queries][K] int32 (0..n_tokens-1,
-        -1 pads), e.g. from the GPU, so that ratd skips its own kNN."""
+        -1 pads), e.g. from the GPU, so that ratd skips its own kNN. graph_adj, graph_entries:
+        optional prebuilt graph (daemon capability "graph_adj"), int32 [n_kv_heads][n_tokens][M]
+        token indices (-1 pads; M 1..255) and [n_kv_heads][n_entries] (1..1024), installed
+        instead of ratd's own build; the daemon checks it (RatdError EINVAL naming the first
+        bad head, row and slot, nothing stored)."""
         s = self._session(session)
         layer = self._layer(s, layer)
         keep = []
@@ -396,6 +402,25 @@ class Client:
                 _arrays.values_within("train_knn", a_t.obj, -1, n - 1)
                 keep.append(a_t)
                 b.train_knn, b.train_knn_k = a_t.ptr or None, kk
+        if (graph_adj is None) != (graph_entries is None):
+            raise ValueError("graph_adj and graph_entries come together")
+        if graph_adj is not None:
+            sha = tuple(getattr(graph_adj, "shape", ()))
+            she = tuple(getattr(graph_entries, "shape", ()))
+            if len(sha) != 3 or len(she) != 2:
+                _arrays.kind_of("graph_adj", graph_adj)
+                _arrays.kind_of("graph_entries", graph_entries)
+                raise ValueError("graph_adj has shape %s and graph_entries %s, expected "
+                                 "[n_kv_heads][n_tokens][M] and [n_kv_heads][n_entries]" % (sha, she))
+            m = _int("M (graph_adj.shape[2])", int(sha[2]), 1, 255)
+            ne = _int("n_entries (graph_entries.shape[1])", int(she[1]), 1, 1024)
+            a_g = _arrays.check("graph_adj", graph_adj, "i32", (s.n_kv_heads, n, m),
+                                ("n_kv_heads", "n_tokens", "M"))
+            a_e = _arrays.check("graph_entries", graph_entries, "i32", (s.n_kv_heads, ne),
+                                ("n_kv_heads", "n_entries"))
+            keep += [a_g, a_e]
+            b.graph_adj, b.graph_degree = a_g.ptr or None, m
+            b.graph_entries, b.graph_n_entries = a_e.ptr or None, ne
         with self._lock:
             self._check(self._lib.ra_client_offload(self._h(), int(s), layer, ctypes.byref(b)))
 
