@@ -151,6 +151,10 @@ static int raw_offload(uint64_t session, uint32_t gdeg, const int32_t *adj, cons
     h.request_id = 77;
     h.type = (Ratd__MsgType)type;
     h.session = session;
+    ra_session_token tok; /* the session's owner token, as the client library sends it */
+    assert_int_equal(ra_client_session_token(g_c, session, &tok), RA_OK);
+    h.token.data = tok.bytes;
+    h.token.len = sizeof tok.bytes;
     op.graph_degree = gdeg;
     h.offload = &op;
     size_t kb = (size_t)G * N * D * sizeof(float);

@@ -20,7 +20,8 @@ static char g_out[1 << 16];
 
 /* SIGKILL with Attends in flight: every wait returns RA_ETIMEDOUT or RA_ECLOSED within
  * its deadline; then a new daemon on the same endpoint (the stale socket file of the
- * killed one is taken over) serves a new session, answered exactly. */
+ * killed one is taken over) serves a new session, answered exactly, and refuses the
+ * old session's id and token. */
 static void test_kill_mid_attend_then_restart(void **state)
 {
     (void)state;
@@ -72,6 +73,10 @@ static void test_kill_mid_attend_then_restart(void **state)
     assert_int_equal(ra_client_attend(c, s2, 0, &r, &out), RA_OK);
     char msg[256];
     assert_int_equal(ref_check_heads(k2, v2, G, 500, D, H, q, o, lse, 1e-4, msg, sizeof msg), -1);
+    /* the old session, id and token still held by the client, is unknown to the new
+     * daemon: refused, not mistaken for another one */
+    assert_int_equal(ra_client_attend(c, s, 0, &r, &out), RA_ENOSESSION);
+    assert_int_equal(ra_client_session_drop(c, s), RA_ENOSESSION);
     free(q);
     free(k);
     free(v);
