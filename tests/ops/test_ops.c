@@ -78,7 +78,7 @@ static void test_log_file(void **state)
     ra_client *c = ratd_connect(&d, 5000);
     uint64_t s = ratd_session_new(c, 1, 2, 1, 8, RA_DTYPE_F32, RA_CLIENT_INDEX_FLAT);
     assert_true(s > 0);
-    float q[16] = {0}, o[16], lse[2];
+    float q[18] = {0}, o[18], lse[2]; /* [2][9]: a shape the session (dim 8) refuses */
     ra_attend_req r = {.n_q_heads = 2, .head_dim = 9, .q = q, .top_k = 1};
     ra_attend_out out = {.o = o, .lse = lse};
     assert_int_equal(ra_client_attend(c, s, 0, &r, &out), RA_ESHAPE);
