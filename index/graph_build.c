@@ -3,6 +3,7 @@
  * edges, connectivity, entry points, routing queries and the search codes. */
 #include <math.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -225,24 +226,30 @@ static int g_prune(const ra_graph *g, const void *keys, const uint64_t *c, int n
 }
 
 /* Candidates ids[0..n) of node u (-1, u itself and repeated ids are skipped): computes
- * d2, sorts, prunes into out. tmp holds n keys; t's stamps cover the graph's nodes.
- * Repeats are dropped by id before any distance: the SIMD gather computes a row in a
- * group of 4 and a row in the tail in different orders, so one id at two places of the
- * list can get two distances, and a dedup by (d2, id) after sorting kept both (graphs
- * with an id twice in a row: a wasted slot, and refused by ra_graph_adj_check). */
-static int g_link_list(const ra_graph *g, const void *keys, int32_t u, const int32_t *ids, int n,
-                       int M, uint64_t *tmp, int32_t *out, g_tls *t)
+ * d2, sorts, prunes into out. Of the first n_sel ids only the best keep (by d2) take part
+ * (n_sel 0: all); the others always do. tmp holds n keys; t's stamps cover the graph's
+ * nodes. Repeats are dropped by id before any distance: the SIMD gather computes a row in
+ * a group of 4 and a row in the tail in different orders, so one id at two places of the
+ * list can get two distances, and a dedup by (d2, id) after sorting kept both (graphs with
+ * an id twice in a row: a wasted slot, and refused by ra_graph_adj_check). */
+static int g_link_list_sel(const ra_graph *g, const void *keys, int32_t u, const int32_t *ids,
+                           int n, int n_sel, int keep, int M, uint64_t *tmp, int32_t *out,
+                           g_tls *t)
 {
     ra_kern_to_f32(g_row(g, keys, u), g->dtype, (size_t)g->dim, t->qf);
     uint32_t gen = g_tls_next_gen(t);
     t->stamp[u] = gen;
-    int m = 0;
-    for (int i = 0; i < n; i++) {
-        int32_t v = ids[i];
-        if (v < 0 || t->stamp[v] == gen)
-            continue;
-        t->stamp[v] = gen;
-        tmp[m++] = (uint32_t)v;
+    int m = 0, m_fixed;
+    for (int pass = 0; pass < 2; pass++) { /* the fixed ones first: they win a repeat */
+        for (int i = pass ? 0 : n_sel; i < (pass ? n_sel : n); i++) {
+            int32_t v = ids[i];
+            if (v < 0 || t->stamp[v] == gen)
+                continue;
+            t->stamp[v] = gen;
+            tmp[m++] = (uint32_t)v;
+        }
+        if (pass == 0)
+            m_fixed = m;
     }
     /* dots in chunks through the tls gather buffer */
     for (int b = 0; b < m; b += t->buf_cap) {
@@ -256,8 +263,18 @@ static int g_link_list(const ra_graph *g, const void *keys, int32_t u, const int
             tmp[i] = g_nb_key(g_use_l2() ? (d2 > 0.0f ? d2 : 0.0f) : -t->sc[i - b], v);
         }
     }
+    if (n_sel > 0 && m - m_fixed > keep) {
+        g_select_u64(tmp + m_fixed, (size_t)(m - m_fixed), (size_t)keep);
+        m = m_fixed + keep;
+    }
     g_sort_u64(tmp, (size_t)m, NULL);
     return g_prune(g, keys, tmp, m, M, out, t);
+}
+
+static int g_link_list(const ra_graph *g, const void *keys, int32_t u, const int32_t *ids, int n,
+                       int M, uint64_t *tmp, int32_t *out, g_tls *t)
+{
+    return g_link_list_sel(g, keys, u, ids, n, 0, 0, M, tmp, out, t);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -428,7 +445,7 @@ static ra_status g_apply_edges(ra_graph *g, const void *keys, g_edge *e, size_t 
     if (!ne)
         return RA_OK;
     g_edge *tmp = malloc(ne * sizeof *tmp);
-    g_sort_u64(e, ne, tmp);
+    g_psort_u64(g->threads, e, tmp, ne);
     free(tmp);
     size_t ngrp = 0;
     for (size_t i = 0; i < ne; i++)
@@ -459,6 +476,8 @@ typedef struct g_ins_ctx {
     int32_t *lists;       /* [nb][M] new out-lists */
     int *counts;
     int keep_old; /* merge the node's current out-list into its candidates */
+    const g_kk *kk; /* NULL: walks find the candidates */
+    const int32_t *order; /* kk: the batch's positions by home cluster, then position */
     atomic_int fail;
     atomic_ullong scanned, hops; /* of the walks, for the phase log */
 } g_ins_ctx;
@@ -471,38 +490,66 @@ static void g_ins_task(void *arg, size_t b, size_t e)
      * Append is on the decode path and its walk costs as much as a query's */
     int L = g->light_rev ? (g->ef_build / 2 > 32 ? g->ef_build / 2 : 32) : g->ef_build;
     int M = g->M;
-    int ncand = L + M;
+    /* kk: the best L + L/2 by code score, of which the best L by exact score are linked:
+     * candidates by code alone cost 0.005 recall at search L 200 on the 131K head */
+    int Lc = c->kk ? L + L / 2 : L;
+    int ncand = Lc + M;
     int32_t *ids = malloc((size_t)ncand * sizeof *ids);
     uint64_t *tmp = malloc((size_t)ncand * sizeof *tmp);
     float *q = malloc((size_t)g->dim * sizeof *q);
+    int32_t *cand = NULL;
+    int nc[G_KK_GROUP], us[G_KK_GROUP];
+    g_kk_scratch ks = {0};
     g_tls *t = g_tls_get(g->n, L, ncand > M ? ncand : M, g->dim);
-    if (!ids || !tmp || !q || !t) {
+    if (!ids || !tmp || !q || !t ||
+        (c->kk && (!(cand = malloc((size_t)G_KK_GROUP * Lc * sizeof *cand)) ||
+                   g_kk_scratch_init(&ks, c->kk, g, Lc)))) {
         atomic_store(&c->fail, 1);
         goto done;
     }
     uint64_t nscan = 0, nhop = 0;
-    for (size_t i = b; i < e; i++) {
+    int gb = 0, ge = 0; /* kk: the group [gb, ge) of positions whose candidates are found */
+    for (size_t pi = b; pi < e; pi++) {
+        size_t i = c->order ? (size_t)c->order[pi] : pi;
         int32_t u = c->nodes[i];
-        ra_kern_to_f32(g_row(g, c->keys, u), g->dtype, (size_t)g->dim, q);
-        /* the walk for a key's neighbours scores on the codes, as query walks do; the
-         * candidates it finds are then linked on exact distances (g_link_list). Same
-         * recall as exact walks on the calibrated 131K head, linking 19 s vs 24 s here */
-        ra_codebook_prep(&g->cb, q, t->q8, t->q16, &t->cmul, &t->cadd);
-        t->use_codes = 1;
-        int np = g_search(g, c->keys, q, g_use_l2(), L, NULL, 0, NULL, 0, u, t, &nscan, &nhop);
-        t->use_codes = 0;
         int n = 0;
-        for (int j = 0; j < np; j++)
-            if (t->pool[j].id != u)
-                ids[n++] = t->pool[j].id;
-        int pd = g->pdeg[u];
+        if (c->kk) { /* the build's linking pass: candidates from the inverted file */
+            if ((int)(pi - b) >= ge) { /* the next group: consecutive nodes of one cluster */
+                gb = (int)(pi - b);
+                int gn = 0;
+                int32_t home = c->kk->home[u];
+                while (pi + gn < e && gn < G_KK_GROUP &&
+                       c->kk->home[c->nodes[c->order[pi + gn]]] == home) {
+                    us[gn] = c->nodes[c->order[pi + gn]];
+                    gn++;
+                }
+                g_kk_group(c->kk, g, c->keys, us, gn, cand, nc, &ks, &nscan);
+                ge = gb + gn;
+            }
+            int j = (int)(pi - b) - gb;
+            memcpy(ids, cand + (size_t)j * Lc, (size_t)nc[j] * sizeof *ids);
+            n = nc[j];
+        } else {
+            ra_kern_to_f32(g_row(g, c->keys, u), g->dtype, (size_t)g->dim, q);
+            /* the walk for a key's neighbours scores on the codes, as query walks do;
+             * the candidates it finds are then linked on exact distances (g_link_list) */
+            ra_codebook_prep(&g->cb, q, t->q8, t->q16, &t->cmul, &t->cadd);
+            t->use_codes = 1;
+            int np = g_search(g, c->keys, q, g_use_l2(), L, NULL, 0, NULL, 0, u, t, &nscan, &nhop);
+            t->use_codes = 0;
+            for (int j = 0; j < np; j++)
+                if (t->pool[j].id != u)
+                    ids[n++] = t->pool[j].id;
+        }
+        int pd = g->pdeg[u], n_sel = n;
         if (c->keep_old)
             for (int j = pd; j < g->deg[u]; j++)
                 ids[n++] = g_adj(g, u)[j];
         /* the protected prefix is kept; the search results fill the rest */
         int32_t *out = c->lists + i * (size_t)M;
         memcpy(out, g_adj(g, u), (size_t)pd * sizeof *out);
-        c->counts[i] = pd + g_link_list(g, c->keys, u, ids, n, M - pd, tmp, out + pd, t);
+        c->counts[i] = pd + g_link_list_sel(g, c->keys, u, ids, n, c->kk ? n_sel : 0, L, M - pd,
+                                            tmp, out + pd, t);
     }
     atomic_fetch_add(&c->scanned, nscan);
     atomic_fetch_add(&c->hops, nhop);
@@ -510,18 +557,47 @@ done:
     free(ids);
     free(tmp);
     free(q);
+    free(cand);
+    g_kk_scratch_fini(&ks);
+}
+
+/* A batch's new out-lists into their rows, and their edges (target, source) at each
+ * node's offset (a serial loop between two parallel passes before) */
+typedef struct g_land_ctx {
+    ra_graph *g;
+    const int32_t *nodes, *lists;
+    const int *counts;
+    const size_t *eoff;
+    g_edge *e;
+} g_land_ctx;
+
+static void g_land_task(void *arg, size_t b, size_t end)
+{
+    g_land_ctx *c = arg;
+    ra_graph *g = c->g;
+    for (size_t i = b; i < end; i++) {
+        int32_t u = c->nodes[i];
+        int32_t *row = g_adj(g, u);
+        memcpy(row, c->lists + i * (size_t)g->M, (size_t)c->counts[i] * sizeof *row);
+        g->deg[u] = (uint8_t)c->counts[i];
+        for (int j = 0; j < c->counts[i]; j++)
+            c->e[c->eoff[i] + (size_t)j] = g_edge_of(row[j], u);
+    }
 }
 
 /* Links nodes[0..n) (already counted in g->n) in batches. */
 static ra_status g_insert_nodes(ra_graph *g, const void *keys, const int32_t *nodes, size_t n,
-                                int keep_old)
+                                int keep_old, const g_kk *kk)
 {
     ra_status st = RA_OK;
     size_t bmax = 8192;
     int32_t *lists = malloc(bmax * (size_t)g->M * sizeof *lists);
     int *counts = malloc(bmax * sizeof *counts);
+    size_t *eoff = malloc(bmax * sizeof *eoff);
     g_edge *e = malloc(bmax * (size_t)g->M * sizeof *e);
-    if (!lists || !counts || !e) {
+    int32_t *order = kk ? malloc(bmax * sizeof *order) : NULL;
+    uint64_t *okey = kk ? malloc(2 * bmax * sizeof *okey) : NULL;
+    if (!lists || !counts || !eoff || !e || (kk && (!order || !okey))) {
         st = RA_ENOMEM;
         goto fail;
     }
@@ -555,13 +631,22 @@ static ra_status g_insert_nodes(ra_graph *g, const void *keys, const int32_t *no
                        .nodes = nodes + done,
                        .lists = lists,
                        .counts = counts,
-                       .keep_old = keep_old};
+                       .keep_old = keep_old,
+                       .kk = kk,
+                       .order = order};
+        if (kk) { /* nodes of one cluster together: they scan the same clusters */
+            for (size_t i = 0; i < bs; i++)
+                okey[i] = (uint64_t)(uint32_t)kk->home[nodes[done + i]] << 32 | (uint32_t)i;
+            g_sort_u64(okey, bs, okey + bmax);
+            for (size_t i = 0; i < bs; i++)
+                order[i] = (int32_t)(uint32_t)okey[i];
+        }
         atomic_init(&c.fail, 0);
         atomic_init(&c.scanned, 0);
         atomic_init(&c.hops, 0);
         double w0, c0, w1, c1, w2, c2;
         g_clock(&w0, &c0);
-        g_parallel(g->threads, bs, 16, g_ins_task, &c);
+        g_parallel(g->threads, bs, kk ? G_KK_GROUP : 16, g_ins_task, &c);
         if (atomic_load(&c.fail)) {
             st = RA_ENOMEM;
             goto fail;
@@ -571,14 +656,13 @@ static ra_status g_insert_nodes(ra_graph *g, const void *keys, const int32_t *no
         scanned += atomic_load(&c.scanned);
         hops += atomic_load(&c.hops);
         size_t ne = 0;
-        for (size_t i = 0; i < bs; i++) {
-            int32_t u = nodes[done + i];
-            int32_t *row = g_adj(g, u);
-            memcpy(row, lists + i * (size_t)g->M, (size_t)counts[i] * sizeof *row);
-            g->deg[u] = (uint8_t)counts[i];
-            for (int j = 0; j < counts[i]; j++)
-                e[ne++] = g_edge_of(row[j], u);
+        for (size_t i = 0; i < bs; i++) { /* where each node's edges go */
+            eoff[i] = ne;
+            ne += (size_t)counts[i];
         }
+        g_land_ctx lc = {.g = g, .nodes = nodes + done, .lists = lists, .counts = counts,
+                         .eoff = eoff, .e = e};
+        g_parallel(g->threads, bs, 256, g_land_task, &lc);
         st = g_apply_edges(g, keys, e, ne);
         if (st)
             goto fail;
@@ -593,8 +677,11 @@ static ra_status g_insert_nodes(ra_graph *g, const void *keys, const int32_t *no
                  n, batches, tw[0], tc[0], (double)scanned / (double)n, (double)hops / (double)n,
                  tw[1], tc[1]);
 fail:
+    free(order);
+    free(okey);
     free(lists);
     free(counts);
+    free(eoff);
     free(e);
     return st;
 }
@@ -646,7 +733,7 @@ static ra_status g_connect(ra_graph *g, const void *keys)
             break;
         RA_DEBUG("graph: connectivity round %d: %zu of %zu unreached", round, nm, n);
         if (round < 4) {
-            st = g_insert_nodes(g, keys, miss, nm, 1);
+            st = g_insert_nodes(g, keys, miss, nm, 1, NULL);
             if (st)
                 goto fail;
             continue;
@@ -783,6 +870,21 @@ done:
     free(tmp);
 }
 
+/* The edges (target, source) of rows [b, e), node u's at eoff[u] */
+typedef struct g_redge_ctx {
+    const ra_graph *g;
+    const size_t *eoff;
+    g_edge *e;
+} g_redge_ctx;
+
+static void g_redge_task(void *arg, size_t b, size_t end)
+{
+    g_redge_ctx *c = arg;
+    for (size_t u = b; u < end; u++)
+        for (int j = 0; j < c->g->deg[u]; j++)
+            c->e[c->eoff[u] + (size_t)j] = g_edge_of(g_adj(c->g, u)[j], (int32_t)u);
+}
+
 /* The projection: per node, its candidates from the training lists it occurs in (the
  * first G_PROJ_LISTS), the cmax most frequent co-answers pruned into its row; then the
  * reverse edges. occ[u] (may be NULL) counts every occurrence of u. */
@@ -850,18 +952,18 @@ static ra_status g_project(ra_graph *g, const void *keys, const int32_t *knn, si
     }
     if (c.mp == 0) { /* reverse edges of the pruned projection */
         size_t ne = 0;
-        for (size_t u = 0; u < n; u++)
+        for (size_t u = 0; u < n; u++) { /* fill (reused): where node u's edges go */
+            fill[u] = ne;
             ne += g->deg[u];
+        }
         g_edge *e = malloc((ne ? ne : 1) * sizeof *e);
         if (!e) {
             st = RA_ENOMEM;
             goto fail;
         }
-        size_t k = 0;
-        for (size_t u = 0; u < n; u++)
-            for (int j = 0; j < g->deg[u]; j++)
-                e[k++] = g_edge_of(g_adj(g, u)[j], (int32_t)u);
-        st = g_apply_edges(g, keys, e, k);
+        g_redge_ctx rc = {.g = g, .eoff = fill, .e = e};
+        g_parallel(g->threads, n, 4096, g_redge_task, &rc);
+        st = g_apply_edges(g, keys, e, ne);
         free(e);
     }
 fail:
@@ -896,11 +998,62 @@ size_t g_sample_queries(size_t nq, size_t want, uint64_t seed, size_t *idx)
     return k;
 }
 
+/* The code's range over rows in G_RANGE_CHUNKS slices, merged after (min and max: the
+ * same range whatever the slicing); it was one serial pass over every key. */
+#define G_RANGE_CHUNKS 64
+typedef struct g_range_ctx {
+    const ra_graph *g;
+    const void *keys;
+    size_t n, csz;
+    float *mn, *mx; /* [G_RANGE_CHUNKS][dim] */
+    atomic_int fail;
+} g_range_ctx;
+
+static void g_range_task(void *arg, size_t b, size_t e)
+{
+    g_range_ctx *c = arg;
+    int dim = c->g->dim;
+    float *f = malloc((size_t)dim * sizeof *f);
+    if (!f) {
+        atomic_store(&c->fail, 1);
+        return;
+    }
+    for (size_t k = b; k < e; k++) {
+        size_t s = k * c->csz, z = s + c->csz < c->n ? s + c->csz : c->n;
+        ra_codebook_range(g_row(c->g, c->keys, (int32_t)s), c->g->dtype, dim, z - s,
+                          c->mn + k * dim, c->mx + k * dim, f);
+    }
+    free(f);
+}
+
 /* Fits the search code to rows [0, n) and encodes them (with their norms). */
 ra_status g_fit_codes(ra_graph *g, const void *keys, size_t n)
 {
     ra_codebook cb;
-    ra_status st = ra_codebook_train(&cb, keys, g->dtype, g->dim, n);
+    int dim = g->dim;
+    g_range_ctx rc = {.g = g, .keys = keys, .n = n, .csz = (n + G_RANGE_CHUNKS - 1) / G_RANGE_CHUNKS};
+    rc.csz = rc.csz ? rc.csz : 1;
+    size_t nch = (n + rc.csz - 1) / rc.csz;
+    rc.mn = malloc((size_t)G_RANGE_CHUNKS * dim * sizeof *rc.mn);
+    rc.mx = malloc((size_t)G_RANGE_CHUNKS * dim * sizeof *rc.mx);
+    atomic_init(&rc.fail, 0);
+    ra_status st = RA_ENOMEM;
+    if (rc.mn && rc.mx) {
+        for (size_t i = 0; i < (size_t)G_RANGE_CHUNKS * dim; i++) {
+            rc.mn[i] = INFINITY;
+            rc.mx[i] = -INFINITY;
+        }
+        g_parallel(g->threads, nch, 1, g_range_task, &rc);
+        for (size_t k = 1; k < nch; k++)
+            for (int d = 0; d < dim; d++) {
+                float a = rc.mn[k * dim + d], z = rc.mx[k * dim + d];
+                rc.mn[d] = a < rc.mn[d] ? a : rc.mn[d];
+                rc.mx[d] = z > rc.mx[d] ? z : rc.mx[d];
+            }
+        st = atomic_load(&rc.fail) ? RA_ENOMEM : ra_codebook_from_range(&cb, dim, n, rc.mn, rc.mx);
+    }
+    free(rc.mn);
+    free(rc.mx);
     if (st)
         return st;
     ra_codebook_fini(&g->cb);
@@ -961,6 +1114,30 @@ void g_clock(double *wall, double *cpu)
     *wall = ra_now_s();
 }
 
+/* The build's phases, in order, for the log (ratd-bench-index --verbose) */
+#define G_NPHASE 6
+static const char *const g_phase_names[G_NPHASE] = {
+    "codes", "kNN", "projection", "key->key index", "key->key linking", "connectivity"};
+
+/* One line per build: each phase's wall and CPU seconds (process CPU: other threads of the
+ * process count too) and their ratio, the threads it kept busy: a phase near 1.0 with
+ * several threads is a serial one. */
+static void g_log_phases(size_t n, size_t ns, int threads, int given, const double *w,
+                         const double *c)
+{
+    char buf[768];
+    int at = snprintf(buf, sizeof buf, "graph: built %zu keys from %zu queries on %d threads in "
+                      "%.2f s (cpu %.2f s); phases wall/cpu s (cpu/wall):",
+                      n, ns, threads, w[G_NPHASE] - w[0], c[G_NPHASE] - c[0]);
+    for (int i = 0; i < G_NPHASE && at > 0 && (size_t)at < sizeof buf; i++) {
+        double dw = w[i + 1] - w[i], dc = c[i + 1] - c[i];
+        at += snprintf(buf + at, sizeof buf - (size_t)at, "%s %s%s %.2f/%.2f (%.1f)", i ? "," : "",
+                       g_phase_names[i], i == 1 && given ? " (lists given)" : "", dw, dc,
+                       dw > 1e-6 ? dc / dw : 0.0);
+    }
+    RA_DEBUG("%s", buf);
+}
+
 ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const float *train_q,
                               size_t nq, const int32_t *lists, int lists_k,
                               const ra_index_opts *opts)
@@ -1001,13 +1178,14 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
         goto fail;
     g->n = n;
     const void *keys = ra_kv_keys(kv);
-    /* phase clocks (wall, process CPU): codes, kNN, projection, linking, connectivity */
-    double w[6], c[6];
+    /* phase clocks (wall, process CPU): the end of each phase of g_phase_names */
+    double w[G_NPHASE + 1], c[G_NPHASE + 1];
     g_clock(&w[0], &c[0]);
     if ((st = g_fit_codes(g, keys, n)))
         goto fail;
     g_clock(&w[1], &c[1]);
-    w[2] = w[3] = w[1], c[2] = c[3] = c[1];
+    for (int i = 2; i <= G_NPHASE; i++) /* phases that do not run take no time */
+        w[i] = w[1], c[i] = c[1];
     occ = calloc(n ? n : 1, sizeof *occ);
     if (!occ) {
         st = RA_ENOMEM;
@@ -1119,10 +1297,16 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
         for (size_t i = 0; i < n; i++)
             miss[nm++] = (int32_t)i;
         g_clock(&w[3], &c[3]); /* entries and routing belong to the projection */
-        st = g_insert_nodes(g, keys, miss, nm, 1);
-        if (st)
+        g_kk kk;
+        if ((st = g_kk_init(&kk, g, keys, n)))
             goto fail;
         g_clock(&w[4], &c[4]);
+        RA_DEBUG("graph: key->key inverted file: %d clusters, %d probes a key", kk.C, kk.p);
+        st = g_insert_nodes(g, keys, miss, nm, 1, &kk);
+        g_kk_fini(&kk);
+        if (st)
+            goto fail;
+        g_clock(&w[5], &c[5]);
         st = g_connect(g, keys);
         if (!st && g_cancelled(g))
             st = RA_ECLOSED;
@@ -1130,15 +1314,11 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
             goto fail;
     }
     g->cancel = NULL;
-    g_clock(&w[5], &c[5]);
+    g_clock(&w[G_NPHASE], &c[G_NPHASE]);
     if (n <= 1)
-        w[4] = w[3], c[4] = c[3];
-    RA_DEBUG("graph: built %zu keys from %zu queries in %.2fs (cpu %.2fs): codes %.2f/%.2f, "
-             "kNN %s%.2f/%.2f, projection %.2f/%.2f, key->key linking %.2f/%.2f, "
-             "connectivity %.2f/%.2f (s wall/cpu)",
-             n, ns, w[5] - w[0], c[5] - c[0], w[1] - w[0], c[1] - c[0], lists ? "(given) " : "",
-             w[2] - w[1], c[2] - c[1], w[3] - w[2], c[3] - c[2], w[4] - w[3], c[4] - c[3],
-             w[5] - w[4], c[5] - c[4]);
+        for (int i = 3; i < G_NPHASE; i++)
+            w[i] = w[2], c[i] = c[2];
+    g_log_phases(n, ns, g->threads, lists != NULL, w, c);
     free(sq);
     free(sidx);
     free(knn);
@@ -1214,7 +1394,7 @@ ra_status ra_graph_add(ra_graph *g, const ra_kv *kv, size_t first, size_t n)
     /* new rows are searched only once linked; nodes of one batch cannot see each
      * other, which is why the batches start small (g_insert_nodes) */
     g->light_rev = 1;
-    st = g_insert_nodes(g, keys, nodes, n, 0);
+    st = g_insert_nodes(g, keys, nodes, n, 0, NULL);
     g->light_rev = 0;
     free(nodes);
     return st;
