@@ -226,30 +226,24 @@ static int g_prune(const ra_graph *g, const void *keys, const uint64_t *c, int n
 }
 
 /* Candidates ids[0..n) of node u (-1, u itself and repeated ids are skipped): computes
- * d2, sorts, prunes into out. Of the first n_sel ids only the best keep (by d2) take part
- * (n_sel 0: all); the others always do. tmp holds n keys; t's stamps cover the graph's
- * nodes. Repeats are dropped by id before any distance: the SIMD gather computes a row in
- * a group of 4 and a row in the tail in different orders, so one id at two places of the
- * list can get two distances, and a dedup by (d2, id) after sorting kept both (graphs with
- * an id twice in a row: a wasted slot, and refused by ra_graph_adj_check). */
-static int g_link_list_sel(const ra_graph *g, const void *keys, int32_t u, const int32_t *ids,
-                           int n, int n_sel, int keep, int M, uint64_t *tmp, int32_t *out,
-                           g_tls *t)
+ * d2, sorts, prunes into out. tmp holds n keys; t's stamps cover the graph's nodes.
+ * Repeats are dropped by id before any distance: the SIMD gather computes a row in a
+ * group of 4 and a row in the tail in different orders, so one id at two places of the
+ * list can get two distances, and a dedup by (d2, id) after sorting kept both (graphs
+ * with an id twice in a row: a wasted slot, and refused by ra_graph_adj_check). */
+static int g_link_list(const ra_graph *g, const void *keys, int32_t u, const int32_t *ids, int n,
+                       int M, uint64_t *tmp, int32_t *out, g_tls *t)
 {
     ra_kern_to_f32(g_row(g, keys, u), g->dtype, (size_t)g->dim, t->qf);
     uint32_t gen = g_tls_next_gen(t);
     t->stamp[u] = gen;
-    int m = 0, m_fixed;
-    for (int pass = 0; pass < 2; pass++) { /* the fixed ones first: they win a repeat */
-        for (int i = pass ? 0 : n_sel; i < (pass ? n_sel : n); i++) {
-            int32_t v = ids[i];
-            if (v < 0 || t->stamp[v] == gen)
-                continue;
-            t->stamp[v] = gen;
-            tmp[m++] = (uint32_t)v;
-        }
-        if (pass == 0)
-            m_fixed = m;
+    int m = 0;
+    for (int i = 0; i < n; i++) {
+        int32_t v = ids[i];
+        if (v < 0 || t->stamp[v] == gen)
+            continue;
+        t->stamp[v] = gen;
+        tmp[m++] = (uint32_t)v;
     }
     /* dots in chunks through the tls gather buffer */
     for (int b = 0; b < m; b += t->buf_cap) {
@@ -263,18 +257,8 @@ static int g_link_list_sel(const ra_graph *g, const void *keys, int32_t u, const
             tmp[i] = g_nb_key(g_use_l2() ? (d2 > 0.0f ? d2 : 0.0f) : -t->sc[i - b], v);
         }
     }
-    if (n_sel > 0 && m - m_fixed > keep) {
-        g_select_u64(tmp + m_fixed, (size_t)(m - m_fixed), (size_t)keep);
-        m = m_fixed + keep;
-    }
     g_sort_u64(tmp, (size_t)m, NULL);
     return g_prune(g, keys, tmp, m, M, out, t);
-}
-
-static int g_link_list(const ra_graph *g, const void *keys, int32_t u, const int32_t *ids, int n,
-                       int M, uint64_t *tmp, int32_t *out, g_tls *t)
-{
-    return g_link_list_sel(g, keys, u, ids, n, 0, 0, M, tmp, out, t);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -476,8 +460,6 @@ typedef struct g_ins_ctx {
     int32_t *lists;       /* [nb][M] new out-lists */
     int *counts;
     int keep_old; /* merge the node's current out-list into its candidates */
-    const g_kk *kk; /* NULL: walks find the candidates */
-    const int32_t *order; /* kk: the batch's positions by home cluster, then position */
     atomic_int fail;
     atomic_ullong scanned, hops; /* of the walks, for the phase log */
 } g_ins_ctx;
@@ -490,66 +472,38 @@ static void g_ins_task(void *arg, size_t b, size_t e)
      * Append is on the decode path and its walk costs as much as a query's */
     int L = g->light_rev ? (g->ef_build / 2 > 32 ? g->ef_build / 2 : 32) : g->ef_build;
     int M = g->M;
-    /* kk: the best L + L/2 by code score, of which the best L by exact score are linked:
-     * candidates by code alone cost 0.005 recall at search L 200 on the 131K head */
-    int Lc = c->kk ? L + L / 2 : L;
-    int ncand = Lc + M;
+    int ncand = L + M;
     int32_t *ids = malloc((size_t)ncand * sizeof *ids);
     uint64_t *tmp = malloc((size_t)ncand * sizeof *tmp);
     float *q = malloc((size_t)g->dim * sizeof *q);
-    int32_t *cand = NULL;
-    int nc[G_KK_GROUP], us[G_KK_GROUP];
-    g_kk_scratch ks = {0};
     g_tls *t = g_tls_get(g->n, L, ncand > M ? ncand : M, g->dim);
-    if (!ids || !tmp || !q || !t ||
-        (c->kk && (!(cand = malloc((size_t)G_KK_GROUP * Lc * sizeof *cand)) ||
-                   g_kk_scratch_init(&ks, c->kk, g, Lc)))) {
+    if (!ids || !tmp || !q || !t) {
         atomic_store(&c->fail, 1);
         goto done;
     }
     uint64_t nscan = 0, nhop = 0;
-    int gb = 0, ge = 0; /* kk: the group [gb, ge) of positions whose candidates are found */
-    for (size_t pi = b; pi < e; pi++) {
-        size_t i = c->order ? (size_t)c->order[pi] : pi;
+    for (size_t i = b; i < e; i++) {
         int32_t u = c->nodes[i];
+        ra_kern_to_f32(g_row(g, c->keys, u), g->dtype, (size_t)g->dim, q);
+        /* the walk for a key's neighbours scores on the codes, as query walks do; the
+         * candidates it finds are then linked on exact distances (g_link_list). Same
+         * recall as exact walks on the calibrated 131K head, linking 19 s vs 24 s here */
+        ra_codebook_prep(&g->cb, q, t->q8, t->q16, &t->cmul, &t->cadd);
+        t->use_codes = 1;
+        int np = g_search(g, c->keys, q, g_use_l2(), L, NULL, 0, NULL, 0, u, t, &nscan, &nhop);
+        t->use_codes = 0;
         int n = 0;
-        if (c->kk) { /* the build's linking pass: candidates from the inverted file */
-            if ((int)(pi - b) >= ge) { /* the next group: consecutive nodes of one cluster */
-                gb = (int)(pi - b);
-                int gn = 0;
-                int32_t home = c->kk->home[u];
-                while (pi + gn < e && gn < G_KK_GROUP &&
-                       c->kk->home[c->nodes[c->order[pi + gn]]] == home) {
-                    us[gn] = c->nodes[c->order[pi + gn]];
-                    gn++;
-                }
-                g_kk_group(c->kk, g, c->keys, us, gn, cand, nc, &ks, &nscan);
-                ge = gb + gn;
-            }
-            int j = (int)(pi - b) - gb;
-            memcpy(ids, cand + (size_t)j * Lc, (size_t)nc[j] * sizeof *ids);
-            n = nc[j];
-        } else {
-            ra_kern_to_f32(g_row(g, c->keys, u), g->dtype, (size_t)g->dim, q);
-            /* the walk for a key's neighbours scores on the codes, as query walks do;
-             * the candidates it finds are then linked on exact distances (g_link_list) */
-            ra_codebook_prep(&g->cb, q, t->q8, t->q16, &t->cmul, &t->cadd);
-            t->use_codes = 1;
-            int np = g_search(g, c->keys, q, g_use_l2(), L, NULL, 0, NULL, 0, u, t, &nscan, &nhop);
-            t->use_codes = 0;
-            for (int j = 0; j < np; j++)
-                if (t->pool[j].id != u)
-                    ids[n++] = t->pool[j].id;
-        }
-        int pd = g->pdeg[u], n_sel = n;
+        for (int j = 0; j < np; j++)
+            if (t->pool[j].id != u)
+                ids[n++] = t->pool[j].id;
+        int pd = g->pdeg[u];
         if (c->keep_old)
             for (int j = pd; j < g->deg[u]; j++)
                 ids[n++] = g_adj(g, u)[j];
         /* the protected prefix is kept; the search results fill the rest */
         int32_t *out = c->lists + i * (size_t)M;
         memcpy(out, g_adj(g, u), (size_t)pd * sizeof *out);
-        c->counts[i] = pd + g_link_list_sel(g, c->keys, u, ids, n, c->kk ? n_sel : 0, L, M - pd,
-                                            tmp, out + pd, t);
+        c->counts[i] = pd + g_link_list(g, c->keys, u, ids, n, M - pd, tmp, out + pd, t);
     }
     atomic_fetch_add(&c->scanned, nscan);
     atomic_fetch_add(&c->hops, nhop);
@@ -557,8 +511,6 @@ done:
     free(ids);
     free(tmp);
     free(q);
-    free(cand);
-    g_kk_scratch_fini(&ks);
 }
 
 /* A batch's new out-lists into their rows, and their edges (target, source) at each
@@ -587,7 +539,7 @@ static void g_land_task(void *arg, size_t b, size_t end)
 
 /* Links nodes[0..n) (already counted in g->n) in batches. */
 static ra_status g_insert_nodes(ra_graph *g, const void *keys, const int32_t *nodes, size_t n,
-                                int keep_old, const g_kk *kk)
+                                int keep_old)
 {
     ra_status st = RA_OK;
     size_t bmax = 8192;
@@ -595,9 +547,7 @@ static ra_status g_insert_nodes(ra_graph *g, const void *keys, const int32_t *no
     int *counts = malloc(bmax * sizeof *counts);
     size_t *eoff = malloc(bmax * sizeof *eoff);
     g_edge *e = malloc(bmax * (size_t)g->M * sizeof *e);
-    int32_t *order = kk ? malloc(bmax * sizeof *order) : NULL;
-    uint64_t *okey = kk ? malloc(2 * bmax * sizeof *okey) : NULL;
-    if (!lists || !counts || !eoff || !e || (kk && (!order || !okey))) {
+    if (!lists || !counts || !eoff || !e) {
         st = RA_ENOMEM;
         goto fail;
     }
@@ -631,22 +581,13 @@ static ra_status g_insert_nodes(ra_graph *g, const void *keys, const int32_t *no
                        .nodes = nodes + done,
                        .lists = lists,
                        .counts = counts,
-                       .keep_old = keep_old,
-                       .kk = kk,
-                       .order = order};
-        if (kk) { /* nodes of one cluster together: they scan the same clusters */
-            for (size_t i = 0; i < bs; i++)
-                okey[i] = (uint64_t)(uint32_t)kk->home[nodes[done + i]] << 32 | (uint32_t)i;
-            g_sort_u64(okey, bs, okey + bmax);
-            for (size_t i = 0; i < bs; i++)
-                order[i] = (int32_t)(uint32_t)okey[i];
-        }
+                       .keep_old = keep_old};
         atomic_init(&c.fail, 0);
         atomic_init(&c.scanned, 0);
         atomic_init(&c.hops, 0);
         double w0, c0, w1, c1, w2, c2;
         g_clock(&w0, &c0);
-        g_parallel(g->threads, bs, kk ? G_KK_GROUP : 16, g_ins_task, &c);
+        g_parallel(g->threads, bs, 16, g_ins_task, &c);
         if (atomic_load(&c.fail)) {
             st = RA_ENOMEM;
             goto fail;
@@ -677,8 +618,6 @@ static ra_status g_insert_nodes(ra_graph *g, const void *keys, const int32_t *no
                  n, batches, tw[0], tc[0], (double)scanned / (double)n, (double)hops / (double)n,
                  tw[1], tc[1]);
 fail:
-    free(order);
-    free(okey);
     free(lists);
     free(counts);
     free(eoff);
@@ -733,7 +672,7 @@ static ra_status g_connect(ra_graph *g, const void *keys)
             break;
         RA_DEBUG("graph: connectivity round %d: %zu of %zu unreached", round, nm, n);
         if (round < 4) {
-            st = g_insert_nodes(g, keys, miss, nm, 1, NULL);
+            st = g_insert_nodes(g, keys, miss, nm, 1);
             if (st)
                 goto fail;
             continue;
@@ -904,6 +843,8 @@ static ra_status g_project(ra_graph *g, const void *keys, const int32_t *knn, si
         st = RA_EINVAL;
         goto fail;
     }
+    double w0, c0, w1, c1, w2, c2, w3, c3;
+    g_clock(&w0, &c0);
     /* occurrences per node (capped), in query order: a count pass, then a fill pass */
     for (size_t qi = 0; qi < nq; qi++) {
         const int32_t *l = knn + qi * (size_t)K;
@@ -945,7 +886,9 @@ static ra_status g_project(ra_graph *g, const void *keys, const int32_t *knn, si
                     .cmax = (size_t)g->M * 4,
                     .mp = g_proj_slots(g->M)};
     atomic_init(&c.fail, 0);
+    g_clock(&w1, &c1);
     g_parallel(g->threads, n, 256, g_proj_task, &c);
+    g_clock(&w2, &c2);
     if (atomic_load(&c.fail)) {
         st = RA_ENOMEM;
         goto fail;
@@ -966,6 +909,10 @@ static ra_status g_project(ra_graph *g, const void *keys, const int32_t *knn, si
         st = g_apply_edges(g, keys, e, ne);
         free(e);
     }
+    g_clock(&w3, &c3);
+    RA_DEBUG("graph: projection of %zu lists: occurrences %.2f/%.2f s, candidates and pruning "
+             "%.2f/%.2f s, reverse edges %.2f/%.2f s (wall/cpu)",
+             nq, w1 - w0, c1 - c0, w2 - w1, c2 - c1, w3 - w2, c3 - c2);
 fail:
     free(off);
     free(fill);
@@ -1115,9 +1062,9 @@ void g_clock(double *wall, double *cpu)
 }
 
 /* The build's phases, in order, for the log (ratd-bench-index --verbose) */
-#define G_NPHASE 6
-static const char *const g_phase_names[G_NPHASE] = {
-    "codes", "kNN", "projection", "key->key index", "key->key linking", "connectivity"};
+#define G_NPHASE 5
+static const char *const g_phase_names[G_NPHASE] = {"codes", "kNN", "projection",
+                                                    "key->key linking", "connectivity"};
 
 /* One line per build: each phase's wall and CPU seconds (process CPU: other threads of the
  * process count too) and their ratio, the threads it kept busy: a phase near 1.0 with
@@ -1219,7 +1166,7 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
                 memcpy(knn + i * (size_t)Kk, lists + sidx[i] * (size_t)lists_k,
                        (size_t)Kk * sizeof *knn);
         else
-            st = ra_exact_knn_batch(kv, n, sq, ns, Kk, knn, knn_s);
+            st = g_exact_knn(g, keys, n, sq, ns, Kk, knn, knn_s);
         if (st) {
             RA_ERROR("graph: exact top-%d of %zu training queries failed: %s", Kk, ns,
                      ra_strerror(st));
@@ -1264,7 +1211,7 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
             for (size_t i = 0; i < n; i++)
                 if (occ[i] > 0)
                     rank[m++] = g_cnt_key(occ[i], (int32_t)i);
-            g_sort_u64(rank, m, rank + n);
+            g_psort_u64(g->threads, rank, rank + n, m);
             int hh = ns ? (ne + 1) / 2 : 0;
             for (size_t i = 0; i < m && k < hh; i++)
                 g->entries[k++] = (int32_t)(uint32_t)rank[i];
@@ -1297,16 +1244,10 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
         for (size_t i = 0; i < n; i++)
             miss[nm++] = (int32_t)i;
         g_clock(&w[3], &c[3]); /* entries and routing belong to the projection */
-        g_kk kk;
-        if ((st = g_kk_init(&kk, g, keys, n)))
-            goto fail;
-        g_clock(&w[4], &c[4]);
-        RA_DEBUG("graph: key->key inverted file: %d clusters, %d probes a key", kk.C, kk.p);
-        st = g_insert_nodes(g, keys, miss, nm, 1, &kk);
-        g_kk_fini(&kk);
+        st = g_insert_nodes(g, keys, miss, nm, 1);
         if (st)
             goto fail;
-        g_clock(&w[5], &c[5]);
+        g_clock(&w[4], &c[4]);
         st = g_connect(g, keys);
         if (!st && g_cancelled(g))
             st = RA_ECLOSED;
@@ -1394,7 +1335,7 @@ ra_status ra_graph_add(ra_graph *g, const ra_kv *kv, size_t first, size_t n)
     /* new rows are searched only once linked; nodes of one batch cannot see each
      * other, which is why the batches start small (g_insert_nodes) */
     g->light_rev = 1;
-    st = g_insert_nodes(g, keys, nodes, n, 0, NULL);
+    st = g_insert_nodes(g, keys, nodes, n, 0);
     g->light_rev = 0;
     free(nodes);
     return st;

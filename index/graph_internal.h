@@ -45,8 +45,6 @@
 #define G_ROUTE_KEYS 8  /* best keys kept per routing query */
 #define G_ROUTE_TOP 4   /* routing queries used per search */
 #define G_LINK_L2 0     /* 1: link by L2 (measured far worse for MIPS: 0.16 vs 0.60 recall) */
-#define G_KK_PER 512    /* build: keys per cluster of the key->key inverted file (graph_kk.c) */
-#define G_KK_PROBES 16  /* build: clusters a key scans for its key->key candidates */
 #define G_ALPHA2 1.44f  /* occlusion slack (alpha = 1.2, on squared distances) */
 
 typedef struct g_cand {
@@ -198,47 +196,11 @@ ra_status g_set_routing(ra_graph *g, const float *sq, size_t ns, const int32_t *
 /* Wall and CPU seconds of the process, for the build's phase log. */
 void g_clock(double *wall, double *cpu);
 
-/* graph_kk.c: the build's key->key candidates from an inverted file over the keys */
-typedef struct g_kk {
-    int C, p;        /* clusters, probes per key */
-    size_t n, cbytes;
-    float *cen;      /* [C][dim] centroids */
-    float *cn2;      /* [C] their squared norms */
-    size_t *off;     /* [C + 1]: cluster c holds positions off[c] .. off[c + 1] */
-    int32_t *member; /* [n] node id at each position */
-    uint8_t *codes;  /* [n][cbytes] the search codes in position order */
-    int32_t *probe;  /* [n][p] each node's clusters to scan, best first */
-    int32_t *iota;   /* [n] 0..n-1 (positions for the gather kernel) */
-    int32_t *home;   /* [n] each node's cluster */
-} g_kk;
-#define G_KK_GROUP 64  /* nodes of one home cluster whose candidates are found together */
-#define G_KK_ROWS 256  /* codes scored per kernel call */
-typedef struct g_kk_scratch {
-    int L;
-    int8_t *q8;       /* [G_KK_GROUP][cbytes] the group's prepared keys */
-    int16_t *q16;
-    int8_t *b8;       /* [4][cbytes]: the ones of one pass */
-    int16_t *b16;
-    uint64_t *heap;   /* [G_KK_GROUP][2 L]: each node's best keys so far */
-    int *hn;          /* [G_KK_GROUP] */
-    uint64_t *thr;    /* [G_KK_GROUP] */
-    uint64_t *pairs;  /* [G_KK_GROUP * p] (cluster, member) */
-    int32_t *dots;    /* [G_KK_ROWS][4] */
-    float *f;         /* [dim] */
-} g_kk_scratch;
-/* Clusters rows [0, n) of the graph (codes encoded) and the probes of every key. */
-ra_status g_kk_init(g_kk *kk, const ra_graph *g, const void *keys, size_t n);
-void g_kk_fini(g_kk *kk);
-ra_status g_kk_scratch_init(g_kk_scratch *s, const g_kk *kk, const ra_graph *g, int L);
-void g_kk_scratch_fini(g_kk_scratch *s);
-/* The candidates of gn <= G_KK_GROUP nodes us[] (best for them: one home cluster, whose
- * members probe mostly the same clusters): each node's best L (at most) other keys by code
- * score among its probed clusters, best first, into cand + j * L, their count into nc[j].
- * Each probed cluster's codes are scored for up to four of the group's nodes per pass.
- * The result of a node does not depend on the group it is found in. *scanned (may be
- * NULL) grows by the codes scored. */
-void g_kk_group(const g_kk *kk, const ra_graph *g, const void *keys, const int32_t *us, int gn,
-                int32_t *cand, int *nc, g_kk_scratch *s, uint64_t *scanned);
+/* graph_knn.c: the exact top-K (inner product) of queries q[nq][dim] among rows [0, n) of
+ * keys, best first (ties: lower id), on g->threads threads: ids and scores [nq][K], padded
+ * with -1 / -inf when n < K. RA_ENOMEM, RA_EINVAL (K out of range). */
+ra_status g_exact_knn(const ra_graph *g, const void *keys, size_t n, const float *q, size_t nq,
+                      int K, int32_t *ids, float *scores);
 
 /* graph_io.c: graphs in the wire form (ra_index.h) */
 ra_status ra_graph_export(const ra_graph *g, ra_graph_adj *out);

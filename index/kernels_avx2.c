@@ -203,9 +203,9 @@ static inline __attribute__((always_inline)) void u8dot_rows(const int16_t *q16,
         out[j] = t[j];
 }
 
-/* One query against four code rows: each query chunk is loaded once for four rows (a
- * single-query walk, and the build's scans of the key->key inverted file, go through
- * here); the same exact int32 sums as u8dot_rows. */
+/* One query against four code rows: each query chunk is loaded once for four rows (every
+ * single-query walk, the build's key->key walks too, goes through here); the same exact
+ * int32 sums as u8dot_rows. */
 static inline __attribute__((always_inline)) void u8dot_4rows(const int16_t *q16, int cb,
                                                               const uint8_t *c0, const uint8_t *c1,
                                                               const uint8_t *c2, const uint8_t *c3,
