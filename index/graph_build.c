@@ -26,20 +26,37 @@ static int g_use_l2(void)
 /* ------------------------------------------------------------------------ */
 /* best-first search */
 
+static inline void g_prefetch_code(const ra_graph *g, int32_t v)
+{
+    const uint8_t *c = g_code(g, (size_t)v);
+    for (int o = 0; o < g->cb.cbytes; o += 64)
+        __builtin_prefetch(c + o);
+}
+
 /* Scores a batch of ids against q: IP, minus |k|^2/2 in L2 mode; on the search codes
- * when the thread's scratch holds q prepared for them (t->use_codes), else exactly. */
+ * when the thread's scratch holds q prepared for them (t->use_codes), else exactly. On the
+ * codes it also prefetches the codes of the list likely scored next (nx[0..n_nx)),
+ * spread over the scoring in chunks of 4 (as graph_search.c's offer: issued at once, tens
+ * of prefetches fill the miss buffers and stall the loop that issues them). Prefetches
+ * only: the scores and the walk are the same with or without them. */
 static void g_score(const ra_graph *g, const void *keys, const float *q, int l2, const int32_t *ids,
-                    int n, float *out, g_tls *t)
+                    int n, float *out, g_tls *t, const int32_t *nx, int n_nx)
 {
     if (t->use_codes) {
         int32_t *dots = (int32_t *)(void *)out; /* same size: converted in place */
-        for (int i = 0; i < n; i++) {
-            const uint8_t *c = g_code(g, (size_t)ids[i]);
-            for (int o = 0; o < g->cb.cbytes; o += 64)
-                __builtin_prefetch(c + o);
+        for (int i = 0; i < n; i++) /* in cache already when the last step guessed right */
+            g_prefetch_code(g, ids[i]);
+        enum { CH = 4 };
+        int per = n ? (n_nx * CH + n - 1) / n : n_nx, done = 0;
+        for (int i = 0; i < n; i += CH) {
+            int m = n - i < CH ? n - i : CH;
+            ra_kern_u8dot_gather(t->q8, t->q16, 1, g->cb.cbytes, g->rec, g->rec_bytes, ids + i,
+                                 (size_t)m, dots + i);
+            for (int e = done + per; done < e && done < n_nx; done++)
+                g_prefetch_code(g, nx[done]);
         }
-        ra_kern_u8dot_gather(t->q8, t->q16, 1, g->cb.cbytes, g->rec, g->rec_bytes, ids, (size_t)n,
-                             dots);
+        for (; done < n_nx; done++)
+            g_prefetch_code(g, nx[done]);
         for (int i = 0; i < n; i++)
             out[i] = t->cmul * (float)dots[i] + t->cadd - (l2 ? 0.5f * g->norm2[ids[i]] : 0.f);
         return;
@@ -88,7 +105,7 @@ static int g_search(const ra_graph *g, const void *keys, const float *q, int l2,
                 continue;
             t->buf[nb++] = id;
             if (nb == t->buf_cap) {
-                g_score(g, keys, q, l2, t->buf, nb, t->sc, t);
+                g_score(g, keys, q, l2, t->buf, nb, t->sc, t, NULL, 0);
                 nscan += (uint64_t)nb;
                 for (int j = 0; j < nb; j++)
                     if (t->buf[j] != skip)
@@ -102,7 +119,7 @@ static int g_search(const ra_graph *g, const void *keys, const float *q, int l2,
         t->buf[nb++] = 0;
     }
     if (nb) {
-        g_score(g, keys, q, l2, t->buf, nb, t->sc, t);
+        g_score(g, keys, q, l2, t->buf, nb, t->sc, t, NULL, 0);
         nscan += (uint64_t)nb;
         for (int j = 0; j < nb; j++)
             if (t->buf[j] != skip)
@@ -121,14 +138,21 @@ static int g_search(const ra_graph *g, const void *keys, const float *q, int l2,
         int32_t u = pool[k].id;
         const int32_t *nbr = g_adj(g, u);
         int d = g->deg[u];
-        /* prefetch the next candidate's adjacency (all its lines) while this one is
-         * scored: its first load was 16 % of a walk with one line prefetched */
-        for (int j = k + 1; j < np; j++)
+        /* the two candidates likely expanded next (the pool may change before): the
+         * second one's adjacency is prefetched (all its lines; its first load was 16 % of
+         * a walk with one line prefetched), the first one's was one step ago and its
+         * unvisited neighbours' codes are prefetched while this node's are scored (the
+         * codes' misses were most of a walk) */
+        int32_t nx1 = -1;
+        for (int j = k + 1, f = 0; j < np && f < 2; j++)
             if (!pool[j].done) {
+                if (f++ == 0) {
+                    nx1 = pool[j].id;
+                    continue;
+                }
                 const char *a = (const char *)g_adj(g, (size_t)pool[j].id);
                 for (size_t o = 0; o < (size_t)g->M * sizeof(int32_t); o += 64)
                     __builtin_prefetch(a + o);
-                break;
             }
         nb = 0;
         for (int j = 0; j < d; j++) {
@@ -141,7 +165,15 @@ static int g_search(const ra_graph *g, const void *keys, const float *q, int l2,
             k++;
             continue;
         }
-        g_score(g, keys, q, l2, t->buf, nb, t->sc, t);
+        int32_t nxb[G_MAX_DEGREE];
+        int n_nx = 0;
+        if (nx1 >= 0 && t->use_codes) {
+            const int32_t *a = g_adj(g, (size_t)nx1);
+            for (int j = 0; j < g->deg[nx1]; j++)
+                if (!(vis[a[j] >> 6] & 1ull << (a[j] & 63)))
+                    nxb[n_nx++] = a[j];
+        }
+        g_score(g, keys, q, l2, t->buf, nb, t->sc, t, nxb, n_nx);
         nscan += (uint64_t)nb;
         int best = np;
         for (int j = 0; j < nb; j++) {

@@ -5,8 +5,8 @@
  * a 131K head took 2.3 s on 16 threads on the GPU host (4096 queries), and on two cores
  * ~45 % of its CPU time was spinning (OPENBLAS_NUM_THREADS=1 took 2.2 CPU s where the
  * default took 4.0). Here one task is a chunk of queries over every key: blocks of keys
- * converted to fp32 once per chunk and held in L2 while each query of the chunk scores
- * them (ra_kern_dot_range) and keeps its best K (a buffer of 2K cut by selection: most
+ * converted to fp32 once per chunk and held in L2 while the chunk's queries score them,
+ * four at a time (ra_kern_dot_q4_f32), and each keeps its best K (a buffer of 2K cut by selection: most
  * scores fail one compare against the K-th best). Scores are the same dot products as
  * ra_kern_dot; ties go to the lower id. Deterministic whatever the threads. */
 #include <math.h>
@@ -56,7 +56,7 @@ static void knn_task(void *arg, size_t b, size_t e)
     int dim = g->dim, K = c->K;
     size_t nqc = e - b;
     float *kf = malloc((size_t)KNN_KBLOCK * dim * sizeof *kf);
-    float *sc = malloc(KNN_KBLOCK * sizeof *sc);
+    float *sc = malloc(4 * KNN_KBLOCK * sizeof *sc);
     uint64_t *h = malloc(nqc * 2 * (size_t)K * sizeof *h);
     uint64_t *thr = malloc(nqc * sizeof *thr);
     float *ts = malloc(nqc * sizeof *ts); /* the threshold's score: the fast reject */
@@ -75,21 +75,30 @@ static void knn_task(void *arg, size_t b, size_t e)
             memcpy(kf, g_row(g, c->keys, (int32_t)k0), kn * (size_t)dim * sizeof *kf);
         else
             ra_kern_to_f32(g_row(g, c->keys, (int32_t)k0), g->dtype, kn * (size_t)dim, kf);
-        for (size_t j = 0; j < nqc; j++) {
-            ra_kern_dot_range(c->q + (b + j) * (size_t)dim, kf, RA_DTYPE_F32, dim, 0, kn, sc);
-            uint64_t *hj = h + j * 2 * (size_t)K;
-            float t = ts[j];
-            for (size_t i = 0; i < kn; i++) {
-                if (sc[i] < t) /* below the K-th best: most of them */
-                    continue;
-                uint64_t key = knn_key(sc[i], (int32_t)(k0 + i));
-                if (key >= thr[j])
-                    continue;
-                hj[m[j]++] = key;
-                if (m[j] == 2 * K) {
-                    thr[j] = knn_cut(hj, m[j], K);
-                    ts[j] = t = -g_f32_unkey((uint32_t)(thr[j] >> 32));
-                    m[j] = K;
+        for (size_t j0 = 0; j0 < nqc; j0 += 4) { /* four queries per pass over the block */
+            size_t nj = nqc - j0 < 4 ? nqc - j0 : 4;
+            const float *qj = c->q + (b + j0) * (size_t)dim;
+            if (nj == 4)
+                ra_kern_dot_q4_f32(qj, kf, dim, kn, sc);
+            else
+                for (size_t j = 0; j < nj; j++)
+                    ra_kern_dot_range(qj + j * dim, kf, RA_DTYPE_F32, dim, 0, kn, sc + j * kn);
+            for (size_t j = j0; j < j0 + nj; j++) {
+                const float *sj = sc + (j - j0) * kn;
+                uint64_t *hj = h + j * 2 * (size_t)K;
+                float t = ts[j];
+                for (size_t i = 0; i < kn; i++) {
+                    if (sj[i] < t) /* below the K-th best: most of them */
+                        continue;
+                    uint64_t key = knn_key(sj[i], (int32_t)(k0 + i));
+                    if (key >= thr[j])
+                        continue;
+                    hj[m[j]++] = key;
+                    if (m[j] == 2 * K) {
+                        thr[j] = knn_cut(hj, m[j], K);
+                        ts[j] = t = -g_f32_unkey((uint32_t)(thr[j] >> 32));
+                        m[j] = K;
+                    }
                 }
             }
         }

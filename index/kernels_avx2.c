@@ -6,6 +6,7 @@
 #include <immintrin.h>
 #include <string.h>
 
+#include "kern_dotq4.h"
 #include "kern_impl.h"
 #include "ra_half.h"
 
@@ -260,4 +261,5 @@ const ra_kern_table ra_kern_table_avx2 = {
     .to_f32 = {to_f32_f32, to_f32_f16, to_f32_bf16},
     .from_f32 = {from_f32_f32, from_f32_f16, from_f32_bf16},
     .u8dot_gather = u8dot_gather,
+    .dotq4_f32 = dotq4_f32,
 };
