@@ -189,13 +189,13 @@ void g_parallel(int threads, size_t n, size_t chunk, g_task_fn fn, void *ctx)
 
 typedef struct g_psort_ctx {
     uint64_t *a, *tmp;
-    size_t n, csz;   /* keys, keys per chunk */
-    uint64_t lo;     /* smallest key */
-    int shift;       /* bucket of x: (x - lo) >> shift */
+    size_t n, csz; /* keys, keys per chunk */
+    uint64_t lo;   /* smallest key */
+    int shift;     /* bucket of x: (x - lo) >> shift */
     uint64_t mn[G_PSORT_CHUNKS], mx[G_PSORT_CHUNKS];
-    size_t *cnt;     /* [G_PSORT_CHUNKS][G_PSORT_BUCKETS]: counts, then write offsets */
+    size_t *cnt; /* [G_PSORT_CHUNKS][G_PSORT_BUCKETS]: counts, then write offsets */
     size_t boff[G_PSORT_BUCKETS + 1];
-    int pass;        /* 0 min/max, 1 counts, 2 scatter, 3 bucket sorts */
+    int pass; /* 0 min/max, 1 counts, 2 scatter, 3 bucket sorts */
 } g_psort_ctx;
 
 static void g_psort_task(void *arg, size_t b, size_t e)
@@ -231,8 +231,7 @@ static void g_psort_task(void *arg, size_t b, size_t e)
 void g_psort_u64(int threads, uint64_t *a, uint64_t *tmp, size_t n)
 {
     g_psort_ctx *c = NULL;
-    if (threads < 2 || n < ((size_t)1 << 15) || !tmp ||
-        !(c = calloc(1, sizeof *c)) ||
+    if (threads < 2 || n < ((size_t)1 << 15) || !tmp || !(c = calloc(1, sizeof *c)) ||
         !(c->cnt = calloc((size_t)G_PSORT_CHUNKS * G_PSORT_BUCKETS, sizeof *c->cnt))) {
         free(c);
         g_sort_u64(a, n, tmp);

@@ -633,8 +633,8 @@ static ra_status g_insert_nodes(ra_graph *g, const void *keys, const int32_t *no
             eoff[i] = ne;
             ne += (size_t)counts[i];
         }
-        g_land_ctx lc = {.g = g, .nodes = nodes + done, .lists = lists, .counts = counts,
-                         .eoff = eoff, .e = e};
+        g_land_ctx lc = {
+            .g = g, .nodes = nodes + done, .lists = lists, .counts = counts, .eoff = eoff, .e = e};
         g_parallel(g->threads, bs, 256, g_land_task, &lc);
         st = g_apply_edges(g, keys, e, ne);
         if (st)
@@ -1010,7 +1010,8 @@ ra_status g_fit_codes(ra_graph *g, const void *keys, size_t n)
 {
     ra_codebook cb;
     int dim = g->dim;
-    g_range_ctx rc = {.g = g, .keys = keys, .n = n, .csz = (n + G_RANGE_CHUNKS - 1) / G_RANGE_CHUNKS};
+    g_range_ctx rc = {
+        .g = g, .keys = keys, .n = n, .csz = (n + G_RANGE_CHUNKS - 1) / G_RANGE_CHUNKS};
     rc.csz = rc.csz ? rc.csz : 1;
     size_t nch = (n + rc.csz - 1) / rc.csz;
     rc.mn = malloc((size_t)G_RANGE_CHUNKS * dim * sizeof *rc.mn);
@@ -1105,7 +1106,8 @@ static void g_log_phases(size_t n, size_t ns, int threads, int given, const doub
                          const double *c)
 {
     char buf[768];
-    int at = snprintf(buf, sizeof buf, "graph: built %zu keys from %zu queries on %d threads in "
+    int at = snprintf(buf, sizeof buf,
+                      "graph: built %zu keys from %zu queries on %d threads in "
                       "%.2f s (cpu %.2f s); phases wall/cpu s (cpu/wall):",
                       n, ns, threads, w[G_NPHASE] - w[0], c[G_NPHASE] - c[0]);
     for (int i = 0; i < G_NPHASE && at > 0 && (size_t)at < sizeof buf; i++) {

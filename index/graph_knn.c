@@ -6,8 +6,8 @@
  * ~45 % of its CPU time was spinning (OPENBLAS_NUM_THREADS=1 took 2.2 CPU s where the
  * default took 4.0). Here one task is a chunk of queries over every key: blocks of keys
  * converted to fp32 once per chunk and held in L2 while the chunk's queries score them,
- * four at a time (ra_kern_dot_q4_f32), and each keeps its best K (a buffer of 2K cut by selection: most
- * scores fail one compare against the K-th best). Scores are the same dot products as
+ * four at a time (ra_kern_dot_q4_f32), and each keeps its best K (a buffer of 2K cut by selection:
+ * most scores fail one compare against the K-th best). Scores are the same dot products as
  * ra_kern_dot; ties go to the lower id. Deterministic whatever the threads. */
 #include <math.h>
 #include <stdatomic.h>
@@ -127,8 +127,8 @@ ra_status g_exact_knn(const ra_graph *g, const void *keys, size_t n, const float
 {
     if (K <= 0 || (size_t)K > G_MAX_K)
         return RA_EINVAL;
-    knn_ctx c = {.g = g, .keys = keys, .n = n, .q = q, .nq = nq, .K = K, .ids = ids,
-                 .scores = scores};
+    knn_ctx c = {
+        .g = g, .keys = keys, .n = n, .q = q, .nq = nq, .K = K, .ids = ids, .scores = scores};
     atomic_init(&c.fail, 0);
     g_parallel(g->threads, nq, KNN_QCHUNK, knn_task, &c);
     return atomic_load(&c.fail) ? RA_ENOMEM : RA_OK;

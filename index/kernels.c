@@ -96,7 +96,7 @@ static void dotq4_f32_scalar(const float *q, int dim, const float *rows, size_t 
 {
     for (int k = 0; k < 4; k++)
         for (size_t i = 0; i < n; i++)
-            out[(size_t)k * n + i] = dot1_f32(q + (size_t)k * dim, (const char *)(rows + i * (size_t)dim), dim);
+            out[(size_t)k * n + i] = dot1_f32(q + (size_t)k * dim, rows + i * (size_t)dim, dim);
 }
 
 const ra_kern_table ra_kern_table_scalar = {
