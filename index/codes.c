@@ -14,33 +14,19 @@
  * synthetic head (131K keys), where the full range keeps them within rank ~110. */
 #define CODE_MARGIN 0.1
 
-ra_status ra_codebook_train(ra_codebook *cb, const void *rows, ra_dtype t, int dim, size_t n)
+ra_status ra_codebook_from_range(ra_codebook *cb, int dim, size_t n, const float *mn,
+                                 const float *mx)
 {
-    if (!cb || dim <= 0 || dim > 65536 || ra_dtype_size(t) == 0 || (n && !rows))
+    if (!cb || dim <= 0 || dim > 65536 || !mn || !mx)
         return RA_EINVAL;
     memset(cb, 0, sizeof *cb);
     cb->dim = dim;
     cb->cbytes = (dim + 63) & ~63;
     cb->lo = malloc((size_t)dim * sizeof *cb->lo);
     cb->step = malloc((size_t)dim * sizeof *cb->step);
-    float *mn = malloc((size_t)dim * sizeof *mn), *mx = malloc((size_t)dim * sizeof *mx);
-    float *f = malloc((size_t)dim * sizeof *f);
-    if (!cb->lo || !cb->step || !mn || !mx || !f) {
-        free(mn), free(mx), free(f);
+    if (!cb->lo || !cb->step) {
         ra_codebook_fini(cb);
         return RA_ENOMEM;
-    }
-    size_t rb = (size_t)dim * ra_dtype_size(t);
-    for (int d = 0; d < dim; d++) {
-        mn[d] = INFINITY;
-        mx[d] = -INFINITY;
-    }
-    for (size_t i = 0; i < n; i++) {
-        ra_kern_to_f32((const char *)rows + i * rb, t, (size_t)dim, f);
-        for (int d = 0; d < dim; d++) {
-            mn[d] = f[d] < mn[d] ? f[d] : mn[d];
-            mx[d] = f[d] > mx[d] ? f[d] : mx[d];
-        }
     }
     for (int d = 0; d < dim; d++) {
         double lo = mn[d], hi = mx[d];
@@ -56,8 +42,39 @@ ra_status ra_codebook_train(ra_codebook *cb, const void *rows, ra_dtype t, int d
         cb->lo[d] = (float)lo;
         cb->step[d] = (float)((hi - lo) / 255.0);
     }
-    free(mn), free(mx), free(f);
     return RA_OK;
+}
+
+void ra_codebook_range(const void *rows, ra_dtype t, int dim, size_t n, float *mn, float *mx,
+                       float *tmp)
+{
+    size_t rb = (size_t)dim * ra_dtype_size(t);
+    for (size_t i = 0; i < n; i++) {
+        ra_kern_to_f32((const char *)rows + i * rb, t, (size_t)dim, tmp);
+        for (int d = 0; d < dim; d++) {
+            mn[d] = tmp[d] < mn[d] ? tmp[d] : mn[d];
+            mx[d] = tmp[d] > mx[d] ? tmp[d] : mx[d];
+        }
+    }
+}
+
+ra_status ra_codebook_train(ra_codebook *cb, const void *rows, ra_dtype t, int dim, size_t n)
+{
+    if (!cb || dim <= 0 || dim > 65536 || ra_dtype_size(t) == 0 || (n && !rows))
+        return RA_EINVAL;
+    float *mn = malloc((size_t)dim * sizeof *mn), *mx = malloc((size_t)dim * sizeof *mx);
+    float *f = malloc((size_t)dim * sizeof *f);
+    ra_status st = RA_ENOMEM;
+    if (mn && mx && f) {
+        for (int d = 0; d < dim; d++) {
+            mn[d] = INFINITY;
+            mx[d] = -INFINITY;
+        }
+        ra_codebook_range(rows, t, dim, n, mn, mx, f);
+        st = ra_codebook_from_range(cb, dim, n, mn, mx);
+    }
+    free(mn), free(mx), free(f);
+    return st;
 }
 
 void ra_codebook_fini(ra_codebook *cb)

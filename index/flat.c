@@ -1,7 +1,8 @@
 /* Exact search, three ways: ra_exact_topk (a plain SIMD scan with a bounded heap: the
  * reference answer, the fallback while an index is being built, and ra_backend_scan,
  * which RA_INDEX_FLAT heads use; no copy of the keys), ra_exact_knn_batch (many queries
- * at once through FAISS IndexFlatIP, i.e. BLAS sgemm, for the graph build), and
+ * at once through FAISS IndexFlatIP, i.e. BLAS sgemm: ground truth of the benchmarks, the
+ * routing lists of an installed graph; the graph build has its own, graph_knn.c), and
  * ra_backend_flat, FAISS IndexFlatIP over an fp32 copy of the keys: the FAISS exact
  * baseline of the benchmark. RA_INDEX_FLAT uses the scan because it needs no copy (FAISS
  * holds fp32: twice the bytes of fp16 keys, and each append is copied again) and sees

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "graph_internal.h"
+#include "graph_sort.h"
 #include "ra_bigmem.h"
 #include "ra_kernels.h"
 #include "ra_log.h"
@@ -175,6 +176,97 @@ void g_parallel(int threads, size_t n, size_t chunk, g_task_fn fn, void *ctx)
     g_par_worker(&p);
     for (int i = 0; i < started; i++)
         pthread_join(tid[i], NULL);
+}
+
+/* ------------------------------------------------------------------------ */
+/* a parallel sort with the result of g_sort_u64 (graph_sort.h): keys are scattered by
+ * their top bits into buckets (per-chunk counts, chunks in order: stable), then every
+ * bucket is sorted on its own. The edges of a 131K build (2M after the projection, 390K
+ * per linking batch) were sorted on one thread between two parallel passes. */
+
+#define G_PSORT_BUCKETS 1024
+#define G_PSORT_CHUNKS 64
+
+typedef struct g_psort_ctx {
+    uint64_t *a, *tmp;
+    size_t n, csz; /* keys, keys per chunk */
+    uint64_t lo;   /* smallest key */
+    int shift;     /* bucket of x: (x - lo) >> shift */
+    uint64_t mn[G_PSORT_CHUNKS], mx[G_PSORT_CHUNKS];
+    size_t *cnt; /* [G_PSORT_CHUNKS][G_PSORT_BUCKETS]: counts, then write offsets */
+    size_t boff[G_PSORT_BUCKETS + 1];
+    int pass; /* 0 min/max, 1 counts, 2 scatter, 3 bucket sorts */
+} g_psort_ctx;
+
+static void g_psort_task(void *arg, size_t b, size_t e)
+{
+    g_psort_ctx *c = arg;
+    for (size_t k = b; k < e; k++) {
+        if (c->pass == 3) { /* bucket k: sorted in tmp (a as radix scratch), back to a */
+            size_t s = c->boff[k], m = c->boff[k + 1] - s;
+            g_sort_u64(c->tmp + s, m, c->a + s);
+            memcpy(c->a + s, c->tmp + s, m * sizeof *c->a);
+            continue;
+        }
+        size_t s = k * c->csz, z = s + c->csz < c->n ? s + c->csz : c->n;
+        if (c->pass == 0) {
+            uint64_t mn = UINT64_MAX, mx = 0;
+            for (size_t i = s; i < z; i++) {
+                mn = c->a[i] < mn ? c->a[i] : mn;
+                mx = c->a[i] > mx ? c->a[i] : mx;
+            }
+            c->mn[k] = mn, c->mx[k] = mx;
+        } else if (c->pass == 1) {
+            size_t *h = c->cnt + k * G_PSORT_BUCKETS;
+            for (size_t i = s; i < z; i++)
+                h[(c->a[i] - c->lo) >> c->shift]++;
+        } else {
+            size_t *h = c->cnt + k * G_PSORT_BUCKETS;
+            for (size_t i = s; i < z; i++)
+                c->tmp[h[(c->a[i] - c->lo) >> c->shift]++] = c->a[i];
+        }
+    }
+}
+
+void g_psort_u64(int threads, uint64_t *a, uint64_t *tmp, size_t n)
+{
+    g_psort_ctx *c = NULL;
+    if (threads < 2 || n < ((size_t)1 << 15) || !tmp || !(c = calloc(1, sizeof *c)) ||
+        !(c->cnt = calloc((size_t)G_PSORT_CHUNKS * G_PSORT_BUCKETS, sizeof *c->cnt))) {
+        free(c);
+        g_sort_u64(a, n, tmp);
+        return;
+    }
+    c->a = a, c->tmp = tmp, c->n = n;
+    c->csz = (n + G_PSORT_CHUNKS - 1) / G_PSORT_CHUNKS;
+    size_t nch = (n + c->csz - 1) / c->csz;
+    g_parallel(threads, nch, 1, g_psort_task, c);
+    uint64_t lo = UINT64_MAX, hi = 0;
+    for (size_t k = 0; k < nch; k++) {
+        lo = c->mn[k] < lo ? c->mn[k] : lo;
+        hi = c->mx[k] > hi ? c->mx[k] : hi;
+    }
+    c->lo = lo;
+    while (((hi - lo) >> c->shift) >= G_PSORT_BUCKETS)
+        c->shift++;
+    c->pass = 1;
+    g_parallel(threads, nch, 1, g_psort_task, c);
+    size_t at = 0; /* bucket by bucket, chunk by chunk: stable */
+    for (size_t bk = 0; bk < G_PSORT_BUCKETS; bk++) {
+        c->boff[bk] = at;
+        for (size_t k = 0; k < nch; k++) {
+            size_t m = c->cnt[k * G_PSORT_BUCKETS + bk];
+            c->cnt[k * G_PSORT_BUCKETS + bk] = at;
+            at += m;
+        }
+    }
+    c->boff[G_PSORT_BUCKETS] = at;
+    c->pass = 2;
+    g_parallel(threads, nch, 1, g_psort_task, c);
+    c->pass = 3;
+    g_parallel(threads, G_PSORT_BUCKETS, 8, g_psort_task, c);
+    free(c->cnt);
+    free(c);
 }
 
 int g_threads(int want)

@@ -3,6 +3,7 @@
  * edges, connectivity, entry points, routing queries and the search codes. */
 #include <math.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -25,20 +26,37 @@ static int g_use_l2(void)
 /* ------------------------------------------------------------------------ */
 /* best-first search */
 
+static inline void g_prefetch_code(const ra_graph *g, int32_t v)
+{
+    const uint8_t *c = g_code(g, (size_t)v);
+    for (int o = 0; o < g->cb.cbytes; o += 64)
+        __builtin_prefetch(c + o);
+}
+
 /* Scores a batch of ids against q: IP, minus |k|^2/2 in L2 mode; on the search codes
- * when the thread's scratch holds q prepared for them (t->use_codes), else exactly. */
+ * when the thread's scratch holds q prepared for them (t->use_codes), else exactly. On the
+ * codes it also prefetches the codes of the list likely scored next (nx[0..n_nx)),
+ * spread over the scoring in chunks of 4 (as graph_search.c's offer: issued at once, tens
+ * of prefetches fill the miss buffers and stall the loop that issues them). Prefetches
+ * only: the scores and the walk are the same with or without them. */
 static void g_score(const ra_graph *g, const void *keys, const float *q, int l2, const int32_t *ids,
-                    int n, float *out, g_tls *t)
+                    int n, float *out, g_tls *t, const int32_t *nx, int n_nx)
 {
     if (t->use_codes) {
         int32_t *dots = (int32_t *)(void *)out; /* same size: converted in place */
-        for (int i = 0; i < n; i++) {
-            const uint8_t *c = g_code(g, (size_t)ids[i]);
-            for (int o = 0; o < g->cb.cbytes; o += 64)
-                __builtin_prefetch(c + o);
+        for (int i = 0; i < n; i++) /* in cache already when the last step guessed right */
+            g_prefetch_code(g, ids[i]);
+        enum { CH = 4 };
+        int per = n ? (n_nx * CH + n - 1) / n : n_nx, done = 0;
+        for (int i = 0; i < n; i += CH) {
+            int m = n - i < CH ? n - i : CH;
+            ra_kern_u8dot_gather(t->q8, t->q16, 1, g->cb.cbytes, g->rec, g->rec_bytes, ids + i,
+                                 (size_t)m, dots + i);
+            for (int e = done + per; done < e && done < n_nx; done++)
+                g_prefetch_code(g, nx[done]);
         }
-        ra_kern_u8dot_gather(t->q8, t->q16, 1, g->cb.cbytes, g->rec, g->rec_bytes, ids, (size_t)n,
-                             dots);
+        for (; done < n_nx; done++)
+            g_prefetch_code(g, nx[done]);
         for (int i = 0; i < n; i++)
             out[i] = t->cmul * (float)dots[i] + t->cadd - (l2 ? 0.5f * g->norm2[ids[i]] : 0.f);
         return;
@@ -87,7 +105,7 @@ static int g_search(const ra_graph *g, const void *keys, const float *q, int l2,
                 continue;
             t->buf[nb++] = id;
             if (nb == t->buf_cap) {
-                g_score(g, keys, q, l2, t->buf, nb, t->sc, t);
+                g_score(g, keys, q, l2, t->buf, nb, t->sc, t, NULL, 0);
                 nscan += (uint64_t)nb;
                 for (int j = 0; j < nb; j++)
                     if (t->buf[j] != skip)
@@ -101,7 +119,7 @@ static int g_search(const ra_graph *g, const void *keys, const float *q, int l2,
         t->buf[nb++] = 0;
     }
     if (nb) {
-        g_score(g, keys, q, l2, t->buf, nb, t->sc, t);
+        g_score(g, keys, q, l2, t->buf, nb, t->sc, t, NULL, 0);
         nscan += (uint64_t)nb;
         for (int j = 0; j < nb; j++)
             if (t->buf[j] != skip)
@@ -120,14 +138,21 @@ static int g_search(const ra_graph *g, const void *keys, const float *q, int l2,
         int32_t u = pool[k].id;
         const int32_t *nbr = g_adj(g, u);
         int d = g->deg[u];
-        /* prefetch the next candidate's adjacency (all its lines) while this one is
-         * scored: its first load was 16 % of a walk with one line prefetched */
-        for (int j = k + 1; j < np; j++)
+        /* the two candidates likely expanded next (the pool may change before): the
+         * second one's adjacency is prefetched (all its lines; its first load was 16 % of
+         * a walk with one line prefetched), the first one's was one step ago and its
+         * unvisited neighbours' codes are prefetched while this node's are scored (the
+         * codes' misses were most of a walk) */
+        int32_t nx1 = -1;
+        for (int j = k + 1, f = 0; j < np && f < 2; j++)
             if (!pool[j].done) {
+                if (f++ == 0) {
+                    nx1 = pool[j].id;
+                    continue;
+                }
                 const char *a = (const char *)g_adj(g, (size_t)pool[j].id);
                 for (size_t o = 0; o < (size_t)g->M * sizeof(int32_t); o += 64)
                     __builtin_prefetch(a + o);
-                break;
             }
         nb = 0;
         for (int j = 0; j < d; j++) {
@@ -140,7 +165,15 @@ static int g_search(const ra_graph *g, const void *keys, const float *q, int l2,
             k++;
             continue;
         }
-        g_score(g, keys, q, l2, t->buf, nb, t->sc, t);
+        int32_t nxb[G_MAX_DEGREE];
+        int n_nx = 0;
+        if (nx1 >= 0 && t->use_codes) {
+            const int32_t *a = g_adj(g, (size_t)nx1);
+            for (int j = 0; j < g->deg[nx1]; j++)
+                if (!(vis[a[j] >> 6] & 1ull << (a[j] & 63)))
+                    nxb[n_nx++] = a[j];
+        }
+        g_score(g, keys, q, l2, t->buf, nb, t->sc, t, nxb, n_nx);
         nscan += (uint64_t)nb;
         int best = np;
         for (int j = 0; j < nb; j++) {
@@ -428,7 +461,7 @@ static ra_status g_apply_edges(ra_graph *g, const void *keys, g_edge *e, size_t 
     if (!ne)
         return RA_OK;
     g_edge *tmp = malloc(ne * sizeof *tmp);
-    g_sort_u64(e, ne, tmp);
+    g_psort_u64(g->threads, e, tmp, ne);
     free(tmp);
     size_t ngrp = 0;
     for (size_t i = 0; i < ne; i++)
@@ -512,6 +545,30 @@ done:
     free(q);
 }
 
+/* A batch's new out-lists into their rows, and their edges (target, source) at each
+ * node's offset (a serial loop between two parallel passes before) */
+typedef struct g_land_ctx {
+    ra_graph *g;
+    const int32_t *nodes, *lists;
+    const int *counts;
+    const size_t *eoff;
+    g_edge *e;
+} g_land_ctx;
+
+static void g_land_task(void *arg, size_t b, size_t end)
+{
+    g_land_ctx *c = arg;
+    ra_graph *g = c->g;
+    for (size_t i = b; i < end; i++) {
+        int32_t u = c->nodes[i];
+        int32_t *row = g_adj(g, u);
+        memcpy(row, c->lists + i * (size_t)g->M, (size_t)c->counts[i] * sizeof *row);
+        g->deg[u] = (uint8_t)c->counts[i];
+        for (int j = 0; j < c->counts[i]; j++)
+            c->e[c->eoff[i] + (size_t)j] = g_edge_of(row[j], u);
+    }
+}
+
 /* Links nodes[0..n) (already counted in g->n) in batches. */
 static ra_status g_insert_nodes(ra_graph *g, const void *keys, const int32_t *nodes, size_t n,
                                 int keep_old)
@@ -520,8 +577,9 @@ static ra_status g_insert_nodes(ra_graph *g, const void *keys, const int32_t *no
     size_t bmax = 8192;
     int32_t *lists = malloc(bmax * (size_t)g->M * sizeof *lists);
     int *counts = malloc(bmax * sizeof *counts);
+    size_t *eoff = malloc(bmax * sizeof *eoff);
     g_edge *e = malloc(bmax * (size_t)g->M * sizeof *e);
-    if (!lists || !counts || !e) {
+    if (!lists || !counts || !eoff || !e) {
         st = RA_ENOMEM;
         goto fail;
     }
@@ -571,14 +629,13 @@ static ra_status g_insert_nodes(ra_graph *g, const void *keys, const int32_t *no
         scanned += atomic_load(&c.scanned);
         hops += atomic_load(&c.hops);
         size_t ne = 0;
-        for (size_t i = 0; i < bs; i++) {
-            int32_t u = nodes[done + i];
-            int32_t *row = g_adj(g, u);
-            memcpy(row, lists + i * (size_t)g->M, (size_t)counts[i] * sizeof *row);
-            g->deg[u] = (uint8_t)counts[i];
-            for (int j = 0; j < counts[i]; j++)
-                e[ne++] = g_edge_of(row[j], u);
+        for (size_t i = 0; i < bs; i++) { /* where each node's edges go */
+            eoff[i] = ne;
+            ne += (size_t)counts[i];
         }
+        g_land_ctx lc = {
+            .g = g, .nodes = nodes + done, .lists = lists, .counts = counts, .eoff = eoff, .e = e};
+        g_parallel(g->threads, bs, 256, g_land_task, &lc);
         st = g_apply_edges(g, keys, e, ne);
         if (st)
             goto fail;
@@ -595,6 +652,7 @@ static ra_status g_insert_nodes(ra_graph *g, const void *keys, const int32_t *no
 fail:
     free(lists);
     free(counts);
+    free(eoff);
     free(e);
     return st;
 }
@@ -604,18 +662,60 @@ fail:
  * reverse edges come from reached nodes), and a node still unreached after that gets
  * a forced edge from the best reached node the search found. Bounded rounds. */
 
+/* One BFS level on the build's threads: a chunk of the level claims its nodes' unseen
+ * neighbours (the first to flip a seen byte wins) and appends them to next; the level's
+ * claims are then sorted by id, so the reached set is a serial BFS's and the order (only
+ * the forced edges below use it) depends on the data alone. The BFS was serial: ~0.04 s
+ * per pass over a 131K head, two passes a build. */
+#define G_BFS_CHUNK 256
+typedef struct g_bfs_ctx {
+    const ra_graph *g;
+    uint8_t *seen;
+    const int32_t *lvl;
+    uint64_t *next; /* room for every node: each is claimed once */
+    atomic_size_t at;
+    atomic_int fail;
+} g_bfs_ctx;
+
+static void g_bfs_task(void *arg, size_t b, size_t e)
+{
+    g_bfs_ctx *c = arg;
+    const ra_graph *g = c->g;
+    uint64_t *loc = malloc((e - b) * (size_t)g->M * sizeof *loc);
+    if (!loc) {
+        atomic_store(&c->fail, 1);
+        return;
+    }
+    size_t m = 0;
+    for (size_t i = b; i < e; i++) {
+        int32_t u = c->lvl[i];
+        const int32_t *row = g_adj(g, u);
+        for (int j = 0; j < g->deg[u]; j++) {
+            int32_t v = row[j];
+            if (!__atomic_load_n(&c->seen[v], __ATOMIC_RELAXED) &&
+                !__atomic_exchange_n(&c->seen[v], 1, __ATOMIC_RELAXED))
+                loc[m++] = (uint32_t)v;
+        }
+    }
+    size_t at = atomic_fetch_add(&c->at, m);
+    memcpy(c->next + at, loc, m * sizeof *loc);
+    free(loc);
+}
+
 static ra_status g_connect(ra_graph *g, const void *keys)
 {
     ra_status st = RA_OK;
     size_t n = g->n;
     uint8_t *seen = NULL;
     int32_t *queue = NULL, *miss = NULL;
+    uint64_t *lv = NULL; /* a level's claims, and sort scratch */
     if (n == 0)
         return RA_OK;
     seen = malloc(n);
     queue = malloc(n * sizeof *queue);
     miss = malloc(n * sizeof *miss);
-    if (!seen || !queue || !miss) {
+    lv = malloc(2 * n * sizeof *lv);
+    if (!seen || !queue || !miss || !lv) {
         st = RA_ENOMEM;
         goto fail;
     }
@@ -629,14 +729,20 @@ static ra_status g_connect(ra_graph *g, const void *keys)
                 queue[qt++] = s;
             }
         }
-        while (qh < qt) {
-            int32_t u = queue[qh++];
-            const int32_t *row = g_adj(g, u);
-            for (int j = 0; j < g->deg[u]; j++)
-                if (!seen[row[j]]) {
-                    seen[row[j]] = 1;
-                    queue[qt++] = row[j];
-                }
+        while (qh < qt) { /* one level [qh, qt) per pass */
+            g_bfs_ctx bc = {.g = g, .seen = seen, .lvl = queue + qh, .next = lv};
+            atomic_init(&bc.at, 0);
+            atomic_init(&bc.fail, 0);
+            g_parallel(g->threads, qt - qh, G_BFS_CHUNK, g_bfs_task, &bc);
+            if (atomic_load(&bc.fail)) {
+                st = RA_ENOMEM;
+                goto fail;
+            }
+            size_t m = atomic_load(&bc.at);
+            g_psort_u64(g->threads, lv, lv + n, m);
+            qh = qt;
+            for (size_t i = 0; i < m; i++)
+                queue[qt++] = (int32_t)lv[i];
         }
         size_t nm = 0;
         for (size_t i = 0; i < n; i++)
@@ -666,6 +772,7 @@ fail:
     free(seen);
     free(queue);
     free(miss);
+    free(lv);
     return st;
 }
 
@@ -783,6 +890,21 @@ done:
     free(tmp);
 }
 
+/* The edges (target, source) of rows [b, e), node u's at eoff[u] */
+typedef struct g_redge_ctx {
+    const ra_graph *g;
+    const size_t *eoff;
+    g_edge *e;
+} g_redge_ctx;
+
+static void g_redge_task(void *arg, size_t b, size_t end)
+{
+    g_redge_ctx *c = arg;
+    for (size_t u = b; u < end; u++)
+        for (int j = 0; j < c->g->deg[u]; j++)
+            c->e[c->eoff[u] + (size_t)j] = g_edge_of(g_adj(c->g, u)[j], (int32_t)u);
+}
+
 /* The projection: per node, its candidates from the training lists it occurs in (the
  * first G_PROJ_LISTS), the cmax most frequent co-answers pruned into its row; then the
  * reverse edges. occ[u] (may be NULL) counts every occurrence of u. */
@@ -802,6 +924,8 @@ static ra_status g_project(ra_graph *g, const void *keys, const int32_t *knn, si
         st = RA_EINVAL;
         goto fail;
     }
+    double w0, c0, w1, c1, w2, c2, w3, c3;
+    g_clock(&w0, &c0);
     /* occurrences per node (capped), in query order: a count pass, then a fill pass */
     for (size_t qi = 0; qi < nq; qi++) {
         const int32_t *l = knn + qi * (size_t)K;
@@ -843,27 +967,33 @@ static ra_status g_project(ra_graph *g, const void *keys, const int32_t *knn, si
                     .cmax = (size_t)g->M * 4,
                     .mp = g_proj_slots(g->M)};
     atomic_init(&c.fail, 0);
+    g_clock(&w1, &c1);
     g_parallel(g->threads, n, 256, g_proj_task, &c);
+    g_clock(&w2, &c2);
     if (atomic_load(&c.fail)) {
         st = RA_ENOMEM;
         goto fail;
     }
     if (c.mp == 0) { /* reverse edges of the pruned projection */
         size_t ne = 0;
-        for (size_t u = 0; u < n; u++)
+        for (size_t u = 0; u < n; u++) { /* fill (reused): where node u's edges go */
+            fill[u] = ne;
             ne += g->deg[u];
+        }
         g_edge *e = malloc((ne ? ne : 1) * sizeof *e);
         if (!e) {
             st = RA_ENOMEM;
             goto fail;
         }
-        size_t k = 0;
-        for (size_t u = 0; u < n; u++)
-            for (int j = 0; j < g->deg[u]; j++)
-                e[k++] = g_edge_of(g_adj(g, u)[j], (int32_t)u);
-        st = g_apply_edges(g, keys, e, k);
+        g_redge_ctx rc = {.g = g, .eoff = fill, .e = e};
+        g_parallel(g->threads, n, 4096, g_redge_task, &rc);
+        st = g_apply_edges(g, keys, e, ne);
         free(e);
     }
+    g_clock(&w3, &c3);
+    RA_DEBUG("graph: projection of %zu lists: occurrences %.2f/%.2f s, candidates and pruning "
+             "%.2f/%.2f s, reverse edges %.2f/%.2f s (wall/cpu)",
+             nq, w1 - w0, c1 - c0, w2 - w1, c2 - c1, w3 - w2, c3 - c2);
 fail:
     free(off);
     free(fill);
@@ -896,11 +1026,63 @@ size_t g_sample_queries(size_t nq, size_t want, uint64_t seed, size_t *idx)
     return k;
 }
 
+/* The code's range over rows in G_RANGE_CHUNKS slices, merged after (min and max: the
+ * same range whatever the slicing); it was one serial pass over every key. */
+#define G_RANGE_CHUNKS 64
+typedef struct g_range_ctx {
+    const ra_graph *g;
+    const void *keys;
+    size_t n, csz;
+    float *mn, *mx; /* [G_RANGE_CHUNKS][dim] */
+    atomic_int fail;
+} g_range_ctx;
+
+static void g_range_task(void *arg, size_t b, size_t e)
+{
+    g_range_ctx *c = arg;
+    int dim = c->g->dim;
+    float *f = malloc((size_t)dim * sizeof *f);
+    if (!f) {
+        atomic_store(&c->fail, 1);
+        return;
+    }
+    for (size_t k = b; k < e; k++) {
+        size_t s = k * c->csz, z = s + c->csz < c->n ? s + c->csz : c->n;
+        ra_codebook_range(g_row(c->g, c->keys, (int32_t)s), c->g->dtype, dim, z - s,
+                          c->mn + k * dim, c->mx + k * dim, f);
+    }
+    free(f);
+}
+
 /* Fits the search code to rows [0, n) and encodes them (with their norms). */
 ra_status g_fit_codes(ra_graph *g, const void *keys, size_t n)
 {
     ra_codebook cb;
-    ra_status st = ra_codebook_train(&cb, keys, g->dtype, g->dim, n);
+    int dim = g->dim;
+    g_range_ctx rc = {
+        .g = g, .keys = keys, .n = n, .csz = (n + G_RANGE_CHUNKS - 1) / G_RANGE_CHUNKS};
+    rc.csz = rc.csz ? rc.csz : 1;
+    size_t nch = (n + rc.csz - 1) / rc.csz;
+    rc.mn = malloc((size_t)G_RANGE_CHUNKS * dim * sizeof *rc.mn);
+    rc.mx = malloc((size_t)G_RANGE_CHUNKS * dim * sizeof *rc.mx);
+    atomic_init(&rc.fail, 0);
+    ra_status st = RA_ENOMEM;
+    if (rc.mn && rc.mx) {
+        for (size_t i = 0; i < (size_t)G_RANGE_CHUNKS * dim; i++) {
+            rc.mn[i] = INFINITY;
+            rc.mx[i] = -INFINITY;
+        }
+        g_parallel(g->threads, nch, 1, g_range_task, &rc);
+        for (size_t k = 1; k < nch; k++)
+            for (int d = 0; d < dim; d++) {
+                float a = rc.mn[k * dim + d], z = rc.mx[k * dim + d];
+                rc.mn[d] = a < rc.mn[d] ? a : rc.mn[d];
+                rc.mx[d] = z > rc.mx[d] ? z : rc.mx[d];
+            }
+        st = atomic_load(&rc.fail) ? RA_ENOMEM : ra_codebook_from_range(&cb, dim, n, rc.mn, rc.mx);
+    }
+    free(rc.mn);
+    free(rc.mx);
     if (st)
         return st;
     ra_codebook_fini(&g->cb);
@@ -962,6 +1144,31 @@ void g_clock(double *wall, double *cpu)
     *wall = ra_now_s();
 }
 
+/* The build's phases, in order, for the log (ratd-bench-index --verbose) */
+#define G_NPHASE 5
+static const char *const g_phase_names[G_NPHASE] = {"codes", "kNN", "projection",
+                                                    "key->key linking", "connectivity"};
+
+/* One line per build: each phase's wall and CPU seconds (process CPU: other threads of the
+ * process count too) and their ratio, the threads it kept busy: a phase near 1.0 with
+ * several threads is a serial one. */
+static void g_log_phases(size_t n, size_t ns, int threads, int given, const double *w,
+                         const double *c)
+{
+    char buf[768];
+    int at = snprintf(buf, sizeof buf,
+                      "graph: built %zu keys from %zu queries on %d threads in "
+                      "%.2f s (cpu %.2f s); phases wall/cpu s (cpu/wall):",
+                      n, ns, threads, w[G_NPHASE] - w[0], c[G_NPHASE] - c[0]);
+    for (int i = 0; i < G_NPHASE && at > 0 && (size_t)at < sizeof buf; i++) {
+        double dw = w[i + 1] - w[i], dc = c[i + 1] - c[i];
+        at += snprintf(buf + at, sizeof buf - (size_t)at, "%s %s%s %.2f/%.2f (%.1f)", i ? "," : "",
+                       g_phase_names[i], i == 1 && given ? " (lists given)" : "", dw, dc,
+                       dw > 1e-6 ? dc / dw : 0.0);
+    }
+    RA_DEBUG("%s", buf);
+}
+
 ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const float *train_q,
                               size_t nq, const int32_t *lists, int lists_k,
                               const ra_index_opts *opts)
@@ -1002,13 +1209,14 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
         goto fail;
     g->n = n;
     const void *keys = ra_kv_keys(kv);
-    /* phase clocks (wall, process CPU): codes, kNN, projection, linking, connectivity */
-    double w[6], c[6];
+    /* phase clocks (wall, process CPU): the end of each phase of g_phase_names */
+    double w[G_NPHASE + 1], c[G_NPHASE + 1];
     g_clock(&w[0], &c[0]);
     if ((st = g_fit_codes(g, keys, n)))
         goto fail;
     g_clock(&w[1], &c[1]);
-    w[2] = w[3] = w[1], c[2] = c[3] = c[1];
+    for (int i = 2; i <= G_NPHASE; i++) /* phases that do not run take no time */
+        w[i] = w[1], c[i] = c[1];
     occ = calloc(n ? n : 1, sizeof *occ);
     if (!occ) {
         st = RA_ENOMEM;
@@ -1042,7 +1250,7 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
                 memcpy(knn + i * (size_t)Kk, lists + sidx[i] * (size_t)lists_k,
                        (size_t)Kk * sizeof *knn);
         else
-            st = ra_exact_knn_batch(kv, n, sq, ns, Kk, knn, knn_s);
+            st = g_exact_knn(g, keys, n, sq, ns, Kk, knn, knn_s);
         if (st) {
             RA_ERROR("graph: exact top-%d of %zu training queries failed: %s", Kk, ns,
                      ra_strerror(st));
@@ -1092,7 +1300,7 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
             for (size_t i = 0; i < n; i++)
                 if (occ[i] > 0)
                     rank[m++] = g_cnt_key(occ[i], (int32_t)i);
-            g_sort_u64(rank, m, rank + n);
+            g_psort_u64(g->threads, rank, rank + n, m);
             int hh = ns ? (ne + 1) / 2 : 0;
             for (size_t i = 0; i < m && k < hh; i++)
                 g->entries[k++] = (int32_t)(uint32_t)rank[i];
@@ -1142,15 +1350,11 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
                  (double)g->l_mult);
     }
     g->cancel = NULL;
-    g_clock(&w[5], &c[5]);
+    g_clock(&w[G_NPHASE], &c[G_NPHASE]);
     if (n <= 1)
-        w[4] = w[3], c[4] = c[3];
-    RA_DEBUG("graph: built %zu keys from %zu queries in %.2fs (cpu %.2fs): codes %.2f/%.2f, "
-             "kNN %s%.2f/%.2f, projection %.2f/%.2f, key->key linking %.2f/%.2f, "
-             "connectivity %.2f/%.2f (s wall/cpu)",
-             n, ns, w[5] - w[0], c[5] - c[0], w[1] - w[0], c[1] - c[0], lists ? "(given) " : "",
-             w[2] - w[1], c[2] - c[1], w[3] - w[2], c[3] - c[2], w[4] - w[3], c[4] - c[3],
-             w[5] - w[4], c[5] - c[4]);
+        for (int i = 3; i < G_NPHASE; i++)
+            w[i] = w[2], c[i] = c[2];
+    g_log_phases(n, ns, g->threads, lists != NULL, w, c);
     free(sq);
     free(sidx);
     free(knn);

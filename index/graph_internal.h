@@ -166,6 +166,9 @@ uint32_t g_tls_next_gen(g_tls *t);
 typedef void (*g_task_fn)(void *ctx, size_t begin, size_t end);
 void g_parallel(int threads, size_t n, size_t chunk, g_task_fn fn, void *ctx);
 int g_threads(int want);
+/* Sorts a[0..n) ascending on up to `threads` threads, tmp holding n keys: the same result
+ * as g_sort_u64 (graph_sort.h). Falls back to it when small or out of memory. */
+void g_psort_u64(int threads, uint64_t *a, uint64_t *tmp, size_t n);
 
 /* Options against the graph's bounds; RA_EINVAL when out of range (graph.c). */
 ra_status g_opts(const ra_index_opts *o, int *K, int *M, int *ef, int *ent, int *ntrain,
@@ -194,6 +197,12 @@ size_t g_sample_queries(size_t nq, size_t want, uint64_t seed, size_t *idx);
 ra_status g_set_routing(ra_graph *g, const float *sq, size_t ns, const int32_t *knn, int Kk);
 /* Wall and CPU seconds of the process, for the build's phase log. */
 void g_clock(double *wall, double *cpu);
+
+/* graph_knn.c: the exact top-K (inner product) of queries q[nq][dim] among rows [0, n) of
+ * keys, best first (ties: lower id), on g->threads threads: ids and scores [nq][K], padded
+ * with -1 / -inf when n < K. RA_ENOMEM, RA_EINVAL (K out of range). */
+ra_status g_exact_knn(const ra_graph *g, const void *keys, size_t n, const float *q, size_t nq,
+                      int K, int32_t *ids, float *scores);
 
 /* graph_io.c: graphs in the wire form (ra_index.h) */
 ra_status ra_graph_export(const ra_graph *g, ra_graph_adj *out);

@@ -59,7 +59,7 @@ static inline void g_sift_u64(uint64_t *a, size_t n, size_t i)
     a[i] = x;
 }
 
-static void g_heapsort_u64(uint64_t *a, size_t n)
+static inline void g_heapsort_u64(uint64_t *a, size_t n)
 {
     for (size_t i = n / 2; i-- > 0;)
         g_sift_u64(a, n, i);
@@ -71,7 +71,7 @@ static void g_heapsort_u64(uint64_t *a, size_t n)
     }
 }
 
-static void g_introsort_u64(uint64_t *a, size_t n, int depth)
+static inline void g_introsort_u64(uint64_t *a, size_t n, int depth)
 {
     while (n > 24) {
         if (depth-- == 0) {
@@ -109,7 +109,7 @@ static void g_introsort_u64(uint64_t *a, size_t n, int depth)
 }
 
 /* LSD radix sort of a[0..n) by 16-bit digits through tmp[n] (the result is in a). */
-static void g_radix_u64(uint64_t *a, uint64_t *tmp, size_t n)
+static inline void g_radix_u64(uint64_t *a, uint64_t *tmp, size_t n)
 {
     uint64_t all_or = 0, all_and = ~(uint64_t)0;
     for (size_t i = 0; i < n; i++) {
@@ -143,6 +143,36 @@ static void g_radix_u64(uint64_t *a, uint64_t *tmp, size_t n)
     if (src != a)
         memcpy(a, src, n * sizeof *a);
     free(cnt);
+}
+
+/* Rearranges a[0..n) so that a[0..k) are its k smallest (in no order), k <= n. */
+static inline void g_select_u64(uint64_t *a, size_t n, size_t k)
+{
+    size_t lo = 0, hi = n; /* the k-th smallest is in [lo, hi) */
+    while (hi - lo > 24 && k > lo && k < hi) {
+        uint64_t x = a[lo], y = a[lo + (hi - lo) / 2], z = a[hi - 1];
+        uint64_t p = x < y ? (y < z ? y : x < z ? z : x) : (x < z ? x : y < z ? z : y);
+        size_t i = lo, j = hi - 1;
+        for (;;) {
+            while (a[i] < p)
+                i++;
+            while (a[j] > p)
+                j--;
+            if (i >= j)
+                break;
+            uint64_t t = a[i];
+            a[i] = a[j];
+            a[j] = t;
+            i++;
+            j--;
+        }
+        if (k <= j + 1) /* [lo, j] <= p <= [j + 1, hi) */
+            hi = j + 1;
+        else
+            lo = j + 1;
+    }
+    if (k > lo && k < hi)
+        g_isort_u64(a + lo, hi - lo);
 }
 
 /* Sorts a[0..n) ascending; tmp (may be NULL) holds n keys for the radix path. */

@@ -18,6 +18,8 @@ typedef void (*ra_kern_axpy_fn)(float w, const void *row, int dim, float *acc);
 typedef void (*ra_kern_to_f32_fn)(const void *src, size_t n, float *dst);
 typedef void (*ra_kern_from_f32_fn)(const float *src, size_t n, void *dst);
 
+/* out[k * n + i] = q[k] . row_i for k < 4 (q: 4 vectors of dim, one after another), fp32 */
+typedef void (*ra_kern_dotq4_fn)(const float *q, int dim, const float *rows, size_t n, float *out);
 typedef void (*ra_kern_u8dot_fn)(const int8_t *q8, const int16_t *q16, int G, int cbytes,
                                  const uint8_t *base, size_t stride, const int32_t *ids, size_t n,
                                  int32_t *out);
@@ -29,6 +31,7 @@ typedef struct ra_kern_table {
     ra_kern_to_f32_fn to_f32[3];
     ra_kern_from_f32_fn from_f32[3];
     ra_kern_u8dot_fn u8dot_gather;
+    ra_kern_dotq4_fn dotq4_f32;
 } ra_kern_table;
 
 extern const ra_kern_table ra_kern_table_scalar;

@@ -92,6 +92,13 @@ static void u8dot_gather_scalar(const int8_t *q8, const int16_t *q16, int G, int
     }
 }
 
+static void dotq4_f32_scalar(const float *q, int dim, const float *rows, size_t n, float *out)
+{
+    for (int k = 0; k < 4; k++)
+        for (size_t i = 0; i < n; i++)
+            out[(size_t)k * n + i] = dot1_f32(q + (size_t)k * dim, rows + i * (size_t)dim, dim);
+}
+
 const ra_kern_table ra_kern_table_scalar = {
     .dot_range = {dot_range_f32, dot_range_f16, dot_range_bf16},
     .dot_gather = {dot_gather_f32, dot_gather_f16, dot_gather_bf16},
@@ -99,6 +106,7 @@ const ra_kern_table ra_kern_table_scalar = {
     .to_f32 = {to_f32_f32, to_f32_f16, to_f32_bf16},
     .from_f32 = {from_f32_f32, from_f32_f16, from_f32_bf16},
     .u8dot_gather = u8dot_gather_scalar,
+    .dotq4_f32 = dotq4_f32_scalar,
 };
 
 /* ---------- dispatch ---------- */
@@ -218,6 +226,13 @@ void ra_kern_dot_gather(const float *q, const void *rows, ra_dtype t, int dim, c
     if (!dt_ok(t) || dim <= 0 || n == 0)
         return;
     tab()->dot_gather[t](q, rows, dim, ids, n, out);
+}
+
+void ra_kern_dot_q4_f32(const float *q, const float *rows, int dim, size_t n, float *out)
+{
+    if (dim <= 0 || n == 0)
+        return;
+    tab()->dotq4_f32(q, dim, rows, n, out);
 }
 
 float ra_kern_dot(const float *q, const void *row, ra_dtype t, int dim)

@@ -5,6 +5,7 @@
 #include <immintrin.h>
 #include <string.h>
 
+#include "kern_dotq4.h"
 #include "kern_impl.h"
 #include "ra_half.h"
 
@@ -175,11 +176,42 @@ static inline __attribute__((always_inline)) void u8dot_rows(const int16_t *q16,
         out[3] = _mm512_reduce_add_epi32(a3);
 }
 
+/* One query against four code rows (each query chunk loaded once for four rows); the same
+ * exact int32 sums as u8dot_rows. */
+static inline __attribute__((always_inline)) void u8dot_4rows(const int16_t *q16, int cb,
+                                                              const uint8_t *c0, const uint8_t *c1,
+                                                              const uint8_t *c2, const uint8_t *c3,
+                                                              int32_t *out)
+{
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    for (int d = 0; d < cb; d += 32) {
+        __m512i qv = _mm512_loadu_si512(q16 + d);
+        a0 = _mm512_add_epi32(
+            a0, _mm512_madd_epi16(_mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(c0 + d))), qv));
+        a1 = _mm512_add_epi32(
+            a1, _mm512_madd_epi16(_mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(c1 + d))), qv));
+        a2 = _mm512_add_epi32(
+            a2, _mm512_madd_epi16(_mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(c2 + d))), qv));
+        a3 = _mm512_add_epi32(
+            a3, _mm512_madd_epi16(_mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(c3 + d))), qv));
+    }
+    out[0] = _mm512_reduce_add_epi32(a0);
+    out[1] = _mm512_reduce_add_epi32(a1);
+    out[2] = _mm512_reduce_add_epi32(a2);
+    out[3] = _mm512_reduce_add_epi32(a3);
+}
+
 static void u8dot_gather(const int8_t *q8, const int16_t *q16, int G, int cb, const uint8_t *base,
                          size_t stride, const int32_t *ids, size_t n, int32_t *out)
 {
     (void)q8;
-    for (size_t i = 0; i < n; i++) {
+    size_t i = 0;
+    if (G == 1)
+        for (; i + 4 <= n; i += 4)
+            u8dot_4rows(q16, cb, base + (size_t)ids[i] * stride, base + (size_t)ids[i + 1] * stride,
+                        base + (size_t)ids[i + 2] * stride, base + (size_t)ids[i + 3] * stride,
+                        out + i);
+    for (; i < n; i++) {
         const uint8_t *c = base + (size_t)ids[i] * stride;
         int32_t *o = out + i * (size_t)G;
         for (int j = 0; j < G; j += 4) {
@@ -201,4 +233,5 @@ const ra_kern_table ra_kern_table_avx512 = {
     .to_f32 = {to_f32_f32, to_f32_f16, to_f32_bf16},
     .from_f32 = {from_f32_f32, from_f32_f16, from_f32_bf16},
     .u8dot_gather = u8dot_gather,
+    .dotq4_f32 = dotq4_f32,
 };

@@ -39,12 +39,37 @@ static inline __attribute__((always_inline)) void rows(const int8_t *q8, int g, 
         out[2] = _mm512_reduce_add_epi32(a2);
 }
 
+/* One query against four code rows (each query chunk loaded once for four rows). */
+static inline __attribute__((always_inline)) void rows4(const int8_t *q8, int cb, const uint8_t *c0,
+                                                        const uint8_t *c1, const uint8_t *c2,
+                                                        const uint8_t *c3, int32_t *out)
+{
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    for (int d = 0; d < cb; d += 64) {
+        __m512i qv = _mm512_loadu_si512(q8 + d);
+        a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(c0 + d), qv);
+        a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(c1 + d), qv);
+        a2 = _mm512_dpbusd_epi32(a2, _mm512_loadu_si512(c2 + d), qv);
+        a3 = _mm512_dpbusd_epi32(a3, _mm512_loadu_si512(c3 + d), qv);
+    }
+    out[0] = _mm512_reduce_add_epi32(a0);
+    out[1] = _mm512_reduce_add_epi32(a1);
+    out[2] = _mm512_reduce_add_epi32(a2);
+    out[3] = _mm512_reduce_add_epi32(a3);
+}
+
 void ra_kern_u8dot_gather_vnni(const int8_t *q8, const int16_t *q16, int G, int cb,
                                const uint8_t *base, size_t stride, const int32_t *ids, size_t n,
                                int32_t *out)
 {
     (void)q16;
-    for (size_t i = 0; i < n; i++) {
+    size_t i0 = 0;
+    if (G == 1)
+        for (; i0 + 4 <= n; i0 += 4)
+            rows4(q8, cb, base + (size_t)ids[i0] * stride, base + (size_t)ids[i0 + 1] * stride,
+                  base + (size_t)ids[i0 + 2] * stride, base + (size_t)ids[i0 + 3] * stride,
+                  out + i0);
+    for (size_t i = i0; i < n; i++) {
         const uint8_t *c = base + (size_t)ids[i] * stride;
         int32_t *o = out + i * (size_t)G;
         for (int j = 0; j < G; j += 4) {

@@ -25,6 +25,13 @@ typedef struct ra_codebook {
 /* Fits the code to rows [0, n) of `dim` elements of type t (one pass over all of them).
  * n == 0 gives a code centred on 0 with unit steps. */
 ra_status ra_codebook_train(ra_codebook *cb, const void *rows, ra_dtype t, int dim, size_t n);
+/* The same in two steps, for callers that split the pass over the rows: the range of rows
+ * [0, n) widened into mn/mx[dim] (start them at +inf/-inf; tmp holds dim floats), then the
+ * code from the range of all n rows. */
+void ra_codebook_range(const void *rows, ra_dtype t, int dim, size_t n, float *mn, float *mx,
+                       float *tmp);
+ra_status ra_codebook_from_range(ra_codebook *cb, int dim, size_t n, const float *mn,
+                                 const float *mx);
 void ra_codebook_fini(ra_codebook *cb);
 size_t ra_codebook_bytes(const ra_codebook *cb);
 

@@ -32,6 +32,10 @@ void ra_kern_dot_range(const float *q, const void *rows, ra_dtype t, int dim, si
 /* out[i] = q . row(ids[i]) for i < n (gather). */
 void ra_kern_dot_gather(const float *q, const void *rows, ra_dtype t, int dim, const int32_t *ids,
                         size_t n, float *out);
+/* out[k * n + i] = q[k] . row_i for k < 4 and i < n: four fp32 queries q[4][dim] (one after
+ * another) against n contiguous fp32 rows, each row loaded once for the four (the graph
+ * build's exact kNN). The sums may differ from ra_kern_dot's in the last bits. */
+void ra_kern_dot_q4_f32(const float *q, const float *rows, int dim, size_t n, float *out);
 /* One inner product. */
 float ra_kern_dot(const float *q, const void *row, ra_dtype t, int dim);
 

@@ -69,7 +69,7 @@ static void usage(void)
         "                        [--topk K] [--seed S] [--json] [--threads T] [--dtype "
         "f16|bf16|f32]\n"
         "                        [--index graph,ivf,hnsw,flat] [--insert N] [--efforts a,b,c]\n"
-        "                        [--knn K] [--degree M] [--build-ef E] [--entries E] [--ntrain N]\n"
+        "                        [--knn K] [--degree M] [--build-ef E] [--entries E] [--ntrain N|all]\n"
         "                        [--synth knob=v,...] [--overlap] [--no-train] [--eval-train] "
         "[--verbose]\n"
         "                        [--save PREFIX] [--gen calibrated|lin] [--group G]\n"
@@ -188,9 +188,9 @@ static int parse_args(int argc, char **argv, bench_cfg *c)
         } else if (!strcmp(a, "--entries")) {
             NEEDV;
             c->gopts.graph_entries = atoi(v);
-        } else if (!strcmp(a, "--ntrain")) {
+        } else if (!strcmp(a, "--ntrain")) { /* "all": every training query (issue 12 item 3) */
             NEEDV;
-            c->gopts.n_train = atoi(v);
+            c->gopts.n_train = !strcmp(v, "all") ? 1000000 : atoi(v);
         } else if (!strcmp(a, "--gen")) {
             NEEDV;
             c->gen = v;

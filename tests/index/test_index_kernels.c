@@ -109,6 +109,19 @@ static void test_dot(void **state)
                 ref = tdot(q, rows, DT[d], dim, (size_t)ids[i], &a);
                 check_dot(g[i], ref, a, dim, "dot_gather vs double");
             }
+            if (DT[d] == RA_DTYPE_F32) { /* four queries at once (odd n: the tail row too) */
+                float *q4 = malloc(4 * (size_t)dim * sizeof *q4), o4[4 * 37];
+                for (int j = 0; j < 4 * dim; j++)
+                    q4[j] = trng_gauss(&r);
+                const float *r0 = (const float *)rows + first * (size_t)dim;
+                ra_kern_dot_q4_f32(q4, r0, dim, n, o4);
+                for (int k = 0; k < 4; k++)
+                    for (size_t i = 0; i < n; i++) {
+                        ref = tdot(q4 + k * dim, rows, DT[d], dim, first + i, &a);
+                        check_dot(o4[k * n + i], ref, a, dim, "dot_q4 vs double");
+                    }
+                free(q4);
+            }
             free(rows);
             free(q);
         }
