@@ -6,7 +6,9 @@
 #   c128k  the same at 128K          l128k  the hidden-state generator (lin) at 128K
 #   c1m    calibrated, 1M keys, 8 query / 2 KV heads, 2 layers
 #   b128k  batch 8 at 128K, 1 layer (8 sessions per Attend)
-# RA_RUN_TIMEOUT: seconds per run (default 420).
+#   c128k0, c1m0  c128k and c1m at the default effort only (no sweep)
+# RA_RUN_TIMEOUT: seconds per run (default 420). RA_BUILD_HEAD=1: first one 131K head's
+# CPU graph build with --verbose (ratd-bench-index, both generators).
 set -uo pipefail
 out=${1:?usage: device-run.sh OUT_DIR [RUN...]}
 shift
@@ -20,9 +22,17 @@ el() { echo "[$(($(date +%s) - T0)) s] $*"; }
 b=build-dev
 cmake -S . -B $b -DCMAKE_BUILD_TYPE=Release -DRA_CUDA=OFF -DBUILD_TESTING=OFF "${RA_DEPS_CMAKE[@]}" \
   >"$out/configure.log" 2>&1 || { tail -30 "$out/configure.log"; exit 1; }
-timeout 300 cmake --build $b -j"$(nproc)" --target ratd ratd-bench-decode >"$out/build.log" 2>&1 ||
+timeout 300 cmake --build $b -j"$(nproc)" --target ratd ratd-bench-decode ratd-bench-index >"$out/build.log" 2>&1 ||
   { grep -E "error|Error" "$out/build.log" | head -30; exit 1; }
 el built
+if [ -n "${RA_BUILD_HEAD:-}" ]; then # one 131K head's CPU graph build, phase by phase
+  for g in calibrated lin; do
+    timeout 120 $b/bench/ratd-bench-index --synthetic --gen $g --n 131072 --dim 128 --topk 100 --dtype bf16 \
+      --queries 50 --index graph --insert 0 --efforts 200,300 --verbose --json >"$out/build-$g.json" 2>"$out/build-$g.log"
+    echo "build-$g rc=$?"; grep -E "graph: built|projection" "$out/build-$g.log" | head -3
+  done
+  el "head builds"
+fi
 D="$b/bench/ratd-bench-decode --ratd $b/daemon/ratd --json --steps 200"
 for r in "${runs[@]}"; do
   case $r in
@@ -31,6 +41,8 @@ for r in "${runs[@]}"; do
   l128k) a=(--context 131072 --layers 2 --gen lin) ;;
   c1m) a=(--context 1048576 --layers 2 --q-heads 8 --kv-heads 2 --sweep 400,600,1000) ;;
   b128k) a=(--context 131072 --layers 1 --batch 8 --steps 100) ;;
+  c128k0) a=(--context 131072 --layers 2) ;;
+  c1m0) a=(--context 1048576 --layers 2 --q-heads 8 --kv-heads 2) ;;
   *) echo "unknown run $r"; continue ;;
   esac
   timeout "${RA_RUN_TIMEOUT:-420}" $D "${a[@]}" >"$out/$r.json" 2>"$out/$r.log"
