@@ -19,14 +19,15 @@
 /* ---- state (cuda_internal.h) ---- */
 
 /* after `committed`, a failure leaves device state unknown: the cache is broken */
-ra_status ra_gpu_cuda_dev_fail(ra_gpu_cache *c, cudaError_t e, const char *what, int line,
-                          int committed)
+ra_status ra_gpu_cuda_dev_fail(ra_gpu_cache *c, cudaError_t e, const char *what,
+                               const char *file, int line, int committed)
 {
     if (sticky(e) || committed)
         c->broken = 1;
     ra_status s = e == cudaErrorMemoryAllocation ? RA_ENOMEM : RA_EDEVICE;
-    return ra_gpu_fail(c, s, "CUDA %s (%s) in %s [cuda_backend.cu:%d]%s", err_name(e),
-                       cudaGetErrorString(e), what, line,
+    const char *base = strrchr(file, '/');
+    return ra_gpu_fail(c, s, "CUDA %s (%s) in %s [%s:%d]%s", err_name(e),
+                       cudaGetErrorString(e), what, base ? base + 1 : file, line,
                        c->broken ? "; the cache is marked broken" : "");
 }
 

@@ -594,16 +594,20 @@ ra_status ra_gpu_cuda_graph_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype t, co
         ALLOC(cnt, (n + 1) * sizeof(int));
         ALLOC(off, (n + 1) * sizeof(int));
         CK(cudaMemsetAsync(cnt, 0, (n + 1) * sizeof(int), g->s));
-        /* CUB scratch: the largest of the sorts and scans */
+        /* CUB scratch: the largest of the sorts and scans, asked with their own sizes */
         {
             size_t b1 = 0, b2 = 0, b3 = 0;
+            unsigned kb = bits_for(n);
             CK(cub::DeviceRadixSort::SortPairs(NULL, b1, (unsigned *)NULL, (unsigned *)NULL,
                                                (unsigned *)NULL, (unsigned *)NULL,
-                                               (int)(nocc > nm ? nocc : nm), 0, 32, g->s));
-            CK(cub::DeviceScan::ExclusiveSum(NULL, b2, (int *)NULL, (int *)NULL, (int)(n + 1),
+                                               (int)(nocc ? nocc : 1), 0, (int)kb, g->s));
+            CK(cub::DeviceRadixSort::SortPairs(NULL, b2, (unsigned *)NULL, (unsigned *)NULL,
+                                               (unsigned *)NULL, (unsigned *)NULL, (int)nm, 0,
+                                               (int)kb, g->s));
+            CK(cub::DeviceScan::ExclusiveSum(NULL, b3, (int *)NULL, (int *)NULL, (int)(n + 1),
                                              g->s));
-            b3 = b1 > b2 ? b1 : b2;
-            tmp_bytes = b3;
+            tmp_bytes = b1 > b2 ? b1 : b2;
+            tmp_bytes = tmp_bytes > b3 ? tmp_bytes : b3;
             ALLOC(tmp, tmp_bytes);
         }
         /* 1. query->key lists and the occurrences of each key, by a stable sort on key */

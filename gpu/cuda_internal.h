@@ -70,8 +70,8 @@ static inline int sticky(cudaError_t e)
 }
 
 /* after `committed`, a failure leaves device state unknown: the cache is broken */
-ra_status ra_gpu_cuda_dev_fail(ra_gpu_cache *c, cudaError_t e, const char *what, int line,
-                               int committed);
+ra_status ra_gpu_cuda_dev_fail(ra_gpu_cache *c, cudaError_t e, const char *what,
+                               const char *file, int line, int committed);
 
 /* CK: checks a CUDA call (and the test hook); on failure sets s and jumps to fail.
  * Functions using it declare `ra_status s = RA_OK; int committed = 0;`. */
@@ -83,7 +83,7 @@ ra_status ra_gpu_cuda_dev_fail(ra_gpu_cache *c, cudaError_t e, const char *what,
             c->inject = 0;                                                                \
         }                                                                                 \
         if (e_ != cudaSuccess) {                                                          \
-            s = ra_gpu_cuda_dev_fail(c, e_, #call, __LINE__, committed);                              \
+            s = ra_gpu_cuda_dev_fail(c, e_, #call, __FILE__, __LINE__, committed);                              \
             goto fail;                                                                    \
         }                                                                                 \
     } while (0)
