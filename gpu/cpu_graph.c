@@ -145,7 +145,8 @@ ra_status ra_gpu_cpu_graph_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype t, con
     int32_t *hi = malloc(16 * (kmax ? kmax : 1) * sizeof *hi);
     size_t *off = calloc(n + 1, sizeof *off);
     uint32_t *oq = malloc((nq * K > 0 ? nq * K : 1) * sizeof *oq); /* occurrences q * K + r */
-    size_t msz = (size_t)G * (2 * W + 2) + 1;
+    /* a list's best key takes the whole list (K - 1), any other key 2W + 1 and the best */
+    size_t msz = (size_t)G * ((size_t)(2 * W + 2) > K ? (size_t)(2 * W + 2) : K) + 1;
     uint32_t *ms = malloc(msz * sizeof *ms);
     uint64_t *key = malloc((msz > RA_GPU_GRAPH_REV_CAP ? msz : RA_GPU_GRAPH_REV_CAP) * sizeof *key);
     int32_t *cand = malloc((cmax > RA_GPU_GRAPH_REV_CAP ? cmax : RA_GPU_GRAPH_REV_CAP) * sizeof *cand);

@@ -16,8 +16,8 @@
 
 #define GB_THREADS 128
 #define GB_WARPS (GB_THREADS / 32)
-#define GB_MS 4096   /* multiset of projection candidates: 32 lists x 66 <= 2112 */
-#define GB_DIST 2176 /* distinct candidates (>= 2112 + 1) */
+#define GB_MS 4096          /* multiset of projection candidates: 32 lists x max(66, K - 1) */
+#define GB_DIST (GB_MS + 1) /* distinct candidates and their run starts */
 #define GB_CAND 2048 /* scored candidates: 4 M + key_knn (projection), or REV_CAP */
 
 struct cuda_graph {
@@ -252,12 +252,13 @@ __global__ void __launch_bounds__(GB_THREADS)
             int v = j > hi ? l[0] : l[j];
             if (v != u) {
                 unsigned slot = atomicAdd(&sm->m, 1u);
-                sm->ms[slot] = (unsigned)v;
+                if (slot < GB_MS) /* the host bounds K so that it always is */
+                    sm->ms[slot] = (unsigned)v;
             }
         }
     }
     __syncthreads();
-    unsigned m = sm->m, P = 1;
+    unsigned m = sm->m < GB_MS ? sm->m : GB_MS, P = 1;
     while (P < m)
         P <<= 1;
     for (unsigned i = m + threadIdx.x; i < P; i += blockDim.x)
@@ -543,6 +544,10 @@ ra_status ra_gpu_cuda_graph_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype t, co
     struct cuda_graph *g = NULL;
     const unsigned K = nq ? p->knn : 0, L = p->key_knn, M = p->degree;
     const size_t es = ra_dtype_size(t), nocc = nq * K;
+    if ((size_t)RA_GPU_GRAPH_LISTS * (K > 2 * RA_GPU_GRAPH_WINDOW + 2 ? K : 2 * RA_GPU_GRAPH_WINDOW + 2) >
+        GB_MS)
+        return ra_gpu_fail(c, RA_ENOTSUP, "CUDA graph build: knn %u (at most %d)", K,
+                           GB_MS / RA_GPU_GRAPH_LISTS);
     if (4 * (size_t)M + L > GB_CAND)
         return ra_gpu_fail(c, RA_ENOTSUP,
                            "CUDA graph build: 4 x degree + key_knn = %zu candidates (max %d)",

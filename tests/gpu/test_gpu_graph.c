@@ -238,12 +238,14 @@ static void test_small_and_keys_only(void **state)
         }
         ra_synth_free(&s);
     }
-    /* all keys equal: occlusion never drops a tie, the graph stays connected */
+    /* all keys equal: occlusion never drops a tie, the graph stays connected; and key 0
+     * is the best key of all 64 lists, so it takes the whole list (K - 1 candidates) from
+     * each of its first 32: the candidate multiset's largest case */
     float *same = calloc(300 * DIM, sizeof *same);
     for (size_t i = 0; i < 300 * DIM; i++)
         same[i] = (i % DIM) == 0 ? 1.0f : 0.0f;
     graph g;
-    assert_int_equal(build(c, RA_GPU_MEM_HOST, RA_DTYPE_F32, same, 300, same, 20, NULL, &g),
+    assert_int_equal(build(c, RA_GPU_MEM_HOST, RA_DTYPE_F32, same, 300, same, 64, NULL, &g),
                      RA_OK);
     check_graph(&g);
     free(g.adj);
