@@ -223,8 +223,10 @@ ra_status ra_gpu_knn(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype, const void
  * on that stream only; 5-6 are O(n degree) passes on the host. Memory on the device:
  * keys + queries (if MEM_HOST) + one score tile + O(n (key_knn + 2 degree)) ints. */
 typedef struct ra_gpu_graph_params {
-    unsigned knn;       /* K: query->key list length (0: 100, ratd's graph_knn); <= 1024 */
-    unsigned degree;    /* M: out-degree bound (0: 48, ratd's graph_degree); 2..255 */
+    unsigned knn;       /* K: query->key list length (0: 100, ratd's graph_knn); <= 1024
+                           (CUDA: <= 128, its candidate multiset is in shared memory) */
+    unsigned degree;    /* M: out-degree bound (0: 48, ratd's graph_degree); 2..255
+                           (CUDA: 4 degree + key_knn <= 2048) */
     unsigned key_knn;   /* key->key neighbours per key (0: 64); <= 1023 */
     unsigned n_entries; /* entry points wanted (0: 16, ratd's graph_entries); <= 1024 */
     size_t tile_bytes;  /* CUDA: bound of one fp32 score tile (0: 256 MiB) */
