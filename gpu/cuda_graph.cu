@@ -696,5 +696,7 @@ fail:
             cudaStreamSynchronize(m->graph->s);
         cudaGetLastError();
     }
+    if (m->graph && (!m->graph->blas || !m->graph->ev[5])) /* made only in part: again next time */
+        ra_gpu_cuda_graph_fini(c);
     return s;
 }

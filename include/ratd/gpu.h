@@ -233,7 +233,8 @@ typedef struct ra_gpu_graph_params {
     uint64_t seed;      /* offsets the evenly spaced entry points (ratd: the index seed) */
 } ra_gpu_graph_params;
 
-/* Seconds per step (wall, of the calling thread; CUDA steps by events on its stream). */
+/* Seconds per step (wall, of the calling thread; CUDA steps by events on its stream, and
+ * knn_s includes the uploads of MEM_HOST tensors, copy_s the adjacency's download). */
 typedef struct ra_gpu_graph_stats {
     double knn_s, key_knn_s, project_s, reverse_s, copy_s, connect_s, total_s;
     size_t forced_edges;  /* edges the connectivity pass added */
