@@ -281,4 +281,5 @@ const ra_gpu_ops ra_gpu_cpu_ops = {
     .set_stream = cpu_set_stream,
     .stream = cpu_stream,
     .check_dev = cpu_check_dev,
+    .graph_rows = ra_gpu_cpu_graph_rows,
 };

@@ -69,7 +69,29 @@ typedef struct ra_gpu_ops {
     void *(*stream)(const ra_gpu_cache *c);
     /* checks a device pointer (RA_EINVAL if it is not device memory) */
     ra_status (*check_dev)(ra_gpu_cache *c, const void *p, const char *what);
+    /* steps 1-4 of ra_gpu_graph_build (gpu.h): the pruned rows with reverse edges into
+     * adj [n][p->degree] (host, -1 padded) and into occ [n] (host) how often each key is
+     * in a query list. p is resolved: no zero field, knn <= n, key_knn <= n - 1. The
+     * phase times of st (not NULL) are filled. */
+    ra_status (*graph_rows)(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype, const void *keys,
+                            size_t n, const void *q, size_t nq, unsigned dim,
+                            const ra_gpu_graph_params *p, int32_t *adj, int32_t *occ,
+                            ra_gpu_graph_stats *st);
 } ra_gpu_ops;
+
+/* The constants of the graph build's candidate rule (gpu.h, ra_gpu_graph_build), the
+ * values of index/graph_internal.h's G_WINDOW and G_PROJ_LISTS, so that both builds
+ * take the same projection candidates. */
+#define RA_GPU_GRAPH_WINDOW 32   /* ranks either side of a key in one query list */
+#define RA_GPU_GRAPH_LISTS 32    /* query lists a key takes candidates from */
+#define RA_GPU_GRAPH_REV_CAP 512 /* candidates of a row in the reverse-edge pass */
+#define RA_GPU_GRAPH_MAX_DEGREE 255
+
+/* The CPU backend's graph rows (cpu_graph.c), the reference of the CUDA ones. */
+ra_status ra_gpu_cpu_graph_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype,
+                                const void *keys, size_t n, const void *q, size_t nq,
+                                unsigned dim, const ra_gpu_graph_params *p, int32_t *adj,
+                                int32_t *occ, ra_gpu_graph_stats *st);
 
 struct ra_gpu_cache {
     ra_gpu_config cfg;

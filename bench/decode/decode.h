@@ -39,6 +39,7 @@ typedef struct dec_cfg {
     int append_every; /* Append the N newest tokens every N steps; 0: off */
     uint64_t seed;
     int wait_index_ms; /* 0: do not wait for the index builds */
+    int gpu_build;     /* build each head's graph with ra_gpu_graph_build, send it as GRAPH_ADJ */
     int json, force, quiet;
     /* flags given explicitly (a trace brings its own shape) */
     int set_layers, set_shape, set_context, set_gen, set_model_layers;
@@ -209,6 +210,8 @@ typedef struct dec_run {
     double mem_kv, mem_index, mem_bench, mem_avail;
     int mem_local; /* the daemon runs on this host (counted against MemAvailable) */
     double gen_s, offload_s, build_s, wall_s;
+    double gpu_build_s;       /* --gpu-build: ra_gpu_graph_build of every head, summed */
+    const char *gpu_backend;  /* --gpu-build: "cuda" or "cpu" */
     double offload_bytes;
     int index_ready;
     dec_series attend_us, token_us, rtt_us, append_us, server_us, work_us;

@@ -76,6 +76,9 @@ static void usage(FILE *f)
            "                    0: off)\n"
            "  --wait-index MS   wait this long for the index builds before decoding (600000;\n"
            "                    0: do not wait)\n"
+           "  --gpu-build       build each head's graph here with ra_gpu_graph_build (CUDA\n"
+           "                    when present, else gpu/'s CPU reference) and send it in the\n"
+           "                    Offload (GRAPH_ADJ): the daemon installs it instead of building\n"
            "other:\n"
            "  --threads T       the bench's own threads (generation, reference; 0: all CPUs)\n"
            "  --json            one JSON object on stdout instead of the table\n"
@@ -133,6 +136,7 @@ enum {
     O_SAMPLE,
     O_SWEEP,
     O_WAIT,
+    O_GPU_BUILD,
     O_THREADS,
     O_JSON,
     O_FORCE,
@@ -167,6 +171,7 @@ static const struct option g_long[] = {
     {"sample-every", required_argument, 0, O_SAMPLE},
     {"sweep", required_argument, 0, O_SWEEP},
     {"wait-index", required_argument, 0, O_WAIT},
+    {"gpu-build", no_argument, 0, O_GPU_BUILD},
     {"threads", required_argument, 0, O_THREADS},
     {"json", no_argument, 0, O_JSON},
     {"force", no_argument, 0, O_FORCE},
@@ -323,6 +328,9 @@ static void parse_args(int argc, char **argv, dec_cfg *c)
         case O_WAIT:
             c->wait_index_ms = (int)parse_int("--wait-index", v, 0, 86400000);
             break;
+        case O_GPU_BUILD:
+            c->gpu_build = 1;
+            break;
         case O_THREADS:
             c->threads = (int)parse_int("--threads", v, 0, 256);
             break;
@@ -424,6 +432,9 @@ static void print_json(const dec_cfg *c, const dec_run *r)
     dec_json_num(&j, "offload_s", r->offload_s);
     dec_json_num(&j, "offload_bytes", r->offload_bytes);
     dec_json_num(&j, "build_s", r->build_s);
+    dec_json_bool(&j, "gpu_build", c->gpu_build);
+    dec_json_num(&j, "gpu_build_s", c->gpu_build ? r->gpu_build_s : NAN);
+    dec_json_str(&j, "gpu_build_backend", c->gpu_build ? r->gpu_backend : NULL);
     dec_json_bool(&j, "index_ready", r->index_ready);
     dec_json_int(&j, "attend_n", (long long)r->attend_us.n);
     dec_json_num(&j, "attend_us_p50", dec_series_pct(&r->attend_us, 50));
@@ -518,6 +529,9 @@ static void print_table(const dec_cfg *c, const dec_run *r)
            c->model_layers, dec_series_pct(&r->attend_us, 50) * c->model_layers / 1000.0);
     printf("generate %.2f s, offload %.2f s (%.0f MiB), build ", r->gen_s, r->offload_s,
            r->offload_bytes / 1048576.0);
+    if (c->gpu_build)
+        printf("graphs built by ra_gpu_graph_build (%s) in %.2f s before the Offloads, then ",
+               r->gpu_backend, r->gpu_build_s);
     if (r->index_ready)
         printf("%.2f s after the last Offload\n", r->build_s);
     else

@@ -13,6 +13,8 @@
 #include <unistd.h>
 
 #include "decode.h"
+#include "ra_half.h"
+#include "ratd/gpu.h"
 
 typedef struct bench {
     dec_cfg *c;
@@ -302,6 +304,66 @@ static ra_status layer_values(const bench *b, const dec_data *d, int layer, size
     return s;
 }
 
+/* --gpu-build: the graph of every KV head of one layer by ra_gpu_graph_build from its keys
+ * and the training queries of the query heads that share it (converted to the keys' dtype,
+ * as a decoder holds them), into adj [G][n][M] and entries [G][ne]. */
+static int gpu_build_layer(bench *b, ra_gpu_cache *gc, const dec_data *d, int l, size_t n,
+                           int32_t *adj, int32_t *entries, unsigned *ne, unsigned M)
+{
+    const dec_cfg *c = b->c;
+    size_t G = (size_t)c->kv_heads, D = (size_t)c->dim, H = (size_t)c->q_heads, grp = H / G;
+    size_t nq = grp * d->n_train;
+    uint16_t *qb = ra_gpu_host_alloc((nq ? nq : 1) * D * sizeof *qb);
+    if (!qb)
+        return fail("out of memory for the training queries of a GPU build");
+    int rc = 0;
+    for (size_t g = 0; g < G && !rc; g++) {
+        const float *q = d->q_train + ((size_t)l * H + g * grp) * d->n_train * D;
+        for (size_t i = 0; i < nq * D; i++)
+            qb[i] = c->dtype == RA_DTYPE_BF16 ? ra_f32_to_bf16(q[i]) : ra_f32_to_f16(q[i]);
+        ra_gpu_graph_params p;
+        ra_gpu_graph_params_init(&p);
+        p.degree = M;
+        p.seed = c->seed;
+        unsigned got = 0;
+        double t0 = now_s();
+        ra_status s = ra_gpu_graph_build(gc, RA_GPU_MEM_HOST, c->dtype,
+                                         d->k_off + ((size_t)l * G + g) * n * D, n, qb, nq,
+                                         (unsigned)D, &p, adj + g * n * M, entries + g * 16, &got,
+                                         NULL);
+        b->r->gpu_build_s += now_s() - t0;
+        if (s != RA_OK)
+            rc = fail("ra_gpu_graph_build of layer %d head %zu: %s: %s", l, g, ra_strerror(s),
+                      ra_gpu_cache_last_error(gc));
+        *ne = got;
+    }
+    ra_gpu_host_free(qb);
+    return rc;
+}
+
+/* a ra_gpu cache for --gpu-build: CUDA when it can be made, else gpu/'s CPU reference */
+static ra_gpu_cache *gpu_build_cache(bench *b)
+{
+    const dec_cfg *c = b->c;
+    ra_gpu_config g;
+    ra_gpu_config_init(&g);
+    g.n_layers = 1;
+    g.n_q_heads = g.n_kv_heads = 1;
+    g.head_dim = (unsigned)c->dim;
+    g.dtype = c->dtype;
+    g.window = 1;
+    g.batch = 1;
+    ra_gpu_cache *gc = NULL;
+    g.backend = RA_GPU_BACKEND_CUDA;
+    if (!ra_gpu_cuda_available() || ra_gpu_cache_create(&g, &gc) != RA_OK) {
+        g.backend = RA_GPU_BACKEND_CPU;
+        if (ra_gpu_cache_create(&g, &gc) != RA_OK)
+            return NULL;
+    }
+    b->r->gpu_backend = ra_gpu_cache_backend(gc) == RA_GPU_BACKEND_CUDA ? "cuda" : "cpu";
+    return gc;
+}
+
 static int offload(bench *b)
 {
     const dec_cfg *c = b->c;
@@ -312,6 +374,27 @@ static int offload(bench *b)
     if (!v || !pos) {
         free(v), free(pos);
         return fail("out of memory for an Offload's values");
+    }
+    const unsigned M = 48; /* ratd's graph_degree default, which the session keeps */
+    int32_t *adj = NULL, entries[16 * 1024];
+    unsigned ne = 0;
+    ra_gpu_cache *gc = NULL;
+    if (c->gpu_build) {
+        if (!(r->info.capabilities & RA_CAP_GRAPH_ADJ)) {
+            free(v), free(pos);
+            return fail("--gpu-build: the daemon does not take prebuilt graphs (RA_CAP_GRAPH_ADJ)");
+        }
+        if (G > 1024 || c->index != RA_CLIENT_INDEX_GRAPH) {
+            free(v), free(pos);
+            return fail("--gpu-build: needs --index graph and at most 1024 KV heads");
+        }
+        adj = malloc(G * n * M * sizeof *adj);
+        gc = adj ? gpu_build_cache(b) : NULL;
+        if (!gc) {
+            free(v), free(pos), free(adj);
+            return fail("--gpu-build: no memory or no ra_gpu cache");
+        }
+        r->gpu_build_s = 0;
     }
     int rc = 0;
     double t_end = now_s();
@@ -336,6 +419,17 @@ static int offload(bench *b)
                               .n_q_heads = d->n_train ? (int)H : 0,
                               .n_queries = d->n_train,
                               .q_train = d->q_train + (size_t)l * H * d->n_train * D};
+            if (c->gpu_build) {
+                if ((rc = gpu_build_layer(b, gc, d, l, n, adj, entries, &ne, M)))
+                    break;
+                kb.graph_adj = adj;
+                kb.graph_degree = (int)M;
+                kb.graph_entries = entries;
+                kb.graph_n_entries = (int)ne;
+                if (ne < 16) /* the wire takes [G][ne]: compact the rows of 16 */
+                    for (size_t g = 1; g < G; g++)
+                        memmove(entries + g * ne, entries + g * 16, ne * sizeof *entries);
+            }
             double t0 = now_s();
             if ((s = ra_client_offload(b->cl, b->sid[i], l, &kb)) != RA_OK) {
                 char what[64];
@@ -355,6 +449,12 @@ static int offload(bench *b)
     }
     free(v);
     free(pos);
+    free(adj);
+    ra_gpu_cache_destroy(gc);
+    if (c->gpu_build && !rc)
+        progress(c, "gpu build: %d layer(s) x %zu heads x %d session(s) by ra_gpu_graph_build "
+                    "(%s) in %.2f s",
+                 c->layers, G, c->batch, r->gpu_backend, r->gpu_build_s);
     for (int i = 0; i < b->n_data; i++) { /* the daemon has copied them */
         free(b->data[i].q_train);
         b->data[i].q_train = NULL;

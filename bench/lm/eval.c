@@ -55,6 +55,7 @@ typedef struct opts {
     int json, quiet, wait_index_ms;
     int ratd_timeout_ms; /* bound of every ratd call; past it ratd counts as gone */
     unsigned gpu_knn; /* --device cuda, ratd mode: exact training lists of K from the GPU */
+    int cpu_build;    /* --device cuda, ratd mode: ratd builds the graphs (else the GPU does) */
     int cuda; /* --device cuda */
 } opts;
 
@@ -116,6 +117,9 @@ typedef struct run {
     ra_lm *lm_cpu;        /* config and scale */
     int32_t *knn_lists;   /* --gpu-knn: one layer's training lists, while it is offloaded */
     double knn_s;         /* --gpu-knn: time of the GPU kNN, all layers */
+    int32_t *graph_adj, *graph_ent; /* GPU-built graphs of one layer, while it is offloaded */
+    double graph_s;                 /* ra_gpu_graph_build, all layers */
+    int graph_layers;               /* layers sent with a GPU-built graph */
 } run;
 
 static void die_usage(const char *msg)
@@ -130,11 +134,14 @@ static void die_usage(const char *msg)
             "         [--endpoint ipc://...|tcp://...] [--ratd BIN] [--index graph|flat|ivf|hnsw]\n"
             "         [--kv-dtype f16|bf16|f32] [--n-train Q] [--effort E] [--wait-index MS]\n"
             "         [--dump-trace FILE [--trace-dtype f32|f16|bf16]] [--json] [--quiet]\n"
-            "         [--device cpu|cuda] [--ratd-timeout-ms MS]\n"
+            "         [--device cpu|cuda] [--cpu-build] [--ratd-timeout-ms MS]\n"
             "  --ratd-timeout-ms MS: bound of every call to ratd (default 120000); a daemon that\n"
             "               does not answer within it (killed, restarted) is given up: the rest of\n"
             "               the run is window-only attention, with a warning (CPU decoder)\n"
-            "  --gpu-knn K: with --device cuda, ratd mode: the exact top-K keys of every training\n"
+            "  --cpu-build: with --device cuda, ratd mode: ratd builds each head's graph on its\n"
+            "               CPUs (default: the GPU builds it, ra_gpu_graph_build, and the\n"
+            "               Offload carries it; a failed GPU build falls back to ratd's)\n"
+            "  --gpu-knn K: with --device cuda --cpu-build, ratd mode: the exact top-K keys of every training\n"
             "               query come from the GPU (ra_gpu_knn) with the Offload, so ratd skips\n"
             "               its own kNN (default 100; 0: ratd computes them)\n"
             "  --wait-index MS: after Offload, wait up to MS for ratd's index builds before decoding\n"
@@ -201,6 +208,8 @@ static void parse_args(int argc, char **argv, opts *o)
             o->text = v;
         else if (ARG("--mode"))
             o->mode = v;
+        else if (!strcmp(a, "--cpu-build"))
+            o->cpu_build = 1;
         else if (ARG("--gpu-knn"))
             o->gpu_knn = parse_uint(a, v, 0, 1024);
         else if (ARG("--device")) {
@@ -1385,6 +1394,66 @@ out:
     return s;
 }
 
+/* The graph of every KV head of one layer built on the GPU (ra_gpu_graph_build, on a
+ * stream of its own: the decoder's stream keeps running) from the staged keys and the
+ * training queries of the query heads sharing each, attached to the Offload as GRAPH_ADJ.
+ * A failed build leaves the batch without a graph (ratd then builds its own) unless the
+ * device is broken. */
+static ra_status gpu_graphs(run *R, const ra_gpu_staged *sv, ra_kv_batch *b, unsigned long seed)
+{
+    const unsigned M = 48; /* the session's graph_degree (ratd's default) */
+    unsigned nh = (unsigned)b->n_q_heads, hd = sv->head_dim, G = sv->n_kv_heads, grp = nh / G;
+    size_t nq = b->n_queries, n = sv->n_tokens, qn = grp * nq;
+    if (nq == 0 || n < 2 || G > 1024)
+        return RA_OK;
+    uint16_t *q16 = ra_gpu_host_alloc(qn * hd * sizeof *q16);
+    R->graph_adj = malloc((size_t)G * n * M * sizeof(int32_t));
+    R->graph_ent = malloc((size_t)G * 16 * sizeof(int32_t));
+    ra_status s = RA_ENOMEM;
+    unsigned ne = 0;
+    if (!q16 || !R->graph_adj || !R->graph_ent)
+        goto out;
+    double t0 = now_s();
+    for (unsigned g = 0; g < G; g++) {
+        const float *q = b->q_train + (size_t)g * grp * nq * hd;
+        for (size_t i = 0; i < qn * hd; i++)
+            q16[i] = sv->dtype == RA_DTYPE_BF16 ? ra_f32_to_bf16(q[i]) : ra_f32_to_f16(q[i]);
+        const uint8_t *keys = (const uint8_t *)sv->k + (size_t)g * sv->head_stride * 2;
+        ra_gpu_graph_params p;
+        ra_gpu_graph_params_init(&p);
+        p.degree = M;
+        p.seed = seed;
+        s = ra_gpu_graph_build(R->gc, RA_GPU_MEM_HOST, sv->dtype, keys, n, q16, qn, hd, &p,
+                               R->graph_adj + (size_t)g * n * M, R->graph_ent + g * 16, &ne, NULL);
+        if (s != RA_OK)
+            break;
+    }
+    R->graph_s += now_s() - t0;
+    if (s != RA_OK) {
+        fprintf(stderr, "ratd-lm-eval: GPU graph build: %s (%s); ratd builds this layer's graphs\n",
+                ra_strerror(s), ra_gpu_cache_last_error(R->gc));
+        s = ra_gpu_cache_broken(R->gc) ? RA_EDEVICE : RA_OK;
+        goto out;
+    }
+    if (ne < 16) /* the wire takes [G][ne] */
+        for (unsigned g = 1; g < G; g++)
+            memmove(R->graph_ent + (size_t)g * ne, R->graph_ent + (size_t)g * 16,
+                    ne * sizeof(int32_t));
+    b->graph_adj = R->graph_adj;
+    b->graph_degree = (int)M;
+    b->graph_entries = R->graph_ent;
+    b->graph_n_entries = (int)ne;
+    R->graph_layers++;
+    ra_gpu_host_free(q16);
+    return RA_OK;
+out:
+    ra_gpu_host_free(q16);
+    free(R->graph_adj);
+    free(R->graph_ent);
+    R->graph_adj = R->graph_ent = NULL;
+    return s;
+}
+
 static ra_status setup_ratd_gpu(shared *S, run *R)
 {
     const ra_lm_config *c = S->c;
@@ -1437,6 +1506,14 @@ static ra_status setup_ratd_gpu(shared *S, run *R)
     }
     if ((s = open_session(S, R)) != RA_OK)
         goto out;
+    int gpu_graph = 0; /* the GPU builds the graphs: graph index, a daemon that takes them */
+    if (!o->cpu_build && !strcmp(o->index, "graph")) {
+        ra_server_info info;
+        gpu_graph = ra_client_hello(R->cl, &info) == RA_OK &&
+                    (info.capabilities & RA_CAP_GRAPH_ADJ) != 0;
+        if (!gpu_graph)
+            fprintf(stderr, "ratd-lm-eval: the daemon takes no prebuilt graphs: ratd builds them\n");
+    }
     for (unsigned l = 0; l < c->n_layers && s == RA_OK; l++) {
         if ((s = ra_gpu_lm_kv_export(g, l, 0, C, R->gdt, kbuf, vbuf)) != RA_OK ||
             (s = ra_gpu_ingest_prefill(R->gc, l, RA_GPU_MEM_DEVICE, kbuf, vbuf, C)) != RA_OK) {
@@ -1456,12 +1533,18 @@ static ra_status setup_ratd_gpu(shared *S, run *R)
                 b.n_q_heads = (int)nh;
                 b.n_queries = S->cap->n_q;
                 b.q_train = S->cap->q_train + (size_t)l * nh * S->cap->n_q * hd;
-                if (o->gpu_knn && (s = gpu_train_lists(R, &sv, &b, o->gpu_knn)) != RA_OK)
+                if (gpu_graph && (s = gpu_graphs(R, &sv, &b, o->seed)) != RA_OK)
+                    break;
+                if (!b.graph_adj && o->gpu_knn &&
+                    (s = gpu_train_lists(R, &sv, &b, o->gpu_knn)) != RA_OK)
                     break;
             }
             s = ra_client_offload(R->cl, R->session, (int)l, &b);
             free(R->knn_lists);
             R->knn_lists = NULL;
+            free(R->graph_adj);
+            free(R->graph_ent);
+            R->graph_adj = R->graph_ent = NULL;
             if (s != RA_OK) {
                 fprintf(stderr, "ratd-lm-eval: offload layer %u: %s (%s)\n", l, ra_strerror(s),
                         ra_client_errmsg(R->cl));
@@ -1478,8 +1561,9 @@ static ra_status setup_ratd_gpu(shared *S, run *R)
                 ra_client_errmsg(R->cl));
     if (s == RA_OK && !o->quiet)
         fprintf(stderr,
-                "ratd-lm-eval: offload: training lists %s (GPU kNN %.3f s), index builds done "
-                "%.2f s after the last Offload\n",
+                "ratd-lm-eval: offload: %u of %u layers with GPU-built graphs (%.3f s); training "
+                "lists %s (GPU kNN %.3f s), index builds done %.2f s after the last Offload\n",
+                R->graph_layers, c->n_layers, R->graph_s,
                 o->gpu_knn ? "from the GPU" : "computed by ratd", R->knn_s, now_s() - tw);
 out:
     ra_gpu_lm_free(g, kbuf);

@@ -197,6 +197,67 @@ ra_status ra_gpu_knn(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype, const void
                      size_t nq, const void *keys, size_t nk, unsigned dim, unsigned top_k,
                      int32_t *ids, float *scores);
 
+
+/* ---- index graph construction (issue 12) --------------------------------------------
+ * The attention-aware graph of one KV head built where its keys and prefill queries
+ * already are, in the adjacency form ratd installs (the Offload GRAPH_ADJ frame,
+ * index/ra_index.h ra_graph_adj): adj [n_keys][degree] int32, each row's neighbours
+ * best first and then -1 padding, no self edge, no id twice in a row, and every key
+ * reachable from the entry points. The steps, the same on both backends (the CPU
+ * backend is the reference; the CUDA one agrees up to fp32 rounding of near ties):
+ *   1. exact query->key top-knn of every training query (ties by lower id);
+ *   2. exact key->key top-key_knn of every key (itself excluded), by inner product;
+ *   3. per key u, candidates: the keys within +-32 ranks of u in the first 32 query
+ *      lists u occurs in (and each list's best key), the 4*degree most frequent (ties
+ *      by lower id), together with u's key->key neighbours; sorted by u.c (desc, ties
+ *      by id) and pruned by occlusion (c is dropped when a kept r has r.c > u.c), at
+ *      most `degree`, refilled to degree/2 with the best dropped ones (ratd's rule);
+ *   4. reverse edges: every u->v adds u to v's candidates (row first, then sources in
+ *      id order, at most 512); a row over `degree` is pruned again by the same rule;
+ *   5. entry points: the ceil(n_entries/2) keys most often in a query list, then
+ *      evenly spaced keys (offset by the seed), as ratd's own build;
+ *   6. connectivity: a BFS from the entries; an unreached key is hung under its best
+ *      reached neighbour with a free slot (else the first reached key with one).
+ * CUDA: steps 1-4 on the device, on a stream of the build's own (not the cache's
+ * decode stream), score tiles of at most tile_bytes, stream-ordered allocations, waits
+ * on that stream only; 5-6 are O(n degree) passes on the host. Memory on the device:
+ * keys + queries (if MEM_HOST) + one score tile + O(n (key_knn + 2 degree)) ints. */
+typedef struct ra_gpu_graph_params {
+    unsigned knn;       /* K: query->key list length (0: 100, ratd's graph_knn); <= 1024
+                           (CUDA: <= 128, its candidate multiset is in shared memory) */
+    unsigned degree;    /* M: out-degree bound (0: 48, ratd's graph_degree); 2..255
+                           (CUDA: 4 degree + key_knn <= 2048) */
+    unsigned key_knn;   /* key->key neighbours per key (0: 64); <= 1023 */
+    unsigned n_entries; /* entry points wanted (0: 16, ratd's graph_entries); <= 1024 */
+    size_t tile_bytes;  /* CUDA: bound of one fp32 score tile (0: 256 MiB) */
+    uint64_t seed;      /* offsets the evenly spaced entry points (ratd: the index seed) */
+} ra_gpu_graph_params;
+
+/* Seconds per step (wall, of the calling thread; CUDA steps by events on its stream, and
+ * knn_s includes the uploads of MEM_HOST tensors, copy_s the adjacency's download). */
+typedef struct ra_gpu_graph_stats {
+    double knn_s, key_knn_s, project_s, reverse_s, copy_s, connect_s, total_s;
+    size_t forced_edges;  /* edges the connectivity pass added */
+    size_t device_bytes;  /* device memory the build held at most (CUDA; 0 on the CPU) */
+} ra_gpu_graph_stats;
+
+/* Zeroes *p: every field at its default. */
+void ra_gpu_graph_params_init(ra_gpu_graph_params *p);
+
+/* Builds the graph of one head: keys [n_keys][dim] and queries [n_queries][dim] (both in
+ * `dtype`, where `mem` says; n_queries may be 0: a key->key graph) into the caller's
+ * host arrays adj [n_keys][M] (M = p->degree or its default) and entries [n_entries
+ * wanted]; *n_entries_out = min(wanted, n_keys). p and stats may be NULL. Synchronous
+ * (CUDA: the host waits on the build's stream only; the decode stream keeps running).
+ * RA_EINVAL / RA_ESHAPE for bad arguments, RA_ENOMEM when host or device memory runs
+ * out (CUDA: "out of memory" in ra_gpu_cache_last_error, nothing written), RA_EDEVICE
+ * for any other CUDA failure (a sticky one marks the cache broken). On any failure adj
+ * and entries are not a graph: fall back to the CPU build. */
+ra_status ra_gpu_graph_build(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype, const void *keys,
+                             size_t n_keys, const void *queries, size_t n_queries, unsigned dim,
+                             const ra_gpu_graph_params *p, int32_t *adj, int32_t *entries,
+                             unsigned *n_entries_out, ra_gpu_graph_stats *stats);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,702 @@
+/* The CUDA graph build (steps 1-4 of ra_gpu_graph_build, gpu.h; cpu_graph.c is the
+ * reference): query->key and key->key exact lists by cuBLAS GEMM over score tiles of at
+ * most tile_bytes plus the top-k kernel, the occurrence lists of each key by a stable
+ * radix sort (CUB), one block per key for the projection candidates and the occlusion
+ * pruning, the reverse edges by a second stable sort and one block per key again. It
+ * runs on a stream of its own (not the cache's decode stream, which keeps running),
+ * allocates stream-ordered (cudaMallocAsync: no implicit device-wide synchronisation of
+ * cudaFree), and waits on that stream only. */
+#include <cub/cub.cuh>
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda_internal.h"
+#include "ra_log.h"
+
+#define GB_THREADS 128
+#define GB_WARPS (GB_THREADS / 32)
+#define GB_MS 4096          /* multiset of projection candidates: 32 lists x max(66, K - 1) */
+#define GB_DIST (GB_MS + 1) /* distinct candidates and their run starts */
+#define GB_CAND 2048 /* scored candidates: 4 M + key_knn (projection), or REV_CAP */
+
+struct cuda_graph {
+    cudaStream_t s;
+    cublasHandle_t blas;
+    cudaEvent_t ev[6];
+};
+
+void ra_gpu_cuda_graph_fini(ra_gpu_cache *c)
+{
+    cuda_impl *m = IMPL(c);
+    if (!m || !m->graph)
+        return;
+    struct cuda_graph *g = m->graph;
+    if (g->s)
+        cudaStreamSynchronize(g->s);
+    if (g->blas)
+        cublasDestroy(g->blas);
+    for (int i = 0; i < 6; i++)
+        if (g->ev[i])
+            cudaEventDestroy(g->ev[i]);
+    if (g->s)
+        cudaStreamDestroy(g->s);
+    cudaGetLastError();
+    free(g);
+    m->graph = NULL;
+}
+
+/* ---- device helpers ---------------------------------------------------------------- */
+
+__device__ __forceinline__ float gf(__half x)
+{
+    return __half2float(x);
+}
+__device__ __forceinline__ float gf(__nv_bfloat16 x)
+{
+    return __bfloat162float(x);
+}
+__device__ __forceinline__ float gf(float x)
+{
+    return x;
+}
+
+/* ascending keys = descending scores, ties by lower id (cpu_graph.c score_key) */
+__device__ __forceinline__ unsigned long long score_key(float s, int id)
+{
+    unsigned u = __float_as_uint(-s);
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return (unsigned long long)u << 32 | (unsigned)id;
+}
+
+__device__ __forceinline__ float key_score(unsigned long long k)
+{
+    unsigned u = (unsigned)(k >> 32);
+    u = (u & 0x80000000u) ? (u & 0x7fffffffu) : ~u;
+    return -__uint_as_float(u);
+}
+
+/* one warp: dot of a shared fp32 row with a key row in global memory */
+template <typename T>
+__device__ __forceinline__ float warp_dot(const float *a, const T *b, unsigned dim)
+{
+    float s = 0.0f;
+    for (unsigned d = threadIdx.x % 32; d < dim; d += 32)
+        s += a[d] * gf(b[d]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        s += __shfl_xor_sync(0xffffffffu, s, o);
+    return s;
+}
+
+/* ascending bitonic sort of a[0..P) (P a power of two) by the whole block */
+template <typename K> __device__ void block_sort(K *a, unsigned P)
+{
+    for (unsigned size = 2; size <= P; size <<= 1)
+        for (unsigned stride = size >> 1; stride > 0; stride >>= 1) {
+            for (unsigned i = threadIdx.x; i < P; i += blockDim.x) {
+                unsigned j = i ^ stride;
+                if (j > i) {
+                    bool up = (i & size) == 0;
+                    K x = a[i], y = a[j];
+                    if ((x > y) == up) {
+                        a[i] = y;
+                        a[j] = x;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+}
+
+/* ordered compaction, one chunk of blockDim.x flags: returns the exclusive rank of this
+ * thread's flag among the chunk's set flags plus *base, and advances *base (shared) by
+ * the chunk's count. Every thread of the block calls it. */
+__device__ unsigned block_rank(bool f, unsigned *base, unsigned *wsum)
+{
+    unsigned lane = threadIdx.x % 32, w = threadIdx.x / 32;
+    unsigned b = __ballot_sync(0xffffffffu, f);
+    unsigned r = __popc(b & ((1u << lane) - 1));
+    if (lane == 0)
+        wsum[w] = __popc(b);
+    __syncthreads();
+    unsigned off = *base;
+    for (unsigned i = 0; i < w; i++)
+        off += wsum[i];
+    unsigned tot = 0;
+    for (unsigned i = 0; i < GB_WARPS; i++)
+        tot += wsum[i];
+    __syncthreads();
+    if (threadIdx.x == 0)
+        *base += tot;
+    __syncthreads();
+    return off + r;
+}
+
+struct prune_smem {
+    unsigned long long ck[GB_CAND];
+    float ur[1024], cf[1024];
+    int kept[RA_GPU_GRAPH_MAX_DEGREE];
+    unsigned char drop[GB_CAND];
+    unsigned n_kept, flag;
+};
+
+/* Scores ids[0..nc) (in shared memory; u and -1 skipped) against key u, sorts, prunes
+ * into row (M slots, -1 padded): cpu_graph.c prune(). ur must hold u's row. */
+template <typename T>
+__device__ void prune_block(const T *keys, unsigned dim, int u, const int *ids, unsigned nc,
+                            unsigned M, prune_smem *sm, int *row)
+{
+    const unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    unsigned P = 1;
+    while (P < nc)
+        P <<= 1;
+    for (unsigned i = w; i < P; i += GB_WARPS) {
+        unsigned long long k = ~0ull;
+        if (i < nc && ids[i] >= 0 && ids[i] != u) {
+            float s = warp_dot(sm->ur, keys + (size_t)ids[i] * dim, dim);
+            k = score_key(s, ids[i]);
+        }
+        if (lane == 0)
+            sm->ck[i] = k;
+    }
+    for (unsigned i = threadIdx.x; i < P; i += blockDim.x)
+        sm->drop[i] = 2; /* not looked at */
+    if (threadIdx.x == 0)
+        sm->n_kept = 0;
+    __syncthreads();
+    block_sort(sm->ck, P);
+    for (unsigned i = 0; i < P; i++) {
+        unsigned long long k = sm->ck[i];
+        if (k == ~0ull || sm->n_kept >= M)
+            break;
+        if (i > 0 && sm->ck[i - 1] == k)
+            continue; /* a repeated id: one id, one dot, one key */
+        int id = (int)(unsigned)k;
+        float s = key_score(k);
+        const T *cr = keys + (size_t)id * dim;
+        for (unsigned d = threadIdx.x; d < dim; d += blockDim.x)
+            sm->cf[d] = gf(cr[d]);
+        if (threadIdx.x == 0)
+            sm->flag = 0;
+        __syncthreads();
+        unsigned nk = sm->n_kept;
+        bool occl = false;
+        for (unsigned j = w; j < nk && !occl; j += GB_WARPS)
+            occl = warp_dot(sm->cf, keys + (size_t)sm->kept[j] * dim, dim) > s;
+        if (occl && lane == 0)
+            sm->flag = 1;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            sm->drop[i] = (unsigned char)sm->flag;
+            if (!sm->flag)
+                sm->kept[sm->n_kept++] = id;
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) /* refill to M/2 with the best dropped, in order */
+        for (unsigned i = 0; i < P && sm->n_kept < M / 2; i++)
+            if (sm->drop[i] == 1)
+                sm->kept[sm->n_kept++] = (int)(unsigned)sm->ck[i];
+    __syncthreads();
+    for (unsigned j = threadIdx.x; j < M; j += blockDim.x)
+        row[j] = j < sm->n_kept ? sm->kept[j] : -1;
+}
+
+struct proj_smem {
+    prune_smem p;
+    unsigned ms[GB_MS];
+    unsigned dist[GB_DIST], start[GB_DIST];
+    int cand[GB_CAND];
+    unsigned hist[RA_GPU_GRAPH_LISTS + 2];
+    unsigned m, nd, nc, base, wsum[GB_WARPS], thr, need;
+};
+
+/* One block per key u: the projection candidates (cpu_graph.c step 3), its key->key
+ * list, pruned into adj1[u]. ql [nq][K]; occ_v: occurrences (q K + r) sorted by key,
+ * off [n + 1]; kk [n][L + 1] (u itself among them, usually first). */
+template <typename T>
+__global__ void __launch_bounds__(GB_THREADS)
+    proj_kernel(const T *keys, unsigned dim, const int *ql, unsigned K, const unsigned *occ_v,
+                const int *off, const int *kk, unsigned L, unsigned M, int *adj1)
+{
+    extern __shared__ __align__(16) unsigned char smraw[];
+    proj_smem *sm = reinterpret_cast<proj_smem *>(smraw);
+    const int u = (int)blockIdx.x;
+    const unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int W = RA_GPU_GRAPH_WINDOW;
+    for (unsigned d = threadIdx.x; d < dim; d += blockDim.x)
+        sm->p.ur[d] = gf(keys[(size_t)u * dim + d]);
+    if (threadIdx.x == 0) {
+        sm->m = 0;
+        sm->nd = 0;
+        sm->nc = 0;
+        sm->base = 0;
+    }
+    for (unsigned i = threadIdx.x; i < RA_GPU_GRAPH_LISTS + 2; i += blockDim.x)
+        sm->hist[i] = 0;
+    __syncthreads();
+    int o0 = off[u], o1 = off[u + 1];
+    if (o1 > o0 + RA_GPU_GRAPH_LISTS)
+        o1 = o0 + RA_GPU_GRAPH_LISTS;
+    /* the multiset: a warp per occurrence, its lanes over the window */
+    for (int o = o0 + (int)w; o < o1; o += GB_WARPS) {
+        unsigned v0 = occ_v[o];
+        unsigned q = v0 / K;
+        int r = (int)(v0 % K), len = (int)K;
+        const int *l = ql + (size_t)q * K;
+        int lo = r == 0 ? 1 : (r - W < 0 ? 0 : r - W);
+        int hi = r == 0 ? len - 1 : (r + W >= len ? len - 1 : r + W);
+        int extra = r > 0 && lo > 0;
+        for (int j = lo + (int)lane; j <= hi + extra; j += 32) {
+            int v = j > hi ? l[0] : l[j];
+            if (v != u) {
+                unsigned slot = atomicAdd(&sm->m, 1u);
+                if (slot < GB_MS) /* the host bounds K so that it always is */
+                    sm->ms[slot] = (unsigned)v;
+            }
+        }
+    }
+    __syncthreads();
+    unsigned m = sm->m < GB_MS ? sm->m : GB_MS, P = 1;
+    while (P < m)
+        P <<= 1;
+    for (unsigned i = m + threadIdx.x; i < P; i += blockDim.x)
+        sm->ms[i] = 0xffffffffu;
+    __syncthreads();
+    if (m > 1)
+        block_sort(sm->ms, P);
+    /* distinct ids (ascending) with their run starts */
+    for (unsigned c0 = 0; c0 < m; c0 += blockDim.x) {
+        unsigned i = c0 + threadIdx.x;
+        bool f = i < m && (i == 0 || sm->ms[i] != sm->ms[i - 1]);
+        unsigned r = block_rank(f, &sm->base, sm->wsum);
+        if (f) {
+            sm->dist[r] = sm->ms[i];
+            sm->start[r] = i;
+        }
+    }
+    unsigned nd = sm->base;
+    if (threadIdx.x == 0)
+        sm->start[nd] = m;
+    __syncthreads();
+    /* counts are 1..32 (a key is once in a list): the most frequent 4M by a histogram */
+    const unsigned cp = 4 * M;
+    for (unsigned i = threadIdx.x; i < nd; i += blockDim.x)
+        atomicAdd(&sm->hist[sm->start[i + 1] - sm->start[i]], 1u);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned cum = 0, t = 0;
+        if (nd > cp) {
+            for (t = RA_GPU_GRAPH_LISTS + 1; t > 0; t--) {
+                if (cum + sm->hist[t] >= cp)
+                    break;
+                cum += sm->hist[t];
+            }
+        }
+        sm->thr = t;                              /* counts > t all, == t the first need */
+        sm->need = nd > cp ? cp - cum : nd;
+        sm->base = 0;
+    }
+    __syncthreads();
+    unsigned thr = sm->thr, need = sm->need;
+    for (unsigned c0 = 0; c0 < nd; c0 += blockDim.x) {
+        unsigned i = c0 + threadIdx.x;
+        unsigned cnt = i < nd ? sm->start[i + 1] - sm->start[i] : 0;
+        bool eq = i < nd && cnt == thr && nd > cp;
+        unsigned r = block_rank(eq, &sm->base, sm->wsum);
+        bool take = i < nd && (nd <= cp || cnt > thr || (eq && r < need));
+        if (take) {
+            unsigned slot = atomicAdd(&sm->nc, 1u);
+            sm->cand[slot] = (int)sm->dist[i];
+        }
+    }
+    __syncthreads();
+    /* the key->key list: the first L of its L + 1 that are not u */
+    if (threadIdx.x == 0) {
+        const int *kr = kk + (size_t)u * (L + 1);
+        unsigned nc = sm->nc, t = 0;
+        for (unsigned j = 0; j <= L && t < L; j++)
+            if (kr[j] != u) {
+                sm->cand[nc++] = kr[j];
+                t++;
+            }
+        sm->nc = nc;
+    }
+    __syncthreads();
+    prune_block(keys, dim, u, sm->cand, sm->nc, M, &sm->p, adj1 + (size_t)u * M);
+}
+
+struct rev_smem {
+    prune_smem p;
+    int cand[RA_GPU_GRAPH_REV_CAP];
+    unsigned base, wsum[GB_WARPS], deg;
+};
+
+/* One block per key v: its row then the sources of its incoming edges (ioff/isrc, in id
+ * order) not in the row, at most REV_CAP; over M: pruned again (cpu_graph.c step 4). */
+template <typename T>
+__global__ void __launch_bounds__(GB_THREADS)
+    rev_kernel(const T *keys, unsigned dim, const int *adj1, const int *ioff, const int *isrc,
+               unsigned M, int *adj)
+{
+    extern __shared__ __align__(16) unsigned char smraw[];
+    rev_smem *sm = reinterpret_cast<rev_smem *>(smraw);
+    const int v = (int)blockIdx.x;
+    const int *r1 = adj1 + (size_t)v * M;
+    if (threadIdx.x == 0) {
+        unsigned d = 0;
+        while (d < M && r1[d] >= 0) {
+            sm->cand[d] = r1[d];
+            d++;
+        }
+        sm->deg = d;
+        sm->base = d;
+    }
+    __syncthreads();
+    const unsigned deg = sm->deg;
+    const int i0 = ioff[v], i1 = ioff[v + 1];
+    for (int c0 = i0; c0 < i1; c0 += (int)blockDim.x) {
+        if (sm->base >= RA_GPU_GRAPH_REV_CAP)
+            break; /* block-uniform: base is shared and read after a barrier */
+        int i = c0 + (int)threadIdx.x;
+        int src = i < i1 ? isrc[i] : -1;
+        bool f = src >= 0;
+        for (unsigned j = 0; j < deg && f; j++)
+            f = r1[j] != src;
+        unsigned r = block_rank(f, &sm->base, sm->wsum);
+        if (f && r < RA_GPU_GRAPH_REV_CAP)
+            sm->cand[r] = src;
+    }
+    unsigned nc = sm->base < RA_GPU_GRAPH_REV_CAP ? sm->base : RA_GPU_GRAPH_REV_CAP;
+    int *row = adj + (size_t)v * M;
+    if (nc <= M) {
+        for (unsigned j = threadIdx.x; j < M; j += blockDim.x)
+            row[j] = j < nc ? sm->cand[j] : -1;
+        return;
+    }
+    for (unsigned d = threadIdx.x; d < dim; d += blockDim.x)
+        sm->p.ur[d] = gf(keys[(size_t)v * dim + d]);
+    __syncthreads();
+    prune_block(keys, dim, v, sm->cand, nc, M, &sm->p, row);
+}
+
+__global__ void iota_kernel(unsigned *a, size_t n)
+{
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n)
+        a[i] = (unsigned)i;
+}
+
+/* counts of each id < n in a[0..len) into cnt (zeroed) */
+__global__ void hist_kernel(const int *a, size_t len, int n, int *cnt)
+{
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < len && a[i] >= 0 && a[i] < n)
+        atomicAdd(&cnt[a[i]], 1);
+}
+
+/* edges of adj1 as (target, source): padding becomes target n (sorted last) */
+__global__ void edges_kernel(const int *adj1, size_t len, unsigned M, int n, unsigned *to,
+                             unsigned *from)
+{
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < len) {
+        to[i] = adj1[i] >= 0 ? (unsigned)adj1[i] : (unsigned)n;
+        from[i] = (unsigned)(i / M);
+    }
+}
+
+/* ---- host side --------------------------------------------------------------------- */
+
+static unsigned grid_of(size_t n)
+{
+    return (unsigned)((n + 255) / 256);
+}
+
+/* stream-ordered allocations of one build, freed together */
+struct gb_mem {
+    void *p[24];
+    int n;
+    size_t bytes, peak;
+};
+
+static ra_status gb_alloc(ra_gpu_cache *c, gb_mem *a, cudaStream_t stream, void **out,
+                          size_t bytes)
+{
+    ra_status s = RA_OK;
+    int committed = 0;
+    void *p = NULL;
+    CK(cudaMallocAsync(&p, bytes ? bytes : 16, stream));
+    a->p[a->n++] = p;
+    a->bytes += bytes;
+    if (a->bytes > a->peak)
+        a->peak = a->bytes;
+    *out = p;
+    return RA_OK;
+fail:
+    return s;
+}
+
+static void gb_free(gb_mem *a, cudaStream_t s)
+{
+    for (int i = 0; i < a->n; i++)
+        cudaFreeAsync(a->p[i], s);
+    a->n = 0;
+    a->bytes = 0;
+}
+
+#define ALLOC(ptr, bytes)                                                                 \
+    do {                                                                                  \
+        void *p_ = NULL;                                                                  \
+        if ((s = gb_alloc(c, &mem_, g->s, &p_, (bytes))) != RA_OK)                        \
+            goto fail;                                                                    \
+        ptr = (decltype(ptr))p_;                                                          \
+    } while (0)
+
+template <typename T>
+static ra_status launch_kernels(ra_gpu_cache *c, struct cuda_graph *g, const void *dk,
+                                unsigned dim, const int *ql, unsigned K, const unsigned *occ_v,
+                                const int *off, const int *kk, unsigned L, unsigned M, size_t n,
+                                int *adj1, const int *ioff, const int *isrc, int *adj2, int phase)
+{
+    ra_status s = RA_OK;
+    int committed = 0;
+    if (phase == 0) {
+        size_t sm = sizeof(proj_smem);
+        CK(cudaFuncSetAttribute(proj_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                (int)sm));
+        proj_kernel<T><<<(unsigned)n, GB_THREADS, sm, g->s>>>((const T *)dk, dim, ql, K, occ_v,
+                                                               off, kk, L, M, adj1);
+    } else {
+        size_t sm = sizeof(rev_smem);
+        CK(cudaFuncSetAttribute(rev_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                (int)sm));
+        rev_kernel<T><<<(unsigned)n, GB_THREADS, sm, g->s>>>((const T *)dk, dim, adj1, ioff,
+                                                              isrc, M, adj2);
+    }
+    CK(cudaGetLastError());
+    return RA_OK;
+fail:
+    return s;
+}
+
+static ra_status launch_typed(ra_gpu_cache *c, struct cuda_graph *g, ra_dtype t, const void *dk,
+                              unsigned dim, const int *ql, unsigned K, const unsigned *occ_v,
+                              const int *off, const int *kk, unsigned L, unsigned M, size_t n,
+                              int *adj1, const int *ioff, const int *isrc, int *adj2, int phase)
+{
+    switch (t) {
+    case RA_DTYPE_F16:
+        return launch_kernels<__half>(c, g, dk, dim, ql, K, occ_v, off, kk, L, M, n, adj1, ioff,
+                                      isrc, adj2, phase);
+    case RA_DTYPE_BF16:
+        return launch_kernels<__nv_bfloat16>(c, g, dk, dim, ql, K, occ_v, off, kk, L, M, n, adj1,
+                                             ioff, isrc, adj2, phase);
+    default:
+        return launch_kernels<float>(c, g, dk, dim, ql, K, occ_v, off, kk, L, M, n, adj1, ioff,
+                                     isrc, adj2, phase);
+    }
+}
+
+/* exact top-k of rows [0, nrows) of `rows` among the n keys, tiles of tile_rows rows */
+static ra_status tiled_lists(ra_gpu_cache *c, struct cuda_graph *g, ra_dtype t, const void *rows,
+                             size_t nrows, const void *keys, size_t n, unsigned dim, unsigned k,
+                             float *tile, size_t tile_rows, int *ids, float *scores)
+{
+    ra_status s = RA_OK;
+    int committed = 0;
+    size_t es = ra_dtype_size(t);
+    const float one = 1.0f, zero = 0.0f;
+    for (size_t r0 = 0; r0 < nrows; r0 += tile_rows) {
+        size_t nr = nrows - r0 < tile_rows ? nrows - r0 : tile_rows;
+        /* column-major S (n x nr) = K^T Q: row-major S[row][key], as cuda_knn */
+        CKB(cublasGemmEx(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n, (int)nr, (int)dim, &one, keys,
+                         blas_type(t), (int)dim, (const char *)rows + r0 * dim * es, blas_type(t),
+                         (int)dim, &zero, tile, CUDA_R_32F, (int)n, CUBLAS_COMPUTE_32F,
+                         CUBLAS_GEMM_DEFAULT));
+        topk_kernel<<<(unsigned)nr, TOPK_THREADS, 0, g->s>>>(tile, n, k, ids, scores, r0);
+        CK(cudaGetLastError());
+    }
+    return RA_OK;
+fail:
+    return s;
+}
+
+static unsigned bits_for(size_t v)
+{
+    unsigned b = 1;
+    while (b < 32 && ((size_t)1 << b) <= v)
+        b++;
+    return b;
+}
+
+ra_status ra_gpu_cuda_graph_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype t, const void *keys,
+                                 size_t n, const void *qs, size_t nq, unsigned dim,
+                                 const ra_gpu_graph_params *p, int32_t *adj, int32_t *occ,
+                                 ra_gpu_graph_stats *st)
+{
+    ra_status s = RA_OK;
+    int committed = 0;
+    cuda_impl *m = IMPL(c);
+    gb_mem mem_;
+    memset(&mem_, 0, sizeof mem_);
+    struct cuda_graph *g = NULL;
+    const unsigned K = nq ? p->knn : 0, L = p->key_knn, M = p->degree;
+    const size_t es = ra_dtype_size(t), nocc = nq * K;
+    if ((size_t)RA_GPU_GRAPH_LISTS * (K > 2 * RA_GPU_GRAPH_WINDOW + 2 ? K : 2 * RA_GPU_GRAPH_WINDOW + 2) >
+        GB_MS)
+        return ra_gpu_fail(c, RA_ENOTSUP, "CUDA graph build: knn %u (at most %d)", K,
+                           GB_MS / RA_GPU_GRAPH_LISTS);
+    if (4 * (size_t)M + L > GB_CAND)
+        return ra_gpu_fail(c, RA_ENOTSUP,
+                           "CUDA graph build: 4 x degree + key_knn = %zu candidates (max %d)",
+                           4 * (size_t)M + L, GB_CAND);
+    CK(cudaSetDevice(m->device));
+    if (!m->graph) {
+        g = (struct cuda_graph *)calloc(1, sizeof *g);
+        if (!g)
+            return ra_gpu_fail(c, RA_ENOMEM, "CUDA graph build state");
+        m->graph = g;
+        CK(cudaStreamCreateWithFlags(&g->s, cudaStreamNonBlocking));
+        CKB(cublasCreate(&g->blas));
+        CKB(cublasSetStream(g->blas, g->s));
+        for (int i = 0; i < 6; i++)
+            CK(cudaEventCreate(&g->ev[i]));
+    }
+    g = m->graph;
+    {
+        const void *dk = keys, *dq = qs;
+        float *tile = NULL, *lsc = NULL;
+        int *ql = NULL, *kk = NULL, *cnt = NULL, *off = NULL, *adj1 = NULL, *adj2 = NULL;
+        int *icnt = NULL, *ioff = NULL;
+        unsigned *iota = NULL, *occ_k = NULL, *occ_v = NULL, *e_to = NULL, *e_from = NULL;
+        unsigned *e_to2 = NULL, *e_from2 = NULL;
+        void *tmp = NULL;
+        size_t tmp_bytes = 0, nm = n * M;
+        CK(cudaEventRecord(g->ev[0], g->s));
+        if (mem == RA_GPU_MEM_HOST) {
+            void *a = NULL, *b = NULL;
+            ALLOC(a, n * dim * es);
+            CK(cudaMemcpyAsync(a, keys, n * dim * es, cudaMemcpyHostToDevice, g->s));
+            dk = a;
+            if (nq) {
+                ALLOC(b, nq * dim * es);
+                CK(cudaMemcpyAsync(b, qs, nq * dim * es, cudaMemcpyHostToDevice, g->s));
+                dq = b;
+            }
+        }
+        /* score tiles: at most tile_bytes, at least one row */
+        size_t tile_rows = p->tile_bytes / (n * sizeof(float));
+        size_t most = nq > n ? nq : n;
+        if (tile_rows < 1)
+            tile_rows = 1;
+        if (tile_rows > most)
+            tile_rows = most;
+        ALLOC(tile, tile_rows * n * sizeof(float));
+        size_t lmax = nocc > n * (L + 1) ? nocc : n * (L + 1);
+        ALLOC(lsc, lmax * sizeof(float)); /* the top-k kernel's scores (not used) */
+        ALLOC(cnt, (n + 1) * sizeof(int));
+        ALLOC(off, (n + 1) * sizeof(int));
+        CK(cudaMemsetAsync(cnt, 0, (n + 1) * sizeof(int), g->s));
+        /* CUB scratch: the largest of the sorts and scans, asked with their own sizes */
+        {
+            size_t b1 = 0, b2 = 0, b3 = 0;
+            unsigned kb = bits_for(n);
+            CK(cub::DeviceRadixSort::SortPairs(NULL, b1, (unsigned *)NULL, (unsigned *)NULL,
+                                               (unsigned *)NULL, (unsigned *)NULL,
+                                               (int)(nocc ? nocc : 1), 0, (int)kb, g->s));
+            CK(cub::DeviceRadixSort::SortPairs(NULL, b2, (unsigned *)NULL, (unsigned *)NULL,
+                                               (unsigned *)NULL, (unsigned *)NULL, (int)nm, 0,
+                                               (int)kb, g->s));
+            CK(cub::DeviceScan::ExclusiveSum(NULL, b3, (int *)NULL, (int *)NULL, (int)(n + 1),
+                                             g->s));
+            tmp_bytes = b1 > b2 ? b1 : b2;
+            tmp_bytes = tmp_bytes > b3 ? tmp_bytes : b3;
+            ALLOC(tmp, tmp_bytes);
+        }
+        /* 1. query->key lists and the occurrences of each key, by a stable sort on key */
+        if (nq) {
+            ALLOC(ql, nocc * sizeof(int));
+            s = tiled_lists(c, g, t, dq, nq, dk, n, dim, K, tile, tile_rows, ql, lsc);
+            if (s != RA_OK)
+                goto fail;
+            ALLOC(iota, nocc * sizeof(unsigned));
+            ALLOC(occ_k, nocc * sizeof(unsigned));
+            ALLOC(occ_v, nocc * sizeof(unsigned));
+            iota_kernel<<<grid_of(nocc), 256, 0, g->s>>>(iota, nocc);
+            CK(cudaGetLastError());
+            CK(cub::DeviceRadixSort::SortPairs(tmp, tmp_bytes, (const unsigned *)ql, occ_k,
+                                               iota, occ_v, (int)nocc, 0, (int)bits_for(n),
+                                               g->s));
+            hist_kernel<<<grid_of(nocc), 256, 0, g->s>>>(ql, nocc, (int)n, cnt);
+            CK(cudaGetLastError());
+        } else {
+            ALLOC(ql, sizeof(int));
+            ALLOC(occ_v, sizeof(unsigned));
+        }
+        CK(cub::DeviceScan::ExclusiveSum(tmp, tmp_bytes, cnt, off, (int)(n + 1), g->s));
+        CK(cudaMemcpyAsync(occ, cnt, n * sizeof(int), cudaMemcpyDeviceToHost, g->s));
+        CK(cudaEventRecord(g->ev[1], g->s));
+        /* 2. key->key lists (L + 1: the key itself is dropped in the projection) */
+        ALLOC(kk, n * (L + 1) * sizeof(int));
+        s = tiled_lists(c, g, t, dk, n, dk, n, dim, L + 1, tile, tile_rows, kk, lsc);
+        if (s != RA_OK)
+            goto fail;
+        CK(cudaEventRecord(g->ev[2], g->s));
+        /* 3. projection + pruning */
+        ALLOC(adj1, nm * sizeof(int));
+        s = launch_typed(c, g, t, dk, dim, ql, K ? K : 1, occ_v, off, kk, L, M, n, adj1, NULL,
+                         NULL, NULL, 0);
+        if (s != RA_OK)
+            goto fail;
+        CK(cudaEventRecord(g->ev[3], g->s));
+        /* 4. reverse edges: (target, source) sorted stably by target */
+        ALLOC(e_to, nm * sizeof(unsigned));
+        ALLOC(e_from, nm * sizeof(unsigned));
+        ALLOC(e_to2, nm * sizeof(unsigned));
+        ALLOC(e_from2, nm * sizeof(unsigned));
+        ALLOC(icnt, (n + 1) * sizeof(int));
+        ALLOC(ioff, (n + 1) * sizeof(int));
+        ALLOC(adj2, nm * sizeof(int));
+        edges_kernel<<<grid_of(nm), 256, 0, g->s>>>(adj1, nm, M, (int)n, e_to, e_from);
+        CK(cudaGetLastError());
+        CK(cub::DeviceRadixSort::SortPairs(tmp, tmp_bytes, e_to, e_to2, e_from, e_from2, (int)nm,
+                                           0, (int)bits_for(n), g->s));
+        CK(cudaMemsetAsync(icnt, 0, (n + 1) * sizeof(int), g->s));
+        hist_kernel<<<grid_of(nm), 256, 0, g->s>>>(adj1, nm, (int)n, icnt);
+        CK(cudaGetLastError());
+        CK(cub::DeviceScan::ExclusiveSum(tmp, tmp_bytes, icnt, ioff, (int)(n + 1), g->s));
+        s = launch_typed(c, g, t, dk, dim, NULL, 0, NULL, NULL, NULL, 0, M, n, adj1, ioff,
+                         (const int *)e_from2, adj2, 1);
+        if (s != RA_OK)
+            goto fail;
+        CK(cudaEventRecord(g->ev[4], g->s));
+        CK(cudaMemcpyAsync(adj, adj2, nm * sizeof(int), cudaMemcpyDeviceToHost, g->s));
+        CK(cudaEventRecord(g->ev[5], g->s));
+        gb_free(&mem_, g->s);
+        CK(cudaStreamSynchronize(g->s)); /* this build's stream only */
+        if (st) {
+            float ms[5];
+            for (int i = 0; i < 5; i++)
+                CK(cudaEventElapsedTime(&ms[i], g->ev[i], g->ev[i + 1]));
+            st->knn_s = ms[0] / 1e3;
+            st->key_knn_s = ms[1] / 1e3;
+            st->project_s = ms[2] / 1e3;
+            st->reverse_s = ms[3] / 1e3;
+            st->copy_s = ms[4] / 1e3;
+            st->device_bytes = mem_.peak;
+        }
+    }
+    return RA_OK;
+fail:
+    if (m->graph && m->graph->s) {
+        gb_free(&mem_, m->graph->s);
+        if (!c->broken)
+            cudaStreamSynchronize(m->graph->s);
+        cudaGetLastError();
+    }
+    if (m->graph && (!m->graph->blas || !m->graph->ev[5])) /* made only in part: again next time */
+        ra_gpu_cuda_graph_fini(c);
+    return s;
+}
