@@ -1,34 +1,21 @@
-/* The three things ratd-bench-decode wants from the client API that a colleague's branch
- * adds (batched Attend, the daemon's per-request times in ra_attend_out, a session's
- * bytes in ra_session_stats), kept here so the rest of the bench has no #if: CMake
- * probes include/ratd/client.h (RA_BENCH_HAVE_*), and without the batched call a batch
- * of B sessions is B synchronous Attends, reported as batch_mode "sequential".
- * TODO(merge): once the API has landed on main, drop the probes and the fallbacks. */
+/* One layer's Attend for the sessions of a step (one batched request for several), the
+ * daemon's per-request times of the replies, a session's bytes from its stats. */
 #include <string.h>
 
 #include "decode.h"
 
 const char *dec_batch_mode(void)
 {
-#ifdef RA_BENCH_HAVE_ATTEND_BATCH
     return "batched";
-#else
-    return "sequential";
-#endif
 }
 
 static void add_server(const ra_attend_out *o, int *have, double *server_us, double *work_us)
 {
-#ifdef RA_BENCH_HAVE_SERVER_US
     *have = 1;
     if (server_us)
         *server_us += o->server_us;
     if (work_us)
         *work_us += o->work_us;
-#else
-    (void)o, (void)server_us, (void)work_us;
-    *have = 0;
-#endif
 }
 
 ra_status dec_attend_layer(ra_client *c, const uint64_t *sessions, int n, int layer,
@@ -36,7 +23,6 @@ ra_status dec_attend_layer(ra_client *c, const uint64_t *sessions, int n, int la
                            double *server_us, double *work_us)
 {
     int have = 0;
-#ifdef RA_BENCH_HAVE_ATTEND_BATCH
     if (n > 1) {
         ra_attend_batch_req b = {.n_sessions = n,
                                  .sessions = sessions,
@@ -56,7 +42,6 @@ ra_status dec_attend_layer(ra_client *c, const uint64_t *sessions, int n, int la
             *have_server = have;
         return s;
     }
-#endif
     size_t H = (size_t)r->n_q_heads, D = (size_t)r->head_dim, K = (size_t)r->top_k;
     for (int i = 0; i < n; i++) {
         ra_attend_req one = *r;
@@ -81,11 +66,6 @@ ra_status dec_attend_layer(ra_client *c, const uint64_t *sessions, int n, int la
 
 int dec_session_bytes(const ra_session_stats *st, uint64_t *bytes)
 {
-#ifdef RA_BENCH_HAVE_SESSION_BYTES
     *bytes = st->bytes;
     return 1;
-#else
-    (void)st, (void)bytes;
-    return 0;
-#endif
 }
