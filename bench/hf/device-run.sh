@@ -9,6 +9,7 @@
 # eval 1,024, bf16, sdpa vs ratd (k 500, graph index, builds waited for), teacher-forced
 # and generate() of 256 bytes; then --repeat 3. Logs, JSON and tables land in OUT_DIR.
 # PYTHON (default python3) must have torch, transformers >= 4.56, numpy and pytest.
+# RA_HF_TESTS_ONLY=1: the tests, not the benchmarks.
 set -uo pipefail
 out=${1:?usage: device-run.sh OUT_DIR}
 mkdir -p "$out"
@@ -41,6 +42,7 @@ else
   echo "pytest is missing for $PY: tests not run (bench only)" | tee "$out/tests.log"
 fi
 el "tests done"
+[ -n "${RA_HF_TESTS_ONLY:-}" ] && exit 0 # the tests alone (a check after a change)
 B="$PY bench/hf/bench_hf.py --model bench/models/kjv-byte-llama --text bench/data/heldout-kjv.txt --context 15360 --eval 1024 --ratd $RATD_BIN"
 timeout 600 $B --json "$out/bench.json" >"$out/bench.txt" 2>"$out/bench.log"
 echo "bench rc=$?"; cat "$out/bench.txt"; tail -3 "$out/bench.log"
