@@ -358,7 +358,9 @@ static ra_status metrics_start(ratd_server *s, char *err, size_t errlen)
         snprintf(err, errlen, "metrics endpoint %s: %s", ep, gai_strerror(gr));
         return RA_EINVAL;
     }
-    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG;
+    /* poll/epoll, not select(): ratd raises its descriptor limit for its clients, and a
+     * scrape accepted on a descriptor >= FD_SETSIZE would be closed by select()'s MHD */
+    unsigned flags = MHD_USE_AUTO_INTERNAL_THREAD | MHD_USE_ERROR_LOG;
     if (ai->ai_family == AF_INET6)
         flags |= MHD_USE_IPv6;
     s->ops->mhd = MHD_start_daemon(flags, 0, NULL, NULL, on_http, s, MHD_OPTION_SOCK_ADDR,

@@ -70,7 +70,7 @@ static void check_task(ratd_job *j, int g)
         /* rows are this message's tokens: the head must have none before them */
         ra_head *h = __atomic_load_n(&ss->heads[(size_t)j->layer * (size_t)ss->n_kv + (size_t)g],
                                      __ATOMIC_ACQUIRE);
-        if (h && ra_head_count(h) > 0) {
+        if (h && (ra_head_count(h) > 0 || ra_head_building(h))) { /* also a build of 0 keys */
             bad[g] = BAD_GRAPH_LAYER;
             bad_at[g] = ra_head_count(h);
             return;
@@ -124,8 +124,8 @@ static void append_task(ratd_job *j, int g)
     } else {
         bs = ra_head_build(h, q, qn, 1);
     }
-    if (bs == RA_EBUSY) /* a build runs: it inserts the new keys when it ends */
-        bs = RA_OK;
+    if (bs == RA_EBUSY && !j->t.adj) /* a build runs: it inserts the new keys when it ends */
+        bs = RA_OK;                      /* (a graph is never dropped silently: warned below) */
     bst[g] = bs;
 }
 
@@ -203,8 +203,9 @@ static void checks_done(ratd_job *j)
         if (bad[g] == BAD_GRAPH_LAYER) {
             ratd_job_set_err(j, RA_EINVAL,
                              "a prebuilt graph (GRAPH_ADJ) only with the first tokens of a layer: "
-                             "layer %u KV head %d holds %zu already; nothing stored",
-                             j->layer, g, bad_at[g]);
+                             "layer %u KV head %d holds %zu already%s; nothing stored",
+                             j->layer, g, bad_at[g],
+                             bad_at[g] ? "" : " (and an index build of its training queries runs)");
             return;
         }
         if (bad[g] == BAD_GRAPH) {
