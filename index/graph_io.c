@@ -92,6 +92,43 @@ done:
     return st;
 }
 
+/* The default effort's per-head factor for a graph built elsewhere, as a build sets it
+ * (ra_graph_calibrate), from the last G_CALIB_HOLD training queries and their exact lists
+ * (the caller's, else computed here). The builder saw those queries, so they are easier
+ * than held-out ones: the factor only rises where even they miss the target. */
+#define G_CALIB_HOLD 128
+static ra_status install_calibration(ra_graph *g, const ra_kv *kv, size_t n, const float *train_q,
+                                     size_t nq, const int32_t *lists, int lists_k)
+{
+    size_t nh = nq >= 16 * G_CALIB_HOLD ? G_CALIB_HOLD : 0;
+    int K = lists ? (lists_k < 100 ? lists_k : 100) : 100;
+    if ((size_t)K > n)
+        K = (int)n;
+    if (!nh || K < 10)
+        return RA_OK; /* too few queries to tell: the factor stays 1 */
+    const float *hq = train_q + (nq - nh) * (size_t)g->dim;
+    int32_t *gt = malloc(nh * (size_t)K * sizeof *gt);
+    float *gs = lists ? NULL : malloc(nh * (size_t)K * sizeof *gs);
+    ra_status st = RA_ENOMEM;
+    if (!gt || (!lists && !gs))
+        goto done;
+    if (lists) {
+        for (size_t i = 0; i < nh; i++)
+            for (int j = 0; j < K; j++) {
+                int32_t id = lists[(nq - nh + i) * (size_t)lists_k + (size_t)j];
+                gt[i * (size_t)K + (size_t)j] = id >= 0 && (size_t)id < n ? id : -1;
+            }
+    } else if ((st = ra_exact_knn_batch(kv, n, hq, nh, K, gt, gs))) {
+        goto done;
+    }
+    ra_graph_calibrate(g, kv, hq, nh, gt, K);
+    st = RA_OK;
+done:
+    free(gt);
+    free(gs);
+    return st;
+}
+
 ra_status ra_graph_install(ra_graph **out, const ra_kv *kv, size_t n, const ra_graph_adj *a,
                            const float *train_q, size_t nq, const int32_t *lists, int lists_k,
                            const ra_index_opts *opts)
@@ -154,6 +191,8 @@ ra_status ra_graph_install(ra_graph **out, const ra_kv *kv, size_t n, const ra_g
     if (nq && n > 1 &&
         (st = install_routing(g, kv, n, train_q, nq, lists, lists_k, ntrain)))
         goto fail;
+    if (nq && n > 1 && (st = install_calibration(g, kv, n, train_q, nq, lists, lists_k)))
+        goto fail;
     if (g_cancelled(g)) {
         st = RA_ECLOSED;
         goto fail;
@@ -161,8 +200,8 @@ ra_status ra_graph_install(ra_graph **out, const ra_kv *kv, size_t n, const ra_g
     g->cancel = NULL;
     g_clock(&w1, &c1);
     RA_DEBUG("graph: installed a prebuilt graph of %zu keys (M %d, %d entries, %d routing "
-             "queries) in %.2fs (cpu %.2fs)",
-             n, g->M, g->n_entries, g->n_route, w1 - w0, c1 - c0);
+             "queries, search effort x%.2f) in %.2fs (cpu %.2fs)",
+             n, g->M, g->n_entries, g->n_route, (double)g->l_mult, w1 - w0, c1 - c0);
     *out = g;
     return RA_OK;
 fail:
