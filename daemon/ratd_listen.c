@@ -195,7 +195,10 @@ static ra_status fd_budget(ratd_server *s, char *err, size_t errlen)
         }
     }
     long nofile = rl.rlim_cur > (1u << 20) ? (1L << 20) : (long)rl.rlim_cur;
-    long reserve = FD_RESERVE_MIN + nofile / 8;
+    /* a quarter of the limit for the monitor's lag: a burst of connections keeps ZeroMQ's
+     * I/O thread accepting while ours, on a loaded host, is slow to count them (an
+     * eighth was overrun once: 1,100 connections at once under 1024 on two busy cores) */
+    long reserve = FD_RESERVE_MIN + nofile / 4;
     long max = s->cfg.max_clients;
     if (max == 0) {
         max = nofile - reserve;

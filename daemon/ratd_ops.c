@@ -584,8 +584,10 @@ static int wait_check(ratd_server *s, waiter *w, double now, int closing)
         ratd_job_set_err(j, st, "session %llu was dropped while waiting for its index builds",
                          (unsigned long long)w->session);
     } else if (jobs || building) {
-        if (now < w->deadline)
+        if (now < w->deadline) {
+            ss->last_used = now; /* a client waiting on it uses it (--session-ttl) */
             return 0;
+        }
         st = RA_ETIMEDOUT;
         ratd_job_set_err(j, st,
                          "session %llu: %u of %u index builds still running and %d "

@@ -244,10 +244,14 @@ ra_status ra_head_append(ra_head *h, const void *k, const void *v, const int64_t
  * a model's heads all offloaded at once must not hold them all together. Waiting
  * builds leave their heads on exact scans, as a running build does. */
 #define RA_MAX_BUILDS 2
+/* Installs of prebuilt graphs (one pass over the keys: codes, routing, calibration) have
+ * slots of their own, so that they never queue behind CPU builds; bounded too, because
+ * each holds a copy of its adjacency and the graph it fills before the account sees it. */
+#define RA_MAX_INSTALLS 4
 
 static pthread_mutex_t g_gate_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t g_gate_cv = PTHREAD_COND_INITIALIZER;
-static int g_gate_busy;
+static int g_gate_busy[2]; /* [0] builds, [1] installs */
 
 static int build_cancelled(ra_head *h)
 {
@@ -255,22 +259,23 @@ static int build_cancelled(ra_head *h)
 }
 
 /* 0 when the build was cancelled while it waited (it holds no place then). */
-static int build_gate_enter(ra_head *h)
+static int build_gate_enter(ra_head *h, int install)
 {
+    int max = install ? RA_MAX_INSTALLS : RA_MAX_BUILDS;
     pthread_mutex_lock(&g_gate_mu);
-    while (g_gate_busy >= RA_MAX_BUILDS && !build_cancelled(h))
+    while (g_gate_busy[install] >= max && !build_cancelled(h))
         pthread_cond_wait(&g_gate_cv, &g_gate_mu);
     int in = !build_cancelled(h);
-    g_gate_busy += in;
+    g_gate_busy[install] += in;
     pthread_mutex_unlock(&g_gate_mu);
     return in;
 }
 
-static void build_gate_leave(void)
+static void build_gate_leave(int install)
 {
     pthread_mutex_lock(&g_gate_mu);
-    g_gate_busy--;
-    pthread_cond_signal(&g_gate_cv);
+    g_gate_busy[install]--;
+    pthread_cond_broadcast(&g_gate_cv); /* both kinds wait on the one condition */
     pthread_mutex_unlock(&g_gate_mu);
 }
 
@@ -321,10 +326,10 @@ static void *build_main(void *arg)
     size_t now = 0;
     ra_status st = RA_ECLOSED;
     /* an install costs one pass over the keys: it does not queue behind CPU builds */
-    int install = h->graph.adj != NULL;
+    int install = h->graph.adj != NULL ? 1 : 0;
     double tq = ra_now_s();
     __atomic_add_fetch(&g_builds_queued, 1, __ATOMIC_RELAXED);
-    int gated = install ? !build_cancelled(h) : build_gate_enter(h);
+    int gated = build_gate_enter(h, install);
     __atomic_sub_fetch(&g_builds_queued, 1, __ATOMIC_RELAXED);
     __atomic_add_fetch(&g_builds_running, 1, __ATOMIC_RELAXED);
     double t0 = ra_now_s();
@@ -403,8 +408,8 @@ static void *build_main(void *arg)
     ra_graph_adj_fini(&h->graph);
     if (h->opts.threads > 0)
         omp_set_num_threads(omp_old);
-    if (gated && !install)
-        build_gate_leave();
+    if (gated)
+        build_gate_leave(install);
     pthread_mutex_lock(&h->bmu);
     h->last_build = st;
     h->building = 0;

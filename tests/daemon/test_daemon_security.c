@@ -264,7 +264,7 @@ static void test_fd_exhaustion(void **state)
         fail_msg("hello with %d idle connections: %s", opened, ra_client_errmsg(c));
     assert_int_equal(attend(c, s, 2, 16, 50), RA_OK);
     st = stats(c);
-    assert_int_equal(st.max_clients, 1024 - 64 - 1024 / 8);
+    assert_int_equal(st.max_clients, 1024 - 64 - 1024 / 4);
     print_message("# %d connection attempts: %llu clients (limit %llu), %llu pauses\n", opened,
                   (unsigned long long)st.clients, (unsigned long long)st.max_clients,
                   (unsigned long long)st.listener_pauses);
