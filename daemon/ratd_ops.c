@@ -427,7 +427,7 @@ static int session_pending(ratd_session *ss, uint32_t *heads, uint32_t *ready, u
         ra_head *h = __atomic_load_n(&ss->heads[i], __ATOMIC_ACQUIRE);
         if (!h)
             continue;
-        (*heads)++;
+        *heads += ra_head_count(h) > 0 ? 1u : 0u; /* holding tokens */
         *ready += ra_head_ready(h) ? 1u : 0u;
         *building += ra_head_building(h) ? 1u : 0u;
     }

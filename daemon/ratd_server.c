@@ -536,7 +536,7 @@ static ra_status do_stats(ratd_server *s, ratd_job *j, Ratd__StatsReply *sr, Rat
             ra_head *h = __atomic_load_n(&ss->heads[i], __ATOMIC_ACQUIRE);
             if (!h)
                 continue;
-            sr->heads++;
+            sr->heads += ra_head_count(h) > 0 ? 1u : 0u; /* holding tokens */
             sr->heads_ready += ra_head_ready(h) ? 1u : 0u;
             sr->heads_building += ra_head_building(h) ? 1u : 0u;
         }

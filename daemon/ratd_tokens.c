@@ -225,13 +225,9 @@ static void checks_done(ratd_job *j)
         if (st != RA_OK) {
             ratd_job_set_err(j, st, "cannot create the index of layer %u head %d: %s", j->layer, g,
                              ra_strerror(st));
-            for (int x = 0; x < g; x++) { /* leave the layer as it was: empty */
-                ra_head *hx = heads[x];
-                if (hx && ra_head_count(hx) == 0) {
-                    __atomic_store_n(&heads[x], NULL, __ATOMIC_RELEASE);
-                    ra_head_destroy(hx);
-                }
-            }
+            /* the heads made so far stay, empty: the layer holds no tokens as before, and
+             * freeing them here could race with the I/O thread, which reads heads[] for
+             * Stats and ListSessions (the session's end frees them) */
             return;
         }
         char label[64];
