@@ -101,7 +101,10 @@ static const ratd_option g_options[] = {
      "opened for writing)"},
     {"metrics", OPT_STR, OFF(metrics), SZ(metrics), 0, 0, "",
      "serve Prometheus metrics over HTTP at tcp://host:port (GET /metrics), loopback only "
-     "unless allow-remote; empty: off"},
+     "unless metrics-allow-remote; empty: off"},
+    {"metrics-allow-remote", OPT_BOOL, OFF(metrics_allow_remote), 0, 0, 1, "0",
+     "let --metrics listen on a non-loopback address: plain HTTP without authentication "
+     "(session ids, sizes and latencies, never tokens or data)"},
 };
 #define N_OPTIONS (sizeof g_options / sizeof g_options[0])
 

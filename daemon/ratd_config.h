@@ -45,6 +45,7 @@ typedef struct ratd_config {
     char config_file[512];
     char log_file[512]; /* "": stderr */
     char metrics[256];  /* Prometheus endpoint tcp://host:port, "": off */
+    int metrics_allow_remote; /* --metrics on a non-loopback address */
 } ratd_config;
 
 void ratd_config_defaults(ratd_config *c);

@@ -335,10 +335,11 @@ static ra_status metrics_start(ratd_server *s, char *err, size_t errlen)
     memcpy(host, h, (size_t)(colon - h));
     host[colon - h] = 0;
     snprintf(port, sizeof port, "%s", colon + 1);
-    if (!ratd_config_host_is_loopback(host) && !s->cfg.allow_remote) {
+    if (!ratd_config_host_is_loopback(host) && !s->cfg.metrics_allow_remote) {
         snprintf(err, errlen,
                  "metrics endpoint %s is not a loopback address; metrics have no "
-                 "authentication, so this needs --allow-remote (or tcp://127.0.0.1:PORT)",
+                 "authentication, so this needs --metrics-allow-remote (or "
+                 "tcp://127.0.0.1:PORT)",
                  ep);
         return RA_EINVAL;
     }

@@ -260,7 +260,7 @@ static void test_metrics_endpoint(void **state)
     snprintf(cmd, sizeof cmd, "%s --endpoint ipc:///tmp/ratd-test-%d-m.sock --metrics tcp://0.0.0.0:%d",
              bin("RATD_BIN"), (int)getpid(), port);
     assert_int_equal(run_capture(cmd, g_out, sizeof g_out), 2); /* not allowed: exit 2 */
-    assert_non_null(strstr(g_out, "needs --allow-remote"));
+    assert_non_null(strstr(g_out, "needs --metrics-allow-remote"));
     snprintf(cmd, sizeof cmd, "%s --endpoint ipc:///tmp/ratd-test-%d-m.sock --metrics 127.0.0.1",
              bin("RATD_BIN"), (int)getpid());
     assert_int_equal(run_capture(cmd, g_out, sizeof g_out), 2);
