@@ -340,7 +340,9 @@ static ra_status wait_reply(ra_client *c, int shard, uint64_t id, int timeout_ms
         }
         char err[RA_PROTO_ERRLEN];
         uint64_t rid = 0;
-        ra_status st = ra_proto_parse(&r->m, 0, NULL, &r->v, &rid, NULL, err, sizeof err);
+        static const ra_proto_limits reply_lim = {.max_header_bytes =
+                                                      RA_PROTO_MAX_REPLY_HEADER_BYTES};
+        ra_status st = ra_proto_parse(&r->m, 0, &reply_lim, &r->v, &rid, NULL, err, sizeof err);
         if (st != RA_OK) {
             if (rid == id) {
                 reply_free(r);

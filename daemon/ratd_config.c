@@ -82,7 +82,9 @@ static const ratd_option g_options[] = {
     {"max-queue", OPT_INT, OFF(max_queue), 0, 1, 65536, "1024",
      "Offload/Append/Attend requests queued or running at most; one more gets RA_EBUSY at "
      "once"},
-    {"max-batch", OPT_INT, OFF(max_batch), 0, 1, 4096, "256",
+    /* 1024 keeps a batched Attend's header (an id and a token per session) under the
+     * 64 KiB a request header may have */
+    {"max-batch", OPT_INT, OFF(max_batch), 0, 1, 1024, "256",
      "sessions in one batched Attend at most"},
     /* the index's own bound (index/opts.c, "threads"); ratd_server_create checks it */
     {"index-threads", OPT_INT, OFF(index_threads), 0, 0, 256, "0",

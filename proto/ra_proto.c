@@ -115,9 +115,9 @@ ra_status ra_proto_parse_with(ra_proto_msg *m, int first, const ra_proto_limits 
         snprintf(err, errlen, "header frame is empty");
         return RA_EPROTO;
     }
-    if (hsz > RA_PROTO_MAX_HEADER_BYTES) {
-        snprintf(err, errlen, "header frame is %zu bytes; at most %u are accepted", hsz,
-                 RA_PROTO_MAX_HEADER_BYTES);
+    size_t hmax = lim && lim->max_header_bytes ? lim->max_header_bytes : RA_PROTO_MAX_HEADER_BYTES;
+    if (hsz > hmax) {
+        snprintf(err, errlen, "header frame is %zu bytes; at most %zu are accepted", hsz, hmax);
         return RA_ETOOBIG;
     }
     Ratd__Header *h =

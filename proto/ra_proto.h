@@ -25,7 +25,12 @@
 typedef struct ra_proto_limits {
     size_t max_frame_bytes;   /* one tensor frame */
     size_t max_message_bytes; /* sum of all frames */
+    size_t max_header_bytes;  /* the header frame; 0: RA_PROTO_MAX_HEADER_BYTES */
 } ra_proto_limits;
+
+/* What a client accepts in a reply's header: a ListSessions of every session of a
+ * daemon (~60 bytes each, --max-sessions up to 65536) is larger than a request may be. */
+#define RA_PROTO_MAX_REPLY_HEADER_BYTES (16u * 1024u * 1024u)
 
 /* One received multipart message. frames[0..n) are initialised zmq messages. */
 typedef struct ra_proto_msg {

@@ -14,7 +14,7 @@
 #include "ops_util.h"
 #include "ra_log.h"
 
-static char g_out[1 << 17];
+static char g_out[1 << 20];
 
 static const char *bin(const char *var)
 {
@@ -267,6 +267,33 @@ static void test_metrics_endpoint(void **state)
     assert_non_null(strstr(g_out, "expected tcp://host:port"));
 }
 
+/* ListSessions of more sessions than a request header could name (a reply header over
+ * 64 KiB): every one listed, in id order; ratctl lists them too. */
+static void test_list_many_sessions(void **state)
+{
+    (void)state;
+    enum { N = 1500 };
+    ratd_proc d;
+    assert_int_equal(ratd_start(&d, "--max-sessions", "2000", NULL), 0);
+    ra_client *c = ratd_connect(&d, 10000);
+    for (int i = 0; i < N; i++)
+        assert_true(ratd_session_new(c, 1, 2, 1, 8, RA_DTYPE_F32, RA_CLIENT_INDEX_FLAT) > 0);
+    static ra_session_info info[N];
+    size_t n = 0;
+    assert_int_equal(ra_client_list_sessions(c, info, N, &n), RA_OK);
+    assert_int_equal(n, N);
+    for (int i = 1; i < N; i++)
+        assert_true(info[i].id > info[i - 1].id);
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "%s --endpoint %s --json sessions", bin("RATCTL_BIN"), d.endpoint);
+    assert_int_equal(run_capture(cmd, g_out, sizeof g_out), 0);
+    char want[64];
+    snprintf(want, sizeof want, "{\"id\": %llu, ", (unsigned long long)info[N - 1].id);
+    assert_non_null(strstr(g_out, want));
+    ra_client_close(c);
+    assert_int_equal(ratd_stop(&d), 0);
+}
+
 /* Runs ratctl with `args` against endpoint ep: its exit status must be rc and its
  * output must contain `needle`. */
 static void ctl_expect(const char *ctl, const char *ep, const char *args, int rc, const char *needle)
@@ -328,7 +355,8 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_print_config_roundtrip), cmocka_unit_test(test_log_file),
-        cmocka_unit_test(test_list_sessions_and_config), cmocka_unit_test(test_wait_ready_is_one_request),
+        cmocka_unit_test(test_list_sessions_and_config), cmocka_unit_test(test_list_many_sessions),
+        cmocka_unit_test(test_wait_ready_is_one_request),
         cmocka_unit_test(test_metrics_endpoint),       cmocka_unit_test(test_ratctl),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
