@@ -304,6 +304,23 @@ ra_status g_opts(const ra_index_opts *o, int *K, int *M, int *ef, int *ent, int 
     return RA_OK;
 }
 
+ra_status g_inputs(const ra_index_opts *o, const ra_kv *kv, const float *train_q, size_t nq, int *K,
+                   int *M, int *ef, int *ent, int *ntrain, int *threads, uint64_t *seed)
+{
+    if (g_opts(o, K, M, ef, ent, ntrain, threads, seed) != RA_OK) {
+        RA_ERROR("graph: options out of range");
+        return RA_EINVAL;
+    }
+    int dim = ra_kv_dim(kv);
+    if (dim <= 0 || ra_dtype_size(ra_kv_dtype(kv)) == 0)
+        return RA_EINVAL;
+    if (nq && !ra_kern_all_finite(train_q, RA_DTYPE_F32, nq * (size_t)dim)) {
+        RA_ERROR("graph: training queries contain NaN or Inf");
+        return RA_ENONFINITE;
+    }
+    return RA_OK;
+}
+
 void ra_graph_destroy(ra_graph *g)
 {
     if (!g)

@@ -1189,19 +1189,10 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
         return RA_EINVAL;
     int K, M, ef, ent, ntrain, threads;
     uint64_t seed;
-    st = g_opts(opts, &K, &M, &ef, &ent, &ntrain, &threads, &seed);
-    if (st) {
-        RA_ERROR("graph: options out of range");
+    if ((st = g_inputs(opts, kv, train_q, nq, &K, &M, &ef, &ent, &ntrain, &threads, &seed)))
         return st;
-    }
     int dim = ra_kv_dim(kv);
     ra_dtype dt = ra_kv_dtype(kv);
-    if (dim <= 0 || ra_dtype_size(dt) == 0)
-        return RA_EINVAL;
-    if (nq && !ra_kern_all_finite(train_q, RA_DTYPE_F32, nq * (size_t)dim)) {
-        RA_ERROR("graph: training queries contain NaN or Inf");
-        return RA_ENONFINITE;
-    }
     if (!(g = g_alloc(dim, dt, M, ef, threads, seed)))
         return RA_ENOMEM;
     g->cancel = opts ? opts->cancel : NULL; /* cleared when the build returns */

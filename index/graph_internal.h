@@ -173,6 +173,11 @@ void g_psort_u64(int threads, uint64_t *a, uint64_t *tmp, size_t n);
 /* Options against the graph's bounds; RA_EINVAL when out of range (graph.c). */
 ra_status g_opts(const ra_index_opts *o, int *K, int *M, int *ef, int *ent, int *ntrain,
                  int *threads, uint64_t *seed);
+/* What every construction (a build, an install) checks first: the options (g_opts), the
+ * keys' dim and dtype, the nq training queries finite. RA_OK, RA_EINVAL or
+ * RA_ENONFINITE, logged (graph.c). */
+ra_status g_inputs(const ra_index_opts *o, const ra_kv *kv, const float *train_q, size_t nq, int *K,
+                   int *M, int *ef, int *ent, int *ntrain, int *threads, uint64_t *seed);
 void ra_graph_destroy(ra_graph *g);
 size_t ra_graph_bytes(const ra_graph *g);
 

@@ -147,18 +147,10 @@ ra_status ra_graph_install(ra_graph **out, const ra_kv *kv, size_t n, const ra_g
     }
     int K, M, ef, ent, ntrain, threads;
     uint64_t seed;
-    if ((st = g_opts(opts, &K, &M, &ef, &ent, &ntrain, &threads, &seed))) {
-        RA_ERROR("graph: options out of range");
+    if ((st = g_inputs(opts, kv, train_q, nq, &K, &M, &ef, &ent, &ntrain, &threads, &seed)))
         return st;
-    }
     int dim = ra_kv_dim(kv);
     ra_dtype dt = ra_kv_dtype(kv);
-    if (dim <= 0 || ra_dtype_size(dt) == 0)
-        return RA_EINVAL;
-    if (nq && !ra_kern_all_finite(train_q, RA_DTYPE_F32, nq * (size_t)dim)) {
-        RA_ERROR("graph: training queries contain NaN or Inf");
-        return RA_ENONFINITE;
-    }
     double w0, c0, w1, c1;
     g_clock(&w0, &c0);
     ra_graph *g = g_alloc(dim, dt, a->M, ef, threads, seed); /* the graph's own degree */
