@@ -519,21 +519,21 @@ static int host_is_loopback(const char *host, int numeric_only)
     return 0;
 }
 
-int ratd_config_host_is_loopback(const char *host)
+int ratd_tcp_split(const char *endpoint, char *host, size_t hlen, char *port, size_t plen)
 {
-    return host_is_loopback(host, 0);
-}
-
-/* The host part of a tcp:// endpoint into host (brackets of an IPv6 address removed);
- * -1 when there is no host:port. */
-static int tcp_host(const char *endpoint, char *host, size_t len)
-{
+    if (strncmp(endpoint, "tcp://", 6) != 0)
+        return -1;
     const char *h = endpoint + 6;
     const char *colon = strrchr(h, ':');
-    if (!colon || colon == h || (size_t)(colon - h) >= len)
+    if (!colon || colon == h || (size_t)(colon - h) >= hlen)
         return -1;
+    if (port) {
+        if (!colon[1] || strlen(colon + 1) >= plen)
+            return -1;
+        snprintf(port, plen, "%s", colon + 1);
+    }
     size_t n = (size_t)(colon - h);
-    if (n >= 2 && h[0] == '[' && h[n - 1] == ']') {
+    if (n > 2 && h[0] == '[' && h[n - 1] == ']') {
         h++;
         n -= 2;
     }
@@ -545,7 +545,7 @@ static int tcp_host(const char *endpoint, char *host, size_t len)
 int ratd_endpoint_is_loopback(const char *endpoint, int numeric_only)
 {
     char host[256];
-    if (strncmp(endpoint, "tcp://", 6) != 0 || tcp_host(endpoint, host, sizeof host) < 0)
+    if (ratd_tcp_split(endpoint, host, sizeof host, NULL, 0) < 0)
         return 0;
     return host_is_loopback(host, numeric_only);
 }
@@ -665,7 +665,7 @@ ra_status ratd_config_check_endpoint(ratd_config *c, char *err, size_t errlen)
                      c->endpoint);
             return RA_EINVAL;
         }
-        if (tcp_host(c->endpoint, host, sizeof host) < 0) {
+        if (ratd_tcp_split(c->endpoint, host, sizeof host, NULL, 0) < 0) {
             snprintf(err, errlen, "endpoint %s: expected tcp://host:port", c->endpoint);
             return RA_EINVAL;
         }

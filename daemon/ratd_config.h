@@ -69,8 +69,10 @@ int ratd_config_value(const ratd_config *c, size_t i, const char **name, char *b
 /* Writes the effective configuration in config-file syntax (every option but `config`),
  * which ratd --config reads back to the same configuration. */
 void ratd_config_print(FILE *f, const ratd_config *c);
-/* 1 for localhost, lo, 127.0.0.0/8, ::1 and ::ffff:127.x (brackets allowed). */
-int ratd_config_host_is_loopback(const char *host);
+/* Splits tcp://host:port: the host without the brackets of an IPv6 address into
+ * host[hlen], and (port not NULL) the non-empty port into port[plen]; -1 when the endpoint
+ * is no tcp://host:port or a part does not fit. */
+int ratd_tcp_split(const char *endpoint, char *host, size_t hlen, char *port, size_t plen);
 /* Fills the default endpoint when none is set (ipc:// in the private directory
  * $XDG_RUNTIME_DIR/ratd/, else /tmp/ratd-<uid>/, created 0700 and checked: ours, not a
  * symlink, no group/other bits), and applies the transport policy before the bind:

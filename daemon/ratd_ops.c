@@ -26,7 +26,7 @@
 
 #define N_TYPES 11 /* MsgType 0..10; 0 counts requests of an unknown type */
 #define WAIT_DEFAULT_MS 30000u
-#define WAIT_MAX_MS 600000u
+#define WAIT_MAX_MS RA_PROTO_MAX_WAIT_MS
 
 static const uint64_t g_bucket_us[RATD_OPS_N_BUCKETS] = {
     25,     50,     100,    250,     500,     1000,    2500,    5000,     10000,    25000,
@@ -321,21 +321,12 @@ static enum MHD_Result on_http(void *cls, struct MHD_Connection *conn, const cha
 static ra_status metrics_start(ratd_server *s, char *err, size_t errlen)
 {
     const char *ep = s->cfg.metrics;
-    if (strncmp(ep, "tcp://", 6) != 0) {
-        snprintf(err, errlen, "metrics endpoint %s: expected tcp://host:port", ep);
-        return RA_EINVAL;
-    }
     char host[256], port[16];
-    const char *h = ep + 6, *colon = strrchr(h, ':');
-    if (!colon || colon == h || (size_t)(colon - h) >= sizeof host || !colon[1] ||
-        strlen(colon + 1) >= sizeof port) {
+    if (ratd_tcp_split(ep, host, sizeof host, port, sizeof port) < 0) {
         snprintf(err, errlen, "metrics endpoint %s: expected tcp://host:port", ep);
         return RA_EINVAL;
     }
-    memcpy(host, h, (size_t)(colon - h));
-    host[colon - h] = 0;
-    snprintf(port, sizeof port, "%s", colon + 1);
-    if (!ratd_config_host_is_loopback(host) && !s->cfg.metrics_allow_remote) {
+    if (!ratd_endpoint_is_loopback(ep, 0) && !s->cfg.metrics_allow_remote) {
         snprintf(err, errlen,
                  "metrics endpoint %s is not a loopback address; metrics have no "
                  "authentication, so this needs --metrics-allow-remote (or "
@@ -343,18 +334,12 @@ static ra_status metrics_start(ratd_server *s, char *err, size_t errlen)
                  ep);
         return RA_EINVAL;
     }
-    char *hp = host;
-    size_t hl = strlen(hp);
-    if (hp[0] == '[' && hl > 2 && hp[hl - 1] == ']') {
-        hp[hl - 1] = 0;
-        hp++;
-    }
     struct addrinfo hints, *ai = NULL;
     memset(&hints, 0, sizeof hints);
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
     hints.ai_flags = AI_NUMERICSERV | AI_PASSIVE;
-    int gr = getaddrinfo(hp, port, &hints, &ai);
+    int gr = getaddrinfo(host, port, &hints, &ai);
     if (gr != 0 || !ai) {
         snprintf(err, errlen, "metrics endpoint %s: %s", ep, gai_strerror(gr));
         return RA_EINVAL;
@@ -374,7 +359,9 @@ static ra_status metrics_start(ratd_server *s, char *err, size_t errlen)
                  e ? strerror(e) : "the HTTP server did not start");
         return RA_EIO;
     }
-    RA_INFO("metrics: Prometheus text at http://%s:%s/metrics", host[0] == '[' ? host : hp, port);
+    int v6 = strchr(host, ':') != NULL; /* an IPv6 address goes back into brackets */
+    RA_INFO("metrics: Prometheus text at http://%s%s%s:%s/metrics", v6 ? "[" : "", host,
+            v6 ? "]" : "", port);
     return RA_OK;
 }
 
