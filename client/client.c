@@ -709,9 +709,6 @@ static ra_status wait_ready_poll(ra_client *c, uint64_t session, double deadline
     }
 }
 
-/* The longest wait ratd takes in one WaitReady request (daemon/ratd_ops.c WAIT_MAX_MS). */
-#define RA_WAIT_SLICE_MAX_MS 600000
-
 /* A daemon's answer to a request type it does not know. */
 static int unknown_type(ra_status st, const ra_client *c)
 {
@@ -734,8 +731,8 @@ ra_status ra_client_wait_ready(ra_client *c, uint64_t session, int timeout_ms)
             if (left < 1)
                 left = 1;
             int slice = left < c->timeout_ms ? left : c->timeout_ms;
-            if (slice > RA_WAIT_SLICE_MAX_MS) /* the daemon's bound of one WaitReady */
-                slice = RA_WAIT_SLICE_MAX_MS;
+            if (slice > (int)RA_PROTO_MAX_WAIT_MS) /* the bound of one WaitReady */
+                slice = (int)RA_PROTO_MAX_WAIT_MS;
             Ratd__Header h = RATD__HEADER__INIT;
             Ratd__WaitParams wp = RATD__WAIT_PARAMS__INIT;
             h.type = RATD__MSG_TYPE__WAIT_READY;

@@ -20,6 +20,8 @@
 /* A header is small; anything larger is refused before protobuf sees it. */
 #define RA_PROTO_MAX_HEADER_BYTES (64u * 1024u)
 #define RA_PROTO_MAX_DIMS 4
+/* The longest wait one WaitReady request may ask for (WaitParams.timeout_ms). */
+#define RA_PROTO_MAX_WAIT_MS 600000u
 #define RA_PROTO_ERRLEN 256
 
 typedef struct ra_proto_limits {
