@@ -71,6 +71,29 @@ static inline void g_heapsort_u64(uint64_t *a, size_t n)
     }
 }
 
+/* Hoare partition of a[0..n), n >= 2, around the median of three: returns m, 0 < m < n,
+ * with a[0..m) <= pivot <= a[m..n). */
+static inline size_t g_partition_u64(uint64_t *a, size_t n)
+{
+    uint64_t x = a[0], y = a[n / 2], z = a[n - 1];
+    uint64_t p = x < y ? (y < z ? y : x < z ? z : x) : (x < z ? x : y < z ? z : y);
+    size_t i = 0, j = n - 1;
+    for (;;) {
+        while (a[i] < p)
+            i++;
+        while (a[j] > p)
+            j--;
+        if (i >= j)
+            break;
+        uint64_t t = a[i];
+        a[i] = a[j];
+        a[j] = t;
+        i++;
+        j--;
+    }
+    return j + 1;
+}
+
 static inline void g_introsort_u64(uint64_t *a, size_t n, int depth)
 {
     while (n > 24) {
@@ -78,24 +101,8 @@ static inline void g_introsort_u64(uint64_t *a, size_t n, int depth)
             g_heapsort_u64(a, n);
             return;
         }
-        uint64_t x = a[0], y = a[n / 2], z = a[n - 1]; /* median of three */
-        uint64_t p = x < y ? (y < z ? y : x < z ? z : x) : (x < z ? x : y < z ? z : y);
-        size_t i = 0, j = n - 1;
-        for (;;) {
-            while (a[i] < p)
-                i++;
-            while (a[j] > p)
-                j--;
-            if (i >= j)
-                break;
-            uint64_t t = a[i];
-            a[i] = a[j];
-            a[j] = t;
-            i++;
-            j--;
-        }
-        /* [0, j] <= p <= [j + 1, n): recurse into the smaller part */
-        size_t left = j + 1;
+        /* [0, left) <= p <= [left, n): recurse into the smaller part */
+        size_t left = g_partition_u64(a, n);
         if (left < n - left) {
             g_introsort_u64(a, left, depth);
             a += left;
@@ -150,26 +157,11 @@ static inline void g_select_u64(uint64_t *a, size_t n, size_t k)
 {
     size_t lo = 0, hi = n; /* the k-th smallest is in [lo, hi) */
     while (hi - lo > 24 && k > lo && k < hi) {
-        uint64_t x = a[lo], y = a[lo + (hi - lo) / 2], z = a[hi - 1];
-        uint64_t p = x < y ? (y < z ? y : x < z ? z : x) : (x < z ? x : y < z ? z : y);
-        size_t i = lo, j = hi - 1;
-        for (;;) {
-            while (a[i] < p)
-                i++;
-            while (a[j] > p)
-                j--;
-            if (i >= j)
-                break;
-            uint64_t t = a[i];
-            a[i] = a[j];
-            a[j] = t;
-            i++;
-            j--;
-        }
-        if (k <= j + 1) /* [lo, j] <= p <= [j + 1, hi) */
-            hi = j + 1;
+        size_t mid = lo + g_partition_u64(a + lo, hi - lo); /* [lo, mid) <= [mid, hi) */
+        if (k <= mid)
+            hi = mid;
         else
-            lo = j + 1;
+            lo = mid;
     }
     if (k > lo && k < hi)
         g_isort_u64(a + lo, hi - lo);
