@@ -98,7 +98,7 @@ g_tls *g_tls_get(size_t n, int L, int nb, int dim)
         t->buf_cap = nb;
     }
     if (t->qf_cap < dim) {
-        int cb = (dim + 63) & ~63;
+        int cb = 2 * ra_codebook_code_bytes(dim, 4); /* >= the prepared query of either code */
         float *a = realloc(t->qf, (size_t)dim * sizeof *a);
         if (!a)
             return NULL;

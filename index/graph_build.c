@@ -50,8 +50,8 @@ static void g_score(const ra_graph *g, const void *keys, const float *q, int l2,
         int per = n ? (n_nx * CH + n - 1) / n : n_nx, done = 0;
         for (int i = 0; i < n; i += CH) {
             int m = n - i < CH ? n - i : CH;
-            ra_kern_u8dot_gather(t->q8, t->q16, 1, g->cb.cbytes, g->rec, g->rec_bytes, ids + i,
-                                 (size_t)m, dots + i);
+            ra_codebook_dots(&g->cb, t->q8, t->q16, 1, g->rec, g->rec_bytes, ids + i, (size_t)m,
+                             dots + i);
             for (int e = done + per; done < e && done < n_nx; done++)
                 g_prefetch_code(g, nx[done]);
         }
@@ -1079,7 +1079,9 @@ ra_status g_fit_codes(ra_graph *g, const void *keys, size_t n)
                 rc.mn[d] = a < rc.mn[d] ? a : rc.mn[d];
                 rc.mx[d] = z > rc.mx[d] ? z : rc.mx[d];
             }
-        st = atomic_load(&rc.fail) ? RA_ENOMEM : ra_codebook_from_range(&cb, dim, n, rc.mn, rc.mx);
+        st = atomic_load(&rc.fail)
+                 ? RA_ENOMEM
+                 : ra_codebook_from_range(&cb, dim, g->code_bits, n, rc.mn, rc.mx);
     }
     free(rc.mn);
     free(rc.mx);
@@ -1132,7 +1134,10 @@ ra_graph *g_alloc(int dim, ra_dtype dt, int M, int ef, int threads, uint64_t see
     g->threads = g_threads(threads);
     g->seed = seed;
     g->l_mult = 1.0f; /* the calibration of a build sets it */
-    g->rec_bytes = (((size_t)((dim + 63) & ~63) + (size_t)M * sizeof(int32_t)) + 63) & ~(size_t)63;
+    g->code_bits = ra_codebook_auto_bits(dim);
+    g->rec_bytes =
+        (((size_t)ra_codebook_code_bytes(dim, g->code_bits) + (size_t)M * sizeof(int32_t)) + 63) &
+        ~(size_t)63;
     return g;
 }
 

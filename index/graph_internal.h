@@ -68,6 +68,7 @@ typedef struct ra_graph {
     uint8_t *deg;      /* [cap] */
     uint8_t *pdeg;     /* [cap] protected prefix: edges from the query projection */
     float *norm2;      /* [cap] |k|^2 */
+    int code_bits;     /* of the search codes: ra_codebook_auto_bits(dim) at g_alloc */
     ra_codebook cb;    /* search codes (cb.cbytes bytes at the start of each record) */
     size_t cb_n;       /* keys the code was fitted on */
     float l_mult;      /* the default candidate list's factor for this head, >= 1: set at

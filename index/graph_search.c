@@ -82,7 +82,7 @@ static void s_init(void)
         }                                                                                          \
     } while (0)
 
-static s_tls *s_get(size_t n, int G, size_t pool, int cbytes, size_t nb, size_t r)
+static s_tls *s_get(size_t n, int G, size_t pool, int qbytes, size_t nb, size_t r)
 {
     pthread_once(&s_once, s_init);
     if (!s_ok)
@@ -103,7 +103,7 @@ static s_tls *s_get(size_t n, int G, size_t pool, int cbytes, size_t nb, size_t 
     }
     GROW(t->heap, t->heap_cap, pool);
     t->heap_cap = t->heap_cap < pool ? pool : t->heap_cap;
-    size_t qb = (size_t)G * (size_t)cbytes;
+    size_t qb = (size_t)G * (size_t)qbytes;
     if (t->qbytes_cap < qb) {
         GROW(t->q8, t->qbytes_cap, qb);
         GROW(t->q16, t->qbytes_cap, qb);
@@ -194,16 +194,19 @@ static int default_L(int k, size_t n, float mult)
 }
 
 /* Candidates rescored exactly per query: the code's ranking errors are a small fraction
- * of a step, so the true top k sits in the first few k by code score. */
-static int rescore_count(int k, int np)
+ * of a step, so the true top k sits in the first few k by code score: within 1.5 k for
+ * the 8-bit code, 3 k for the 4-bit one (codes.c has the shares). */
+static int rescore_count(int k, int np, int bits)
 {
     static int pct = -1;
     int p = __atomic_load_n(&pct, __ATOMIC_RELAXED);
     if (p < 0) {
         const char *e = getenv("RA_GRAPH_RESCORE_PCT"); /* study knob */
-        p = e && atoi(e) > 0 ? atoi(e) : 150;
+        p = e && atoi(e) > 0 ? atoi(e) : 0;
         __atomic_store_n(&pct, p, __ATOMIC_RELAXED);
     }
+    if (p == 0)
+        p = bits == 4 ? 300 : 150;
     long r = (long)k * p / 100;
     if (r < k + 16)
         r = k + 16;
@@ -348,8 +351,8 @@ static void offer(const ra_graph *g, s_tls *t, int G, const int32_t *ids, int nb
     int per = nb ? (n_nx * CH + nb - 1) / nb : n_nx, done = 0;
     for (int i = 0; i < nb; i += CH) {
         int m = nb - i < CH ? nb - i : CH;
-        ra_kern_u8dot_gather(t->q8, t->q16, G, g->cb.cbytes, g->rec, g->rec_bytes, ids + i,
-                             (size_t)m, t->dot + (size_t)i * G);
+        ra_codebook_dots(&g->cb, t->q8, t->q16, G, g->rec, g->rec_bytes, ids + i, (size_t)m,
+                         t->dot + (size_t)i * G);
         for (int e = done + per; done < e && done < n_nx; done++)
             prefetch_code(g, nx[done]);
     }
@@ -457,7 +460,7 @@ ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, c
         int nw = p[j].n_warm > G_MAX_K ? G_MAX_K : p[j].n_warm;
         nbmax += (size_t)nw + G_ROUTE_TOP * G_ROUTE_KEYS;
     }
-    s_tls *t = s_get(g->n, G, pool_total, g->cb.cbytes, 2 * nbmax, (size_t)kmax * 4 + 64);
+    s_tls *t = s_get(g->n, G, pool_total, g->cb.qbytes, 2 * nbmax, (size_t)kmax * 4 + 64);
     if (!t)
         return RA_ENOMEM;
     size_t words = (g->n + 63) / 64;
@@ -476,8 +479,8 @@ ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, c
         t->tau[j] = (g_hc){-INFINITY, INT32_MAX};
         t->nw[j] = t->nc[j] = 0;
         t->act[j] = t->L[j] > 0;
-        ra_codebook_prep(&g->cb, q + (size_t)j * dim, t->q8 + (size_t)j * g->cb.cbytes,
-                         t->q16 + (size_t)j * g->cb.cbytes, &t->mul[j], &t->add[j]);
+        ra_codebook_prep(&g->cb, q + (size_t)j * dim, t->q8 + (size_t)j * g->cb.qbytes,
+                         t->q16 + (size_t)j * g->cb.qbytes, &t->mul[j], &t->add[j]);
     }
     /* seeds, validated: callers may pass anything as warm ids */
     int ns = 0;
@@ -562,7 +565,7 @@ ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, c
         /* the results by code score, best first; the best r of them rescored exactly,
          * sorted again (ties by id), the top k returned */
         g_hc *W = t->heap + t->ow[j];
-        int r = rescore_count(p[j].k, t->nw[j] < t->L[j] ? t->nw[j] : t->L[j]);
+        int r = rescore_count(p[j].k, t->nw[j] < t->L[j] ? t->nw[j] : t->L[j], g->cb.bits);
         if ((size_t)r > t->r_cap)
             r = (int)t->r_cap;
         hc_select(W, t->nw[j], r); /* the best r by code, in no order */

@@ -23,6 +23,8 @@ typedef void (*ra_kern_dotq4_fn)(const float *q, int dim, const float *rows, siz
 typedef void (*ra_kern_u8dot_fn)(const int8_t *q8, const int16_t *q16, int G, int cbytes,
                                  const uint8_t *base, size_t stride, const int32_t *ids, size_t n,
                                  int32_t *out);
+typedef void (*ra_kern_u4dot_fn)(const int8_t *q8, int G, int cbytes, const uint8_t *base,
+                                 size_t stride, const int32_t *ids, size_t n, int32_t *out);
 
 typedef struct ra_kern_table {
     ra_kern_dot_range_fn dot_range[3];
@@ -31,6 +33,7 @@ typedef struct ra_kern_table {
     ra_kern_to_f32_fn to_f32[3];
     ra_kern_from_f32_fn from_f32[3];
     ra_kern_u8dot_fn u8dot_gather;
+    ra_kern_u4dot_fn u4dot_gather;
     ra_kern_dotq4_fn dotq4_f32;
 } ra_kern_table;
 
@@ -43,5 +46,7 @@ extern const ra_kern_table ra_kern_table_avx512;
 void ra_kern_u8dot_gather_vnni(const int8_t *q8, const int16_t *q16, int G, int cbytes,
                                const uint8_t *base, size_t stride, const int32_t *ids, size_t n,
                                int32_t *out);
+void ra_kern_u4dot_gather_vnni(const int8_t *q8, int G, int cbytes, const uint8_t *base,
+                               size_t stride, const int32_t *ids, size_t n, int32_t *out);
 
 #endif

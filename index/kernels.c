@@ -92,6 +92,21 @@ static void u8dot_gather_scalar(const int8_t *q8, const int16_t *q16, int G, int
     }
 }
 
+static void u4dot_gather_scalar(const int8_t *q8, int G, int cbytes, const uint8_t *base,
+                                size_t stride, const int32_t *ids, size_t n, int32_t *out)
+{
+    for (size_t i = 0; i < n; i++) {
+        const uint8_t *c = base + (size_t)ids[i] * stride;
+        for (int j = 0; j < G; j++) {
+            const int8_t *q = q8 + (size_t)j * 2 * cbytes;
+            int32_t s = 0;
+            for (int b = 0; b < cbytes; b++)
+                s += (int32_t)(c[b] & 15) * q[b] + (int32_t)(c[b] >> 4) * q[b + cbytes];
+            out[i * (size_t)G + j] = s;
+        }
+    }
+}
+
 static void dotq4_f32_scalar(const float *q, int dim, const float *rows, size_t n, float *out)
 {
     for (int k = 0; k < 4; k++)
@@ -106,6 +121,7 @@ const ra_kern_table ra_kern_table_scalar = {
     .to_f32 = {to_f32_f32, to_f32_f16, to_f32_bf16},
     .from_f32 = {from_f32_f32, from_f32_f16, from_f32_bf16},
     .u8dot_gather = u8dot_gather_scalar,
+    .u4dot_gather = u4dot_gather_scalar,
     .dotq4_f32 = dotq4_f32_scalar,
 };
 
@@ -119,6 +135,7 @@ static void vnni_init(void)
 {
     g_table_vnni = ra_kern_table_avx512;
     g_table_vnni.u8dot_gather = ra_kern_u8dot_gather_vnni;
+    g_table_vnni.u4dot_gather = ra_kern_u4dot_gather_vnni;
 }
 
 static const ra_kern_table *const g_tables[4] = {&ra_kern_table_scalar, &ra_kern_table_avx2,
@@ -249,6 +266,14 @@ void ra_kern_u8dot_gather(const int8_t *q8, const int16_t *q16, int G, int cbyte
     if (G <= 0 || cbytes <= 0 || (cbytes & 63) || n == 0)
         return;
     tab()->u8dot_gather(q8, q16, G, cbytes, base, stride, ids, n, out);
+}
+
+void ra_kern_u4dot_gather(const int8_t *q8, int G, int cbytes, const uint8_t *base, size_t stride,
+                          const int32_t *ids, size_t n, int32_t *out)
+{
+    if (G <= 0 || cbytes <= 0 || (cbytes & 63) || n == 0)
+        return;
+    tab()->u4dot_gather(q8, G, cbytes, base, stride, ids, n, out);
 }
 
 void ra_kern_to_f32(const void *src, ra_dtype t, size_t n, float *dst)

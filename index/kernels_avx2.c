@@ -254,6 +254,60 @@ static void u8dot_gather(const int8_t *q8, const int16_t *q16, int G, int cb, co
     }
 }
 
+/* 4-bit codes: 32 code bytes per step split into their low and high nibbles (64
+ * dimensions), vpmaddubsw against the int8 query (|pair sum| <= 2 * 15 * 127: no
+ * saturation), vpmaddwd by ones to int32; up to four queries share each code load. */
+static inline __attribute__((always_inline)) void u4dot_rows(const int8_t *q8, int g, int cb,
+                                                             const uint8_t *c, int32_t *out)
+{
+    const __m256i m4 = _mm256_set1_epi8(15), one = _mm256_set1_epi16(1);
+    __m256i a[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                    _mm256_setzero_si256()};
+    for (int b = 0; b < cb; b += 32) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(c + b));
+        __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        for (int j = 0; j < g; j++) {
+            const int8_t *q = q8 + (size_t)j * 2 * cb + b;
+            __m256i p = _mm256_add_epi16(
+                _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)q)),
+                _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(q + cb))));
+            a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(p, one));
+        }
+    }
+    for (int j = 0; j < g; j++) {
+        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a[j]), _mm256_extracti128_si256(a[j], 1));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+        out[j] = _mm_cvtsi128_si32(s);
+    }
+}
+
+static void u4dot_gather(const int8_t *q8, int G, int cb, const uint8_t *base, size_t stride,
+                         const int32_t *ids, size_t n, int32_t *out)
+{
+    for (size_t i = 0; i < n; i++) {
+        const uint8_t *c = base + (size_t)ids[i] * stride;
+        int32_t *o = out + i * (size_t)G;
+        for (int j = 0; j < G; j += 4) {
+            const int8_t *q = q8 + (size_t)j * 2 * cb;
+            switch (G - j) {
+            case 1:
+                u4dot_rows(q, 1, cb, c, o + j);
+                break;
+            case 2:
+                u4dot_rows(q, 2, cb, c, o + j);
+                break;
+            case 3:
+                u4dot_rows(q, 3, cb, c, o + j);
+                break;
+            default:
+                u4dot_rows(q, 4, cb, c, o + j);
+                break;
+            }
+        }
+    }
+}
+
 const ra_kern_table ra_kern_table_avx2 = {
     .dot_range = {dot_range_f32, dot_range_f16, dot_range_bf16},
     .dot_gather = {dot_gather_f32, dot_gather_f16, dot_gather_bf16},
@@ -261,5 +315,6 @@ const ra_kern_table ra_kern_table_avx2 = {
     .to_f32 = {to_f32_f32, to_f32_f16, to_f32_bf16},
     .from_f32 = {from_f32_f32, from_f32_f16, from_f32_bf16},
     .u8dot_gather = u8dot_gather,
+    .u4dot_gather = u4dot_gather,
     .dotq4_f32 = dotq4_f32,
 };

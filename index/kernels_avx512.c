@@ -226,6 +226,54 @@ static void u8dot_gather(const int8_t *q8, const int16_t *q16, int G, int cb, co
     }
 }
 
+/* 4-bit codes without VNNI: 64 code bytes (128 dimensions) per step as in the AVX2
+ * kernel, vpmaddubsw + vpmaddwd; up to four queries share each code load. */
+static inline __attribute__((always_inline)) void u4dot_rows(const int8_t *q8, int g, int cb,
+                                                             const uint8_t *c, int32_t *out)
+{
+    const __m512i m4 = _mm512_set1_epi8(15), one = _mm512_set1_epi16(1);
+    __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                    _mm512_setzero_si512()};
+    for (int b = 0; b < cb; b += 64) {
+        __m512i v = _mm512_loadu_si512(c + b);
+        __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        for (int j = 0; j < g; j++) {
+            const int8_t *q = q8 + (size_t)j * 2 * cb + b;
+            __m512i p = _mm512_add_epi16(_mm512_maddubs_epi16(lo, _mm512_loadu_si512(q)),
+                                         _mm512_maddubs_epi16(hi, _mm512_loadu_si512(q + cb)));
+            a[j] = _mm512_add_epi32(a[j], _mm512_madd_epi16(p, one));
+        }
+    }
+    for (int j = 0; j < g; j++)
+        out[j] = _mm512_reduce_add_epi32(a[j]);
+}
+
+static void u4dot_gather(const int8_t *q8, int G, int cb, const uint8_t *base, size_t stride,
+                         const int32_t *ids, size_t n, int32_t *out)
+{
+    for (size_t i = 0; i < n; i++) {
+        const uint8_t *c = base + (size_t)ids[i] * stride;
+        int32_t *o = out + i * (size_t)G;
+        for (int j = 0; j < G; j += 4) {
+            const int8_t *q = q8 + (size_t)j * 2 * cb;
+            switch (G - j) {
+            case 1:
+                u4dot_rows(q, 1, cb, c, o + j);
+                break;
+            case 2:
+                u4dot_rows(q, 2, cb, c, o + j);
+                break;
+            case 3:
+                u4dot_rows(q, 3, cb, c, o + j);
+                break;
+            default:
+                u4dot_rows(q, 4, cb, c, o + j);
+                break;
+            }
+        }
+    }
+}
+
 const ra_kern_table ra_kern_table_avx512 = {
     .dot_range = {dot_range_f32, dot_range_f16, dot_range_bf16},
     .dot_gather = {dot_gather_f32, dot_gather_f16, dot_gather_bf16},
@@ -233,5 +281,6 @@ const ra_kern_table ra_kern_table_avx512 = {
     .to_f32 = {to_f32_f32, to_f32_f16, to_f32_bf16},
     .from_f32 = {from_f32_f32, from_f32_f16, from_f32_bf16},
     .u8dot_gather = u8dot_gather,
+    .u4dot_gather = u4dot_gather,
     .dotq4_f32 = dotq4_f32,
 };

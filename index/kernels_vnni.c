@@ -1,4 +1,4 @@
-/* The u8 search-code kernel on AVX-512 VNNI (this file alone is compiled with
+/* The u8 and u4 search-code kernels on AVX-512 VNNI (this file alone is compiled with
  * -mavx512vnni; kernels.c installs it in the AVX-512 table only when the CPU has VNNI).
  * vpdpbusd multiplies 64 u8 codes by 64 s8 query values and adds groups of four into
  * 16 int32 lanes: one instruction per 64 dimensions and query, exact (no saturation:
@@ -86,6 +86,53 @@ void ra_kern_u8dot_gather_vnni(const int8_t *q8, const int16_t *q16, int G, int 
                 break;
             default:
                 rows(q, 4, cb, c, o + j);
+                break;
+            }
+        }
+    }
+}
+
+/* 4-bit codes: the low and high nibbles of 64 code bytes (128 dimensions) into two
+ * vpdpbusd per query (0..15 times s8: exact in int32). */
+static inline __attribute__((always_inline)) void rows_u4(const int8_t *q8, int g, int cb,
+                                                          const uint8_t *c, int32_t *out)
+{
+    const __m512i m4 = _mm512_set1_epi8(15);
+    __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                    _mm512_setzero_si512()};
+    for (int b = 0; b < cb; b += 64) {
+        __m512i v = _mm512_loadu_si512(c + b);
+        __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        for (int j = 0; j < g; j++) {
+            const int8_t *q = q8 + (size_t)j * 2 * cb + b;
+            a[j] = _mm512_dpbusd_epi32(a[j], lo, _mm512_loadu_si512(q));
+            a[j] = _mm512_dpbusd_epi32(a[j], hi, _mm512_loadu_si512(q + cb));
+        }
+    }
+    for (int j = 0; j < g; j++)
+        out[j] = _mm512_reduce_add_epi32(a[j]);
+}
+
+void ra_kern_u4dot_gather_vnni(const int8_t *q8, int G, int cb, const uint8_t *base, size_t stride,
+                               const int32_t *ids, size_t n, int32_t *out)
+{
+    for (size_t i = 0; i < n; i++) {
+        const uint8_t *c = base + (size_t)ids[i] * stride;
+        int32_t *o = out + i * (size_t)G;
+        for (int j = 0; j < G; j += 4) {
+            const int8_t *q = q8 + (size_t)j * 2 * cb;
+            switch (G - j) {
+            case 1:
+                rows_u4(q, 1, cb, c, o + j);
+                break;
+            case 2:
+                rows_u4(q, 2, cb, c, o + j);
+                break;
+            case 3:
+                rows_u4(q, 3, cb, c, o + j);
+                break;
+            default:
+                rows_u4(q, 4, cb, c, o + j);
                 break;
             }
         }

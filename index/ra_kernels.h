@@ -56,6 +56,12 @@ void ra_kern_u8dot_gather(const int8_t *q8, const int16_t *q16, int G, int cbyte
                           const uint8_t *base, size_t stride, const int32_t *ids, size_t n,
                           int32_t *out);
 
+/* The same for 4-bit codes (ra_codes.h has the packing): out[i * G + j] = sum_{b < cbytes}
+ * q8[j][b] * (code_i[b] & 15) + q8[j][b + cbytes] * (code_i[b] >> 4), q8 [G][2 cbytes].
+ * Exact int32 and the same on every ISA (no int16 step can saturate: 2 * 15 * 127 fits). */
+void ra_kern_u4dot_gather(const int8_t *q8, int G, int cbytes, const uint8_t *base, size_t stride,
+                          const int32_t *ids, size_t n, int32_t *out);
+
 /* Convert n elements of type t to fp32 / from fp32 (round to nearest even). */
 void ra_kern_to_f32(const void *src, ra_dtype t, size_t n, float *dst);
 void ra_kern_from_f32(const float *src, ra_dtype t, size_t n, void *dst);

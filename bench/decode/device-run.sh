@@ -7,6 +7,9 @@
 #   c1m    calibrated, 1M keys, 8 query / 2 KV heads, 2 layers
 #   b128k  batch 8 at 128K, 1 layer (8 sessions per Attend)
 #   c128k0, c1m0  c128k and c1m at the default effort only (no sweep)
+# A run may carry variants after a colon, each one letter and a value, joined by '-':
+# b8 / b4 the daemon's search-code bits (RA_GRAPH_CODE_BITS), wN the daemon's workers;
+# e.g. c128k:b8 and c128k:b4 (files c128k-b8.json, c128k-b4.json) compare the codes.
 # RA_RUN_TIMEOUT: seconds per run (default 420). RA_BUILD_HEAD=1: first one 131K head's
 # CPU graph build with --verbose (ratd-bench-index, both generators).
 set -uo pipefail
@@ -17,7 +20,8 @@ runs=("$@")
 mkdir -p "$out"
 T0=$(date +%s)
 el() { echo "[$(($(date +%s) - T0)) s] $*"; }
-{ nproc; lscpu | grep -E "Model name|L3"; free -g | head -2; git log -1 --format=%H 2>/dev/null; } >"$out/machine.txt" 2>&1
+{ nproc; lscpu | grep -E "Model name|L3"; free -g | head -2; git log -1 --format=%H 2>/dev/null
+  echo "thp: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null)"; } >"$out/machine.txt" 2>&1
 . bench/device-env.sh
 b=build-dev
 cmake -S . -B $b -DCMAKE_BUILD_TYPE=Release -DRA_CUDA=OFF -DBUILD_TESTING=OFF "${RA_DEPS_CMAKE[@]}" \
@@ -34,10 +38,24 @@ if [ -n "${RA_BUILD_HEAD:-}" ]; then # one 131K head's CPU graph build, phase by
   el "head builds"
 fi
 D="$b/bench/ratd-bench-decode --ratd $b/daemon/ratd --json --steps 200"
-for r in "${runs[@]}"; do
+for rv in "${runs[@]}"; do
+  r=${rv%%:*} name=$r envs=() extra=()
+  if [ "$rv" != "$r" ]; then
+    IFS=- read -ra vs <<<"${rv#*:}"
+    for v in "${vs[@]}"; do
+      case $v in
+      b8 | b4) envs+=("RA_GRAPH_CODE_BITS=${v#b}") ;;
+      w[0-9]*) extra+=(--workers "${v#w}") ;;
+      *) echo "unknown variant $v"; continue 2 ;;
+      esac
+    done
+    name="$r-${rv#*:}"
+  fi
   case $r in
   c32k) a=(--context 32768 --layers 2) ;;
   c128k) a=(--context 131072 --layers 2 --sweep 150,200,250,300,400) ;;
+  c128ks) a=(--context 131072 --layers 2 --sweep 200,250,300,350,400,500) ;;
+  l128ks) a=(--context 131072 --layers 2 --gen lin --steps 120 --sweep 200,250,300,400,500) ;;
   l128k) a=(--context 131072 --layers 2 --gen lin) ;;
   c1m) a=(--context 1048576 --layers 2 --q-heads 8 --kv-heads 2 --sweep 400,600,1000) ;;
   b128k) a=(--context 131072 --layers 1 --batch 8 --steps 100) ;;
@@ -45,10 +63,10 @@ for r in "${runs[@]}"; do
   c1m0) a=(--context 1048576 --layers 2 --q-heads 8 --kv-heads 2) ;;
   *) echo "unknown run $r"; continue ;;
   esac
-  timeout "${RA_RUN_TIMEOUT:-420}" $D "${a[@]}" >"$out/$r.json" 2>"$out/$r.log"
-  echo "$r rc=$?"
-  tail -2 "$out/$r.log"
-  python3 - "$out/$r.json" <<'PY' || cat "$out/$r.json" | head -c 600
+  env "${envs[@]}" timeout "${RA_RUN_TIMEOUT:-420}" $D "${a[@]}" "${extra[@]}" >"$out/$name.json" 2>"$out/$name.log"
+  echo "$name rc=$?"
+  tail -2 "$out/$name.log"
+  python3 - "$out/$name.json" <<'PY' || head -c 600 "$out/$name.json"
 import json, sys
 d = json.load(open(sys.argv[1]))
 keys = ["context", "workers", "build_s", "attend_us_p50", "attend_us_p90", "attend_us_p99", "attend_us_max",
@@ -59,5 +77,5 @@ for i in range(d.get("sweep_n", 0)):
     print("  sweep", " ".join("%s=%s" % (k, d.get("sweep%d_%s" % (i, k))) for k in
           ["effort", "attend_us_p50", "attend_us_p99", "work_us_p50", "recall_mean", "recall_p10"]))
 PY
-  el "$r"
+  el "$name"
 done

@@ -476,6 +476,51 @@ static void test_u8dot(void **state)
         }
 }
 
+/* The u4 code kernel: exact int32 sums equal to a plain loop over both nibbles, for
+ * groups of 1..9 queries, several code lengths, records longer than the code, and
+ * extreme values (15 nibbles against -127 / 127 weights). */
+static void test_u4dot(void **state)
+{
+    use_isa(state);
+    trng r = {78};
+    const int CB[] = {64, 128, 192, 512};
+    for (int ci = 0; ci < 4; ci++)
+        for (int G = 1; G <= 9; G++) {
+            int cb = CB[ci];
+            size_t stride = (size_t)cb + 64 * (ci & 1);
+            enum { NR = 50, NI = 31 };
+            uint8_t *base = malloc(NR * stride);
+            int8_t *q8 = malloc((size_t)G * 2 * cb);
+            for (size_t i = 0; i < NR * stride; i++)
+                base[i] = (i % 7 == 0) ? 255 : (uint8_t)trng_u64(&r);
+            for (int i = 0; i < G * 2 * cb; i++) {
+                int v = (int)(trng_u64(&r) % 255) - 127;
+                if (i % 5 == 0)
+                    v = (i / 5) & 1 ? 127 : -127;
+                q8[i] = (int8_t)v;
+            }
+            int32_t ids[NI];
+            for (int i = 0; i < NI; i++)
+                ids[i] = (int32_t)(trng_u64(&r) % NR);
+            ids[3] = ids[2];
+            int32_t out[NI * 9];
+            ra_kern_u4dot_gather(q8, G, cb, base, stride, ids, NI, out);
+            for (int i = 0; i < NI; i++)
+                for (int j = 0; j < G; j++) {
+                    int64_t ref = 0;
+                    const uint8_t *c = base + (size_t)ids[i] * stride;
+                    const int8_t *q = q8 + (size_t)j * 2 * cb;
+                    for (int b = 0; b < cb; b++)
+                        ref += (int64_t)(c[b] & 15) * q[b] + (int64_t)(c[b] >> 4) * q[b + cb];
+                    if (out[i * G + j] != ref)
+                        fail_msg("u4dot G %d cb %d key %d query %d: %d, expected %lld", G, cb, i, j,
+                                 out[i * G + j], (long long)ref);
+                }
+            free(base);
+            free(q8);
+        }
+}
+
 /* Codes: the approximate score is within the bound that the steps and the query's
  * rounding allow, on anisotropic data with an offset, in every dtype; the ranking of
  * 2000 keys by code agrees with the exact one at the top. */
@@ -483,74 +528,95 @@ static void test_codebook(void **state)
 {
     use_isa(state);
     trng r = {91};
-    const int dims[] = {64, 100, 128};
-    for (int di = 0; di < 3; di++)
-        for (int d = 0; d < 3; d++) {
-            int dim = dims[di];
-            size_t n = 2000;
-            float *kf = malloc(n * dim * sizeof *kf);
-            for (size_t i = 0; i < n; i++)
+    const int dims[] = {64, 100, 128, 130};
+    for (int bits = 8; bits >= 4; bits -= 4)
+        for (int di = 0; di < 4; di++)
+            for (int d = 0; d < 3; d++) {
+                int dim = dims[di];
+                double levels = bits == 8 ? 255 : 15;
+                size_t n = 2000;
+                float *kf = malloc(n * dim * sizeof *kf);
+                for (size_t i = 0; i < n; i++)
+                    for (int j = 0; j < dim; j++)
+                        kf[i * dim + j] = 0.5f + trng_gauss(&r) * expf(-3.f * j / dim);
+                size_t es = ra_dtype_size(DT[d]);
+                void *rows = malloc(n * dim * es);
+                ra_kern_from_f32(kf, DT[d], n * dim, rows);
+                ra_codebook cb;
+                assert_int_equal(ra_codebook_train(&cb, rows, DT[d], dim, bits, n), RA_OK);
+                assert_int_equal(cb.cbytes % 64, 0);
+                assert_true(cb.cbytes * 8 >= dim * bits);
+                assert_int_equal(cb.qbytes, cb.cbytes * 8 / bits);
+                assert_true(cb.qbytes >= dim);
+                uint8_t *codes = malloc(n * cb.cbytes);
+                float *tmp = malloc(dim * sizeof *tmp);
+                for (size_t i = 0; i < n; i++)
+                    ra_codebook_encode(&cb, (char *)rows + i * dim * es, DT[d],
+                                       codes + i * cb.cbytes, tmp);
+                float *q = malloc(dim * sizeof *q);
                 for (int j = 0; j < dim; j++)
-                    kf[i * dim + j] = 0.5f + trng_gauss(&r) * expf(-3.f * j / dim);
-            size_t es = ra_dtype_size(DT[d]);
-            void *rows = malloc(n * dim * es);
-            ra_kern_from_f32(kf, DT[d], n * dim, rows);
-            ra_codebook cb;
-            assert_int_equal(ra_codebook_train(&cb, rows, DT[d], dim, n), RA_OK);
-            assert_int_equal(cb.cbytes % 64, 0);
-            assert_true(cb.cbytes >= dim);
-            uint8_t *codes = malloc(n * cb.cbytes);
-            float *tmp = malloc(dim * sizeof *tmp);
-            for (size_t i = 0; i < n; i++)
-                ra_codebook_encode(&cb, (char *)rows + i * dim * es, DT[d], codes + i * cb.cbytes,
-                                   tmp);
-            float *q = malloc(dim * sizeof *q);
-            for (int j = 0; j < dim; j++)
-                q[j] = 2.f * trng_gauss(&r) + (j > dim / 2 ? 1.f : 0.f);
-            int8_t *q8 = malloc(cb.cbytes);
-            int16_t *q16 = malloc(cb.cbytes * sizeof *q16);
-            float mul, add;
-            ra_codebook_prep(&cb, q, q8, q16, &mul, &add);
-            int32_t *ids = malloc(n * sizeof *ids), *dots = malloc(n * sizeof *dots);
-            for (size_t i = 0; i < n; i++)
-                ids[i] = (int32_t)i;
-            ra_kern_u8dot_gather(q8, q16, 1, cb.cbytes, codes, (size_t)cb.cbytes, ids, n, dots);
-            double bound = 0;
-            float s = mul;
-            for (int j = 0; j < dim; j++) /* half a step per dim, and the query's rounding */
-                bound += 0.5 * fabs(q[j]) * cb.step[j] + 0.5 * s * 255;
-            float *ex = malloc(n * sizeof *ex);
-            ra_kern_dot_range(q, rows, DT[d], dim, 0, n, ex);
-            double maxerr = 0;
-            for (size_t i = 0; i < n; i++) {
-                float approx = mul * (float)dots[i] + add;
-                double e = fabs(approx - ex[i]);
-                if (e > maxerr)
-                    maxerr = e;
+                    q[j] = 2.f * trng_gauss(&r) + (j > dim / 2 ? 1.f : 0.f);
+                int8_t *q8 = malloc(cb.qbytes);
+                int16_t *q16 = malloc(cb.qbytes * sizeof *q16);
+                float mul, add;
+                ra_codebook_prep(&cb, q, q8, q16, &mul, &add);
+                int32_t *ids = malloc(n * sizeof *ids), *dots = malloc(n * sizeof *dots);
+                for (size_t i = 0; i < n; i++)
+                    ids[i] = (int32_t)i;
+                ra_codebook_dots(&cb, q8, q16, 1, codes, (size_t)cb.cbytes, ids, n, dots);
+                /* against the plain decoding of each code: the kernels and the packing agree */
+                for (size_t i = 0; i < n; i += 97) {
+                    int64_t ref = 0;
+                    const uint8_t *c = codes + i * cb.cbytes;
+                    for (int j = 0; j < dim; j++) {
+                        int v = bits == 8       ? c[j]
+                                : j < cb.cbytes ? (c[j] & 15)
+                                                : (c[j - cb.cbytes] >> 4);
+                        ref += (int64_t)v * q8[j];
+                    }
+                    assert_int_equal(dots[i], ref);
+                }
+                double bound = 0;
+                float s = mul;
+                for (int j = 0; j < dim; j++) /* half a step per dim, and the query's rounding */
+                    bound += 0.5 * fabs(q[j]) * cb.step[j] + 0.5 * s * levels;
+                float *ex = malloc(n * sizeof *ex);
+                ra_kern_dot_range(q, rows, DT[d], dim, 0, n, ex);
+                double maxerr = 0;
+                for (size_t i = 0; i < n; i++) {
+                    float approx = mul * (float)dots[i] + add;
+                    double e = fabs(approx - ex[i]);
+                    if (e > maxerr)
+                        maxerr = e;
+                }
+                /* the bound is loose by construction; 2x guards against float rounding */
+                if (!(maxerr <= 2 * bound))
+                    fail_msg("codes %d bits dim %d %s: max error %.4g over bound %.4g", bits, dim,
+                             ra_dtype_name(DT[d]), maxerr, bound);
+                /* the exact top key is in the code's top 10 */
+                size_t best = 0, ab = 0;
+                for (size_t i = 1; i < n; i++) {
+                    if (ex[i] > ex[best])
+                        best = i;
+                    if (dots[i] > dots[ab])
+                        ab = i;
+                }
+                int rank = 0;
+                for (size_t i = 0; i < n; i++)
+                    rank += dots[i] > dots[best];
+                assert_true(rank < (bits == 8 ? 10 : 40));
+                free(kf), free(rows), free(codes), free(tmp), free(q), free(q8), free(q16),
+                    free(ids);
+                free(dots), free(ex);
+                ra_codebook_fini(&cb);
             }
-            /* the bound is loose by construction; 2x guards against float rounding */
-            if (!(maxerr <= 2 * bound))
-                fail_msg("codes dim %d %s: max error %.4g over bound %.4g", dim,
-                         ra_dtype_name(DT[d]), maxerr, bound);
-            /* the exact top key is in the code's top 10 */
-            size_t best = 0, ab = 0;
-            for (size_t i = 1; i < n; i++) {
-                if (ex[i] > ex[best])
-                    best = i;
-                if (dots[i] > dots[ab])
-                    ab = i;
-            }
-            int rank = 0;
-            for (size_t i = 0; i < n; i++)
-                rank += dots[i] > dots[best];
-            assert_true(rank < 10);
-            free(kf), free(rows), free(codes), free(tmp), free(q), free(q8), free(q16), free(ids);
-            free(dots), free(ex);
-            ra_codebook_fini(&cb);
-        }
     ra_codebook cb0;
-    assert_int_equal(ra_codebook_train(&cb0, NULL, RA_DTYPE_F16, 0, 0), RA_EINVAL);
-    assert_int_equal(ra_codebook_train(&cb0, NULL, RA_DTYPE_F16, 8, 0), RA_OK); /* empty: usable */
+    assert_int_equal(ra_codebook_train(&cb0, NULL, RA_DTYPE_F16, 0, 8, 0), RA_EINVAL);
+    assert_int_equal(ra_codebook_train(&cb0, NULL, RA_DTYPE_F16, 8, 5, 0), RA_EINVAL);
+    assert_int_equal(ra_codebook_code_bytes(128, 4), 64);
+    assert_int_equal(ra_codebook_code_bytes(128, 8), 128);
+    assert_int_equal(ra_codebook_code_bytes(64, 2), 0);
+    assert_int_equal(ra_codebook_train(&cb0, NULL, RA_DTYPE_F16, 8, 8, 0), RA_OK); /* empty */
     assert_true(cb0.step[0] > 0);
     ra_codebook_fini(&cb0);
 }
@@ -575,6 +641,10 @@ int main(void)
         cmocka_unit_test_prestate_setup_teardown(test_u8dot, NULL, reset_isa, &isa_avx2),
         cmocka_unit_test_prestate_setup_teardown(test_u8dot, NULL, reset_isa, &isa_avx512),
         cmocka_unit_test_prestate_setup_teardown(test_u8dot, NULL, reset_isa, &isa_vnni),
+        cmocka_unit_test_prestate_setup_teardown(test_u4dot, NULL, reset_isa, &isa_scalar),
+        cmocka_unit_test_prestate_setup_teardown(test_u4dot, NULL, reset_isa, &isa_avx2),
+        cmocka_unit_test_prestate_setup_teardown(test_u4dot, NULL, reset_isa, &isa_avx512),
+        cmocka_unit_test_prestate_setup_teardown(test_u4dot, NULL, reset_isa, &isa_vnni),
         cmocka_unit_test_prestate_setup_teardown(test_codebook, NULL, reset_isa, &isa_scalar),
         cmocka_unit_test_prestate_setup_teardown(test_codebook, NULL, reset_isa, &isa_avx2),
         cmocka_unit_test_prestate_setup_teardown(test_codebook, NULL, reset_isa, &isa_vnni),
