@@ -392,7 +392,8 @@ typedef struct capture {
     float *q_train;     /* [layer][n_heads][n_q][hd] */
     unsigned *q_pos;    /* sampled positions, increasing */
     unsigned n_q;
-    float *row;         /* [rows][hd] scratch for the trace */
+    float *row;         /* [row_cap][hd] scratch for the trace, grown to a pass's rows */
+    unsigned row_cap;
     float *cal_q;       /* adaptive budget: [layer][n_heads][NCAL][hd] late prefill queries */
     unsigned cal_pos[64], n_cal;
 } capture;
@@ -431,6 +432,15 @@ static ra_status capture_fn(void *ctx, unsigned layer, unsigned pos0, unsigned r
         }
     }
     if (cp->tw) {
+        /* a pass is 256 rows on the CPU and 4096 on the GPU (it overflowed a fixed
+         * 256-row scratch there) */
+        if (rows > cp->row_cap) {
+            float *nr = realloc(cp->row, (size_t)rows * hd * sizeof(float));
+            if (!nr)
+                return RA_ENOMEM;
+            cp->row = nr;
+            cp->row_cap = rows;
+        }
         for (unsigned t = 0; t < 3; t++) {
             unsigned nh = t == 0 ? c->n_heads : c->n_kv_heads, stride = t == 0 ? QD : KD;
             const float *src = t == 0 ? q : t == 1 ? k : v;
@@ -1810,9 +1820,6 @@ int main(int argc, char **argv)
         ra_trace_info ti = {.dtype = o.trace_dtype, .n_layers = c->n_layers, .n_heads = c->n_heads,
                             .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim, .n_pos = o.context,
                             .pos0 = 0, .rope_theta = (float)c->rope_theta};
-        cap.row = malloc((size_t)256 * c->head_dim * sizeof(float));
-        if (!cap.row)
-            goto nomem;
         if ((s = ra_trace_writer_create(o.dump_trace, &ti, &cap.tw, err, sizeof err)) != RA_OK) {
             fprintf(stderr, "ratd-lm-eval: %s\n", err);
             goto out;
