@@ -406,6 +406,11 @@ static ra_status graph_search_group(void *state, const ra_kv *kv, size_t nq, con
     return ra_graph_search_group(state, kv, nq, q, p, kmax, ids, scores, n_out, st);
 }
 
+static float graph_effort_mult(void *state, float mult)
+{
+    return ra_graph_effort_mult(state, mult);
+}
+
 const ra_backend_ops ra_backend_graph = {
     .name = "graph",
     .build = graph_build,
@@ -417,4 +422,5 @@ const ra_backend_ops ra_backend_graph = {
     .search_group = graph_search_group,
     .bytes = graph_bytes,
     .destroy = graph_destroy,
+    .effort_mult = graph_effort_mult,
 };

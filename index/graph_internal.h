@@ -31,6 +31,8 @@
  * bounds: the table of index/opts.c) ---- */
 #define G_MAX_DEGREE 255 /* the degree array is one byte per node */
 #define G_MAX_EF 4096    /* search effort bound: G_MAX_EF * 16 (option bounds: index/opts.c) */
+#define G_MULT_MIN 0.5f  /* the default candidate list's factor (l_mult) stays in here */
+#define G_MULT_MAX 8.0f
 #define G_MAX_K 65536    /* top-k bound for one search */
 #define G_MAX_THREADS 256
 #define G_WINDOW                                                                                   \
@@ -228,6 +230,9 @@ ra_status ra_graph_add(ra_graph *g, const ra_kv *kv, size_t first, size_t n);
  * Threads: g->threads. */
 void ra_graph_calibrate(ra_graph *g, const ra_kv *kv, const float *q, size_t nh, const int32_t *gt,
                         int K);
+/* graph_search.c: sets the factor when mult > 0 (clamped to G_MULT_MIN..G_MULT_MAX, an
+ * atomic store: searches read it once each), returns the factor in use. */
+float ra_graph_effort_mult(ra_graph *g, float mult);
 
 /* graph_search.c: one walk for nq queries sharing this head (a GQA group); see
  * ra_backend_ops.search_group. */

@@ -45,6 +45,8 @@ typedef struct s_tls {
     int g_cap;
     int32_t *nb;  /* neighbour ids of two expansions (the pipeline) */
     int32_t *dot; /* [nb][G] */
+    int32_t *acc; /* [nb]: the positions of one offer that pass a query's threshold */
+    float *asc;   /* [nb]: their scores */
     size_t nb_cap, dot_cap;
     int32_t *rid; /* rescoring: ids and exact scores */
     float *rsc;
@@ -63,7 +65,7 @@ static void s_free(void *p)
     free(t->vis), free(t->exp), free(t->heap), free(t->q8), free(t->q16), free(t->mul);
     free(t->add), free(t->L), free(t->nw), free(t->nc), free(t->cc), free(t->act), free(t->ow);
     free(t->oc), free(t->tau);
-    free(t->nb), free(t->dot), free(t->rid), free(t->rsc);
+    free(t->nb), free(t->dot), free(t->acc), free(t->asc), free(t->rid), free(t->rsc);
     free(t);
 }
 
@@ -124,6 +126,8 @@ static s_tls *s_get(size_t n, int G, size_t pool, int qbytes, size_t nb, size_t 
         t->g_cap = G;
     }
     GROW(t->nb, t->nb_cap, nb);
+    GROW(t->acc, t->nb_cap, nb);
+    GROW(t->asc, t->nb_cap, nb);
     t->nb_cap = t->nb_cap < nb ? nb : t->nb_cap;
     GROW(t->dot, t->dot_cap, nb * (size_t)G);
     t->dot_cap = t->dot_cap < nb * (size_t)G ? nb * (size_t)G : t->dot_cap;
@@ -182,14 +186,15 @@ static int g_route(const ra_graph *g, const float *q, int32_t *out)
 }
 
 /* The default candidate list: 2 k (at least 64: small k needs room to navigate), grown
- * with the number of keys as (n / 32768)^0.4. A fixed list loses recall as the graph
- * grows: at L 200 the calibrated head gives recall@100 0.966 at 32K keys, 0.913 at 128K
- * and 0.76 at 1M, while 0.95 takes L about 200 / 300 / 800 (bench/README.md, Decode). */
+ * with the number of keys as (n / 32768)^0.4, times the head's factor (the build's
+ * calibration, then ra_head's recall probes of decode queries: 0.5..8). A fixed list loses recall
+ * as the graph grows: at L 200 the calibrated head gives recall@100 0.966 at 32K keys, 0.913 at
+ * 128K and 0.76 at 1M, while 0.95 takes L about 200 / 300 / 800 (bench/README.md, Decode). */
 static int default_L(int k, size_t n, float mult)
 {
     double base = 2.0 * k > 64 ? 2.0 * k : 64;
     double s = n > 32768 ? pow((double)n / 32768.0, 0.4) : 1.0;
-    double L = base * s * (mult >= 1.0f ? mult : 1.0);
+    double L = base * s * (mult >= G_MULT_MIN ? mult : G_MULT_MIN);
     return L < G_MAX_EF * 16 ? (int)L : G_MAX_EF * 16;
 }
 
@@ -366,9 +371,18 @@ static void offer(const ra_graph *g, s_tls *t, int G, const int32_t *ids, int nb
         float mul = t->mul[j], add = t->add[j];
         g_hc tau = t->tau[j];
         int cap = L + L / 4 + 16;
+        /* the threshold first, without a branch per key (about half of them pass early
+         * in a walk, few late: a branch on it is mispredicted often) */
+        int na = 0;
         for (int i = 0; i < nb; i++) {
-            g_hc x = {mul * (float)t->dot[(size_t)i * G + j] + add, ids[i]};
-            if (!hc_better(x, tau))
+            float s = mul * (float)t->dot[(size_t)i * G + j] + add;
+            t->acc[na] = i;
+            t->asc[na] = s;
+            na += s > tau.s || (s == tau.s && ids[i] < tau.id);
+        }
+        for (int a = 0; a < na; a++) {
+            g_hc x = {t->asc[a], ids[t->acc[a]]};
+            if (!hc_better(x, tau)) /* the threshold rose at a compaction since */
                 continue;
             W[t->nw[j]++] = x;
             if (t->nw[j] == cap) {
@@ -436,13 +450,13 @@ ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, c
         return RA_EINVAL;
     int G = (int)nq;
     size_t pool_total = 0;
+    float mult; /* read once: ra_graph_effort_mult may change it meanwhile */
+    __atomic_load(&g->l_mult, &mult, __ATOMIC_RELAXED);
     for (int j = 0; j < G; j++) {
         if (p[j].k < 0 || p[j].k > kmax || p[j].effort < 0 || p[j].effort > G_MAX_EF * 16 ||
             p[j].n_warm < 0 || (p[j].n_warm > 0 && !p[j].warm))
             return RA_EINVAL;
-        int L = p[j].k == 0       ? 0
-                : p[j].effort > 0 ? p[j].effort
-                                  : default_L(p[j].k, g->n, g->l_mult);
+        int L = p[j].k == 0 ? 0 : p[j].effort > 0 ? p[j].effort : default_L(p[j].k, g->n, mult);
         if (L && L < p[j].k)
             L = p[j].k;
         pool_total += 2 * (size_t)L + (size_t)L / 4 + 16 + 2 * (size_t)g->M + 64;
@@ -468,9 +482,7 @@ ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, c
     memset(t->exp, 0, words * sizeof *t->exp);
     size_t off = 0;
     for (int j = 0; j < G; j++) {
-        int L = p[j].k == 0       ? 0
-                : p[j].effort > 0 ? p[j].effort
-                                  : default_L(p[j].k, g->n, g->l_mult);
+        int L = p[j].k == 0 ? 0 : p[j].effort > 0 ? p[j].effort : default_L(p[j].k, g->n, mult);
         t->L[j] = L && L < p[j].k ? p[j].k : L;
         t->ow[j] = off;
         t->oc[j] = off + (size_t)t->L[j] + (size_t)t->L[j] / 4 + 16;
@@ -535,11 +547,10 @@ ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, c
         if (pend >= 0) {
             const int32_t *nbr = g_adj(g, (size_t)pend);
             int d = g->deg[pend];
-            for (int i = 0; i < d; i++) {
+            for (int i = 0; i < d; i++) { /* no branch on the visited bit: about half are */
                 int32_t v = nbr[i];
-                if (bit_test_set(t->vis, v))
-                    continue;
-                out[n_new++] = v; /* codes prefetched while the previous list is scored */
+                out[n_new] = v; /* codes prefetched while the previous list is scored */
+                n_new += !bit_test_set(t->vis, v);
             }
         }
         int other = side ^ 1, n_sc = nl[other];
@@ -596,6 +607,17 @@ stats:
             st[j].shared = G;
         }
     return RA_OK;
+}
+
+float ra_graph_effort_mult(ra_graph *g, float mult)
+{
+    if (mult > 0.f) {
+        mult = mult < G_MULT_MIN ? G_MULT_MIN : mult > G_MULT_MAX ? G_MULT_MAX : mult;
+        __atomic_store(&g->l_mult, &mult, __ATOMIC_RELAXED);
+    }
+    float v;
+    __atomic_load(&g->l_mult, &v, __ATOMIC_RELAXED);
+    return v;
 }
 
 /* ---- calibration of the default effort (ra_graph_calibrate) ---- */

@@ -53,7 +53,77 @@ struct ra_head {
     int lists_k;
     char label[64]; /* for log lines: "session S layer L kv-head G" or "" */
     ra_graph_adj graph; /* graph.adj != NULL: install this prebuilt graph (a copy) */
+
+    /* recall probes of default-effort searches (below): the attend side writes the probe
+     * while probe_busy is 0 and then sets it; the probe thread reads it and clears it */
+    uint32_t n_default; /* atomic: default-effort group searches so far */
+    int probe_busy;     /* atomic */
+    float *probe_q;     /* [dim] */
+    float *probe_sc;    /* [PROBE_KMAX] exact scores of the ids the search returned */
+    int probe_k;
+    const void *probe_state; /* probe thread only: the index the sums below belong to */
+    double probe_sum;        /* probe thread only: recall sum and count at this factor */
+    int probe_cnt;
 };
+
+/* ---- the default effort from decode queries: recall probes ----
+ * A build calibrates the default effort on held-out prefill queries (graph_search.c),
+ * but decode queries are harder for a walk: their most local keys sit in the decoder's
+ * window and not here, so their top-k are the distant keys a walk finds worst. On the
+ * 16K trace of bench/models/kjv-byte-llama the calibrated default gave decode recall@100
+ * 0.93 where the held-out queries had said 0.96. So every PROBE_EVERY-th default-effort
+ * group search of a head hands one of its queries (in turn) and the exact scores of what
+ * it returned to one low-priority probe thread, which finds the k-th best exact score
+ * by a scan (in chunks, taking the head's read lock per chunk, so that an Append never
+ * waits long) and counts the returned keys at or above it: that query's recall@k. At
+ * most one probe per head is in flight and probes are skipped while the thread is busy,
+ * so the cost is bounded by one core at nice 19. After PROBE_MIN probes at the current
+ * factor, a mean below PROBE_TARGET raises the head's factor of the default candidate
+ * list (x1.25, x1.5 when more than 0.05 below); after 2 PROBE_MIN a mean above
+ * PROBE_TARGET + PROBE_SLACK lowers it (x0.9): the walk gets cheaper where decode queries
+ * are easier than the formula assumed. RA_HEAD_PROBE_EVERY=N sets the period (0: off). */
+#define PROBE_EVERY 8
+#define PROBE_KMAX 1024
+#define PROBE_MIN 8
+#define PROBE_TARGET 0.96
+#define PROBE_SLACK 0.025
+#define PROBE_CHUNK 16384
+#define PROBE_QCAP 256
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv, done;
+    ra_head *q[PROBE_QCAP];
+    int n;
+    ra_head *cur; /* the head being probed */
+    int state;    /* 0 not started, 1 running, -1 could not start */
+} g_probe = {.mu = PTHREAD_MUTEX_INITIALIZER,
+             .cv = PTHREAD_COND_INITIALIZER,
+             .done = PTHREAD_COND_INITIALIZER};
+
+static void probe_forget(ra_head *h);
+
+static uint64_t g_probes, g_probe_raises, g_probe_lowers; /* atomics, for tests and logs */
+
+void ra_index_probe_counts_get(uint64_t *probes, uint64_t *raises, uint64_t *lowers)
+{
+    *probes = __atomic_load_n(&g_probes, __ATOMIC_RELAXED);
+    *raises = __atomic_load_n(&g_probe_raises, __ATOMIC_RELAXED);
+    *lowers = __atomic_load_n(&g_probe_lowers, __ATOMIC_RELAXED);
+}
+
+static int probe_every(void)
+{
+    static int every = -1;
+    int e = __atomic_load_n(&every, __ATOMIC_RELAXED);
+    if (e < 0) {
+        const char *v = getenv("RA_HEAD_PROBE_EVERY");
+        e = v && *v ? atoi(v) : PROBE_EVERY;
+        e = e < 0 ? 0 : e;
+        __atomic_store_n(&every, e, __ATOMIC_RELAXED);
+    }
+    return e;
+}
 
 /* process-wide build counters (ra_index_build_counts_get), atomics */
 static uint64_t g_builds_queued, g_builds_running, g_builds_done, g_builds_failed,
@@ -164,6 +234,15 @@ ra_status ra_head_create(ra_head **out, int dim, ra_dtype dtype, const ra_index_
     h->opts.cancel = &h->cancel;
     h->ops = kind_ops(h->opts.kind);
     h->acct = acct;
+    h->probe_q = malloc((size_t)dim * sizeof *h->probe_q);
+    h->probe_sc = malloc(PROBE_KMAX * sizeof *h->probe_sc);
+    if (!h->probe_q || !h->probe_sc) {
+        free(h->probe_q);
+        free(h->probe_sc);
+        ra_kv_destroy(h->kv);
+        free(h);
+        return RA_ENOMEM;
+    }
     static ra_mem no_acct; /* so charge_index needs no NULL test; never limited */
     if (!h->acct)
         h->acct = &no_acct;
@@ -200,6 +279,7 @@ void ra_head_destroy(ra_head *h)
         return;
     ra_head_cancel(h);
     ra_head_wait(h);
+    probe_forget(h);
     if (h->state)
         h->ops->destroy(h->state);
     charge_index(h, 0);
@@ -207,6 +287,8 @@ void ra_head_destroy(ra_head *h)
     pthread_rwlock_destroy(&h->lock);
     pthread_mutex_destroy(&h->bmu);
     pthread_cond_destroy(&h->bcv);
+    free(h->probe_q);
+    free(h->probe_sc);
     free(h);
 }
 
@@ -291,7 +373,8 @@ void ra_head_cancel(ra_head *h)
 
 /* nice 19 and SCHED_BATCH for thread `tid` (0: the caller). An unprivileged thread can
  * lower its priority but never raise it back, so only threads that exist to build call
- * this: background build threads, and (ra_index_build_priority_setup) library pools. */
+ * this: background build threads, the probe thread, and (ra_index_build_priority_setup)
+ * library pools. */
 static int lower_priority(pid_t tid)
 {
     if (!tid)
@@ -300,6 +383,149 @@ static int lower_priority(pid_t tid)
     int a = sched_setscheduler(tid, SCHED_BATCH, &sp);
     int b = setpriority(PRIO_PROCESS, (id_t)tid, 19);
     return a == 0 && b == 0;
+}
+
+/* One probe of h (the probe thread; h stays alive while g_probe.cur == h). */
+static void probe_run(ra_head *h)
+{
+    static float sc[PROBE_CHUNK], top[PROBE_KMAX]; /* the thread's own: there is one */
+    int k = h->probe_k, nt = 0, dim = ra_kv_dim(h->kv);
+    size_t done = 0;
+    for (;;) { /* the k best exact scores, a min-heap in top[0..nt) */
+        pthread_rwlock_rdlock(&h->lock);
+        size_t cnt = ra_kv_count(h->kv), m = cnt - done < PROBE_CHUNK ? cnt - done : PROBE_CHUNK;
+        if (done < cnt)
+            ra_kern_dot_range(h->probe_q, ra_kv_keys(h->kv), ra_kv_dtype(h->kv), dim, done, m, sc);
+        pthread_rwlock_unlock(&h->lock);
+        if (done >= cnt)
+            break;
+        for (size_t i = 0; i < m; i++) {
+            float s = sc[i];
+            int c;
+            if (nt < k) { /* sift up */
+                c = nt++;
+                while (c > 0 && top[(c - 1) / 2] > s) {
+                    top[c] = top[(c - 1) / 2];
+                    c = (c - 1) / 2;
+                }
+                top[c] = s;
+            } else if (s > top[0]) { /* replace the smallest, sift down */
+                c = 0;
+                for (;;) {
+                    int l = 2 * c + 1;
+                    if (l >= k)
+                        break;
+                    if (l + 1 < k && top[l + 1] < top[l])
+                        l++;
+                    if (top[l] >= s)
+                        break;
+                    top[c] = top[l];
+                    c = l;
+                }
+                top[c] = s;
+            }
+        }
+        done += m;
+    }
+    if (nt < k)
+        return;
+    /* the returned keys at or above the k-th best (their scores are exact dots too; the
+     * slack covers a different summation order) */
+    float kth = top[0], tol = 1e-5f * (fabsf(kth) + 1.f);
+    int hits = 0;
+    for (int i = 0; i < k; i++)
+        hits += h->probe_sc[i] >= kth - tol;
+    double r = (double)hits / k;
+    __atomic_add_fetch(&g_probes, 1, __ATOMIC_RELAXED);
+    pthread_rwlock_rdlock(&h->lock);
+    if (h->state && __atomic_load_n(&h->ready, __ATOMIC_ACQUIRE) && h->ops->effort_mult) {
+        if (h->probe_state != h->state) { /* a new index: its own calibration, new sums */
+            h->probe_state = h->state;
+            h->probe_sum = 0;
+            h->probe_cnt = 0;
+        }
+        h->probe_sum += r;
+        h->probe_cnt++;
+        double mean = h->probe_sum / h->probe_cnt;
+        float f = h->ops->effort_mult(h->state, 0.f), nf = f;
+        if (h->probe_cnt >= PROBE_MIN && mean < PROBE_TARGET)
+            nf = f * (mean < PROBE_TARGET - 0.05 ? 1.5f : 1.25f);
+        else if (h->probe_cnt >= 2 * PROBE_MIN && mean > PROBE_TARGET + PROBE_SLACK)
+            nf = f * 0.9f;
+        if (nf != f) {
+            float got = h->ops->effort_mult(h->state, nf);
+            if (got != f) {
+                RA_DEBUG("head %s: decode recall@%d %.3f over %d probes: default effort x%.2f "
+                         "-> x%.2f",
+                         h->label, k, mean, h->probe_cnt, (double)f, (double)got);
+                __atomic_add_fetch(got > f ? &g_probe_raises : &g_probe_lowers, 1,
+                                   __ATOMIC_RELAXED);
+            }
+            h->probe_sum = 0;
+            h->probe_cnt = 0;
+        }
+    }
+    pthread_rwlock_unlock(&h->lock);
+}
+
+static void *probe_main(void *arg)
+{
+    (void)arg;
+    lower_priority(0);
+    pthread_mutex_lock(&g_probe.mu);
+    for (;;) {
+        while (g_probe.n == 0)
+            pthread_cond_wait(&g_probe.cv, &g_probe.mu);
+        ra_head *h = g_probe.q[0];
+        memmove(g_probe.q, g_probe.q + 1, (size_t)(--g_probe.n) * sizeof *g_probe.q);
+        g_probe.cur = h;
+        pthread_mutex_unlock(&g_probe.mu);
+        probe_run(h);
+        __atomic_store_n(&h->probe_busy, 0, __ATOMIC_RELEASE);
+        pthread_mutex_lock(&g_probe.mu);
+        g_probe.cur = NULL;
+        pthread_cond_broadcast(&g_probe.done);
+    }
+    return NULL;
+}
+
+/* Queues h's probe (probe_busy already set); drops it when the queue is full. */
+static void probe_submit(ra_head *h)
+{
+    int ok = 0;
+    pthread_mutex_lock(&g_probe.mu);
+    if (g_probe.state == 0) {
+        pthread_t t;
+        pthread_attr_t a;
+        pthread_attr_init(&a);
+        pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+        g_probe.state = pthread_create(&t, &a, probe_main, NULL) == 0 ? 1 : -1;
+        pthread_attr_destroy(&a);
+    }
+    if (g_probe.state == 1 && g_probe.n < PROBE_QCAP) {
+        g_probe.q[g_probe.n++] = h;
+        pthread_cond_signal(&g_probe.cv);
+        ok = 1;
+    }
+    pthread_mutex_unlock(&g_probe.mu);
+    if (!ok)
+        __atomic_store_n(&h->probe_busy, 0, __ATOMIC_RELEASE);
+}
+
+/* Before h goes: out of the queue, and not being probed. */
+static void probe_forget(ra_head *h)
+{
+    pthread_mutex_lock(&g_probe.mu);
+    for (int i = 0; i < g_probe.n; i++)
+        if (g_probe.q[i] == h) {
+            memmove(g_probe.q + i, g_probe.q + i + 1,
+                    (size_t)(g_probe.n - i - 1) * sizeof *g_probe.q);
+            g_probe.n--;
+            i--;
+        }
+    while (g_probe.cur == h)
+        pthread_cond_wait(&g_probe.done, &g_probe.mu);
+    pthread_mutex_unlock(&g_probe.mu);
 }
 
 int ra_index_build_priority_setup(void)
@@ -792,6 +1018,19 @@ ra_status ra_head_attend_group(ra_head *h, size_t nq, const float *q, const ra_s
     } else if (h->ops->search_group) { /* one walk for the group (warm ids: the backend
                                           validates them against its own nodes) */
         r = h->ops->search_group(h->state, h->kv, nq, q, p, kmax, I, S, nbuf, st);
+        int every = probe_every();
+        if (r == RA_OK && every > 0 && h->ops->effort_mult) {
+            uint32_t c = __atomic_add_fetch(&h->n_default, 1, __ATOMIC_RELAXED);
+            size_t j = (size_t)(c / (uint32_t)every) % nq;
+            if (c % (uint32_t)every == 0 && p[j].effort == 0 && p[j].k >= 10 &&
+                p[j].k <= PROBE_KMAX && nbuf[j] == p[j].k &&
+                !__atomic_exchange_n(&h->probe_busy, 1, __ATOMIC_ACQUIRE)) {
+                memcpy(h->probe_q, q + j * (size_t)dim, (size_t)dim * sizeof *h->probe_q);
+                memcpy(h->probe_sc, S + j * (size_t)kmax, (size_t)p[j].k * sizeof *h->probe_sc);
+                h->probe_k = p[j].k;
+                probe_submit(h);
+            }
+        }
     } else {
         for (size_t j = 0; j < nq && r == RA_OK; j++) {
             if (p[j].k == 0) {

@@ -40,6 +40,10 @@ typedef struct ra_backend_ops {
     /* Optional (NULL: unsupported): the index as a graph in the wire form (malloc()ed
      * arrays, ra_graph_adj_fini). */
     ra_status (*export_graph)(void *state, ra_graph_adj *out);
+    /* Optional (NULL: the default effort is fixed): the factor of the default search
+     * effort (the candidate list of a search with effort 0); mult > 0 sets it, and the
+     * factor in use is returned. Safe while searches run (they read it once). */
+    float (*effort_mult)(void *state, float mult);
 } ra_backend_ops;
 
 /* 1 when the build that got these options was asked to end (ra_index_opts.cancel):

@@ -142,6 +142,9 @@ typedef struct ra_index_build_counts {
     double seconds; /* total build time of the builds done */
 } ra_index_build_counts;
 void ra_index_build_counts_get(ra_index_build_counts *out);
+/* Process-wide recall probes of default-effort searches (head.c): probes run, and the
+ * times they raised / lowered a head's default effort. */
+void ra_index_probe_counts_get(uint64_t *probes, uint64_t *raises, uint64_t *lowers);
 /* ---- graphs built elsewhere, and graphs handed out ----------------------------------
  * The wire form of a graph over n keys (rows 0..n-1 of a head): an adjacency of n rows
  * of M int32 slots, each a row id in [0, n) or -1 (padding, anywhere in the row), and
