@@ -489,6 +489,18 @@ static void *probe_main(void *arg)
     return NULL;
 }
 
+float ra_head_effort_mult(ra_head *h, float mult)
+{
+    if (!h)
+        return 0.f;
+    float f = 0.f;
+    pthread_rwlock_rdlock(&h->lock);
+    if (h->state && __atomic_load_n(&h->ready, __ATOMIC_ACQUIRE) && h->ops->effort_mult)
+        f = h->ops->effort_mult(h->state, mult);
+    pthread_rwlock_unlock(&h->lock);
+    return f;
+}
+
 /* Queues h's probe (probe_busy already set); drops it when the queue is full. */
 static void probe_submit(ra_head *h)
 {

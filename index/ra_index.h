@@ -145,6 +145,10 @@ void ra_index_build_counts_get(ra_index_build_counts *out);
 /* Process-wide recall probes of default-effort searches (head.c): probes run, and the
  * times they raised / lowered a head's default effort. */
 void ra_index_probe_counts_get(uint64_t *probes, uint64_t *raises, uint64_t *lowers);
+/* The factor of the head's default search effort (the build's calibration, then the
+ * recall probes): mult > 0 sets it (clamped to 0.5..8). Returns the factor in use, 0
+ * when the head has no index with a default effort (none built, or not a graph). */
+float ra_head_effort_mult(ra_head *h, float mult);
 /* ---- graphs built elsewhere, and graphs handed out ----------------------------------
  * The wire form of a graph over n keys (rows 0..n-1 of a head): an adjacency of n rows
  * of M int32 slots, each a row id in [0, n) or -1 (padding, anywhere in the row), and

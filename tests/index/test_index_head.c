@@ -822,6 +822,115 @@ static void test_attend_group(void **state)
     }
 }
 
+/* Recall probes (head.c): default-effort group searches whose recall is below the
+ * target get a longer default list from the probe thread, and recall rises; searches
+ * with an explicit effort are never probed. The keys are gaussian (hard for a graph) and
+ * the decode queries come from another distribution than the training queries, so that
+ * the build's calibration on held-out training queries is optimistic. */
+static uint64_t probes_settle(void)
+{
+    uint64_t p, r, l, last = (uint64_t)-1;
+    for (int i = 0; i < 200; i++) { /* until no probe ran for 50 ms (10 s at most) */
+        ra_index_probe_counts_get(&p, &r, &l);
+        if (p == last)
+            break;
+        last = p;
+        usleep(50000);
+    }
+    return last;
+}
+
+static double group_recall(fixture *f, const float *q, int nq, int K, int G)
+{
+    double rec = 0;
+    for (int i = 0; i + G <= nq; i += G) {
+        ra_search_params p[4];
+        for (int j = 0; j < G; j++)
+            p[j] = (ra_search_params){.k = K};
+        float o[4 * 64], lse[4], sc[4 * 64];
+        int32_t ids[4 * 64];
+        int nout[4];
+        assert_int_equal(ra_head_attend_group(f->h, (size_t)G, q + (size_t)i * f->dim, p, 0, 0, o,
+                                              lse, ids, sc, nout, NULL),
+                         RA_OK);
+        for (int j = 0; j < G; j++)
+            rec += recall_vs_exact(f, q + (size_t)(i + j) * f->dim, K, ids + j * K, nout[j]);
+    }
+    return rec / (nq / G * G);
+}
+
+static void test_recall_probes(void **state)
+{
+    (void)state;
+    fixture f;
+    fx_init(&f, RA_INDEX_GRAPH, 64, RA_DTYPE_F16, 20000, 977);
+    enum { K = 50, G = 2, NQ = 200 };
+    float *tq = rand_queries(31, 2500, f.dim, 1.f);
+    float *q = rand_queries(32, NQ, f.dim, 1.f);
+    for (int i = 0; i < NQ; i++) /* decode queries: a shared offset the training lacked */
+        for (int d = 0; d < 8; d++)
+            q[(size_t)i * f.dim + d] += 2.f;
+    assert_int_equal(ra_head_build(f.h, tq, 2500, 0), RA_OK);
+    probes_settle();
+    uint64_t p0, r0, l0, p1, r1, l1;
+    ra_index_probe_counts_get(&p0, &r0, &l0);
+    /* explicit effort: never probed */
+    for (int i = 0; i < 64; i++) {
+        ra_search_params p[G] = {{.k = K, .effort = 80}, {.k = K, .effort = 80}};
+        float o[G * 64], lse[G];
+        assert_int_equal(ra_head_attend_group(f.h, G, q + (size_t)(i % (NQ / G)) * G * f.dim, p, 0,
+                                              0, o, lse, NULL, NULL, NULL, NULL),
+                         RA_OK);
+    }
+    probes_settle();
+    ra_index_probe_counts_get(&p1, &r1, &l1);
+    assert_int_equal(p1, p0);
+    /* a head whose default list is far too short: the probes must lengthen it */
+    float f0 = ra_head_effort_mult(f.h, 0.f);
+    assert_true(f0 >= 1.f);
+    assert_true(ra_head_effort_mult(f.h, 0.01f) == 0.5f); /* clamped */
+    double before = group_recall(&f, q, NQ, K, G);
+    for (int round = 0; round < 6; round++) { /* decode: the same queries again and again */
+        group_recall(&f, q, NQ, K, G);
+        probes_settle();
+    }
+    ra_index_probe_counts_get(&p1, &r1, &l1);
+    double after = group_recall(&f, q, NQ, K, G);
+    float f1 = ra_head_effort_mult(f.h, 0.f);
+    fprintf(stderr,
+            "# default-effort recall@%d %.3f before, %.3f after %llu probes (%llu raises, %llu "
+            "lowers)\n",
+            K, before, after, (unsigned long long)(p1 - p0), (unsigned long long)(r1 - r0),
+            (unsigned long long)(l1 - l0));
+    fprintf(stderr, "# default effort x%.2f at the build, x0.50 set, x%.2f after the probes\n",
+            (double)f0, (double)f1);
+    assert_true(p1 - p0 >= 20);
+    assert_true(before < 0.95); /* the shortened list misses */
+    assert_true(r1 > r0);
+    assert_true(f1 > 0.5f);
+    assert_true(after > before + 0.02);
+    assert_true(after >= 0.95);
+    /* an easy head (the same queries, the build's own factor) is not made dearer: the
+     * probes leave it or lower it */
+    ra_head_effort_mult(f.h, f0);
+    ra_index_probe_counts_get(&p0, &r0, &l0);
+    for (int round = 0; round < 4; round++) {
+        group_recall(&f, q, NQ, K, G);
+        probes_settle();
+    }
+    ra_index_probe_counts_get(&p1, &r1, &l1);
+    assert_true(ra_head_effort_mult(f.h, 0.f) <= f0 || before >= 0.96);
+    /* no index: no factor */
+    fixture e;
+    fx_init(&e, RA_INDEX_FLAT, 64, RA_DTYPE_F16, 100, 5);
+    assert_true(ra_head_effort_mult(e.h, 2.f) == 0.f);
+    fx_fini(&e);
+    assert_true(ra_head_effort_mult(NULL, 1.f) == 0.f);
+    free(tq);
+    free(q);
+    fx_fini(&f);
+}
+
 /* ra_exact_topk and ra_exact_knn_batch (the graph build's ground truth) against each
  * other and a double reference: padding, ties, and the key slices of the batch path. */
 static void test_exact_paths(void **state)
@@ -1043,6 +1152,7 @@ int main(void)
         cmocka_unit_test(test_memory_limit),
         cmocka_unit_test(test_exact_paths),
         cmocka_unit_test(test_attend_group),
+        cmocka_unit_test(test_recall_probes),
         cmocka_unit_test(test_concurrent_search_append),
         cmocka_unit_test(test_opts_table),
         cmocka_unit_test(test_build_priority_and_cancel),
