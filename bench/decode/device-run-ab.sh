@@ -4,8 +4,8 @@
 # OLD_SRC is a source tree of the baseline (e.g. `git archive REV | tar x -C .dev/old-src`,
 # without bench/models), built beside this one (both with CUDA). Each RUN is `old` or
 # `new`, optionally with variants after a colon joined by '-': g (graphs built on the GPU
-# and sent in the Offload, --gpu-build), wN (the daemon's workers), s (a sweep of efforts
-# 200,250,300,350 after the default). Default runs: old new new:g. One JSON per run in
+# and sent in the Offload, --gpu-build), wN (the daemon's workers), pN (the daemon's
+# --spin-us, via RATD_SPIN_US), s (a sweep of efforts 200,250,300,350 after the default). Default runs: old new new:g. One JSON per run in
 # OUT_DIR, named after it (new:g-w8 -> new-g-w8.json). RA_RUN_TIMEOUT: seconds per run.
 set -uo pipefail
 out=${1:?usage: device-run-ab.sh OUT_DIR OLD_SRC [RUN...]}
@@ -29,7 +29,7 @@ wait || { grep -E "error|Error" "$out/build-old.log" | head -30; exit 1; }
 el built
 A=(--json --steps 200 --context 131072 --layers 2)
 for rv in "${runs[@]}"; do
-  r=${rv%%:*} name=$r extra=()
+  r=${rv%%:*} name=$r extra=() envs=()
   case $r in old) dir=$o ;; new) dir=$b ;; *) echo "unknown run $r"; continue ;; esac
   if [ "$rv" != "$r" ]; then
     IFS=- read -ra vs <<<"${rv#*:}"
@@ -37,13 +37,14 @@ for rv in "${runs[@]}"; do
       case $v in
       g) extra+=(--gpu-build) ;;
       w[0-9]*) extra+=(--workers "${v#w}") ;;
+      p[0-9]*) envs+=("RATD_SPIN_US=${v#p}") ;;
       s) extra+=(--sweep 200,250,300,350) ;;
       *) echo "unknown variant $v"; continue 2 ;;
       esac
     done
     name="$r-${rv#*:}"
   fi
-  timeout "${RA_RUN_TIMEOUT:-150}" $dir/bench/ratd-bench-decode --ratd $dir/daemon/ratd "${A[@]}" "${extra[@]}" \
+  env "${envs[@]}" timeout "${RA_RUN_TIMEOUT:-150}" $dir/bench/ratd-bench-decode --ratd $dir/daemon/ratd "${A[@]}" "${extra[@]}" \
     >"$out/$name.json" 2>"$out/$name.log"
   echo "$name rc=$?"
   python3 - "$out/$name.json" <<'PY' || tail -3 "$out/$name.log"

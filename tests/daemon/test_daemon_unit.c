@@ -375,14 +375,15 @@ static void test_attend_split(void **state)
     struct {
         int S, G, R, W, P, gsize;
     } c[] = {
-        {1, 8, 4, 16, 2, 2},   /* the brief's example: 16 tasks of 2 query heads */
-        {1, 8, 4, 8, 1, 4},    /* as many KV heads as workers: one task per KV head */
+        {1, 8, 4, 16, 4, 1},   /* Llama-3-8B on 16 workers: 32 single walks, 2 per worker */
+        {1, 8, 4, 8, 2, 2},    /* on 8 workers: 16 walks of 2 query heads */
         {4, 8, 4, 16, 1, 4},   /* a batch of 4 sessions feeds 16 workers by itself */
-        {1, 1, 32, 16, 16, 2}, /* one KV head, 32 query heads */
+        {2, 8, 4, 16, 2, 2},   /* a batch of 2: 32 walks of 2 */
+        {1, 1, 32, 16, 32, 1}, /* one KV head, 32 query heads */
         {1, 2, 4, 16, 4, 1},   /* more workers than query heads: one head per task */
         {1, 8, 1, 64, 1, 1},   /* MHA: nothing to split */
-        {1, 1, 7, 3, 3, 3},    /* 7 heads on 3 workers: 3 + 3 + 1 */
-        {1, 1, 5, 4, 3, 2},    /* ceil(5/4) = 2 per group: 3 groups, none empty */
+        {1, 1, 7, 3, 4, 2},    /* 7 heads on 3 workers: 6 wanted, 2 + 2 + 2 + 1 */
+        {1, 1, 5, 2, 3, 2},    /* 4 wanted, ceil(5/4) = 2 per group: 3 groups, none empty */
     };
     for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
         int P, g;
