@@ -89,7 +89,7 @@ static const ratd_option g_options[] = {
     /* the index's own bound (index/opts.c, "threads"); ratd_server_create checks it */
     {"index-threads", OPT_INT, OFF(index_threads), 0, 0, 256, "0",
      "threads of a background index build (0: every core)"},
-    {"spin-us", OPT_INT, OFF(spin_us), 0, 0, 100000, "100",
+    {"spin-us", OPT_INT, OFF(spin_us), 0, 0, 100000, "0",
      "microseconds an idle worker spins for the next task before it sleeps (0: at once)"},
     {"send-timeout-ms", OPT_INT, OFF(send_timeout_ms), 0, 1, 600000, "2000",
      "unused: replies never wait (one to a client whose queue is full is dropped and "

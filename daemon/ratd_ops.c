@@ -255,6 +255,16 @@ static char *metrics_text(ratd_server *s, size_t *len)
             (unsigned long long)bc.queued, (unsigned long long)bc.running,
             (unsigned long long)bc.done, (unsigned long long)bc.failed,
             (unsigned long long)bc.cancelled, bc.seconds);
+    uint64_t probes, raises, lowers;
+    ra_index_probe_counts_get(&probes, &raises, &lowers);
+    fprintf(f,
+            "# HELP ratd_index_probes_total Recall probes of default-effort searches run.\n"
+            "# TYPE ratd_index_probes_total counter\nratd_index_probes_total %llu\n"
+            "# HELP ratd_index_effort_changes_total Default-effort changes the probes made.\n"
+            "# TYPE ratd_index_effort_changes_total counter\n"
+            "ratd_index_effort_changes_total{direction=\"up\"} %llu\n"
+            "ratd_index_effort_changes_total{direction=\"down\"} %llu\n",
+            (unsigned long long)probes, (unsigned long long)raises, (unsigned long long)lowers);
     long rss = rss_bytes();
     if (rss >= 0)
         fprintf(f, "# HELP ratd_resident_memory_bytes The process's resident set (VmRSS).\n"

@@ -141,8 +141,10 @@ static void *worker_main(void *vp)
     if (p->cpuset)
         hwloc_set_cpubind(p->topo, p->cpuset, HWLOC_CPUBIND_THREAD);
     for (;;) {
-        /* spin a little first: the next layer's Attend usually comes within microseconds,
-         * and a worker asleep in the kernel takes tens of them to wake */
+        /* --spin-us: spin a little first, as a worker asleep in the kernel takes tens of
+         * microseconds to wake. Off by default: on the GPU host (16 vCPUs) a spinning
+         * worker slowed the walks still running (2.17 vs 2.08 ms p50 per layer at 128K,
+         * 1.93 vs 1.72 ms with 32 workers; 2 ms of spin: 3.24 ms) */
         int got = 0;
         uint64_t spin = __atomic_load_n(&p->spin_ns, __ATOMIC_RELAXED);
         if (spin) {

@@ -244,6 +244,9 @@ static void test_metrics_endpoint(void **state)
     assert_true(metric(g_out, "ratd_uptime_seconds") > 0);
     assert_false(isnan(metric(g_out, "ratd_index_builds{state=\"running\"}")));
     assert_false(isnan(metric(g_out, "ratd_index_builds_total{result=\"built\"}")));
+    assert_true(metric(g_out, "ratd_index_probes_total") >= 0);
+    assert_true(metric(g_out, "ratd_index_effort_changes_total{direction=\"up\"}") >= 0);
+    assert_true(metric(g_out, "ratd_index_effort_changes_total{direction=\"down\"}") >= 0);
     assert_true(metric(g_out, "ratd_resident_memory_bytes") > 1e6);
     /* reading the metrics is no request of the daemon's */
     ra_server_stats st;
