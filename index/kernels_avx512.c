@@ -7,6 +7,7 @@
 
 #include "kern_dotq4.h"
 #include "kern_impl.h"
+#include "kern_u4.h"
 #include "ra_half.h"
 
 static inline __m512 ld16_f32(const void *p) { return _mm512_loadu_ps(p); }
@@ -251,27 +252,7 @@ static inline __attribute__((always_inline)) void u4dot_rows(const int8_t *q8, i
 static void u4dot_gather(const int8_t *q8, int G, int cb, const uint8_t *base, size_t stride,
                          const int32_t *ids, size_t n, int32_t *out)
 {
-    for (size_t i = 0; i < n; i++) {
-        const uint8_t *c = base + (size_t)ids[i] * stride;
-        int32_t *o = out + i * (size_t)G;
-        for (int j = 0; j < G; j += 4) {
-            const int8_t *q = q8 + (size_t)j * 2 * cb;
-            switch (G - j) {
-            case 1:
-                u4dot_rows(q, 1, cb, c, o + j);
-                break;
-            case 2:
-                u4dot_rows(q, 2, cb, c, o + j);
-                break;
-            case 3:
-                u4dot_rows(q, 3, cb, c, o + j);
-                break;
-            default:
-                u4dot_rows(q, 4, cb, c, o + j);
-                break;
-            }
-        }
-    }
+    RA_KERN_U4_GATHER(u4dot_rows)
 }
 
 const ra_kern_table ra_kern_table_avx512 = {

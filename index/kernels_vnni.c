@@ -6,6 +6,7 @@
 #include <immintrin.h>
 
 #include "kern_impl.h"
+#include "kern_u4.h"
 
 static inline __attribute__((always_inline)) void rows(const int8_t *q8, int g, int cb,
                                                        const uint8_t *c, int32_t *out)
@@ -116,25 +117,5 @@ static inline __attribute__((always_inline)) void rows_u4(const int8_t *q8, int 
 void ra_kern_u4dot_gather_vnni(const int8_t *q8, int G, int cb, const uint8_t *base, size_t stride,
                                const int32_t *ids, size_t n, int32_t *out)
 {
-    for (size_t i = 0; i < n; i++) {
-        const uint8_t *c = base + (size_t)ids[i] * stride;
-        int32_t *o = out + i * (size_t)G;
-        for (int j = 0; j < G; j += 4) {
-            const int8_t *q = q8 + (size_t)j * 2 * cb;
-            switch (G - j) {
-            case 1:
-                rows_u4(q, 1, cb, c, o + j);
-                break;
-            case 2:
-                rows_u4(q, 2, cb, c, o + j);
-                break;
-            case 3:
-                rows_u4(q, 3, cb, c, o + j);
-                break;
-            default:
-                rows_u4(q, 4, cb, c, o + j);
-                break;
-            }
-        }
-    }
+    RA_KERN_U4_GATHER(rows_u4)
 }
