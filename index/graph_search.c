@@ -378,7 +378,7 @@ static void offer(const ra_graph *g, s_tls *t, int G, const int32_t *ids, int nb
             float s = mul * (float)t->dot[(size_t)i * G + j] + add;
             t->acc[na] = i;
             t->asc[na] = s;
-            na += s > tau.s || (s == tau.s && ids[i] < tau.id);
+            na += (s > tau.s) | ((s == tau.s) & (ids[i] < tau.id)); /* no short circuit */
         }
         for (int a = 0; a < na; a++) {
             g_hc x = {t->asc[a], ids[t->acc[a]]};
