@@ -28,7 +28,7 @@ int ra_codebook_code_bytes(int dim, int bits)
     return (b + 63) & ~63;
 }
 
-int ra_codebook_auto_bits(int dim)
+int ra_codebook_bits(void)
 {
     static int env = -1; /* study knob, read once */
     int e = __atomic_load_n(&env, __ATOMIC_RELAXED);
@@ -37,7 +37,6 @@ int ra_codebook_auto_bits(int dim)
         e = v && (atoi(v) == 8 || atoi(v) == 4) ? atoi(v) : 0;
         __atomic_store_n(&env, e, __ATOMIC_RELAXED);
     }
-    (void)dim;
     return e ? e : 8;
 }
 

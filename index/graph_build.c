@@ -1134,7 +1134,7 @@ ra_graph *g_alloc(int dim, ra_dtype dt, int M, int ef, int threads, uint64_t see
     g->threads = g_threads(threads);
     g->seed = seed;
     g->l_mult = 1.0f; /* the calibration of a build sets it */
-    g->code_bits = ra_codebook_auto_bits(dim);
+    g->code_bits = ra_codebook_bits();
     g->rec_bytes =
         (((size_t)ra_codebook_code_bytes(dim, g->code_bits) + (size_t)M * sizeof(int32_t)) + 63) &
         ~(size_t)63;

@@ -70,11 +70,14 @@ typedef struct ra_graph {
     uint8_t *deg;      /* [cap] */
     uint8_t *pdeg;     /* [cap] protected prefix: edges from the query projection */
     float *norm2;      /* [cap] |k|^2 */
-    int code_bits;     /* of the search codes: ra_codebook_auto_bits(dim) at g_alloc */
+    int code_bits;     /* of the search codes (ra_codebook_bits() at g_alloc): sizes the
+                          records before the code is fitted */
     ra_codebook cb;    /* search codes (cb.cbytes bytes at the start of each record) */
     size_t cb_n;       /* keys the code was fitted on */
-    float l_mult;      /* the default candidate list's factor for this head, >= 1: set at
-                          build by ra_graph_calibrate from held-out prefill queries */
+    float l_mult;      /* the default candidate list's factor for this head, G_MULT_MIN..
+                          G_MULT_MAX: set at build by ra_graph_calibrate from held-out
+                          prefill queries, then moved by ra_head's recall probes through
+                          ra_graph_effort_mult (atomic: read once per search) */
     const int *cancel; /* while a build runs: its ra_index_opts.cancel (NULL otherwise) */
     int light_rev;     /* while keys are appended: a reverse edge into a full row replaces
                           the row's last (farthest) members when closer, instead of

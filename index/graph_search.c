@@ -198,6 +198,14 @@ static int default_L(int k, size_t n, float mult)
     return L < G_MAX_EF * 16 ? (int)L : G_MAX_EF * 16;
 }
 
+/* The candidate list of one query of a search: 0 for k 0, the caller's effort, else the
+ * default; never below k. */
+static int query_L(const ra_search_params *p, size_t n, float mult)
+{
+    int L = p->k == 0 ? 0 : p->effort > 0 ? p->effort : default_L(p->k, n, mult);
+    return L && L < p->k ? p->k : L;
+}
+
 /* Candidates rescored exactly per query: the code's ranking errors are a small fraction
  * of a step, so the true top k sits in the first few k by code score: within 1.5 k for
  * the 8-bit code, 3 k for the 4-bit one (codes.c has the shares). */
@@ -456,9 +464,7 @@ ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, c
         if (p[j].k < 0 || p[j].k > kmax || p[j].effort < 0 || p[j].effort > G_MAX_EF * 16 ||
             p[j].n_warm < 0 || (p[j].n_warm > 0 && !p[j].warm))
             return RA_EINVAL;
-        int L = p[j].k == 0 ? 0 : p[j].effort > 0 ? p[j].effort : default_L(p[j].k, g->n, mult);
-        if (L && L < p[j].k)
-            L = p[j].k;
+        int L = query_L(&p[j], g->n, mult);
         pool_total += 2 * (size_t)L + (size_t)L / 4 + 16 + 2 * (size_t)g->M + 64;
     }
     uint64_t scanned = 0, hops = 0;
@@ -482,8 +488,7 @@ ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, c
     memset(t->exp, 0, words * sizeof *t->exp);
     size_t off = 0;
     for (int j = 0; j < G; j++) {
-        int L = p[j].k == 0 ? 0 : p[j].effort > 0 ? p[j].effort : default_L(p[j].k, g->n, mult);
-        t->L[j] = L && L < p[j].k ? p[j].k : L;
+        t->L[j] = query_L(&p[j], g->n, mult);
         t->ow[j] = off;
         t->oc[j] = off + (size_t)t->L[j] + (size_t)t->L[j] / 4 + 16;
         t->cc[j] = t->L[j] + 2 * g->M + 64;

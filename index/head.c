@@ -22,6 +22,7 @@
 #include "ra_index.h"
 #include "ra_kernels.h"
 #include "ra_log.h"
+#include "ra_topk.h"
 
 #define RA_HEAD_MAX_K 65536
 #define RA_HEAD_MAX_TRAIN ((size_t)1 << 24)
@@ -389,9 +390,10 @@ static int lower_priority(pid_t tid)
 static void probe_run(ra_head *h)
 {
     static float sc[PROBE_CHUNK], top[PROBE_KMAX]; /* the thread's own: there is one */
+    static int32_t top_id[PROBE_KMAX];
     int k = h->probe_k, nt = 0, dim = ra_kv_dim(h->kv);
     size_t done = 0;
-    for (;;) { /* the k best exact scores, a min-heap in top[0..nt) */
+    for (;;) { /* the k best exact scores (ra_topk: top[0] is the k-th once nt == k) */
         pthread_rwlock_rdlock(&h->lock);
         size_t cnt = ra_kv_count(h->kv), m = cnt - done < PROBE_CHUNK ? cnt - done : PROBE_CHUNK;
         if (done < cnt)
@@ -399,32 +401,8 @@ static void probe_run(ra_head *h)
         pthread_rwlock_unlock(&h->lock);
         if (done >= cnt)
             break;
-        for (size_t i = 0; i < m; i++) {
-            float s = sc[i];
-            int c;
-            if (nt < k) { /* sift up */
-                c = nt++;
-                while (c > 0 && top[(c - 1) / 2] > s) {
-                    top[c] = top[(c - 1) / 2];
-                    c = (c - 1) / 2;
-                }
-                top[c] = s;
-            } else if (s > top[0]) { /* replace the smallest, sift down */
-                c = 0;
-                for (;;) {
-                    int l = 2 * c + 1;
-                    if (l >= k)
-                        break;
-                    if (l + 1 < k && top[l + 1] < top[l])
-                        l++;
-                    if (top[l] >= s)
-                        break;
-                    top[c] = top[l];
-                    c = l;
-                }
-                top[c] = s;
-            }
-        }
+        for (size_t i = 0; i < m; i++)
+            ra_topk_push(top, top_id, &nt, k, sc[i], (int32_t)(done + i));
         done += m;
     }
     if (nt < k)

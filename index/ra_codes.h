@@ -33,12 +33,12 @@ typedef struct ra_codebook {
 
 /* The code size of `dim` dimensions at `bits` (8 or 4), 0 for anything else. */
 int ra_codebook_code_bytes(int dim, int bits);
-/* The bits of a head's search codes: 8, or 4 with RA_GRAPH_CODE_BITS=4 (a study knob,
+/* The bits of new heads' search codes: 8, or 4 with RA_GRAPH_CODE_BITS=4 (a study knob,
  * read once). A 4-bit code of 128 dimensions is one cache line instead of two, but on
  * the GPU host it needed a 20 % longer candidate list for the same recall and the walk
  * cost the same per key scored (bench/README.md, "Search codes: 4 bits"): the walk is
  * not bound by the code's lines, so 8 bits stay the default. */
-int ra_codebook_auto_bits(int dim);
+int ra_codebook_bits(void);
 
 /* Fits the code to rows [0, n) of `dim` elements of type t (one pass over all of them).
  * n == 0 gives a code centred on 0 with unit steps. bits: 8 or 4 (else RA_EINVAL). */
