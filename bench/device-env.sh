@@ -18,3 +18,28 @@ if [ -f .dev/deps/prefix.tar.xz ]; then
   RA_DEPS_CMAKE=(-DCMAKE_PREFIX_PATH=$P -DCMAKE_LIBRARY_PATH=$P/lib/x86_64-linux-gnu
                  -DRA_FAISS_C_LIB=$P/lib/x86_64-linux-gnu/libfaiss_c.a)
 fi
+
+# ra_run_variants RUN[:V-V...]: a device script's run name with variants after a colon
+# (bench/decode/device-run.sh, device-run-ab.sh). Sets RA_RUN (the part before the colon),
+# RA_RUN_NAME (the file name: RUN-V-V), RA_RUN_ENV (VAR=value words for `env`) and
+# RA_RUN_ARGS (ratd-bench-decode flags). Variants: b8 / b4 the search-code bits
+# (RA_GRAPH_CODE_BITS), wN the daemon's workers, pN its --spin-us (RATD_SPIN_US), g graphs
+# built on the GPU (--gpu-build), s a sweep of efforts 200,250,300,350. Returns 1 (with a
+# message) on an unknown variant.
+ra_run_variants() {
+  local rv=$1 v vs
+  RA_RUN=${rv%%:*} RA_RUN_NAME=${rv%%:*} RA_RUN_ENV=() RA_RUN_ARGS=()
+  [ "$rv" != "$RA_RUN" ] || return 0
+  IFS=- read -ra vs <<<"${rv#*:}"
+  for v in "${vs[@]}"; do
+    case $v in
+    b8 | b4) RA_RUN_ENV+=("RA_GRAPH_CODE_BITS=${v#b}") ;;
+    w[0-9]*) RA_RUN_ARGS+=(--workers "${v#w}") ;;
+    p[0-9]*) RA_RUN_ENV+=("RATD_SPIN_US=${v#p}") ;;
+    g) RA_RUN_ARGS+=(--gpu-build) ;;
+    s) RA_RUN_ARGS+=(--sweep 200,250,300,350) ;;
+    *) echo "unknown variant $v in $rv"; return 1 ;;
+    esac
+  done
+  RA_RUN_NAME="$RA_RUN-${rv#*:}"
+}

@@ -29,13 +29,7 @@ run() { local name=$1 tr=$2; shift 2
   timeout "${RA_RUN_TIMEOUT:-200}" $b/bench/ratd-bench-decode --ratd $b/daemon/ratd --json --steps 200 \
     --trace /tmp/$tr.trace "$@" >"$out/$name.json" 2>"$out/$name.log"
   echo "$name rc=$?"
-  python3 - "$out/$name.json" <<'PY' || tail -3 "$out/$name.log"
-import json, sys
-d = json.load(open(sys.argv[1]))
-keys = ["context", "build_s", "gpu_build_s", "attend_us_p50", "attend_us_p99", "work_us_p50",
-        "recall_mean", "recall_p10", "recall_min", "mass_mean", "mass_p10", "lse_mismatch", "bad_positions"]
-print(" ".join("%s=%s" % (k, d.get(k)) for k in keys))
-PY
+  python3 bench/decode/summary.py "$out/$name.json" || tail -3 "$out/$name.log"
   el "$name"; }
 trace kjv16k bench/models/kjv-byte-llama bench/data/heldout-kjv.txt 16383
 trace sql128k bench/models/kjv-byte-llama-128k bench/data/heldout-sqlite.txt 131071

@@ -7,9 +7,10 @@
 #   c1m    calibrated, 1M keys, 8 query / 2 KV heads, 2 layers
 #   b128k  batch 8 at 128K, 1 layer (8 sessions per Attend)
 #   c128k0, c1m0  c128k and c1m at the default effort only (no sweep)
-# A run may carry variants after a colon, each one letter and a value, joined by '-':
-# b8 / b4 the daemon's search-code bits (RA_GRAPH_CODE_BITS), wN the daemon's workers;
-# e.g. c128k:b8 and c128k:b4 (files c128k-b8.json, c128k-b4.json) compare the codes.
+# A run may carry variants after a colon, joined by '-' (ra_run_variants in
+# bench/device-env.sh: b8 / b4 search-code bits, wN workers, pN --spin-us, g --gpu-build,
+# s a sweep); e.g. c128k:b8 and c128k:b4 (files c128k-b8.json, c128k-b4.json) compare
+# the codes (g needs a CUDA build: use device-run-ab.sh).
 # RA_RUN_TIMEOUT: seconds per run (default 420). RA_BUILD_HEAD=1: first one 131K head's
 # CPU graph build with --verbose (ratd-bench-index, both generators).
 set -uo pipefail
@@ -39,18 +40,8 @@ if [ -n "${RA_BUILD_HEAD:-}" ]; then # one 131K head's CPU graph build, phase by
 fi
 D="$b/bench/ratd-bench-decode --ratd $b/daemon/ratd --json --steps 200"
 for rv in "${runs[@]}"; do
-  r=${rv%%:*} name=$r envs=() extra=()
-  if [ "$rv" != "$r" ]; then
-    IFS=- read -ra vs <<<"${rv#*:}"
-    for v in "${vs[@]}"; do
-      case $v in
-      b8 | b4) envs+=("RA_GRAPH_CODE_BITS=${v#b}") ;;
-      w[0-9]*) extra+=(--workers "${v#w}") ;;
-      *) echo "unknown variant $v"; continue 2 ;;
-      esac
-    done
-    name="$r-${rv#*:}"
-  fi
+  ra_run_variants "$rv" || continue
+  r=$RA_RUN name=$RA_RUN_NAME
   case $r in
   c32k) a=(--context 32768 --layers 2) ;;
   c128k) a=(--context 131072 --layers 2 --sweep 150,200,250,300,400) ;;
@@ -63,19 +54,10 @@ for rv in "${runs[@]}"; do
   c1m0) a=(--context 1048576 --layers 2 --q-heads 8 --kv-heads 2) ;;
   *) echo "unknown run $r"; continue ;;
   esac
-  env "${envs[@]}" timeout "${RA_RUN_TIMEOUT:-420}" $D "${a[@]}" "${extra[@]}" >"$out/$name.json" 2>"$out/$name.log"
+  env "${RA_RUN_ENV[@]}" timeout "${RA_RUN_TIMEOUT:-420}" $D "${a[@]}" "${RA_RUN_ARGS[@]}" \
+    >"$out/$name.json" 2>"$out/$name.log"
   echo "$name rc=$?"
   tail -2 "$out/$name.log"
-  python3 - "$out/$name.json" <<'PY' || head -c 600 "$out/$name.json"
-import json, sys
-d = json.load(open(sys.argv[1]))
-keys = ["context", "workers", "build_s", "attend_us_p50", "attend_us_p90", "attend_us_p99", "attend_us_max",
-        "token_ms_model_est", "rtt_us_p50", "server_us_p50", "work_us_p50", "append_us_p50",
-        "recall_mean", "recall_p10", "mass_mean", "retrieved_frac", "session_bytes", "lse_mismatch"]
-print(" ".join("%s=%s" % (k, d.get(k)) for k in keys))
-for i in range(d.get("sweep_n", 0)):
-    print("  sweep", " ".join("%s=%s" % (k, d.get("sweep%d_%s" % (i, k))) for k in
-          ["effort", "attend_us_p50", "attend_us_p99", "work_us_p50", "recall_mean", "recall_p10"]))
-PY
+  python3 bench/decode/summary.py "$out/$name.json" || head -c 600 "$out/$name.json"
   el "$name"
 done
