@@ -130,7 +130,7 @@ static int prune(const float *kf, unsigned dim, int32_t u, const int32_t *c, int
 ra_status ra_gpu_cpu_graph_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype t, const void *keys,
                                 size_t n, const void *qs, size_t nq, unsigned dim,
                                 const ra_gpu_graph_params *p, int32_t *adj, int32_t *occ,
-                                ra_gpu_graph_stats *st)
+                                int32_t *lists, ra_gpu_graph_stats *st)
 {
     (void)mem;
     ra_status s = RA_OK;
@@ -163,6 +163,8 @@ ra_status ra_gpu_cpu_graph_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype t, con
     /* 1. query->key lists */
     if (K)
         exact_lists(qf, nq, kf, n, dim, K, -1, ql, hs, hi);
+    if (K && lists)
+        memcpy(lists, ql, nq * K * sizeof *ql);
     double t1 = ra_now_s();
     /* 2. key->key lists (self excluded) */
     if (L)

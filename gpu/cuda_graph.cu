@@ -17,7 +17,6 @@
 #define GB_THREADS 128
 #define GB_WARPS (GB_THREADS / 32)
 #define GB_MS 4096          /* multiset of projection candidates: 32 lists x max(66, K - 1) */
-#define GB_DIST (GB_MS + 1) /* distinct candidates and their run starts */
 #define GB_CAND 2048 /* scored candidates: 4 M + key_knn (projection), or REV_CAP */
 
 struct cuda_graph {
@@ -133,19 +132,33 @@ __device__ unsigned block_rank(bool f, unsigned *base, unsigned *wsum)
     return off + r;
 }
 
+/* Shared memory of the pruning; the kernels put key u's row (ur) and the candidate being
+ * pruned (cf), dim floats each, after their own struct (vec_smem), so that a block holds
+ * what its dim needs: ~29 KB at dim 128, 7 blocks of an SM. */
 struct prune_smem {
     unsigned long long ck[GB_CAND];
-    float ur[1024], cf[1024];
     int kept[RA_GPU_GRAPH_MAX_DEGREE];
     unsigned char drop[GB_CAND];
     unsigned n_kept, flag;
 };
 
+template <typename S> __device__ __forceinline__ float *vec_smem(S *sm)
+{
+    return reinterpret_cast<float *>(reinterpret_cast<unsigned char *>(sm) +
+                                     ((sizeof(S) + 15) & ~(size_t)15));
+}
+
+template <typename S> static size_t smem_bytes(unsigned dim)
+{
+    return ((sizeof(S) + 15) & ~(size_t)15) + 2 * (size_t)dim * sizeof(float);
+}
+
 /* Scores ids[0..nc) (in shared memory; u and -1 skipped) against key u, sorts, prunes
- * into row (M slots, -1 padded): cpu_graph.c prune(). ur must hold u's row. */
+ * into row (M slots, -1 padded): cpu_graph.c prune(). ur must hold u's row, cf has room
+ * for dim floats. */
 template <typename T>
 __device__ void prune_block(const T *keys, unsigned dim, int u, const int *ids, unsigned nc,
-                            unsigned M, prune_smem *sm, int *row)
+                            unsigned M, prune_smem *sm, const float *ur, float *cf, int *row)
 {
     const unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32;
     unsigned P = 1;
@@ -154,7 +167,7 @@ __device__ void prune_block(const T *keys, unsigned dim, int u, const int *ids, 
     for (unsigned i = w; i < P; i += GB_WARPS) {
         unsigned long long k = ~0ull;
         if (i < nc && ids[i] >= 0 && ids[i] != u) {
-            float s = warp_dot(sm->ur, keys + (size_t)ids[i] * dim, dim);
+            float s = warp_dot(ur, keys + (size_t)ids[i] * dim, dim);
             k = score_key(s, ids[i]);
         }
         if (lane == 0)
@@ -176,14 +189,14 @@ __device__ void prune_block(const T *keys, unsigned dim, int u, const int *ids, 
         float s = key_score(k);
         const T *cr = keys + (size_t)id * dim;
         for (unsigned d = threadIdx.x; d < dim; d += blockDim.x)
-            sm->cf[d] = gf(cr[d]);
+            cf[d] = gf(cr[d]);
         if (threadIdx.x == 0)
             sm->flag = 0;
         __syncthreads();
         unsigned nk = sm->n_kept;
         bool occl = false;
         for (unsigned j = w; j < nk && !occl; j += GB_WARPS)
-            occl = warp_dot(sm->cf, keys + (size_t)sm->kept[j] * dim, dim) > s;
+            occl = warp_dot(cf, keys + (size_t)sm->kept[j] * dim, dim) > s;
         if (occl && lane == 0)
             sm->flag = 1;
         __syncthreads();
@@ -203,14 +216,25 @@ __device__ void prune_block(const T *keys, unsigned dim, int u, const int *ids, 
         row[j] = j < sm->n_kept ? sm->kept[j] : -1;
 }
 
+/* the multiset is dead once the candidates are chosen: the pruning reuses its room */
 struct proj_smem {
-    prune_smem p;
-    unsigned ms[GB_MS];
-    unsigned dist[GB_DIST], start[GB_DIST];
+    union {
+        prune_smem p;
+        unsigned ms[GB_MS];
+    };
     int cand[GB_CAND];
     unsigned hist[RA_GPU_GRAPH_LISTS + 2];
     unsigned m, nd, nc, base, wsum[GB_WARPS], thr, need;
 };
+
+/* the length of the run of equal ids that starts at ms[i] (at most LISTS + 1 long) */
+__device__ __forceinline__ unsigned run_len(const unsigned *ms, unsigned i, unsigned m)
+{
+    unsigned j = i + 1;
+    while (j < m && ms[j] == ms[i])
+        j++;
+    return j - i;
+}
 
 /* One block per key u: the projection candidates (cpu_graph.c step 3), its key->key
  * list, pruned into adj1[u]. ql [nq][K]; occ_v: occurrences (q K + r) sorted by key,
@@ -222,11 +246,12 @@ __global__ void __launch_bounds__(GB_THREADS)
 {
     extern __shared__ __align__(16) unsigned char smraw[];
     proj_smem *sm = reinterpret_cast<proj_smem *>(smraw);
+    float *ur = vec_smem(sm), *cf = ur + dim;
     const int u = (int)blockIdx.x;
     const unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int W = RA_GPU_GRAPH_WINDOW;
     for (unsigned d = threadIdx.x; d < dim; d += blockDim.x)
-        sm->p.ur[d] = gf(keys[(size_t)u * dim + d]);
+        ur[d] = gf(keys[(size_t)u * dim + d]);
     if (threadIdx.x == 0) {
         sm->m = 0;
         sm->nd = 0;
@@ -248,13 +273,17 @@ __global__ void __launch_bounds__(GB_THREADS)
         int lo = r == 0 ? 1 : (r - W < 0 ? 0 : r - W);
         int hi = r == 0 ? len - 1 : (r + W >= len ? len - 1 : r + W);
         int extra = r > 0 && lo > 0;
-        for (int j = lo + (int)lane; j <= hi + extra; j += 32) {
-            int v = j > hi ? l[0] : l[j];
-            if (v != u) {
-                unsigned slot = atomicAdd(&sm->m, 1u);
-                if (slot < GB_MS) /* the host bounds K so that it always is */
-                    sm->ms[slot] = (unsigned)v;
-            }
+        for (int j0 = lo; j0 <= hi + extra; j0 += 32) { /* one shared atomic per warp */
+            int j = j0 + (int)lane;
+            int v = j > hi + extra ? u : j > hi ? l[0] : l[j];
+            bool f = v != u;
+            unsigned b = __ballot_sync(0xffffffffu, f), base = 0;
+            if (lane == 0 && b)
+                base = atomicAdd(&sm->m, __popc(b));
+            base = __shfl_sync(0xffffffffu, base, 0);
+            unsigned slot = base + __popc(b & ((1u << lane) - 1));
+            if (f && slot < GB_MS) /* the host bounds K so that it always is */
+                sm->ms[slot] = (unsigned)v;
         }
     }
     __syncthreads();
@@ -266,25 +295,16 @@ __global__ void __launch_bounds__(GB_THREADS)
     __syncthreads();
     if (m > 1)
         block_sort(sm->ms, P);
-    /* distinct ids (ascending) with their run starts */
-    for (unsigned c0 = 0; c0 < m; c0 += blockDim.x) {
-        unsigned i = c0 + threadIdx.x;
-        bool f = i < m && (i == 0 || sm->ms[i] != sm->ms[i - 1]);
-        unsigned r = block_rank(f, &sm->base, sm->wsum);
-        if (f) {
-            sm->dist[r] = sm->ms[i];
-            sm->start[r] = i;
-        }
-    }
-    unsigned nd = sm->base;
-    if (threadIdx.x == 0)
-        sm->start[nd] = m;
-    __syncthreads();
-    /* counts are 1..32 (a key is once in a list): the most frequent 4M by a histogram */
+    /* the distinct ids are the run starts of the sorted multiset; their counts are 1..32
+     * (a key is once in a list): the most frequent 4M by a histogram of the counts */
     const unsigned cp = 4 * M;
-    for (unsigned i = threadIdx.x; i < nd; i += blockDim.x)
-        atomicAdd(&sm->hist[sm->start[i + 1] - sm->start[i]], 1u);
+    for (unsigned i = threadIdx.x; i < m; i += blockDim.x)
+        if (i == 0 || sm->ms[i] != sm->ms[i - 1]) {
+            atomicAdd(&sm->hist[run_len(sm->ms, i, m)], 1u);
+            atomicAdd(&sm->nd, 1u);
+        }
     __syncthreads();
+    unsigned nd = sm->nd;
     if (threadIdx.x == 0) {
         unsigned cum = 0, t = 0;
         if (nd > cp) {
@@ -300,18 +320,20 @@ __global__ void __launch_bounds__(GB_THREADS)
     }
     __syncthreads();
     unsigned thr = sm->thr, need = sm->need;
-    for (unsigned c0 = 0; c0 < nd; c0 += blockDim.x) {
+    for (unsigned c0 = 0; c0 < m; c0 += blockDim.x) { /* ids ascending: ties by lower id */
         unsigned i = c0 + threadIdx.x;
-        unsigned cnt = i < nd ? sm->start[i + 1] - sm->start[i] : 0;
-        bool eq = i < nd && cnt == thr && nd > cp;
+        bool st = i < m && (i == 0 || sm->ms[i] != sm->ms[i - 1]);
+        unsigned cnt = st ? run_len(sm->ms, i, m) : 0;
+        bool eq = st && cnt == thr && nd > cp;
         unsigned r = block_rank(eq, &sm->base, sm->wsum);
-        bool take = i < nd && (nd <= cp || cnt > thr || (eq && r < need));
+        bool take = st && (nd <= cp || cnt > thr || (eq && r < need));
         if (take) {
             unsigned slot = atomicAdd(&sm->nc, 1u);
-            sm->cand[slot] = (int)sm->dist[i];
+            sm->cand[slot] = (int)sm->ms[i];
         }
     }
     __syncthreads();
+    /* the candidates are read from cand from here on: the union's room goes to the pruning */
     /* the key->key list: the first L of its L + 1 that are not u */
     if (threadIdx.x == 0) {
         const int *kr = kk + (size_t)u * (L + 1);
@@ -324,7 +346,7 @@ __global__ void __launch_bounds__(GB_THREADS)
         sm->nc = nc;
     }
     __syncthreads();
-    prune_block(keys, dim, u, sm->cand, sm->nc, M, &sm->p, adj1 + (size_t)u * M);
+    prune_block(keys, dim, u, sm->cand, sm->nc, M, &sm->p, ur, cf, adj1 + (size_t)u * M);
 }
 
 struct rev_smem {
@@ -375,10 +397,11 @@ __global__ void __launch_bounds__(GB_THREADS)
             row[j] = j < nc ? sm->cand[j] : -1;
         return;
     }
+    float *ur = vec_smem(sm);
     for (unsigned d = threadIdx.x; d < dim; d += blockDim.x)
-        sm->p.ur[d] = gf(keys[(size_t)v * dim + d]);
+        ur[d] = gf(keys[(size_t)v * dim + d]);
     __syncthreads();
-    prune_block(keys, dim, v, sm->cand, nc, M, &sm->p, row);
+    prune_block(keys, dim, v, sm->cand, nc, M, &sm->p, ur, ur + dim, row);
 }
 
 __global__ void iota_kernel(unsigned *a, size_t n)
@@ -463,13 +486,13 @@ static ra_status launch_kernels(ra_gpu_cache *c, struct cuda_graph *g, const voi
     ra_status s = RA_OK;
     int committed = 0;
     if (phase == 0) {
-        size_t sm = sizeof(proj_smem);
+        size_t sm = smem_bytes<proj_smem>(dim);
         CK(cudaFuncSetAttribute(proj_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                 (int)sm));
         proj_kernel<T><<<(unsigned)n, GB_THREADS, sm, g->s>>>((const T *)dk, dim, ql, K, occ_v,
                                                                off, kk, L, M, adj1);
     } else {
-        size_t sm = sizeof(rev_smem);
+        size_t sm = smem_bytes<rev_smem>(dim);
         CK(cudaFuncSetAttribute(rev_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                 (int)sm));
         rev_kernel<T><<<(unsigned)n, GB_THREADS, sm, g->s>>>((const T *)dk, dim, adj1, ioff,
@@ -534,7 +557,7 @@ static unsigned bits_for(size_t v)
 ra_status ra_gpu_cuda_graph_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype t, const void *keys,
                                  size_t n, const void *qs, size_t nq, unsigned dim,
                                  const ra_gpu_graph_params *p, int32_t *adj, int32_t *occ,
-                                 ra_gpu_graph_stats *st)
+                                 int32_t *lists, ra_gpu_graph_stats *st)
 {
     ra_status s = RA_OK;
     int committed = 0;
@@ -637,6 +660,8 @@ ra_status ra_gpu_cuda_graph_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype t, co
         }
         CK(cub::DeviceScan::ExclusiveSum(tmp, tmp_bytes, cnt, off, (int)(n + 1), g->s));
         CK(cudaMemcpyAsync(occ, cnt, n * sizeof(int), cudaMemcpyDeviceToHost, g->s));
+        if (lists && nq)
+            CK(cudaMemcpyAsync(lists, ql, nocc * sizeof(int), cudaMemcpyDeviceToHost, g->s));
         CK(cudaEventRecord(g->ev[1], g->s));
         /* 2. key->key lists (L + 1: the key itself is dropped in the projection) */
         ALLOC(kk, n * (L + 1) * sizeof(int));

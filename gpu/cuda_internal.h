@@ -114,7 +114,7 @@ void ra_gpu_cuda_graph_fini(ra_gpu_cache *c);
 ra_status ra_gpu_cuda_graph_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype,
                                  const void *keys, size_t n, const void *q, size_t nq,
                                  unsigned dim, const ra_gpu_graph_params *p, int32_t *adj,
-                                 int32_t *occ, ra_gpu_graph_stats *st);
+                                 int32_t *occ, int32_t *lists, ra_gpu_graph_stats *st);
 
 /* (static: one copy per .cu file, no separable compilation needed) */
 /* ---- kNN top-k selection ----------------------------------------------------------------- */
@@ -127,31 +127,41 @@ static __device__ __forceinline__ unsigned fkey(float f)
 
 #define TOPK_THREADS 1024
 #define TOPK_MAX 1024
+#define TOPK_CAP 4096      /* candidates kept in shared memory by the filtering pass */
+#define TOPK_SAMPLE 8192   /* scores of the threshold's sample: 64 runs of 128 */
+#define TOPK_RUN 128
 
-/* one block per row of n scores: radix select of the k-th largest key (4 passes of 8
- * bits, warp-aggregated histogram), collection, bitonic sort by (score desc, id asc) */
-static __global__ void __launch_bounds__(TOPK_THREADS)
-    topk_kernel(const float *scores, size_t n, unsigned k, int32_t *ids_out, float *sc_out,
-                size_t row0)
+/* (score desc, id asc) as one ascending 64-bit key; its score back */
+static __device__ __forceinline__ unsigned long long tk_ckey(float s, int32_t id)
 {
-    __shared__ unsigned hist[256];
-    __shared__ unsigned s_prefix, s_kk, s_nout, s_neq;
-    __shared__ float os[TOPK_MAX];
-    __shared__ int32_t oi[TOPK_MAX];
-    const float *row = scores + (size_t)blockIdx.x * n;
+    return (unsigned long long)(~fkey(s)) << 32 | (unsigned)id;
+}
+static __device__ __forceinline__ float tk_score(unsigned long long c)
+{
+    unsigned u = ~(unsigned)(c >> 32);
+    u = (u & 0x80000000u) ? (u & 0x7fffffffu) : ~u;
+    return __uint_as_float(u);
+}
+
+/* Radix select over v[0..m) (global or shared memory), 4 passes of 8 bits with a
+ * warp-aggregated histogram: the key of the kk-th largest and how many equal to it are
+ * among the kk (*eq_take). Every thread of the block calls it. */
+static __device__ unsigned tk_radix(const float *v, size_t m, const unsigned *u_sh, unsigned kk,
+                                    unsigned *hist, unsigned *sh, unsigned *eq_take)
+{
     const int lane = threadIdx.x % 32;
-    unsigned prefix = 0, mask = 0, kk = k;
+    unsigned prefix = 0, mask = 0;
     for (int pass = 0; pass < 4; pass++) {
         int shift = 24 - 8 * pass;
         for (int i = threadIdx.x; i < 256; i += blockDim.x)
             hist[i] = 0;
         __syncthreads();
-        for (size_t i0 = 0; i0 < n; i0 += blockDim.x) {
+        for (size_t i0 = 0; i0 < m; i0 += blockDim.x) {
             size_t i = i0 + threadIdx.x;
             bool in = false;
             unsigned dig = 0;
-            if (i < n) {
-                unsigned u = fkey(row[i]);
+            if (i < m) {
+                unsigned u = u_sh ? u_sh[i] : fkey(v[i]);
                 in = (u & mask) == prefix;
                 dig = (u >> shift) & 255u;
             }
@@ -171,69 +181,145 @@ static __global__ void __launch_bounds__(TOPK_THREADS)
                     break;
                 cum += hist[d];
             }
-            kk -= cum;
-            s_prefix = prefix | ((unsigned)d << shift);
-            s_kk = kk;
+            sh[0] = prefix | ((unsigned)d << shift);
+            sh[1] = kk - cum;
         }
         __syncthreads();
-        prefix = s_prefix;
-        kk = s_kk;
+        prefix = sh[0];
+        kk = sh[1];
         mask |= 255u << shift;
+        __syncthreads();
     }
-    /* prefix: key of the k-th largest; kk: how many equal to it are taken */
-    if (threadIdx.x == 0) {
-        s_nout = 0;
-        s_neq = 0;
+    *eq_take = kk;
+    return prefix;
+}
+
+/* One block per row of n scores, its top k by (score desc, id asc). A row of the key
+ * counts is read once: the k-th largest of a sample of its scores (64 runs of 128 spread
+ * over the row, distinct entries, so no more than the row's own k-th largest) is a
+ * threshold every top-k score reaches, and the one pass keeps what reaches it (~k n /
+ * 8192 entries) in shared memory, sorted there. Rows that keep more than TOPK_CAP (ties,
+ * or k of several hundred) fall back to a radix select over the row, 5 passes. */
+static __global__ void __launch_bounds__(TOPK_THREADS)
+    topk_kernel(const float *scores, size_t n, unsigned k, int32_t *ids_out, float *sc_out,
+                size_t row0)
+{
+    __shared__ unsigned long long buf[TOPK_CAP]; /* sample | candidates | fallback lists */
+    __shared__ unsigned hist[256], sh[2], s_cnt, s_eq;
+    const float *row = scores + (size_t)blockIdx.x * n;
+    const int lane = threadIdx.x % 32;
+    unsigned *samp = reinterpret_cast<unsigned *>(buf);
+    unsigned thr = 0, eqk = 0;
+    if (n > TOPK_CAP && k <= TOPK_SAMPLE) {
+        size_t m = n <= TOPK_SAMPLE ? n : TOPK_SAMPLE;
+        for (size_t i = threadIdx.x; i < m; i += blockDim.x) {
+            size_t at = i;
+            if (n > TOPK_SAMPLE) { /* run r starts at r (n - RUN) / 63: >= RUN apart */
+                size_t r = i / TOPK_RUN;
+                at = r * (n - TOPK_RUN) / (TOPK_SAMPLE / TOPK_RUN - 1) + i % TOPK_RUN;
+            }
+            samp[i] = fkey(row[at]);
+        }
+        __syncthreads();
+        thr = tk_radix(NULL, m, samp, k, hist, sh, &eqk);
     }
-    unsigned P = 1;
-    while (P < k)
-        P <<= 1;
-    for (unsigned i = threadIdx.x; i < P; i += blockDim.x) {
-        os[i] = -INFINITY;
-        oi[i] = INT32_MAX;
+    if (threadIdx.x == 0)
+        s_cnt = 0;
+    __syncthreads();
+    /* the filtering pass: 4 independent loads in flight per thread */
+    for (size_t i0 = 0; i0 < n; i0 += 4 * (size_t)blockDim.x) {
+        float f[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            size_t i = i0 + (size_t)j * blockDim.x + threadIdx.x;
+            f[j] = i < n ? row[i] : 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            size_t i = i0 + (size_t)j * blockDim.x + threadIdx.x;
+            bool take = i < n && fkey(f[j]) >= thr;
+            if (!__any_sync(0xffffffffu, take)) /* most warps, once the threshold holds */
+                continue;
+            unsigned b = __ballot_sync(0xffffffffu, take);
+            unsigned base = 0;
+            if (lane == 0)
+                base = atomicAdd(&s_cnt, __popc(b));
+            base = __shfl_sync(0xffffffffu, base, 0);
+            unsigned slot = base + __popc(b & ((1u << lane) - 1));
+            if (take && slot < TOPK_CAP)
+                buf[slot] = tk_ckey(f[j], (int32_t)i);
+        }
     }
+    __syncthreads();
+    unsigned cnt = s_cnt;
+    size_t out = (row0 + blockIdx.x) * k;
+    if (cnt <= TOPK_CAP) {
+        unsigned P = 1;
+        while (P < cnt || P < k)
+            P <<= 1;
+        for (unsigned i = cnt + threadIdx.x; i < P; i += blockDim.x)
+            buf[i] = ~0ull;
+        __syncthreads();
+        for (unsigned size = 2; size <= P; size <<= 1) /* ascending bitonic sort */
+            for (unsigned stride = size >> 1; stride > 0; stride >>= 1) {
+                for (unsigned i = threadIdx.x; i < P; i += blockDim.x) {
+                    unsigned j = i ^ stride;
+                    if (j > i) {
+                        bool up = (i & size) == 0;
+                        unsigned long long x = buf[i], y = buf[j];
+                        if ((x > y) == up) {
+                            buf[i] = y;
+                            buf[j] = x;
+                        }
+                    }
+                }
+                __syncthreads();
+            }
+        for (unsigned i = threadIdx.x; i < k; i += blockDim.x) {
+            unsigned long long c = buf[i];
+            ids_out[out + i] = c == ~0ull ? INT32_MAX : (int32_t)(unsigned)c;
+            sc_out[out + i] = c == ~0ull ? -INFINITY : tk_score(c);
+        }
+        return;
+    }
+    /* fallback: the k-th largest of the whole row by radix select, then everything above
+     * it and as many of those equal to it as complete k (which ones: arrival order) */
+    unsigned prefix = tk_radix(row, n, NULL, k, hist, sh, &eqk);
+    if (threadIdx.x == 0)
+        s_cnt = s_eq = 0;
     __syncthreads();
     for (size_t i = threadIdx.x; i < n; i += blockDim.x) {
         float f = row[i];
         unsigned u = fkey(f);
-        if (u > prefix) {
-            unsigned slot = atomicAdd(&s_nout, 1u);
-            os[slot] = f;
-            oi[slot] = (int32_t)i;
-        } else if (u == prefix) {
-            unsigned e = atomicAdd(&s_neq, 1u);
-            if (e < kk) {
-                unsigned slot = atomicAdd(&s_nout, 1u);
-                os[slot] = f;
-                oi[slot] = (int32_t)i;
-            }
-        }
+        if (u > prefix || (u == prefix && atomicAdd(&s_eq, 1u) < eqk))
+            buf[atomicAdd(&s_cnt, 1u)] = tk_ckey(f, (int32_t)i);
     }
     __syncthreads();
-    /* bitonic sort, best first */
+    unsigned P = 1;
+    while (P < k)
+        P <<= 1;
+    for (unsigned i = s_cnt + threadIdx.x; i < P; i += blockDim.x)
+        buf[i] = ~0ull;
+    __syncthreads();
     for (unsigned size = 2; size <= P; size <<= 1)
         for (unsigned stride = size >> 1; stride > 0; stride >>= 1) {
             for (unsigned i = threadIdx.x; i < P; i += blockDim.x) {
                 unsigned j = i ^ stride;
                 if (j > i) {
-                    bool desc = (i & size) == 0;
-                    float a = os[i], bb = os[j];
-                    int32_t ia = oi[i], ib = oi[j];
-                    bool a_first = a > bb || (a == bb && ia < ib);
-                    if (desc != a_first) {
-                        os[i] = bb;
-                        os[j] = a;
-                        oi[i] = ib;
-                        oi[j] = ia;
+                    bool up = (i & size) == 0;
+                    unsigned long long x = buf[i], y = buf[j];
+                    if ((x > y) == up) {
+                        buf[i] = y;
+                        buf[j] = x;
                     }
                 }
             }
             __syncthreads();
         }
-    size_t out = (row0 + blockIdx.x) * k;
     for (unsigned i = threadIdx.x; i < k; i += blockDim.x) {
-        ids_out[out + i] = oi[i];
-        sc_out[out + i] = os[i];
+        unsigned long long c = buf[i];
+        ids_out[out + i] = c == ~0ull ? INT32_MAX : (int32_t)(unsigned)c;
+        sc_out[out + i] = c == ~0ull ? -INFINITY : tk_score(c);
     }
 }
 

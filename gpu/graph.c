@@ -4,6 +4,7 @@
  * list, then evenly spaced ones) and the connectivity pass, which makes every key
  * reachable from the entries without ever removing an edge, so the result always
  * passes ra_graph_adj_check or the call fails. */
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -14,7 +15,9 @@
 #define GRAPH_DEF_DEGREE 48
 #define GRAPH_DEF_KEY_KNN 64
 #define GRAPH_DEF_ENTRIES 16
-#define GRAPH_DEF_TILE ((size_t)256 << 20)
+#define GRAPH_DEF_TILE_ROWS 512 /* a tile's rows: two waves of the top-k kernel on an H200 */
+#define GRAPH_DEF_TILE_MIN ((size_t)256 << 20)
+#define GRAPH_DEF_TILE_MAX ((size_t)2 << 30)
 
 void ra_gpu_graph_params_init(ra_gpu_graph_params *p)
 {
@@ -166,10 +169,12 @@ static ra_status connect(ra_gpu_cache *c, int32_t *adj, size_t n, unsigned M,
     return s;
 }
 
-ra_status ra_gpu_graph_build(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype, const void *keys,
-                             size_t n, const void *queries, size_t nq, unsigned dim,
-                             const ra_gpu_graph_params *pp, int32_t *adj, int32_t *entries,
-                             unsigned *n_entries_out, ra_gpu_graph_stats *stats)
+/* Argument checks and defaults of one head's build: *p gets the parameters it runs with. */
+static ra_status gb_check(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype, const void *keys,
+                          size_t n, const void *queries, size_t nq, unsigned dim,
+                          const ra_gpu_graph_params *pp, const int32_t *adj,
+                          const int32_t *entries, const unsigned *n_entries_out,
+                          ra_gpu_graph_params *p)
 {
     if (!c)
         return RA_EINVAL;
@@ -194,68 +199,187 @@ ra_status ra_gpu_graph_build(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype, co
         return ra_gpu_fail(c, RA_ESHAPE, "graph build: %zu keys (1..%d)", n, INT32_MAX - 1);
     if (dim == 0 || dim > 1024)
         return ra_gpu_fail(c, RA_ESHAPE, "graph build: dim %u (1..1024)", dim);
-    ra_gpu_graph_params p;
     if (pp)
-        p = *pp;
+        *p = *pp;
     else
-        ra_gpu_graph_params_init(&p);
-    if (!p.knn)
-        p.knn = GRAPH_DEF_KNN;
-    if (!p.degree)
-        p.degree = GRAPH_DEF_DEGREE;
-    if (!p.key_knn)
-        p.key_knn = GRAPH_DEF_KEY_KNN;
-    if (!p.n_entries)
-        p.n_entries = GRAPH_DEF_ENTRIES;
-    if (!p.tile_bytes)
-        p.tile_bytes = GRAPH_DEF_TILE;
-    if (p.knn > 1024 || p.degree < 2 || p.degree > RA_GPU_GRAPH_MAX_DEGREE || p.key_knn > 1023 ||
-        p.n_entries > 1024)
+        ra_gpu_graph_params_init(p);
+    if (!p->knn)
+        p->knn = GRAPH_DEF_KNN;
+    if (!p->degree)
+        p->degree = GRAPH_DEF_DEGREE;
+    if (!p->key_knn)
+        p->key_knn = GRAPH_DEF_KEY_KNN;
+    if (!p->n_entries)
+        p->n_entries = GRAPH_DEF_ENTRIES;
+    if (!p->tile_bytes) { /* 512 rows, within 256 MiB..2 GiB */
+        size_t b = (size_t)GRAPH_DEF_TILE_ROWS * n * sizeof(float);
+        p->tile_bytes = b < GRAPH_DEF_TILE_MIN   ? GRAPH_DEF_TILE_MIN
+                        : b > GRAPH_DEF_TILE_MAX ? GRAPH_DEF_TILE_MAX
+                                                 : b;
+    }
+    if (p->knn > 1024 || p->degree < 2 || p->degree > RA_GPU_GRAPH_MAX_DEGREE ||
+        p->key_knn > 1023 || p->n_entries > 1024)
         return ra_gpu_fail(c, RA_EINVAL,
                            "graph build: knn %u (1..1024), degree %u (2..255), key_knn %u "
                            "(1..1023), n_entries %u (1..1024)",
-                           p.knn, p.degree, p.key_knn, p.n_entries);
+                           p->knn, p->degree, p->key_knn, p->n_entries);
     /* a query's list (rank < 2^16) and a key's occurrence index fit 32 bits */
-    if (nq > (size_t)INT32_MAX / p.knn)
+    if (nq > (size_t)INT32_MAX / p->knn)
         return ra_gpu_fail(c, RA_ESHAPE, "graph build: %zu queries x knn %u too many", nq,
-                           p.knn);
-    if (p.knn > n)
-        p.knn = (unsigned)n;
-    if (p.key_knn > n - 1)
-        p.key_knn = (unsigned)(n - 1);
+                           p->knn);
+    if (p->knn > n)
+        p->knn = (unsigned)n;
+    if (p->key_knn > n - 1)
+        p->key_knn = (unsigned)(n - 1);
+    return RA_OK;
+}
+
+/* Steps 1-4 (the backend): rows into adj, the query-list counts of each key into occ. */
+static ra_status gb_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype, const void *keys,
+                         size_t n, const void *queries, size_t nq, unsigned dim,
+                         const ra_gpu_graph_params *p, int32_t *adj, int32_t *occ,
+                         int32_t *lists, ra_gpu_graph_stats *st)
+{
+    if (n == 1) { /* nothing to link; every list is the one key */
+        for (unsigned j = 0; j < p->degree; j++)
+            adj[j] = -1;
+        for (size_t i = 0; lists && i < nq; i++)
+            lists[i] = 0;
+        return RA_OK;
+    }
+    return c->ops->graph_rows ? c->ops->graph_rows(c, mem, dtype, keys, n, queries, nq, dim, p,
+                                                   adj, occ, lists, st)
+                              : ra_gpu_fail(c, RA_ENOTSUP, "graph build: not in this backend");
+}
+
+/* Steps 5-6 on the host. c may be NULL (another thread's: failures are logged only). */
+static ra_status gb_finish(ra_gpu_cache *c, const int32_t *occ, size_t n, size_t nq,
+                           const ra_gpu_graph_params *p, int32_t *adj, int32_t *entries,
+                           unsigned *n_entries_out, ra_gpu_graph_stats *st)
+{
+    double t1 = ra_now_s();
+    ra_status s = pick_entries(c, occ, n, nq > 0, p->n_entries, p->seed, entries, n_entries_out);
+    if (s == RA_OK)
+        s = connect(c, adj, n, p->degree, entries, *n_entries_out, &st->forced_edges);
+    st->connect_s = ra_now_s() - t1;
+    st->total_s += st->connect_s;
+    return s;
+}
+
+static void gb_log(size_t n, size_t nq, const char *backend, const ra_gpu_graph_stats *st)
+{
+    RA_DEBUG("gpu: graph of %zu keys from %zu queries (%s): knn %.3f, key->key %.3f, "
+             "projection %.3f, reverse %.3f, copies %.3f, entries+connectivity %.3f s "
+             "(%zu forced edges), total %.3f s",
+             n, nq, backend, st->knn_s, st->key_knn_s, st->project_s, st->reverse_s,
+             st->copy_s, st->connect_s, st->forced_edges, st->total_s);
+}
+
+ra_status ra_gpu_graph_build(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype, const void *keys,
+                             size_t n, const void *queries, size_t nq, unsigned dim,
+                             const ra_gpu_graph_params *pp, int32_t *adj, int32_t *entries,
+                             unsigned *n_entries_out, ra_gpu_graph_stats *stats)
+{
+    ra_gpu_graph_params p;
+    ra_status s = gb_check(c, mem, dtype, keys, n, queries, nq, dim, pp, adj, entries,
+                           n_entries_out, &p);
+    if (s != RA_OK)
+        return s;
     ra_gpu_graph_stats st;
     memset(&st, 0, sizeof st);
     double t0 = ra_now_s();
     int32_t *occ = calloc(n, sizeof *occ);
     if (!occ)
         return ra_gpu_fail(c, RA_ENOMEM, "graph build: %zu counts", n);
-    ra_status s;
-    if (n == 1) { /* nothing to link */
-        for (unsigned j = 0; j < p.degree; j++)
-            adj[j] = -1;
-        s = RA_OK;
-    } else {
-        s = c->ops->graph_rows ? c->ops->graph_rows(c, mem, dtype, keys, n, queries, nq, dim, &p,
-                                                    adj, occ, &st)
-                               : ra_gpu_fail(c, RA_ENOTSUP, "graph build: not in this backend");
-    }
-    double t1 = ra_now_s();
+    s = gb_rows(c, mem, dtype, keys, n, queries, nq, dim, &p, adj, occ, NULL, &st);
+    st.total_s = ra_now_s() - t0;
     if (s == RA_OK)
-        s = pick_entries(c, occ, n, nq > 0, p.n_entries, p.seed, entries, n_entries_out);
-    if (s == RA_OK)
-        s = connect(c, adj, n, p.degree, entries, *n_entries_out, &st.forced_edges);
+        s = gb_finish(c, occ, n, nq, &p, adj, entries, n_entries_out, &st);
     free(occ);
     if (s != RA_OK)
         return s;
-    double t2 = ra_now_s();
-    st.connect_s = t2 - t1;
-    st.total_s = t2 - t0;
     if (stats)
         *stats = st;
-    RA_DEBUG("gpu: graph of %zu keys from %zu queries (%s): knn %.3f, key->key %.3f, "
-             "projection %.3f, reverse %.3f, copies %.3f, entries+connectivity %.3f s "
-             "(%zu forced edges), total %.3f s",
-             n, nq, c->ops->name, st.knn_s, st.key_knn_s, st.project_s, st.reverse_s, st.copy_s,
-             st.connect_s, st.forced_edges, st.total_s);
+    gb_log(n, nq, c->ops->name, &st);
     return RA_OK;
+}
+
+/* one head's host steps on a thread of their own */
+typedef struct gb_job {
+    ra_gpu_graph_head *h;
+    const ra_gpu_graph_params *p;
+    int32_t *occ;
+    ra_status s;
+    const char *backend;
+} gb_job;
+
+static void *gb_finish_main(void *arg)
+{
+    gb_job *j = arg;
+    j->s = gb_finish(NULL, j->occ, j->h->n_keys, j->h->n_queries, j->p, j->h->adj,
+                     j->h->entries, &j->h->n_entries, &j->h->stats);
+    if (j->s == RA_OK)
+        gb_log(j->h->n_keys, j->h->n_queries, j->backend, &j->h->stats);
+    return NULL;
+}
+
+ra_status ra_gpu_graph_build_heads(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype,
+                                   unsigned dim, const ra_gpu_graph_params *pp,
+                                   ra_gpu_graph_head *heads, size_t n_heads, size_t *n_done)
+{
+    if (n_done)
+        *n_done = 0;
+    if (!c || (n_heads && !heads))
+        return c ? ra_gpu_fail(c, RA_EINVAL, "graph build: NULL heads") : RA_EINVAL;
+    ra_gpu_graph_params p[2];
+    gb_job job[2];
+    pthread_t th;
+    int running = 0; /* job[(h - 1) & 1] is on th */
+    ra_status s = RA_OK;
+    for (size_t h = 0; h <= n_heads && s == RA_OK; h++) {
+        gb_job *j = &job[h & 1];
+        int32_t *occ = NULL;
+        if (h < n_heads) {
+            ra_gpu_graph_head *hd = &heads[h];
+            s = gb_check(c, mem, dtype, hd->keys, hd->n_keys, hd->queries, hd->n_queries, dim,
+                         pp, hd->adj, hd->entries, &hd->n_entries, &p[h & 1]);
+            if (s == RA_OK && !(occ = calloc(hd->n_keys, sizeof *occ)))
+                s = ra_gpu_fail(c, RA_ENOMEM, "graph build: %zu counts", hd->n_keys);
+            if (s == RA_OK) {
+                memset(&hd->stats, 0, sizeof hd->stats);
+                double t0 = ra_now_s();
+                s = gb_rows(c, mem, dtype, hd->keys, hd->n_keys, hd->queries, hd->n_queries,
+                            dim, &p[h & 1], hd->adj, occ, hd->lists, &hd->stats);
+                hd->stats.total_s = ra_now_s() - t0;
+            }
+        }
+        if (running) { /* the previous head's host steps, overlapped with these rows */
+            gb_job *pj = &job[(h - 1) & 1];
+            pthread_join(th, NULL);
+            running = 0;
+            free(pj->occ);
+            if (pj->s != RA_OK && s == RA_OK)
+                s = ra_gpu_fail(c, pj->s, "graph build of head %zu: entries or connectivity: %s",
+                                h - 1, ra_strerror(pj->s));
+            if (pj->s == RA_OK && n_done)
+                *n_done = h;
+        }
+        if (s != RA_OK || h == n_heads) {
+            free(occ);
+            break;
+        }
+        *j = (gb_job){.h = &heads[h], .p = &p[h & 1], .occ = occ, .backend = c->ops->name};
+        if (pthread_create(&th, NULL, gb_finish_main, j) == 0) {
+            running = 1;
+        } else { /* no thread: on this one */
+            gb_finish_main(j);
+            free(occ);
+            if (j->s != RA_OK)
+                s = ra_gpu_fail(c, j->s, "graph build of head %zu: entries or connectivity: %s",
+                                h, ra_strerror(j->s));
+            else if (n_done)
+                *n_done = h + 1;
+        }
+    }
+    return s;
 }

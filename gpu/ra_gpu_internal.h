@@ -71,12 +71,13 @@ typedef struct ra_gpu_ops {
     ra_status (*check_dev)(ra_gpu_cache *c, const void *p, const char *what);
     /* steps 1-4 of ra_gpu_graph_build (gpu.h): the pruned rows with reverse edges into
      * adj [n][p->degree] (host, -1 padded) and into occ [n] (host) how often each key is
-     * in a query list. p is resolved: no zero field, knn <= n, key_knn <= n - 1. The
-     * phase times of st (not NULL) are filled. */
+     * in a query list, and (lists not NULL) the exact query->key lists [nq][p->knn] into
+     * lists (host). p is resolved: no zero field, knn <= n, key_knn <= n - 1. The phase
+     * times of st (not NULL) are filled. */
     ra_status (*graph_rows)(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype, const void *keys,
                             size_t n, const void *q, size_t nq, unsigned dim,
                             const ra_gpu_graph_params *p, int32_t *adj, int32_t *occ,
-                            ra_gpu_graph_stats *st);
+                            int32_t *lists, ra_gpu_graph_stats *st);
 } ra_gpu_ops;
 
 /* The constants of the graph build's candidate rule (gpu.h, ra_gpu_graph_build), the
@@ -91,7 +92,7 @@ typedef struct ra_gpu_ops {
 ra_status ra_gpu_cpu_graph_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype,
                                 const void *keys, size_t n, const void *q, size_t nq,
                                 unsigned dim, const ra_gpu_graph_params *p, int32_t *adj,
-                                int32_t *occ, ra_gpu_graph_stats *st);
+                                int32_t *occ, int32_t *lists, ra_gpu_graph_stats *st);
 
 struct ra_gpu_cache {
     ra_gpu_config cfg;

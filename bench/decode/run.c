@@ -304,40 +304,58 @@ static ra_status layer_values(const bench *b, const dec_data *d, int layer, size
     return s;
 }
 
-/* --gpu-build: the graph of every KV head of one layer by ra_gpu_graph_build from its keys
- * and the training queries of the query heads that share it (converted to the keys' dtype,
- * as a decoder holds them), into adj [G][n][M] and entries [G][ne]. */
+/* --gpu-build: the graph of every KV head of one layer by ra_gpu_graph_build_heads (each
+ * head as ra_gpu_graph_build builds it, host steps beside the next head's device steps)
+ * from its keys and the training queries of the query heads that share it (converted to
+ * the keys' dtype, as a decoder holds them), into adj [G][n][M] and entries [G][ne], and
+ * the exact lists of the training queries into lists [H][n_train][GPU_LIST_K] (the
+ * Offload's train_knn: ratd then scans nothing for the graph's routing and calibration). */
+#define GPU_LIST_K 100
 static int gpu_build_layer(bench *b, ra_gpu_cache *gc, const dec_data *d, int l, size_t n,
-                           int32_t *adj, int32_t *entries, unsigned *ne, unsigned M)
+                           int32_t *adj, int32_t *entries, unsigned *ne, int32_t *lists,
+                           unsigned M)
 {
     const dec_cfg *c = b->c;
     size_t G = (size_t)c->kv_heads, D = (size_t)c->dim, H = (size_t)c->q_heads, grp = H / G;
     size_t nq = grp * d->n_train;
-    uint16_t *qb = ra_gpu_host_alloc((nq ? nq : 1) * D * sizeof *qb);
-    if (!qb)
+    uint16_t *qb = ra_gpu_host_alloc((nq ? nq : 1) * G * D * sizeof *qb);
+    ra_gpu_graph_head *hd = calloc(G, sizeof *hd);
+    if (!qb || !hd) {
+        ra_gpu_host_free(qb);
+        free(hd);
         return fail("out of memory for the training queries of a GPU build");
-    int rc = 0;
-    for (size_t g = 0; g < G && !rc; g++) {
-        const float *q = d->q_train + ((size_t)l * H + g * grp) * d->n_train * D;
-        for (size_t i = 0; i < nq * D; i++)
-            qb[i] = c->dtype == RA_DTYPE_BF16 ? ra_f32_to_bf16(q[i]) : ra_f32_to_f16(q[i]);
-        ra_gpu_graph_params p;
-        ra_gpu_graph_params_init(&p);
-        p.degree = M;
-        p.seed = c->seed;
-        unsigned got = 0;
-        double t0 = now_s();
-        ra_status s = ra_gpu_graph_build(gc, RA_GPU_MEM_HOST, c->dtype,
-                                         d->k_off + ((size_t)l * G + g) * n * D, n, qb, nq,
-                                         (unsigned)D, &p, adj + g * n * M, entries + g * 16, &got,
-                                         NULL);
-        b->r->gpu_build_s += now_s() - t0;
-        if (s != RA_OK)
-            rc = fail("ra_gpu_graph_build of layer %d head %zu: %s: %s", l, g, ra_strerror(s),
-                      ra_gpu_cache_last_error(gc));
-        *ne = got;
     }
+    for (size_t g = 0; g < G; g++) {
+        const float *q = d->q_train + ((size_t)l * H + g * grp) * d->n_train * D;
+        uint16_t *o = qb + g * nq * D;
+        for (size_t i = 0; i < nq * D; i++)
+            o[i] = c->dtype == RA_DTYPE_BF16 ? ra_f32_to_bf16(q[i]) : ra_f32_to_f16(q[i]);
+        hd[g] = (ra_gpu_graph_head){.keys = d->k_off + ((size_t)l * G + g) * n * D,
+                                    .n_keys = n,
+                                    .queries = o,
+                                    .n_queries = nq,
+                                    .adj = adj + g * n * M,
+                                    .entries = entries + g * 16,
+                                    .lists = lists + g * nq * GPU_LIST_K};
+    }
+    ra_gpu_graph_params p;
+    ra_gpu_graph_params_init(&p);
+    p.degree = M;
+    p.knn = GPU_LIST_K; /* the caller asks for n > GPU_LIST_K */
+    p.seed = c->seed;
+    size_t done = 0;
+    double t0 = now_s();
+    ra_status s = ra_gpu_graph_build_heads(gc, RA_GPU_MEM_HOST, c->dtype, (unsigned)D, &p, hd, G,
+                                           &done);
+    b->r->gpu_build_s += now_s() - t0;
+    int rc = 0;
+    if (s != RA_OK)
+        rc = fail("ra_gpu_graph_build_heads of layer %d (head %zu): %s: %s", l, done,
+                  ra_strerror(s), ra_gpu_cache_last_error(gc));
+    else
+        *ne = G ? hd[0].n_entries : 0;
     ra_gpu_host_free(qb);
+    free(hd);
     return rc;
 }
 
@@ -376,7 +394,7 @@ static int offload(bench *b)
         return fail("out of memory for an Offload's values");
     }
     const unsigned M = 48; /* ratd's graph_degree default, which the session keeps */
-    int32_t *adj = NULL, entries[16 * 1024];
+    int32_t *adj = NULL, *lists = NULL, entries[16 * 1024];
     unsigned ne = 0;
     ra_gpu_cache *gc = NULL;
     if (c->gpu_build) {
@@ -388,10 +406,16 @@ static int offload(bench *b)
             free(v), free(pos);
             return fail("--gpu-build: needs --index graph and at most 1024 KV heads");
         }
+        if (n <= GPU_LIST_K) {
+            free(v), free(pos);
+            return fail("--gpu-build: needs more than %d keys per head", GPU_LIST_K);
+        }
         adj = malloc(G * n * M * sizeof *adj);
-        gc = adj ? gpu_build_cache(b) : NULL;
+        lists = malloc((size_t)c->q_heads * (c->n_train ? (size_t)c->n_train : 1) * GPU_LIST_K *
+                       sizeof *lists);
+        gc = adj && lists ? gpu_build_cache(b) : NULL;
         if (!gc) {
-            free(v), free(pos), free(adj);
+            free(v), free(pos), free(adj), free(lists);
             return fail("--gpu-build: no memory or no ra_gpu cache");
         }
         r->gpu_build_s = 0;
@@ -420,8 +444,12 @@ static int offload(bench *b)
                               .n_queries = d->n_train,
                               .q_train = d->q_train + (size_t)l * H * d->n_train * D};
             if (c->gpu_build) {
-                if ((rc = gpu_build_layer(b, gc, d, l, n, adj, entries, &ne, M)))
+                if ((rc = gpu_build_layer(b, gc, d, l, n, adj, entries, &ne, lists, M)))
                     break;
+                if (d->n_train) {
+                    kb.train_knn = lists;
+                    kb.train_knn_k = GPU_LIST_K;
+                }
                 kb.graph_adj = adj;
                 kb.graph_degree = (int)M;
                 kb.graph_entries = entries;
@@ -450,6 +478,7 @@ static int offload(bench *b)
     free(v);
     free(pos);
     free(adj);
+    free(lists);
     ra_gpu_cache_destroy(gc);
     if (c->gpu_build && !rc)
         progress(c, "gpu build: %d layer(s) x %zu heads x %d session(s) by ra_gpu_graph_build "

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # bench/gpu/device-run-graph.sh OUT_DIR: the GPU graph build on a CUDA machine in one go
-# (bench/README.md "GPU graph build"): Release build for sm_90 of gpu/, index/ and the
-# graph tests and bench, test_gpu_graph (CUDA against the CPU reference) and
-# test_gpu_cuda, a compute-sanitizer memcheck of a small build, then ratd-bench-graph at
-# the Llama-3-8B shape at 128K (8 KV heads x 131072 keys, dim 128, 4 x 4096 training
-# queries per KV head) with the CPU index build of one head on every core.
+# (bench/README.md "GPU graph build"): Release build for sm_90 of gpu/, index/, the graph
+# tests and bench (and ratd + ratd-bench-decode, for a --gpu-build decode run after it in
+# /tmp/build-graph), test_gpu_graph (CUDA against the CPU reference, build_heads, ties)
+# and test_gpu_cuda, compute-sanitizer memchecks of two small builds (3,000 keys: every
+# score a top-k candidate; 9,000: the sampled threshold), then ratd-bench-graph at the
+# Llama-3-8B shape at 128K (8 KV heads x 131072 keys, dim 128, 4 x 4096 training queries
+# per KV head, one head after the other and then in one ra_gpu_graph_build_heads call)
+# with the CPU index build of one head on every core.
 set -uo pipefail
 out=${1:?usage: device-run-graph.sh OUT_DIR}
 mkdir -p "$out"
@@ -13,7 +16,7 @@ b=/tmp/build-graph
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc; } >"$out/machine.txt" 2>&1
 cmake -S . -B $b -DCMAKE_BUILD_TYPE=Release -DRA_CUDA=ON -DRA_CUDA_ARCHS=90 "${RA_DEPS_CMAKE[@]}" \
   >"$out/configure.log" 2>&1 || { tail -30 "$out/configure.log"; exit 1; }
-cmake --build $b -j"$(nproc)" --target test_gpu_graph test_gpu_cuda ratd-bench-graph \
+cmake --build $b -j"$(nproc)" --target test_gpu_graph test_gpu_cuda ratd-bench-graph ratd ratd-bench-decode \
   >"$out/build.log" 2>&1 || { grep -E "error|Error" "$out/build.log" | head -30; exit 1; }
 echo built
 timeout 120 $b/tests/gpu/test_gpu_graph cuda >"$out/test_gpu_graph_cuda.log" 2>&1
@@ -21,8 +24,12 @@ echo "test_gpu_graph cuda rc=$?"; grep -vE "^\[ (RUN|  ) " "$out/test_gpu_graph_
 timeout 60 $b/tests/gpu/test_gpu_cuda >"$out/test_gpu_cuda.log" 2>&1
 echo "test_gpu_cuda rc=$?"; tail -3 "$out/test_gpu_cuda.log"
 if command -v compute-sanitizer >/dev/null; then
+  # 3000 keys: every score of a row is a top-k candidate; 9000: the sampled threshold
   timeout 60 compute-sanitizer --tool memcheck $b/bench/ratd-bench-graph --keys 3000 --heads 1 \
     --group 2 --train 300 --queries 5 --no-cpu-build >"$out/memcheck.log" 2>&1
   echo "memcheck rc=$?: $(grep -E 'ERROR SUMMARY' "$out/memcheck.log" | tail -1)"
+  timeout 150 compute-sanitizer --tool memcheck $b/bench/ratd-bench-graph --keys 9000 --heads 2 \
+    --group 1 --train 200 --queries 5 --no-cpu-build >"$out/memcheck9k.log" 2>&1
+  echo "memcheck 9000 keys rc=$?: $(grep -E 'ERROR SUMMARY' "$out/memcheck9k.log" | tail -1)"
 fi
 timeout 200 $b/bench/ratd-bench-graph --json "$out/graph128k.json" 2>&1 | tee "$out/graph128k.log"

@@ -1404,7 +1404,7 @@ out:
     return s;
 }
 
-/* The graph of every KV head of one layer built on the GPU (ra_gpu_graph_build, on a
+/* The graph of every KV head of one layer built on the GPU (ra_gpu_graph_build_heads, on a
  * stream of its own: the decoder's stream keeps running) from the staged keys and the
  * training queries of the query heads sharing each, attached to the Offload as GRAPH_ADJ.
  * A failed build leaves the batch without a graph (ratd then builds its own) unless the
@@ -1416,28 +1416,34 @@ static ra_status gpu_graphs(run *R, const ra_gpu_staged *sv, ra_kv_batch *b, uns
     size_t nq = b->n_queries, n = sv->n_tokens, qn = grp * nq;
     if (nq == 0 || n < 2 || G > 1024)
         return RA_OK;
-    uint16_t *q16 = ra_gpu_host_alloc(qn * hd * sizeof *q16);
+    uint16_t *q16 = ra_gpu_host_alloc((size_t)G * qn * hd * sizeof *q16);
+    ra_gpu_graph_head *heads = calloc(G, sizeof *heads);
     R->graph_adj = malloc((size_t)G * n * M * sizeof(int32_t));
     R->graph_ent = malloc((size_t)G * 16 * sizeof(int32_t));
     ra_status s = RA_ENOMEM;
     unsigned ne = 0;
-    if (!q16 || !R->graph_adj || !R->graph_ent)
+    if (!q16 || !heads || !R->graph_adj || !R->graph_ent)
         goto out;
     double t0 = now_s();
     for (unsigned g = 0; g < G; g++) {
         const float *q = b->q_train + (size_t)g * grp * nq * hd;
+        uint16_t *o = q16 + (size_t)g * qn * hd;
         for (size_t i = 0; i < qn * hd; i++)
-            q16[i] = sv->dtype == RA_DTYPE_BF16 ? ra_f32_to_bf16(q[i]) : ra_f32_to_f16(q[i]);
-        const uint8_t *keys = (const uint8_t *)sv->k + (size_t)g * sv->head_stride * 2;
-        ra_gpu_graph_params p;
-        ra_gpu_graph_params_init(&p);
-        p.degree = M;
-        p.seed = seed;
-        s = ra_gpu_graph_build(R->gc, RA_GPU_MEM_HOST, sv->dtype, keys, n, q16, qn, hd, &p,
-                               R->graph_adj + (size_t)g * n * M, R->graph_ent + g * 16, &ne, NULL);
-        if (s != RA_OK)
-            break;
+            o[i] = sv->dtype == RA_DTYPE_BF16 ? ra_f32_to_bf16(q[i]) : ra_f32_to_f16(q[i]);
+        heads[g] = (ra_gpu_graph_head){
+            .keys = (const uint8_t *)sv->k + (size_t)g * sv->head_stride * 2,
+            .n_keys = n,
+            .queries = o,
+            .n_queries = qn,
+            .adj = R->graph_adj + (size_t)g * n * M,
+            .entries = R->graph_ent + g * 16};
     }
+    ra_gpu_graph_params p;
+    ra_gpu_graph_params_init(&p);
+    p.degree = M;
+    p.seed = seed;
+    s = ra_gpu_graph_build_heads(R->gc, RA_GPU_MEM_HOST, sv->dtype, hd, &p, heads, G, NULL);
+    ne = heads[0].n_entries;
     R->graph_s += now_s() - t0;
     if (s != RA_OK) {
         fprintf(stderr, "ratd-lm-eval: GPU graph build: %s (%s); ratd builds this layer's graphs\n",
@@ -1455,9 +1461,11 @@ static ra_status gpu_graphs(run *R, const ra_gpu_staged *sv, ra_kv_batch *b, uns
     b->graph_n_entries = (int)ne;
     R->graph_layers++;
     ra_gpu_host_free(q16);
+    free(heads);
     return RA_OK;
 out:
     ra_gpu_host_free(q16);
+    free(heads);
     free(R->graph_adj);
     free(R->graph_ent);
     R->graph_adj = R->graph_ent = NULL;

@@ -229,7 +229,8 @@ typedef struct ra_gpu_graph_params {
                            (CUDA: 4 degree + key_knn <= 2048) */
     unsigned key_knn;   /* key->key neighbours per key (0: 64); <= 1023 */
     unsigned n_entries; /* entry points wanted (0: 16, ratd's graph_entries); <= 1024 */
-    size_t tile_bytes;  /* CUDA: bound of one fp32 score tile (0: 256 MiB) */
+    size_t tile_bytes;  /* CUDA: bound of one fp32 score tile (0: 512 rows of n_keys
+                           scores, within 256 MiB..2 GiB: 2 GiB from 1M keys) */
     uint64_t seed;      /* offsets the evenly spaced entry points (ratd: the index seed) */
 } ra_gpu_graph_params;
 
@@ -257,6 +258,32 @@ ra_status ra_gpu_graph_build(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype, co
                              size_t n_keys, const void *queries, size_t n_queries, unsigned dim,
                              const ra_gpu_graph_params *p, int32_t *adj, int32_t *entries,
                              unsigned *n_entries_out, ra_gpu_graph_stats *stats);
+
+/* One head of ra_gpu_graph_build_heads: its inputs, as ra_gpu_graph_build takes them,
+ * and its outputs. */
+typedef struct ra_gpu_graph_head {
+    const void *keys;         /* [n_keys][dim] */
+    size_t n_keys;
+    const void *queries;      /* [n_queries][dim], or NULL with n_queries 0 */
+    size_t n_queries;
+    int32_t *adj;             /* out: [n_keys][M], the caller's */
+    int32_t *entries;         /* out: [n_entries wanted], the caller's */
+    int32_t *lists;           /* out, optional (NULL: not wanted): step 1's exact query->key
+                                 lists [n_queries][min(knn, n_keys)], best first: what an
+                                 Offload's train_knn takes, so ratd needs no scan of its own */
+    unsigned n_entries;       /* out: entries written */
+    ra_gpu_graph_stats stats; /* out */
+} ra_gpu_graph_head;
+
+/* The graphs of several heads (a layer's KV heads), each exactly as ra_gpu_graph_build
+ * builds it, one after the other on the device, while the host steps of each head
+ * (entries and connectivity, ~10 % of a head at 131K keys on CUDA) run on a thread of
+ * their own beside the device steps of the next. Stops at the first failure and returns
+ * it, as ra_gpu_graph_build would (the message names the head); *n_done (may be NULL):
+ * the heads before it, whose outputs are complete. */
+ra_status ra_gpu_graph_build_heads(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype,
+                                   unsigned dim, const ra_gpu_graph_params *p,
+                                   ra_gpu_graph_head *heads, size_t n_heads, size_t *n_done);
 
 #ifdef __cplusplus
 }

@@ -291,6 +291,93 @@ static void test_bad_arguments(void **state)
     ra_gpu_cache_destroy(c);
 }
 
+/* ra_gpu_graph_build_heads: the same graphs as one ra_gpu_graph_build per head (the host
+ * steps of a head run beside the next head's device steps), and a bad head stops the
+ * batch there with the heads before it complete */
+static void build_heads_on(ra_gpu_backend be, ra_dtype t)
+{
+    enum { H = 3 };
+    const size_t n[H] = {700, 1500, 3000};
+    ra_synth s[H];
+    void *kb[H], *qb[H];
+    ra_gpu_cache *c = make_cache(be);
+    ra_gpu_graph_head hd[H];
+    graph one[H];
+    ra_gpu_graph_params p;
+    ra_gpu_graph_params_init(&p);
+    p.seed = 3;
+    for (int h = 0; h < H; h++) {
+        s[h] = make_synth(n[h], 400, 1, 21 + h);
+        kb[h] = t == RA_DTYPE_BF16 ? (void *)to_bf16(s[h].keys, n[h] * DIM) : (void *)s[h].keys;
+        qb[h] = t == RA_DTYPE_BF16 ? (void *)to_bf16(s[h].train_q, s[h].n_train * DIM)
+                                   : (void *)s[h].train_q;
+        assert_int_equal(build(c, RA_GPU_MEM_HOST, t, kb[h], n[h], qb[h], s[h].n_train, &p,
+                               &one[h]),
+                         RA_OK);
+        hd[h] = (ra_gpu_graph_head){.keys = kb[h], .n_keys = n[h], .queries = qb[h],
+                                    .n_queries = s[h].n_train,
+                                    .adj = malloc(n[h] * 48 * sizeof(int32_t)),
+                                    .entries = malloc(1024 * sizeof(int32_t)),
+                                    .lists = malloc(s[h].n_train * TOPK * sizeof(int32_t))};
+    }
+    size_t done = 99;
+    assert_int_equal(ra_gpu_graph_build_heads(c, RA_GPU_MEM_HOST, t, DIM, &p, hd, H, &done),
+                     RA_OK);
+    assert_int_equal(done, H);
+    for (int h = 0; h < H; h++) {
+        assert_int_equal(hd[h].n_entries, one[h].ne);
+        assert_memory_equal(hd[h].entries, one[h].entries, one[h].ne * sizeof(int32_t));
+        assert_memory_equal(hd[h].adj, one[h].adj, n[h] * 48 * sizeof(int32_t));
+        assert_true(hd[h].stats.total_s > 0);
+        /* the lists are the exact kNN of the training queries (ties aside) */
+        size_t nl = s[h].n_train * TOPK, same = 0;
+        int32_t *ids = malloc(nl * sizeof *ids);
+        float *sc = malloc(nl * sizeof *sc);
+        assert_int_equal(ra_gpu_knn(c, RA_GPU_MEM_HOST, t, qb[h], s[h].n_train, kb[h], n[h], DIM,
+                                    TOPK, ids, sc),
+                         RA_OK);
+        for (size_t i = 0; i < nl; i++)
+            same += ids[i] == hd[h].lists[i];
+        print_message("head %d: %.4f of the lists as ra_gpu_knn's\n", h, (double)same / nl);
+        assert_true((double)same / (double)nl > 0.99);
+        free(ids);
+        free(sc);
+    }
+    /* head 1 without keys: RA_ESHAPE naming nothing built after head 0 */
+    hd[1].n_keys = 0;
+    memset(hd[0].adj, 0xff, n[0] * 48 * sizeof(int32_t));
+    hd[0].n_entries = 0;
+    assert_int_equal(ra_gpu_graph_build_heads(c, RA_GPU_MEM_HOST, t, DIM, &p, hd, H, &done),
+                     RA_ESHAPE);
+    assert_int_equal(done, 1);
+    assert_int_equal(hd[0].n_entries, one[0].ne);
+    assert_memory_equal(hd[0].adj, one[0].adj, n[0] * 48 * sizeof(int32_t));
+    assert_false(ra_gpu_cache_broken(c));
+    assert_int_equal(ra_gpu_graph_build_heads(c, RA_GPU_MEM_HOST, t, DIM, &p, NULL, 2, &done),
+                     RA_EINVAL);
+    assert_int_equal(ra_gpu_graph_build_heads(c, RA_GPU_MEM_HOST, t, DIM, &p, hd, 0, &done),
+                     RA_OK);
+    assert_int_equal(done, 0);
+    for (int h = 0; h < H; h++) {
+        free(hd[h].adj);
+        free(hd[h].entries);
+        free(hd[h].lists);
+        free(one[h].adj);
+        if (t == RA_DTYPE_BF16) {
+            free(kb[h]);
+            free(qb[h]);
+        }
+        ra_synth_free(&s[h]);
+    }
+    ra_gpu_cache_destroy(c);
+}
+
+static void test_build_heads(void **state)
+{
+    (void)state;
+    build_heads_on(RA_GPU_BACKEND_CPU, RA_DTYPE_F32);
+}
+
 /* ---- CUDA against the CPU reference ---- */
 
 static int g_cuda;
@@ -419,6 +506,40 @@ static void test_cuda_faults(void **state)
     ra_synth_free(&s);
 }
 
+/* rows of massive ties (6,000 equal keys): the top-k's sampled threshold lets through
+ * more candidates than it holds, and it falls back to its radix select over the row; the
+ * graph is still one ratd installs */
+static void test_cuda_ties(void **state)
+{
+    (void)state;
+    if (!g_cuda)
+        skip();
+    enum { N = 6000, NQ = 64 };
+    float *kf = calloc((size_t)N * DIM, sizeof *kf);
+    for (size_t i = 0; i < N; i++)
+        kf[i * DIM] = 1.0f;
+    uint16_t *kb = to_bf16(kf, (size_t)N * DIM);
+    ra_gpu_cache *c = make_cache(RA_GPU_BACKEND_CUDA);
+    graph g;
+    assert_int_equal(build(c, RA_GPU_MEM_HOST, RA_DTYPE_BF16, kb, N, kb, NQ, NULL, &g), RA_OK);
+    check_graph(&g);
+    free(g.adj);
+    assert_int_equal(build(c, RA_GPU_MEM_HOST, RA_DTYPE_BF16, kb, N, NULL, 0, NULL, &g), RA_OK);
+    check_graph(&g);
+    free(g.adj);
+    ra_gpu_cache_destroy(c);
+    free(kb);
+    free(kf);
+}
+
+static void test_cuda_build_heads(void **state)
+{
+    (void)state;
+    if (!g_cuda)
+        skip();
+    build_heads_on(RA_GPU_BACKEND_CUDA, RA_DTYPE_BF16);
+}
+
 int main(int argc, char **argv)
 {
     if (argc > 1 && strcmp(argv[1], "cuda") == 0) {
@@ -426,6 +547,8 @@ int main(int argc, char **argv)
         const struct CMUnitTest t[] = {
             cmocka_unit_test(test_cuda_matches_cpu),
             cmocka_unit_test(test_cuda_faults),
+            cmocka_unit_test(test_cuda_build_heads),
+            cmocka_unit_test(test_cuda_ties),
         };
         return cmocka_run_group_tests_name("gpu_graph_cuda", t, NULL, NULL);
     }
@@ -433,6 +556,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_bad_arguments),
         cmocka_unit_test(test_small_and_keys_only),
         cmocka_unit_test(test_cpu_graph_searches_like_ratd),
+        cmocka_unit_test(test_build_heads),
     };
     return cmocka_run_group_tests_name("gpu_graph", t, NULL, NULL);
 }
