@@ -20,9 +20,10 @@
 #define GB_CAND 2048 /* scored candidates: 4 M + key_knn (projection), or REV_CAP */
 
 struct cuda_graph {
-    cudaStream_t s;
+    cudaStream_t s, s2; /* s2: the top-k of a tile while s computes the next tile's GEMM */
     cublasHandle_t blas;
     cudaEvent_t ev[6];
+    cudaEvent_t tev[5]; /* GEMM done [2], top-k done [2] (per tile buffer), the join */
 };
 
 void ra_gpu_cuda_graph_fini(ra_gpu_cache *c)
@@ -38,6 +39,13 @@ void ra_gpu_cuda_graph_fini(ra_gpu_cache *c)
     for (int i = 0; i < 6; i++)
         if (g->ev[i])
             cudaEventDestroy(g->ev[i]);
+    for (int i = 0; i < 5; i++)
+        if (g->tev[i])
+            cudaEventDestroy(g->tev[i]);
+    if (g->s2) {
+        cudaStreamSynchronize(g->s2);
+        cudaStreamDestroy(g->s2);
+    }
     if (g->s)
         cudaStreamDestroy(g->s);
     cudaGetLastError();
@@ -522,25 +530,36 @@ static ra_status launch_typed(ra_gpu_cache *c, struct cuda_graph *g, ra_dtype t,
     }
 }
 
-/* exact top-k of rows [0, nrows) of `rows` among the n keys, tiles of tile_rows rows */
+/* exact top-k of rows [0, nrows) of `rows` among the n keys, tiles of tile_rows rows in
+ * two buffers: the GEMM of a tile (stream s) runs while the top-k of the one before it
+ * (stream s2) reads the other buffer; s waits for s2 at the end */
 static ra_status tiled_lists(ra_gpu_cache *c, struct cuda_graph *g, ra_dtype t, const void *rows,
                              size_t nrows, const void *keys, size_t n, unsigned dim, unsigned k,
-                             float *tile, size_t tile_rows, int *ids, float *scores)
+                             float *const tile[2], size_t tile_rows, int *ids, float *scores)
 {
     ra_status s = RA_OK;
     int committed = 0;
     size_t es = ra_dtype_size(t);
     const float one = 1.0f, zero = 0.0f;
-    for (size_t r0 = 0; r0 < nrows; r0 += tile_rows) {
+    size_t ti = 0;
+    for (size_t r0 = 0; r0 < nrows; r0 += tile_rows, ti++) {
         size_t nr = nrows - r0 < tile_rows ? nrows - r0 : tile_rows;
+        int b = (int)(ti & 1);
+        if (ti >= 2) /* the top-k of tile ti - 2 has read this buffer */
+            CK(cudaStreamWaitEvent(g->s, g->tev[2 + b], 0));
         /* column-major S (n x nr) = K^T Q: row-major S[row][key], as cuda_knn */
         CKB(cublasGemmEx(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n, (int)nr, (int)dim, &one, keys,
                          blas_type(t), (int)dim, (const char *)rows + r0 * dim * es, blas_type(t),
-                         (int)dim, &zero, tile, CUDA_R_32F, (int)n, CUBLAS_COMPUTE_32F,
+                         (int)dim, &zero, tile[b], CUDA_R_32F, (int)n, CUBLAS_COMPUTE_32F,
                          CUBLAS_GEMM_DEFAULT));
-        topk_kernel<<<(unsigned)nr, TOPK_THREADS, 0, g->s>>>(tile, n, k, ids, scores, r0);
+        CK(cudaEventRecord(g->tev[b], g->s));
+        CK(cudaStreamWaitEvent(g->s2, g->tev[b], 0));
+        topk_kernel<<<(unsigned)nr, TOPK_THREADS, 0, g->s2>>>(tile[b], n, k, ids, scores, r0);
         CK(cudaGetLastError());
+        CK(cudaEventRecord(g->tev[2 + b], g->s2));
     }
+    CK(cudaEventRecord(g->tev[4], g->s2));
+    CK(cudaStreamWaitEvent(g->s, g->tev[4], 0));
     return RA_OK;
 fail:
     return s;
@@ -586,11 +605,14 @@ ra_status ra_gpu_cuda_graph_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype t, co
         CKB(cublasSetStream(g->blas, g->s));
         for (int i = 0; i < 6; i++)
             CK(cudaEventCreate(&g->ev[i]));
+        CK(cudaStreamCreateWithFlags(&g->s2, cudaStreamNonBlocking));
+        for (int i = 0; i < 5; i++)
+            CK(cudaEventCreateWithFlags(&g->tev[i], cudaEventDisableTiming));
     }
     g = m->graph;
     {
         const void *dk = keys, *dq = qs;
-        float *tile = NULL, *lsc = NULL;
+        float *tile[2] = {NULL, NULL}, *lsc = NULL;
         int *ql = NULL, *kk = NULL, *cnt = NULL, *off = NULL, *adj1 = NULL, *adj2 = NULL;
         int *icnt = NULL, *ioff = NULL;
         unsigned *iota = NULL, *occ_k = NULL, *occ_v = NULL, *e_to = NULL, *e_from = NULL;
@@ -616,7 +638,8 @@ ra_status ra_gpu_cuda_graph_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype t, co
             tile_rows = 1;
         if (tile_rows > most)
             tile_rows = most;
-        ALLOC(tile, tile_rows * n * sizeof(float));
+        ALLOC(tile[0], tile_rows * n * sizeof(float));
+        ALLOC(tile[1], tile_rows * n * sizeof(float));
         size_t lmax = nocc > n * (L + 1) ? nocc : n * (L + 1);
         ALLOC(lsc, lmax * sizeof(float)); /* the top-k kernel's scores (not used) */
         ALLOC(cnt, (n + 1) * sizeof(int));
@@ -715,13 +738,16 @@ ra_status ra_gpu_cuda_graph_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype t, co
     }
     return RA_OK;
 fail:
+    if (m->graph && m->graph->s2 && !c->broken) /* its top-k may still read a tile */
+        cudaStreamSynchronize(m->graph->s2);
     if (m->graph && m->graph->s) {
         gb_free(&mem_, m->graph->s);
         if (!c->broken)
             cudaStreamSynchronize(m->graph->s);
         cudaGetLastError();
     }
-    if (m->graph && (!m->graph->blas || !m->graph->ev[5])) /* made only in part: again next time */
+    /* made only in part: again next time */
+    if (m->graph && (!m->graph->blas || !m->graph->ev[5] || !m->graph->tev[4]))
         ra_gpu_cuda_graph_fini(c);
     return s;
 }
