@@ -398,6 +398,7 @@ __global__ void __launch_bounds__(GB_THREADS)
         if (f && r < RA_GPU_GRAPH_REV_CAP)
             sm->cand[r] = src;
     }
+    __syncthreads(); /* the last chunk's candidates, before any thread reads them */
     unsigned nc = sm->base < RA_GPU_GRAPH_REV_CAP ? sm->base : RA_GPU_GRAPH_REV_CAP;
     int *row = adj + (size_t)v * M;
     if (nc <= M) {
