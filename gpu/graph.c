@@ -247,9 +247,16 @@ static ra_status gb_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype, const 
             lists[i] = 0;
         return RA_OK;
     }
-    return c->ops->graph_rows ? c->ops->graph_rows(c, mem, dtype, keys, n, queries, nq, dim, p,
-                                                   adj, occ, lists, st)
-                              : ra_gpu_fail(c, RA_ENOTSUP, "graph build: not in this backend");
+    if (!c->ops->graph_rows)
+        return ra_gpu_fail(c, RA_ENOTSUP, "graph build: not in this backend");
+    ra_status s =
+        c->ops->graph_rows(c, mem, dtype, keys, n, queries, nq, dim, p, adj, occ, lists, st);
+    /* the host steps index by these ids: a backend fault must not become a wild access */
+    for (size_t i = 0; s == RA_OK && i < n * p->degree; i++)
+        if (adj[i] < -1 || adj[i] >= (int32_t)n)
+            s = ra_gpu_fail(c, RA_EINTERNAL, "graph build: the backend wrote id %d in row %zu",
+                            adj[i], i / p->degree);
+    return s;
 }
 
 /* Steps 5-6 on the host. c may be NULL (another thread's: failures are logged only). */
