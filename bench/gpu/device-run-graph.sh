@@ -4,7 +4,7 @@
 # tests and bench (and ratd + ratd-bench-decode, for a --gpu-build decode run after it in
 # /tmp/build-graph), test_gpu_graph (CUDA against the CPU reference, build_heads, ties)
 # and test_gpu_cuda, compute-sanitizer memchecks of two small builds (3,000 keys: every
-# score a top-k candidate; 9,000: the sampled threshold), then ratd-bench-graph at the
+# score a top-k candidate; 9,000: the sampled threshold) and a racecheck, then ratd-bench-graph at the
 # Llama-3-8B shape at 128K (8 KV heads x 131072 keys, dim 128, 4 x 4096 training queries
 # per KV head, one head after the other and then in one ra_gpu_graph_build_heads call)
 # with the CPU index build of one head on every core.
@@ -31,5 +31,11 @@ if command -v compute-sanitizer >/dev/null; then
   timeout 150 compute-sanitizer --tool memcheck $b/bench/ratd-bench-graph --keys 9000 --heads 2 \
     --group 1 --train 200 --queries 5 --no-cpu-build >"$out/memcheck9k.log" 2>&1
   echo "memcheck 9000 keys rc=$?: $(grep -E 'ERROR SUMMARY' "$out/memcheck9k.log" | tail -1)"
+  # shared-memory races (it found rev_kernel's missing barrier; cuBLAS's own kernels report
+  # hazards of their own, which are not ours)
+  timeout 120 compute-sanitizer --tool racecheck $b/bench/ratd-bench-graph --keys 3000 --heads 2 \
+    --group 2 --train 300 --queries 5 --no-cpu-build >"$out/racecheck.log" 2>&1
+  echo "racecheck rc=$?: $(grep -E 'RACECHECK SUMMARY' "$out/racecheck.log" | tail -1)"
+  grep -E "Race reported" "$out/racecheck.log" | grep -v nvjet | head -3
 fi
 timeout 200 $b/bench/ratd-bench-graph --json "$out/graph128k.json" 2>&1 | tee "$out/graph128k.log"
