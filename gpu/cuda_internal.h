@@ -278,56 +278,30 @@ static __global__ void __launch_bounds__(TOPK_THREADS)
     }
     __syncthreads();
     unsigned cnt = s_cnt;
-    size_t out = (row0 + blockIdx.x) * k;
-    if (cnt <= TOPK_CAP) {
-        unsigned P = 1;
-        while (P < cnt || P < k)
-            P <<= 1;
-        for (unsigned i = cnt + threadIdx.x; i < P; i += blockDim.x)
-            buf[i] = ~0ull;
+    if (cnt > TOPK_CAP) {
+        /* fallback: the k-th largest of the whole row by radix select, then everything
+         * above it and as many of those equal to it as complete k (which ones: arrival
+         * order) */
+        unsigned prefix = tk_radix(row, n, NULL, k, hist, sh, &eqk);
+        if (threadIdx.x == 0)
+            s_cnt = s_eq = 0;
         __syncthreads();
-        for (unsigned size = 2; size <= P; size <<= 1) /* ascending bitonic sort */
-            for (unsigned stride = size >> 1; stride > 0; stride >>= 1) {
-                for (unsigned i = threadIdx.x; i < P; i += blockDim.x) {
-                    unsigned j = i ^ stride;
-                    if (j > i) {
-                        bool up = (i & size) == 0;
-                        unsigned long long x = buf[i], y = buf[j];
-                        if ((x > y) == up) {
-                            buf[i] = y;
-                            buf[j] = x;
-                        }
-                    }
-                }
-                __syncthreads();
-            }
-        for (unsigned i = threadIdx.x; i < k; i += blockDim.x) {
-            unsigned long long c = buf[i];
-            ids_out[out + i] = c == ~0ull ? INT32_MAX : (int32_t)(unsigned)c;
-            sc_out[out + i] = c == ~0ull ? -INFINITY : tk_score(c);
+        for (size_t i = threadIdx.x; i < n; i += blockDim.x) {
+            float f = row[i];
+            unsigned u = fkey(f);
+            if (u > prefix || (u == prefix && atomicAdd(&s_eq, 1u) < eqk))
+                buf[atomicAdd(&s_cnt, 1u)] = tk_ckey(f, (int32_t)i);
         }
-        return;
+        __syncthreads();
+        cnt = s_cnt; /* k (or n, if fewer) */
     }
-    /* fallback: the k-th largest of the whole row by radix select, then everything above
-     * it and as many of those equal to it as complete k (which ones: arrival order) */
-    unsigned prefix = tk_radix(row, n, NULL, k, hist, sh, &eqk);
-    if (threadIdx.x == 0)
-        s_cnt = s_eq = 0;
-    __syncthreads();
-    for (size_t i = threadIdx.x; i < n; i += blockDim.x) {
-        float f = row[i];
-        unsigned u = fkey(f);
-        if (u > prefix || (u == prefix && atomicAdd(&s_eq, 1u) < eqk))
-            buf[atomicAdd(&s_cnt, 1u)] = tk_ckey(f, (int32_t)i);
-    }
-    __syncthreads();
     unsigned P = 1;
-    while (P < k)
+    while (P < cnt || P < k)
         P <<= 1;
-    for (unsigned i = s_cnt + threadIdx.x; i < P; i += blockDim.x)
+    for (unsigned i = cnt + threadIdx.x; i < P; i += blockDim.x)
         buf[i] = ~0ull;
     __syncthreads();
-    for (unsigned size = 2; size <= P; size <<= 1)
+    for (unsigned size = 2; size <= P; size <<= 1) /* ascending bitonic sort */
         for (unsigned stride = size >> 1; stride > 0; stride >>= 1) {
             for (unsigned i = threadIdx.x; i < P; i += blockDim.x) {
                 unsigned j = i ^ stride;
@@ -342,6 +316,7 @@ static __global__ void __launch_bounds__(TOPK_THREADS)
             }
             __syncthreads();
         }
+    size_t out = (row0 + blockIdx.x) * k;
     for (unsigned i = threadIdx.x; i < k; i += blockDim.x) {
         unsigned long long c = buf[i];
         ids_out[out + i] = c == ~0ull ? INT32_MAX : (int32_t)(unsigned)c;
