@@ -205,13 +205,16 @@ static __global__ void __launch_bounds__(TOPK_THREADS)
                 size_t row0)
 {
     __shared__ unsigned long long buf[TOPK_CAP]; /* sample | candidates | fallback lists */
-    __shared__ unsigned hist[256], sh[2], s_cnt, s_eq;
+    __shared__ unsigned hist[256], sh[2], s_cnt, s_eq, wsum[TOPK_THREADS / 32];
     const float *row = scores + (size_t)blockIdx.x * n;
     const int lane = threadIdx.x % 32;
     unsigned *samp = reinterpret_cast<unsigned *>(buf);
     unsigned thr = 0, eqk = 0;
-    if (n > TOPK_CAP && k <= TOPK_SAMPLE) {
-        size_t m = n <= TOPK_SAMPLE ? n : TOPK_SAMPLE;
+    size_t m = n <= TOPK_SAMPLE ? n : TOPK_SAMPLE;
+    /* a sample's threshold keeps ~k n / m: when that would not fit, the radix select
+     * straight away (n ~ 1M at k 65, or k in the hundreds) */
+    int direct = n > TOPK_CAP && (size_t)k * n > (size_t)TOPK_CAP * m * 3 / 4;
+    if (n > TOPK_CAP && !direct) {
         for (size_t i = threadIdx.x; i < m; i += blockDim.x) {
             size_t at = i;
             if (n > TOPK_SAMPLE) { /* run r starts at r (n - RUN) / 63: >= RUN apart */
@@ -224,7 +227,7 @@ static __global__ void __launch_bounds__(TOPK_THREADS)
         thr = tk_radix(NULL, m, samp, k, hist, sh, &eqk);
     }
     if (threadIdx.x == 0)
-        s_cnt = 0;
+        s_cnt = direct ? TOPK_CAP + 1 : 0;
     __syncthreads();
     /* the filtering pass: 16-byte loads, 8 scores in flight per thread (a row of n % 4
      * scores, which is not 16-byte aligned, by single loads) */
@@ -241,7 +244,9 @@ static __global__ void __launch_bounds__(TOPK_THREADS)
         if (take && slot < TOPK_CAP)
             buf[slot] = tk_ckey(f, (int32_t)i);
     };
-    if ((n & 3) == 0 && ((uintptr_t)row & 15) == 0) {
+    if (direct) {
+        /* nothing to filter: the radix select below */
+    } else if ((n & 3) == 0 && ((uintptr_t)row & 15) == 0) {
         const float4 *r4 = reinterpret_cast<const float4 *>(row);
         size_t n4 = n / 4;
         for (size_t v0 = 0; v0 < n4; v0 += 2 * (size_t)blockDim.x) {
@@ -280,19 +285,37 @@ static __global__ void __launch_bounds__(TOPK_THREADS)
     unsigned cnt = s_cnt;
     if (cnt > TOPK_CAP) {
         /* fallback: the k-th largest of the whole row by radix select, then everything
-         * above it and as many of those equal to it as complete k (which ones: arrival
-         * order) */
+         * above it, and of those equal to it the lowest ids that complete k (ranked in
+         * index order, chunk by chunk, as the CPU reference breaks ties) */
         unsigned prefix = tk_radix(row, n, NULL, k, hist, sh, &eqk);
         if (threadIdx.x == 0)
             s_cnt = s_eq = 0;
         __syncthreads();
-        for (size_t i = threadIdx.x; i < n; i += blockDim.x) {
-            float f = row[i];
+        const unsigned w = threadIdx.x / 32, nw = blockDim.x / 32;
+        for (size_t i0 = 0; i0 < n; i0 += blockDim.x) {
+            size_t i = i0 + threadIdx.x;
+            float f = i < n ? row[i] : 0.0f;
             unsigned u = fkey(f);
-            if (u > prefix || (u == prefix && atomicAdd(&s_eq, 1u) < eqk))
+            bool gt = i < n && u > prefix, eq = i < n && u == prefix;
+            if (gt)
                 buf[atomicAdd(&s_cnt, 1u)] = tk_ckey(f, (int32_t)i);
+            unsigned b = __ballot_sync(0xffffffffu, eq);
+            if (lane == 0)
+                wsum[w] = __popc(b);
+            unsigned taken = s_eq; /* the ties taken before this chunk */
+            __syncthreads();
+            unsigned r = taken + __popc(b & ((1u << lane) - 1)), tot = 0;
+            for (unsigned j = 0; j < nw; j++) {
+                r += j < w ? wsum[j] : 0;
+                tot += wsum[j];
+            }
+            if (eq && r < eqk)
+                buf[atomicAdd(&s_cnt, 1u)] = tk_ckey(f, (int32_t)i);
+            __syncthreads();
+            if (threadIdx.x == 0)
+                s_eq = taken + tot;
+            __syncthreads();
         }
-        __syncthreads();
         cnt = s_cnt; /* k (or n, if fewer) */
     }
     unsigned P = 1;

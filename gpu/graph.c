@@ -359,13 +359,15 @@ ra_status ra_gpu_graph_build_heads(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dty
                             dim, &p[h & 1], hd->adj, occ, hd->lists, &hd->stats);
                 hd->stats.total_s = ra_now_s() - t0;
             }
+            if (s != RA_OK) /* the message names the head (c->err is copied first) */
+                s = ra_gpu_fail(c, s, "graph build of head %zu: %s", h, c->err);
         }
         if (running) { /* the previous head's host steps, overlapped with these rows */
             gb_job *pj = &job[(h - 1) & 1];
             pthread_join(th, NULL);
             running = 0;
             free(pj->occ);
-            if (pj->s != RA_OK && s == RA_OK)
+            if (pj->s != RA_OK) /* the earlier head's failure is the one reported */
                 s = ra_gpu_fail(c, pj->s, "graph build of head %zu: entries or connectivity: %s",
                                 h - 1, ra_strerror(pj->s));
             if (pj->s == RA_OK && n_done)

@@ -744,19 +744,30 @@ int main(int argc, char **argv)
     int warm_ok = wst == RA_OK && sw.mem_used == s0.mem_used && sw.sessions == 0;
     pthread_barrier_wait(&g_warm_measured);
     long rss_peak = rss_warm > rss0 ? rss_warm : rss0;
+    /* a thread is joined once: pthread_tryjoin_np reaps a finished one, and joining it
+     * again (as this loop once did) is undefined (it crashed the soak at its end) */
+    char *joined = calloc((size_t)clients, 1);
     for (;;) { /* the main thread samples the daemon's RSS while the clients run */
         int alive = 0;
-        for (int i = 0; i < clients; i++)
-            alive += pthread_tryjoin_np(th[i], NULL) == EBUSY;
+        for (int i = 0; i < clients; i++) {
+            if (joined && joined[i])
+                continue;
+            if (joined && pthread_tryjoin_np(th[i], NULL) == 0)
+                joined[i] = 1;
+            else
+                alive++;
+        }
         long r = rss_kb(dm.pid);
         if (r > rss_peak)
             rss_peak = r;
-        if (!alive || now_s() > t0 + minutes * 60.0 + 120)
+        if (!alive || !joined || now_s() > t0 + minutes * 60.0 + 120)
             break;
         usleep(200 * 1000);
     }
     for (int i = 0; i < clients; i++)
-        pthread_join(th[i], NULL);
+        if (!joined || !joined[i])
+            pthread_join(th[i], NULL);
+    free(joined);
     double secs = now_s() - t0;
     counts *T = &g_total;
     pthread_mutex_lock(&g_mu);

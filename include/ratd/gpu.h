@@ -219,9 +219,10 @@ ra_status ra_gpu_knn(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype, const void
  *   6. connectivity: a BFS from the entries; an unreached key is hung under its best
  *      reached neighbour with a free slot (else the first reached key with one).
  * CUDA: steps 1-4 on the device, on a stream of the build's own (not the cache's
- * decode stream), score tiles of at most tile_bytes, stream-ordered allocations, waits
- * on that stream only; 5-6 are O(n degree) passes on the host. Memory on the device:
- * keys + queries (if MEM_HOST) + one score tile + O(n (key_knn + 2 degree)) ints. */
+ * decode stream, and a second one for the top-k of a score tile while the next tile's
+ * GEMM runs), score tiles of at most tile_bytes, stream-ordered allocations, waits on
+ * those streams only; 5-6 are O(n degree) passes on the host. Memory on the device:
+ * keys + queries (if MEM_HOST) + two score tiles + O(n (key_knn + 2 degree)) ints. */
 typedef struct ra_gpu_graph_params {
     unsigned knn;       /* K: query->key list length (0: 100, ratd's graph_knn); <= 1024
                            (CUDA: <= 128, its candidate multiset is in shared memory) */
@@ -229,8 +230,8 @@ typedef struct ra_gpu_graph_params {
                            (CUDA: 4 degree + key_knn <= 2048) */
     unsigned key_knn;   /* key->key neighbours per key (0: 64); <= 1023 */
     unsigned n_entries; /* entry points wanted (0: 16, ratd's graph_entries); <= 1024 */
-    size_t tile_bytes;  /* CUDA: bound of one fp32 score tile (0: 512 rows of n_keys
-                           scores, within 256 MiB..2 GiB: 2 GiB from 1M keys) */
+    size_t tile_bytes;  /* CUDA: bound of each of the two fp32 score tiles (0: 512 rows
+                           of n_keys scores, within 256 MiB..2 GiB: 2 GiB from 1M keys) */
     uint64_t seed;      /* offsets the evenly spaced entry points (ratd: the index seed) */
 } ra_gpu_graph_params;
 
@@ -268,19 +269,21 @@ typedef struct ra_gpu_graph_head {
     size_t n_queries;
     int32_t *adj;             /* out: [n_keys][M], the caller's */
     int32_t *entries;         /* out: [n_entries wanted], the caller's */
-    int32_t *lists;           /* out, optional (NULL: not wanted): step 1's exact query->key
-                                 lists [n_queries][min(knn, n_keys)], best first: what an
-                                 Offload's train_knn takes, so ratd needs no scan of its own */
+    int32_t *lists;           /* out, optional (NULL: not wanted), host memory: step 1's exact
+                                 query->key lists [n_queries][min(knn, n_keys)], best first:
+                                 what an Offload's train_knn takes, so that ratd needs no
+                                 scan of its own */
     unsigned n_entries;       /* out: entries written */
     ra_gpu_graph_stats stats; /* out */
 } ra_gpu_graph_head;
 
 /* The graphs of several heads (a layer's KV heads), each exactly as ra_gpu_graph_build
  * builds it, one after the other on the device, while the host steps of each head
- * (entries and connectivity, ~10 % of a head at 131K keys on CUDA) run on a thread of
- * their own beside the device steps of the next. Stops at the first failure and returns
- * it, as ra_gpu_graph_build would (the message names the head); *n_done (may be NULL):
- * the heads before it, whose outputs are complete. */
+ * (entries and connectivity, 30-45 ms of a ~180 ms head at 131K keys on CUDA) run on a
+ * thread of their own beside the device steps of the next. Stops at the first failure
+ * and returns it, as ra_gpu_graph_build would, with the head's index in the message
+ * (ra_gpu_cache_last_error); *n_done (may be NULL): the heads before it, whose outputs
+ * are complete. */
 ra_status ra_gpu_graph_build_heads(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype,
                                    unsigned dim, const ra_gpu_graph_params *p,
                                    ra_gpu_graph_head *heads, size_t n_heads, size_t *n_done);

@@ -405,6 +405,12 @@ static void test_knn(void **st)
     knn_case(RA_DTYPE_F16, 5, 2000, 128, 1024, 1, 502);
     knn_case(RA_DTYPE_F32, 17, 777, 96, 50, 0, 503);
     knn_case(RA_DTYPE_F16, 8, 100, 128, 100, 0, 504); /* k == nk */
+    /* the top-k's paths at more keys than it keeps (4,096): a sampled threshold with
+     * 16-byte loads and with single ones (nk % 4 != 0), and the radix select straight
+     * away (k n too large for the sample's threshold) */
+    knn_case(RA_DTYPE_F16, 16, 20000, 64, 100, 0, 505);
+    knn_case(RA_DTYPE_F16, 16, 20001, 64, 100, 1, 506);
+    knn_case(RA_DTYPE_BF16, 4, 40000, 64, 1024, 0, 507);
 }
 
 static void test_bad_device_input(void **st)

@@ -329,13 +329,16 @@ static void build_heads_on(ra_gpu_backend be, ra_dtype t)
         assert_memory_equal(hd[h].entries, one[h].entries, one[h].ne * sizeof(int32_t));
         assert_memory_equal(hd[h].adj, one[h].adj, n[h] * 48 * sizeof(int32_t));
         assert_true(hd[h].stats.total_s > 0);
-        /* the lists are the exact kNN of the training queries (ties aside) */
+        /* the lists are the exact kNN of the training queries (ties aside), as the CPU
+         * backend finds them */
         size_t nl = s[h].n_train * TOPK, same = 0;
         int32_t *ids = malloc(nl * sizeof *ids);
         float *sc = malloc(nl * sizeof *sc);
-        assert_int_equal(ra_gpu_knn(c, RA_GPU_MEM_HOST, t, qb[h], s[h].n_train, kb[h], n[h], DIM,
-                                    TOPK, ids, sc),
+        ra_gpu_cache *ref = make_cache(RA_GPU_BACKEND_CPU);
+        assert_int_equal(ra_gpu_knn(ref, RA_GPU_MEM_HOST, t, qb[h], s[h].n_train, kb[h], n[h],
+                                    DIM, TOPK, ids, sc),
                          RA_OK);
+        ra_gpu_cache_destroy(ref);
         for (size_t i = 0; i < nl; i++)
             same += ids[i] == hd[h].lists[i];
         print_message("head %d: %.4f of the lists as ra_gpu_knn's\n", h, (double)same / nl);
@@ -350,6 +353,7 @@ static void build_heads_on(ra_gpu_backend be, ra_dtype t)
     assert_int_equal(ra_gpu_graph_build_heads(c, RA_GPU_MEM_HOST, t, DIM, &p, hd, H, &done),
                      RA_ESHAPE);
     assert_int_equal(done, 1);
+    assert_non_null(strstr(ra_gpu_cache_last_error(c), "head 1"));
     assert_int_equal(hd[0].n_entries, one[0].ne);
     assert_memory_equal(hd[0].adj, one[0].adj, n[0] * 48 * sizeof(int32_t));
     assert_false(ra_gpu_cache_broken(c));
@@ -507,8 +511,9 @@ static void test_cuda_faults(void **state)
 }
 
 /* rows of massive ties (6,000 equal keys): the top-k's sampled threshold lets through
- * more candidates than it holds, and it falls back to its radix select over the row; the
- * graph is still one ratd installs */
+ * more candidates than it holds, and it falls back to its radix select over the row,
+ * which still gives ties to the lower ids; the graph is one ratd installs, and the same
+ * in two builds */
 static void test_cuda_ties(void **state)
 {
     (void)state;
@@ -520,13 +525,28 @@ static void test_cuda_ties(void **state)
         kf[i * DIM] = 1.0f;
     uint16_t *kb = to_bf16(kf, (size_t)N * DIM);
     ra_gpu_cache *c = make_cache(RA_GPU_BACKEND_CUDA);
-    graph g;
+    graph g, g2;
     assert_int_equal(build(c, RA_GPU_MEM_HOST, RA_DTYPE_BF16, kb, N, kb, NQ, NULL, &g), RA_OK);
     check_graph(&g);
+    assert_int_equal(build(c, RA_GPU_MEM_HOST, RA_DTYPE_BF16, kb, N, kb, NQ, NULL, &g2), RA_OK);
+    assert_memory_equal(g.adj, g2.adj, (size_t)N * g.M * sizeof *g.adj);
     free(g.adj);
+    free(g2.adj);
     assert_int_equal(build(c, RA_GPU_MEM_HOST, RA_DTYPE_BF16, kb, N, NULL, 0, NULL, &g), RA_OK);
     check_graph(&g);
     free(g.adj);
+    /* every query ties with every key: its list is keys 0..TOPK-1, in order */
+    int32_t *adj = malloc((size_t)N * 48 * sizeof *adj), *lists = malloc(NQ * TOPK * 4);
+    int32_t ent[16];
+    ra_gpu_graph_head hd = {.keys = kb, .n_keys = N, .queries = kb, .n_queries = NQ,
+                            .adj = adj, .entries = ent, .lists = lists};
+    assert_int_equal(ra_gpu_graph_build_heads(c, RA_GPU_MEM_HOST, RA_DTYPE_BF16, DIM, NULL, &hd,
+                                              1, NULL),
+                     RA_OK);
+    for (size_t i = 0; i < (size_t)NQ * TOPK; i++)
+        assert_int_equal(lists[i], (int32_t)(i % TOPK));
+    free(adj);
+    free(lists);
     ra_gpu_cache_destroy(c);
     free(kb);
     free(kf);
