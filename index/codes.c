@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ra_env.h"
 #include "ra_kernels.h"
 
 /* Range per dimension: the observed min..max over every key, widened by 10 % on each
@@ -30,14 +31,8 @@ int ra_codebook_code_bytes(int dim, int bits)
 
 int ra_codebook_bits(void)
 {
-    static int env = -1; /* study knob, read once */
-    int e = __atomic_load_n(&env, __ATOMIC_RELAXED);
-    if (e < 0) {
-        const char *v = getenv("RA_GRAPH_CODE_BITS");
-        e = v && (atoi(v) == 8 || atoi(v) == 4) ? atoi(v) : 0;
-        __atomic_store_n(&env, e, __ATOMIC_RELAXED);
-    }
-    return e ? e : 8;
+    static ra_env_once env; /* study knob: 4 or 8, anything else is 8 */
+    return ra_env_int(&env, "RA_GRAPH_CODE_BITS", 8) == 4 ? 4 : 8;
 }
 
 ra_status ra_codebook_from_range(ra_codebook *cb, int dim, int bits, size_t n, const float *mn,

@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "graph_internal.h"
+#include "ra_env.h"
 #include "ra_kernels.h"
 #include "ra_log.h"
 
@@ -211,14 +212,9 @@ static int query_L(const ra_search_params *p, size_t n, float mult)
  * the 8-bit code, 3 k for the 4-bit one (codes.c has the shares). */
 static int rescore_count(int k, int np, int bits)
 {
-    static int pct = -1;
-    int p = __atomic_load_n(&pct, __ATOMIC_RELAXED);
-    if (p < 0) {
-        const char *e = getenv("RA_GRAPH_RESCORE_PCT"); /* study knob */
-        p = e && atoi(e) > 0 ? atoi(e) : 0;
-        __atomic_store_n(&pct, p, __ATOMIC_RELAXED);
-    }
-    if (p == 0)
+    static ra_env_once env;
+    int p = ra_env_int(&env, "RA_GRAPH_RESCORE_PCT", 0); /* study knob */
+    if (p <= 0)
         p = bits == 4 ? 300 : 150;
     long r = (long)k * p / 100;
     if (r < k + 16)

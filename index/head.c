@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "ra_backend.h"
+#include "ra_env.h"
 #include "ra_index.h"
 #include "ra_kernels.h"
 #include "ra_log.h"
@@ -115,15 +116,9 @@ void ra_index_probe_counts_get(uint64_t *probes, uint64_t *raises, uint64_t *low
 
 static int probe_every(void)
 {
-    static int every = -1;
-    int e = __atomic_load_n(&every, __ATOMIC_RELAXED);
-    if (e < 0) {
-        const char *v = getenv("RA_HEAD_PROBE_EVERY");
-        e = v && *v ? atoi(v) : PROBE_EVERY;
-        e = e < 0 ? 0 : e;
-        __atomic_store_n(&every, e, __ATOMIC_RELAXED);
-    }
-    return e;
+    static ra_env_once env;
+    int e = ra_env_int(&env, "RA_HEAD_PROBE_EVERY", PROBE_EVERY);
+    return e < 0 ? 0 : e;
 }
 
 /* process-wide build counters (ra_index_build_counts_get), atomics */
