@@ -68,21 +68,6 @@ __device__ __forceinline__ float gf(float x)
     return x;
 }
 
-/* ascending keys = descending scores, ties by lower id (cpu_graph.c score_key) */
-__device__ __forceinline__ unsigned long long score_key(float s, int id)
-{
-    unsigned u = __float_as_uint(-s);
-    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-    return (unsigned long long)u << 32 | (unsigned)id;
-}
-
-__device__ __forceinline__ float key_score(unsigned long long k)
-{
-    unsigned u = (unsigned)(k >> 32);
-    u = (u & 0x80000000u) ? (u & 0x7fffffffu) : ~u;
-    return -__uint_as_float(u);
-}
-
 /* one warp: dot of a shared fp32 row with a key row in global memory */
 template <typename T>
 __device__ __forceinline__ float warp_dot(const float *a, const T *b, unsigned dim)
@@ -176,7 +161,7 @@ __device__ void prune_block(const T *keys, unsigned dim, int u, const int *ids, 
         unsigned long long k = ~0ull;
         if (i < nc && ids[i] >= 0 && ids[i] != u) {
             float s = warp_dot(ur, keys + (size_t)ids[i] * dim, dim);
-            k = score_key(s, ids[i]);
+            k = tk_ckey(s, ids[i]); /* sorted ascending: best first */
         }
         if (lane == 0)
             sm->ck[i] = k;
@@ -194,7 +179,7 @@ __device__ void prune_block(const T *keys, unsigned dim, int u, const int *ids, 
         if (i > 0 && sm->ck[i - 1] == k)
             continue; /* a repeated id: one id, one dot, one key */
         int id = (int)(unsigned)k;
-        float s = key_score(k);
+        float s = tk_score(k);
         const T *cr = keys + (size_t)id * dim;
         for (unsigned d = threadIdx.x; d < dim; d += blockDim.x)
             cf[d] = gf(cr[d]);
