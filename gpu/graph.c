@@ -249,22 +249,21 @@ static ra_status gb_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype, const 
     }
     if (!c->ops->graph_rows)
         return ra_gpu_fail(c, RA_ENOTSUP, "graph build: not in this backend");
-    ra_status s =
-        c->ops->graph_rows(c, mem, dtype, keys, n, queries, nq, dim, p, adj, occ, lists, st);
-    /* the host steps index by these ids: a backend fault must not become a wild access */
-    for (size_t i = 0; s == RA_OK && i < n * p->degree; i++)
-        if (adj[i] < -1 || adj[i] >= (int32_t)n)
-            s = ra_gpu_fail(c, RA_EINTERNAL, "graph build: the backend wrote id %d in row %zu",
-                            adj[i], i / p->degree);
-    return s;
+    return c->ops->graph_rows(c, mem, dtype, keys, n, queries, nq, dim, p, adj, occ, lists, st);
 }
 
-/* Steps 5-6 on the host. c may be NULL (another thread's: failures are logged only). */
+/* Steps 5-6 on the host, after a check of the backend's ids (these steps index by them:
+ * a device fault must not become a wild access). c may be NULL (another thread's: then
+ * failures are logged only). */
 static ra_status gb_finish(ra_gpu_cache *c, const int32_t *occ, size_t n, size_t nq,
                            const ra_gpu_graph_params *p, int32_t *adj, int32_t *entries,
                            unsigned *n_entries_out, ra_gpu_graph_stats *st)
 {
     double t1 = ra_now_s();
+    for (size_t i = 0; i < n * p->degree; i++)
+        if (adj[i] < -1 || adj[i] >= (int32_t)n)
+            return ra_gpu_fail(c, RA_EINTERNAL, "graph build: the backend wrote id %d in row %zu",
+                               adj[i], i / p->degree);
     ra_status s = pick_entries(c, occ, n, nq > 0, p->n_entries, p->seed, entries, n_entries_out);
     if (s == RA_OK)
         s = connect(c, adj, n, p->degree, entries, *n_entries_out, &st->forced_edges);
@@ -273,45 +272,7 @@ static ra_status gb_finish(ra_gpu_cache *c, const int32_t *occ, size_t n, size_t
     return s;
 }
 
-static void gb_log(size_t n, size_t nq, const char *backend, const ra_gpu_graph_stats *st)
-{
-    RA_DEBUG("gpu: graph of %zu keys from %zu queries (%s): knn %.3f, key->key %.3f, "
-             "projection %.3f, reverse %.3f, copies %.3f, entries+connectivity %.3f s "
-             "(%zu forced edges), total %.3f s",
-             n, nq, backend, st->knn_s, st->key_knn_s, st->project_s, st->reverse_s,
-             st->copy_s, st->connect_s, st->forced_edges, st->total_s);
-}
-
-ra_status ra_gpu_graph_build(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype, const void *keys,
-                             size_t n, const void *queries, size_t nq, unsigned dim,
-                             const ra_gpu_graph_params *pp, int32_t *adj, int32_t *entries,
-                             unsigned *n_entries_out, ra_gpu_graph_stats *stats)
-{
-    ra_gpu_graph_params p;
-    ra_status s = gb_check(c, mem, dtype, keys, n, queries, nq, dim, pp, adj, entries,
-                           n_entries_out, &p);
-    if (s != RA_OK)
-        return s;
-    ra_gpu_graph_stats st;
-    memset(&st, 0, sizeof st);
-    double t0 = ra_now_s();
-    int32_t *occ = calloc(n, sizeof *occ);
-    if (!occ)
-        return ra_gpu_fail(c, RA_ENOMEM, "graph build: %zu counts", n);
-    s = gb_rows(c, mem, dtype, keys, n, queries, nq, dim, &p, adj, occ, NULL, &st);
-    st.total_s = ra_now_s() - t0;
-    if (s == RA_OK)
-        s = gb_finish(c, occ, n, nq, &p, adj, entries, n_entries_out, &st);
-    free(occ);
-    if (s != RA_OK)
-        return s;
-    if (stats)
-        *stats = st;
-    gb_log(n, nq, c->ops->name, &st);
-    return RA_OK;
-}
-
-/* one head's host steps on a thread of their own */
+/* one head's host steps, on a thread of their own or the caller's */
 typedef struct gb_job {
     ra_gpu_graph_head *h;
     const ra_gpu_graph_params *p;
@@ -320,13 +281,24 @@ typedef struct gb_job {
     const char *backend;
 } gb_job;
 
+static ra_status gb_finish_head(ra_gpu_cache *c, gb_job *j)
+{
+    ra_gpu_graph_head *h = j->h;
+    const ra_gpu_graph_stats *st = &h->stats;
+    j->s = gb_finish(c, j->occ, h->n_keys, h->n_queries, j->p, h->adj, h->entries,
+                     &h->n_entries, &h->stats);
+    if (j->s == RA_OK)
+        RA_DEBUG("gpu: graph of %zu keys from %zu queries (%s): knn %.3f, key->key %.3f, "
+                 "projection %.3f, reverse %.3f, copies %.3f, entries+connectivity %.3f s "
+                 "(%zu forced edges), total %.3f s",
+                 h->n_keys, h->n_queries, j->backend, st->knn_s, st->key_knn_s, st->project_s,
+                 st->reverse_s, st->copy_s, st->connect_s, st->forced_edges, st->total_s);
+    return j->s;
+}
+
 static void *gb_finish_main(void *arg)
 {
-    gb_job *j = arg;
-    j->s = gb_finish(NULL, j->occ, j->h->n_keys, j->h->n_queries, j->p, j->h->adj,
-                     j->h->entries, &j->h->n_entries, &j->h->stats);
-    if (j->s == RA_OK)
-        gb_log(j->h->n_keys, j->h->n_queries, j->backend, &j->h->stats);
+    gb_finish_head(NULL, arg);
     return NULL;
 }
 
@@ -343,25 +315,22 @@ ra_status ra_gpu_graph_build_heads(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dty
     pthread_t th;
     int running = 0; /* job[(h - 1) & 1] is on th */
     ra_status s = RA_OK;
-    for (size_t h = 0; h <= n_heads && s == RA_OK; h++) {
-        gb_job *j = &job[h & 1];
+    for (size_t h = 0; h < n_heads; h++) {
+        ra_gpu_graph_head *hd = &heads[h];
         int32_t *occ = NULL;
-        if (h < n_heads) {
-            ra_gpu_graph_head *hd = &heads[h];
-            s = gb_check(c, mem, dtype, hd->keys, hd->n_keys, hd->queries, hd->n_queries, dim,
-                         pp, hd->adj, hd->entries, &hd->n_entries, &p[h & 1]);
-            if (s == RA_OK && !(occ = calloc(hd->n_keys, sizeof *occ)))
-                s = ra_gpu_fail(c, RA_ENOMEM, "graph build: %zu counts", hd->n_keys);
-            if (s == RA_OK) {
-                memset(&hd->stats, 0, sizeof hd->stats);
-                double t0 = ra_now_s();
-                s = gb_rows(c, mem, dtype, hd->keys, hd->n_keys, hd->queries, hd->n_queries,
-                            dim, &p[h & 1], hd->adj, occ, hd->lists, &hd->stats);
-                hd->stats.total_s = ra_now_s() - t0;
-            }
-            if (s != RA_OK) /* the message names the head (c->err is copied first) */
-                s = ra_gpu_fail(c, s, "graph build of head %zu: %s", h, c->err);
+        s = gb_check(c, mem, dtype, hd->keys, hd->n_keys, hd->queries, hd->n_queries, dim, pp,
+                     hd->adj, hd->entries, &hd->n_entries, &p[h & 1]);
+        if (s == RA_OK && !(occ = calloc(hd->n_keys, sizeof *occ)))
+            s = ra_gpu_fail(c, RA_ENOMEM, "graph build: %zu counts", hd->n_keys);
+        if (s == RA_OK) {
+            memset(&hd->stats, 0, sizeof hd->stats);
+            double t0 = ra_now_s();
+            s = gb_rows(c, mem, dtype, hd->keys, hd->n_keys, hd->queries, hd->n_queries, dim,
+                        &p[h & 1], hd->adj, occ, hd->lists, &hd->stats);
+            hd->stats.total_s = ra_now_s() - t0;
         }
+        if (s != RA_OK && n_heads > 1) /* the message names the head (c->err copied first) */
+            s = ra_gpu_fail(c, s, "graph build of head %zu: %s", h, c->err);
         if (running) { /* the previous head's host steps, overlapped with these rows */
             gb_job *pj = &job[(h - 1) & 1];
             pthread_join(th, NULL);
@@ -370,25 +339,49 @@ ra_status ra_gpu_graph_build_heads(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dty
             if (pj->s != RA_OK) /* the earlier head's failure is the one reported */
                 s = ra_gpu_fail(c, pj->s, "graph build of head %zu: entries or connectivity: %s",
                                 h - 1, ra_strerror(pj->s));
-            if (pj->s == RA_OK && n_done)
+            else if (n_done)
                 *n_done = h;
         }
-        if (s != RA_OK || h == n_heads) {
+        if (s != RA_OK) {
             free(occ);
             break;
         }
-        *j = (gb_job){.h = &heads[h], .p = &p[h & 1], .occ = occ, .backend = c->ops->name};
-        if (pthread_create(&th, NULL, gb_finish_main, j) == 0) {
+        gb_job *j = &job[h & 1];
+        *j = (gb_job){.h = hd, .p = &p[h & 1], .occ = occ, .backend = c->ops->name};
+        if (h + 1 < n_heads && pthread_create(&th, NULL, gb_finish_main, j) == 0) {
             running = 1;
-        } else { /* no thread: on this one */
-            gb_finish_main(j);
-            free(occ);
-            if (j->s != RA_OK)
-                s = ra_gpu_fail(c, j->s, "graph build of head %zu: entries or connectivity: %s",
-                                h, ra_strerror(j->s));
-            else if (n_done)
-                *n_done = h + 1;
+            continue;
         }
+        /* the last head (nothing to overlap with), or no thread: on this one */
+        s = gb_finish_head(c, j);
+        free(occ);
+        if (s != RA_OK && n_heads > 1)
+            s = ra_gpu_fail(c, s, "graph build of head %zu: %s", h, c->err);
+        else if (s == RA_OK && n_done)
+            *n_done = h + 1;
+        if (s != RA_OK)
+            break;
     }
     return s;
+}
+
+ra_status ra_gpu_graph_build(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype, const void *keys,
+                             size_t n, const void *queries, size_t nq, unsigned dim,
+                             const ra_gpu_graph_params *pp, int32_t *adj, int32_t *entries,
+                             unsigned *n_entries_out, ra_gpu_graph_stats *stats)
+{
+    /* a batch of one head; no place for the count is refused as a NULL output */
+    ra_gpu_graph_head hd = {.keys = keys,
+                            .n_keys = n,
+                            .queries = queries,
+                            .n_queries = nq,
+                            .adj = adj,
+                            .entries = n_entries_out ? entries : NULL};
+    ra_status s = ra_gpu_graph_build_heads(c, mem, dtype, dim, pp, &hd, 1, NULL);
+    if (s != RA_OK)
+        return s;
+    *n_entries_out = hd.n_entries;
+    if (stats)
+        *stats = hd.stats;
+    return RA_OK;
 }
