@@ -280,7 +280,8 @@ typedef struct ra_gpu_graph_head {
 /* The graphs of several heads (a layer's KV heads), each exactly as ra_gpu_graph_build
  * builds it, one after the other on the device, while the host steps of each head
  * (entries and connectivity, 30-45 ms of a ~180 ms head at 131K keys on CUDA) run on a
- * thread of their own beside the device steps of the next. Stops at the first failure
+ * thread of their own beside the device steps of the next (the last head's on the
+ * caller's thread). Stops at the first failure
  * and returns it, as ra_gpu_graph_build would, with the head's index in the message
  * (ra_gpu_cache_last_error); *n_done (may be NULL): the heads before it, whose outputs
  * are complete. */
