@@ -12,6 +12,8 @@
 #include <string.h>
 
 #include "cuda_internal.h"
+#include "cuda_mma_topk.h"
+#include "ra_env.h"
 #include "ra_log.h"
 
 #define GB_THREADS 128
@@ -68,17 +70,27 @@ __device__ __forceinline__ float gf(float x)
     return x;
 }
 
-/* one warp: dot of a shared fp32 row with a key row in global memory */
+/* one warp: the dots of a shared fp32 row with four key rows in global memory (lane l sums
+ * dims l, l + 32, ... in order, then a butterfly over the lanes: every dot is the same
+ * bits whichever rows share its call), the four rows' loads in flight together */
 template <typename T>
-__device__ __forceinline__ float warp_dot(const float *a, const T *b, unsigned dim)
+__device__ __forceinline__ void warp_dot4(const float *a, const T *const b[4], unsigned dim,
+                                          float out[4])
 {
-    float s = 0.0f;
-    for (unsigned d = threadIdx.x % 32; d < dim; d += 32)
-        s += a[d] * gf(b[d]);
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (unsigned d = threadIdx.x % 32; d < dim; d += 32) {
+        float x = a[d];
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-        s += __shfl_xor_sync(0xffffffffu, s, o);
-    return s;
+        for (int q = 0; q < 4; q++)
+            s[q] += x * gf(b[q][d]);
+    }
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+            s[q] += __shfl_xor_sync(0xffffffffu, s[q], o);
+        out[q] = s[q];
+    }
 }
 
 /* ascending bitonic sort of a[0..P) (P a power of two) by the whole block */
@@ -125,14 +137,16 @@ __device__ unsigned block_rank(bool f, unsigned *base, unsigned *wsum)
     return off + r;
 }
 
-/* Shared memory of the pruning; the kernels put key u's row (ur) and the candidate being
- * pruned (cf), dim floats each, after their own struct (vec_smem), so that a block holds
- * what its dim needs: ~29 KB at dim 128, 7 blocks of an SM. */
+/* Shared memory of the pruning; the kernels put key u's row (ur, dim floats) and the
+ * candidates being pruned (cf, a row of dim floats per warp) after their own struct
+ * (vec_smem), so that a block holds what its dim needs: ~31 KB at dim 128, 7 blocks of an
+ * SM. */
 struct prune_smem {
     unsigned long long ck[GB_CAND];
     int kept[RA_GPU_GRAPH_MAX_DEGREE];
     unsigned char drop[GB_CAND];
-    unsigned n_kept, flag;
+    unsigned n_kept;
+    unsigned char b_occ[GB_WARPS], b_pair[GB_WARPS]; /* a round's verdicts (prune_block) */
 };
 
 template <typename S> __device__ __forceinline__ float *vec_smem(S *sm)
@@ -143,12 +157,20 @@ template <typename S> __device__ __forceinline__ float *vec_smem(S *sm)
 
 template <typename S> static size_t smem_bytes(unsigned dim)
 {
-    return ((sizeof(S) + 15) & ~(size_t)15) + 2 * (size_t)dim * sizeof(float);
+    return ((sizeof(S) + 15) & ~(size_t)15) + (1 + GB_WARPS) * (size_t)dim * sizeof(float);
 }
 
 /* Scores ids[0..nc) (in shared memory; u and -1 skipped) against key u, sorts, prunes
  * into row (M slots, -1 padded): cpu_graph.c prune(). ur must hold u's row, cf has room
- * for dim floats. */
+ * for GB_WARPS rows of dim floats.
+ *
+ * The greedy occlusion rule looks at the candidates in order, each against what was kept
+ * before it. A round takes the next GB_WARPS candidates at once, a warp each: its
+ * candidate against every key kept before the round, and against the round's earlier
+ * candidates; thread 0 then settles the round in order (occluded by a kept key, or by an
+ * earlier candidate of the round that it keeps). The same dots, in the same order of
+ * summation, and the same verdicts as one candidate at a time, with two barriers a round
+ * instead of three a candidate. */
 template <typename T>
 __device__ void prune_block(const T *keys, unsigned dim, int u, const int *ids, unsigned nc,
                             unsigned M, prune_smem *sm, const float *ur, float *cf, int *row)
@@ -157,14 +179,21 @@ __device__ void prune_block(const T *keys, unsigned dim, int u, const int *ids, 
     unsigned P = 1;
     while (P < nc)
         P <<= 1;
-    for (unsigned i = w; i < P; i += GB_WARPS) {
-        unsigned long long k = ~0ull;
-        if (i < nc && ids[i] >= 0 && ids[i] != u) {
-            float s = warp_dot(ur, keys + (size_t)ids[i] * dim, dim);
-            k = tk_ckey(s, ids[i]); /* sorted ascending: best first */
+    for (unsigned i0 = 4 * w; i0 < P; i0 += 4 * GB_WARPS) { /* four a warp at a time */
+        const T *b4[4];
+        float d4[4];
+        bool ok[4];
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            unsigned i = i0 + q;
+            ok[q] = i < nc && ids[i] >= 0 && ids[i] != u;
+            b4[q] = keys + (size_t)(ok[q] ? ids[i] : u) * dim;
         }
-        if (lane == 0)
-            sm->ck[i] = k;
+        warp_dot4(ur, b4, dim, d4);
+#pragma unroll
+        for (int q = 0; q < 4; q++)
+            if (lane == 0 && i0 + q < P) /* sorted ascending: best first */
+                sm->ck[i0 + q] = ok[q] ? tk_ckey(d4[q], ids[i0 + q]) : ~0ull;
     }
     for (unsigned i = threadIdx.x; i < P; i += blockDim.x)
         sm->drop[i] = 2; /* not looked at */
@@ -172,34 +201,77 @@ __device__ void prune_block(const T *keys, unsigned dim, int u, const int *ids, 
         sm->n_kept = 0;
     __syncthreads();
     block_sort(sm->ck, P);
-    for (unsigned i = 0; i < P; i++) {
-        unsigned long long k = sm->ck[i];
-        if (k == ~0ull || sm->n_kept >= M)
+    float *cw = cf + (size_t)w * dim; /* this warp's candidate */
+    for (unsigned i = 0;;) {
+        /* the round: the next GB_WARPS distinct ids (every thread finds the same) */
+        unsigned bi[GB_WARPS], nb = 0;
+        while (nb < GB_WARPS && i < P) {
+            unsigned long long k = sm->ck[i];
+            if (k == ~0ull) {
+                i = P;
+                break;
+            }
+            if (i == 0 || sm->ck[i - 1] != k) /* a repeated id: one id, one dot, one key */
+                bi[nb++] = i;
+            i++;
+        }
+        const unsigned nk = sm->n_kept;
+        if (nb == 0 || nk >= M)
             break;
-        if (i > 0 && sm->ck[i - 1] == k)
-            continue; /* a repeated id: one id, one dot, one key */
-        int id = (int)(unsigned)k;
-        float s = tk_score(k);
-        const T *cr = keys + (size_t)id * dim;
-        for (unsigned d = threadIdx.x; d < dim; d += blockDim.x)
-            cf[d] = gf(cr[d]);
-        if (threadIdx.x == 0)
-            sm->flag = 0;
-        __syncthreads();
-        unsigned nk = sm->n_kept;
-        bool occl = false;
-        for (unsigned j = w; j < nk && !occl; j += GB_WARPS)
-            occl = warp_dot(cf, keys + (size_t)sm->kept[j] * dim, dim) > s;
-        if (occl && lane == 0)
-            sm->flag = 1;
+        if (w < nb) {
+            unsigned long long k = sm->ck[bi[w]];
+            float s = tk_score(k);
+            const T *cr = keys + (size_t)(unsigned)k * dim;
+            for (unsigned d = lane; d < dim; d += 32)
+                cw[d] = gf(cr[d]); /* read back by the same lanes (warp_dot) */
+            /* against the kept keys, then the round's earlier candidates, four rows at a
+             * time (a padding slot repeats a real row; its dot is not looked at) */
+            bool occl = false;
+            for (unsigned j0 = 0; j0 < nk && !occl; j0 += 4) {
+                const T *b4[4];
+                float d4[4];
+#pragma unroll
+                for (int q = 0; q < 4; q++)
+                    b4[q] = keys + (size_t)sm->kept[j0 + q < nk ? j0 + q : j0] * dim;
+                warp_dot4(cw, b4, dim, d4);
+#pragma unroll
+                for (int q = 0; q < 4; q++)
+                    occl |= j0 + q < nk && d4[q] > s;
+            }
+            unsigned pair = 0;
+            for (unsigned j0 = 0; j0 < w && !occl; j0 += 4) {
+                const T *b4[4];
+                float d4[4];
+#pragma unroll
+                for (int q = 0; q < 4; q++)
+                    b4[q] = keys + (size_t)(unsigned)sm->ck[bi[j0 + q < w ? j0 + q : j0]] * dim;
+                warp_dot4(cw, b4, dim, d4);
+#pragma unroll
+                for (int q = 0; q < 4; q++)
+                    if (j0 + q < w && d4[q] > s)
+                        pair |= 1u << (j0 + q);
+            }
+            if (lane == 0) {
+                sm->b_occ[w] = occl;
+                sm->b_pair[w] = (unsigned char)pair;
+            }
+        }
         __syncthreads();
         if (threadIdx.x == 0) {
-            sm->drop[i] = (unsigned char)sm->flag;
-            if (!sm->flag)
-                sm->kept[sm->n_kept++] = id;
+            unsigned kept_mask = 0;
+            for (unsigned b = 0; b < nb && sm->n_kept < M; b++) {
+                bool o = sm->b_occ[b] || (sm->b_pair[b] & kept_mask);
+                sm->drop[bi[b]] = (unsigned char)o;
+                if (!o) {
+                    sm->kept[sm->n_kept++] = (int)(unsigned)sm->ck[bi[b]];
+                    kept_mask |= 1u << b;
+                }
+            }
         }
         __syncthreads();
     }
+    /* every thread has read n_kept for the last time in the loop */
+    __syncthreads();
     if (threadIdx.x == 0) /* refill to M/2 with the best dropped, in order */
         for (unsigned i = 0; i < P && sm->n_kept < M / 2; i++)
             if (sm->drop[i] == 1)
@@ -433,7 +505,7 @@ static unsigned grid_of(size_t n)
 
 /* stream-ordered allocations of one build, freed together */
 struct gb_mem {
-    void *p[24];
+    void *p[48];
     int n;
     size_t bytes, peak;
 };
@@ -444,6 +516,8 @@ static ra_status gb_alloc(ra_gpu_cache *c, gb_mem *a, cudaStream_t stream, void 
     ra_status s = RA_OK;
     int committed = 0;
     void *p = NULL;
+    if (a->n == (int)(sizeof a->p / sizeof a->p[0]))
+        return ra_gpu_fail(c, RA_EINTERNAL, "CUDA graph build: more than %d allocations", a->n);
     CK(cudaMallocAsync(&p, bytes ? bytes : 16, stream));
     a->p[a->n++] = p;
     a->bytes += bytes;
@@ -516,18 +590,23 @@ static ra_status launch_typed(ra_gpu_cache *c, struct cuda_graph *g, ra_dtype t,
     }
 }
 
-/* exact top-k of rows [0, nrows) of `rows` among the n keys, tiles of tile_rows rows in
- * two buffers: the GEMM of a tile (stream s) runs while the top-k of the one before it
- * (stream s2) reads the other buffer; s waits for s2 at the end */
+/* exact top-k of rows [0, nrows) of `rows` among the n keys (key i at keys + i ldk
+ * elements), tiles of tile_floats / n rows in two buffers: the GEMM of a tile (stream s)
+ * runs while the top-k of the one before it (stream s2) reads the other buffer; s waits
+ * for s2 at the end. With thr, not the lists but the thresholds of mt_kth_kernel. */
 static ra_status tiled_lists(ra_gpu_cache *c, struct cuda_graph *g, ra_dtype t, const void *rows,
-                             size_t nrows, const void *keys, size_t n, unsigned dim, unsigned k,
-                             float *const tile[2], size_t tile_rows, int *ids, float *scores)
+                             size_t nrows, const void *keys, size_t n, size_t ldk, unsigned dim,
+                             unsigned k, float *const tile[2], size_t tile_floats, int *ids,
+                             float *scores, float *thr)
 {
     ra_status s = RA_OK;
     int committed = 0;
     size_t es = ra_dtype_size(t);
     const float one = 1.0f, zero = 0.0f;
-    size_t ti = 0;
+    size_t ti = 0, tile_rows = tile_floats / n;
+    if (tile_rows < 1)
+        return ra_gpu_fail(c, RA_EINTERNAL, "CUDA graph build: a tile of %zu floats, rows of %zu",
+                           tile_floats, n);
     for (size_t r0 = 0; r0 < nrows; r0 += tile_rows, ti++) {
         size_t nr = nrows - r0 < tile_rows ? nrows - r0 : tile_rows;
         int b = (int)(ti & 1);
@@ -535,17 +614,163 @@ static ra_status tiled_lists(ra_gpu_cache *c, struct cuda_graph *g, ra_dtype t, 
             CK(cudaStreamWaitEvent(g->s, g->tev[2 + b], 0));
         /* column-major S (n x nr) = K^T Q: row-major S[row][key], as cuda_knn */
         CKB(cublasGemmEx(g->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n, (int)nr, (int)dim, &one, keys,
-                         blas_type(t), (int)dim, (const char *)rows + r0 * dim * es, blas_type(t),
+                         blas_type(t), (int)ldk, (const char *)rows + r0 * dim * es, blas_type(t),
                          (int)dim, &zero, tile[b], CUDA_R_32F, (int)n, CUBLAS_COMPUTE_32F,
                          CUBLAS_GEMM_DEFAULT));
         CK(cudaEventRecord(g->tev[b], g->s));
         CK(cudaStreamWaitEvent(g->s2, g->tev[b], 0));
-        topk_kernel<<<(unsigned)nr, TOPK_THREADS, 0, g->s2>>>(tile[b], n, k, ids, scores, r0);
+        if (thr)
+            mt_kth_kernel<<<(unsigned)((nr + 7) / 8), 256, 0, g->s2>>>(tile[b], n, k, nr, thr + r0);
+        else
+            topk_kernel<<<(unsigned)nr, TOPK_THREADS, 0, g->s2>>>(tile[b], n, k, ids, scores, r0);
         CK(cudaGetLastError());
         CK(cudaEventRecord(g->tev[2 + b], g->s2));
     }
     CK(cudaEventRecord(g->tev[4], g->s2));
     CK(cudaStreamWaitEvent(g->s, g->tev[4], 0));
+    return RA_OK;
+fail:
+    return s;
+}
+
+/* cuda_mma_topk.h's path for this shape: 0 where it does not apply (fp32, a head dim
+ * other than 64 or 128, unaligned rows, few keys, k above 256 or RA_GPU_MMA_TOPK=0), else
+ * the sample's stride */
+static size_t mma_stride(ra_dtype t, unsigned dim, const void *rows, const void *keys, size_t n,
+                         unsigned k)
+{
+    static ra_env_once once;
+    if (!ra_env_int(&once, "RA_GPU_MMA_TOPK", 1))
+        return 0;
+    if ((t != RA_DTYPE_BF16 && t != RA_DTYPE_F16) || (dim != 64 && dim != 128) ||
+        ((uintptr_t)rows & 15) || ((uintptr_t)keys & 15))
+        return 0;
+    size_t stride = MT_CAP / (4 * (size_t)k); /* ~k n / (n / stride) = MT_CAP / 4 reach it */
+    if (stride < 2 || n < 2 * (size_t)MT_CAP)
+        return 0;
+    return stride;
+}
+
+template <int D, typename T>
+static ra_status mma_filter(ra_gpu_cache *c, struct cuda_graph *g, const void *rows, size_t nr,
+                            const void *keys, size_t n, const float *thr, unsigned *cnt,
+                            unsigned long long *cand)
+{
+    ra_status s = RA_OK;
+    int committed = 0;
+    const int sm = 3 * MT_BM * (D + MT_PAD) * (int)sizeof(T);
+    CK(cudaFuncSetAttribute(mt_filter_kernel<D, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                            sm));
+    mt_filter_kernel<D, T><<<(unsigned)((nr + MT_BM - 1) / MT_BM), MT_THREADS, sm, g->s>>>(
+        (const T *)rows, nr, (const T *)keys, n, thr, cnt, cand);
+    CK(cudaGetLastError());
+    return RA_OK;
+fail:
+    return s;
+}
+
+/* the exact top-k lists of rows among the n keys (ids and scores: nrows x k): by
+ * cuda_mma_topk.h where mma_stride allows, with its rows over MT_CAP candidates through
+ * tiled_lists; else tiled_lists. tile: the two score tiles, contiguous, of tile_floats
+ * each. */
+static ra_status top_lists(ra_gpu_cache *c, struct cuda_graph *g, gb_mem &mem_, ra_dtype t,
+                           const void *rows, size_t nrows, const void *keys, size_t n, unsigned dim,
+                           unsigned k, float *const tile[2], size_t tile_floats, int *ids,
+                           float *scores)
+{
+    ra_status s = RA_OK;
+    int committed = 0;
+    const size_t es = ra_dtype_size(t);
+    size_t stride = mma_stride(t, dim, rows, keys, n, k);
+    size_t chunk = 2 * tile_floats * sizeof(float) / (MT_CAP * sizeof(unsigned long long));
+    chunk -= chunk % MT_BM;
+    if (!stride || chunk < MT_BM)
+        return tiled_lists(c, g, t, rows, nrows, keys, n, dim, dim, k, tile, tile_floats, ids,
+                           scores, NULL);
+    /* RA_GPU_MMA_PROFILE=1: the phases' times on stderr (a study knob; it synchronises) */
+    static ra_env_once prof_once;
+    const int prof = ra_env_int(&prof_once, "RA_GPU_MMA_PROFILE", 0);
+    cudaEvent_t pe[2] = {NULL, NULL};
+    float ms_sample = 0, ms_filter = 0, ms_select = 0, ms_e;
+    auto lap = [&](float *acc) {
+        if (!prof)
+            return;
+        cudaEventRecord(pe[1], g->s);
+        cudaEventSynchronize(pe[1]);
+        cudaEventElapsedTime(&ms_e, pe[0], pe[1]);
+        *acc += ms_e;
+        cudaEventRecord(pe[0], g->s);
+    };
+    if (prof) {
+        cudaEventCreate(&pe[0]);
+        cudaEventCreate(&pe[1]);
+        cudaEventRecord(pe[0], g->s);
+    }
+    float *thr = NULL;
+    unsigned *cnt = NULL, *over = NULL, *n_over = NULL;
+    unsigned long long *cand = (unsigned long long *)tile[0];
+    unsigned h_over = 0;
+    ALLOC(thr, nrows * sizeof(float));
+    ALLOC(cnt, (chunk < nrows ? chunk : nrows) * sizeof(unsigned));
+    ALLOC(over, nrows * sizeof(unsigned));
+    ALLOC(n_over, sizeof(unsigned));
+    CK(cudaMemsetAsync(n_over, 0, sizeof(unsigned), g->s));
+    /* 1. thresholds: the top-k of each row among every stride-th key */
+    s = tiled_lists(c, g, t, rows, nrows, keys, (n + stride - 1) / stride, stride * dim, dim, k,
+                    tile, tile_floats, NULL, NULL, thr);
+    if (s != RA_OK)
+        return s;
+    lap(&ms_sample);
+    /* 2.-3. candidates of a chunk of rows in the tiles' memory, then their top-k */
+    for (size_t r0 = 0; r0 < nrows; r0 += chunk) {
+        size_t nr = nrows - r0 < chunk ? nrows - r0 : chunk;
+        const void *rr = (const char *)rows + r0 * dim * es;
+        if (t == RA_DTYPE_BF16)
+            s = dim == 64
+                    ? mma_filter<64, __nv_bfloat16>(c, g, rr, nr, keys, n, thr + r0, cnt, cand)
+                    : mma_filter<128, __nv_bfloat16>(c, g, rr, nr, keys, n, thr + r0, cnt, cand);
+        else
+            s = dim == 64 ? mma_filter<64, __half>(c, g, rr, nr, keys, n, thr + r0, cnt, cand)
+                          : mma_filter<128, __half>(c, g, rr, nr, keys, n, thr + r0, cnt, cand);
+        if (s != RA_OK)
+            return s;
+        lap(&ms_filter);
+        mt_select_kernel<<<(unsigned)nr, MT_SEL_THREADS, 0, g->s>>>(cnt, cand, k, ids, scores, r0,
+                                                                    n_over, over);
+        CK(cudaGetLastError());
+        lap(&ms_select);
+    }
+    /* 4. the rows it could not answer (ties beyond MT_CAP, non-finite scores): exactly */
+    CK(cudaMemcpyAsync(&h_over, n_over, sizeof h_over, cudaMemcpyDeviceToHost, g->s));
+    CK(cudaStreamSynchronize(g->s));
+    if (h_over) {
+        unsigned char *gr = NULL;
+        int *tid = NULL;
+        float *tsc = NULL;
+        ALLOC(gr, (size_t)h_over * dim * es);
+        ALLOC(tid, (size_t)h_over * k * sizeof(int));
+        ALLOC(tsc, (size_t)h_over * k * sizeof(float));
+        mt_gather_kernel<<<grid_of((size_t)h_over * dim * es), 256, 0, g->s>>>(
+            (const unsigned char *)rows, over, h_over, dim * es, gr);
+        CK(cudaGetLastError());
+        s = tiled_lists(c, g, t, gr, h_over, keys, n, dim, dim, k, tile, tile_floats, tid, tsc,
+                        NULL);
+        if (s != RA_OK)
+            return s;
+        mt_scatter_kernel<<<grid_of((size_t)h_over * k), 256, 0, g->s>>>(tid, tsc, over, h_over, k,
+                                                                         ids, scores);
+        CK(cudaGetLastError());
+    }
+    if (prof) {
+        float ms_over = 0;
+        lap(&ms_over);
+        fprintf(stderr,
+                "mma top-k: %zu rows x %zu keys, k %u, sample 1/%zu: sample %.2f ms, filter "
+                "%.2f ms, select %.2f ms, %u rows exact in %.2f ms\n",
+                nrows, n, k, stride, ms_sample, ms_filter, ms_select, h_over, ms_over);
+        cudaEventDestroy(pe[0]);
+        cudaEventDestroy(pe[1]);
+    }
     return RA_OK;
 fail:
     return s;
@@ -624,8 +849,8 @@ ra_status ra_gpu_cuda_graph_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype t, co
             tile_rows = 1;
         if (tile_rows > most)
             tile_rows = most;
-        ALLOC(tile[0], tile_rows * n * sizeof(float));
-        ALLOC(tile[1], tile_rows * n * sizeof(float));
+        ALLOC(tile[0], 2 * tile_rows * n * sizeof(float)); /* one block: top_lists() uses both */
+        tile[1] = tile[0] + tile_rows * n;
         size_t lmax = nocc > n * (L + 1) ? nocc : n * (L + 1);
         ALLOC(lsc, lmax * sizeof(float)); /* the top-k kernel's scores (not used) */
         ALLOC(cnt, (n + 1) * sizeof(int));
@@ -650,7 +875,7 @@ ra_status ra_gpu_cuda_graph_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype t, co
         /* 1. query->key lists and the occurrences of each key, by a stable sort on key */
         if (nq) {
             ALLOC(ql, nocc * sizeof(int));
-            s = tiled_lists(c, g, t, dq, nq, dk, n, dim, K, tile, tile_rows, ql, lsc);
+            s = top_lists(c, g, mem_, t, dq, nq, dk, n, dim, K, tile, tile_rows * n, ql, lsc);
             if (s != RA_OK)
                 goto fail;
             ALLOC(iota, nocc * sizeof(unsigned));
@@ -674,7 +899,7 @@ ra_status ra_gpu_cuda_graph_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype t, co
         CK(cudaEventRecord(g->ev[1], g->s));
         /* 2. key->key lists (L + 1: the key itself is dropped in the projection) */
         ALLOC(kk, n * (L + 1) * sizeof(int));
-        s = tiled_lists(c, g, t, dk, n, dk, n, dim, L + 1, tile, tile_rows, kk, lsc);
+        s = top_lists(c, g, mem_, t, dk, n, dk, n, dim, L + 1, tile, tile_rows * n, kk, lsc);
         if (s != RA_OK)
             goto fail;
         CK(cudaEventRecord(g->ev[2], g->s));
