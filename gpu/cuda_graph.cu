@@ -633,14 +633,17 @@ fail:
     return s;
 }
 
-/* cuda_mma_topk.h's path for this shape: 0 where it does not apply (fp32, a head dim
- * other than 64 or 128, unaligned rows, few keys, k above 256 or RA_GPU_MMA_TOPK=0), else
- * the sample's stride */
-static size_t mma_stride(ra_dtype t, unsigned dim, const void *rows, const void *keys, size_t n,
-                         unsigned k)
+/* cuda_mma_topk.h's path for this shape: 0 where it does not apply (a device before
+ * sm_80, fp32, a head dim other than 64 or 128, unaligned rows, few keys, k above 256 or
+ * RA_GPU_MMA_TOPK=0), else the sample's stride */
+static size_t mma_stride(int device, ra_dtype t, unsigned dim, const void *rows,
+                         const void *keys, size_t n, unsigned k)
 {
     static ra_env_once once;
-    if (!ra_env_int(&once, "RA_GPU_MMA_TOPK", 1))
+    int major = 0;
+    if (!ra_env_int(&once, "RA_GPU_MMA_TOPK", 1) ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+        major < 8) /* bf16 MMA and cp.async: sm_80 */
         return 0;
     if ((t != RA_DTYPE_BF16 && t != RA_DTYPE_F16) || (dim != 64 && dim != 128) ||
         ((uintptr_t)rows & 15) || ((uintptr_t)keys & 15))
@@ -681,7 +684,7 @@ static ra_status top_lists(ra_gpu_cache *c, struct cuda_graph *g, gb_mem &mem_, 
     ra_status s = RA_OK;
     int committed = 0;
     const size_t es = ra_dtype_size(t);
-    size_t stride = mma_stride(t, dim, rows, keys, n, k);
+    size_t stride = mma_stride(IMPL(c)->device, t, dim, rows, keys, n, k);
     size_t chunk = 2 * tile_floats * sizeof(float) / (MT_CAP * sizeof(unsigned long long));
     chunk -= chunk % MT_BM;
     if (!stride || chunk < MT_BM)

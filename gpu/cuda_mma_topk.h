@@ -32,23 +32,40 @@
 #define MT_PAD 8       /* elements of padding per shared row: conflict-free ldmatrix */
 #define MT_SEL_THREADS 256
 
+/* MMA bf16, cp.async and warp reductions need sm_80: older architectures the build also
+ * compiles for (RA_CUDA_ARCHS) get bodies that trap, and the host never takes this path
+ * on such a device (mma_stride in cuda_graph.cu) */
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define MT_OLD_ARCH 1
+#else
+#define MT_OLD_ARCH 0
+#endif
+
 template <typename T> struct mt_mma;
 template <> struct mt_mma<__nv_bfloat16> {
     static __device__ __forceinline__ void run(float *c, const unsigned *a, const unsigned *b)
     {
+#if MT_OLD_ARCH
+        __trap();
+#else
         asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
                      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
     }
 };
 template <> struct mt_mma<__half> {
     static __device__ __forceinline__ void run(float *c, const unsigned *a, const unsigned *b)
     {
+#if MT_OLD_ARCH
+        __trap();
+#else
         asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
                      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
     }
 };
 
@@ -63,17 +80,25 @@ static __device__ __forceinline__ void mt_ldsm4(unsigned *r, const void *p)
 /* 16 bytes global -> shared, zero-filled when !valid */
 static __device__ __forceinline__ void mt_cp16(void *dst, const void *src, bool valid)
 {
+#if MT_OLD_ARCH
+    __trap();
+#else
     unsigned a = (unsigned)__cvta_generic_to_shared(dst);
     int sz = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(src), "r"(sz));
+#endif
 }
 static __device__ __forceinline__ void mt_commit()
 {
+#if !MT_OLD_ARCH
     asm volatile("cp.async.commit_group;\n" ::);
+#endif
 }
 template <int N> static __device__ __forceinline__ void mt_wait()
 {
+#if !MT_OLD_ARCH
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
 }
 
 /* rows x D elements (row-major, D contiguous) into shared rows of D + MT_PAD */
@@ -293,10 +318,18 @@ static __global__ void __launch_bounds__(256)
 #pragma unroll
         for (int j = 0; j < MT_LANE_TOP; j++)
             n_ge += key[j] >= c;
+#if MT_OLD_ARCH
+        __trap();
+#else
         if (__reduce_add_sync(0xffffffffu, n_ge) >= k)
             prefix = c;
+#endif
     }
+#if MT_OLD_ARCH
+    const float kth = 0.0f, best = 0.0f;
+#else
     const float kth = mt_unkey(prefix), best = mt_unkey(__reduce_max_sync(0xffffffffu, key[0]));
+#endif
     if (lane == 0)
         thr[r] = isfinite(kth) && isfinite(best) ? kth - 0x1p-12f * (fabsf(kth) + fabsf(best))
                                                  : -INFINITY;

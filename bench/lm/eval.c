@@ -1406,12 +1406,14 @@ out:
 
 /* The graph of every KV head of one layer built on the GPU (ra_gpu_graph_build_heads, on a
  * stream of its own: the decoder's stream keeps running) from the staged keys and the
- * training queries of the query heads sharing each, attached to the Offload as GRAPH_ADJ.
- * A failed build leaves the batch without a graph (ratd then builds its own) unless the
- * device is broken. */
+ * training queries of the query heads sharing each, attached to the Offload as GRAPH_ADJ,
+ * with the build's exact query->key lists as train_knn (more than K keys: ratd then scans
+ * nothing for the graph's routing and calibration). A failed build leaves the batch
+ * without a graph (ratd then builds its own) unless the device is broken. */
 static ra_status gpu_graphs(run *R, const ra_gpu_staged *sv, ra_kv_batch *b, unsigned long seed)
 {
-    const unsigned M = 48; /* the session's graph_degree (ratd's default) */
+    const unsigned M = 48;  /* the session's graph_degree (ratd's default) */
+    const unsigned K = 100; /* the build's query->key lists (its default) */
     unsigned nh = (unsigned)b->n_q_heads, hd = sv->head_dim, G = sv->n_kv_heads, grp = nh / G;
     size_t nq = b->n_queries, n = sv->n_tokens, qn = grp * nq;
     if (nq == 0 || n < 2 || G > 1024)
@@ -1420,9 +1422,11 @@ static ra_status gpu_graphs(run *R, const ra_gpu_staged *sv, ra_kv_batch *b, uns
     ra_gpu_graph_head *heads = calloc(G, sizeof *heads);
     R->graph_adj = malloc((size_t)G * n * M * sizeof(int32_t));
     R->graph_ent = malloc((size_t)G * 16 * sizeof(int32_t));
+    int lists = n > K; /* the lists' row is its query head's [nq][K], as train_knn */
+    R->knn_lists = lists ? malloc((size_t)G * qn * K * sizeof(int32_t)) : NULL;
     ra_status s = RA_ENOMEM;
     unsigned ne = 0;
-    if (!q16 || !heads || !R->graph_adj || !R->graph_ent)
+    if (!q16 || !heads || !R->graph_adj || !R->graph_ent || (lists && !R->knn_lists))
         goto out;
     double t0 = now_s();
     for (unsigned g = 0; g < G; g++) {
@@ -1436,11 +1440,13 @@ static ra_status gpu_graphs(run *R, const ra_gpu_staged *sv, ra_kv_batch *b, uns
             .queries = o,
             .n_queries = qn,
             .adj = R->graph_adj + (size_t)g * n * M,
-            .entries = R->graph_ent + g * 16};
+            .entries = R->graph_ent + g * 16,
+            .lists = lists ? R->knn_lists + (size_t)g * qn * K : NULL};
     }
     ra_gpu_graph_params p;
     ra_gpu_graph_params_init(&p);
     p.degree = M;
+    p.knn = K;
     p.seed = seed;
     s = ra_gpu_graph_build_heads(R->gc, RA_GPU_MEM_HOST, sv->dtype, hd, &p, heads, G, NULL);
     ne = heads[0].n_entries;
@@ -1459,6 +1465,10 @@ static ra_status gpu_graphs(run *R, const ra_gpu_staged *sv, ra_kv_batch *b, uns
     b->graph_degree = (int)M;
     b->graph_entries = R->graph_ent;
     b->graph_n_entries = (int)ne;
+    if (lists) {
+        b->train_knn = R->knn_lists;
+        b->train_knn_k = (int)K;
+    }
     R->graph_layers++;
     ra_gpu_host_free(q16);
     free(heads);
@@ -1469,6 +1479,8 @@ out:
     free(R->graph_adj);
     free(R->graph_ent);
     R->graph_adj = R->graph_ent = NULL;
+    free(R->knn_lists);
+    R->knn_lists = NULL;
     return s;
 }
 
