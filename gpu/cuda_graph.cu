@@ -93,26 +93,6 @@ __device__ __forceinline__ void warp_dot4(const float *a, const T *const b[4], u
     }
 }
 
-/* ascending bitonic sort of a[0..P) (P a power of two) by the whole block */
-template <typename K> __device__ void block_sort(K *a, unsigned P)
-{
-    for (unsigned size = 2; size <= P; size <<= 1)
-        for (unsigned stride = size >> 1; stride > 0; stride >>= 1) {
-            for (unsigned i = threadIdx.x; i < P; i += blockDim.x) {
-                unsigned j = i ^ stride;
-                if (j > i) {
-                    bool up = (i & size) == 0;
-                    K x = a[i], y = a[j];
-                    if ((x > y) == up) {
-                        a[i] = y;
-                        a[j] = x;
-                    }
-                }
-            }
-            __syncthreads();
-        }
-}
-
 /* ordered compaction, one chunk of blockDim.x flags: returns the exclusive rank of this
  * thread's flag among the chunk's set flags plus *base, and advances *base (shared) by
  * the chunk's count. Every thread of the block calls it. */

@@ -143,6 +143,27 @@ static __device__ __forceinline__ float tk_score(unsigned long long c)
     return __uint_as_float(u);
 }
 
+/* ascending bitonic sort of a[0..P) (P a power of two) by the whole block; a barrier
+ * after each stage (the caller's before the first) */
+template <typename K> static __device__ void block_sort(K *a, unsigned P)
+{
+    for (unsigned size = 2; size <= P; size <<= 1)
+        for (unsigned stride = size >> 1; stride > 0; stride >>= 1) {
+            for (unsigned i = threadIdx.x; i < P; i += blockDim.x) {
+                unsigned j = i ^ stride;
+                if (j > i) {
+                    bool up = (i & size) == 0;
+                    K x = a[i], y = a[j];
+                    if ((x > y) == up) {
+                        a[i] = y;
+                        a[j] = x;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+}
+
 /* Radix select over v[0..m) (global or shared memory), 4 passes of 8 bits with a
  * warp-aggregated histogram: the key of the kk-th largest and how many equal to it are
  * among the kk (*eq_take). Every thread of the block calls it. */
@@ -324,21 +345,7 @@ static __global__ void __launch_bounds__(TOPK_THREADS)
     for (unsigned i = cnt + threadIdx.x; i < P; i += blockDim.x)
         buf[i] = ~0ull;
     __syncthreads();
-    for (unsigned size = 2; size <= P; size <<= 1) /* ascending bitonic sort */
-        for (unsigned stride = size >> 1; stride > 0; stride >>= 1) {
-            for (unsigned i = threadIdx.x; i < P; i += blockDim.x) {
-                unsigned j = i ^ stride;
-                if (j > i) {
-                    bool up = (i & size) == 0;
-                    unsigned long long x = buf[i], y = buf[j];
-                    if ((x > y) == up) {
-                        buf[i] = y;
-                        buf[j] = x;
-                    }
-                }
-            }
-            __syncthreads();
-        }
+    block_sort(buf, P);
     size_t out = (row0 + blockIdx.x) * k;
     for (unsigned i = threadIdx.x; i < k; i += blockDim.x) {
         unsigned long long c = buf[i];

@@ -243,21 +243,7 @@ static __global__ void __launch_bounds__(MT_SEL_THREADS)
     for (unsigned i = threadIdx.x; i < P; i += blockDim.x)
         buf[i] = i < c ? src[i] : ~0ull;
     __syncthreads();
-    for (unsigned size = 2; size <= P; size <<= 1) /* ascending bitonic sort */
-        for (unsigned stride = size >> 1; stride > 0; stride >>= 1) {
-            for (unsigned i = threadIdx.x; i < P; i += blockDim.x) {
-                unsigned j = i ^ stride;
-                if (j > i) {
-                    bool up = (i & size) == 0;
-                    unsigned long long x = buf[i], y = buf[j];
-                    if ((x > y) == up) {
-                        buf[i] = y;
-                        buf[j] = x;
-                    }
-                }
-            }
-            __syncthreads();
-        }
+    block_sort(buf, P);
     size_t out = (row0 + r) * k;
     for (unsigned i = threadIdx.x; i < k; i += blockDim.x) {
         ids_out[out + i] = (int32_t)(unsigned)buf[i];
