@@ -613,18 +613,34 @@ fail:
     return s;
 }
 
-/* cuda_mma_topk.h's path for this shape: 0 where it does not apply (a device before
- * sm_80, fp32, a head dim other than 64 or 128, unaligned rows, few keys, k above 256 or
- * RA_GPU_MMA_TOPK=0), else the sample's stride */
+/* cuda_mma_topk.h's path for this shape: 0 where it does not apply (code for an
+ * architecture before sm_80, too little shared memory a block, fp32, a head dim other than
+ * 64 or 128, unaligned rows, few keys, k above 256 or RA_GPU_MMA_TOPK=0), else the
+ * sample's stride */
 static size_t mma_stride(int device, ra_dtype t, unsigned dim, const void *rows,
                          const void *keys, size_t n, unsigned k)
 {
     static ra_env_once once;
-    int major = 0;
-    if (!ra_env_int(&once, "RA_GPU_MMA_TOPK", 1) ||
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-        major < 8) /* bf16 MMA and cp.async: sm_80 */
+    if (!ra_env_int(&once, "RA_GPU_MMA_TOPK", 1))
         return 0;
+    /* the code this device runs must come from sm_80 or later (bf16 MMA, cp.async): an
+     * sm_86 GPU under the default RA_CUDA_ARCHS "90;75" runs the compute_75 PTX, whose
+     * bodies trap (MT_OLD_ARCH) */
+    cudaFuncAttributes fa;
+    if (cudaFuncGetAttributes(&fa, mt_kth_kernel) != cudaSuccess || fa.ptxVersion < 80 ||
+        fa.binaryVersion < 80) {
+        cudaGetLastError();
+        return 0;
+    }
+    /* and the filter's three stages must fit a block's shared memory (dim 128: 102 KB,
+     * more than sm_86/89 allow) */
+    int optin = 0;
+    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+            cudaSuccess ||
+        (size_t)optin < 3 * (size_t)MT_BM * (dim + MT_PAD) * 2 + MT_BM * sizeof(unsigned)) {
+        cudaGetLastError();
+        return 0;
+    }
     if ((t != RA_DTYPE_BF16 && t != RA_DTYPE_F16) || (dim != 64 && dim != 128) ||
         ((uintptr_t)rows & 15) || ((uintptr_t)keys & 15))
         return 0;

@@ -4,19 +4,22 @@
  *
  * 1. A threshold per row: about the k-th best score of the row among a sample of the keys
  *    (every stride-th key, stride = MT_CAP / 4k, so that ~MT_CAP / 4 scores of a row
- *    reach it), by the tiled GEMM over the sample and mt_kth_kernel, lowered by a margin
- *    of 2^-12 of the sample's best and k-th magnitudes (the two GEMMs sum in a different
- *    order). It is the k-th best of k distinct scores of the row or lower, never above
- *    the row's k-th best, so every top-k score of the row reaches it.
+ *    reach it), by the tiled GEMM over the sample and mt_kth_kernel: the k-th best of k
+ *    distinct scores of the row, so not above the row's k-th best, lowered by a margin of
+ *    2^-12 of the sample's best and k-th magnitudes because the two GEMMs sum in different
+ *    orders. The margin is not a proven bound on that difference; what makes the answer
+ *    exact is step 3: a threshold that ends up above the row's k-th MMA score leaves
+ *    fewer than k candidates, and the row goes to the exact path.
  * 2. mt_filter_kernel: a block of 256 threads takes 128 rows and walks all keys 128 at a
  *    time (cp.async double buffer), scores 128 x 128 tiles with bf16/f16 tensor-core MMA
  *    (m16n8k16, fp32 accumulation) and appends every score that reaches its row's
  *    threshold to the row's candidate list (at most MT_CAP) in global memory.
  * 3. mt_select_kernel: a block per row sorts the candidates by (score desc, id asc) and
- *    writes the first k. A row with more than MT_CAP candidates (ties: equal keys) or
- *    fewer than k (non-finite scores) goes to a list the host then runs through the exact
+ *    writes the first k. A row with more than MT_CAP candidates (ties: equal keys; an
+ *    infinite score) or fewer than k goes to a list the host then runs through the exact
  *    tiled path, so every row's answer is the exact top-k of its MMA scores or the
- *    reference's own.
+ *    reference's own. (Rows with NaN scores differ: NaN is never a candidate here, while
+ *    topk_kernel ranks +NaN first; ratd refuses NaN keys at Offload, gpu/ does not look.)
  * Included by cuda_graph.cu only (static kernels: one copy per .cu file). */
 #ifndef RA_CUDA_MMA_TOPK_H
 #define RA_CUDA_MMA_TOPK_H
@@ -26,7 +29,7 @@
 #include <stdint.h>
 
 #define MT_BM 128      /* rows of a block */
-#define MT_BN 128      /* keys of a stage */
+#define MT_BN MT_BM    /* keys of a stage (mt_stage stages both with MT_BM rows) */
 #define MT_THREADS 256 /* 8 warps: 2 (rows, 64 each) x 4 (keys, 32 each) */
 #define MT_CAP 2048    /* candidates of a row */
 #define MT_PAD 8       /* elements of padding per shared row: conflict-free ldmatrix */
@@ -255,8 +258,9 @@ static __global__ void __launch_bounds__(MT_SEL_THREADS)
  * the union of each lane's best MT_LANE_TOP scores (k distinct scores of the row reach it,
  * so it is never above the row's k-th largest; it is the sample's own k-th largest unless
  * a lane held more than MT_LANE_TOP of those), lowered by the margin. One read of the
- * row, no block barrier. A non-finite result (NaN scores, or fewer than k finite ones):
- * -inf, so that every score of the row is a candidate and the row goes to the exact path. */
+ * row, no block barrier. NaN scores are skipped. A non-finite result (an infinite score,
+ * or fewer than k finite ones): -inf, so that every score of the row is a candidate and
+ * the row goes to the exact path. */
 #define MT_LANE_TOP 8
 static __device__ __forceinline__ float mt_unkey(unsigned k) /* fkey's inverse */
 {
