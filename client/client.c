@@ -1059,6 +1059,7 @@ static ra_status unpack_attend(ra_client *c, pending *p, ra_reply *r, ra_attend_
     }
     out->server_us = v->hdr->server_us;
     out->work_us = v->hdr->work_us;
+    out->task_max_us = v->hdr->task_max_us;
     return RA_OK;
 }
 

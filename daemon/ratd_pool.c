@@ -123,7 +123,11 @@ static void work_run(ratd_work *w, int worker)
             return;
         uint64_t t0 = now_ns();
         w->fn(w, (int)i, worker);
-        __atomic_add_fetch(&w->work_ns, now_ns() - t0, __ATOMIC_RELAXED);
+        uint64_t d = now_ns() - t0, m = __atomic_load_n(&w->task_max_ns, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&w->work_ns, d, __ATOMIC_RELAXED);
+        while (d > m && !__atomic_compare_exchange_n(&w->task_max_ns, &m, d, 1, __ATOMIC_RELAXED,
+                                                     __ATOMIC_RELAXED))
+            ; /* m reloaded: another task's maximum */
         if (__atomic_sub_fetch(&w->left, 1, __ATOMIC_ACQ_REL) == 0) {
             w->done(w, worker); /* w may be reused from here on */
             return;

@@ -28,13 +28,14 @@ typedef void (*ratd_work_task_fn)(ratd_work *w, int task, int worker);
 typedef void (*ratd_work_done_fn)(ratd_work *w, int worker);
 
 /* Embed in the submitter's job. fn and done are the submitter's; the rest is the
- * pool's, except work_ns, which the submitter zeroes and reads after done. */
+ * pool's, except work_ns and task_max_ns, which the submitter zeroes and reads after done. */
 struct ratd_work {
     ratd_work_task_fn fn;
     ratd_work_done_fn done; /* runs once, on the worker that finished the last task */
     uint64_t claim;         /* atomic: (n_tasks << 32) | next task */
     int left;               /* atomic: tasks not yet finished */
     uint64_t work_ns;       /* atomic: sum of the tasks' wall times */
+    uint64_t task_max_ns;   /* atomic: the longest task's wall time */
 };
 
 /* numa_node < 0 and cpuset NULL/"" : no binding. n_workers 0: one per CPU of the set.

@@ -261,6 +261,7 @@ static ratd_job *job_get(ratd_server *s)
     j->work.fn = NULL;
     j->work.done = job_work_done;
     __atomic_store_n(&j->work.work_ns, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&j->work.task_max_ns, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&j->frames, 1, __ATOMIC_RELAXED);
     return j;
 }
@@ -349,8 +350,10 @@ static void reply(ratd_server *s, ratd_job *j, Ratd__Header *rep, ra_status st,
     }
     double us = (ra_now_s() - j->t_arrive) * 1e6;
     uint64_t work_us = __atomic_load_n(&j->work.work_ns, __ATOMIC_RELAXED) / 1000;
+    uint64_t task_max_us = __atomic_load_n(&j->work.task_max_ns, __ATOMIC_RELAXED) / 1000;
     rep->server_us = us < 4e9 ? (uint32_t)us : UINT32_MAX;
     rep->work_us = work_us < UINT32_MAX ? (uint32_t)work_us : UINT32_MAX;
+    rep->task_max_us = task_max_us < UINT32_MAX ? (uint32_t)task_max_us : UINT32_MAX;
     __atomic_add_fetch(&j->frames, lent, __ATOMIC_RELAXED); /* released by the frames */
     /* never wait: a client that does not read must not hold the loop */
     if (ra_proto_send_lend_flags(s->sock, &j->msg.frames[0], j->delim, rep, parts, n_parts,

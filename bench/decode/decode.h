@@ -186,12 +186,12 @@ int dec_daemon_stop(dec_daemon *dm);
 const char *dec_batch_mode(void);
 
 /* One layer's Attend for n sessions: q [n][H][D] contiguous, out arrays with a leading
- * [n] dimension. server_us / work_us (may be NULL) get the daemon's figures summed over
- * the requests made, or stay untouched when the client does not report them (returns
- * with *have_server = 0). */
+ * [n] dimension. server_us / work_us / task_max_us (may be NULL) get the daemon's figures
+ * summed over the requests made, or stay untouched when the client does not report them
+ * (returns with *have_server = 0). */
 ra_status dec_attend_layer(ra_client *c, const uint64_t *sessions, int n, int layer,
                            const ra_attend_req *r, const ra_attend_out *out, int *have_server,
-                           double *server_us, double *work_us);
+                           double *server_us, double *work_us, double *task_max_us);
 
 /* Bytes a session holds on the daemon, when ra_session_stats reports them (1), else 0. */
 int dec_session_bytes(const ra_session_stats *st, uint64_t *bytes);
@@ -214,7 +214,7 @@ typedef struct dec_run {
     const char *gpu_backend;  /* --gpu-build: "cuda" or "cpu" */
     double offload_bytes;
     int index_ready;
-    dec_series attend_us, token_us, rtt_us, append_us, server_us, work_us;
+    dec_series attend_us, token_us, rtt_us, append_us, server_us, work_us, task_max_us;
     int have_server;
     uint64_t appended;
     dec_fid fid;
@@ -226,7 +226,7 @@ typedef struct dec_run {
      * the main pass left them (appends done, no more appended) */
     struct dec_sweep {
         int effort;
-        double attend_p50, attend_p90, attend_p99, work_p50, server_p50;
+        double attend_p50, attend_p90, attend_p99, work_p50, server_p50, task_max_p50;
         double recall_mean, recall_p10, mass_mean;
     } sweep[16];
     int n_sweep;

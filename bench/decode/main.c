@@ -457,6 +457,8 @@ static void print_json(const dec_cfg *c, const dec_run *r)
     dec_json_num(&j, "append_us_max", dec_series_max(&r->append_us));
     dec_json_num(&j, "server_us_p50", r->have_server ? dec_series_pct(&r->server_us, 50) : NAN);
     dec_json_num(&j, "work_us_p50", r->have_server ? dec_series_pct(&r->work_us, 50) : NAN);
+    dec_json_num(&j, "task_max_us_p50",
+                 r->have_server ? dec_series_pct(&r->task_max_us, 50) : NAN);
     dec_json_int(&j, "fid_steps", r->fid_steps);
     dec_json_int(&j, "fid_heads", (long long)f->recall.n);
     dec_json_num(&j, "recall_mean", dec_series_mean(&f->recall));
@@ -483,6 +485,7 @@ static void print_json(const dec_cfg *c, const dec_run *r)
                  {"attend_us_p99", w->attend_p99},
                  {"work_us_p50", w->work_p50},
                  {"server_us_p50", w->server_p50},
+                 {"task_max_us_p50", w->task_max_p50},
                  {"recall_mean", w->recall_mean},
                  {"recall_p10", w->recall_p10},
                  {"mass_mean", w->mass_mean}};
@@ -523,8 +526,9 @@ static void print_table(const dec_cfg *c, const dec_run *r)
                dec_series_pct(&r->append_us, 99), dec_series_max(&r->append_us), r->append_us.n);
     }
     if (r->have_server)
-        printf("%-34s %12.1f / %.1f\n", "daemon wall / work per layer, us",
-               dec_series_pct(&r->server_us, 50), dec_series_pct(&r->work_us, 50));
+        printf("%-34s %12.1f / %.1f / %.1f\n", "daemon wall / work / longest task, us",
+               dec_series_pct(&r->server_us, 50), dec_series_pct(&r->work_us, 50),
+               dec_series_pct(&r->task_max_us, 50));
     printf("\ntoken over %d layers (p50 per layer x %d): %.2f ms\n", c->model_layers,
            c->model_layers, dec_series_pct(&r->attend_us, 50) * c->model_layers / 1000.0);
     printf("generate %.2f s, offload %.2f s (%.0f MiB), build ", r->gen_s, r->offload_s,

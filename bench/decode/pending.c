@@ -9,18 +9,21 @@ const char *dec_batch_mode(void)
     return "batched";
 }
 
-static void add_server(const ra_attend_out *o, int *have, double *server_us, double *work_us)
+static void add_server(const ra_attend_out *o, int *have, double *server_us, double *work_us,
+                       double *task_max_us)
 {
     *have = 1;
     if (server_us)
         *server_us += o->server_us;
     if (work_us)
         *work_us += o->work_us;
+    if (task_max_us)
+        *task_max_us += o->task_max_us;
 }
 
 ra_status dec_attend_layer(ra_client *c, const uint64_t *sessions, int n, int layer,
                            const ra_attend_req *r, const ra_attend_out *out, int *have_server,
-                           double *server_us, double *work_us)
+                           double *server_us, double *work_us, double *task_max_us)
 {
     int have = 0;
     if (n > 1) {
@@ -37,7 +40,7 @@ ra_status dec_attend_layer(ra_client *c, const uint64_t *sessions, int n, int la
         ra_attend_out o = *out;
         ra_status s = ra_client_attend_batch(c, layer, &b, &o);
         if (s == RA_OK)
-            add_server(&o, &have, server_us, work_us);
+            add_server(&o, &have, server_us, work_us, task_max_us);
         if (have_server)
             *have_server = have;
         return s;
@@ -57,7 +60,7 @@ ra_status dec_attend_layer(ra_client *c, const uint64_t *sessions, int n, int la
         ra_status s = ra_client_attend(c, sessions[i], layer, &one, &o);
         if (s != RA_OK)
             return s;
-        add_server(&o, &have, server_us, work_us);
+        add_server(&o, &have, server_us, work_us, task_max_us);
     }
     if (have_server)
         *have_server = have;

@@ -653,8 +653,9 @@ static int decode(bench *b)
                                .scale = scale};
             ra_attend_out out = {.o = u.o, .lse = u.lse};
             int have = 0;
-            double sv = 0, wk = 0, t0 = now_s();
-            ra_status s = dec_attend_layer(b->cl, b->sid, c->batch, l, &q, &out, &have, &sv, &wk);
+            double sv = 0, wk = 0, tm = 0, t0 = now_s();
+            ra_status s =
+                dec_attend_layer(b->cl, b->sid, c->batch, l, &q, &out, &have, &sv, &wk, &tm);
             double us = (now_s() - t0) * 1e6;
             if (s != RA_OK) {
                 rc = fail_call(b, "Attend", s);
@@ -665,7 +666,8 @@ static int decode(bench *b)
                 r->have_server = have;
                 if (dec_series_add(&r->attend_us, us) ||
                     (have &&
-                     (dec_series_add(&r->server_us, sv) || dec_series_add(&r->work_us, wk))))
+                     (dec_series_add(&r->server_us, sv) || dec_series_add(&r->work_us, wk) ||
+                      dec_series_add(&r->task_max_us, tm))))
                     rc = fail("out of memory");
             }
             if (!sampled || rc)
@@ -678,7 +680,8 @@ static int decode(bench *b)
                                   .pos = u.fpos + blk * K,
                                   .scores = u.fsc + blk * K,
                                   .counts = u.fcnt + blk};
-            if ((s = dec_attend_layer(b->cl, b->sid, c->batch, l, &q, &out, NULL, NULL, NULL)) !=
+            if ((s = dec_attend_layer(b->cl, b->sid, c->batch, l, &q, &out, NULL, NULL, NULL,
+                                      NULL)) !=
                 RA_OK) {
                 rc = fail_call(b, "Attend (top-k)", s);
                 break;
@@ -746,6 +749,7 @@ static int sweep(bench *b)
             .attend_p99 = dec_series_pct(&p.attend_us, 99),
             .work_p50 = p.have_server ? dec_series_pct(&p.work_us, 50) : NAN,
             .server_p50 = p.have_server ? dec_series_pct(&p.server_us, 50) : NAN,
+            .task_max_p50 = p.have_server ? dec_series_pct(&p.task_max_us, 50) : NAN,
             .recall_mean = dec_series_mean(&p.fid.recall),
             .recall_p10 = dec_series_pct(&p.fid.recall, 10),
             .mass_mean = dec_series_mean(&p.fid.mass),
@@ -850,5 +854,6 @@ void dec_run_free(dec_run *r)
     dec_series_free(&r->append_us);
     dec_series_free(&r->server_us);
     dec_series_free(&r->work_us);
+    dec_series_free(&r->task_max_us);
     dec_fid_free(&r->fid);
 }

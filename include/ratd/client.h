@@ -242,8 +242,8 @@ typedef struct ra_attend_req {
 
 /* Caller-sized result arrays (see the layouts at the top). pos/scores/counts are used
  * only when want_topk was set, and may be NULL otherwise. A batched Attend puts a
- * leading [n_sessions] dimension in front of every array. server_us and work_us are
- * written on success. */
+ * leading [n_sessions] dimension in front of every array. server_us, work_us and
+ * task_max_us are written on success. */
 typedef struct ra_attend_out {
     float *o;        /* [n_q_heads][head_dim] */
     float *lse;      /* [n_q_heads] */
@@ -252,6 +252,7 @@ typedef struct ra_attend_out {
     int32_t *counts; /* [n_q_heads]: entries filled per head */
     uint32_t server_us; /* the daemon's wall time from the request's arrival to its reply */
     uint32_t work_us;   /* the sum of the request's task times (its work on one thread) */
+    uint32_t task_max_us; /* the longest of those tasks: a floor under server_us */
 } ra_attend_out;
 
 /* Partial attention over the offloaded tokens of one layer, per query head. */
@@ -396,7 +397,7 @@ ra_status ra_client_get_config(ra_client *c, char *buf, size_t cap);
 /* Bumped whenever a public struct's layout or a call's signature changes. A binding
  * compares it, and the size of every struct it mirrors, with its own copy at load time
  * and refuses a library that differs. */
-#define RA_CLIENT_ABI_VERSION 3u
+#define RA_CLIENT_ABI_VERSION 4u
 
 /* The public structs whose sizes ra_client_struct_size reports. Values are stable:
  * a new struct takes the next value, before RA_CLIENT_STRUCT_COUNT. */

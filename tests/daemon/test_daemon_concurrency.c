@@ -83,7 +83,7 @@ static void raw_append(void *s, uint64_t id, uint64_t session, const float *k, c
 typedef struct raw_reply {
     int status; /* -1: none within the timeout */
     uint64_t id;
-    uint32_t server_us, work_us;
+    uint32_t server_us, work_us, task_max_us;
     char msg[512];
     float o[4096];
     int n_o;
@@ -110,6 +110,7 @@ static void raw_recv(void *s, int timeout_ms, raw_reply *r)
     r->id = v.hdr->request_id;
     r->server_us = v.hdr->server_us;
     r->work_us = v.hdr->work_us;
+    r->task_max_us = v.hdr->task_max_us;
     snprintf(r->msg, sizeof r->msg, "%s", v.hdr->message ? v.hdr->message : "");
     int io = ra_proto_find(&v, RATD__ROLE__O), ip = ra_proto_find(&v, RATD__ROLE__TOPK_POS);
     if (io >= 0) {
@@ -465,6 +466,9 @@ static void test_batch_equals_single(void **state)
     if (st != RA_OK)
         fail_msg("batch: %s: %s", ra_strerror(st), ra_client_errmsg(g_c));
     assert_true(bo.server_us > 0 && bo.work_us > 0);
+    /* the longest task: one of the tasks summed in work_us, and the request waited for it */
+    assert_true(bo.task_max_us <= bo.work_us &&
+                bo.task_max_us <= bo.server_us);
     for (int i = 0; i < S; i++) {
         float o1[H * D], l1[H], s1[H * K];
         int64_t p1[H * K];
@@ -663,6 +667,9 @@ static void test_sessions_overlap(void **state)
             if (r.status != RA_OK)
                 fail_msg("status %d: %s", r.status, r.msg);
             assert_true(r.server_us > 0 && r.work_us > 0 && r.server_us >= r.work_us / 2);
+            /* milliseconds of work: its longest task is reported, and within the rest */
+            assert_true(r.task_max_us > 0 && r.task_max_us <= r.work_us &&
+                        r.task_max_us <= r.server_us);
             sum_work += r.work_us;
             last = r.t;
         }

@@ -436,6 +436,7 @@ static void test_lend_and_allocator(void **state)
     h.type = RATD__MSG_TYPE__ATTEND;
     h.server_us = 1234;
     h.work_us = 567;
+    h.task_max_us = 89;
     ap.n_sessions = 3;
     ap.sessions = sessions;
     h.attend = &ap;
@@ -456,6 +457,7 @@ static void test_lend_and_allocator(void **state)
     assert_true(b.allocs > 0);
     assert_int_equal(v.hdr->server_us, 1234);
     assert_int_equal(v.hdr->work_us, 567);
+    assert_int_equal(v.hdr->task_max_us, 89);
     assert_int_equal(v.hdr->attend->n_sessions, 3);
     assert_int_equal(v.hdr->attend->sessions[1], 9);
     assert_int_equal(v.tensor[0]->n_shape, 3);

@@ -13,7 +13,7 @@ c_size, c_float, c_double, c_vp = ctypes.c_size_t, ctypes.c_float, ctypes.c_doub
 P = ctypes.POINTER
 
 # RA_CLIENT_ABI_VERSION of the header this file mirrors
-ABI_VERSION = 3
+ABI_VERSION = 4
 OP_NAMES = ("hello", "create", "offload", "append", "attend", "drop", "stats")  # ra_op
 RA_OP_COUNT = len(OP_NAMES)
 
@@ -64,7 +64,7 @@ class AttendReq(ctypes.Structure):  # ra_attend_req
 
 class AttendOut(ctypes.Structure):  # ra_attend_out
     _fields_ = [("o", c_vp), ("lse", c_vp), ("pos", c_vp), ("scores", c_vp), ("counts", c_vp),
-                ("server_us", c_u32), ("work_us", c_u32)]
+                ("server_us", c_u32), ("work_us", c_u32), ("task_max_us", c_u32)]
 
 
 class OpStats(ctypes.Structure):  # ra_op_stats

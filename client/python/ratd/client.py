@@ -41,14 +41,16 @@ class RatdError(Exception):
         super().__init__("%s: %s" % (self.name, message))
 
 
-AttendResult = namedtuple("AttendResult", "o lse pos scores counts server_us work_us",
-                          defaults=(None, None))
+AttendResult = namedtuple("AttendResult",
+                          "o lse pos scores counts server_us work_us task_max_us",
+                          defaults=(None, None, None))
 AttendResult.__doc__ = """Partial attention of one layer: o [n_q_heads][head_dim] float32,
 lse [n_q_heads] float32 (natural log, -inf for a head that read no key); with
 want_topk also pos [n_q_heads][top_k] int64 (-1 pads), scores (float32, -inf pads) and
 counts [n_q_heads] int32; None otherwise. Arrays of the kind (and device) of q; a
 batched attend puts a leading [n_sessions] on each. server_us: the daemon's time from the
-request's arrival to its reply; work_us: the sum of its task times (ints)."""
+request's arrival to its reply; work_us: the sum of its task times; task_max_us: the
+longest of those tasks (ints)."""
 
 
 def dtype_value(dtype):
@@ -481,7 +483,8 @@ class Client:
     def _result(res, kind, device, given, out):
         moved = {k: (v if v is None or k in given else _arrays.to_caller(kind, v, device))
                  for k, v in res.items()}
-        return AttendResult(**moved, server_us=int(out.server_us), work_us=int(out.work_us))
+        return AttendResult(**moved, server_us=int(out.server_us), work_us=int(out.work_us),
+                            task_max_us=int(out.task_max_us))
 
     def attend(self, session, layer, q, *, top_k, effort=0, scale=0.0, want_topk=False,
                top_k_per_head=None, out_o=None, out_lse=None):

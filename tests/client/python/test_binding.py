@@ -315,13 +315,15 @@ def test_abi_check_refuses_mismatch(monkeypatch):
         _abi.check_abi(lib, "libx", "0.1.0")
     monkeypatch.setattr(_abi, "ABI_VERSION", real)
 
-    class Out2(ctypes.Structure):  # ra_attend_out with two fields more than the library's
+    class Out2(ctypes.Structure):  # ra_attend_out with a field more than the library's
         _fields_ = _abi.AttendOut._fields_ + [("extra", ctypes.c_uint64)]
 
     structs = list(_abi.STRUCTS)
     structs[7] = Out2
     monkeypatch.setattr(_abi, "STRUCTS", tuple(structs))
-    with pytest.raises(_abi.AbiError, match=r"Out2: library 48 bytes, package 56"):
+    want = r"Out2: library %d bytes, package %d" % (ctypes.sizeof(_abi.AttendOut),
+                                                     ctypes.sizeof(Out2))
+    with pytest.raises(_abi.AbiError, match=want):
         _abi.check_abi(lib, "libx", "0.1.0")
 
 
@@ -360,6 +362,7 @@ def test_attend_batch_forms(daemon):
         np.testing.assert_allclose(w.lse[i], one[i].lse, rtol=1e-5, atol=1e-6)
         assert (r.pos[i] == one[i].pos).all()
     assert r.server_us >= 0 and r.work_us >= 0 and one[0].server_us >= 0
+    assert 0 <= r.task_max_us <= r.work_us
     with pytest.raises(ValueError, match="appears twice"):
         c.attend_batch([sess[0], sess[0]], 0, q[:2], top_k=20)
     with pytest.raises(ValueError, match="n_sessions"):
