@@ -623,6 +623,12 @@ static size_t mma_stride(int device, ra_dtype t, unsigned dim, const void *rows,
     static ra_env_once once;
     if (!ra_env_int(&once, "RA_GPU_MMA_TOPK", 1))
         return 0;
+    if ((t != RA_DTYPE_BF16 && t != RA_DTYPE_F16) || (dim != 64 && dim != 128) ||
+        ((uintptr_t)rows & 15) || ((uintptr_t)keys & 15))
+        return 0;
+    size_t stride = MT_CAP / (4 * (size_t)k); /* ~k n / (n / stride) = MT_CAP / 4 reach it */
+    if (stride < 2 || n < 2 * (size_t)MT_CAP)
+        return 0;
     /* the code this device runs must come from sm_80 or later (bf16 MMA, cp.async): an
      * sm_86 GPU under the default RA_CUDA_ARCHS "90;75" runs the compute_75 PTX, whose
      * bodies trap (MT_OLD_ARCH) */
@@ -637,16 +643,10 @@ static size_t mma_stride(int device, ra_dtype t, unsigned dim, const void *rows,
     int optin = 0;
     if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
             cudaSuccess ||
-        (size_t)optin < 3 * (size_t)MT_BM * (dim + MT_PAD) * 2 + MT_BM * sizeof(unsigned)) {
+        (size_t)optin < mt_filter_smem(dim, ra_dtype_size(t)) + MT_BM * sizeof(unsigned)) {
         cudaGetLastError();
         return 0;
     }
-    if ((t != RA_DTYPE_BF16 && t != RA_DTYPE_F16) || (dim != 64 && dim != 128) ||
-        ((uintptr_t)rows & 15) || ((uintptr_t)keys & 15))
-        return 0;
-    size_t stride = MT_CAP / (4 * (size_t)k); /* ~k n / (n / stride) = MT_CAP / 4 reach it */
-    if (stride < 2 || n < 2 * (size_t)MT_CAP)
-        return 0;
     return stride;
 }
 
@@ -657,7 +657,7 @@ static ra_status mma_filter(ra_gpu_cache *c, struct cuda_graph *g, const void *r
 {
     ra_status s = RA_OK;
     int committed = 0;
-    const int sm = 3 * MT_BM * (D + MT_PAD) * (int)sizeof(T);
+    const int sm = (int)mt_filter_smem(D, sizeof(T));
     CK(cudaFuncSetAttribute(mt_filter_kernel<D, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                             sm));
     mt_filter_kernel<D, T><<<(unsigned)((nr + MT_BM - 1) / MT_BM), MT_THREADS, sm, g->s>>>(
@@ -739,7 +739,7 @@ static ra_status top_lists(ra_gpu_cache *c, struct cuda_graph *g, gb_mem &mem_, 
         CK(cudaGetLastError());
         lap(&ms_select);
     }
-    /* 4. the rows it could not answer (ties beyond MT_CAP, non-finite scores): exactly */
+    /* 4. the rows it could not answer (more than MT_CAP candidates, or fewer than k): exactly */
     CK(cudaMemcpyAsync(&h_over, n_over, sizeof h_over, cudaMemcpyDeviceToHost, g->s));
     CK(cudaStreamSynchronize(g->s));
     if (h_over) {

@@ -104,6 +104,13 @@ template <int N> static __device__ __forceinline__ void mt_wait()
 #endif
 }
 
+/* mt_filter_kernel's dynamic shared memory: the rows' stage and two key stages of MT_BM
+ * rows of dim + MT_PAD elements of es bytes (its static part: MT_BM counts) */
+static inline size_t mt_filter_smem(unsigned dim, size_t es)
+{
+    return 3 * (size_t)MT_BM * (dim + MT_PAD) * es;
+}
+
 /* rows x D elements (row-major, D contiguous) into shared rows of D + MT_PAD */
 template <int D, typename T>
 static __device__ __forceinline__ void mt_stage(T *sm, const T *src, size_t first, size_t count)
