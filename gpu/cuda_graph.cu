@@ -117,70 +117,56 @@ __device__ unsigned block_rank(bool f, unsigned *base, unsigned *wsum)
     return off + r;
 }
 
-/* Shared memory of the pruning; the kernels put key u's row (ur, dim floats) and the
- * candidates being pruned (cf, a row of dim floats per warp) after their own struct
- * (vec_smem), so that a block holds what its dim needs: ~31 KB at dim 128, 7 blocks of an
- * SM. */
-struct prune_smem {
-    unsigned long long ck[GB_CAND];
+/* Shared memory of the pruning, for at most C candidates (a power of two: the sort's
+ * length). After it, 16-byte aligned, its tail: the candidates being tested, a row of dim
+ * floats per warp (prune_scalar), or the MMA rounds' rows (prune_mma; pr_tail
+ * has the sizes). */
+#define PR_R 16 /* candidates a round of prune_mma: one m16 tile */
+template <unsigned C> struct prune_smem {
+    unsigned long long ck[C];
     int kept[RA_GPU_GRAPH_MAX_DEGREE];
-    unsigned char drop[GB_CAND];
+    unsigned char drop[C];
     unsigned n_kept;
-    unsigned char b_occ[GB_WARPS], b_pair[GB_WARPS]; /* a round's verdicts (prune_block) */
+    unsigned char b_occ[GB_WARPS], b_pair[GB_WARPS]; /* a round's verdicts (prune_scalar) */
+    /* prune_mma: the round's candidates (indices into ck), their scores against u, the
+     * verdict bits the MMA epilogue sets, and each one's slot among the kept rows */
+    unsigned nb, bi[PR_R];
+    float s[PR_R];
+    unsigned occ, pair[PR_R];
+    unsigned char slot[PR_R];
 };
 
-template <typename S> __device__ __forceinline__ float *vec_smem(S *sm)
+static __host__ __device__ __forceinline__ size_t pr_align(size_t b)
 {
-    return reinterpret_cast<float *>(reinterpret_cast<unsigned char *>(sm) +
-                                     ((sizeof(S) + 15) & ~(size_t)15));
+    return (b + 15) & ~(size_t)15;
 }
 
-template <typename S> static size_t smem_bytes(unsigned dim)
+/* prune_mma's tail: the kept keys' rows (M rows) and the round's (PR_R rows), dim + MT_PAD
+ * elements of 2 bytes each (conflict-free ldmatrix) */
+static __host__ __device__ __forceinline__ size_t pr_tail(unsigned dim, unsigned M, int mma)
 {
-    return ((sizeof(S) + 15) & ~(size_t)15) + (1 + GB_WARPS) * (size_t)dim * sizeof(float);
+    if (!mma)
+        return (size_t)GB_WARPS * dim * sizeof(float);
+    return ((size_t)M + PR_R) * (dim + MT_PAD) * 2;
+}
+template <unsigned C>
+static __host__ __device__ __forceinline__ size_t pr_bytes(unsigned dim, unsigned M, int mma)
+{
+    return pr_align(sizeof(prune_smem<C>)) + pr_tail(dim, M, mma);
 }
 
-/* Scores ids[0..nc) (in shared memory; u and -1 skipped) against key u, sorts, prunes
- * into row (M slots, -1 padded): cpu_graph.c prune(). ur must hold u's row, cf has room
- * for GB_WARPS rows of dim floats.
- *
- * The greedy occlusion rule looks at the candidates in order, each against what was kept
- * before it. A round takes the next GB_WARPS candidates at once, a warp each: its
- * candidate against every key kept before the round, and against the round's earlier
- * candidates; thread 0 then settles the round in order (occluded by a kept key, or by an
- * earlier candidate of the round that it keeps). The same dots, in the same order of
- * summation, and the same verdicts as one candidate at a time, with two barriers a round
- * instead of three a candidate. */
-template <typename T>
-__device__ void prune_block(const T *keys, unsigned dim, int u, const int *ids, unsigned nc,
-                            unsigned M, prune_smem *sm, const float *ur, float *cf, int *row)
+/* The greedy occlusion rule (cpu_graph.c prune()) over the candidates sorted in sm->ck
+ * (P entries, ~0 padded), one warp a candidate: a round takes the next GB_WARPS candidates
+ * at once, a warp each: its candidate against every key kept before the round, and
+ * against the round's earlier candidates; thread 0 then settles the round in order
+ * (occluded by a kept key, or by an earlier candidate of the round that it keeps). The
+ * same dots, in the same order of summation, and the same verdicts as one candidate at a
+ * time, with two barriers a round instead of three a candidate. */
+template <typename T, unsigned C>
+__device__ void prune_scalar(const T *keys, unsigned dim, unsigned P, unsigned M, prune_smem<C> *sm,
+                             float *cf)
 {
     const unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32;
-    unsigned P = 1;
-    while (P < nc)
-        P <<= 1;
-    for (unsigned i0 = 4 * w; i0 < P; i0 += 4 * GB_WARPS) { /* four a warp at a time */
-        const T *b4[4];
-        float d4[4];
-        bool ok[4];
-#pragma unroll
-        for (int q = 0; q < 4; q++) {
-            unsigned i = i0 + q;
-            ok[q] = i < nc && ids[i] >= 0 && ids[i] != u;
-            b4[q] = keys + (size_t)(ok[q] ? ids[i] : u) * dim;
-        }
-        warp_dot4(ur, b4, dim, d4);
-#pragma unroll
-        for (int q = 0; q < 4; q++)
-            if (lane == 0 && i0 + q < P) /* sorted ascending: best first */
-                sm->ck[i0 + q] = ok[q] ? tk_ckey(d4[q], ids[i0 + q]) : ~0ull;
-    }
-    for (unsigned i = threadIdx.x; i < P; i += blockDim.x)
-        sm->drop[i] = 2; /* not looked at */
-    if (threadIdx.x == 0)
-        sm->n_kept = 0;
-    __syncthreads();
-    block_sort(sm->ck, P);
     float *cw = cf + (size_t)w * dim; /* this warp's candidate */
     for (unsigned i = 0;;) {
         /* the round: the next GB_WARPS distinct ids (every thread finds the same) */
@@ -250,6 +236,165 @@ __device__ void prune_block(const T *keys, unsigned dim, int u, const int *ids, 
         }
         __syncthreads();
     }
+}
+
+/* the next PR_R distinct candidates from ck[*i] into sm->bi / sm->nb (thread 0) */
+template <unsigned C>
+__device__ __forceinline__ void pr_next_round(prune_smem<C> *sm, unsigned P, unsigned *i)
+{
+    unsigned nb = 0;
+    while (nb < PR_R && *i < P) {
+        unsigned long long k = sm->ck[*i];
+        if (k == ~0ull) {
+            *i = P;
+            break;
+        }
+        if (*i == 0 || sm->ck[*i - 1] != k)
+            sm->bi[nb++] = *i;
+        (*i)++;
+    }
+    sm->nb = nb;
+}
+
+/* The same rule as prune_scalar, PR_R candidates a round, their dots by tensor-core MMA
+ * (bf16/f16 rows of dim a multiple of 16, fp32 accumulation; code for sm_80+): the
+ * round's rows against the kept keys' rows, which stay in shared memory as they are kept,
+ * and against each other. The epilogue sets a candidate's bit where a kept key scores
+ * above its score against u (occluded), and bit j of its pair mask where the round's
+ * candidate j before it does; thread 0 settles the round in order as prune_scalar does.
+ * Four barriers a round of PR_R, and each candidate's row read from global memory once.
+ * The dots sum in the MMA's order, not warp_dot4's: a candidate within rounding of the
+ * rule's boundary may get the other verdict. */
+template <typename T, unsigned C>
+__device__ void prune_mma(const T *keys, unsigned dim, unsigned P, unsigned M, prune_smem<C> *sm,
+                          unsigned char *tail)
+{
+#if MT_OLD_ARCH
+    __trap();
+#else
+    const unsigned S = dim + MT_PAD;
+    T *krow = reinterpret_cast<T *>(tail), *crow = krow + (size_t)M * S;
+    const unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const unsigned ch = dim * 2 / 16; /* 16-byte chunks of a row */
+    unsigned i = 0;                   /* thread 0's place in ck */
+    if (threadIdx.x == 0)
+        pr_next_round(sm, P, &i);
+    __syncthreads();
+    for (;;) {
+        const unsigned nb = sm->nb, nk = sm->n_kept;
+        if (nb == 0 || nk >= M)
+            break;
+        /* the round's rows (zero past nb), scores, verdict bits cleared */
+        for (unsigned x = threadIdx.x; x < PR_R * ch; x += blockDim.x) {
+            unsigned b = x / ch, c = x % ch;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (b < nb)
+                v = reinterpret_cast<const uint4 *>(keys +
+                                                    (size_t)(unsigned)sm->ck[sm->bi[b]] * dim)[c];
+            reinterpret_cast<uint4 *>(crow + (size_t)b * S)[c] = v;
+        }
+        if (threadIdx.x < PR_R) {
+            unsigned b = threadIdx.x;
+            sm->s[b] = b < nb ? tk_score(sm->ck[sm->bi[b]]) : INFINITY;
+            sm->pair[b] = 0;
+            if (b == 0)
+                sm->occ = 0;
+        }
+        __syncthreads();
+        /* n-tiles of 8 columns: the kept keys', then the round's two */
+        const unsigned ntk = (nk + 7) / 8, nt = ntk + 2;
+        for (unsigned ti = w; ti < nt; ti += GB_WARPS) {
+            const bool own = ti >= ntk;
+            const T *brow = own ? crow + (size_t)(ti - ntk) * 8 * S : krow + (size_t)ti * 8 * S;
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (unsigned k0 = 0; k0 < dim; k0 += 16) {
+                unsigned a[4], bf[2];
+                mt_ldsm4(a, crow + (size_t)(lane % 16) * S + k0 + (lane / 16) * 8);
+                mt_ldsm2(bf, brow + (size_t)(lane % 8) * S + k0 + ((lane / 8) % 2) * 8);
+                mt_mma<T>::run(acc, a, bf);
+            }
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                unsigned r = g + (e / 2) * 8, j = (own ? ti - ntk : ti) * 8 + 2 * t + e % 2;
+                float f = acc[e];
+                if (own && j < r && f > sm->s[r])
+                    atomicOr(&sm->pair[r], 1u << j);
+                else if (!own && j < nk && f > sm->s[r])
+                    atomicOr(&sm->occ, 1u << r);
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            unsigned kept_mask = 0;
+            for (unsigned b = 0; b < nb; b++) {
+                sm->slot[b] = 0xff;
+                if (sm->n_kept >= M)
+                    continue;
+                bool o = ((sm->occ >> b) & 1u) || (sm->pair[b] & kept_mask);
+                sm->drop[sm->bi[b]] = (unsigned char)o;
+                if (!o) {
+                    sm->slot[b] = (unsigned char)sm->n_kept;
+                    sm->kept[sm->n_kept++] = (int)(unsigned)sm->ck[sm->bi[b]];
+                    kept_mask |= 1u << b;
+                }
+            }
+            pr_next_round(sm, P, &i);
+        }
+        __syncthreads();
+        /* the kept candidates' rows join the kept keys' */
+        for (unsigned x = threadIdx.x; x < nb * ch; x += blockDim.x) {
+            unsigned b = x / ch, c = x % ch;
+            if (sm->slot[b] != 0xff)
+                reinterpret_cast<uint4 *>(krow + (size_t)sm->slot[b] * S)[c] =
+                    reinterpret_cast<const uint4 *>(crow + (size_t)b * S)[c];
+        }
+        __syncthreads();
+    }
+#endif
+}
+
+/* Scores ids[0..nc) (in shared memory; u and -1 skipped) against key u, sorts, prunes
+ * into row (M slots, -1 padded): cpu_graph.c prune(). ur must hold u's row; tail is the
+ * pruning's tail (pr_tail: mma says which). */
+template <typename T, unsigned C>
+__device__ void prune_block(const T *keys, unsigned dim, int u, const int *ids, unsigned nc,
+                            unsigned M, prune_smem<C> *sm, const float *ur, unsigned char *tail,
+                            int mma, int *row)
+{
+    const unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    unsigned P = 1;
+    while (P < nc)
+        P <<= 1;
+    for (unsigned i0 = 4 * w; i0 < P; i0 += 4 * GB_WARPS) { /* four a warp at a time */
+        const T *b4[4];
+        float d4[4];
+        bool ok[4];
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            unsigned i = i0 + q;
+            ok[q] = i < nc && ids[i] >= 0 && ids[i] != u;
+            b4[q] = keys + (size_t)(ok[q] ? ids[i] : u) * dim;
+        }
+        warp_dot4(ur, b4, dim, d4);
+#pragma unroll
+        for (int q = 0; q < 4; q++)
+            if (lane == 0 && i0 + q < P) /* sorted ascending: best first */
+                sm->ck[i0 + q] = ok[q] ? tk_ckey(d4[q], ids[i0 + q]) : ~0ull;
+    }
+    for (unsigned i = threadIdx.x; i < P; i += blockDim.x)
+        sm->drop[i] = 2; /* not looked at */
+    if (threadIdx.x == 0)
+        sm->n_kept = 0;
+    __syncthreads();
+    block_sort(sm->ck, P);
+    if constexpr (sizeof(T) == 2) {
+        if (mma)
+            prune_mma<T, C>(keys, dim, P, M, sm, tail);
+        else
+            prune_scalar<T, C>(keys, dim, P, M, sm, reinterpret_cast<float *>(tail));
+    } else {
+        prune_scalar<T, C>(keys, dim, P, M, sm, reinterpret_cast<float *>(tail));
+    }
     /* every thread has read n_kept for the last time in the loop */
     __syncthreads();
     if (threadIdx.x == 0) /* refill to M/2 with the best dropped, in order */
@@ -261,16 +406,23 @@ __device__ void prune_block(const T *keys, unsigned dim, int u, const int *ids, 
         row[j] = j < sm->n_kept ? sm->kept[j] : -1;
 }
 
-/* the multiset is dead once the candidates are chosen: the pruning reuses its room */
-struct proj_smem {
-    union {
-        prune_smem p;
-        unsigned ms[GB_MS];
-    };
-    int cand[GB_CAND];
+/* The projection's shared memory: this struct, key u's row (dim floats), then one region
+ * that is first the multiset (GB_MS ids) and then, once the candidates are chosen, the
+ * pruning's (pr_bytes): proj_bytes has the layout. */
+template <unsigned C> struct proj_smem {
+    int cand[C];
     unsigned hist[RA_GPU_GRAPH_LISTS + 2];
     unsigned m, nd, nc, base, wsum[GB_WARPS], thr, need;
 };
+template <unsigned C> static __host__ __device__ __forceinline__ size_t proj_region(unsigned dim)
+{
+    return pr_align(sizeof(proj_smem<C>)) + pr_align((size_t)dim * sizeof(float));
+}
+template <unsigned C> static size_t proj_bytes(unsigned dim, unsigned M, int mma)
+{
+    size_t r = pr_bytes<C>(dim, M, mma), ms = (size_t)GB_MS * sizeof(unsigned);
+    return proj_region<C>(dim) + (r > ms ? r : ms);
+}
 
 /* the length of the run of equal ids that starts at ms[i] (at most LISTS + 1 long) */
 __device__ __forceinline__ unsigned run_len(const unsigned *ms, unsigned i, unsigned m)
@@ -284,14 +436,17 @@ __device__ __forceinline__ unsigned run_len(const unsigned *ms, unsigned i, unsi
 /* One block per key u: the projection candidates (cpu_graph.c step 3), its key->key
  * list, pruned into adj1[u]. ql [nq][K]; occ_v: occurrences (q K + r) sorted by key,
  * off [n + 1]; kk [n][L + 1] (u itself among them, usually first). */
-template <typename T>
+template <typename T, unsigned C>
 __global__ void __launch_bounds__(GB_THREADS)
     proj_kernel(const T *keys, unsigned dim, const int *ql, unsigned K, const unsigned *occ_v,
-                const int *off, const int *kk, unsigned L, unsigned M, int *adj1)
+                const int *off, const int *kk, unsigned L, unsigned M, int mma, int *adj1)
 {
     extern __shared__ __align__(16) unsigned char smraw[];
-    proj_smem *sm = reinterpret_cast<proj_smem *>(smraw);
-    float *ur = vec_smem(sm), *cf = ur + dim;
+    proj_smem<C> *sm = reinterpret_cast<proj_smem<C> *>(smraw);
+    float *ur = reinterpret_cast<float *>(smraw + pr_align(sizeof(proj_smem<C>)));
+    unsigned char *region = smraw + proj_region<C>(dim);
+    unsigned *ms = reinterpret_cast<unsigned *>(region); /* then the pruning's (pr) */
+    prune_smem<C> *pr = reinterpret_cast<prune_smem<C> *>(region);
     const int u = (int)blockIdx.x;
     const unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int W = RA_GPU_GRAPH_WINDOW;
@@ -328,7 +483,7 @@ __global__ void __launch_bounds__(GB_THREADS)
             base = __shfl_sync(0xffffffffu, base, 0);
             unsigned slot = base + __popc(b & ((1u << lane) - 1));
             if (f && slot < GB_MS) /* the host bounds K so that it always is */
-                sm->ms[slot] = (unsigned)v;
+                ms[slot] = (unsigned)v;
         }
     }
     __syncthreads();
@@ -336,16 +491,16 @@ __global__ void __launch_bounds__(GB_THREADS)
     while (P < m)
         P <<= 1;
     for (unsigned i = m + threadIdx.x; i < P; i += blockDim.x)
-        sm->ms[i] = 0xffffffffu;
+        ms[i] = 0xffffffffu;
     __syncthreads();
     if (m > 1)
-        block_sort(sm->ms, P);
+        block_sort(ms, P);
     /* the distinct ids are the run starts of the sorted multiset; their counts are 1..32
      * (a key is once in a list): the most frequent 4M by a histogram of the counts */
     const unsigned cp = 4 * M;
     for (unsigned i = threadIdx.x; i < m; i += blockDim.x)
-        if (i == 0 || sm->ms[i] != sm->ms[i - 1]) {
-            atomicAdd(&sm->hist[run_len(sm->ms, i, m)], 1u);
+        if (i == 0 || ms[i] != ms[i - 1]) {
+            atomicAdd(&sm->hist[run_len(ms, i, m)], 1u);
             atomicAdd(&sm->nd, 1u);
         }
     __syncthreads();
@@ -367,18 +522,18 @@ __global__ void __launch_bounds__(GB_THREADS)
     unsigned thr = sm->thr, need = sm->need;
     for (unsigned c0 = 0; c0 < m; c0 += blockDim.x) { /* ids ascending: ties by lower id */
         unsigned i = c0 + threadIdx.x;
-        bool st = i < m && (i == 0 || sm->ms[i] != sm->ms[i - 1]);
-        unsigned cnt = st ? run_len(sm->ms, i, m) : 0;
+        bool st = i < m && (i == 0 || ms[i] != ms[i - 1]);
+        unsigned cnt = st ? run_len(ms, i, m) : 0;
         bool eq = st && cnt == thr && nd > cp;
         unsigned r = block_rank(eq, &sm->base, sm->wsum);
         bool take = st && (nd <= cp || cnt > thr || (eq && r < need));
         if (take) {
             unsigned slot = atomicAdd(&sm->nc, 1u);
-            sm->cand[slot] = (int)sm->ms[i];
+            sm->cand[slot] = (int)ms[i];
         }
     }
     __syncthreads();
-    /* the candidates are read from cand from here on: the union's room goes to the pruning */
+    /* the candidates are read from cand from here on: the multiset's room goes to the pruning */
     /* the key->key list: the first L of its L + 1 that are not u */
     if (threadIdx.x == 0) {
         const int *kr = kk + (size_t)u * (L + 1);
@@ -391,22 +546,33 @@ __global__ void __launch_bounds__(GB_THREADS)
         sm->nc = nc;
     }
     __syncthreads();
-    prune_block(keys, dim, u, sm->cand, sm->nc, M, &sm->p, ur, cf, adj1 + (size_t)u * M);
+    prune_block<T, C>(keys, dim, u, sm->cand, sm->nc, M, pr, ur,
+                      region + pr_align(sizeof(prune_smem<C>)), mma, adj1 + (size_t)u * M);
 }
 
+/* the reverse pass's shared memory: this struct, key v's row (dim floats), the pruning's
+ * (pr_bytes): rev_bytes */
 struct rev_smem {
-    prune_smem p;
     int cand[RA_GPU_GRAPH_REV_CAP];
     unsigned base, wsum[GB_WARPS], deg;
 };
+static __host__ __device__ __forceinline__ size_t rev_region(unsigned dim)
+{
+    return pr_align(sizeof(rev_smem)) + pr_align((size_t)dim * sizeof(float));
+}
+template <unsigned C> static size_t rev_bytes(unsigned dim, unsigned M, int mma)
+{
+    return rev_region(dim) + pr_bytes<C>(dim, M, mma);
+}
 
 /* One block per key v: its row then the sources of its incoming edges (ioff/isrc, in id
  * order) not in the row, at most REV_CAP; over M: pruned again (cpu_graph.c step 4). */
-template <typename T>
+template <typename T, unsigned C>
 __global__ void __launch_bounds__(GB_THREADS)
     rev_kernel(const T *keys, unsigned dim, const int *adj1, const int *ioff, const int *isrc,
-               unsigned M, int *adj)
+               unsigned M, int mma, int *adj)
 {
+    static_assert(RA_GPU_GRAPH_REV_CAP <= C, "the reverse pass's candidates fit the pruning");
     extern __shared__ __align__(16) unsigned char smraw[];
     rev_smem *sm = reinterpret_cast<rev_smem *>(smraw);
     const int v = (int)blockIdx.x;
@@ -443,11 +609,13 @@ __global__ void __launch_bounds__(GB_THREADS)
             row[j] = j < nc ? sm->cand[j] : -1;
         return;
     }
-    float *ur = vec_smem(sm);
+    float *ur = reinterpret_cast<float *>(smraw + pr_align(sizeof(rev_smem)));
+    unsigned char *region = smraw + rev_region(dim);
     for (unsigned d = threadIdx.x; d < dim; d += blockDim.x)
         ur[d] = gf(keys[(size_t)v * dim + d]);
     __syncthreads();
-    prune_block(keys, dim, v, sm->cand, nc, M, &sm->p, ur, ur + dim, row);
+    prune_block<T, C>(keys, dim, v, sm->cand, nc, M, reinterpret_cast<prune_smem<C> *>(region), ur,
+                      region + pr_align(sizeof(prune_smem<C>)), mma, row);
 }
 
 __global__ void iota_kernel(unsigned *a, size_t n)
@@ -525,31 +693,72 @@ static void gb_free(gb_mem *a, cudaStream_t s)
         ptr = (decltype(ptr))p_;                                                          \
     } while (0)
 
-template <typename T>
-static ra_status launch_kernels(ra_gpu_cache *c, struct cuda_graph *g, const void *dk,
-                                unsigned dim, const int *ql, unsigned K, const unsigned *occ_v,
-                                const int *off, const int *kk, unsigned L, unsigned M, size_t n,
-                                int *adj1, const int *ioff, const int *isrc, int *adj2, int phase)
+/* whether this device runs sm_80+ code of this file's kernels (bf16 MMA, cp.async): an
+ * sm_86 GPU under the default RA_CUDA_ARCHS "90;75" runs the compute_75 PTX, whose MMA
+ * bodies trap (MT_OLD_ARCH); and whether a block may have smem bytes of shared memory */
+static bool mma_code_ok(int device, size_t smem)
+{
+    cudaFuncAttributes fa;
+    int optin = 0;
+    if (cudaFuncGetAttributes(&fa, mt_kth_kernel) != cudaSuccess || fa.ptxVersion < 80 ||
+        fa.binaryVersion < 80 ||
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+            cudaSuccess ||
+        (size_t)optin < smem) {
+        cudaGetLastError();
+        return false;
+    }
+    return true;
+}
+
+/* The projection (phase 0) or the reverse pass (phase 1), one block a key. The pruning
+ * takes prune_mma where it can (2-byte keys, 16-byte aligned, dim a multiple of 16 up to
+ * 256, sm_80+ code; RA_GPU_MMA_PRUNE=0 turns it off), and sorts at most 512 candidates
+ * where the shape allows (4 M + key_knn <= 512: a smaller block, more blocks an SM). */
+template <typename T, unsigned C>
+static ra_status launch_kernels(ra_gpu_cache *c, struct cuda_graph *g, const void *dk, unsigned dim,
+                                const int *ql, unsigned K, const unsigned *occ_v, const int *off,
+                                const int *kk, unsigned L, unsigned M, size_t n, int *adj1,
+                                const int *ioff, const int *isrc, int *adj2, int phase)
 {
     ra_status s = RA_OK;
     int committed = 0;
+    static ra_env_once once;
+    int mma = sizeof(T) == 2 && !((uintptr_t)dk & 15) && dim % 16 == 0 && dim <= 256 &&
+              ra_env_int(&once, "RA_GPU_MMA_PRUNE", 1);
+    size_t sm = phase == 0 ? proj_bytes<C>(dim, M, mma) : rev_bytes<C>(dim, M, mma);
+    if (mma && !mma_code_ok(IMPL(c)->device, sm)) {
+        mma = 0;
+        sm = phase == 0 ? proj_bytes<C>(dim, M, mma) : rev_bytes<C>(dim, M, mma);
+    }
     if (phase == 0) {
-        size_t sm = smem_bytes<proj_smem>(dim);
-        CK(cudaFuncSetAttribute(proj_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        CK(cudaFuncSetAttribute(proj_kernel<T, C>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                 (int)sm));
-        proj_kernel<T><<<(unsigned)n, GB_THREADS, sm, g->s>>>((const T *)dk, dim, ql, K, occ_v,
-                                                               off, kk, L, M, adj1);
+        proj_kernel<T, C><<<(unsigned)n, GB_THREADS, sm, g->s>>>((const T *)dk, dim, ql, K, occ_v,
+                                                                 off, kk, L, M, mma, adj1);
     } else {
-        size_t sm = smem_bytes<rev_smem>(dim);
-        CK(cudaFuncSetAttribute(rev_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        CK(cudaFuncSetAttribute(rev_kernel<T, C>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                 (int)sm));
-        rev_kernel<T><<<(unsigned)n, GB_THREADS, sm, g->s>>>((const T *)dk, dim, adj1, ioff,
-                                                              isrc, M, adj2);
+        rev_kernel<T, C><<<(unsigned)n, GB_THREADS, sm, g->s>>>((const T *)dk, dim, adj1, ioff,
+                                                                isrc, M, mma, adj2);
     }
     CK(cudaGetLastError());
     return RA_OK;
 fail:
     return s;
+}
+
+template <typename T>
+static ra_status launch_sized(ra_gpu_cache *c, struct cuda_graph *g, const void *dk, unsigned dim,
+                              const int *ql, unsigned K, const unsigned *occ_v, const int *off,
+                              const int *kk, unsigned L, unsigned M, size_t n, int *adj1,
+                              const int *ioff, const int *isrc, int *adj2, int phase)
+{
+    if (4 * (size_t)M + L <= 512)
+        return launch_kernels<T, 512>(c, g, dk, dim, ql, K, occ_v, off, kk, L, M, n, adj1, ioff,
+                                      isrc, adj2, phase);
+    return launch_kernels<T, GB_CAND>(c, g, dk, dim, ql, K, occ_v, off, kk, L, M, n, adj1, ioff,
+                                      isrc, adj2, phase);
 }
 
 static ra_status launch_typed(ra_gpu_cache *c, struct cuda_graph *g, ra_dtype t, const void *dk,
@@ -559,14 +768,14 @@ static ra_status launch_typed(ra_gpu_cache *c, struct cuda_graph *g, ra_dtype t,
 {
     switch (t) {
     case RA_DTYPE_F16:
-        return launch_kernels<__half>(c, g, dk, dim, ql, K, occ_v, off, kk, L, M, n, adj1, ioff,
-                                      isrc, adj2, phase);
+        return launch_sized<__half>(c, g, dk, dim, ql, K, occ_v, off, kk, L, M, n, adj1, ioff, isrc,
+                                    adj2, phase);
     case RA_DTYPE_BF16:
-        return launch_kernels<__nv_bfloat16>(c, g, dk, dim, ql, K, occ_v, off, kk, L, M, n, adj1,
-                                             ioff, isrc, adj2, phase);
+        return launch_sized<__nv_bfloat16>(c, g, dk, dim, ql, K, occ_v, off, kk, L, M, n, adj1,
+                                           ioff, isrc, adj2, phase);
     default:
-        return launch_kernels<float>(c, g, dk, dim, ql, K, occ_v, off, kk, L, M, n, adj1, ioff,
-                                     isrc, adj2, phase);
+        return launch_sized<float>(c, g, dk, dim, ql, K, occ_v, off, kk, L, M, n, adj1, ioff, isrc,
+                                   adj2, phase);
     }
 }
 
@@ -616,56 +825,69 @@ fail:
 /* cuda_mma_topk.h's path for this shape: 0 where it does not apply (code for an
  * architecture before sm_80, too little shared memory a block, fp32, a head dim other than
  * 64 or 128, unaligned rows, few keys, k above 256 or RA_GPU_MMA_TOPK=0), else the
- * sample's stride */
-static size_t mma_stride(int device, ra_dtype t, unsigned dim, const void *rows,
-                         const void *keys, size_t n, unsigned k)
+ * sample's stride, and in *rank the rank in the sample that makes a row's threshold.
+ *
+ * The rank j = max(16, k / 8) and the stride s = E / j for E expected candidates a row
+ * (the caller's: a quarter or a half of its lists' room, cap): a row's j-th best sampled
+ * score is about its (j s = E)-th best overall. With one key sampled at random from every
+ * s, a row whose true top-k holds j or more sampled keys (fewer than k candidates: the
+ * exact path) is a Poisson tail of mean k / s (<= 4 at k 65, E 256), and one with fewer
+ * than j sampled among its best cap (over cap candidates) one of mean cap / s >= 2j:
+ * both rare, neither wrong. RA_GPU_MMA_RANK sets j (a study knob). */
+static size_t mma_stride(int device, ra_dtype t, unsigned dim, const void *rows, const void *keys,
+                         size_t n, unsigned k, size_t E, unsigned *rank)
 {
-    static ra_env_once once;
+    static ra_env_once once, once_rank;
     if (!ra_env_int(&once, "RA_GPU_MMA_TOPK", 1))
         return 0;
     if ((t != RA_DTYPE_BF16 && t != RA_DTYPE_F16) || (dim != 64 && dim != 128) ||
-        ((uintptr_t)rows & 15) || ((uintptr_t)keys & 15))
+        ((uintptr_t)rows & 15) || ((uintptr_t)keys & 15) || k > 256 || n < 2 * (size_t)MT_CAP)
         return 0;
-    size_t stride = MT_CAP / (4 * (size_t)k); /* ~k n / (n / stride) = MT_CAP / 4 reach it */
-    if (stride < 2 || n < 2 * (size_t)MT_CAP)
+    unsigned j = (k + 7) / 8 > 16 ? (k + 7) / 8 : 16;
+    int jr = ra_env_int(&once_rank, "RA_GPU_MMA_RANK", 0);
+    if (jr > 0 && jr <= 32 * MT_LANE_TOP)
+        j = (unsigned)jr;
+    size_t stride = E / j;
+    if (stride < 2 || E < 2 * (size_t)k)
         return 0;
-    /* the code this device runs must come from sm_80 or later (bf16 MMA, cp.async): an
-     * sm_86 GPU under the default RA_CUDA_ARCHS "90;75" runs the compute_75 PTX, whose
-     * bodies trap (MT_OLD_ARCH) */
-    cudaFuncAttributes fa;
-    if (cudaFuncGetAttributes(&fa, mt_kth_kernel) != cudaSuccess || fa.ptxVersion < 80 ||
-        fa.binaryVersion < 80) {
-        cudaGetLastError();
+    /* sm_80+ code, and the filter's three stages must fit a block's shared memory (dim
+     * 128: 102 KB, more than sm_86/89 allow) */
+    if (!mma_code_ok(device, mt_filter_smem(dim, ra_dtype_size(t)) + MT_BM * sizeof(unsigned)))
         return 0;
-    }
-    /* and the filter's three stages must fit a block's shared memory (dim 128: 102 KB,
-     * more than sm_86/89 allow) */
-    int optin = 0;
-    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
-            cudaSuccess ||
-        (size_t)optin < mt_filter_smem(dim, ra_dtype_size(t)) + MT_BM * sizeof(unsigned)) {
-        cudaGetLastError();
-        return 0;
-    }
+    *rank = j;
     return stride;
 }
 
-template <int D, typename T>
-static ra_status mma_filter(ra_gpu_cache *c, struct cuda_graph *g, const void *rows, size_t nr,
-                            const void *keys, size_t n, const float *thr, unsigned *cnt,
-                            unsigned long long *cand)
+template <int D, typename T, bool SYM>
+static ra_status mma_filter_t(ra_gpu_cache *c, struct cuda_graph *g, const void *rows, size_t nr,
+                              const void *keys, size_t n, const float *thr, unsigned *cnt,
+                              unsigned long long *cand, unsigned cap)
 {
     ra_status s = RA_OK;
     int committed = 0;
     const int sm = (int)mt_filter_smem(D, sizeof(T));
-    CK(cudaFuncSetAttribute(mt_filter_kernel<D, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                            sm));
-    mt_filter_kernel<D, T><<<(unsigned)((nr + MT_BM - 1) / MT_BM), MT_THREADS, sm, g->s>>>(
-        (const T *)rows, nr, (const T *)keys, n, thr, cnt, cand);
+    CK(cudaFuncSetAttribute(mt_filter_kernel<D, T, SYM>,
+                            cudaFuncAttributeMaxDynamicSharedMemorySize, sm));
+    mt_filter_kernel<D, T, SYM><<<(unsigned)((nr + MT_BM - 1) / MT_BM), MT_THREADS, sm, g->s>>>(
+        (const T *)rows, nr, (const T *)keys, n, thr, cnt, cand, cap);
     CK(cudaGetLastError());
     return RA_OK;
 fail:
     return s;
+}
+
+static ra_status mma_filter(ra_gpu_cache *c, struct cuda_graph *g, ra_dtype t, unsigned dim,
+                            bool sym, const void *rows, size_t nr, const void *keys, size_t n,
+                            const float *thr, unsigned *cnt, unsigned long long *cand, unsigned cap)
+{
+#define RA_MF(D, T, SY) mma_filter_t<D, T, SY>(c, g, rows, nr, keys, n, thr, cnt, cand, cap)
+    if (t == RA_DTYPE_BF16)
+        return dim == 64
+                   ? (sym ? RA_MF(64, __nv_bfloat16, true) : RA_MF(64, __nv_bfloat16, false))
+                   : (sym ? RA_MF(128, __nv_bfloat16, true) : RA_MF(128, __nv_bfloat16, false));
+    return dim == 64 ? (sym ? RA_MF(64, __half, true) : RA_MF(64, __half, false))
+                     : (sym ? RA_MF(128, __half, true) : RA_MF(128, __half, false));
+#undef RA_MF
 }
 
 /* the exact top-k lists of rows among the n keys (ids and scores: nrows x k): by
@@ -680,9 +902,25 @@ static ra_status top_lists(ra_gpu_cache *c, struct cuda_graph *g, gb_mem &mem_, 
     ra_status s = RA_OK;
     int committed = 0;
     const size_t es = ra_dtype_size(t);
-    size_t stride = mma_stride(IMPL(c)->device, t, dim, rows, keys, n, k);
-    size_t chunk = 2 * tile_floats * sizeof(float) / (MT_CAP * sizeof(unsigned long long));
-    chunk -= chunk % MT_BM;
+    /* the candidate lists live in the tiles' memory: chunks of rows with lists of MT_CAP,
+     * or for the key->key pass (rows are the keys) every row at once with lists of what
+     * fits, when that is at least MT_SYM_CAP, and the symmetric filter. That halves the
+     * MMA work but appends through global atomics, which cost more than they save where
+     * a row's candidates are dense among the keys: measured on the H200, 34 against 22 ms
+     * at 131K keys, and ~0.7 against ~1.4 s at 1M; so from MT_SYM_MIN_N keys (the
+     * crossover between was not measured). RA_GPU_MMA_SYM=1 takes it whenever the room
+     * allows (tests), 0 never. */
+    const size_t room = 2 * tile_floats * sizeof(float) / sizeof(unsigned long long);
+    static ra_env_once sym_once;
+    const int sym_env = ra_env_int(&sym_once, "RA_GPU_MMA_SYM", -1);
+    const bool sym = rows == keys && nrows == n && room / n >= MT_SYM_CAP &&
+                     (sym_env == 1 || (sym_env < 0 && n >= MT_SYM_MIN_N));
+    const unsigned cap = sym ? (unsigned)(room / n < MT_CAP ? room / n : MT_CAP) : MT_CAP;
+    size_t chunk = sym ? nrows : room / MT_CAP;
+    chunk -= sym ? 0 : chunk % MT_BM;
+    unsigned rank = 0;
+    size_t stride = mma_stride(IMPL(c)->device, t, dim, rows, keys, n, k,
+                               cap / 2 < MT_CAP / 4 ? cap / 2 : MT_CAP / 4, &rank);
     if (!stride || chunk < MT_BM)
         return tiled_lists(c, g, t, rows, nrows, keys, n, dim, dim, k, tile, tile_floats, ids,
                            scores, NULL);
@@ -714,32 +952,37 @@ static ra_status top_lists(ra_gpu_cache *c, struct cuda_graph *g, gb_mem &mem_, 
     ALLOC(over, nrows * sizeof(unsigned));
     ALLOC(n_over, sizeof(unsigned));
     CK(cudaMemsetAsync(n_over, 0, sizeof(unsigned), g->s));
-    /* 1. thresholds: the top-k of each row among every stride-th key */
-    s = tiled_lists(c, g, t, rows, nrows, keys, (n + stride - 1) / stride, stride * dim, dim, k,
-                    tile, tile_floats, NULL, NULL, thr);
-    if (s != RA_OK)
-        return s;
+    /* 1. thresholds: the rank-th best score of each row among one key at random of every
+     * stride (a stratified sample: keys in position order may repeat with any period) */
+    {
+        const size_t ns = (n + stride - 1) / stride;
+        unsigned char *samp = NULL;
+        ALLOC(samp, ns * dim * es);
+        mt_sample_kernel<<<grid_of(ns * dim * es / 16), 256, 0, g->s>>>(
+            (const uint4 *)keys, n, stride, dim * es / 16, (uint4 *)samp);
+        CK(cudaGetLastError());
+        s = tiled_lists(c, g, t, rows, nrows, samp, ns, dim, dim, rank, tile, tile_floats, NULL,
+                        NULL, thr);
+        if (s != RA_OK)
+            return s;
+    }
     lap(&ms_sample);
     /* 2.-3. candidates of a chunk of rows in the tiles' memory, then their top-k */
     for (size_t r0 = 0; r0 < nrows; r0 += chunk) {
         size_t nr = nrows - r0 < chunk ? nrows - r0 : chunk;
         const void *rr = (const char *)rows + r0 * dim * es;
-        if (t == RA_DTYPE_BF16)
-            s = dim == 64
-                    ? mma_filter<64, __nv_bfloat16>(c, g, rr, nr, keys, n, thr + r0, cnt, cand)
-                    : mma_filter<128, __nv_bfloat16>(c, g, rr, nr, keys, n, thr + r0, cnt, cand);
-        else
-            s = dim == 64 ? mma_filter<64, __half>(c, g, rr, nr, keys, n, thr + r0, cnt, cand)
-                          : mma_filter<128, __half>(c, g, rr, nr, keys, n, thr + r0, cnt, cand);
+        if (sym)
+            CK(cudaMemsetAsync(cnt, 0, nr * sizeof(unsigned), g->s));
+        s = mma_filter(c, g, t, dim, sym, rr, nr, keys, n, thr + r0, cnt, cand, cap);
         if (s != RA_OK)
             return s;
         lap(&ms_filter);
-        mt_select_kernel<<<(unsigned)nr, MT_SEL_THREADS, 0, g->s>>>(cnt, cand, k, ids, scores, r0,
-                                                                    n_over, over);
+        mt_select_kernel<<<(unsigned)nr, MT_SEL_THREADS, 0, g->s>>>(cnt, cand, cap, k, ids, scores,
+                                                                    r0, n_over, over);
         CK(cudaGetLastError());
         lap(&ms_select);
     }
-    /* 4. the rows it could not answer (more than MT_CAP candidates, or fewer than k): exactly */
+    /* 4. the rows it could not answer (more than cap candidates, or fewer than k): exactly */
     CK(cudaMemcpyAsync(&h_over, n_over, sizeof h_over, cudaMemcpyDeviceToHost, g->s));
     CK(cudaStreamSynchronize(g->s));
     if (h_over) {
@@ -764,9 +1007,11 @@ static ra_status top_lists(ra_gpu_cache *c, struct cuda_graph *g, gb_mem &mem_, 
         float ms_over = 0;
         lap(&ms_over);
         fprintf(stderr,
-                "mma top-k: %zu rows x %zu keys, k %u, sample 1/%zu: sample %.2f ms, filter "
+                "mma top-k: %zu rows x %zu keys, k %u, sample 1/%zu rank %u, %s lists of %u: "
+                "sample %.2f ms, filter "
                 "%.2f ms, select %.2f ms, %u rows exact in %.2f ms\n",
-                nrows, n, k, stride, ms_sample, ms_filter, ms_select, h_over, ms_over);
+                nrows, n, k, stride, rank, sym ? "symmetric" : "chunked", cap, ms_sample, ms_filter,
+                ms_select, h_over, ms_over);
         cudaEventDestroy(pe[0]);
         cudaEventDestroy(pe[1]);
     }

@@ -2,10 +2,12 @@
  * query->key and key->key lists; the reference is the GEMM tiles + topk_kernel of
  * cuda_internal.h, which remains the path for everything this one does not take).
  *
- * 1. A threshold per row: about the k-th best score of the row among a sample of the keys
- *    (every stride-th key, stride = MT_CAP / 4k, so that ~MT_CAP / 4 scores of a row
- *    reach it), by the tiled GEMM over the sample and mt_kth_kernel: the k-th best of k
- *    distinct scores of the row, so not above the row's k-th best, lowered by a margin of
+ * 1. A threshold per row: the j-th best score of the row among a sample of the keys (one
+ *    at random from every stride, j and stride chosen so that ~MT_CAP / 4 scores of a row
+ *    reach it: mma_stride in cuda_graph.cu), by the tiled GEMM over the sample and
+ *    mt_kth_kernel: the j-th best of distinct scores of the row, so not above the row's
+ *    k-th best unless the sample holds j of the row's top k (then fewer than k candidates
+ *    reach it, and step 3 sends the row to the exact path), lowered by a margin of
  *    2^-12 of the sample's best and k-th magnitudes because the two GEMMs sum in different
  *    orders. The margin is not a proven bound on that difference; what makes the answer
  *    exact is step 3: a threshold that ends up above the row's k-th MMA score leaves
@@ -32,6 +34,8 @@
 #define MT_BN MT_BM    /* keys of a stage (mt_stage stages both with MT_BM rows) */
 #define MT_THREADS 256 /* 8 warps: 2 (rows, 64 each) x 4 (keys, 32 each) */
 #define MT_CAP 2048    /* candidates of a row */
+#define MT_SYM_CAP 512 /* the least room a row's list has in the symmetric key->key filter */
+#define MT_SYM_MIN_N ((size_t)1 << 19) /* keys from which the symmetric filter is the default */
 #define MT_PAD 8       /* elements of padding per shared row: conflict-free ldmatrix */
 #define MT_SEL_THREADS 256
 
@@ -80,6 +84,14 @@ static __device__ __forceinline__ void mt_ldsm4(unsigned *r, const void *p)
                  : "r"(a));
 }
 
+static __device__ __forceinline__ void mt_ldsm2(unsigned *r, const void *p)
+{
+    unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(a));
+}
+
 /* 16 bytes global -> shared, zero-filled when !valid */
 static __device__ __forceinline__ void mt_cp16(void *dst, const void *src, bool valid)
 {
@@ -124,12 +136,19 @@ static __device__ __forceinline__ void mt_stage(T *sm, const T *src, size_t firs
     }
 }
 
-/* rows [row0, row0 + nr) of `rows` (chunk-local candidate lists: cand[(r - row0) MT_CAP],
- * counts cnt[r - row0]) against keys [0, n); thr: the chunk's thresholds */
-template <int D, typename T>
+/* rows [row0, row0 + nr) of `rows` (chunk-local candidate lists of cap entries: cand[(r -
+ * row0) cap], counts cnt[r - row0]) against keys [0, n); thr: the chunk's thresholds.
+ *
+ * SYM (the key->key pass: rows are the keys, nr = n, every row's list at once, cnt zeroed
+ * before): a score is the same for (i, j) and (j, i), so block b scores its rows only
+ * against the key stages b, b + 1, ...: each score is offered to its row's list and, off
+ * the diagonal stage, to its key's list with the row as the id (against the key's own
+ * threshold). Half the MMA work; the counts are global atomics, since other blocks append
+ * to a block's rows. */
+template <int D, typename T, bool SYM>
 static __global__ void __launch_bounds__(MT_THREADS, 2)
     mt_filter_kernel(const T *rows, size_t nr, const T *keys, size_t n, const float *thr,
-                     unsigned *cnt, unsigned long long *cand)
+                     unsigned *cnt, unsigned long long *cand, unsigned cap)
 {
     extern __shared__ __align__(16) unsigned char mt_smem[];
     constexpr int S = D + MT_PAD;
@@ -149,20 +168,21 @@ static __global__ void __launch_bounds__(MT_THREADS, 2)
             size_t r = r_first + wm * 64 + mi * 16 + g + h * 8;
             th[mi][h] = r < nr ? thr[r] : INFINITY;
         }
+    const size_t st0 = SYM ? blockIdx.x : 0; /* MT_BN == MT_BM: stage b holds block b's rows */
     mt_stage<D>(sa, rows, r_first, nr);
-    mt_stage<D>(sb0, keys, 0, n);
+    mt_stage<D>(sb0, keys, st0 * MT_BN, n);
     mt_commit();
     const size_t nst = (n + MT_BN - 1) / MT_BN;
-    for (size_t st = 0; st < nst; st++) {
+    for (size_t st = st0; st < nst; st++) {
         if (st + 1 < nst) {
-            mt_stage<D>(sb0 + ((st + 1) & 1) * MT_BM * S, keys, (st + 1) * MT_BN, n);
+            mt_stage<D>(sb0 + ((st + 1 - st0) & 1) * MT_BM * S, keys, (st + 1) * MT_BN, n);
             mt_commit();
             mt_wait<1>();
         } else {
             mt_wait<0>();
         }
         __syncthreads();
-        const T *b_sm = sb0 + (st & 1) * MT_BM * S;
+        const T *b_sm = sb0 + ((st - st0) & 1) * MT_BM * S;
         float acc[4][4][4];
 #pragma unroll
         for (int mi = 0; mi < 4; mi++)
@@ -217,31 +237,62 @@ static __global__ void __launch_bounds__(MT_THREADS, 2)
                             float f = acc[mi][ni][2 * h + e];
                             size_t col = c0 + ni * 8 + e;
                             if (f >= th[mi][h] && col < n) {
-                                unsigned slot = atomicAdd(&s_cnt[rl], 1u);
-                                if (slot < MT_CAP)
-                                    cand[(r_first + rl) * MT_CAP + slot] = tk_ckey(f, (int32_t)col);
+                                unsigned slot = SYM ? atomicAdd(&cnt[r_first + rl], 1u)
+                                                    : atomicAdd(&s_cnt[rl], 1u);
+                                if (slot < cap)
+                                    cand[(r_first + rl) * cap + slot] = tk_ckey(f, (int32_t)col);
                             }
                         }
                 }
             }
+        if (SYM && st != st0) { /* the same scores for the keys' lists, the rows as ids */
+#pragma unroll
+            for (int ni = 0; ni < 4; ni++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const size_t col = c0 + ni * 8 + e;
+                    const float tc = col < n ? thr[col] : INFINITY;
+                    float mx = acc[0][ni][e];
+#pragma unroll
+                    for (int mi = 0; mi < 4; mi++)
+                        mx = fmaxf(mx, fmaxf(acc[mi][ni][e], acc[mi][ni][2 + e]));
+                    bool hit = mx >= tc;
+                    if (!__any_sync(0xffffffffu, hit))
+                        continue;
+                    if (hit)
+#pragma unroll
+                        for (int mi = 0; mi < 4; mi++)
+#pragma unroll
+                            for (int h = 0; h < 2; h++) {
+                                float f = acc[mi][ni][2 * h + e];
+                                size_t row = r_first + wm * 64 + mi * 16 + g + h * 8;
+                                if (f >= tc && row < nr) {
+                                    unsigned slot = atomicAdd(&cnt[col], 1u);
+                                    if (slot < cap)
+                                        cand[col * cap + slot] = tk_ckey(f, (int32_t)row);
+                                }
+                            }
+                }
+        }
         __syncthreads(); /* this buffer is the next stage but one */
     }
-    for (int i = threadIdx.x; i < MT_BM; i += MT_THREADS)
-        if (r_first + i < nr)
-            cnt[r_first + i] = s_cnt[i];
+    if (!SYM)
+        for (int i = threadIdx.x; i < MT_BM; i += MT_THREADS)
+            if (r_first + i < nr)
+                cnt[r_first + i] = s_cnt[i];
 }
 
 /* a block per row of the chunk: its candidates sorted by (score desc, id asc), the first k
- * into ids / scores at row row0 + blockIdx.x; a row with more than MT_CAP or fewer than k
+ * into ids / scores at row row0 + blockIdx.x; a row with more than cap or fewer than k
  * candidates is appended to over[] (its row number) instead */
 static __global__ void __launch_bounds__(MT_SEL_THREADS)
-    mt_select_kernel(const unsigned *cnt, const unsigned long long *cand, unsigned k,
+    mt_select_kernel(const unsigned *cnt, const unsigned long long *cand, unsigned cap, unsigned k,
                      int32_t *ids_out, float *sc_out, size_t row0, unsigned *n_over, unsigned *over)
 {
     __shared__ unsigned long long buf[MT_CAP];
     const size_t r = blockIdx.x;
     const unsigned c = cnt[r];
-    if (c > MT_CAP || c < k) {
+    if (c > cap || c < k) {
         if (threadIdx.x == 0)
             over[atomicAdd(n_over, 1u)] = (unsigned)(row0 + r);
         return;
@@ -249,7 +300,7 @@ static __global__ void __launch_bounds__(MT_SEL_THREADS)
     unsigned P = 1;
     while (P < c)
         P <<= 1;
-    const unsigned long long *src = cand + r * MT_CAP;
+    const unsigned long long *src = cand + r * cap;
     for (unsigned i = threadIdx.x; i < P; i += blockDim.x)
         buf[i] = i < c ? src[i] : ~0ull;
     __syncthreads();
@@ -330,6 +381,22 @@ static __global__ void __launch_bounds__(256)
     if (lane == 0)
         thr[r] = isfinite(kth) && isfinite(best) ? kth - 0x1p-12f * (fabsf(kth) + fabsf(best))
                                                  : -INFINITY;
+}
+
+/* the sample of step 1: key m s + (a hash of m) mod s for each m (the last stride's: mod
+ * what it has), rows of ch 16-byte chunks gathered into samp */
+static __global__ void mt_sample_kernel(const uint4 *keys, size_t n, size_t s, size_t ch,
+                                        uint4 *samp)
+{
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x, m = i / ch;
+    if (m * s >= n)
+        return;
+    unsigned h = (unsigned)m * 0x9e3779b9u;
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    size_t span = n - m * s < s ? n - m * s : s;
+    samp[i] = keys[(m * s + h % span) * ch + i % ch];
 }
 
 /* rows of over[] gathered into a dense matrix (rows x dim elements of es bytes) */

@@ -9,7 +9,8 @@
 # per KV head, one head after the other and then in one ra_gpu_graph_build_heads call)
 # with the CPU index build of one head on every core; then two heads with the GEMM tiles
 # instead of the MMA top-k (RA_GPU_MMA_TOPK=0), for the comparison, and the MMA top-k's
-# phases; with RA_GRAPH_1M=1 one layer at 1M keys.
+# phases; RA_GRAPH_AB runs of 4 heads with one setting each; with RA_GRAPH_1M=1 one layer
+# at 1M keys.
 set -uo pipefail
 out=${1:?usage: device-run-graph.sh OUT_DIR}
 mkdir -p "$out"
@@ -23,6 +24,9 @@ cmake --build $b -j"$(nproc)" --target test_gpu_graph test_gpu_cuda ratd-bench-g
 echo built
 timeout 120 $b/tests/gpu/test_gpu_graph cuda >"$out/test_gpu_graph_cuda.log" 2>&1
 echo "test_gpu_graph cuda rc=$?"; grep -vE "^\[ (RUN|  ) " "$out/test_gpu_graph_cuda.log" | head -30
+# the symmetric key->key filter (the default from 512K keys) on the tests' smaller heads
+RA_GPU_MMA_SYM=1 timeout 120 $b/tests/gpu/test_gpu_graph cuda >"$out/test_gpu_graph_cuda_sym.log" 2>&1
+echo "test_gpu_graph cuda RA_GPU_MMA_SYM=1 rc=$?"; grep -E "PASSED|FAILED|edges of" "$out/test_gpu_graph_cuda_sym.log"
 timeout 60 $b/tests/gpu/test_gpu_cuda >"$out/test_gpu_cuda.log" 2>&1
 echo "test_gpu_cuda rc=$?"; tail -3 "$out/test_gpu_cuda.log"
 if command -v compute-sanitizer >/dev/null; then
@@ -48,6 +52,14 @@ RA_GPU_MMA_TOPK=0 timeout 120 $b/bench/ratd-bench-graph --heads 2 --no-cpu-build
 # the phases of the MMA top-k (RA_GPU_MMA_PROFILE=1 synchronises: not for the timings above)
 RA_GPU_MMA_PROFILE=1 timeout 60 $b/bench/ratd-bench-graph --heads 1 --no-cpu-build 2>&1 |
   grep -E "mma top-k|cuda build" | tee "$out/graph128k-profile.log"
+# RA_GRAPH_AB="VAR=value ...": each a run of 4 heads with that one setting, for A/B against
+# the default (e.g. RA_GPU_MMA_PRUNE=0, RA_GPU_MMA_RANK=65, RA_GPU_MMA_SYM=0)
+for v in ${RA_GRAPH_AB:-}; do
+  env "$v" timeout 120 $b/bench/ratd-bench-graph --heads 4 --no-cpu-build \
+    --json "$out/graph128k-ab-${v//=/-}.json" 2>&1 | tee "$out/graph128k-ab-${v//=/-}.log"
+done
+[ -n "${RA_GRAPH_AB:-}" ] && timeout 120 $b/bench/ratd-bench-graph --heads 4 --no-cpu-build \
+  --json "$out/graph128k-ab-default.json" 2>&1 | tee "$out/graph128k-ab-default.log"
 # RA_GRAPH_1M=1: one layer of 8 heads at 1,048,576 keys (issue 12's 1M target), no CPU build
 if [ "${RA_GRAPH_1M:-0}" = 1 ]; then
   timeout 400 $b/bench/ratd-bench-graph --keys 1048576 --no-cpu-build --json "$out/graph1m.json" \
