@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ra_env.h"
 #include "ra_gpu_internal.h"
 #include "ra_log.h"
 
@@ -302,6 +303,39 @@ static void *gb_finish_main(void *arg)
     return NULL;
 }
 
+/* Heads in flight in ra_gpu_graph_build_heads: one on the device, the host steps of at
+ * most GB_RING - 1 earlier ones on threads of their own (RA_GPU_GRAPH_HOST_THREADS, 1 to
+ * GB_RING - 1, default 3). The host steps of a 131K-key head (~40-55 ms) are close to its
+ * device steps (~57 ms on an H200) and slow down beside the next head's copies, so one
+ * thread alone made the device wait. */
+#define GB_RING 5
+typedef struct gb_ring {
+    gb_job job[GB_RING];
+    ra_gpu_graph_params p[GB_RING];
+    pthread_t th[GB_RING];
+    size_t first, next; /* heads [first, next) are on threads (slot h % GB_RING) */
+    size_t ok;          /* heads [0, ok) are done */
+    ra_status s;        /* the first failure among the joined heads */
+} gb_ring;
+
+/* joins the oldest head on a thread; heads are joined in order, so the first failure
+ * seen is the earliest */
+static void gb_join(ra_gpu_cache *c, gb_ring *r)
+{
+    size_t h = r->first++;
+    gb_job *j = &r->job[h % GB_RING];
+    pthread_join(r->th[h % GB_RING], NULL);
+    free(j->occ);
+    j->occ = NULL;
+    if (r->s != RA_OK)
+        return;
+    if (j->s != RA_OK)
+        r->s = ra_gpu_fail(c, j->s, "graph build of head %zu: entries or connectivity: %s", h,
+                           ra_strerror(j->s));
+    else
+        r->ok = h + 1;
+}
+
 ra_status ra_gpu_graph_build_heads(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype,
                                    unsigned dim, const ra_gpu_graph_params *pp,
                                    ra_gpu_graph_head *heads, size_t n_heads, size_t *n_done)
@@ -310,58 +344,69 @@ ra_status ra_gpu_graph_build_heads(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dty
         *n_done = 0;
     if (!c || (n_heads && !heads))
         return c ? ra_gpu_fail(c, RA_EINVAL, "graph build: NULL heads") : RA_EINVAL;
-    ra_gpu_graph_params p[2];
-    gb_job job[2];
-    pthread_t th;
-    int running = 0; /* job[(h - 1) & 1] is on th */
+    static ra_env_once once;
+    int threads = ra_env_int(&once, "RA_GPU_GRAPH_HOST_THREADS", 3);
+    threads = threads < 1 ? 1 : threads > GB_RING - 1 ? GB_RING - 1 : threads;
+    gb_ring r;
+    memset(&r, 0, sizeof r);
     ra_status s = RA_OK;
     for (size_t h = 0; h < n_heads; h++) {
         ra_gpu_graph_head *hd = &heads[h];
+        ra_gpu_graph_params *ph = &r.p[h % GB_RING]; /* free: fewer than GB_RING in flight */
         int32_t *occ = NULL;
         s = gb_check(c, mem, dtype, hd->keys, hd->n_keys, hd->queries, hd->n_queries, dim, pp,
-                     hd->adj, hd->entries, &hd->n_entries, &p[h & 1]);
+                     hd->adj, hd->entries, &hd->n_entries, ph);
         if (s == RA_OK && !(occ = calloc(hd->n_keys, sizeof *occ)))
             s = ra_gpu_fail(c, RA_ENOMEM, "graph build: %zu counts", hd->n_keys);
         if (s == RA_OK) {
             memset(&hd->stats, 0, sizeof hd->stats);
             double t0 = ra_now_s();
-            s = gb_rows(c, mem, dtype, hd->keys, hd->n_keys, hd->queries, hd->n_queries, dim,
-                        &p[h & 1], hd->adj, occ, hd->lists, &hd->stats);
+            s = gb_rows(c, mem, dtype, hd->keys, hd->n_keys, hd->queries, hd->n_queries, dim, ph,
+                        hd->adj, occ, hd->lists, &hd->stats);
             hd->stats.total_s = ra_now_s() - t0;
         }
-        if (s != RA_OK && n_heads > 1) /* the message names the head (c->err copied first) */
-            s = ra_gpu_fail(c, s, "graph build of head %zu: %s", h, c->err);
-        if (running) { /* the previous head's host steps, overlapped with these rows */
-            gb_job *pj = &job[(h - 1) & 1];
-            pthread_join(th, NULL);
-            running = 0;
-            free(pj->occ);
-            if (pj->s != RA_OK) /* the earlier head's failure is the one reported */
-                s = ra_gpu_fail(c, pj->s, "graph build of head %zu: entries or connectivity: %s",
-                                h - 1, ra_strerror(pj->s));
-            else if (n_done)
-                *n_done = h;
-        }
         if (s != RA_OK) {
+            if (n_heads > 1) /* the message names the head (c->err copied first) */
+                s = ra_gpu_fail(c, s, "graph build of head %zu: %s", h, c->err);
             free(occ);
             break;
         }
-        gb_job *j = &job[h & 1];
-        *j = (gb_job){.h = hd, .p = &p[h & 1], .occ = occ, .backend = c->ops->name};
-        if (h + 1 < n_heads && pthread_create(&th, NULL, gb_finish_main, j) == 0) {
-            running = 1;
+        gb_job *j = &r.job[h % GB_RING];
+        *j = (gb_job){.h = hd, .p = ph, .occ = occ, .backend = c->ops->name};
+        while (r.next - r.first >= (size_t)threads) /* room for this head's thread */
+            gb_join(c, &r);
+        if (r.s != RA_OK) { /* an earlier head failed: no more */
+            free(occ);
+            break;
+        }
+        if (h + 1 < n_heads && pthread_create(&r.th[h % GB_RING], NULL, gb_finish_main, j) == 0) {
+            r.next = h + 1;
             continue;
         }
-        /* the last head (nothing to overlap with), or no thread: on this one */
+        /* the last head (nothing to overlap with), or no thread: on this one, after the
+         * earlier heads */
+        while (r.first < r.next)
+            gb_join(c, &r);
+        if (r.s != RA_OK) {
+            free(occ);
+            break;
+        }
         s = gb_finish_head(c, j);
         free(occ);
-        if (s != RA_OK && n_heads > 1)
-            s = ra_gpu_fail(c, s, "graph build of head %zu: %s", h, c->err);
-        else if (s == RA_OK && n_done)
-            *n_done = h + 1;
-        if (s != RA_OK)
+        j->occ = NULL;
+        if (s != RA_OK) {
+            if (n_heads > 1)
+                s = ra_gpu_fail(c, s, "graph build of head %zu: %s", h, c->err);
             break;
+        }
+        r.first = r.next = r.ok = h + 1;
     }
+    while (r.first < r.next)
+        gb_join(c, &r);
+    if (r.s != RA_OK) /* an earlier head's failure is the one reported */
+        s = r.s;
+    if (n_done)
+        *n_done = r.ok;
     return s;
 }
 

@@ -347,6 +347,27 @@ static void build_heads_on(ra_gpu_backend be, ra_dtype t)
         free(ids);
         free(sc);
     }
+    /* more heads than build_heads keeps in flight (one on the device, at most four on host
+     * threads): the ring's slots are reused and every head still equals its own build */
+    {
+        enum { W = 7 };
+        ra_gpu_graph_head wh[W];
+        for (int h = 0; h < W; h++) {
+            wh[h] = hd[h % H];
+            wh[h].adj = malloc(n[h % H] * 48 * sizeof(int32_t));
+            wh[h].entries = malloc(1024 * sizeof(int32_t));
+            wh[h].lists = NULL;
+        }
+        assert_int_equal(ra_gpu_graph_build_heads(c, RA_GPU_MEM_HOST, t, DIM, &p, wh, W, &done),
+                         RA_OK);
+        assert_int_equal(done, W);
+        for (int h = 0; h < W; h++) {
+            assert_int_equal(wh[h].n_entries, one[h % H].ne);
+            assert_memory_equal(wh[h].adj, one[h % H].adj, n[h % H] * 48 * sizeof(int32_t));
+            free(wh[h].adj);
+            free(wh[h].entries);
+        }
+    }
     /* head 1 without keys: RA_ESHAPE naming nothing built after head 0 */
     hd[1].n_keys = 0;
     memset(hd[0].adj, 0xff, n[0] * 48 * sizeof(int32_t));
