@@ -122,6 +122,11 @@ __device__ unsigned block_rank(bool f, unsigned *base, unsigned *wsum)
  * floats per warp (prune_scalar), or the MMA rounds' rows (prune_mma; pr_tail
  * has the sizes). */
 #define PR_R 16 /* candidates a round of prune_mma: one m16 tile */
+/* prune_mma: a kept row's slot fits a byte, 0xff free; the last n-tile of the kept rows
+ * (8 rows) may reach 7 rows past M, into the round's rows, which follow them (its dots
+ * are masked by the kept count) */
+static_assert(RA_GPU_GRAPH_MAX_DEGREE <= 255, "prune_mma's slot (at most degree - 1) is a byte");
+static_assert(PR_R >= 7, "the kept rows' last n-tile stays inside the tail");
 template <unsigned C> struct prune_smem {
     unsigned long long ck[C];
     int kept[RA_GPU_GRAPH_MAX_DEGREE];
@@ -914,8 +919,10 @@ static ra_status top_lists(ra_gpu_cache *c, struct cuda_graph *g, gb_mem &mem_, 
     static ra_env_once sym_once;
     const int sym_env = ra_env_int(&sym_once, "RA_GPU_MMA_SYM", -1);
     const bool sym = rows == keys && nrows == n && room / n >= MT_SYM_CAP &&
+                     room / n >= 4 * (size_t)k && /* E = cap / 2 >= 2k: mma_stride */
                      (sym_env == 1 || (sym_env < 0 && n >= MT_SYM_MIN_N));
     const unsigned cap = sym ? (unsigned)(room / n < MT_CAP ? room / n : MT_CAP) : MT_CAP;
+    /* (cap <= MT_CAP: mt_select_kernel's shared buffer) */
     size_t chunk = sym ? nrows : room / MT_CAP;
     chunk -= sym ? 0 : chunk % MT_BM;
     unsigned rank = 0;

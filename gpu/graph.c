@@ -280,6 +280,7 @@ typedef struct gb_job {
     int32_t *occ;
     ra_status s;
     const char *backend;
+    int finished; /* set (atomically) by its thread when s is final */
 } gb_job;
 
 static ra_status gb_finish_head(ra_gpu_cache *c, gb_job *j)
@@ -299,7 +300,9 @@ static ra_status gb_finish_head(ra_gpu_cache *c, gb_job *j)
 
 static void *gb_finish_main(void *arg)
 {
-    gb_finish_head(NULL, arg);
+    gb_job *j = arg;
+    gb_finish_head(NULL, j);
+    __atomic_store_n(&j->finished, 1, __ATOMIC_RELEASE);
     return NULL;
 }
 
@@ -354,6 +357,13 @@ ra_status ra_gpu_graph_build_heads(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dty
         ra_gpu_graph_head *hd = &heads[h];
         ra_gpu_graph_params *ph = &r.p[h % GB_RING]; /* free: fewer than GB_RING in flight */
         int32_t *occ = NULL;
+        /* the heads whose host steps have finished, so that a failure stops the loop
+         * before another head's device steps */
+        while (r.first < r.next &&
+               __atomic_load_n(&r.job[r.first % GB_RING].finished, __ATOMIC_ACQUIRE))
+            gb_join(c, &r);
+        if (r.s != RA_OK)
+            break;
         s = gb_check(c, mem, dtype, hd->keys, hd->n_keys, hd->queries, hd->n_queries, dim, pp,
                      hd->adj, hd->entries, &hd->n_entries, ph);
         if (s == RA_OK && !(occ = calloc(hd->n_keys, sizeof *occ)))

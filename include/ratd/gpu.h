@@ -278,13 +278,14 @@ typedef struct ra_gpu_graph_head {
 } ra_gpu_graph_head;
 
 /* The graphs of several heads (a layer's KV heads), each exactly as ra_gpu_graph_build
- * builds it, one after the other on the device, while the host steps of each head
- * (entries and connectivity, 30-45 ms of a ~180 ms head at 131K keys on CUDA) run on a
- * thread of their own beside the device steps of the next (the last head's on the
- * caller's thread). Stops at the first failure
- * and returns it, as ra_gpu_graph_build would, with the head's index in the message
- * (ra_gpu_cache_last_error); *n_done (may be NULL): the heads before it, whose outputs
- * are complete. */
+ * builds it, one after the other on the device, while the host steps of earlier heads
+ * (entries and connectivity, ~40-55 ms of a ~75 ms head at 131K keys on CUDA) run on
+ * threads of their own, up to 3 (RA_GPU_GRAPH_HOST_THREADS, 1-4), beside the device
+ * steps of the next (the last head's on the caller's thread). Stops at the first failure
+ * (a host step's is seen before the next head starts, or when the heads in flight are
+ * joined) and returns the earliest head's, as ra_gpu_graph_build would, with the head's
+ * index in the message (ra_gpu_cache_last_error); *n_done (may be NULL): the heads
+ * before it, whose outputs are complete. */
 ra_status ra_gpu_graph_build_heads(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype,
                                    unsigned dim, const ra_gpu_graph_params *p,
                                    ra_gpu_graph_head *heads, size_t n_heads, size_t *n_done);
