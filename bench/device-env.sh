@@ -1,6 +1,7 @@
 # bench/device-env.sh: sourced by the device scripts (bench/*/device-run*.sh) on a CUDA
 # machine without package access. Unpacks the project's C dependencies (.dev/deps/
-# prefix.tar.xz, made by shared/tools/pack-deps.sh) into /tmp/ra-deps, points PATH,
+# prefix.tar.xz, made by bench/pack-device-deps.sh: shared/tools/pack-deps.sh plus
+# libmicrohttpd) into /tmp/ra-deps, points PATH,
 # LD_LIBRARY_PATH and pkg-config at them (pkgconf itself from .dev/deps/*.deb when the
 # machine lacks it) and sets P (the prefix's usr) and RA_DEPS_CMAKE (the CMake arguments
 # that find them). Without the tarball it sets nothing: the system's packages are used.
