@@ -160,6 +160,26 @@ static __host__ __device__ __forceinline__ size_t pr_bytes(unsigned dim, unsigne
     return pr_align(sizeof(prune_smem<C>)) + pr_tail(dim, M, mma);
 }
 
+/* the next (at most want) distinct candidates from ck[*i] into bi, their number returned
+ * (a repeated id: one id, one dot, one key) */
+template <unsigned C>
+__device__ __forceinline__ unsigned pr_round(const prune_smem<C> *sm, unsigned P, unsigned *i,
+                                             unsigned *bi, unsigned want)
+{
+    unsigned nb = 0;
+    while (nb < want && *i < P) {
+        unsigned long long k = sm->ck[*i];
+        if (k == ~0ull) {
+            *i = P;
+            break;
+        }
+        if (*i == 0 || sm->ck[*i - 1] != k)
+            bi[nb++] = *i;
+        (*i)++;
+    }
+    return nb;
+}
+
 /* The greedy occlusion rule (cpu_graph.c prune()) over the candidates sorted in sm->ck
  * (P entries, ~0 padded), one warp a candidate: a round takes the next GB_WARPS candidates
  * at once, a warp each: its candidate against every key kept before the round, and
@@ -175,17 +195,8 @@ __device__ void prune_scalar(const T *keys, unsigned dim, unsigned P, unsigned M
     float *cw = cf + (size_t)w * dim; /* this warp's candidate */
     for (unsigned i = 0;;) {
         /* the round: the next GB_WARPS distinct ids (every thread finds the same) */
-        unsigned bi[GB_WARPS], nb = 0;
-        while (nb < GB_WARPS && i < P) {
-            unsigned long long k = sm->ck[i];
-            if (k == ~0ull) {
-                i = P;
-                break;
-            }
-            if (i == 0 || sm->ck[i - 1] != k) /* a repeated id: one id, one dot, one key */
-                bi[nb++] = i;
-            i++;
-        }
+        unsigned bi[GB_WARPS];
+        const unsigned nb = pr_round(sm, P, &i, bi, GB_WARPS);
         const unsigned nk = sm->n_kept;
         if (nb == 0 || nk >= M)
             break;
@@ -243,24 +254,6 @@ __device__ void prune_scalar(const T *keys, unsigned dim, unsigned P, unsigned M
     }
 }
 
-/* the next PR_R distinct candidates from ck[*i] into sm->bi / sm->nb (thread 0) */
-template <unsigned C>
-__device__ __forceinline__ void pr_next_round(prune_smem<C> *sm, unsigned P, unsigned *i)
-{
-    unsigned nb = 0;
-    while (nb < PR_R && *i < P) {
-        unsigned long long k = sm->ck[*i];
-        if (k == ~0ull) {
-            *i = P;
-            break;
-        }
-        if (*i == 0 || sm->ck[*i - 1] != k)
-            sm->bi[nb++] = *i;
-        (*i)++;
-    }
-    sm->nb = nb;
-}
-
 /* The same rule as prune_scalar, PR_R candidates a round, their dots by tensor-core MMA
  * (bf16/f16 rows of dim a multiple of 16, fp32 accumulation; code for sm_80+): the
  * round's rows against the kept keys' rows, which stay in shared memory as they are kept,
@@ -283,7 +276,7 @@ __device__ void prune_mma(const T *keys, unsigned dim, unsigned P, unsigned M, p
     const unsigned ch = dim * 2 / 16; /* 16-byte chunks of a row */
     unsigned i = 0;                   /* thread 0's place in ck */
     if (threadIdx.x == 0)
-        pr_next_round(sm, P, &i);
+        sm->nb = pr_round(sm, P, &i, sm->bi, PR_R);
     __syncthreads();
     for (;;) {
         const unsigned nb = sm->nb, nk = sm->n_kept;
@@ -316,7 +309,7 @@ __device__ void prune_mma(const T *keys, unsigned dim, unsigned P, unsigned M, p
                 unsigned a[4], bf[2];
                 mt_ldsm4(a, crow + (size_t)(lane % 16) * S + k0 + (lane / 16) * 8);
                 mt_ldsm2(bf, brow + (size_t)(lane % 8) * S + k0 + ((lane / 8) % 2) * 8);
-                mt_mma<T>::run(acc, a, bf);
+                mt_mma<T>(acc, a, bf);
             }
 #pragma unroll
             for (int e = 0; e < 4; e++) {
@@ -343,7 +336,7 @@ __device__ void prune_mma(const T *keys, unsigned dim, unsigned P, unsigned M, p
                     kept_mask |= 1u << b;
                 }
             }
-            pr_next_round(sm, P, &i);
+            sm->nb = pr_round(sm, P, &i, sm->bi, PR_R);
         }
         __syncthreads();
         /* the kept candidates' rows join the kept keys' */
@@ -359,13 +352,13 @@ __device__ void prune_mma(const T *keys, unsigned dim, unsigned P, unsigned M, p
 }
 
 /* Scores ids[0..nc) (in shared memory; u and -1 skipped) against key u, sorts, prunes
- * into row (M slots, -1 padded): cpu_graph.c prune(). ur must hold u's row; tail is the
- * pruning's tail (pr_tail: mma says which). */
+ * into row (M slots, -1 padded): cpu_graph.c prune(). ur must hold u's row; sm is
+ * followed by the pruning's tail (pr_bytes: mma says which). */
 template <typename T, unsigned C>
 __device__ void prune_block(const T *keys, unsigned dim, int u, const int *ids, unsigned nc,
-                            unsigned M, prune_smem<C> *sm, const float *ur, unsigned char *tail,
-                            int mma, int *row)
+                            unsigned M, prune_smem<C> *sm, const float *ur, int mma, int *row)
 {
+    unsigned char *tail = reinterpret_cast<unsigned char *>(sm) + pr_align(sizeof(prune_smem<C>));
     const unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32;
     unsigned P = 1;
     while (P < nc)
@@ -419,14 +412,16 @@ template <unsigned C> struct proj_smem {
     unsigned hist[RA_GPU_GRAPH_LISTS + 2];
     unsigned m, nd, nc, base, wsum[GB_WARPS], thr, need;
 };
-template <unsigned C> static __host__ __device__ __forceinline__ size_t proj_region(unsigned dim)
+/* a kernel's block of shared memory: its struct S, the key's row (dim floats) right after
+ * it, and from this offset its region (the pruning's, or what shares the room) */
+template <typename S> static __host__ __device__ __forceinline__ size_t blk_region(unsigned dim)
 {
-    return pr_align(sizeof(proj_smem<C>)) + pr_align((size_t)dim * sizeof(float));
+    return pr_align(sizeof(S)) + pr_align((size_t)dim * sizeof(float));
 }
 template <unsigned C> static size_t proj_bytes(unsigned dim, unsigned M, int mma)
 {
     size_t r = pr_bytes<C>(dim, M, mma), ms = (size_t)GB_MS * sizeof(unsigned);
-    return proj_region<C>(dim) + (r > ms ? r : ms);
+    return blk_region<proj_smem<C>>(dim) + (r > ms ? r : ms);
 }
 
 /* the length of the run of equal ids that starts at ms[i] (at most LISTS + 1 long) */
@@ -449,7 +444,7 @@ __global__ void __launch_bounds__(GB_THREADS)
     extern __shared__ __align__(16) unsigned char smraw[];
     proj_smem<C> *sm = reinterpret_cast<proj_smem<C> *>(smraw);
     float *ur = reinterpret_cast<float *>(smraw + pr_align(sizeof(proj_smem<C>)));
-    unsigned char *region = smraw + proj_region<C>(dim);
+    unsigned char *region = smraw + blk_region<proj_smem<C>>(dim);
     unsigned *ms = reinterpret_cast<unsigned *>(region); /* then the pruning's (pr) */
     prune_smem<C> *pr = reinterpret_cast<prune_smem<C> *>(region);
     const int u = (int)blockIdx.x;
@@ -551,8 +546,7 @@ __global__ void __launch_bounds__(GB_THREADS)
         sm->nc = nc;
     }
     __syncthreads();
-    prune_block<T, C>(keys, dim, u, sm->cand, sm->nc, M, pr, ur,
-                      region + pr_align(sizeof(prune_smem<C>)), mma, adj1 + (size_t)u * M);
+    prune_block<T, C>(keys, dim, u, sm->cand, sm->nc, M, pr, ur, mma, adj1 + (size_t)u * M);
 }
 
 /* the reverse pass's shared memory: this struct, key v's row (dim floats), the pruning's
@@ -561,13 +555,9 @@ struct rev_smem {
     int cand[RA_GPU_GRAPH_REV_CAP];
     unsigned base, wsum[GB_WARPS], deg;
 };
-static __host__ __device__ __forceinline__ size_t rev_region(unsigned dim)
-{
-    return pr_align(sizeof(rev_smem)) + pr_align((size_t)dim * sizeof(float));
-}
 template <unsigned C> static size_t rev_bytes(unsigned dim, unsigned M, int mma)
 {
-    return rev_region(dim) + pr_bytes<C>(dim, M, mma);
+    return blk_region<rev_smem>(dim) + pr_bytes<C>(dim, M, mma);
 }
 
 /* One block per key v: its row then the sources of its incoming edges (ioff/isrc, in id
@@ -615,12 +605,12 @@ __global__ void __launch_bounds__(GB_THREADS)
         return;
     }
     float *ur = reinterpret_cast<float *>(smraw + pr_align(sizeof(rev_smem)));
-    unsigned char *region = smraw + rev_region(dim);
+    unsigned char *region = smraw + blk_region<rev_smem>(dim);
     for (unsigned d = threadIdx.x; d < dim; d += blockDim.x)
         ur[d] = gf(keys[(size_t)v * dim + d]);
     __syncthreads();
     prune_block<T, C>(keys, dim, v, sm->cand, nc, M, reinterpret_cast<prune_smem<C> *>(region), ur,
-                      region + pr_align(sizeof(prune_smem<C>)), mma, row);
+                      mma, row);
 }
 
 __global__ void iota_kernel(unsigned *a, size_t n)
@@ -923,8 +913,7 @@ static ra_status top_lists(ra_gpu_cache *c, struct cuda_graph *g, gb_mem &mem_, 
                      (sym_env == 1 || (sym_env < 0 && n >= MT_SYM_MIN_N));
     const unsigned cap = sym ? (unsigned)(room / n < MT_CAP ? room / n : MT_CAP) : MT_CAP;
     /* (cap <= MT_CAP: mt_select_kernel's shared buffer) */
-    size_t chunk = sym ? nrows : room / MT_CAP;
-    chunk -= sym ? 0 : chunk % MT_BM;
+    const size_t chunk = sym ? nrows : room / MT_CAP / MT_BM * MT_BM;
     unsigned rank = 0;
     size_t stride = mma_stride(IMPL(c)->device, t, dim, rows, keys, n, k,
                                cap / 2 < MT_CAP / 4 ? cap / 2 : MT_CAP / 4, &rank);

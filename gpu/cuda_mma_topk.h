@@ -30,6 +30,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #define MT_BM 128      /* rows of a block */
 #define MT_BN MT_BM    /* keys of a stage (mt_stage stages both with MT_BM rows) */
 #define MT_THREADS 256 /* 8 warps: 2 (rows, 64 each) x 4 (keys, 32 each) */
@@ -48,33 +50,28 @@
 #define MT_OLD_ARCH 0
 #endif
 
-template <typename T> struct mt_mma;
-template <> struct mt_mma<__nv_bfloat16> {
-    static __device__ __forceinline__ void run(float *c, const unsigned *a, const unsigned *b)
-    {
+/* c (16 x 8 fp32) += a (16 x 16) b (16 x 8) of T, bf16 or f16 (the instruction's type
+ * must be a literal: one asm text, the type pasted in) */
+#define MT_MMA_ASM(AB)                                                                             \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." AB "." AB ".f32 "                        \
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                         \
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                  \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
+template <typename T>
+static __device__ __forceinline__ void mt_mma(float *c, const unsigned *a, const unsigned *b)
+{
+    static_assert(std::is_same<T, __nv_bfloat16>::value || std::is_same<T, __half>::value,
+                  "bf16 or f16");
 #if MT_OLD_ARCH
-        __trap();
+    __trap();
 #else
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                     "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    if constexpr (std::is_same<T, __nv_bfloat16>::value)
+        MT_MMA_ASM("bf16");
+    else
+        MT_MMA_ASM("f16");
 #endif
-    }
-};
-template <> struct mt_mma<__half> {
-    static __device__ __forceinline__ void run(float *c, const unsigned *a, const unsigned *b)
-    {
-#if MT_OLD_ARCH
-        __trap();
-#else
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-                     "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-    }
-};
+}
+#undef MT_MMA_ASM
 
 static __device__ __forceinline__ void mt_ldsm4(unsigned *r, const void *p)
 {
@@ -211,7 +208,7 @@ static __global__ void __launch_bounds__(MT_THREADS, 2)
             for (int mi = 0; mi < 4; mi++)
 #pragma unroll
                 for (int ni = 0; ni < 4; ni++)
-                    mt_mma<T>::run(acc[mi][ni], a[mi], b[ni]);
+                    mt_mma<T>(acc[mi][ni], a[mi], b[ni]);
         }
         /* the epilogue: scores that reach their row's threshold, of keys < n. A thread
          * holds 8 scores of each of its 8 rows: a row's maximum against its threshold
