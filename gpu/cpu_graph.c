@@ -127,11 +127,12 @@ static int prune(const float *kf, unsigned dim, int32_t u, const int32_t *c, int
     return kept;
 }
 
-ra_status ra_gpu_cpu_graph_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype t, const void *keys,
-                                size_t n, const void *qs, size_t nq, unsigned dim,
+ra_status ra_gpu_cpu_graph_rows(ra_gpu_cache *c, int lane, ra_gpu_mem mem, ra_dtype t,
+                                const void *keys, size_t n, const void *qs, size_t nq, unsigned dim,
                                 const ra_gpu_graph_params *p, int32_t *adj, int32_t *occ,
                                 int32_t *lists, ra_gpu_graph_stats *st)
 {
+    (void)lane; /* one lane (no graph_lanes): calls never overlap */
     (void)mem;
     ra_status s = RA_OK;
     const unsigned K = nq ? p->knn : 0, L = p->key_knn, M = p->degree;

@@ -1066,4 +1066,5 @@ extern "C" const ra_gpu_ops ra_gpu_cuda_ops = {
     cuda_stream,
     cuda_check_dev,
     ra_gpu_cuda_graph_rows,
+    ra_gpu_cuda_graph_lanes,
 };

@@ -28,12 +28,11 @@ struct cuda_graph {
     cudaEvent_t tev[5]; /* GEMM done [2], top-k done [2] (per tile buffer), the join */
 };
 
-void ra_gpu_cuda_graph_fini(ra_gpu_cache *c)
+static void lane_fini(cuda_impl *m, int lane)
 {
-    cuda_impl *m = IMPL(c);
-    if (!m || !m->graph)
+    struct cuda_graph *g = m->graph[lane];
+    if (!g)
         return;
-    struct cuda_graph *g = m->graph;
     if (g->s)
         cudaStreamSynchronize(g->s);
     if (g->blas)
@@ -52,7 +51,32 @@ void ra_gpu_cuda_graph_fini(ra_gpu_cache *c)
         cudaStreamDestroy(g->s);
     cudaGetLastError();
     free(g);
-    m->graph = NULL;
+    m->graph[lane] = NULL;
+}
+
+void ra_gpu_cuda_graph_fini(ra_gpu_cache *c)
+{
+    cuda_impl *m = IMPL(c);
+    for (int i = 0; m && i < RA_GPU_GRAPH_LANES; i++)
+        lane_fini(m, i);
+}
+
+/* Two lanes where the device's free memory holds two heads' peak and a quarter more
+ * (RA_GPU_GRAPH_LANES 1-2 asks for fewer or as many); called with no build running. */
+int ra_gpu_cuda_graph_lanes(ra_gpu_cache *c, size_t peak)
+{
+    static ra_env_once once;
+    int want = ra_env_int(&once, "RA_GPU_GRAPH_LANES", RA_GPU_GRAPH_LANES);
+    want = want < 1 ? 1 : want > RA_GPU_GRAPH_LANES ? RA_GPU_GRAPH_LANES : want;
+    size_t fr = 0, total = 0;
+    if (want == 1 || cudaSetDevice(IMPL(c)->device) != cudaSuccess ||
+        cudaMemGetInfo(&fr, &total) != cudaSuccess) {
+        cudaGetLastError();
+        return 1;
+    }
+    size_t need = peak + peak / 4;
+    int lanes = need ? (int)(fr / need) : want;
+    return lanes < 1 ? 1 : lanes < want ? lanes : want;
 }
 
 /* ---- device helpers ---------------------------------------------------------------- */
@@ -1024,10 +1048,10 @@ static unsigned bits_for(size_t v)
     return b;
 }
 
-ra_status ra_gpu_cuda_graph_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype t, const void *keys,
-                                 size_t n, const void *qs, size_t nq, unsigned dim,
-                                 const ra_gpu_graph_params *p, int32_t *adj, int32_t *occ,
-                                 int32_t *lists, ra_gpu_graph_stats *st)
+ra_status ra_gpu_cuda_graph_rows(ra_gpu_cache *c, int lane, ra_gpu_mem mem, ra_dtype t,
+                                 const void *keys, size_t n, const void *qs, size_t nq,
+                                 unsigned dim, const ra_gpu_graph_params *p, int32_t *adj,
+                                 int32_t *occ, int32_t *lists, ra_gpu_graph_stats *st)
 {
     ra_status s = RA_OK;
     int committed = 0;
@@ -1045,12 +1069,14 @@ ra_status ra_gpu_cuda_graph_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype t, co
         return ra_gpu_fail(c, RA_ENOTSUP,
                            "CUDA graph build: 4 x degree + key_knn = %zu candidates (max %d)",
                            4 * (size_t)M + L, GB_CAND);
+    if (lane < 0 || lane >= RA_GPU_GRAPH_LANES)
+        return ra_gpu_fail(c, RA_EINTERNAL, "CUDA graph build: lane %d", lane);
     CK(cudaSetDevice(m->device));
-    if (!m->graph) {
+    if (!m->graph[lane]) {
         g = (struct cuda_graph *)calloc(1, sizeof *g);
         if (!g)
             return ra_gpu_fail(c, RA_ENOMEM, "CUDA graph build state");
-        m->graph = g;
+        m->graph[lane] = g;
         CK(cudaStreamCreateWithFlags(&g->s, cudaStreamNonBlocking));
         CKB(cublasCreate(&g->blas));
         CKB(cublasSetStream(g->blas, g->s));
@@ -1060,7 +1086,7 @@ ra_status ra_gpu_cuda_graph_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype t, co
         for (int i = 0; i < 5; i++)
             CK(cudaEventCreateWithFlags(&g->tev[i], cudaEventDisableTiming));
     }
-    g = m->graph;
+    g = m->graph[lane];
     {
         const void *dk = keys, *dq = qs;
         float *tile[2] = {NULL, NULL}, *lsc = NULL;
@@ -1189,16 +1215,17 @@ ra_status ra_gpu_cuda_graph_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype t, co
     }
     return RA_OK;
 fail:
-    if (m->graph && m->graph->s2 && !c->broken) /* its top-k may still read a tile */
-        cudaStreamSynchronize(m->graph->s2);
-    if (m->graph && m->graph->s) {
-        gb_free(&mem_, m->graph->s);
+    g = m->graph[lane];
+    if (g && g->s2 && !c->broken) /* its top-k may still read a tile */
+        cudaStreamSynchronize(g->s2);
+    if (g && g->s) {
+        gb_free(&mem_, g->s);
         if (!c->broken)
-            cudaStreamSynchronize(m->graph->s);
+            cudaStreamSynchronize(g->s);
         cudaGetLastError();
     }
     /* made only in part: again next time */
-    if (m->graph && (!m->graph->blas || !m->graph->ev[5] || !m->graph->tev[4]))
-        ra_gpu_cuda_graph_fini(c);
+    if (g && (!g->blas || !g->ev[5] || !g->tev[4]))
+        lane_fini(m, lane);
     return s;
 }

@@ -41,7 +41,8 @@ struct cuda_impl {
     size_t scratch_bytes;
     void *bounce[2];
     cudaEvent_t bounce_ev[2];
-    struct cuda_graph *graph; /* the graph build's stream and cuBLAS handle (cuda_graph.cu) */
+    struct cuda_graph *graph[RA_GPU_GRAPH_LANES]; /* the graph build's lanes: streams, cuBLAS
+                                                     handle (cuda_graph.cu) */
 };
 
 static inline const char *err_name(cudaError_t e)
@@ -111,10 +112,11 @@ static inline cudaDataType blas_type(ra_dtype t)
 /* cuda_graph.cu */
 struct cuda_graph;
 void ra_gpu_cuda_graph_fini(ra_gpu_cache *c);
-ra_status ra_gpu_cuda_graph_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype,
-                                 const void *keys, size_t n, const void *q, size_t nq,
-                                 unsigned dim, const ra_gpu_graph_params *p, int32_t *adj,
-                                 int32_t *occ, int32_t *lists, ra_gpu_graph_stats *st);
+ra_status ra_gpu_cuda_graph_rows(ra_gpu_cache *c, int lane, ra_gpu_mem mem, ra_dtype dtype,
+                                 const void *keys, size_t n, const void *q, size_t nq, unsigned dim,
+                                 const ra_gpu_graph_params *p, int32_t *adj, int32_t *occ,
+                                 int32_t *lists, ra_gpu_graph_stats *st);
+int ra_gpu_cuda_graph_lanes(ra_gpu_cache *c, size_t peak);
 
 /* (static: one copy per .cu file, no separable compilation needed) */
 /* ---- kNN top-k selection ----------------------------------------------------------------- */

@@ -16,6 +16,13 @@
 #define RA_GPU_MAX_HEADS 1024u
 #define RA_GPU_MAX_TOPK 1024u
 
+static _Thread_local char *err_redirect;
+
+void ra_gpu_err_redirect(char *buf)
+{
+    err_redirect = buf;
+}
+
 ra_status ra_gpu_fail(ra_gpu_cache *c, ra_status s, const char *fmt, ...)
 {
     char buf[512];
@@ -23,7 +30,9 @@ ra_status ra_gpu_fail(ra_gpu_cache *c, ra_status s, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(buf, sizeof buf, fmt, ap);
     va_end(ap);
-    if (c)
+    if (err_redirect)
+        memcpy(err_redirect, buf, sizeof buf);
+    else if (c)
         memcpy(c->err, buf, sizeof buf);
     if (s == RA_EDEVICE || s == RA_EINTERNAL)
         RA_ERROR("gpu: %s", buf);

@@ -32,22 +32,51 @@ static int cmp_u64(const void *a, const void *b)
 }
 
 /* entries: the most frequent keys of the query lists (count desc, id asc), half of
- * them, then evenly spaced keys offset by the seed (index/graph_build.c's rule) */
+ * them, then evenly spaced keys offset by the seed (index/graph_build.c's rule). The
+ * frequent half by one pass with a heap of that many ranks (worst on top): O(n log T),
+ * not a sort of every key (~15 ms of a 131K-key head's host steps). */
 static ra_status pick_entries(ra_gpu_cache *c, const int32_t *occ, size_t n, int have_q,
                               unsigned want, uint64_t seed, int32_t *entries, unsigned *n_out)
 {
     unsigned ne = want > n ? (unsigned)n : want, k = 0;
-    uint64_t *rank = malloc((n ? n : 1) * sizeof *rank);
-    if (!rank)
-        return ra_gpu_fail(c, RA_ENOMEM, "graph build: entry ranking of %zu keys", n);
-    size_t m = 0;
-    for (size_t i = 0; i < n; i++)
-        if (occ[i] > 0)
-            rank[m++] = (uint64_t)(UINT32_MAX - (uint32_t)occ[i]) << 32 | (uint32_t)i;
-    qsort(rank, m, sizeof *rank, cmp_u64);
     unsigned hh = have_q ? (ne + 1) / 2 : 0;
-    for (size_t i = 0; i < m && k < hh; i++)
-        entries[k++] = (int32_t)(uint32_t)rank[i];
+    uint64_t *top = malloc((hh ? hh : 1) * sizeof *top);
+    if (!top)
+        return ra_gpu_fail(c, RA_ENOMEM, "graph build: entry ranking of %u keys", hh);
+    unsigned m = 0;
+    for (size_t i = 0; i < n && hh; i++) {
+        if (occ[i] <= 0)
+            continue;
+        uint64_t r = (uint64_t)(UINT32_MAX - (uint32_t)occ[i]) << 32 | (uint32_t)i;
+        unsigned at;
+        if (m < hh) { /* sift up */
+            at = m++;
+            while (at > 0 && top[(at - 1) / 2] < r) {
+                top[at] = top[(at - 1) / 2];
+                at = (at - 1) / 2;
+            }
+            top[at] = r;
+            continue;
+        }
+        if (r >= top[0])
+            continue;
+        for (at = 0;;) { /* replace the worst, sift down */
+            unsigned ch = 2 * at + 1;
+            if (ch >= m)
+                break;
+            if (ch + 1 < m && top[ch + 1] > top[ch])
+                ch++;
+            if (top[ch] <= r)
+                break;
+            top[at] = top[ch];
+            at = ch;
+        }
+        top[at] = r;
+    }
+    qsort(top, m, sizeof *top, cmp_u64);
+    for (unsigned i = 0; i < m; i++)
+        entries[k++] = (int32_t)(uint32_t)top[i];
+    free(top);
     for (unsigned i = 0; k < ne && i < ne * 4; i++) {
         int32_t id = (int32_t)(((uint64_t)i * n + seed % n) / (uint64_t)ne % n);
         int dup = 0;
@@ -63,7 +92,6 @@ static ra_status pick_entries(ra_gpu_cache *c, const int32_t *occ, size_t n, int
         if (!dup)
             entries[k++] = (int32_t)i;
     }
-    free(rank);
     *n_out = k;
     return RA_OK;
 }
@@ -86,11 +114,25 @@ static int non_tree_slot(const int32_t *adj, const int32_t *parent, int32_t v, u
     return -1;
 }
 
+/* the first id of row v outside -1..n-1 (the backend's ids are checked before the host
+ * steps index by them: a device fault must not become a wild access), or -1 */
+static int bad_slot(const int32_t *adj, size_t v, unsigned M, size_t n)
+{
+    const int32_t *row = adj + v * M;
+    unsigned bad = M;
+    for (unsigned j = 0; j < M; j++) /* no early exit: vectorised */
+        bad = (uint32_t)(row[j] + 1) > (uint32_t)n && bad == M ? j : bad;
+    return bad < M ? (int)bad : -1;
+}
+
 /* BFS from the entries; each unreached key x (in id order) gets an edge from its best
  * reached out-neighbour with a free slot, else from the first reached key in BFS order
  * with one, and the BFS goes on from x. When every reached row is full, an edge that is
  * not in the BFS tree is replaced (the tree spans everything reached, so nothing
- * reached is lost). Reached keys stay reached: one pass, O(n M). */
+ * reached is lost). Reached keys stay reached: one pass, O(n M). Every row's ids are
+ * checked before any is used (each key is dequeued once; an unreached key's row is
+ * checked before its fix-up reads it), and the rows of the next keys in the queue are
+ * prefetched: the pass is bound by those random row reads. */
 static ra_status connect(ra_gpu_cache *c, int32_t *adj, size_t n, unsigned M,
                          const int32_t *entries, unsigned ne, size_t *forced)
 {
@@ -110,10 +152,23 @@ static ra_status connect(ra_gpu_cache *c, int32_t *adj, size_t n, unsigned M,
             parent[entries[i]] = -1;
             queue[qt++] = entries[i];
         }
+    enum { AHEAD = 12 }; /* rows in flight ahead of the BFS */
+    size_t row_bytes = (size_t)M * sizeof *adj;
     for (size_t x = 0;; x++) {
         while (qh < qt) {
+            if (qh + AHEAD < qt) {
+                const char *a = (const char *)(adj + (size_t)queue[qh + AHEAD] * M);
+                for (size_t o = 0; o < row_bytes; o += 64)
+                    __builtin_prefetch(a + o);
+            }
             int32_t u = queue[qh++];
             const int32_t *row = adj + (size_t)u * M;
+            int b = bad_slot(adj, (size_t)u, M, n);
+            if (b >= 0) {
+                s = ra_gpu_fail(c, RA_EINTERNAL, "graph build: the backend wrote id %d in row %zu",
+                                row[b], (size_t)u);
+                goto done;
+            }
             for (unsigned j = 0; j < M && row[j] >= 0; j++)
                 if (!seen[row[j]]) {
                     seen[row[j]] = 1;
@@ -128,6 +183,12 @@ static ra_status connect(ra_gpu_cache *c, int32_t *adj, size_t n, unsigned M,
         int32_t par = -1;
         int slot = -1;
         const int32_t *xr = adj + x * M;
+        int b = bad_slot(adj, x, M, n);
+        if (b >= 0) {
+            s = ra_gpu_fail(c, RA_EINTERNAL, "graph build: the backend wrote id %d in row %zu",
+                            xr[b], x);
+            break;
+        }
         for (unsigned j = 0; j < M && xr[j] >= 0 && par < 0; j++)
             if (seen[xr[j]] && row_deg(adj + (size_t)xr[j] * M, M) < M)
                 par = xr[j];
@@ -163,6 +224,7 @@ static ra_status connect(ra_gpu_cache *c, int32_t *adj, size_t n, unsigned M,
         parent[x] = par;
         queue[qt++] = (int32_t)x;
     }
+done:
     free(seen);
     free(queue);
     free(parent);
@@ -235,11 +297,12 @@ static ra_status gb_check(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype, const
     return RA_OK;
 }
 
-/* Steps 1-4 (the backend): rows into adj, the query-list counts of each key into occ. */
-static ra_status gb_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype, const void *keys,
-                         size_t n, const void *queries, size_t nq, unsigned dim,
-                         const ra_gpu_graph_params *p, int32_t *adj, int32_t *occ,
-                         int32_t *lists, ra_gpu_graph_stats *st)
+/* Steps 1-4 (the backend, on its build state `lane`): rows into adj, the query-list
+ * counts of each key into occ. */
+static ra_status gb_rows(ra_gpu_cache *c, int lane, ra_gpu_mem mem, ra_dtype dtype,
+                         const void *keys, size_t n, const void *queries, size_t nq, unsigned dim,
+                         const ra_gpu_graph_params *p, int32_t *adj, int32_t *occ, int32_t *lists,
+                         ra_gpu_graph_stats *st)
 {
     if (n == 1) { /* nothing to link; every list is the one key */
         for (unsigned j = 0; j < p->degree; j++)
@@ -250,21 +313,16 @@ static ra_status gb_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype, const 
     }
     if (!c->ops->graph_rows)
         return ra_gpu_fail(c, RA_ENOTSUP, "graph build: not in this backend");
-    return c->ops->graph_rows(c, mem, dtype, keys, n, queries, nq, dim, p, adj, occ, lists, st);
+    return c->ops->graph_rows(c, lane, mem, dtype, keys, n, queries, nq, dim, p, adj, occ, lists,
+                              st);
 }
 
-/* Steps 5-6 on the host, after a check of the backend's ids (these steps index by them:
- * a device fault must not become a wild access). c may be NULL (another thread's: then
- * failures are logged only). */
+/* Steps 5-6 on the host (connect() checks the backend's ids before it uses them). */
 static ra_status gb_finish(ra_gpu_cache *c, const int32_t *occ, size_t n, size_t nq,
                            const ra_gpu_graph_params *p, int32_t *adj, int32_t *entries,
                            unsigned *n_entries_out, ra_gpu_graph_stats *st)
 {
     double t1 = ra_now_s();
-    for (size_t i = 0; i < n * p->degree; i++)
-        if (adj[i] < -1 || adj[i] >= (int32_t)n)
-            return ra_gpu_fail(c, RA_EINTERNAL, "graph build: the backend wrote id %d in row %zu",
-                               adj[i], i / p->degree);
     ra_status s = pick_entries(c, occ, n, nq > 0, p->n_entries, p->seed, entries, n_entries_out);
     if (s == RA_OK)
         s = connect(c, adj, n, p->degree, entries, *n_entries_out, &st->forced_edges);
@@ -273,57 +331,103 @@ static ra_status gb_finish(ra_gpu_cache *c, const int32_t *occ, size_t n, size_t
     return s;
 }
 
-/* one head's host steps, on a thread of their own or the caller's */
-typedef struct gb_job {
-    ra_gpu_graph_head *h;
-    const ra_gpu_graph_params *p;
-    int32_t *occ;
-    ra_status s;
-    const char *backend;
-    int finished; /* set (atomically) by its thread when s is final */
-} gb_job;
-
-static ra_status gb_finish_head(ra_gpu_cache *c, gb_job *j)
+static void gb_log(const ra_gpu_graph_head *h, const char *backend)
 {
-    ra_gpu_graph_head *h = j->h;
     const ra_gpu_graph_stats *st = &h->stats;
-    j->s = gb_finish(c, j->occ, h->n_keys, h->n_queries, j->p, h->adj, h->entries,
-                     &h->n_entries, &h->stats);
-    if (j->s == RA_OK)
-        RA_DEBUG("gpu: graph of %zu keys from %zu queries (%s): knn %.3f, key->key %.3f, "
-                 "projection %.3f, reverse %.3f, copies %.3f, entries+connectivity %.3f s "
-                 "(%zu forced edges), total %.3f s",
-                 h->n_keys, h->n_queries, j->backend, st->knn_s, st->key_knn_s, st->project_s,
-                 st->reverse_s, st->copy_s, st->connect_s, st->forced_edges, st->total_s);
-    return j->s;
+    RA_DEBUG("gpu: graph of %zu keys from %zu queries (%s): knn %.3f, key->key %.3f, "
+             "projection %.3f, reverse %.3f, copies %.3f, entries+connectivity %.3f s "
+             "(%zu forced edges), total %.3f s",
+             h->n_keys, h->n_queries, backend, st->knn_s, st->key_knn_s, st->project_s,
+             st->reverse_s, st->copy_s, st->connect_s, st->forced_edges, st->total_s);
 }
 
-static void *gb_finish_main(void *arg)
+/* ---- several heads (ra_gpu_graph_build_heads) ----
+ * Each head in flight has a thread of its own that runs the head's device steps on a
+ * lane (the backend's own build state: on CUDA its streams and cuBLAS handle), then its
+ * host steps (~15-25 ms of a 131K-key head). At most `lanes` heads are in their device
+ * steps at once: one until the first head's device steps are done (or none, when an
+ * earlier call built a head of as many keys and queries: the cache keeps the peak), then
+ * what the backend says fits that head's peak memory (graph_lanes: CUDA 2, or
+ * RA_GPU_GRAPH_LANES 1-2; the CPU backend 1). A head's uploads, downloads, host-side
+ * launches and synchronisations leave the device idle, and a second head on the other
+ * lane fills those gaps (an H200, 8 heads of 131K keys: 0.650 -> 0.555 s). At most
+ * RA_GPU_GRAPH_HOST_THREADS (1-4, default 3) heads are in their host steps at once. Heads start in
+ * order, are joined in order, and none starts once one has failed; failure messages go to each
+ * head's own buffer (ra_gpu_err_redirect) and the earliest failed head's becomes the cache's. */
+#define GB_RING (RA_GPU_GRAPH_LANES + 4)
+
+typedef struct gb_ring gb_ring;
+
+typedef struct gb_job {
+    gb_ring *r;
+    ra_gpu_graph_head *h;
+    ra_gpu_graph_params p;
+    int32_t *occ;
+    int lane;
+    ra_status s;
+    int dev_done, done; /* under the ring's lock */
+    char err[512];      /* the head's failure message */
+} gb_job;
+
+struct gb_ring {
+    ra_gpu_cache *c;
+    ra_gpu_mem mem;
+    ra_dtype dtype;
+    unsigned dim;
+    int lanes, threads;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    gb_job job[GB_RING];
+    pthread_t th[GB_RING];
+    size_t first, next; /* heads [first, next) have threads, not joined (slot h % GB_RING) */
+    size_t ok;          /* heads [0, ok) are done */
+    int busy[RA_GPU_GRAPH_LANES];
+    int n_host;  /* heads in their host steps */
+    int failed;  /* a head has failed: start no more */
+    ra_status s; /* the first failure among the joined heads */
+};
+
+static void *gb_head_main(void *arg)
 {
     gb_job *j = arg;
-    gb_finish_head(NULL, j);
-    __atomic_store_n(&j->finished, 1, __ATOMIC_RELEASE);
+    gb_ring *r = j->r;
+    ra_gpu_graph_head *h = j->h;
+    ra_gpu_err_redirect(j->err);
+    double t0 = ra_now_s();
+    ra_status s = gb_rows(r->c, j->lane, r->mem, r->dtype, h->keys, h->n_keys, h->queries,
+                          h->n_queries, r->dim, &j->p, h->adj, j->occ, h->lists, &h->stats);
+    h->stats.total_s = ra_now_s() - t0;
+    pthread_mutex_lock(&r->mu);
+    r->busy[j->lane] = 0;
+    j->dev_done = 1;
+    r->failed |= s != RA_OK;
+    pthread_cond_broadcast(&r->cv);
+    while (s == RA_OK && r->n_host >= r->threads)
+        pthread_cond_wait(&r->cv, &r->mu);
+    r->n_host += s == RA_OK;
+    pthread_mutex_unlock(&r->mu);
+    if (s == RA_OK) {
+        s = gb_finish(r->c, j->occ, h->n_keys, h->n_queries, &j->p, h->adj, h->entries,
+                      &h->n_entries, &h->stats);
+        if (s == RA_OK)
+            gb_log(h, r->c->ops->name);
+        pthread_mutex_lock(&r->mu);
+        r->n_host--;
+    } else {
+        pthread_mutex_lock(&r->mu);
+    }
+    j->s = s;
+    j->done = 1;
+    r->failed |= s != RA_OK;
+    pthread_cond_broadcast(&r->cv);
+    pthread_mutex_unlock(&r->mu);
+    ra_gpu_err_redirect(NULL);
     return NULL;
 }
 
-/* Heads in flight in ra_gpu_graph_build_heads: one on the device, the host steps of at
- * most GB_RING - 1 earlier ones on threads of their own (RA_GPU_GRAPH_HOST_THREADS, 1 to
- * GB_RING - 1, default 3). The host steps of a 131K-key head (~40-55 ms) are close to its
- * device steps (~57 ms on an H200) and slow down beside the next head's copies, so one
- * thread alone made the device wait. */
-#define GB_RING 5
-typedef struct gb_ring {
-    gb_job job[GB_RING];
-    ra_gpu_graph_params p[GB_RING];
-    pthread_t th[GB_RING];
-    size_t first, next; /* heads [first, next) are on threads (slot h % GB_RING) */
-    size_t ok;          /* heads [0, ok) are done */
-    ra_status s;        /* the first failure among the joined heads */
-} gb_ring;
-
-/* joins the oldest head on a thread; heads are joined in order, so the first failure
- * seen is the earliest */
-static void gb_join(ra_gpu_cache *c, gb_ring *r)
+/* joins the oldest head (done), under the ring's lock: its thread only returns after
+ * `done`, so the join does not wait on the lock */
+static void gb_join(gb_ring *r)
 {
     size_t h = r->first++;
     gb_job *j = &r->job[h % GB_RING];
@@ -332,11 +436,91 @@ static void gb_join(ra_gpu_cache *c, gb_ring *r)
     j->occ = NULL;
     if (r->s != RA_OK)
         return;
-    if (j->s != RA_OK)
-        r->s = ra_gpu_fail(c, j->s, "graph build of head %zu: entries or connectivity: %s", h,
-                           ra_strerror(j->s));
-    else
-        r->ok = h + 1;
+    if (j->s != RA_OK) {
+        r->s = ra_gpu_fail(r->c, j->s, "graph build of head %zu: %s", h, j->err);
+        return;
+    }
+    r->ok = h + 1;
+    ra_gpu_cache *c = r->c; /* what the next call may assume of heads as large */
+    if (j->h->n_keys > c->graph_peak_n)
+        c->graph_peak_n = j->h->n_keys;
+    if (j->h->n_queries > c->graph_peak_nq)
+        c->graph_peak_nq = j->h->n_queries;
+    if (j->h->stats.device_bytes > c->graph_peak)
+        c->graph_peak = j->h->stats.device_bytes;
+}
+
+/* a free lane for the next head, once one is and the ring has room (-1: a head failed) */
+static int gb_lane(gb_ring *r, const ra_gpu_graph_head *heads, int *decided)
+{
+    for (;;) {
+        while (r->first < r->next && r->job[r->first % GB_RING].done)
+            gb_join(r);
+        if (r->failed || r->s != RA_OK)
+            return -1;
+        /* the first head alone, unless an earlier call measured a head as large */
+        if (!*decided) {
+            size_t peak = 0;
+            if (r->next == 0 && heads[0].n_keys <= r->c->graph_peak_n &&
+                heads[0].n_queries <= r->c->graph_peak_nq)
+                *decided = 1, peak = r->c->graph_peak;
+            else if (r->next > 0 && r->job[0].dev_done)
+                *decided = 1, peak = heads[0].stats.device_bytes;
+            if (*decided && r->c->ops->graph_lanes) {
+                int l = r->c->ops->graph_lanes(r->c, peak);
+                r->lanes = l < 1 ? 1 : l > RA_GPU_GRAPH_LANES ? RA_GPU_GRAPH_LANES : l;
+            }
+        }
+        if (r->next - r->first < GB_RING)
+            for (int l = 0; l < r->lanes; l++)
+                if (!r->busy[l])
+                    return l;
+        pthread_cond_wait(&r->cv, &r->mu);
+    }
+}
+
+static ra_status gb_many(ra_gpu_cache *c, gb_ring *r, ra_gpu_mem mem, ra_dtype dtype, unsigned dim,
+                         const ra_gpu_graph_params *pp, ra_gpu_graph_head *heads, size_t n_heads)
+{
+    ra_status s = RA_OK;
+    int decided = 0;
+    pthread_mutex_lock(&r->mu);
+    for (size_t h = 0; h < n_heads; h++) {
+        int lane = gb_lane(r, heads, &decided);
+        if (lane < 0)
+            break;
+        pthread_mutex_unlock(&r->mu);
+        ra_gpu_graph_head *hd = &heads[h];
+        gb_job *j = &r->job[h % GB_RING]; /* free: fewer than GB_RING heads in flight */
+        *j = (gb_job){.r = r, .h = hd, .lane = lane};
+        s = gb_check(c, mem, dtype, hd->keys, hd->n_keys, hd->queries, hd->n_queries, dim, pp,
+                     hd->adj, hd->entries, &hd->n_entries, &j->p);
+        if (s == RA_OK && !(j->occ = calloc(hd->n_keys, sizeof *j->occ)))
+            s = ra_gpu_fail(c, RA_ENOMEM, "graph build: %zu counts", hd->n_keys);
+        memset(&hd->stats, 0, sizeof hd->stats);
+        pthread_mutex_lock(&r->mu);
+        if (s == RA_OK) {
+            r->busy[lane] = 1;
+            if (pthread_create(&r->th[h % GB_RING], NULL, gb_head_main, j) != 0) {
+                r->busy[lane] = 0;
+                s = ra_gpu_fail(c, RA_ENOMEM, "graph build: no thread");
+            }
+        }
+        if (s != RA_OK) { /* the message names the head (c->err copied first) */
+            s = ra_gpu_fail(c, s, "graph build of head %zu: %s", h, c->err);
+            free(j->occ);
+            j->occ = NULL;
+            break;
+        }
+        r->next = h + 1;
+    }
+    while (r->first < r->next) {
+        while (!r->job[r->first % GB_RING].done)
+            pthread_cond_wait(&r->cv, &r->mu);
+        gb_join(r);
+    }
+    pthread_mutex_unlock(&r->mu);
+    return r->s != RA_OK ? r->s : s; /* an earlier head's failure is the one reported */
 }
 
 ra_status ra_gpu_graph_build_heads(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype,
@@ -347,76 +531,54 @@ ra_status ra_gpu_graph_build_heads(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dty
         *n_done = 0;
     if (!c || (n_heads && !heads))
         return c ? ra_gpu_fail(c, RA_EINVAL, "graph build: NULL heads") : RA_EINVAL;
-    static ra_env_once once;
-    int threads = ra_env_int(&once, "RA_GPU_GRAPH_HOST_THREADS", 3);
-    threads = threads < 1 ? 1 : threads > GB_RING - 1 ? GB_RING - 1 : threads;
-    gb_ring r;
-    memset(&r, 0, sizeof r);
-    ra_status s = RA_OK;
-    for (size_t h = 0; h < n_heads; h++) {
-        ra_gpu_graph_head *hd = &heads[h];
-        ra_gpu_graph_params *ph = &r.p[h % GB_RING]; /* free: fewer than GB_RING in flight */
+    if (n_heads == 0)
+        return RA_OK;
+    if (n_heads == 1) { /* on this thread, its messages as they are */
+        ra_gpu_graph_head *hd = heads;
+        ra_gpu_graph_params p;
         int32_t *occ = NULL;
-        /* the heads whose host steps have finished, so that a failure stops the loop
-         * before another head's device steps */
-        while (r.first < r.next &&
-               __atomic_load_n(&r.job[r.first % GB_RING].finished, __ATOMIC_ACQUIRE))
-            gb_join(c, &r);
-        if (r.s != RA_OK)
-            break;
-        s = gb_check(c, mem, dtype, hd->keys, hd->n_keys, hd->queries, hd->n_queries, dim, pp,
-                     hd->adj, hd->entries, &hd->n_entries, ph);
+        ra_status s = gb_check(c, mem, dtype, hd->keys, hd->n_keys, hd->queries, hd->n_queries, dim,
+                               pp, hd->adj, hd->entries, &hd->n_entries, &p);
         if (s == RA_OK && !(occ = calloc(hd->n_keys, sizeof *occ)))
             s = ra_gpu_fail(c, RA_ENOMEM, "graph build: %zu counts", hd->n_keys);
         if (s == RA_OK) {
             memset(&hd->stats, 0, sizeof hd->stats);
             double t0 = ra_now_s();
-            s = gb_rows(c, mem, dtype, hd->keys, hd->n_keys, hd->queries, hd->n_queries, dim, ph,
+            s = gb_rows(c, 0, mem, dtype, hd->keys, hd->n_keys, hd->queries, hd->n_queries, dim, &p,
                         hd->adj, occ, hd->lists, &hd->stats);
             hd->stats.total_s = ra_now_s() - t0;
         }
-        if (s != RA_OK) {
-            if (n_heads > 1) /* the message names the head (c->err copied first) */
-                s = ra_gpu_fail(c, s, "graph build of head %zu: %s", h, c->err);
-            free(occ);
-            break;
-        }
-        gb_job *j = &r.job[h % GB_RING];
-        *j = (gb_job){.h = hd, .p = ph, .occ = occ, .backend = c->ops->name};
-        while (r.next - r.first >= (size_t)threads) /* room for this head's thread */
-            gb_join(c, &r);
-        if (r.s != RA_OK) { /* an earlier head failed: no more */
-            free(occ);
-            break;
-        }
-        if (h + 1 < n_heads && pthread_create(&r.th[h % GB_RING], NULL, gb_finish_main, j) == 0) {
-            r.next = h + 1;
-            continue;
-        }
-        /* the last head (nothing to overlap with), or no thread: on this one, after the
-         * earlier heads */
-        while (r.first < r.next)
-            gb_join(c, &r);
-        if (r.s != RA_OK) {
-            free(occ);
-            break;
-        }
-        s = gb_finish_head(c, j);
+        if (s == RA_OK)
+            s = gb_finish(c, occ, hd->n_keys, hd->n_queries, &p, hd->adj, hd->entries,
+                          &hd->n_entries, &hd->stats);
+        if (s == RA_OK)
+            gb_log(hd, c->ops->name);
         free(occ);
-        j->occ = NULL;
-        if (s != RA_OK) {
-            if (n_heads > 1)
-                s = ra_gpu_fail(c, s, "graph build of head %zu: %s", h, c->err);
-            break;
-        }
-        r.first = r.next = r.ok = h + 1;
+        if (n_done)
+            *n_done = s == RA_OK;
+        return s;
     }
-    while (r.first < r.next)
-        gb_join(c, &r);
-    if (r.s != RA_OK) /* an earlier head's failure is the one reported */
-        s = r.s;
+    static ra_env_once once;
+    int threads = ra_env_int(&once, "RA_GPU_GRAPH_HOST_THREADS", 3);
+    gb_ring *r = calloc(1, sizeof *r);
+    if (!r)
+        return ra_gpu_fail(c, RA_ENOMEM, "graph build: state of %zu heads", n_heads);
+    *r = (gb_ring){.c = c,
+                   .mem = mem,
+                   .dtype = dtype,
+                   .dim = dim,
+                   .lanes = 1,
+                   .threads = threads < 1   ? 1
+                              : threads > 4 ? 4
+                                            : threads};
+    pthread_mutex_init(&r->mu, NULL);
+    pthread_cond_init(&r->cv, NULL);
+    ra_status s = gb_many(c, r, mem, dtype, dim, pp, heads, n_heads);
     if (n_done)
-        *n_done = r.ok;
+        *n_done = r->ok;
+    pthread_mutex_destroy(&r->mu);
+    pthread_cond_destroy(&r->cv);
+    free(r);
     return s;
 }
 

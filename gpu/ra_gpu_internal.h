@@ -73,12 +73,19 @@ typedef struct ra_gpu_ops {
      * adj [n][p->degree] (host, -1 padded) and into occ [n] (host) how often each key is
      * in a query list, and (lists not NULL) the exact query->key lists [nq][p->knn] into
      * lists (host). p is resolved: no zero field, knn <= n, key_knn <= n - 1. The phase
-     * times of st (not NULL) are filled. */
-    ra_status (*graph_rows)(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype, const void *keys,
-                            size_t n, const void *q, size_t nq, unsigned dim,
+     * times of st (not NULL) are filled. lane (0..RA_GPU_GRAPH_LANES-1) names the build
+     * state it runs on: calls on different lanes may run at once on different threads. */
+    ra_status (*graph_rows)(ra_gpu_cache *c, int lane, ra_gpu_mem mem, ra_dtype dtype,
+                            const void *keys, size_t n, const void *q, size_t nq, unsigned dim,
                             const ra_gpu_graph_params *p, int32_t *adj, int32_t *occ,
                             int32_t *lists, ra_gpu_graph_stats *st);
+    /* how many lanes graph_rows may use at once for heads that held `peak` bytes of
+     * device memory at most (NULL: one) */
+    int (*graph_lanes)(ra_gpu_cache *c, size_t peak);
 } ra_gpu_ops;
+
+/* independent build states of graph_rows */
+#define RA_GPU_GRAPH_LANES 2
 
 /* The constants of the graph build's candidate rule (gpu.h, ra_gpu_graph_build), the
  * values of index/graph_internal.h's G_WINDOW and G_PROJ_LISTS, so that both builds
@@ -89,10 +96,10 @@ typedef struct ra_gpu_ops {
 #define RA_GPU_GRAPH_MAX_DEGREE 255
 
 /* The CPU backend's graph rows (cpu_graph.c), the reference of the CUDA ones. */
-ra_status ra_gpu_cpu_graph_rows(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype,
-                                const void *keys, size_t n, const void *q, size_t nq,
-                                unsigned dim, const ra_gpu_graph_params *p, int32_t *adj,
-                                int32_t *occ, int32_t *lists, ra_gpu_graph_stats *st);
+ra_status ra_gpu_cpu_graph_rows(ra_gpu_cache *c, int lane, ra_gpu_mem mem, ra_dtype dtype,
+                                const void *keys, size_t n, const void *q, size_t nq, unsigned dim,
+                                const ra_gpu_graph_params *p, int32_t *adj, int32_t *occ,
+                                int32_t *lists, ra_gpu_graph_stats *st);
 
 struct ra_gpu_cache {
     ra_gpu_config cfg;
@@ -106,11 +113,19 @@ struct ra_gpu_cache {
     char err[512];
     void *impl;            /* the backend's own state */
     int inject;            /* tests: the next device call fails with this CUDA error (0: none) */
+    /* ra_gpu_graph_build_heads: the most keys and queries of a head built, and the most
+     * device bytes a head held (a later head of no more keys and queries needs no more) */
+    size_t graph_peak_n, graph_peak_nq, graph_peak;
 };
 
-/* Records an error message (and logs device errors); returns s. */
+/* Records an error message in c (or in the calling thread's redirect buffer) and logs
+ * device errors; returns s. */
 ra_status ra_gpu_fail(ra_gpu_cache *c, ra_status s, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+/* Until called again with NULL, ra_gpu_fail on this thread writes its message into buf
+ * [512] instead of the cache's: the heads that ra_gpu_graph_build_heads runs on threads
+ * of their own keep their messages apart. */
+void ra_gpu_err_redirect(char *buf);
 
 extern const ra_gpu_ops ra_gpu_cpu_ops;
 extern const ra_gpu_ops ra_gpu_cuda_ops;

@@ -278,14 +278,15 @@ typedef struct ra_gpu_graph_head {
 } ra_gpu_graph_head;
 
 /* The graphs of several heads (a layer's KV heads), each exactly as ra_gpu_graph_build
- * builds it, one after the other on the device, while the host steps of earlier heads
- * (entries and connectivity, ~40-55 ms of a ~75 ms head at 131K keys on CUDA) run on
- * threads of their own, up to 3 (RA_GPU_GRAPH_HOST_THREADS, 1-4), beside the device
- * steps of the next (the last head's on the caller's thread). Stops at the first failure
- * (a host step's is seen before the next head starts, or when the heads in flight are
- * joined) and returns the earliest head's, as ra_gpu_graph_build would, with the head's
- * index in the message (ra_gpu_cache_last_error); *n_done (may be NULL): the heads
- * before it, whose outputs are complete. */
+ * builds it. Each head runs on a thread of its own: its device steps, then its host
+ * steps (entries and connectivity, ~15-25 ms of a 131K-key head). On CUDA two heads'
+ * device steps run at once where the device's free memory holds twice a head's peak (the
+ * first head of the first call runs alone to measure it; RA_GPU_GRAPH_LANES=1 keeps one),
+ * and up to 3 heads' host steps (RA_GPU_GRAPH_HOST_THREADS, 1-4) run beside them; the
+ * caller's thread waits. No head starts once one has failed; returns the earliest failed
+ * head's status, as ra_gpu_graph_build would, with the head's index in the message
+ * (ra_gpu_cache_last_error); *n_done (may be NULL): the heads before it, whose outputs
+ * are complete. One head: on the caller's thread, as ra_gpu_graph_build. */
 ra_status ra_gpu_graph_build_heads(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype,
                                    unsigned dim, const ra_gpu_graph_params *p,
                                    ra_gpu_graph_head *heads, size_t n_heads, size_t *n_done);

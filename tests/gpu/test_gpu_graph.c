@@ -291,6 +291,9 @@ static void test_bad_arguments(void **state)
     ra_gpu_cache_destroy(c);
 }
 
+/* gpu/ test hook (ra_gpu_internal.h): the next CUDA call of the cache fails */
+extern void ra_gpu_cache_inject_fault(ra_gpu_cache *c, int cuda_error);
+
 /* ra_gpu_graph_build_heads: the same graphs as one ra_gpu_graph_build per head (the host
  * steps of a head run beside the next head's device steps), and a bad head stops the
  * batch there with the heads before it complete */
@@ -347,10 +350,11 @@ static void build_heads_on(ra_gpu_backend be, ra_dtype t)
         free(ids);
         free(sc);
     }
-    /* more heads than build_heads keeps in flight (one on the device, at most four on host
-     * threads): the ring's slots are reused and every head still equals its own build */
+    /* more heads than build_heads keeps in flight (two on the device, at most four in
+     * their host steps): the ring's slots are reused and every head still equals its own
+     * build */
     {
-        enum { W = 7 };
+        enum { W = 9 };
         ra_gpu_graph_head wh[W];
         for (int h = 0; h < W; h++) {
             wh[h] = hd[h % H];
@@ -379,6 +383,22 @@ static void build_heads_on(ra_gpu_backend be, ra_dtype t)
     assert_int_equal(hd[0].n_entries, one[0].ne);
     assert_memory_equal(hd[0].adj, one[0].adj, n[0] * 48 * sizeof(int32_t));
     assert_false(ra_gpu_cache_broken(c));
+    hd[1].n_keys = n[1];
+    if (be == RA_GPU_BACKEND_CUDA) {
+        /* a device failure on head 0's own thread: its message, with the head named,
+         * becomes the cache's; nothing after it is built */
+        ra_gpu_cache_inject_fault(c, 2 /* cudaErrorMemoryAllocation */);
+        assert_int_equal(ra_gpu_graph_build_heads(c, RA_GPU_MEM_HOST, t, DIM, &p, hd, H, &done),
+                         RA_ENOMEM);
+        assert_int_equal(done, 0);
+        assert_non_null(strstr(ra_gpu_cache_last_error(c), "head 0"));
+        assert_non_null(strstr(ra_gpu_cache_last_error(c), "cudaErrorMemoryAllocation"));
+        assert_false(ra_gpu_cache_broken(c));
+        assert_int_equal(ra_gpu_graph_build_heads(c, RA_GPU_MEM_HOST, t, DIM, &p, hd, H, &done),
+                         RA_OK); /* and the cache builds again */
+        assert_int_equal(done, H);
+        assert_memory_equal(hd[2].adj, one[2].adj, n[2] * 48 * sizeof(int32_t));
+    }
     assert_int_equal(ra_gpu_graph_build_heads(c, RA_GPU_MEM_HOST, t, DIM, &p, NULL, 2, &done),
                      RA_EINVAL);
     assert_int_equal(ra_gpu_graph_build_heads(c, RA_GPU_MEM_HOST, t, DIM, &p, hd, 0, &done),
@@ -407,8 +427,6 @@ static void test_build_heads(void **state)
 /* ---- CUDA against the CPU reference ---- */
 
 static int g_cuda;
-/* gpu/ test hook (ra_gpu_internal.h): the next CUDA call of the cache fails */
-extern void ra_gpu_cache_inject_fault(ra_gpu_cache *c, int cuda_error);
 
 static void test_cuda_matches_cpu(void **state)
 {
