@@ -58,6 +58,7 @@ typedef struct bench_cfg {
     const char *save_graph; /* write the built graph (wire form) to this file */
     const char *load_graph; /* install this graph instead of building one */
     int cold;               /* evict the caches before each timed query (cold_evict) */
+    int no_warm_start;      /* skip the graph's warm-start pass (previous ids as entries) */
 } bench_cfg;
 
 static void usage(void)
@@ -75,10 +76,13 @@ static void usage(void)
         "[--verbose]\n"
         "                        [--save PREFIX] [--gen calibrated|lin] [--group G]\n"
         "                        [--save-graph FILE] [--load-graph FILE] [--cold]\n"
+        "                        [--no-warm-start]\n"
         "  --cold: before each timed query, read through a buffer of twice the last-level\n"
         "          cache (at least 512 MiB; not timed), so that every search starts with the\n"
         "          index in DRAM, as in the daemon, where a model's graphs do not fit in L3\n"
-        "  us/q is the mean wall time per query, med its median (search calls only)\n");
+        "  --no-warm-start: skip the graph's pass with the previous query's ids as entries\n"
+        "  us/q is the mean wall time per query, med its median (search calls only); hash:\n"
+        "  FNV-1a of every returned id and score, to tell whether two builds answer alike\n");
 }
 
 static int parse_args(int argc, char **argv, bench_cfg *c)
@@ -122,6 +126,8 @@ static int parse_args(int argc, char **argv, bench_cfg *c)
             c->overlap = 1;
         else if (!strcmp(a, "--cold"))
             c->cold = 1;
+        else if (!strcmp(a, "--no-warm-start"))
+            c->no_warm_start = 1;
         else if (!strcmp(a, "--synth")) {
             NEEDV;
             c->synth = v;
@@ -549,7 +555,16 @@ typedef struct sweep_out {
     double recall, scanned_frac, us, hops;
     double cpu_us; /* thread CPU time per query: steadier than us on a shared machine */
     double us_med; /* median wall time of one search call */
+    uint64_t hash; /* FNV-1a of every returned id and score: equal answers, equal hashes */
 } sweep_out;
+
+static uint64_t fnv(uint64_t h, const void *p, size_t n)
+{
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ b[i]) * 1099511628211ull;
+    return h;
+}
 
 static double thread_cpu_s(void)
 {
@@ -626,6 +641,7 @@ static int run_queries(const ra_backend_ops *ops, void *st, const ra_kv *kv, siz
     }
     int nprev = 0;
     double hit = 0, scanned = 0, hops = 0, wall = 0, cpu = 0;
+    o->hash = 14695981039346656037ull;
     for (size_t i = 0; i < nq; i++) {
         ra_search_params p = {.k = k,
                               .effort = effort,
@@ -647,6 +663,7 @@ static int run_queries(const ra_backend_ops *ops, void *st, const ra_kv *kv, siz
         }
         scanned += (double)ss.scanned;
         hops += (double)ss.hops;
+        o->hash = fnv(fnv(o->hash, ids, (size_t)got * sizeof *ids), sc, (size_t)got * sizeof *sc);
         /* recall: members of the exact top-k found (both lists are small) */
         const int32_t *g = gt + i * (size_t)k;
         int kk = (size_t)k < n ? k : (int)n;
@@ -688,6 +705,7 @@ static int run_group(const ra_backend_ops *ops, void *st, const ra_kv *kv, size_
         goto done;
     double hit = 0, scanned = 0, hops = 0, wall = 0, cpu = 0;
     int kk = (size_t)k < n ? k : (int)n;
+    o->hash = 14695981039346656037ull;
     for (size_t i = 0; i < nq; i++) {
         for (int j = 0; j < G; j++) {
             memcpy(qs + (size_t)j * dim, q + ((size_t)j * nq + i) * dim, (size_t)dim * sizeof *qs);
@@ -718,6 +736,8 @@ static int run_group(const ra_backend_ops *ops, void *st, const ra_kv *kv, size_
         }
         for (int j = 0; j < G; j++) {
             const int32_t *g = gt + ((size_t)j * nq + i) * k;
+            o->hash = fnv(fnv(o->hash, ids + (size_t)j * k, (size_t)got[j] * sizeof *ids),
+                          sc + (size_t)j * k, (size_t)got[j] * sizeof *sc);
             for (int a = 0; a < got[j]; a++)
                 for (int b = 0; b < kk; b++)
                     if (ids[(size_t)j * k + a] == g[b]) {
@@ -747,14 +767,14 @@ static void emit(const bench_cfg *c, const char *index, const char *params, cons
         printf(
             "{\"index\":\"%s\",\"params\":\"%s\",\"recall\":%.4f,\"scanned_frac\":%.5f,"
             "\"us_per_query\":%.1f,\"us_median\":%.1f,\"cpu_us_per_query\":%.1f,\"build_s\":%.3f,"
-            "\"hops\":%.1f,\"cold\":%d%s%s}\n",
+            "\"hops\":%.1f,\"cold\":%d,\"hash\":\"%016llx\"%s%s}\n",
             index, params, o->recall, o->scanned_frac, o->us, o->us_med, o->cpu_us, build_s,
-            o->hops, c->cold, extra ? "," : "", extra ? extra : "");
+            o->hops, c->cold, (unsigned long long)o->hash, extra ? "," : "", extra ? extra : "");
     else
         printf("%-6s %-22s recall %.4f  scanned %.5f  %9.1f us/q (med %.1f, cpu %.1f)%s  build "
-               "%.2fs %s\n",
+               "%.2fs hash %016llx %s\n",
                index, params, o->recall, o->scanned_frac, o->us, o->us_med, o->cpu_us,
-               c->cold ? " cold" : "", build_s, extra ? extra : "");
+               c->cold ? " cold" : "", build_s, (unsigned long long)o->hash, extra ? extra : "");
     fflush(stdout);
 }
 
@@ -1149,7 +1169,7 @@ int main(int argc, char **argv)
                 snprintf(params, sizeof params, "effort=%d,group=%d", eff[e], d.G);
                 emit(&c, "graph", params, &sg, build_s, NULL);
             }
-            if (!strcmp(idx[ii].name, "graph")) {
+            if (!strcmp(idx[ii].name, "graph") && !c.no_warm_start) {
                 sweep_out sw;
                 if (run_queries(idx[ii].ops, st, kv, d.n, d.queries, NQ, D, k, eff[e], 1, gt, &sw))
                     break;
