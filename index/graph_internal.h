@@ -112,6 +112,23 @@ static inline int g_better(float sa, int32_t ia, float sb, int32_t ib)
     return sa > sb || (sa == sb && ia < ib); /* ties by id: deterministic */
 }
 
+/* A (score, id) pair of a search's result and candidate lists (graph_search.c) */
+typedef struct g_hc {
+    float s;
+    int32_t id;
+} g_hc;
+
+static inline int hc_better(g_hc a, g_hc b)
+{
+    return g_better(a.s, a.id, b.s, b.id);
+}
+
+/* graph_search.c: moves the m best of h[0..n) (0 < m <= n, scores not NaN; ties by id)
+ * to h[0..m), in their order, and returns the worst of them; key: n ints of scratch. */
+g_hc g_keep_best(g_hc *h, int n, int m, int32_t *key);
+/* graph_search.c: sorts h[0..n) best first (ties by id); tmp holds n. */
+void g_sort_best(g_hc *h, int n, g_hc *tmp);
+
 /* Inserts c into the pool sorted best first (size *np <= L). Returns its position,
  * or L when it did not make it. */
 static inline int g_pool_insert(g_cand *pool, int *np, int L, float s, int32_t id)

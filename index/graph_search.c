@@ -26,11 +26,6 @@
 
 /* per-thread scratch of the search: grown, never shrunk, so a steady decode allocates
  * nothing */
-typedef struct g_hc {
-    float s;
-    int32_t id;
-} g_hc;
-
 typedef struct s_tls {
     uint64_t *vis, *exp; /* visited / expanded bits, [words] each */
     size_t words;
@@ -52,6 +47,9 @@ typedef struct s_tls {
     int32_t *rid; /* rescoring: ids and exact scores */
     float *rsc;
     size_t r_cap;
+    int32_t *key; /* g_keep_best: the scores of a buffer being cut, as ordered integers */
+    g_hc *tmp;    /* g_sort_best's merge buffer */
+    size_t key_cap;
 } s_tls;
 
 static pthread_key_t s_key;
@@ -67,6 +65,7 @@ static void s_free(void *p)
     free(t->add), free(t->L), free(t->nw), free(t->nc), free(t->cc), free(t->act), free(t->ow);
     free(t->oc), free(t->tau);
     free(t->nb), free(t->dot), free(t->acc), free(t->asc), free(t->rid), free(t->rsc);
+    free(t->key), free(t->tmp);
     free(t);
 }
 
@@ -136,6 +135,11 @@ static s_tls *s_get(size_t n, int G, size_t pool, int qbytes, size_t nb, size_t 
         GROW(t->rid, t->r_cap, r);
         GROW(t->rsc, t->r_cap, r);
         t->r_cap = r;
+    }
+    if (t->key_cap < pool) { /* no query's result buffer is longer than its pool share */
+        GROW(t->key, t->key_cap, pool);
+        GROW(t->tmp, t->key_cap, pool);
+        t->key_cap = pool;
     }
     return t;
 }
@@ -224,11 +228,6 @@ static int rescore_count(int k, int np, int bits)
 
 /* ---- heaps of (score, id); ties by id, so that results do not depend on arrival order */
 
-static inline int hc_better(g_hc a, g_hc b)
-{
-    return g_better(a.s, a.id, b.s, b.id);
-}
-
 /* max-heap (best on top) when best = 1, min-heap (worst on top) when best = 0 */
 static inline int hc_before(g_hc a, g_hc b, int best)
 {
@@ -265,50 +264,116 @@ static inline void hc_down(g_hc *h, int n, int i, int best)
     h[i] = x;
 }
 
-/* Rearranges h[0..n) so that h[0..m) are its m best (in no order), by quickselect
- * (median of three, ties by id: the result does not depend on the input order). */
-static void hc_select(g_hc *h, int n, int m)
+/* A score as an integer whose signed order is the float order (-0 is first made +0, which
+ * compares equal to it): selection then compares integers, which vectorize. Scores are
+ * never NaN (integer dots times a finite scale). */
+static inline int32_t s_ord(float s)
 {
-    int lo = 0, hi = n - 1;
-    while (lo < hi) {
-        int mid = lo + (hi - lo) / 2;
-        if (hc_better(h[mid], h[lo])) {
-            g_hc x = h[mid];
-            h[mid] = h[lo];
-            h[lo] = x;
-        }
-        if (hc_better(h[hi], h[lo])) {
-            g_hc x = h[hi];
-            h[hi] = h[lo];
-            h[lo] = x;
-        }
-        if (hc_better(h[hi], h[mid])) {
-            g_hc x = h[hi];
-            h[hi] = h[mid];
-            h[mid] = x;
-        }
-        g_hc piv = h[mid];
-        int i = lo, j = hi;
-        while (i <= j) {
-            while (hc_better(h[i], piv))
-                i++;
-            while (hc_better(piv, h[j]))
-                j--;
-            if (i <= j) {
-                g_hc x = h[i];
-                h[i] = h[j];
-                h[j] = x;
-                i++;
-                j--;
-            }
-        }
-        if (m - 1 <= j)
-            hi = j;
-        else if (m - 1 >= i)
-            lo = i;
-        else
-            break;
+    s += 0.0f;
+    int32_t i;
+    memcpy(&i, &s, sizeof i);
+    return i ^ (int32_t)((uint32_t)(i >> 31) >> 1);
+}
+
+/* the bisection's inner loop: 16 keys a compare where the CPU has AVX-512 (one function
+ * per ISA, chosen once at load time by the loader) */
+__attribute__((target_clones("avx512f", "avx2", "default"))) static int cnt_ge(const int32_t *x,
+                                                                               int n, int32_t v)
+{
+    int c = 0;
+    for (int i = 0; i < n; i++) /* vectorized: a compare and a subtract per 4-16 keys */
+        c += x[i] >= v;
+    return c;
+}
+
+/* Moves the m best of h[0..n) (0 < m <= n; ties by id) to h[0..m), in their order, and
+ * returns the worst of them. The m-th best score is found by bisection on the ordered
+ * integers, counting the keys at or above a guess with a branch-free loop (~25 rounds of
+ * n compares), then one pass keeps what is above it and the lowest ids of its ties. A
+ * quickselect's compares branch on the data and were mispredicted about every other one:
+ * the cut of the results buffer was 17 % of a walk. key: n ints of scratch. */
+g_hc g_keep_best(g_hc *h, int n, int m, int32_t *key)
+{
+    int32_t lo = INT32_MAX, hi = INT32_MIN;
+    for (int i = 0; i < n; i++) {
+        int32_t k = s_ord(h[i].s);
+        key[i] = k;
+        lo = k < lo ? k : lo;
+        hi = k > hi ? k : hi;
     }
+    while (lo < hi) { /* cnt_ge(lo) >= m, cnt_ge(hi + 1) < m */
+        int32_t mid = (int32_t)(lo + (((int64_t)hi - lo + 1) >> 1));
+        if (cnt_ge(key, n, mid) >= m)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    int above = lo == INT32_MAX ? 0 : cnt_ge(key, n, lo + 1), ties = m - above;
+    int32_t id_cut = INT32_MAX; /* ties at the cut kept: ids <= id_cut */
+    if (cnt_ge(key, n, lo) - above > ties) {
+        /* more keys share the m-th score than fit: the lowest ids win (rare); the
+         * ties' ids go to the front of key[] as a scratch list, which the pass below
+         * no longer needs for them (a tie is recognised by its score) */
+        int nt = 0;
+        for (int i = 0; i < n; i++)
+            if (key[i] == lo)
+                key[nt++] = h[i].id;
+        for (int a = 1; a < nt; a++) { /* insertion sort of the few tied ids */
+            int32_t x = key[a];
+            int b = a;
+            for (; b > 0 && key[b - 1] > x; b--)
+                key[b] = key[b - 1];
+            key[b] = x;
+        }
+        id_cut = key[ties - 1];
+        for (int i = 0; i < n; i++)
+            key[i] = s_ord(h[i].s);
+    }
+    g_hc worst = {0.f, INT32_MIN};
+    int out = 0;
+    for (int i = 0; i < n; i++) { /* in place (out <= i), no branch on the data */
+        g_hc x = h[i];
+        int tie = key[i] == lo, keep = (key[i] > lo) | (tie & (x.id <= id_cut));
+        int w = tie & keep & (x.id > worst.id);
+        worst.s = w ? x.s : worst.s;
+        worst.id = w ? x.id : worst.id;
+        h[out] = x;
+        out += keep;
+    }
+    return worst;
+}
+
+/* Sorts h[0..n) best first (ties by id) by merging runs, tmp holding n. Inline compares:
+ * qsort's call per compare was 4 % of a walk. */
+void g_sort_best(g_hc *h, int n, g_hc *tmp)
+{
+    for (int i = 1; i < n; i++) { /* runs of 8 by insertion */
+        if (i % 8 == 0)
+            continue;
+        g_hc x = h[i];
+        int j = i;
+        for (; j % 8 && hc_better(x, h[j - 1]); j--)
+            h[j] = h[j - 1];
+        h[j] = x;
+    }
+    g_hc *a = h, *b = tmp;
+    for (int w = 8; w < n; w *= 2) {
+        for (int lo = 0; lo < n; lo += 2 * w) {
+            int mid = lo + w < n ? lo + w : n, hi = lo + 2 * w < n ? lo + 2 * w : n;
+            int i = lo, j = mid, o = lo;
+            while (i < mid && j < hi)
+                b[o++] = hc_better(a[j], a[i]) ? a[j++] : a[i++];
+            while (i < mid)
+                b[o++] = a[i++];
+            while (j < hi)
+                b[o++] = a[j++];
+        }
+        g_hc *x = a;
+        a = b;
+        b = x;
+    }
+    if (a != h)
+        memcpy(h, a, (size_t)n * sizeof *h);
 }
 
 /* Cuts query j's results back to their best L; the threshold becomes the L-th best. */
@@ -318,12 +383,7 @@ static void res_compact(s_tls *t, int j)
     int L = t->L[j], n = t->nw[j];
     if (n < L)
         return;
-    hc_select(W, n, L);
-    g_hc worst = W[0];
-    for (int i = 1; i < L; i++)
-        if (hc_better(worst, W[i]))
-            worst = W[i];
-    t->tau[j] = worst;
+    t->tau[j] = g_keep_best(W, n, L, t->key);
     t->nw[j] = L;
 }
 
@@ -347,7 +407,7 @@ static inline void prefetch_code(const ra_graph *g, int32_t v)
 {
     const uint8_t *c = g_code(g, (size_t)v);
     for (int o = 0; o < g->cb.cbytes; o += 64)
-        __builtin_prefetch(c + o);
+        __builtin_prefetch(c + o, 0, 1);
 }
 
 /* ... and while scoring, prefetches the codes of the next list (nx[0..n_nx)), spread over
@@ -437,12 +497,6 @@ static int32_t pick(s_tls *t, int G, int *rr, int take)
             t->act[j] = 0;
     }
     return -1;
-}
-
-static int hc_cmp_desc(const void *a, const void *b)
-{
-    g_hc x = *(const g_hc *)a, y = *(const g_hc *)b;
-    return hc_better(x, y) ? -1 : hc_better(y, x) ? 1 : 0;
 }
 
 ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, const float *q,
@@ -542,6 +596,7 @@ ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, c
             const char *a = (const char *)g_adj(g, (size_t)u);
             for (size_t o = 0; o < adj_bytes; o += 64)
                 __builtin_prefetch(a + o);
+            __builtin_prefetch(&g->deg[u]); /* read with the adjacency: a miss per hop cold */
         }
         int32_t *out = lst[side];
         int n_new = 0;
@@ -580,7 +635,8 @@ ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, c
         int r = rescore_count(p[j].k, t->nw[j] < t->L[j] ? t->nw[j] : t->L[j], g->cb.bits);
         if ((size_t)r > t->r_cap)
             r = (int)t->r_cap;
-        hc_select(W, t->nw[j], r); /* the best r by code, in no order */
+        if (r > 0)
+            g_keep_best(W, t->nw[j], r, t->key); /* the best r by code */
         for (int i = 0; i < r; i++) {
             t->rid[i] = W[i].id;
             __builtin_prefetch(g_row(g, keys, W[i].id));
@@ -588,8 +644,10 @@ ra_status ra_graph_search_group(const ra_graph *g, const ra_kv *kv, size_t nq, c
         ra_kern_dot_gather(q + (size_t)j * dim, keys, g->dtype, dim, t->rid, (size_t)r, t->rsc);
         for (int i = 0; i < r; i++)
             W[i] = (g_hc){t->rsc[i], t->rid[i]};
-        qsort(W, (size_t)r, sizeof *W, hc_cmp_desc);
         int m = r < p[j].k ? r : p[j].k;
+        if (m > 0 && m < r)
+            g_keep_best(W, r, m, t->key); /* the top k by exact score, then their order */
+        g_sort_best(W, m, t->tmp);
         n_out[j] = m;
         int32_t *oi = ids + (size_t)j * kmax;
         for (int i = 0; i < m; i++) {

@@ -57,6 +57,8 @@ typedef struct bench_cfg {
     int group;        /* GQA: query heads per key set (a group walk vs independent searches) */
     const char *save_graph; /* write the built graph (wire form) to this file */
     const char *load_graph; /* install this graph instead of building one */
+    int cold;               /* evict the caches before each timed query (cold_evict) */
+    int no_warm_start;      /* skip the graph's warm-start pass (previous ids as entries) */
 } bench_cfg;
 
 static void usage(void)
@@ -73,7 +75,14 @@ static void usage(void)
         "                        [--synth knob=v,...] [--overlap] [--no-train] [--eval-train] "
         "[--verbose]\n"
         "                        [--save PREFIX] [--gen calibrated|lin] [--group G]\n"
-        "                        [--save-graph FILE] [--load-graph FILE]\n");
+        "                        [--save-graph FILE] [--load-graph FILE] [--cold]\n"
+        "                        [--no-warm-start]\n"
+        "  --cold: before each timed query, read through a buffer of twice the last-level\n"
+        "          cache (at least 512 MiB; not timed), so that every search starts with the\n"
+        "          index in DRAM, as in the daemon, where a model's graphs do not fit in L3\n"
+        "  --no-warm-start: skip the graph's pass with the previous query's ids as entries\n"
+        "  us/q is the mean wall time per query, med its median (search calls only); hash:\n"
+        "  FNV-1a of every query's set of returned ids, to tell whether two builds answer alike\n");
 }
 
 static int parse_args(int argc, char **argv, bench_cfg *c)
@@ -115,6 +124,10 @@ static int parse_args(int argc, char **argv, bench_cfg *c)
             c->verbose = 1;
         else if (!strcmp(a, "--overlap"))
             c->overlap = 1;
+        else if (!strcmp(a, "--cold"))
+            c->cold = 1;
+        else if (!strcmp(a, "--no-warm-start"))
+            c->no_warm_start = 1;
         else if (!strcmp(a, "--synth")) {
             NEEDV;
             c->synth = v;
@@ -541,13 +554,89 @@ static int load_trace(const bench_cfg *c, bench_data *d)
 typedef struct sweep_out {
     double recall, scanned_frac, us, hops;
     double cpu_us; /* thread CPU time per query: steadier than us on a shared machine */
+    double us_med; /* median wall time of one search call */
+    uint64_t hash; /* of every query's set of returned ids: equal answers, equal hashes */
 } sweep_out;
+
+static int cmp_i32(const void *a, const void *b)
+{
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* FNV-1a over one query's ids, in id order. Not over the scores, nor the ids' order,
+ * which follows the scores: a key's exact score may differ in its last bit with its
+ * position in a rescoring batch (a kernel's 4-row and 1-row paths sum in other orders). */
+static uint64_t ids_hash(uint64_t h, const int32_t *ids, int n)
+{
+    int32_t s[4096];
+    n = n < 4096 ? n : 4096;
+    memcpy(s, ids, (size_t)n * sizeof *s);
+    qsort(s, (size_t)n, sizeof *s, cmp_i32);
+    const unsigned char *b = (const unsigned char *)s;
+    for (size_t i = 0; i < (size_t)n * sizeof *s; i++)
+        h = (h ^ b[i]) * 1099511628211ull;
+    return (h ^ 0xff) * 1099511628211ull; /* the query's end */
+}
 
 static double thread_cpu_s(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* --cold: a buffer of twice the last-level cache, read through (one load per line, on
+ * the build's threads) before each timed query. Reading is enough: the index's lines are
+ * clean, and a write pass would leave dirty lines whose write-backs land in the next
+ * timed search. What a query touches of a head (~10,000 records, a few MB) stays in a
+ * 300 MiB L3 across hundreds of queries, so cycling over copies of the head would not
+ * make it cold; this costs ~50 ms a query instead, outside the timed region. */
+static struct {
+    uint64_t *buf;
+    size_t words;
+    int threads;
+    volatile uint64_t sink;
+} cold;
+
+static int cold_init(int threads)
+{
+    long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    size_t bytes = l3 > 0 ? 2 * (size_t)l3 : 0;
+    if (bytes < ((size_t)512 << 20))
+        bytes = (size_t)512 << 20;
+    cold.words = bytes / sizeof *cold.buf;
+    cold.buf = malloc(bytes);
+    if (!cold.buf)
+        return -1;
+    for (size_t i = 0; i < cold.words; i++) /* touched once: no page faults later */
+        cold.buf[i] = i;
+    cold.threads = threads;
+    return 0;
+}
+
+static void cold_evict(void)
+{
+    if (!cold.buf)
+        return;
+    uint64_t s = 0;
+    size_t w = cold.words;
+#pragma omp parallel for num_threads(cold.threads) reduction(+ : s) schedule(static)
+    for (size_t i = 0; i < w; i += 8)
+        s += cold.buf[i];
+    cold.sink += s;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double median(double *x, size_t n)
+{
+    qsort(x, n, sizeof *x, cmp_double);
+    return n % 2 ? x[n / 2] : 0.5 * (x[n / 2 - 1] + x[n / 2]);
 }
 
 /* Runs nq queries one at a time on this thread; recall against gt [nq][k]. warm: pass
@@ -558,11 +647,14 @@ static int run_queries(const ra_backend_ops *ops, void *st, const ra_kv *kv, siz
 {
     int32_t *ids = malloc((size_t)k * sizeof *ids), *prev = malloc((size_t)k * sizeof *prev);
     float *sc = malloc((size_t)k * sizeof *sc);
-    if (!ids || !prev || !sc)
+    double *tq = malloc(nq * sizeof *tq);
+    if (!ids || !prev || !sc || !tq) {
+        free(ids), free(prev), free(sc), free(tq);
         return -1;
+    }
     int nprev = 0;
-    double hit = 0, scanned = 0, hops = 0;
-    double t0 = ra_now_s(), c0 = thread_cpu_s();
+    double hit = 0, scanned = 0, hops = 0, wall = 0, cpu = 0;
+    o->hash = 14695981039346656037ull;
     for (size_t i = 0; i < nq; i++) {
         ra_search_params p = {.k = k,
                               .effort = effort,
@@ -571,14 +663,20 @@ static int run_queries(const ra_backend_ops *ops, void *st, const ra_kv *kv, siz
 
         ra_search_stats ss = {0};
         int got = 0;
+        cold_evict();
+        double t0 = ra_now_s(), c0 = thread_cpu_s();
         ra_status s = ops->search(st, kv, q + i * (size_t)dim, &p, ids, sc, &got, &ss);
+        tq[i] = ra_now_s() - t0;
+        cpu += thread_cpu_s() - c0;
+        wall += tq[i];
         if (s) {
             fprintf(stderr, "%s search: %s\n", ops->name, ra_strerror(s));
-            free(ids), free(prev), free(sc);
+            free(ids), free(prev), free(sc), free(tq);
             return -1;
         }
         scanned += (double)ss.scanned;
         hops += (double)ss.hops;
+        o->hash = ids_hash(o->hash, ids, got);
         /* recall: members of the exact top-k found (both lists are small) */
         const int32_t *g = gt + i * (size_t)k;
         int kk = (size_t)k < n ? k : (int)n;
@@ -591,14 +689,14 @@ static int run_queries(const ra_backend_ops *ops, void *st, const ra_kv *kv, siz
         memcpy(prev, ids, (size_t)got * sizeof *ids);
         nprev = got;
     }
-    double t1 = ra_now_s();
-    o->cpu_us = (thread_cpu_s() - c0) * 1e6 / (double)nq;
+    o->cpu_us = cpu * 1e6 / (double)nq;
     int kk = (size_t)k < n ? k : (int)n;
     o->recall = hit / ((double)nq * kk);
     o->scanned_frac = scanned / ((double)nq * (double)n);
-    o->us = (t1 - t0) * 1e6 / (double)nq;
+    o->us = wall * 1e6 / (double)nq;
+    o->us_med = median(tq, nq) * 1e6;
     o->hops = hops / (double)nq;
-    free(ids), free(prev), free(sc);
+    free(ids), free(prev), free(sc), free(tq);
     return 0;
 }
 
@@ -614,12 +712,13 @@ static int run_group(const ra_backend_ops *ops, void *st, const ra_kv *kv, size_
     ra_search_params *p = malloc((size_t)G * sizeof *p);
     ra_search_stats *ss = malloc((size_t)G * sizeof *ss);
     int *got = calloc((size_t)G, sizeof *got), *nprev = calloc((size_t)G, sizeof *nprev);
+    double *tq = malloc(nq * sizeof *tq);
     int rc = -1;
-    if (!ids || !prev || !sc || !qs || !p || !ss || !got || !nprev)
+    if (!ids || !prev || !sc || !qs || !p || !ss || !got || !nprev || !tq)
         goto done;
-    double hit = 0, scanned = 0, hops = 0;
+    double hit = 0, scanned = 0, hops = 0, wall = 0, cpu = 0;
     int kk = (size_t)k < n ? k : (int)n;
-    double t0 = ra_now_s(), c0 = thread_cpu_s();
+    o->hash = 14695981039346656037ull;
     for (size_t i = 0; i < nq; i++) {
         for (int j = 0; j < G; j++) {
             memcpy(qs + (size_t)j * dim, q + ((size_t)j * nq + i) * dim, (size_t)dim * sizeof *qs);
@@ -627,6 +726,8 @@ static int run_group(const ra_backend_ops *ops, void *st, const ra_kv *kv, size_
                 .k = k, .effort = effort, .warm = prev + (size_t)j * k, .n_warm = nprev[j]};
         }
         ra_status s = RA_OK;
+        cold_evict();
+        double t0 = ra_now_s(), c0 = thread_cpu_s();
         if (ops->search_group) {
             s = ops->search_group(st, kv, (size_t)G, qs, p, k, ids, sc, got, ss);
             scanned += (double)ss[0].scanned;
@@ -639,12 +740,16 @@ static int run_group(const ra_backend_ops *ops, void *st, const ra_kv *kv, size_
                 hops += (double)ss[j].hops;
             }
         }
+        tq[i] = (ra_now_s() - t0) / G;
+        cpu += thread_cpu_s() - c0;
+        wall += tq[i] * G;
         if (s) {
             fprintf(stderr, "%s group search: %s\n", ops->name, ra_strerror(s));
             goto done;
         }
         for (int j = 0; j < G; j++) {
             const int32_t *g = gt + ((size_t)j * nq + i) * k;
+            o->hash = ids_hash(o->hash, ids + (size_t)j * k, got[j]);
             for (int a = 0; a < got[j]; a++)
                 for (int b = 0; b < kk; b++)
                     if (ids[(size_t)j * k + a] == g[b]) {
@@ -655,15 +760,15 @@ static int run_group(const ra_backend_ops *ops, void *st, const ra_kv *kv, size_
             nprev[j] = got[j] < 32 ? got[j] : 32; /* as the daemon keeps them */
         }
     }
-    double t1 = ra_now_s();
-    o->cpu_us = (thread_cpu_s() - c0) * 1e6 / ((double)nq * G);
+    o->cpu_us = cpu * 1e6 / ((double)nq * G);
     o->recall = hit / ((double)nq * G * kk);
     o->scanned_frac = scanned / ((double)nq * G * (double)n);
-    o->us = (t1 - t0) * 1e6 / ((double)nq * G);
+    o->us = wall * 1e6 / ((double)nq * G);
+    o->us_med = median(tq, nq) * 1e6;
     o->hops = hops / ((double)nq * G);
     rc = 0;
 done:
-    free(ids), free(prev), free(sc), free(qs), free(p), free(ss), free(got), free(nprev);
+    free(ids), free(prev), free(sc), free(qs), free(p), free(ss), free(got), free(nprev), free(tq);
     return rc;
 }
 
@@ -673,13 +778,15 @@ static void emit(const bench_cfg *c, const char *index, const char *params, cons
     if (c->json)
         printf(
             "{\"index\":\"%s\",\"params\":\"%s\",\"recall\":%.4f,\"scanned_frac\":%.5f,"
-            "\"us_per_query\":%.1f,\"cpu_us_per_query\":%.1f,\"build_s\":%.3f,\"hops\":%.1f%s%s}\n",
-            index, params, o->recall, o->scanned_frac, o->us, o->cpu_us, build_s, o->hops,
-            extra ? "," : "", extra ? extra : "");
+            "\"us_per_query\":%.1f,\"us_median\":%.1f,\"cpu_us_per_query\":%.1f,\"build_s\":%.3f,"
+            "\"hops\":%.1f,\"cold\":%d,\"hash\":\"%016llx\"%s%s}\n",
+            index, params, o->recall, o->scanned_frac, o->us, o->us_med, o->cpu_us, build_s,
+            o->hops, c->cold, (unsigned long long)o->hash, extra ? "," : "", extra ? extra : "");
     else
-        printf("%-6s %-22s recall %.4f  scanned %.5f  %9.1f us/q (cpu %.1f)  build %.2fs %s\n",
-               index, params, o->recall, o->scanned_frac, o->us, o->cpu_us, build_s,
-               extra ? extra : "");
+        printf("%-6s %-22s recall %.4f  scanned %.5f  %9.1f us/q (med %.1f, cpu %.1f)%s  build "
+               "%.2fs hash %016llx %s\n",
+               index, params, o->recall, o->scanned_frac, o->us, o->us_med, o->cpu_us,
+               c->cold ? " cold" : "", build_s, (unsigned long long)o->hash, extra ? extra : "");
     fflush(stdout);
 }
 
@@ -853,6 +960,10 @@ int main(int argc, char **argv)
         memcpy(d.queries, d.train + (d.nt - d.nq) * (size_t)D,
                d.nq * (size_t)D * sizeof *d.queries);
     int threads = c.threads ? c.threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
+    if (c.cold && cold_init(threads)) {
+        fprintf(stderr, "--cold: no memory for the eviction buffer\n");
+        goto out;
+    }
     double ratio = 0;
     ra_synth_mahalanobis_ratio(d.keys, d.n, d.queries, NQ, D, &ratio);
     double cosq = ra_synth_step_cosine(d.queries, NQ, D);
@@ -1070,7 +1181,7 @@ int main(int argc, char **argv)
                 snprintf(params, sizeof params, "effort=%d,group=%d", eff[e], d.G);
                 emit(&c, "graph", params, &sg, build_s, NULL);
             }
-            if (!strcmp(idx[ii].name, "graph")) {
+            if (!strcmp(idx[ii].name, "graph") && !c.no_warm_start) {
                 sweep_out sw;
                 if (run_queries(idx[ii].ops, st, kv, d.n, d.queries, NQ, D, k, eff[e], 1, gt, &sw))
                     break;
@@ -1088,6 +1199,7 @@ int main(int argc, char **argv)
     free(gt);
     free(gts);
 out:
+    free(cold.buf);
     ra_kv_destroy(kv);
     data_free(&d);
     return rc;

@@ -16,6 +16,7 @@
 
 #include <cmocka.h>
 
+#include "graph_internal.h"
 #include "npy.h"
 #include "ra_backend.h"
 #include "ra_kernels.h"
@@ -391,6 +392,99 @@ static void test_duplicate_keys(void **state)
     free(k), free(tq);
 }
 
+/* ---- the search's selection and sort (g_keep_best, g_sort_best) against qsort ---- */
+
+static int ref_cmp(const void *a, const void *b)
+{
+    g_hc x = *(const g_hc *)a, y = *(const g_hc *)b;
+    return hc_better(x, y) ? -1 : hc_better(y, x) ? 1 : 0;
+}
+
+static void test_keep_best_reference(void **state)
+{
+    (void)state;
+    enum { NMAX = 700 };
+    g_hc h[NMAX], ref[NMAX], orig[NMAX], tmp[NMAX];
+    int32_t key[NMAX];
+    uint64_t r = 12345;
+    for (int trial = 0; trial < 3000; trial++) {
+        r = r * 6364136223846793005ull + 1442695040888963407ull;
+        int n = 1 + (int)((r >> 33) % NMAX);
+        int m = 1 + (int)((r >> 17) % (uint64_t)n);
+        int distinct = trial % 3 == 0 ? 3 : trial % 3 == 1 ? 40 : 1 << 30; /* ties: many, some, few */
+        for (int i = 0; i < n; i++) {
+            r = r * 6364136223846793005ull + 1442695040888963407ull;
+            int v = (int)((r >> 35) % (uint64_t)distinct) - distinct / 2;
+            float s = (float)v * 0.37f;
+            if (v == 0 && (r & 1))
+                s = -0.0f; /* equal to +0: ordered by id as a tie */
+            if (v == 1 && trial % 7 == 0)
+                s = -INFINITY;
+            /* ids: unique (a search offers a key once), in no order */
+            h[i] = (g_hc){s, (int32_t)(((uint64_t)i * 7919u + (uint64_t)trial) % 1000003u)};
+        }
+        memcpy(orig, h, (size_t)n * sizeof *h);
+        memcpy(ref, h, (size_t)n * sizeof *h);
+        qsort(ref, (size_t)n, sizeof *ref, ref_cmp);
+        g_hc w = g_keep_best(h, n, m, key);
+        assert_true(w.id == ref[m - 1].id && w.s == ref[m - 1].s);
+        /* the kept are the reference's first m, in their input order */
+        int o = 0;
+        for (int i = 0; i < n && o < m; i++)
+            if (!hc_better(ref[m - 1], orig[i])) {
+                assert_int_equal(h[o].id, orig[i].id);
+                o++;
+            }
+        assert_int_equal(o, m);
+        g_sort_best(h, m, tmp);
+        for (int i = 0; i < m; i++)
+            assert_true(h[i].id == ref[i].id && h[i].s == ref[i].s);
+    }
+}
+
+/* Returned scores are the exact inner products (double reference on the stored keys),
+ * best first with ties by id, at several efforts, on a head with tied keys. */
+static void test_search_scores_exact(void **state)
+{
+    (void)state;
+    ra_synth s = make_synth(20000, 1000, 40, 7);
+    int D = 64, K = 100;
+    for (size_t i = 0; i < 2000; i++) /* ties: the first 2000 keys twice */
+        memcpy(s.keys + (18000 + i) * D, s.keys + i * D, D * sizeof *s.keys);
+    ra_kv *kv = make_kv(s.keys, 20000, D, RA_DTYPE_F32);
+    ra_index_opts o;
+    default_opts(&o, 2, 1);
+    void *st = NULL;
+    assert_int_equal(G->build(&st, kv, 20000, s.train_q, s.n_train, &o), RA_OK);
+    int32_t ids[100];
+    float sc[100];
+    int efforts[] = {100, 150, 300, 0};
+    for (int e = 0; e < 4; e++)
+        for (size_t i = 0; i < s.n_queries; i++) {
+            const float *q = s.queries + i * D;
+            ra_search_params p = {.k = K, .effort = efforts[e]};
+            int got = 0;
+            assert_int_equal(G->search(st, kv, q, &p, ids, sc, &got, NULL), RA_OK);
+            assert_int_equal(got, K);
+            for (int a = 0; a < got; a++) {
+                double d = 0, nq = 0, nk = 0;
+                for (int j = 0; j < D; j++) {
+                    d += (double)q[j] * s.keys[(size_t)ids[a] * D + j];
+                    nq += (double)q[j] * q[j];
+                    nk += (double)s.keys[(size_t)ids[a] * D + j] * s.keys[(size_t)ids[a] * D + j];
+                }
+                assert_true(fabs(sc[a] - d) <= 1e-5 * sqrt(nq * nk) + 1e-6);
+                for (int b = 0; b < a; b++)
+                    assert_true(ids[b] != ids[a]);
+                if (a > 0)
+                    assert_true(sc[a - 1] > sc[a] || (sc[a - 1] == sc[a] && ids[a - 1] < ids[a]));
+            }
+        }
+    G->destroy(st);
+    ra_kv_destroy(kv);
+    ra_synth_free(&s);
+}
+
 static void test_bad_input(void **state)
 {
     (void)state;
@@ -654,6 +748,8 @@ int main(void)
         cmocka_unit_test(test_small_n),
         cmocka_unit_test(test_duplicate_keys),
         cmocka_unit_test(test_bad_input),
+        cmocka_unit_test(test_keep_best_reference),
+        cmocka_unit_test(test_search_scores_exact),
         cmocka_unit_test(test_synth_ood),
         cmocka_unit_test(test_synth_qseed),
         cmocka_unit_test(test_npy_header),
