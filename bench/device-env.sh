@@ -25,7 +25,8 @@ fi
 # RA_RUN_NAME (the file name: RUN-V-V), RA_RUN_ENV (VAR=value words for `env`) and
 # RA_RUN_ARGS (ratd-bench-decode flags). Variants: b8 / b4 the search-code bits
 # (RA_GRAPH_CODE_BITS), wN the daemon's workers, pN its --spin-us (RATD_SPIN_US), g graphs
-# built on the GPU (--gpu-build), s a sweep of efforts 200,250,300,350. Returns 1 (with a
+# built on the GPU (--gpu-build), s a sweep of efforts 200,250,300,350, a128 records of a
+# multiple of 128 bytes (RA_GRAPH_REC_ALIGN). Returns 1 (with a
 # message) on an unknown variant.
 ra_run_variants() {
   local rv=$1 v vs
@@ -39,6 +40,7 @@ ra_run_variants() {
     p[0-9]*) RA_RUN_ENV+=("RATD_SPIN_US=${v#p}") ;;
     g) RA_RUN_ARGS+=(--gpu-build) ;;
     s) RA_RUN_ARGS+=(--sweep 200,250,300,350) ;;
+    a128) RA_RUN_ENV+=("RA_GRAPH_REC_ALIGN=128") ;;
     *) echo "unknown variant $v in $rv"; return 1 ;;
     esac
   done

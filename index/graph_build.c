@@ -11,6 +11,7 @@
 #include "graph_internal.h"
 #include "graph_sort.h"
 #include "ra_bigmem.h"
+#include "ra_env.h"
 #include "ra_kernels.h"
 #include "ra_log.h"
 
@@ -1135,9 +1136,14 @@ ra_graph *g_alloc(int dim, ra_dtype dt, int M, int ef, int threads, uint64_t see
     g->seed = seed;
     g->l_mult = 1.0f; /* the calibration of a build sets it */
     g->code_bits = ra_codebook_bits();
+    /* RA_GRAPH_REC_ALIGN=128 (a study knob): records a multiple of 128 bytes, so that a
+     * 128-byte code never straddles two of the 128-byte line pairs the L2's adjacent-line
+     * prefetcher fetches together (320-byte records: half of them do) */
+    static ra_env_once align_env;
+    size_t al = ra_env_int(&align_env, "RA_GRAPH_REC_ALIGN", 64) == 128 ? 128 : 64;
     g->rec_bytes =
-        (((size_t)ra_codebook_code_bytes(dim, g->code_bits) + (size_t)M * sizeof(int32_t)) + 63) &
-        ~(size_t)63;
+        ((size_t)ra_codebook_code_bytes(dim, g->code_bits) + (size_t)M * sizeof(int32_t) + al - 1) &
+        ~(al - 1);
     return g;
 }
 
