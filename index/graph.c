@@ -30,6 +30,7 @@ static void g_tls_free(void *p)
     free(t->sc);
     free(t->qf);
     free(t->cf);
+    free(t->kf);
     free(t->q8);
     free(t->q16);
     free(t);
@@ -107,6 +108,10 @@ g_tls *g_tls_get(size_t n, int L, int nb, int dim)
         if (!b)
             return NULL;
         t->cf = b;
+        float *k = realloc(t->kf, (size_t)G_MAX_DEGREE * dim * sizeof *k);
+        if (!k)
+            return NULL;
+        t->kf = k;
         int8_t *c = realloc(t->q8, (size_t)cb);
         if (!c)
             return NULL;

@@ -82,9 +82,10 @@ static inline int g_bit_test_set(uint64_t *b, int32_t i)
 }
 
 /* Beam search over nodes [0, g->n) from the entry points, the warm ids and the given
- * seeds. Leaves the best L candidates in t->pool, sorted; returns their count. Every
- * node is expanded at most once and the pool is bounded, so it always ends. */
-static int g_search(const ra_graph *g, const void *keys, const float *q, int l2, int L,
+ * seeds. Leaves the best L candidates in t->pool, sorted; returns their count. It stops
+ * when the best Lx (<= L) of the pool are expanded (g_link_expand). Every node is
+ * expanded at most once and the pool is bounded, so it always ends. */
+static int g_search(const ra_graph *g, const void *keys, const float *q, int l2, int L, int Lx,
                     const int32_t *warm, int n_warm, const int32_t *route, int n_route,
                     int32_t skip, g_tls *t, uint64_t *scanned, uint64_t *hops)
 {
@@ -129,7 +130,7 @@ static int g_search(const ra_graph *g, const void *keys, const float *q, int l2,
     if (skip >= 0 && (size_t)skip < g->n)
         g_bit_test_set(vis, skip); /* never score or return the node being linked */
     int k = 0;
-    while (k < np) {
+    while (k < np && k < Lx) {
         if (pool[k].done) {
             k++;
             continue;
@@ -219,7 +220,9 @@ static inline float g_nb_d2(uint64_t k)
  * nearest dropped candidates, which keeps degrees up on heavy-tailed data. Writes ids
  * to out; returns the count. A candidate's dots with the kept ones are computed 8 at a
  * time, stopping at the first occluder (the nearest kept ones occlude most): the same
- * dots as one gather over all of them (groups of 4 stay aligned), fewer of them. */
+ * dots as one gather over all of them (groups of 4 stay aligned), fewer of them. The kept
+ * rows are read as fp32 copies made once each (t->kf, in L1), not converted again for
+ * every candidate that is checked against them. */
 static int g_prune(const ra_graph *g, const void *keys, const uint64_t *c, int nc, int M,
                    int32_t *out, g_tls *t)
 {
@@ -227,17 +230,19 @@ static int g_prune(const ra_graph *g, const void *keys, const uint64_t *c, int n
     uint8_t dropped[1024] = {0};
     int lim = nc < 1024 ? nc : 1024;
     int l2 = g_use_l2();
+    size_t dim = (size_t)g->dim;
     for (int i = 0; i < lim && kept < M; i++) {
         int32_t cid = g_nb_id(c[i]);
         float cd2 = g_nb_d2(c[i]);
         dropped[i] = 0;
+        float *cf = t->kf + (size_t)kept * dim; /* its fp32 copy stays there if kept */
+        ra_kern_to_f32(g_row(g, keys, cid), g->dtype, dim, cf);
         if (kept) {
-            ra_kern_to_f32(g_row(g, keys, cid), g->dtype, (size_t)g->dim, t->cf);
             float nc2 = g->norm2[cid];
             for (int b = 0; b < kept && !dropped[i]; b += 8) {
                 int e = b + 8 < kept ? b + 8 : kept;
-                ra_kern_dot_gather(t->cf, keys, g->dtype, g->dim, out + b, (size_t)(e - b),
-                                   t->sc);
+                ra_kern_dot_range(cf, t->kf, RA_DTYPE_F32, g->dim, (size_t)b, (size_t)(e - b),
+                                  t->sc);
                 for (int j = b; j < e; j++) {
                     float dot = t->sc[j - b];
                     float drc = l2 ? g->norm2[out[j]] + nc2 - 2.0f * dot : -dot;
@@ -523,7 +528,8 @@ static void g_ins_task(void *arg, size_t b, size_t e)
          * recall as exact walks on the calibrated 131K head, linking 19 s vs 24 s here */
         ra_codebook_prep(&g->cb, q, t->q8, t->q16, &t->cmul, &t->cadd);
         t->use_codes = 1;
-        int np = g_search(g, c->keys, q, g_use_l2(), L, NULL, 0, NULL, 0, u, t, &nscan, &nhop);
+        int Lx = g->light_rev ? L : g_link_expand(L);
+        int np = g_search(g, c->keys, q, g_use_l2(), L, Lx, NULL, 0, NULL, 0, u, t, &nscan, &nhop);
         t->use_codes = 0;
         int n = 0;
         for (int j = 0; j < np; j++)
@@ -570,9 +576,10 @@ static void g_land_task(void *arg, size_t b, size_t end)
     }
 }
 
-/* Links nodes[0..n) (already counted in g->n) in batches. */
+/* Links nodes[0..n) (already counted in g->n) in batches; cl (NULL: none) gives a cluster
+ * per node, the order in which a batch runs its walks (G_LINK_CLUSTERS). */
 static ra_status g_insert_nodes(ra_graph *g, const void *keys, const int32_t *nodes, size_t n,
-                                int keep_old)
+                                int keep_old, const uint16_t *cl)
 {
     ra_status st = RA_OK;
     size_t bmax = 8192;
@@ -580,7 +587,9 @@ static ra_status g_insert_nodes(ra_graph *g, const void *keys, const int32_t *no
     int *counts = malloc(bmax * sizeof *counts);
     size_t *eoff = malloc(bmax * sizeof *eoff);
     g_edge *e = malloc(bmax * (size_t)g->M * sizeof *e);
-    if (!lists || !counts || !eoff || !e) {
+    uint64_t *ord = cl ? malloc(bmax * sizeof *ord) : NULL; /* a batch in cluster order */
+    int32_t *bn = cl ? malloc(bmax * sizeof *bn) : NULL;
+    if (!lists || !counts || !eoff || !e || (cl && (!ord || !bn))) {
         st = RA_ENOMEM;
         goto fail;
     }
@@ -609,9 +618,18 @@ static ra_status g_insert_nodes(ra_graph *g, const void *keys, const int32_t *no
             bs = bmax;
         if (bs > n - done)
             bs = n - done;
+        const int32_t *bnodes = nodes + done;
+        if (cl) { /* the batch in cluster order: same items, nearer walks run together */
+            for (size_t i = 0; i < bs; i++)
+                ord[i] = (uint64_t)cl[nodes[done + i]] << 32 | (uint32_t)nodes[done + i];
+            g_sort_u64(ord, bs, NULL);
+            for (size_t i = 0; i < bs; i++)
+                bn[i] = (int32_t)(uint32_t)ord[i];
+            bnodes = bn;
+        }
         g_ins_ctx c = {.g = g,
                        .keys = keys,
-                       .nodes = nodes + done,
+                       .nodes = bnodes,
                        .lists = lists,
                        .counts = counts,
                        .keep_old = keep_old};
@@ -635,7 +653,7 @@ static ra_status g_insert_nodes(ra_graph *g, const void *keys, const int32_t *no
             ne += (size_t)counts[i];
         }
         g_land_ctx lc = {
-            .g = g, .nodes = nodes + done, .lists = lists, .counts = counts, .eoff = eoff, .e = e};
+            .g = g, .nodes = bnodes, .lists = lists, .counts = counts, .eoff = eoff, .e = e};
         g_parallel(g->threads, bs, 256, g_land_task, &lc);
         st = g_apply_edges(g, keys, e, ne);
         if (st)
@@ -651,6 +669,8 @@ static ra_status g_insert_nodes(ra_graph *g, const void *keys, const int32_t *no
                  n, batches, tw[0], tc[0], (double)scanned / (double)n, (double)hops / (double)n,
                  tw[1], tc[1]);
 fail:
+    free(ord);
+    free(bn);
     free(lists);
     free(counts);
     free(eoff);
@@ -753,7 +773,7 @@ static ra_status g_connect(ra_graph *g, const void *keys)
             break;
         RA_DEBUG("graph: connectivity round %d: %zu of %zu unreached", round, nm, n);
         if (round < 4) {
-            st = g_insert_nodes(g, keys, miss, nm, 1);
+            st = g_insert_nodes(g, keys, miss, nm, 1, NULL);
             if (st)
                 goto fail;
             continue;
@@ -779,6 +799,84 @@ fail:
 
 /* ------------------------------------------------------------------------ */
 /* build */
+
+typedef struct g_cl_ctx {
+    const ra_graph *g;
+    const void *keys;
+    const float *cen; /* [nc][dim], nc a multiple of 4 */
+    int nc;
+    uint16_t *cl;
+    atomic_int fail;
+} g_cl_ctx;
+
+#define G_CL_BLOCK 512
+static void g_cl_task(void *arg, size_t b, size_t e)
+{
+    g_cl_ctx *c = arg;
+    const ra_graph *g = c->g;
+    int dim = g->dim;
+    float *kf = malloc((size_t)G_CL_BLOCK * dim * sizeof *kf);
+    float *sc = malloc(4 * G_CL_BLOCK * sizeof *sc);
+    float *best = malloc(G_CL_BLOCK * sizeof *best);
+    if (!kf || !sc || !best) {
+        atomic_store(&c->fail, 1);
+        goto done;
+    }
+    for (size_t blk = b; blk < e; blk++) {
+        size_t k0 = blk * G_CL_BLOCK, kn = g->n - k0 < G_CL_BLOCK ? g->n - k0 : G_CL_BLOCK;
+        ra_kern_to_f32(g_row(g, c->keys, (int32_t)k0), g->dtype, kn * (size_t)dim, kf);
+        for (size_t i = 0; i < kn; i++)
+            best[i] = -INFINITY;
+        for (int j0 = 0; j0 < c->nc; j0 += 4) {
+            ra_kern_dot_q4_f32(c->cen + (size_t)j0 * dim, kf, dim, kn, sc);
+            for (int j = 0; j < 4; j++)
+                for (size_t i = 0; i < kn; i++)
+                    if (sc[j * kn + i] > best[i]) {
+                        best[i] = sc[j * kn + i];
+                        c->cl[k0 + i] = (uint16_t)(j0 + j);
+                    }
+        }
+    }
+done:
+    free(kf);
+    free(sc);
+    free(best);
+}
+
+/* A cluster per key for the order of the linking walks: the most similar (cosine) of nc
+ * evenly spaced keys. NULL: no memory. */
+static uint16_t *g_cluster_keys(const ra_graph *g, const void *keys, int nc)
+{
+    int dim = g->dim;
+    nc = (nc + 3) & ~3;
+    uint16_t *cl = calloc(g->n, sizeof *cl);
+    float *cen = malloc((size_t)nc * dim * sizeof *cen);
+    if (!cl || !cen) {
+        free(cl);
+        free(cen);
+        return NULL;
+    }
+    for (int j = 0; j < nc; j++) {
+        float *r = cen + (size_t)j * dim;
+        ra_kern_to_f32(g_row(g, keys, (int32_t)((size_t)j * g->n / (size_t)nc)), g->dtype,
+                       (size_t)dim, r);
+        double nn = 0;
+        for (int d = 0; d < dim; d++)
+            nn += (double)r[d] * r[d];
+        float inv = nn > 0 ? (float)(1.0 / sqrt(nn)) : 0.0f;
+        for (int d = 0; d < dim; d++)
+            r[d] *= inv;
+    }
+    g_cl_ctx c = {.g = g, .keys = keys, .cen = cen, .nc = nc, .cl = cl};
+    atomic_init(&c.fail, 0);
+    g_parallel(g->threads, (g->n + G_CL_BLOCK - 1) / G_CL_BLOCK, 1, g_cl_task, &c);
+    free(cen);
+    if (atomic_load(&c.fail)) {
+        free(cl);
+        return NULL;
+    }
+    return cl;
+}
 
 /* Slots of a row kept for projection edges (unpruned, most frequent co-answers);
  * 0 = none: projection edges are pruned like the others. Protecting them was
@@ -1335,7 +1433,13 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
         for (size_t i = 0; i < n; i++)
             miss[nm++] = (int32_t)i;
         g_clock(&w[3], &c[3]); /* entries and routing belong to the projection */
-        st = g_insert_nodes(g, keys, miss, nm, 1);
+        uint16_t *cl = NULL;
+        if (n >= 4 * G_LINK_CLUSTERS && !(cl = g_cluster_keys(g, keys, G_LINK_CLUSTERS))) {
+            st = RA_ENOMEM;
+            goto fail;
+        }
+        st = g_insert_nodes(g, keys, miss, nm, 1, cl);
+        free(cl);
         if (st)
             goto fail;
         g_clock(&w[4], &c[4]);
@@ -1432,7 +1536,7 @@ ra_status ra_graph_add(ra_graph *g, const ra_kv *kv, size_t first, size_t n)
     /* new rows are searched only once linked; nodes of one batch cannot see each
      * other, which is why the batches start small (g_insert_nodes) */
     g->light_rev = 1;
-    st = g_insert_nodes(g, keys, nodes, n, 0);
+    st = g_insert_nodes(g, keys, nodes, n, 0, NULL);
     g->light_rev = 0;
     free(nodes);
     return st;
