@@ -48,21 +48,6 @@
 #define G_ROUTE_TOP 4   /* routing queries used per search */
 #define G_LINK_L2 0     /* 1: link by L2 (measured far worse for MIPS: 0.16 vs 0.60 recall) */
 #define G_ALPHA2 1.44f  /* occlusion slack (alpha = 1.2, on squared distances) */
-/* A build's linking walk keeps a pool of graph_build_ef (L) candidates but expands only
- * its best G_LINK_EXPAND_NUM / 8 of L (80 at the default 128) before stopping: the pool's
- * tail, scored but not expanded, still feeds the occlusion pruning. 131K heads, 2 threads,
- * recall@100 at effort 200/250/300 against all 128 expanded (2026-12-02, with the cluster
- * order and the fp32 pruning below): 80: calibrated -0.003/-0.002/-0.001, lin
- * -0.005/-0.002/-0.002, scans -1..0 %, linking CPU 36.9 -> 27.0 s (lin 31.4 -> 24.6);
- * 64: calibrated -0.005/-0.003/-0.003, lin -0.010/-0.005/-0.006 (linking 20 s);
- * 48: lin -0.013/-0.012/-0.007 (19 s). Keys appended after the build walk their whole
- * (halved) list. */
-#define G_LINK_EXPAND_NUM 5
-static inline int g_link_expand(int L)
-{
-    int x = L * G_LINK_EXPAND_NUM / 8;
-    return x < 16 ? (L < 16 ? L : 16) : x;
-}
 /* The build's linking batches run their keys in the order of G_LINK_CLUSTERS clusters
  * (the most similar of evenly spaced keys, by cosine), so that the walks running together
  * read the same records from cache. The same keys make the same batches, and a batch's
