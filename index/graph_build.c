@@ -496,9 +496,9 @@ static ra_status g_apply_edges(ra_graph *g, const void *keys, g_edge *e, size_t 
  * stops; the pool's tail, scored but not expanded, still feeds the occlusion pruning. On
  * 131K heads (2026-12-02) 5/8 cut the linking's CPU time by ~27 % on 2 threads (36.9 ->
  * 27.0 CPU s, lin 31.4 -> 24.6) for recall@100 -0.001..-0.005 at efforts 200/250/300,
- * but on the GPU host's 16 cores one head's build took the same wall time (3.13 vs
- * 3.11 s, two leases) with recall -0.004 at effort 300 (0.968 vs 0.972): not the
- * default. 4/8: -0.005..-0.010; 3/8: -0.007..-0.013. */
+ * and on the GPU host's 16 cores one head's build (ratd-bench-graph, 16K training
+ * queries) 3.42-3.69 -> 2.95-3.10 s, same lease, for recall -0.004 at efforts 200 and
+ * 300 (0.968 vs 0.972): not the default. 4/8: -0.005..-0.010; 3/8: -0.007..-0.013. */
 static int g_link_expand(int L)
 {
     static ra_env_once env;
