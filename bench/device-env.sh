@@ -46,3 +46,16 @@ ra_run_variants() {
   done
   RA_RUN_NAME="$RA_RUN-${rv#*:}"
 }
+
+# ra_cuda_build OUT_DIR BUILD_DIR TARGET...: the device scripts' Release build for sm_90
+# of the given targets (the machine's GPU and cores in OUT_DIR/machine.txt, the logs in
+# OUT_DIR/configure.log and build.log). Returns 1 with the errors shown on failure.
+ra_cuda_build() {
+  local out=$1 b=$2
+  shift 2
+  { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc; } >"$out/machine.txt" 2>&1
+  cmake -S . -B "$b" -DCMAKE_BUILD_TYPE=Release -DRA_CUDA=ON -DRA_CUDA_ARCHS=90 "${RA_DEPS_CMAKE[@]}" \
+    >"$out/configure.log" 2>&1 || { tail -30 "$out/configure.log"; return 1; }
+  cmake --build "$b" -j"$(nproc)" --target "$@" >"$out/build.log" 2>&1 ||
+    { grep -E "error|Error" "$out/build.log" | head -30; return 1; }
+}

@@ -15,10 +15,7 @@ T0=$(date +%s)
 el() { echo "[$(($(date +%s) - T0)) s] $*"; }
 . bench/device-env.sh
 b=/tmp/build-session
-cmake -S . -B $b -DCMAKE_BUILD_TYPE=Release -DRA_CUDA=ON -DRA_CUDA_ARCHS=90 "${RA_DEPS_CMAKE[@]}" \
-  >"$out/configure.log" 2>&1 || { tail -30 "$out/configure.log"; exit 1; }
-cmake --build $b -j"$(nproc)" --target test_gpu_graph test_gpu_cuda ratd-bench-graph ratd-bench-index \
-  ratd ratd-bench-decode >"$out/build.log" 2>&1 || { grep -E "error|Error" "$out/build.log" | head -30; exit 1; }
+ra_cuda_build "$out" $b test_gpu_graph test_gpu_cuda ratd-bench-graph ratd-bench-index ratd ratd-bench-decode || exit 1
 el built
 timeout 120 $b/tests/gpu/test_gpu_graph cuda >"$out/test_gpu_graph_cuda.log" 2>&1
 echo "test_gpu_graph cuda rc=$?: $(grep -E 'PASSED|FAILED' "$out/test_gpu_graph_cuda.log")"

@@ -12,11 +12,7 @@ out=${1:?usage: device-run-model-build.sh OUT_DIR}
 mkdir -p "$out"
 . bench/device-env.sh
 b=/tmp/build-graph
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc; } >"$out/machine.txt" 2>&1
-cmake -S . -B $b -DCMAKE_BUILD_TYPE=Release -DRA_CUDA=ON -DRA_CUDA_ARCHS=90 "${RA_DEPS_CMAKE[@]}" \
-  >"$out/configure.log" 2>&1 || { tail -30 "$out/configure.log"; exit 1; }
-cmake --build $b -j"$(nproc)" --target ratd-bench-graph ratd ratd-bench-decode \
-  >"$out/build.log" 2>&1 || { grep -E "error|Error" "$out/build.log" | head -30; exit 1; }
+ra_cuda_build "$out" $b ratd-bench-graph ratd ratd-bench-decode || exit 1
 echo built
 for v in ${RA_GRAPH_AB:-} default; do
   env ${v/#default/RA_NONE=1} timeout 120 $b/bench/ratd-bench-graph --heads 8 --no-cpu-build \
