@@ -22,8 +22,8 @@
 ra_status ra_gpu_cuda_dev_fail(ra_gpu_cache *c, cudaError_t e, const char *what,
                                const char *file, int line, int committed)
 {
-    if (sticky(e) || committed)
-        c->broken = 1;
+    if (sticky(e) || committed) /* graph build lanes may read it meanwhile */
+        __atomic_store_n(&c->broken, 1, __ATOMIC_RELAXED);
     ra_status s = e == cudaErrorMemoryAllocation ? RA_ENOMEM : RA_EDEVICE;
     const char *base = strrchr(file, '/');
     return ra_gpu_fail(c, s, "CUDA %s (%s) in %s [%s:%d]%s", err_name(e),

@@ -75,8 +75,10 @@ int ra_gpu_cuda_graph_lanes(ra_gpu_cache *c, size_t peak)
         return 1;
     }
     size_t need = peak + peak / 4;
-    int lanes = need ? (int)(fr / need) : want;
-    return lanes < 1 ? 1 : lanes < want ? lanes : want;
+    if (!need) /* not measured */
+        return 1;
+    size_t fit = fr / need;
+    return fit < 1 ? 1 : fit < (size_t)want ? (int)fit : want;
 }
 
 /* ---- device helpers ---------------------------------------------------------------- */
@@ -1216,11 +1218,12 @@ ra_status ra_gpu_cuda_graph_rows(ra_gpu_cache *c, int lane, ra_gpu_mem mem, ra_d
     return RA_OK;
 fail:
     g = m->graph[lane];
-    if (g && g->s2 && !c->broken) /* its top-k may still read a tile */
+    int broken = __atomic_load_n(&c->broken, __ATOMIC_RELAXED);
+    if (g && g->s2 && !broken) /* its top-k may still read a tile */
         cudaStreamSynchronize(g->s2);
     if (g && g->s) {
         gb_free(&mem_, g->s);
-        if (!c->broken)
+        if (!broken)
             cudaStreamSynchronize(g->s);
         cudaGetLastError();
     }

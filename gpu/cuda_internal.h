@@ -76,17 +76,17 @@ ra_status ra_gpu_cuda_dev_fail(ra_gpu_cache *c, cudaError_t e, const char *what,
 
 /* CK: checks a CUDA call (and the test hook); on failure sets s and jumps to fail.
  * Functions using it declare `ra_status s = RA_OK; int committed = 0;`. */
-#define CK(call)                                                                          \
-    do {                                                                                  \
-        cudaError_t e_ = (call);                                                          \
-        if (c->inject) {                                                                  \
-            e_ = (cudaError_t)c->inject;                                                  \
-            c->inject = 0;                                                                \
-        }                                                                                 \
-        if (e_ != cudaSuccess) {                                                          \
-            s = ra_gpu_cuda_dev_fail(c, e_, #call, __FILE__, __LINE__, committed);                              \
-            goto fail;                                                                    \
-        }                                                                                 \
+#define CK(call)                                                                                   \
+    do {                                                                                           \
+        cudaError_t e_ = (call);                                                                   \
+        if (__atomic_load_n(&c->inject, __ATOMIC_RELAXED)) { /* one thread takes it */             \
+            int i_ = __atomic_exchange_n(&c->inject, 0, __ATOMIC_RELAXED);                         \
+            e_ = i_ ? (cudaError_t)i_ : e_;                                                        \
+        }                                                                                          \
+        if (e_ != cudaSuccess) {                                                                   \
+            s = ra_gpu_cuda_dev_fail(c, e_, #call, __FILE__, __LINE__, committed);                 \
+            goto fail;                                                                             \
+        }                                                                                          \
     } while (0)
 
 #define CKB(call)                                                                         \

@@ -121,7 +121,7 @@ static int bad_slot(const int32_t *adj, size_t v, unsigned M, size_t n)
     const int32_t *row = adj + v * M;
     unsigned bad = M;
     for (unsigned j = 0; j < M; j++) /* no early exit: vectorised */
-        bad = (uint32_t)(row[j] + 1) > (uint32_t)n && bad == M ? j : bad;
+        bad = (uint32_t)row[j] + 1u > (uint32_t)n && bad == M ? j : bad;
     return bad < M ? (int)bad : -1;
 }
 
@@ -241,7 +241,7 @@ static ra_status gb_check(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype, const
 {
     if (!c)
         return RA_EINVAL;
-    if (c->broken)
+    if (__atomic_load_n(&c->broken, __ATOMIC_RELAXED)) /* head threads may set it */
         return ra_gpu_fail(c, RA_ESTATE, "cache is broken by an earlier device fault");
     if (mem != RA_GPU_MEM_HOST && mem != RA_GPU_MEM_DEVICE)
         return ra_gpu_fail(c, RA_EINVAL, "unknown memory kind %d", (int)mem);
@@ -371,6 +371,8 @@ typedef struct gb_job {
 
 struct gb_ring {
     ra_gpu_cache *c;
+    size_t key[7];        /* the kind of build (graph_peak_key) */
+    size_t fit_n, fit_nq; /* heads no larger may share the device (lanes > 1) */
     ra_gpu_mem mem;
     ra_dtype dtype;
     unsigned dim;
@@ -442,6 +444,10 @@ static void gb_join(gb_ring *r)
     }
     r->ok = h + 1;
     ra_gpu_cache *c = r->c; /* what the next call may assume of heads as large */
+    if (memcmp(c->graph_peak_key, r->key, sizeof r->key) != 0) { /* another kind of build */
+        memcpy(c->graph_peak_key, r->key, sizeof r->key);
+        c->graph_peak_n = c->graph_peak_nq = c->graph_peak = 0;
+    }
     if (j->h->n_keys > c->graph_peak_n)
         c->graph_peak_n = j->h->n_keys;
     if (j->h->n_queries > c->graph_peak_nq)
@@ -450,8 +456,9 @@ static void gb_join(gb_ring *r)
         c->graph_peak = j->h->stats.device_bytes;
 }
 
-/* a free lane for the next head, once one is and the ring has room (-1: a head failed) */
-static int gb_lane(gb_ring *r, const ra_gpu_graph_head *heads, int *decided)
+/* a free lane for head h, once one is and the ring has room (-1: a head failed); a head
+ * larger than the one the lanes were decided on runs alone */
+static int gb_lane(gb_ring *r, const ra_gpu_graph_head *heads, size_t h, int *decided)
 {
     for (;;) {
         while (r->first < r->next && r->job[r->first % GB_RING].done)
@@ -461,18 +468,25 @@ static int gb_lane(gb_ring *r, const ra_gpu_graph_head *heads, int *decided)
         /* the first head alone, unless an earlier call measured a head as large */
         if (!*decided) {
             size_t peak = 0;
-            if (r->next == 0 && heads[0].n_keys <= r->c->graph_peak_n &&
-                heads[0].n_queries <= r->c->graph_peak_nq)
-                *decided = 1, peak = r->c->graph_peak;
-            else if (r->next > 0 && r->job[0].dev_done)
+            const ra_gpu_cache *c = r->c;
+            if (r->next == 0 && !memcmp(c->graph_peak_key, r->key, sizeof r->key) &&
+                heads[0].n_keys <= c->graph_peak_n && heads[0].n_queries <= c->graph_peak_nq) {
+                *decided = 1, peak = c->graph_peak;
+                r->fit_n = c->graph_peak_n, r->fit_nq = c->graph_peak_nq;
+            } else if (r->next > 0 && r->job[0].dev_done) {
                 *decided = 1, peak = heads[0].stats.device_bytes;
-            if (*decided && r->c->ops->graph_lanes) {
+                r->fit_n = heads[0].n_keys, r->fit_nq = heads[0].n_queries;
+            }
+            if (*decided && peak && r->c->ops->graph_lanes) { /* 0: not measured */
                 int l = r->c->ops->graph_lanes(r->c, peak);
                 r->lanes = l < 1 ? 1 : l > RA_GPU_GRAPH_LANES ? RA_GPU_GRAPH_LANES : l;
             }
         }
-        if (r->next - r->first < GB_RING)
-            for (int l = 0; l < r->lanes; l++)
+        int alone = heads[h].n_keys > r->fit_n || heads[h].n_queries > r->fit_nq, idle = 1;
+        for (int l = 0; l < RA_GPU_GRAPH_LANES; l++)
+            idle &= !r->busy[l];
+        if (r->next - r->first < GB_RING && (!alone || idle))
+            for (int l = 0; l < (alone ? 1 : r->lanes); l++)
                 if (!r->busy[l])
                     return l;
         pthread_cond_wait(&r->cv, &r->mu);
@@ -486,7 +500,7 @@ static ra_status gb_many(ra_gpu_cache *c, gb_ring *r, ra_gpu_mem mem, ra_dtype d
     int decided = 0;
     pthread_mutex_lock(&r->mu);
     for (size_t h = 0; h < n_heads; h++) {
-        int lane = gb_lane(r, heads, &decided);
+        int lane = gb_lane(r, heads, h, &decided);
         if (lane < 0)
             break;
         pthread_mutex_unlock(&r->mu);
@@ -499,6 +513,11 @@ static ra_status gb_many(ra_gpu_cache *c, gb_ring *r, ra_gpu_mem mem, ra_dtype d
             s = ra_gpu_fail(c, RA_ENOMEM, "graph build: %zu counts", hd->n_keys);
         memset(&hd->stats, 0, sizeof hd->stats);
         pthread_mutex_lock(&r->mu);
+        if (s == RA_OK && (r->failed || r->s != RA_OK)) { /* one failed meanwhile */
+            free(j->occ);
+            j->occ = NULL;
+            break;
+        }
         if (s == RA_OK) {
             r->busy[lane] = 1;
             if (pthread_create(&r->th[h % GB_RING], NULL, gb_head_main, j) != 0) {
@@ -570,7 +589,9 @@ ra_status ra_gpu_graph_build_heads(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dty
                    .lanes = 1,
                    .threads = threads < 1   ? 1
                               : threads > 4 ? 4
-                                            : threads};
+                                            : threads,
+                   .key = {dim, (size_t)dtype, (size_t)mem, pp ? pp->knn : 0, pp ? pp->degree : 0,
+                           pp ? pp->key_knn : 0, pp ? pp->tile_bytes : 0}};
     pthread_mutex_init(&r->mu, NULL);
     pthread_cond_init(&r->cv, NULL);
     ra_status s = gb_many(c, r, mem, dtype, dim, pp, heads, n_heads);

@@ -113,9 +113,12 @@ struct ra_gpu_cache {
     char err[512];
     void *impl;            /* the backend's own state */
     int inject;            /* tests: the next device call fails with this CUDA error (0: none) */
-    /* ra_gpu_graph_build_heads: the most keys and queries of a head built, and the most
-     * device bytes a head held (a later head of no more keys and queries needs no more) */
+    /* ra_gpu_graph_build_heads: the most keys and queries of a head built and the most
+     * device bytes a head held, for builds of the same kind (graph_peak_key: dim, dtype,
+     * memory kind and the parameters that size device memory); a later head of that kind
+     * and no more keys and queries needs no more */
     size_t graph_peak_n, graph_peak_nq, graph_peak;
+    size_t graph_peak_key[7];
 };
 
 /* Records an error message in c (or in the calling thread's redirect buffer) and logs

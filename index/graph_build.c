@@ -1451,10 +1451,8 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
             miss[nm++] = (int32_t)i;
         g_clock(&w[3], &c[3]); /* entries and routing belong to the projection */
         uint16_t *cl = NULL;
-        if (n >= 4 * G_LINK_CLUSTERS && !(cl = g_cluster_keys(g, keys, G_LINK_CLUSTERS))) {
-            st = RA_ENOMEM;
-            goto fail;
-        }
+        if (n >= 4 * G_LINK_CLUSTERS) /* only an order: none without memory for it */
+            cl = g_cluster_keys(g, keys, G_LINK_CLUSTERS);
         st = g_insert_nodes(g, keys, miss, nm, 1, cl);
         free(cl);
         if (st)

@@ -277,8 +277,18 @@ static inline int32_t s_ord(float s)
 
 /* the bisection's inner loop: 16 keys a compare where the CPU has AVX-512 (one function
  * per ISA, chosen once at load time by the loader) */
-__attribute__((target_clones("avx512f", "avx2", "default"))) static int cnt_ge(const int32_t *x,
-                                                                               int n, int32_t v)
+static int cmp_i32(const void *a, const void *b)
+{
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+#if defined(__SANITIZE_THREAD__) /* TSan crashes in an ifunc resolver (GCC 12) */
+#define CNT_GE_CLONES
+#else
+#define CNT_GE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+CNT_GE_CLONES static int cnt_ge(const int32_t *x, int n, int32_t v)
 {
     int c = 0;
     for (int i = 0; i < n; i++) /* vectorized: a compare and a subtract per 4-16 keys */
@@ -318,7 +328,9 @@ g_hc g_keep_best(g_hc *h, int n, int m, int32_t *key)
         for (int i = 0; i < n; i++)
             if (key[i] == lo)
                 key[nt++] = h[i].id;
-        for (int a = 1; a < nt; a++) { /* insertion sort of the few tied ids */
+        if (nt > 32) /* many equal scores (e.g. duplicated keys) */
+            qsort(key, (size_t)nt, sizeof *key, cmp_i32);
+        for (int a = 1; a < nt && nt <= 32; a++) { /* insertion sort of the few tied ids */
             int32_t x = key[a];
             int b = a;
             for (; b > 0 && key[b - 1] > x; b--)

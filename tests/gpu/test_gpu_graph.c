@@ -350,7 +350,7 @@ static void build_heads_on(ra_gpu_backend be, ra_dtype t)
         free(ids);
         free(sc);
     }
-    /* more heads than build_heads keeps in flight (two on the device, at most four in
+    /* more heads than build_heads keeps in flight (two on the device, at most three in
      * their host steps): the ring's slots are reused and every head still equals its own
      * build */
     {
@@ -385,19 +385,26 @@ static void build_heads_on(ra_gpu_backend be, ra_dtype t)
     assert_false(ra_gpu_cache_broken(c));
     hd[1].n_keys = n[1];
     if (be == RA_GPU_BACKEND_CUDA) {
-        /* a device failure on head 0's own thread: its message, with the head named,
-         * becomes the cache's; nothing after it is built */
-        ra_gpu_cache_inject_fault(c, 2 /* cudaErrorMemoryAllocation */);
-        assert_int_equal(ra_gpu_graph_build_heads(c, RA_GPU_MEM_HOST, t, DIM, &p, hd, H, &done),
+        /* a device failure on head 0's own thread (a new cache: its first head runs
+         * alone, so the fault is head 0's): its message, with the head named, becomes
+         * the cache's, and no later head starts */
+        ra_gpu_cache *f = make_cache(be);
+        memset(hd[1].adj, 0x5a, n[1] * 48 * sizeof(int32_t));
+        ra_gpu_cache_inject_fault(f, 2 /* cudaErrorMemoryAllocation */);
+        assert_int_equal(ra_gpu_graph_build_heads(f, RA_GPU_MEM_HOST, t, DIM, &p, hd, H, &done),
                          RA_ENOMEM);
         assert_int_equal(done, 0);
-        assert_non_null(strstr(ra_gpu_cache_last_error(c), "head 0"));
-        assert_non_null(strstr(ra_gpu_cache_last_error(c), "cudaErrorMemoryAllocation"));
-        assert_false(ra_gpu_cache_broken(c));
-        assert_int_equal(ra_gpu_graph_build_heads(c, RA_GPU_MEM_HOST, t, DIM, &p, hd, H, &done),
+        assert_non_null(strstr(ra_gpu_cache_last_error(f), "head 0"));
+        assert_non_null(strstr(ra_gpu_cache_last_error(f), "cudaErrorMemoryAllocation"));
+        assert_false(ra_gpu_cache_broken(f));
+        for (size_t i = 0; i < n[1] * 48; i++)
+            assert_int_equal(hd[1].adj[i], 0x5a5a5a5a);
+        assert_int_equal(ra_gpu_graph_build_heads(f, RA_GPU_MEM_HOST, t, DIM, &p, hd, H, &done),
                          RA_OK); /* and the cache builds again */
         assert_int_equal(done, H);
-        assert_memory_equal(hd[2].adj, one[2].adj, n[2] * 48 * sizeof(int32_t));
+        for (int h = 0; h < H; h++)
+            assert_memory_equal(hd[h].adj, one[h].adj, n[h] * 48 * sizeof(int32_t));
+        ra_gpu_cache_destroy(f);
     }
     assert_int_equal(ra_gpu_graph_build_heads(c, RA_GPU_MEM_HOST, t, DIM, &p, NULL, 2, &done),
                      RA_EINVAL);
