@@ -29,7 +29,6 @@ static void g_tls_free(void *p)
     free(t->buf);
     free(t->sc);
     free(t->qf);
-    free(t->cf);
     free(t->kf);
     free(t->q8);
     free(t->q16);
@@ -104,10 +103,6 @@ g_tls *g_tls_get(size_t n, int L, int nb, int dim)
         if (!a)
             return NULL;
         t->qf = a;
-        float *b = realloc(t->cf, (size_t)dim * sizeof *b);
-        if (!b)
-            return NULL;
-        t->cf = b;
         float *k = realloc(t->kf, (size_t)G_MAX_DEGREE * dim * sizeof *k);
         if (!k)
             return NULL;

@@ -221,8 +221,8 @@ static inline float g_nb_d2(uint64_t k)
  * to out; returns the count. A candidate's dots with the kept ones are computed 8 at a
  * time, stopping at the first occluder (the nearest kept ones occlude most): the same
  * dots as one gather over all of them (groups of 4 stay aligned), fewer of them. The kept
- * rows are read as fp32 copies made once each (t->kf, in L1), not converted again for
- * every candidate that is checked against them. */
+ * rows are read as fp32 copies made once each (t->kf: 24 KB at degree 48 and dim 128),
+ * not converted again for every candidate that is checked against them. */
 static int g_prune(const ra_graph *g, const void *keys, const uint64_t *c, int nc, int M,
                    int32_t *out, g_tls *t)
 {

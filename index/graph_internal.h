@@ -176,7 +176,6 @@ typedef struct g_tls {
     float *sc;
     int buf_cap;
     float *qf; /* fp32 copy of a key used as a query / in pruning */
-    float *cf;
     float *kf; /* [G_MAX_DEGREE][dim]: fp32 copies of the rows a pruning kept so far */
     int qf_cap;
     int8_t *q8; /* the query prepared for the search codes (ra_codebook_prep) */

@@ -275,14 +275,14 @@ static inline int32_t s_ord(float s)
     return i ^ (int32_t)((uint32_t)(i >> 31) >> 1);
 }
 
-/* the bisection's inner loop: 16 keys a compare where the CPU has AVX-512 (one function
- * per ISA, chosen once at load time by the loader) */
 static int cmp_i32(const void *a, const void *b)
 {
     int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
     return x < y ? -1 : x > y;
 }
 
+/* the bisection's inner loop: 16 keys a compare where the CPU has AVX-512 (one function
+ * per ISA, chosen once at load time by the loader) */
 #if defined(__SANITIZE_THREAD__) /* TSan crashes in an ifunc resolver (GCC 12) */
 #define CNT_GE_CLONES
 #else
@@ -328,15 +328,7 @@ g_hc g_keep_best(g_hc *h, int n, int m, int32_t *key)
         for (int i = 0; i < n; i++)
             if (key[i] == lo)
                 key[nt++] = h[i].id;
-        if (nt > 32) /* many equal scores (e.g. duplicated keys) */
-            qsort(key, (size_t)nt, sizeof *key, cmp_i32);
-        for (int a = 1; a < nt && nt <= 32; a++) { /* insertion sort of the few tied ids */
-            int32_t x = key[a];
-            int b = a;
-            for (; b > 0 && key[b - 1] > x; b--)
-                key[b] = key[b - 1];
-            key[b] = x;
-        }
+        qsort(key, (size_t)nt, sizeof *key, cmp_i32); /* many, with duplicated keys */
         id_cut = key[ties - 1];
         for (int i = 0; i < n; i++)
             key[i] = s_ord(h[i].s);
