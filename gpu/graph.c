@@ -341,6 +341,44 @@ static void gb_log(const ra_gpu_graph_head *h, const char *backend)
              st->reverse_s, st->copy_s, st->connect_s, st->forced_edges, st->total_s);
 }
 
+/* one head's checks and defaults (*p) and its zeroed counts (*occ), stats reset */
+static ra_status gb_prepare(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dtype, unsigned dim,
+                            const ra_gpu_graph_params *pp, ra_gpu_graph_head *hd,
+                            ra_gpu_graph_params *p, int32_t **occ)
+{
+    *occ = NULL;
+    ra_status s = gb_check(c, mem, dtype, hd->keys, hd->n_keys, hd->queries, hd->n_queries, dim, pp,
+                           hd->adj, hd->entries, &hd->n_entries, p);
+    if (s != RA_OK)
+        return s;
+    if (!(*occ = calloc(hd->n_keys, sizeof **occ)))
+        return ra_gpu_fail(c, RA_ENOMEM, "graph build: %zu counts", hd->n_keys);
+    memset(&hd->stats, 0, sizeof hd->stats);
+    return RA_OK;
+}
+
+/* one head's device steps on `lane`, their wall time in total_s */
+static ra_status gb_device(ra_gpu_cache *c, int lane, ra_gpu_mem mem, ra_dtype dtype, unsigned dim,
+                           const ra_gpu_graph_params *p, ra_gpu_graph_head *hd, int32_t *occ)
+{
+    double t0 = ra_now_s();
+    ra_status s = gb_rows(c, lane, mem, dtype, hd->keys, hd->n_keys, hd->queries, hd->n_queries,
+                          dim, p, hd->adj, occ, hd->lists, &hd->stats);
+    hd->stats.total_s = ra_now_s() - t0;
+    return s;
+}
+
+/* one head's host steps (after its device steps), logged when done */
+static ra_status gb_host(ra_gpu_cache *c, const ra_gpu_graph_params *p, ra_gpu_graph_head *hd,
+                         const int32_t *occ)
+{
+    ra_status s = gb_finish(c, occ, hd->n_keys, hd->n_queries, p, hd->adj, hd->entries,
+                            &hd->n_entries, &hd->stats);
+    if (s == RA_OK)
+        gb_log(hd, c->ops->name);
+    return s;
+}
+
 /* ---- several heads (ra_gpu_graph_build_heads) ----
  * Each head in flight has a thread of its own that runs the head's device steps on a
  * lane (the backend's own build state: on CUDA its streams and cuBLAS handle), then its
@@ -384,6 +422,7 @@ struct gb_ring {
     size_t first, next; /* heads [first, next) have threads, not joined (slot h % GB_RING) */
     size_t ok;          /* heads [0, ok) are done */
     int busy[RA_GPU_GRAPH_LANES];
+    int decided; /* lanes is final for this call */
     int n_host;  /* heads in their host steps */
     int failed;  /* a head has failed: start no more */
     ra_status s; /* the first failure among the joined heads */
@@ -395,10 +434,7 @@ static void *gb_head_main(void *arg)
     gb_ring *r = j->r;
     ra_gpu_graph_head *h = j->h;
     ra_gpu_err_redirect(j->err);
-    double t0 = ra_now_s();
-    ra_status s = gb_rows(r->c, j->lane, r->mem, r->dtype, h->keys, h->n_keys, h->queries,
-                          h->n_queries, r->dim, &j->p, h->adj, j->occ, h->lists, &h->stats);
-    h->stats.total_s = ra_now_s() - t0;
+    ra_status s = gb_device(r->c, j->lane, r->mem, r->dtype, r->dim, &j->p, h, j->occ);
     pthread_mutex_lock(&r->mu);
     r->busy[j->lane] = 0;
     j->dev_done = 1;
@@ -409,10 +445,7 @@ static void *gb_head_main(void *arg)
     r->n_host += s == RA_OK;
     pthread_mutex_unlock(&r->mu);
     if (s == RA_OK) {
-        s = gb_finish(r->c, j->occ, h->n_keys, h->n_queries, &j->p, h->adj, h->entries,
-                      &h->n_entries, &h->stats);
-        if (s == RA_OK)
-            gb_log(h, r->c->ops->name);
+        s = gb_host(r->c, &j->p, h, j->occ);
         pthread_mutex_lock(&r->mu);
         r->n_host--;
     } else {
@@ -458,26 +491,26 @@ static void gb_join(gb_ring *r)
 
 /* a free lane for head h, once one is and the ring has room (-1: a head failed); a head
  * larger than the one the lanes were decided on runs alone */
-static int gb_lane(gb_ring *r, const ra_gpu_graph_head *heads, size_t h, int *decided)
+static int gb_lane(gb_ring *r, const ra_gpu_graph_head *heads, size_t h)
 {
     for (;;) {
         while (r->first < r->next && r->job[r->first % GB_RING].done)
             gb_join(r);
-        if (r->failed || r->s != RA_OK)
+        if (r->failed) /* set by every failed head before it is joined */
             return -1;
         /* the first head alone, unless an earlier call measured a head as large */
-        if (!*decided) {
+        if (!r->decided) {
             size_t peak = 0;
             const ra_gpu_cache *c = r->c;
             if (r->next == 0 && !memcmp(c->graph_peak_key, r->key, sizeof r->key) &&
                 heads[0].n_keys <= c->graph_peak_n && heads[0].n_queries <= c->graph_peak_nq) {
-                *decided = 1, peak = c->graph_peak;
+                r->decided = 1, peak = c->graph_peak;
                 r->fit_n = c->graph_peak_n, r->fit_nq = c->graph_peak_nq;
             } else if (r->next > 0 && r->job[0].dev_done) {
-                *decided = 1, peak = heads[0].stats.device_bytes;
+                r->decided = 1, peak = heads[0].stats.device_bytes;
                 r->fit_n = heads[0].n_keys, r->fit_nq = heads[0].n_queries;
             }
-            if (*decided && peak && r->c->ops->graph_lanes) { /* 0: not measured */
+            if (r->decided && peak && r->c->ops->graph_lanes) { /* 0: not measured */
                 int l = r->c->ops->graph_lanes(r->c, peak);
                 r->lanes = l < 1 ? 1 : l > RA_GPU_GRAPH_LANES ? RA_GPU_GRAPH_LANES : l;
             }
@@ -493,27 +526,22 @@ static int gb_lane(gb_ring *r, const ra_gpu_graph_head *heads, size_t h, int *de
     }
 }
 
-static ra_status gb_many(ra_gpu_cache *c, gb_ring *r, ra_gpu_mem mem, ra_dtype dtype, unsigned dim,
-                         const ra_gpu_graph_params *pp, ra_gpu_graph_head *heads, size_t n_heads)
+static ra_status gb_many(gb_ring *r, const ra_gpu_graph_params *pp, ra_gpu_graph_head *heads,
+                         size_t n_heads)
 {
+    ra_gpu_cache *c = r->c;
     ra_status s = RA_OK;
-    int decided = 0;
     pthread_mutex_lock(&r->mu);
     for (size_t h = 0; h < n_heads; h++) {
-        int lane = gb_lane(r, heads, h, &decided);
+        int lane = gb_lane(r, heads, h);
         if (lane < 0)
             break;
         pthread_mutex_unlock(&r->mu);
-        ra_gpu_graph_head *hd = &heads[h];
         gb_job *j = &r->job[h % GB_RING]; /* free: fewer than GB_RING heads in flight */
-        *j = (gb_job){.r = r, .h = hd, .lane = lane};
-        s = gb_check(c, mem, dtype, hd->keys, hd->n_keys, hd->queries, hd->n_queries, dim, pp,
-                     hd->adj, hd->entries, &hd->n_entries, &j->p);
-        if (s == RA_OK && !(j->occ = calloc(hd->n_keys, sizeof *j->occ)))
-            s = ra_gpu_fail(c, RA_ENOMEM, "graph build: %zu counts", hd->n_keys);
-        memset(&hd->stats, 0, sizeof hd->stats);
+        *j = (gb_job){.r = r, .h = &heads[h], .lane = lane};
+        s = gb_prepare(c, r->mem, r->dtype, r->dim, pp, &heads[h], &j->p, &j->occ);
         pthread_mutex_lock(&r->mu);
-        if (s == RA_OK && (r->failed || r->s != RA_OK)) { /* one failed meanwhile */
+        if (s == RA_OK && r->failed) { /* one failed meanwhile */
             free(j->occ);
             j->occ = NULL;
             break;
@@ -553,25 +581,13 @@ ra_status ra_gpu_graph_build_heads(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dty
     if (n_heads == 0)
         return RA_OK;
     if (n_heads == 1) { /* on this thread, its messages as they are */
-        ra_gpu_graph_head *hd = heads;
         ra_gpu_graph_params p;
-        int32_t *occ = NULL;
-        ra_status s = gb_check(c, mem, dtype, hd->keys, hd->n_keys, hd->queries, hd->n_queries, dim,
-                               pp, hd->adj, hd->entries, &hd->n_entries, &p);
-        if (s == RA_OK && !(occ = calloc(hd->n_keys, sizeof *occ)))
-            s = ra_gpu_fail(c, RA_ENOMEM, "graph build: %zu counts", hd->n_keys);
-        if (s == RA_OK) {
-            memset(&hd->stats, 0, sizeof hd->stats);
-            double t0 = ra_now_s();
-            s = gb_rows(c, 0, mem, dtype, hd->keys, hd->n_keys, hd->queries, hd->n_queries, dim, &p,
-                        hd->adj, occ, hd->lists, &hd->stats);
-            hd->stats.total_s = ra_now_s() - t0;
-        }
+        int32_t *occ;
+        ra_status s = gb_prepare(c, mem, dtype, dim, pp, heads, &p, &occ);
         if (s == RA_OK)
-            s = gb_finish(c, occ, hd->n_keys, hd->n_queries, &p, hd->adj, hd->entries,
-                          &hd->n_entries, &hd->stats);
+            s = gb_device(c, 0, mem, dtype, dim, &p, heads, occ);
         if (s == RA_OK)
-            gb_log(hd, c->ops->name);
+            s = gb_host(c, &p, heads, occ);
         free(occ);
         if (n_done)
             *n_done = s == RA_OK;
@@ -594,7 +610,7 @@ ra_status ra_gpu_graph_build_heads(ra_gpu_cache *c, ra_gpu_mem mem, ra_dtype dty
                            pp ? pp->key_knn : 0, pp ? pp->tile_bytes : 0}};
     pthread_mutex_init(&r->mu, NULL);
     pthread_cond_init(&r->cv, NULL);
-    ra_status s = gb_many(c, r, mem, dtype, dim, pp, heads, n_heads);
+    ra_status s = gb_many(r, pp, heads, n_heads);
     if (n_done)
         *n_done = r->ok;
     pthread_mutex_destroy(&r->mu);
