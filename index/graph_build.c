@@ -895,6 +895,42 @@ static uint16_t *g_cluster_keys(const ra_graph *g, const void *keys, int nc)
     return cl;
 }
 
+/* The key->key candidates of a build: 0 for the linking walks (g_insert_nodes), else
+ * the count of each key's best keys by code over all pairs (g_kk_block) that join its
+ * projection candidates in one pruning, as the GPU build does with its exact lists
+ * (gpu/cpu_graph.c). Chosen where the tile unit makes all pairs cheaper than a walk per
+ * key: AMX, 8-bit codes of at most 128 bytes, and at most G_KK_MAX_N keys (the pairs
+ * grow as n^2, the walks as n). RA_GRAPH_KK=0 keeps the walks, 1 forces the lists (the
+ * portable kernel without AMX); RA_GRAPH_KK_C sets their length (study knobs). */
+#define G_KK_MAX_N 524288
+#define G_KK_C 96
+static int g_kk_amx(const ra_graph *g)
+{
+    return g->cb.bits == 8 && (g->cb.cbytes == 64 || g->cb.cbytes == 128) && ra_kern_amx_ok();
+}
+
+static atomic_int g_kk_forced = -2; /* g_kk_force: -2 = not forced */
+
+void g_kk_force(int mode)
+{
+    atomic_store(&g_kk_forced, mode);
+}
+
+static int g_kk_count(const ra_graph *g, size_t n)
+{
+    static ra_env_once e_on, e_c;
+    int on = atomic_load(&g_kk_forced);
+    if (on == -2)
+        on = ra_env_int(&e_on, "RA_GRAPH_KK", -1);
+    int kc = ra_env_int(&e_c, "RA_GRAPH_KK_C", G_KK_C);
+    kc = kc < 8 ? 8 : kc > 1024 ? 1024 : kc;
+    if (on == 0 || n < 2)
+        return 0;
+    if (on < 0 && !(g_kk_amx(g) && n <= G_KK_MAX_N))
+        return 0;
+    return (size_t)kc < n ? kc : (int)(n - 1);
+}
+
 /* Slots of a row kept for projection edges (unpruned, most frequent co-answers);
  * 0 = none: projection edges are pruned like the others. Protecting them was
  * measured worse (recall@100 0.71 vs 0.73 at M=48), so the default is 0. */
@@ -921,7 +957,10 @@ typedef struct g_proj_ctx {
     const uint64_t *occ; /* query << 16 | rank */
     size_t cmax;         /* distinct candidates kept per node, most frequent first */
     int mp;              /* protected slots per node */
+    int kc;              /* > 0: each node's best kc keys by code join its candidates */
+    int amx;             /* g_kk_block's kernel */
     atomic_int fail;
+    atomic_ullong kk_us; /* thread time in g_kk_block, for the log */
 } g_proj_ctx;
 
 /* Per node: the candidates of its occurrences (each key of a list gets the keys within
@@ -929,21 +968,39 @@ typedef struct g_proj_ctx {
  * counted (a stamp and a slot per distinct id: no sort of the multiset), the cmax most
  * frequent (ties by id), pruned into the node's row. This was a sort of every pair (up
  * to n x 32 x 65) in an array filled on one thread; the pairs are never stored now. */
+#define G_KK_BLOCK 256 /* nodes whose key->key lists one g_kk_block call makes */
 static void g_proj_task(void *arg, size_t b, size_t e)
 {
     g_proj_ctx *c = arg;
     ra_graph *g = c->g;
-    size_t cap = 1024;
+    size_t cap = 1024, kc = (size_t)c->kc, dim = (size_t)g->dim;
     uint64_t *key = malloc(cap * sizeof *key);
-    int32_t *cnt = malloc(cap * sizeof *cnt), *ids = malloc(c->cmax * sizeof *ids);
-    uint64_t *tmp = malloc(c->cmax * sizeof *tmp);
+    int32_t *cnt = malloc(cap * sizeof *cnt), *ids = malloc((c->cmax + kc) * sizeof *ids);
+    uint64_t *tmp = malloc((c->cmax + kc) * sizeof *tmp);
     g_tls *t = g_tls_get(g->n, 1, 1024, g->dim);
-    if (!key || !cnt || !ids || !tmp || !t) {
+    float *kq = kc ? malloc(G_KK_BLOCK * dim * sizeof *kq) : NULL;
+    int32_t *self = kc ? malloc(G_KK_BLOCK * sizeof *self) : NULL;
+    int32_t *kk = kc ? malloc(G_KK_BLOCK * kc * sizeof *kk) : NULL;
+    if (!key || !cnt || !ids || !tmp || !t || (kc && (!kq || !self || !kk))) {
         atomic_store(&c->fail, 1);
         goto done;
     }
     for (size_t u = b; u < e; u++) {
-        if (c->off[u] == c->off[u + 1])
+        size_t ui = (u - b) % G_KK_BLOCK;
+        if (kc && ui == 0) { /* the next block's key->key lists */
+            size_t nb = e - u < G_KK_BLOCK ? e - u : G_KK_BLOCK;
+            for (size_t i = 0; i < nb; i++) {
+                self[i] = (int32_t)(u + i);
+                ra_kern_to_f32(g_row(g, c->keys, self[i]), g->dtype, dim, kq + i * dim);
+            }
+            double t0 = ra_now_s();
+            if (g_kk_block(g, kq, nb, self, (int)kc, c->amx, kk)) {
+                atomic_store(&c->fail, 1);
+                goto done;
+            }
+            atomic_fetch_add(&c->kk_us, (unsigned long long)((ra_now_s() - t0) * 1e6));
+        }
+        if (!kc && c->off[u] == c->off[u + 1])
             continue;
         uint32_t gen = g_tls_next_gen(t);
         size_t m = 0;
@@ -988,6 +1045,10 @@ static void g_proj_task(void *arg, size_t b, size_t e)
         for (size_t i = 0; i < k; i++)
             ids[i] = (int32_t)(uint32_t)key[i];
         int32_t *row = g_adj(g, u);
+        if (kc) { /* its key->key list (g_link_list skips -1 and what repeats) */
+            memcpy(ids + k, kk + ui * kc, kc * sizeof *ids);
+            k += kc;
+        }
         if (c->mp == 0) { /* unprotected: occlusion-pruned like every other edge */
             int d = g_link_list(g, c->keys, (int32_t)u, ids, (int)k, g->M, tmp, row, t);
             g->deg[u] = (uint8_t)d;
@@ -1004,6 +1065,9 @@ done:
     free(cnt);
     free(ids);
     free(tmp);
+    free(kq);
+    free(self);
+    free(kk);
 }
 
 /* The edges (target, source) of rows [b, e), node u's at eoff[u] */
@@ -1025,7 +1089,7 @@ static void g_redge_task(void *arg, size_t b, size_t end)
  * first G_PROJ_LISTS), the cmax most frequent co-answers pruned into its row; then the
  * reverse edges. occ[u] (may be NULL) counts every occurrence of u. */
 static ra_status g_project(ra_graph *g, const void *keys, const int32_t *knn, size_t nq, int K,
-                           int32_t *occ)
+                           int32_t *occ, int kc)
 {
     ra_status st = RA_OK;
     size_t n = g->n;
@@ -1081,8 +1145,11 @@ static ra_status g_project(ra_graph *g, const void *keys, const int32_t *knn, si
                     .off = off,
                     .occ = oc,
                     .cmax = (size_t)g->M * 4,
-                    .mp = g_proj_slots(g->M)};
+                    .mp = g_proj_slots(g->M),
+                    .kc = kc,
+                    .amx = g_kk_amx(g)};
     atomic_init(&c.fail, 0);
+    atomic_init(&c.kk_us, 0);
     g_clock(&w1, &c1);
     g_parallel(g->threads, n, 256, g_proj_task, &c);
     g_clock(&w2, &c2);
@@ -1108,8 +1175,10 @@ static ra_status g_project(ra_graph *g, const void *keys, const int32_t *knn, si
     }
     g_clock(&w3, &c3);
     RA_DEBUG("graph: projection of %zu lists: occurrences %.2f/%.2f s, candidates and pruning "
-             "%.2f/%.2f s, reverse edges %.2f/%.2f s (wall/cpu)",
-             nq, w1 - w0, c1 - c0, w2 - w1, c2 - c1, w3 - w2, c3 - c2);
+             "%.2f/%.2f s (key->key lists of %d by code%s: %.2f thread s), reverse edges "
+             "%.2f/%.2f s (wall/cpu)",
+             nq, w1 - w0, c1 - c0, w2 - w1, c2 - c1, kc, c.amx ? ", AMX" : "",
+             (double)atomic_load(&c.kk_us) / 1e6, w3 - w2, c3 - c2);
 fail:
     free(off);
     free(fill);
@@ -1334,6 +1403,7 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
     g_clock(&w[1], &c[1]);
     for (int i = 2; i <= G_NPHASE; i++) /* phases that do not run take no time */
         w[i] = w[1], c[i] = c[1];
+    int kc = g_kk_count(g, n); /* key->key lists by code instead of walks */
     occ = calloc(n ? n : 1, sizeof *occ);
     if (!occ) {
         st = RA_ENOMEM;
@@ -1366,6 +1436,8 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
             for (size_t i = 0; i < ns; i++)
                 memcpy(knn + i * (size_t)Kk, lists + sidx[i] * (size_t)lists_k,
                        (size_t)Kk * sizeof *knn);
+        else if (kc) /* the tile unit's candidates, rescored: ~10x less than exact */
+            st = g_code_knn(g, keys, sq, ns, Kk, knn, knn_s);
         else
             st = g_exact_knn(g, keys, n, sq, ns, Kk, knn, knn_s);
         if (st) {
@@ -1386,7 +1458,7 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
          * calibration of the search effort: the graph never sees their lists */
         n_hold = ns >= 2048 && Kk >= 10 ? 128 : 0;
         ns -= n_hold;
-        st = g_project(g, keys, knn, ns, Kk, occ);
+        st = g_project(g, keys, knn, ns, Kk, occ, kc);
         if (st)
             goto fail;
         size_t cov = 0, full = 0, edges = 0;
@@ -1397,6 +1469,10 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
         }
         RA_DEBUG("graph: projection: %zu of %zu keys linked (%zu full rows), mean degree %.1f",
                  cov, n, full, (double)edges / (double)n);
+        g_clock(&w[3], &c[3]);
+    } else if (kc) { /* no training queries: the key->key lists alone */
+        if ((st = g_project(g, keys, NULL, 0, 1, occ, kc)))
+            goto fail;
         g_clock(&w[3], &c[3]);
     }
     /* entry points: the keys most often in a training query's top-K (heavy hitters,
@@ -1450,13 +1526,15 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
         for (size_t i = 0; i < n; i++)
             miss[nm++] = (int32_t)i;
         g_clock(&w[3], &c[3]); /* entries and routing belong to the projection */
-        uint16_t *cl = NULL;
-        if (n >= 4 * G_LINK_CLUSTERS) /* only an order: none without memory for it */
-            cl = g_cluster_keys(g, keys, G_LINK_CLUSTERS);
-        st = g_insert_nodes(g, keys, miss, nm, 1, cl);
-        free(cl);
-        if (st)
-            goto fail;
+        if (!kc) {             /* else every key had its key->key list in the projection */
+            uint16_t *cl = NULL;
+            if (n >= 4 * G_LINK_CLUSTERS) /* only an order: none without memory for it */
+                cl = g_cluster_keys(g, keys, G_LINK_CLUSTERS);
+            st = g_insert_nodes(g, keys, miss, nm, 1, cl);
+            free(cl);
+            if (st)
+                goto fail;
+        }
         g_clock(&w[4], &c[4]);
         st = g_connect(g, keys);
         if (!st && g_cancelled(g))

@@ -161,6 +161,25 @@ static inline int g_pool_insert(g_cand *pool, int *np, int L, float s, int32_t i
     return lo;
 }
 
+/* graph_kk.c: for each of the nq fp32 rows q[nq][dim] (row i is key self[i], which it
+ * skips, when self is not NULL), its best c keys among the graph's n by search-code score,
+ * best first (ties by lower id), -1 where fewer: out[nq][c]. amx = 0 forces the
+ * portable kernel (the same lists). Runs on the calling thread. */
+ra_status g_kk_block(const ra_graph *g, const float *q, size_t nq, const int32_t *self, int c,
+                     int amx, int32_t *out);
+
+/* graph_build.c: the key->key candidates of later builds as RA_GRAPH_KK would set them
+ * (-1 auto, 0 walks, 1 lists by code even without AMX); -2 goes back to RA_GRAPH_KK.
+ * For tests. */
+void g_kk_force(int mode);
+
+/* graph_kk.c: the training lists as g_exact_knn gives them (best first, -1 / -inf
+ * padded), from each query's best 2 K + 16 by search code rescored exactly on the keys
+ * (the true top K is within them unless the code misranks it by over K places), on
+ * g->threads threads. Used with the key->key lists by code (AMX). */
+ra_status g_code_knn(const ra_graph *g, const void *keys, const float *q, size_t nq, int K,
+                     int32_t *ids, float *scores);
+
 /* ---- per-thread scratch of the build (graph.c) ---- */
 typedef struct g_tls {
     uint32_t *stamp; /* visit generations (candidate dedup) */

@@ -56,6 +56,23 @@ void ra_kern_u8dot_gather(const int8_t *q8, const int16_t *q16, int G, int cbyte
                           const uint8_t *base, size_t stride, const int32_t *ids, size_t n,
                           int32_t *out);
 
+/* AMX (kernels_amx.c): 1 when the CPU has AMX-INT8 and AVX-512BW, Linux granted this
+ * process the tile state and RA_AMX is not 0 (read once); ra_kern_amx_set(0) turns it off
+ * for the process (tests compare the paths) and returns whether it is available. */
+int ra_kern_amx_ok(void);
+int ra_kern_amx_set(int on);
+/* Packs up to 32 prepared int8 queries q8[nq][cbytes] (cbytes 64 or 128) into the tile
+ * layout ra_kern_amx_dots32 reads: cbytes / 64 * 2 KB at pack; queries past nq are 0. */
+void ra_kern_amx_pack32(const int8_t *q8, int nq, int cbytes, int8_t *pack);
+/* The scores sum_d q8[j][d] * code_i[d] (exact int32, as ra_kern_u8dot_gather) of the n
+ * codes at codes + i * stride against the 32 packed queries j; of the codes i with some
+ * score above tau[j], in ascending order: i in rows[], the mask of those j in mask[], and
+ * the 32 scores in dots[r * 32 ..]. Returns their count (at most n); nothing past code
+ * n - 1 is read. Only when ra_kern_amx_ok(). */
+size_t ra_kern_amx_dots32(const int8_t *pack, int cbytes, const uint8_t *codes, size_t stride,
+                          size_t n, const int32_t *tau, int32_t *dots, uint32_t *mask,
+                          uint32_t *rows);
+
 /* The same for 4-bit codes (ra_codes.h has the packing): out[i * G + j] = sum_{b < cbytes}
  * q8[j][b] * (code_i[b] & 15) + q8[j][b + cbytes] * (code_i[b] >> 4), q8 [G][2 cbytes].
  * Exact int32 and the same on every ISA (no int16 step can saturate: 2 * 15 * 127 fits). */

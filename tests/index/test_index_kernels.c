@@ -476,6 +476,72 @@ static void test_u8dot(void **state)
         }
 }
 
+/* The AMX kernel: for 8-bit codes of 64 and 128 bytes, records longer than the code, code
+ * counts that are not a multiple of 16 (the tail block), fewer than 32 queries and
+ * extreme values, every row listed exactly when some score beats its query's threshold,
+ * with its mask and its 32 exact scores, in ascending order. Skipped without AMX. */
+static void test_amx_dots32(void **state)
+{
+    (void)state;
+    if (!ra_kern_amx_ok()) {
+        print_message("    (no AMX on this host: skipped)\n");
+        skip();
+    }
+    trng r = {91};
+    const int CB[] = {64, 128};
+    const size_t NS[] = {1, 15, 16, 17, 100, 523};
+    for (int ci = 0; ci < 2; ci++)
+        for (int ni = 0; ni < 6; ni++)
+            for (int qi = 0; qi < 3; qi++) {
+                int nq = qi == 0 ? 1 : qi == 1 ? 7 : 32;
+                int cb = CB[ci];
+                size_t n = NS[ni], stride = (size_t)cb + 64 * (ni & 1);
+                uint8_t *base = malloc(n * stride);
+                int8_t *q8 = calloc(32 * (size_t)cb, 1);
+                int8_t *pack = aligned_alloc(64, 4096);
+                int32_t *dots = malloc(n * 32 * sizeof *dots), *ref = malloc(n * 32 * sizeof *ref);
+                uint32_t *mask = malloc(n * sizeof *mask), *rows = malloc(n * sizeof *rows);
+                assert_non_null(base), assert_non_null(dots), assert_non_null(rows);
+                for (size_t i = 0; i < n * stride; i++)
+                    base[i] = (i % 7 == 0) ? 255 : (uint8_t)trng_u64(&r);
+                for (int i = 0; i < nq * cb; i++) {
+                    int v = (int)(trng_u64(&r) % 255) - 127;
+                    q8[i] = (int8_t)(i % 5 == 0 ? ((i / 5) & 1 ? 127 : -127) : v);
+                }
+                int32_t tau[32];
+                for (size_t i = 0; i < n; i++)
+                    for (int j = 0; j < 32; j++) {
+                        int64_t s = 0;
+                        for (int d = 0; d < cb; d++)
+                            s += (int64_t)base[i * stride + d] * q8[j * cb + d];
+                        ref[i * 32 + j] = (int32_t)s;
+                    }
+                for (int j = 0; j < 32; j++) /* about one row in four beats each query */
+                    tau[j] = j < nq ? ref[(trng_u64(&r) % n) * 32 + j] + (int32_t)(j % 3) - 1
+                                    : INT32_MAX;
+                ra_kern_amx_pack32(q8, nq, cb, pack);
+                size_t nr = ra_kern_amx_dots32(pack, cb, base, stride, n, tau, dots, mask, rows);
+                size_t k = 0;
+                for (size_t i = 0; i < n; i++) {
+                    uint32_t want = 0;
+                    for (int j = 0; j < 32; j++)
+                        want |= (uint32_t)(ref[i * 32 + j] > tau[j]) << j;
+                    if (!want)
+                        continue;
+                    if (k >= nr || rows[k] != i || mask[k] != want)
+                        fail_msg("amx cb %d n %zu nq %d: row %zu (listed %zu of %zu) mask %x vs %x",
+                                 cb, n, nq, i, k, nr, k < nr ? mask[k] : 0, want);
+                    for (int j = 0; j < 32; j++)
+                        if (j < nq && dots[k * 32 + j] != ref[i * 32 + j])
+                            fail_msg("amx cb %d n %zu: code %zu query %d: %d, expected %d", cb, n,
+                                     i, j, dots[k * 32 + j], ref[i * 32 + j]);
+                    k++;
+                }
+                assert_int_equal(k, nr);
+                free(base), free(q8), free(pack), free(dots), free(ref), free(mask), free(rows);
+            }
+}
+
 /* The u4 code kernel: exact int32 sums equal to a plain loop over both nibbles, for
  * groups of 1..9 queries, several code lengths, records longer than the code, and
  * extreme values (15 nibbles against -127 / 127 weights). */
@@ -641,6 +707,7 @@ int main(void)
         cmocka_unit_test_prestate_setup_teardown(test_u8dot, NULL, reset_isa, &isa_avx2),
         cmocka_unit_test_prestate_setup_teardown(test_u8dot, NULL, reset_isa, &isa_avx512),
         cmocka_unit_test_prestate_setup_teardown(test_u8dot, NULL, reset_isa, &isa_vnni),
+        cmocka_unit_test(test_amx_dots32),
         cmocka_unit_test_prestate_setup_teardown(test_u4dot, NULL, reset_isa, &isa_scalar),
         cmocka_unit_test_prestate_setup_teardown(test_u4dot, NULL, reset_isa, &isa_avx2),
         cmocka_unit_test_prestate_setup_teardown(test_u4dot, NULL, reset_isa, &isa_avx512),
