@@ -909,6 +909,13 @@ static int g_kk_amx(const ra_graph *g)
     return g->cb.bits == 8 && (g->cb.cbytes == 64 || g->cb.cbytes == 128) && ra_kern_amx_ok();
 }
 
+static void g_kk_codes_free(ra_graph *g)
+{
+    if (g->kk_codes)
+        ra_big_free(g->kk_codes, g->n * (size_t)g->cb.cbytes);
+    g->kk_codes = NULL;
+}
+
 static atomic_int g_kk_forced = -2; /* g_kk_force: -2 = not forced */
 
 void g_kk_force(int mode)
@@ -1404,6 +1411,9 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
     for (int i = 2; i <= G_NPHASE; i++) /* phases that do not run take no time */
         w[i] = w[1], c[i] = c[1];
     int kc = g_kk_count(g, n); /* key->key lists by code instead of walks */
+    if (kc && g_kk_amx(g) && (g->kk_codes = ra_big_alloc(n * (size_t)g->cb.cbytes)) != NULL)
+        for (size_t i = 0; i < n; i++) /* (without the copy: the records, slower) */
+            memcpy(g->kk_codes + i * (size_t)g->cb.cbytes, g_code(g, i), (size_t)g->cb.cbytes);
     occ = calloc(n ? n : 1, sizeof *occ);
     if (!occ) {
         st = RA_ENOMEM;
@@ -1475,6 +1485,7 @@ ra_status ra_graph_build_from(ra_graph **state, const ra_kv *kv, size_t n, const
             goto fail;
         g_clock(&w[3], &c[3]);
     }
+    g_kk_codes_free(g);
     /* entry points: the keys most often in a training query's top-K (heavy hitters,
      * which many queries score high), then evenly spaced keys for the rest */
     {
@@ -1571,6 +1582,8 @@ fail:
     free(occ);
     free(miss);
     free(rank);
+    if (g)
+        g_kk_codes_free(g);
     ra_graph_destroy(g);
     return st;
 }

@@ -85,6 +85,10 @@ typedef struct ra_graph {
                           prefill queries, then moved by ra_head's recall probes through
                           ra_graph_effort_mult (atomic: read once per search) */
     const int *cancel; /* while a build runs: its ra_index_opts.cancel (NULL otherwise) */
+    uint8_t *kk_codes; /* while a build makes key->key lists by code: the codes back to
+                          back ([n][cbytes], 64-byte aligned), which the tile loads stream
+                          (the records' stride spreads them over 2.5x the lines); NULL:
+                          the records' */
     int light_rev;     /* while keys are appended: a reverse edge into a full row replaces
                           the row's last (farthest) members when closer, instead of
                           re-pruning the row, which cost ~20 us per edge and made an Append

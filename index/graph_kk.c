@@ -11,10 +11,10 @@
  * the lists are the same on every host, bit for bit, but cost ~10x more, and the build
  * keeps its walks (graph_build.c, g_kk_use).
  *
- * Keys are scanned in id order against a block of 32 queries; a query keeps a buffer of
- * up to 2 c candidates above its threshold (the worst of its best c at the last cut), cut
- * back by g_keep_best when full. A candidate equal to the threshold arrives after the
- * keys it ties with (a higher id), so it loses the tie: the strict test is exact. */
+ * Keys are scanned in chunks against blocks of 32 queries, from the chunk of the block's
+ * first key on (then from the start); a query keeps a buffer of up to 4 c + 32 candidates
+ * not worse than its threshold (the worst of its best c at the last cut, ties by id), cut
+ * back by g_keep_best when full: the lists do not depend on the order. */
 #include <math.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -63,18 +63,23 @@ ra_status g_kk_block(const ra_graph *g, const float *q, size_t nq, const int32_t
     int32_t *dots = aligned_alloc(64, (KK_CH + 16) * 32 * sizeof *dots);
     uint32_t *mask = malloc(KK_CH * sizeof *mask), *rows = malloc(KK_CH * sizeof *rows);
     int32_t *ids = amx ? NULL : malloc(KK_CH * sizeof *ids);
-    int32_t *tau = malloc(nsb * 32 * sizeof *tau);
+    int32_t *tau = malloc(nsb * 32 * sizeof *tau), *wsc = malloc(nq * sizeof *wsc);
+    int32_t *wid = malloc(nq * sizeof *wid);
     int *cnt = calloc(nsb * 32, sizeof *cnt);
     g_hc *W = malloc(nq * (size_t)cap * sizeof *W), *tmp = malloc((size_t)cap * sizeof *tmp);
     int32_t *key = malloc((size_t)cap * sizeof *key);
     ra_status st = RA_OK;
     if (!q8 || !q16 || (amx && !pack) || !dots || !mask || !rows || (!amx && !ids) || !tau ||
-        !cnt || !W || !tmp || !key) {
+        !wsc || !wid || !cnt || !W || !tmp || !key) {
         st = RA_ENOMEM;
         goto out;
     }
+    /* a query's worst kept (score, id) once it has c, INT32_MIN before; the kernels flag
+     * the scores at or above it (tau = worst - 1: ties are decided by id here) */
     for (size_t i = 0; i < nsb * 32; i++) /* padding queries take nothing */
         tau[i] = i < nq ? INT32_MIN : INT32_MAX;
+    for (size_t i = 0; i < nq; i++)
+        wsc[i] = INT32_MIN, wid[i] = INT32_MAX;
     for (size_t i = 0; i < nq; i++) {
         float mul, add;
         ra_codebook_prep(&g->cb, q + i * (size_t)g->dim, q8 + i * (size_t)qb, q16 + i * (size_t)qb,
@@ -86,7 +91,11 @@ ra_status g_kk_block(const ra_graph *g, const float *q, size_t nq, const int32_t
             ra_kern_amx_pack32(q8 + s * 32 * (size_t)qb, left < 32 ? (int)left : 32, cb,
                                pack + s * 4096);
         }
-    for (size_t j0 = 0; j0 < n; j0 += KK_CH) {
+    /* the chunks from the block's own onwards, then from the start: nearby keys (in
+     * position) tend to score high, and an early high threshold lets fewer keys in */
+    size_t nch = (n + KK_CH - 1) / KK_CH, c0 = self ? (size_t)self[0] / KK_CH % nch : 0;
+    for (size_t k = 0; k < nch; k++) {
+        size_t j0 = (c0 + k) % nch * KK_CH;
         size_t m = n - j0 < KK_CH ? n - j0 : KK_CH;
         if (!amx)
             for (size_t i = 0; i < m; i++)
@@ -95,8 +104,11 @@ ra_status g_kk_block(const ra_graph *g, const float *q, size_t nq, const int32_t
             int32_t *ts = tau + s * 32;
             size_t nr;
             if (amx) {
-                nr = ra_kern_amx_dots32(pack + s * 4096, cb, g_code(g, j0), g->rec_bytes, m, ts,
-                                        dots, mask, rows);
+                nr = g->kk_codes
+                         ? ra_kern_amx_dots32(pack + s * 4096, cb, g->kk_codes + j0 * (size_t)cb,
+                                              (size_t)cb, m, ts, dots, mask, rows)
+                         : ra_kern_amx_dots32(pack + s * 4096, cb, g_code(g, j0), g->rec_bytes, m,
+                                              ts, dots, mask, rows);
             } else {
                 ra_codebook_dots(&g->cb, q8 + s * 32 * (size_t)qb, q16 + s * 32 * (size_t)qb, 32,
                                  g->rec, g->rec_bytes, ids, m, dots);
@@ -110,12 +122,14 @@ ra_status g_kk_block(const ra_graph *g, const float *q, size_t nq, const int32_t
                     mk &= mk - 1;
                     size_t qi = s * 32 + (size_t)j;
                     int32_t id = (int32_t)(j0 + i), d = dots[r * 32 + (size_t)j];
-                    if (d <= ts[j] || (self && self[qi] == id)) /* a cut since the mask */
-                        continue;
+                    if (d < wsc[qi] || (d == wsc[qi] && id > wid[qi]) || (self && self[qi] == id))
+                        continue; /* (a cut since the mask) */
                     g_hc *w = W + qi * (size_t)cap;
                     w[cnt[qi]++] = (g_hc){(float)d, id};
                     if (cnt[qi] == cap) {
-                        ts[j] = (int32_t)g_keep_best(w, cap, c, key).s;
+                        g_hc worst = g_keep_best(w, cap, c, key);
+                        wsc[qi] = (int32_t)worst.s, wid[qi] = worst.id;
+                        ts[j] = wsc[qi] - 1;
                         cnt[qi] = c;
                     }
                 }
@@ -135,6 +149,7 @@ ra_status g_kk_block(const ra_graph *g, const float *q, size_t nq, const int32_t
     }
 out:
     free(q8), free(q16), free(pack), free(dots), free(mask), free(rows), free(ids), free(tau);
+    free(wsc), free(wid);
     free(cnt);
     free(W), free(tmp), free(key);
     return st;

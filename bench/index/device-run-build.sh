@@ -14,7 +14,8 @@ T0=$(date +%s)
 el() { echo "[$(($(date +%s) - T0)) s] $*"; }
 . bench/device-env.sh
 b=build-cu
-ra_cuda_build "$out" $b ratd-bench-index ratd-bench-graph test_index_kernels test_graph || exit 1
+ra_cuda_build "$out" $b ratd-bench-index ratd-bench-graph ratd ratd-bench-decode test_index_kernels \
+  test_graph || exit 1
 { lscpu | grep -E "Model name|L2|L3|Thread|Core"; grep -o -w 'avx512_vnni\|amx_int8' /proc/cpuinfo | sort -u; git log -1 --format=%H; } >>"$out/machine.txt" 2>&1
 cat "$out/machine.txt"
 el built
@@ -48,4 +49,15 @@ if [ "${RA_BUILD_SCALE:-0}" = 1 ]; then
 fi
 timeout 200 $b/bench/ratd-bench-graph --heads 1 --json "$out/graph1.json" >"$out/graph1.log" 2>&1
 echo "ratd-bench-graph rc=$?"; grep -v '^\[' "$out/graph1.json" | head -3
+# the daemon's own (CPU) builds of a 2-layer 128K session, then decode through them:
+# index ready after the last Offload (build_s), recall, Attend p50 (RA_BUILD_DECODE=0: skip)
+if [ "${RA_BUILD_DECODE:-1}" = 1 ]; then
+  D="$b/bench/ratd-bench-decode --ratd $b/daemon/ratd --json --steps 100 --context 131072 --layers 2"
+  for mode in 0 -1; do
+    RA_GRAPH_KK=$mode timeout 240 $D >"$out/decode-kk$mode.json" 2>"$out/decode-kk$mode.log"
+    echo "decode RA_GRAPH_KK=$mode rc=$?"
+    grep -oE '"(build_s|recall_mean|recall_p10|attend_us_p50|work_us_p50)": [0-9.e+-]+' "$out/decode-kk$mode.json" | tr '\n' ' '; echo
+  done
+  el decode
+fi
 el done
