@@ -967,7 +967,8 @@ typedef struct g_proj_ctx {
     int kc;              /* > 0: each node's best kc keys by code join its candidates */
     int amx;             /* g_kk_block's kernel */
     atomic_int fail;
-    atomic_ullong kk_us; /* thread time in g_kk_block, for the log */
+    atomic_ullong kk_us;     /* thread time in g_kk_block, for the log */
+    atomic_ullong kk_cyc[2]; /* its ticks scoring / the rest */
 } g_proj_ctx;
 
 /* Per node: the candidates of its occurrences (each key of a list gets the keys within
@@ -995,16 +996,23 @@ static void g_proj_task(void *arg, size_t b, size_t e)
     for (size_t u = b; u < e; u++) {
         size_t ui = (u - b) % G_KK_BLOCK;
         if (kc && ui == 0) { /* the next block's key->key lists */
+            if (g_cancelled(g)) { /* a block costs ~10 ms: a Drop need not wait the phase */
+                atomic_store(&c->fail, 2);
+                goto done;
+            }
             size_t nb = e - u < G_KK_BLOCK ? e - u : G_KK_BLOCK;
             for (size_t i = 0; i < nb; i++) {
                 self[i] = (int32_t)(u + i);
                 ra_kern_to_f32(g_row(g, c->keys, self[i]), g->dtype, dim, kq + i * dim);
             }
             double t0 = ra_now_s();
-            if (g_kk_block(g, kq, nb, self, (int)kc, c->amx, kk)) {
+            uint64_t cyc[2] = {0, 0};
+            if (g_kk_block(g, kq, nb, self, (int)kc, c->amx, kk, cyc)) {
                 atomic_store(&c->fail, 1);
                 goto done;
             }
+            atomic_fetch_add(&c->kk_cyc[0], cyc[0]);
+            atomic_fetch_add(&c->kk_cyc[1], cyc[1]);
             atomic_fetch_add(&c->kk_us, (unsigned long long)((ra_now_s() - t0) * 1e6));
         }
         if (!kc && c->off[u] == c->off[u + 1])
@@ -1157,11 +1165,13 @@ static ra_status g_project(ra_graph *g, const void *keys, const int32_t *knn, si
                     .amx = g_kk_amx(g)};
     atomic_init(&c.fail, 0);
     atomic_init(&c.kk_us, 0);
+    atomic_init(&c.kk_cyc[0], 0);
+    atomic_init(&c.kk_cyc[1], 0);
     g_clock(&w1, &c1);
     g_parallel(g->threads, n, 256, g_proj_task, &c);
     g_clock(&w2, &c2);
     if (atomic_load(&c.fail)) {
-        st = RA_ENOMEM;
+        st = atomic_load(&c.fail) == 2 ? RA_ECLOSED : RA_ENOMEM;
         goto fail;
     }
     if (c.mp == 0) { /* reverse edges of the pruned projection */
@@ -1182,10 +1192,13 @@ static ra_status g_project(ra_graph *g, const void *keys, const int32_t *knn, si
     }
     g_clock(&w3, &c3);
     RA_DEBUG("graph: projection of %zu lists: occurrences %.2f/%.2f s, candidates and pruning "
-             "%.2f/%.2f s (key->key lists of %d by code%s: %.2f thread s), reverse edges "
-             "%.2f/%.2f s (wall/cpu)",
+             "%.2f/%.2f s (key->key lists of %d by code%s: %.2f thread s, %.0f %% of it "
+             "scoring), reverse edges %.2f/%.2f s (wall/cpu)",
              nq, w1 - w0, c1 - c0, w2 - w1, c2 - c1, kc, c.amx ? ", AMX" : "",
-             (double)atomic_load(&c.kk_us) / 1e6, w3 - w2, c3 - c2);
+             (double)atomic_load(&c.kk_us) / 1e6,
+             100.0 * (double)atomic_load(&c.kk_cyc[0]) /
+                 (double)(atomic_load(&c.kk_cyc[0]) + atomic_load(&c.kk_cyc[1]) + 1),
+             w3 - w2, c3 - c2);
 fail:
     free(off);
     free(fill);

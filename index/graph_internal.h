@@ -168,9 +168,10 @@ static inline int g_pool_insert(g_cand *pool, int *np, int L, float s, int32_t i
 /* graph_kk.c: for each of the nq fp32 rows q[nq][dim] (row i is key self[i], which it
  * skips, when self is not NULL), its best c keys among the graph's n by search-code score,
  * best first (ties by lower id), -1 where fewer: out[nq][c]. amx = 0 forces the
- * portable kernel (the same lists). Runs on the calling thread. */
+ * portable kernel (the same lists). Runs on the calling thread. cyc (NULL: none) gains
+ * the time stamp counter's ticks of the scoring kernels [0] and of the rest [1]. */
 ra_status g_kk_block(const ra_graph *g, const float *q, size_t nq, const int32_t *self, int c,
-                     int amx, int32_t *out);
+                     int amx, int32_t *out, uint64_t *cyc);
 
 /* graph_build.c: the key->key candidates of later builds as RA_GRAPH_KK would set them
  * (-1 auto, 0 walks, 1 lists by code even without AMX); -2 goes back to RA_GRAPH_KK.

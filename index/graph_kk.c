@@ -50,8 +50,9 @@ KK_CLONES static size_t kk_masks(int32_t *dots, size_t n, const int32_t *tau, ui
 }
 
 ra_status g_kk_block(const ra_graph *g, const float *q, size_t nq, const int32_t *self, int c,
-                     int amx, int32_t *out)
+                     int amx, int32_t *out, uint64_t *cyc)
 {
+    uint64_t t_sc = 0, t_sel = 0, t0 = __builtin_ia32_rdtsc();
     if (nq == 0 || c <= 0)
         return RA_OK;
     size_t n = g->n, nsb = (nq + 31) / 32;
@@ -94,6 +95,8 @@ ra_status g_kk_block(const ra_graph *g, const float *q, size_t nq, const int32_t
     /* the chunks from the block's own onwards, then from the start: nearby keys (in
      * position) tend to score high, and an early high threshold lets fewer keys in */
     size_t nch = (n + KK_CH - 1) / KK_CH, c0 = self ? (size_t)self[0] / KK_CH % nch : 0;
+    if (amx)
+        ra_kern_amx_begin();
     for (size_t k = 0; k < nch; k++) {
         size_t j0 = (c0 + k) % nch * KK_CH;
         size_t m = n - j0 < KK_CH ? n - j0 : KK_CH;
@@ -103,6 +106,7 @@ ra_status g_kk_block(const ra_graph *g, const float *q, size_t nq, const int32_t
         for (size_t s = 0; s < nsb; s++) {
             int32_t *ts = tau + s * 32;
             size_t nr;
+            uint64_t ta = __builtin_ia32_rdtsc();
             if (amx) {
                 nr = g->kk_codes
                          ? ra_kern_amx_dots32(pack + s * 4096, cb, g->kk_codes + j0 * (size_t)cb,
@@ -114,6 +118,8 @@ ra_status g_kk_block(const ra_graph *g, const float *q, size_t nq, const int32_t
                                  g->rec, g->rec_bytes, ids, m, dots);
                 nr = kk_masks(dots, m, ts, mask, rows);
             }
+            uint64_t tb = __builtin_ia32_rdtsc();
+            t_sc += tb - ta;
             for (size_t r = 0; r < nr; r++) {
                 size_t i = rows[r];
                 uint32_t mk = mask[r];
@@ -136,9 +142,16 @@ ra_status g_kk_block(const ra_graph *g, const float *q, size_t nq, const int32_t
             }
         }
     }
+    if (amx)
+        ra_kern_amx_end();
     for (size_t qi = 0; qi < nq; qi++) {
         g_hc *w = W + qi * (size_t)cap;
         int k = cnt[qi];
+        if (qi == 0 && cyc) { /* scoring, and all else: preparation, selection, sorting */
+            t_sel = __builtin_ia32_rdtsc() - t0 - t_sc;
+            cyc[0] += t_sc;
+            cyc[1] += t_sel;
+        }
         if (k > c) {
             g_keep_best(w, k, c, key);
             k = c;
@@ -184,7 +197,7 @@ static void kq_task(void *arg, size_t b, size_t e)
     }
     for (size_t q0 = b; q0 < e; q0 += KQ_BLOCK) {
         size_t nb = e - q0 < KQ_BLOCK ? e - q0 : KQ_BLOCK;
-        if (g_kk_block(g, x->q + q0 * dim, nb, NULL, x->c, 1, cand)) {
+        if (g_kk_block(g, x->q + q0 * dim, nb, NULL, x->c, 1, cand, NULL)) {
             atomic_store(&x->fail, 1);
             goto out;
         }

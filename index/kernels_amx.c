@@ -98,19 +98,28 @@ typedef struct amx_cfg {
         }                                                                                          \
     } while (0)
 
+/* palette 1, tiles 0-7 of 16 rows of 64 bytes (a stack copy filled at run time was seen
+ * to fault in ldtilecfg once the compiler put it in the red zone) */
+static const amx_cfg amx_config
+    __attribute__((aligned(64))) = {.palette = 1,
+                                    .colsb = {64, 64, 64, 64, 64, 64, 64, 64},
+                                    .rows = {16, 16, 16, 16, 16, 16, 16, 16}};
+
+void ra_kern_amx_begin(void)
+{
+    _tile_loadconfig(&amx_config);
+}
+
+void ra_kern_amx_end(void)
+{
+    _tile_release();
+}
+
 size_t ra_kern_amx_dots32(const int8_t *pack, int cbytes, const uint8_t *codes, size_t stride,
                           size_t n, const int32_t *tau, int32_t *dots, uint32_t *mask,
                           uint32_t *rows)
 {
     int ks = cbytes / 64;
-    amx_cfg cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int i = 0; i < 8; i++) {
-        cfg.rows[i] = 16;
-        cfg.colsb[i] = 64;
-    }
-    _tile_loadconfig(&cfg);
     _tile_loadd(4, pack, 64);
     _tile_loadd(5, pack + 1024, 64);
     if (ks == 2) {
@@ -161,7 +170,6 @@ size_t ra_kern_amx_dots32(const int8_t *pack, int cbytes, const uint8_t *codes, 
             rows[nr++] = (uint32_t)(j + i);
         }
     }
-    _tile_release();
     return nr;
 }
 
@@ -176,6 +184,16 @@ int ra_kern_amx_set(int on)
 {
     (void)on;
     return 0;
+}
+
+void ra_kern_amx_begin(void)
+{
+    abort(); /* never reached: ra_kern_amx_ok() is 0 */
+}
+
+void ra_kern_amx_end(void)
+{
+    abort();
 }
 
 void ra_kern_amx_pack32(const int8_t *q8, int nq, int cbytes, int8_t *pack)

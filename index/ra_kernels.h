@@ -61,6 +61,11 @@ void ra_kern_u8dot_gather(const int8_t *q8, const int16_t *q16, int G, int cbyte
  * for the process (tests compare the paths) and returns whether it is available. */
 int ra_kern_amx_ok(void);
 int ra_kern_amx_set(int on);
+/* The tile configuration of ra_kern_amx_dots32 on the calling thread, set by begin and
+ * given back by end (the tile state is saved with the thread until then); calls to
+ * ra_kern_amx_dots32 go between them. Only when ra_kern_amx_ok(). */
+void ra_kern_amx_begin(void);
+void ra_kern_amx_end(void);
 /* Packs up to 32 prepared int8 queries q8[nq][cbytes] (cbytes 64 or 128) into the tile
  * layout ra_kern_amx_dots32 reads: cbytes / 64 * 2 KB at pack; queries past nq are 0. */
 void ra_kern_amx_pack32(const int8_t *q8, int nq, int cbytes, int8_t *pack);

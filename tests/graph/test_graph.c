@@ -525,8 +525,8 @@ static void test_kk_lists_reference(void **state)
                 memcpy(q + (size_t)i * dim, s.keys + (size_t)self[i] * dim,
                        (size_t)dim * sizeof *q);
             }
-            assert_int_equal(g_kk_block(g, q, NQ, self, c, 1, a), RA_OK);
-            assert_int_equal(g_kk_block(g, q, NQ, self, c, 0, b), RA_OK);
+            assert_int_equal(g_kk_block(g, q, NQ, self, c, 1, a, NULL), RA_OK);
+            assert_int_equal(g_kk_block(g, q, NQ, self, c, 0, b, NULL), RA_OK);
             assert_memory_equal(a, b, NQ * (size_t)c * sizeof *a);
             int8_t *q8 = malloc((size_t)g->cb.qbytes);
             int16_t *q16 = malloc((size_t)g->cb.qbytes * sizeof *q16);

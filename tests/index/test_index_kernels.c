@@ -520,7 +520,9 @@ static void test_amx_dots32(void **state)
                     tau[j] = j < nq ? ref[(trng_u64(&r) % n) * 32 + j] + (int32_t)(j % 3) - 1
                                     : INT32_MAX;
                 ra_kern_amx_pack32(q8, nq, cb, pack);
+                ra_kern_amx_begin();
                 size_t nr = ra_kern_amx_dots32(pack, cb, base, stride, n, tau, dots, mask, rows);
+                ra_kern_amx_end();
                 size_t k = 0;
                 for (size_t i = 0; i < n; i++) {
                     uint32_t want = 0;
