@@ -1,6 +1,7 @@
 /* Building and growing the graph (graph_internal.h has the design): the query
- * projection, occlusion pruning, batched key->key insertion on the stored keys, reverse
- * edges, connectivity, entry points, routing queries and the search codes. */
+ * projection, occlusion pruning, batched key->key insertion on the stored keys (or the
+ * key->key lists by code, graph_kk.c), reverse edges, connectivity, entry points, routing
+ * queries and the search codes. */
 #include <math.h>
 #include <stdatomic.h>
 #include <stdio.h>

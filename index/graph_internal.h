@@ -6,7 +6,11 @@
  * of sampled prefill queries are projected onto the keys (keys that answer the same query
  * become neighbours), pruned with an occlusion rule, completed with reverse edges and made
  * reachable from the entry points by inserting every key by key->key search (which is in
- * distribution).
+ * distribution). Where the CPU has AMX (graph_kk.c) the key->key searches are replaced by
+ * each key's best keys on the search codes over all pairs, pruned together with its
+ * projection candidates in one pass, as the GPU build does (gpu/cpu_graph.c): 2.6-3.2x
+ * faster at 131K keys and the same or better recall (bench/README.md, "CPU build, eighth
+ * session"). Keys appended later are always inserted by search.
  *
  * Layout: one record per node, 64-byte aligned: the key's u8 search code (ra_codes.h,
  * cbytes) and then its M int32 neighbour slots, so that scoring a node and expanding it
