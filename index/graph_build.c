@@ -917,6 +917,10 @@ static void g_kk_codes_free(ra_graph *g)
     g->kk_codes = NULL;
 }
 
+/* the lists join the candidates that are pruned; protected projection slots would copy
+ * them unpruned (and with repeats) into a row */
+_Static_assert(G_PROJ_PCT == 0, "key->key lists by code need unprotected projection edges");
+
 static atomic_int g_kk_forced = -2; /* g_kk_force: -2 = not forced */
 
 void g_kk_force(int mode)
@@ -932,7 +936,9 @@ static int g_kk_count(const ra_graph *g, size_t n)
         on = ra_env_int(&e_on, "RA_GRAPH_KK", -1);
     int kc = ra_env_int(&e_c, "RA_GRAPH_KK_C", G_KK_C);
     kc = kc < 8 ? 8 : kc > 1024 ? 1024 : kc;
-    if (on == 0 || n < 2)
+    /* the lists keep scores as floats (g_keep_best): exact below 2^24, so up to ~518
+     * dimensions of 8-bit codes (255 * 127 * qbytes) */
+    if (on == 0 || n < 2 || 255.0 * 127.0 * g->cb.qbytes >= 16777216.0)
         return 0;
     if (on < 0 && !(g_kk_amx(g) && n <= G_KK_MAX_N))
         return 0;
@@ -1163,7 +1169,7 @@ static ra_status g_project(ra_graph *g, const void *keys, const int32_t *knn, si
                     .cmax = (size_t)g->M * 4,
                     .mp = g_proj_slots(g->M),
                     .kc = kc,
-                    .amx = g_kk_amx(g)};
+                    .amx = kc > 0 && g_kk_amx(g)};
     atomic_init(&c.fail, 0);
     atomic_init(&c.kk_us, 0);
     atomic_init(&c.kk_cyc[0], 0);
@@ -1172,7 +1178,7 @@ static ra_status g_project(ra_graph *g, const void *keys, const int32_t *knn, si
     g_parallel(g->threads, n, 256, g_proj_task, &c);
     g_clock(&w2, &c2);
     if (atomic_load(&c.fail)) {
-        st = atomic_load(&c.fail) == 2 ? RA_ECLOSED : RA_ENOMEM;
+        st = g_cancelled(g) ? RA_ECLOSED : RA_ENOMEM;
         goto fail;
     }
     if (c.mp == 0) { /* reverse edges of the pruned projection */
@@ -1192,14 +1198,16 @@ static ra_status g_project(ra_graph *g, const void *keys, const int32_t *knn, si
         free(e);
     }
     g_clock(&w3, &c3);
+    char kks[128] = "";
+    if (kc)
+        snprintf(kks, sizeof kks,
+                 " (key->key lists of %d by code%s: %.2f thread s, %.0f %% of it scoring)", kc,
+                 c.amx ? ", AMX" : "", (double)atomic_load(&c.kk_us) / 1e6,
+                 100.0 * (double)atomic_load(&c.kk_cyc[0]) /
+                     (double)(atomic_load(&c.kk_cyc[0]) + atomic_load(&c.kk_cyc[1]) + 1));
     RA_DEBUG("graph: projection of %zu lists: occurrences %.2f/%.2f s, candidates and pruning "
-             "%.2f/%.2f s (key->key lists of %d by code%s: %.2f thread s, %.0f %% of it "
-             "scoring), reverse edges %.2f/%.2f s (wall/cpu)",
-             nq, w1 - w0, c1 - c0, w2 - w1, c2 - c1, kc, c.amx ? ", AMX" : "",
-             (double)atomic_load(&c.kk_us) / 1e6,
-             100.0 * (double)atomic_load(&c.kk_cyc[0]) /
-                 (double)(atomic_load(&c.kk_cyc[0]) + atomic_load(&c.kk_cyc[1]) + 1),
-             w3 - w2, c3 - c2);
+             "%.2f/%.2f s%s, reverse edges %.2f/%.2f s (wall/cpu)",
+             nq, w1 - w0, c1 - c0, w2 - w1, c2 - c1, kks, w3 - w2, c3 - c2);
 fail:
     free(off);
     free(fill);

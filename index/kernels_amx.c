@@ -33,15 +33,18 @@ static void amx_probe(void)
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d))
         return;
     int tile = (d >> 24) & 1, int8 = (d >> 25) & 1;
-    int avx512 = (b >> 16) & 1 && (b >> 30) & 1; /* AVX-512F and BW: the masks below */
-    if (!tile || !int8 || !avx512)
+    /* AVX-512F/BW/VL for the masks below (GCC's checks include the OS's XCR0 state) */
+    int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl");
+    (void)b;
+    static ra_env_once env;
+    if (!tile || !int8 || !avx512 || ra_env_int(&env, "RA_AMX", 1) == 0)
         return;
     /* Linux keeps the tile data out of a process's state until it asks (5.16+); under
      * valgrind or an older kernel this fails and the callers use their other path */
     if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0)
         return;
-    static ra_env_once env;
-    amx_ok = ra_env_int(&env, "RA_AMX", 1) != 0;
+    amx_ok = 1;
 }
 
 int ra_kern_amx_ok(void)

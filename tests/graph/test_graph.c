@@ -496,7 +496,9 @@ static void test_search_scores_exact(void **state)
 /* g_kk_block against a plain reference: every key scored on its code with the prepared
  * query (ra_kern_u8dot_gather), best c by (score desc, id asc), self skipped; the AMX and
  * the portable kernels give exactly those lists, at codes of 64 and 128 bytes, for a
- * block that is not a multiple of 32 queries and for c beyond n - 1. */
+ * block that is not a multiple of 32 queries, whose scan starts at a chunk other than the
+ * first, with keys repeated (ties at the cut), with the codes in the records and in a
+ * back-to-back copy (kk_codes), and for c beyond n - 1. */
 static void test_kk_lists_reference(void **state)
 {
     (void)state;
@@ -506,12 +508,15 @@ static void test_kk_lists_reference(void **state)
         so.n = 1500, so.dim = dim, so.n_train = 300, so.n_queries = 1, so.seed = 21;
         ra_synth s;
         assert_int_equal(ra_synth_make(&so, &s), RA_OK);
+        for (size_t i = 0; i < 200; i++) /* 200 keys twice: equal codes tie */
+            memcpy(s.keys + (1000 + i) * (size_t)dim, s.keys + (300 + i) * (size_t)dim,
+                   (size_t)dim * sizeof *s.keys);
         ra_kv *kv = make_kv(s.keys, s.n, dim, RA_DTYPE_BF16);
         ra_index_opts o;
         default_opts(&o, 2, 3);
         void *st = NULL;
         assert_int_equal(G->build(&st, kv, s.n, s.train_q, s.n_train, &o), RA_OK);
-        const ra_graph *g = st;
+        ra_graph *g = st;
         enum { NQ = 45 };
         const int CS[] = {96, 1499, 1600};
         for (int ci = 0; ci < 3; ci++) {
@@ -521,12 +526,20 @@ static void test_kk_lists_reference(void **state)
             int32_t *a = malloc(NQ * (size_t)c * sizeof *a),
                     *b = malloc(NQ * (size_t)c * sizeof *b);
             for (int i = 0; i < NQ; i++) {
-                self[i] = (int32_t)((size_t)i * 33 % s.n);
+                self[i] = (int32_t)((517 + (size_t)i * 33) % s.n); /* first chunk: 4 */
                 memcpy(q + (size_t)i * dim, s.keys + (size_t)self[i] * dim,
                        (size_t)dim * sizeof *q);
             }
             assert_int_equal(g_kk_block(g, q, NQ, self, c, 1, a, NULL), RA_OK);
             assert_int_equal(g_kk_block(g, q, NQ, self, c, 0, b, NULL), RA_OK);
+            assert_memory_equal(a, b, NQ * (size_t)c * sizeof *a);
+            uint8_t *copy = aligned_alloc(64, s.n * (size_t)g->cb.cbytes);
+            for (size_t i = 0; i < s.n; i++)
+                memcpy(copy + i * (size_t)g->cb.cbytes, g_code(g, i), (size_t)g->cb.cbytes);
+            g->kk_codes = copy; /* as a build's scan reads them */
+            assert_int_equal(g_kk_block(g, q, NQ, self, c, 1, b, NULL), RA_OK);
+            g->kk_codes = NULL;
+            free(copy);
             assert_memory_equal(a, b, NQ * (size_t)c * sizeof *a);
             int8_t *q8 = malloc((size_t)g->cb.qbytes);
             int16_t *q16 = malloc((size_t)g->cb.qbytes * sizeof *q16);
@@ -558,6 +571,51 @@ static void test_kk_lists_reference(void **state)
         ra_kv_destroy(kv);
         ra_synth_free(&s);
     }
+}
+
+/* A whole build with the lists by code is the same graph with the AMX kernel and with the
+ * portable one (on a host without AMX both runs take the portable one). */
+static void test_kk_build_amx_portable(void **state)
+{
+    (void)state;
+    ra_synth s = make_synth(5000, 1200, 1, 23);
+    ra_kv *kv = make_kv(s.keys, s.n, s.dim, RA_DTYPE_F16);
+    g_kk_force(1);
+    int32_t *rows[2];
+    uint8_t *deg[2];
+    for (int run = 0; run < 2; run++) {
+        ra_kern_amx_set(run == 0);
+        ra_index_opts o;
+        default_opts(&o, 2, 9);
+        void *st = NULL;
+        assert_int_equal(G->build(&st, kv, s.n, s.train_q, s.n_train, &o), RA_OK);
+        const ra_graph *g = st;
+        rows[run] = malloc(g->n * (size_t)g->M * sizeof *rows[run]);
+        deg[run] = malloc(g->n);
+        for (size_t u = 0; u < g->n; u++) {
+            memcpy(rows[run] + u * (size_t)g->M, g_adj(g, u), (size_t)g->deg[u] * sizeof(int32_t));
+            memset(rows[run] + u * (size_t)g->M + g->deg[u], 0xff,
+                   (size_t)(g->M - g->deg[u]) * sizeof(int32_t));
+            deg[run][u] = g->deg[u];
+        }
+        if (run == 1) {
+            assert_memory_equal(deg[0], deg[1], g->n);
+            assert_memory_equal(rows[0], rows[1], g->n * (size_t)g->M * sizeof *rows[0]);
+        }
+        G->destroy(st);
+    }
+    free(rows[0]), free(rows[1]), free(deg[0]), free(deg[1]);
+    ra_kv_destroy(kv);
+    ra_synth_free(&s);
+}
+
+/* the key->key choice and the kernel back to their defaults, whatever a test did */
+static int kk_reset(void **state)
+{
+    (void)state;
+    g_kk_force(-2);
+    ra_kern_amx_set(1);
+    return 0;
 }
 
 /* The build with key->key lists by code against the one with linking walks on the same
@@ -877,7 +935,8 @@ int main(void)
         cmocka_unit_test(test_duplicate_keys),
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_kk_lists_reference),
-        cmocka_unit_test(test_kk_build_vs_walks),
+        cmocka_unit_test_teardown(test_kk_build_vs_walks, kk_reset),
+        cmocka_unit_test_teardown(test_kk_build_amx_portable, kk_reset),
         cmocka_unit_test(test_keep_best_reference),
         cmocka_unit_test(test_search_scores_exact),
         cmocka_unit_test(test_synth_ood),

@@ -3,11 +3,13 @@
  * cases (subnormals, Inf, NaN, ties), exhaustively for round trips and against the
  * F16C hardware for f32->f16; partial attention vs double; the merge rule. ISAs the
  * CPU lacks are skipped, not passed. */
+#include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
-#include <setjmp.h>
 #include <stdint.h>
+// clang-format off: cmocka.h needs the four above first
 #include <cmocka.h>
+// clang-format on
 
 #include <float.h>
 #include <immintrin.h>
@@ -15,6 +17,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "idx_test_util.h"
 #include "ra_codes.h"
@@ -544,6 +548,47 @@ static void test_amx_dots32(void **state)
             }
 }
 
+/* The AMX kernel reads nothing past the last code (ASan does not see tile loads): the
+ * codes end where an inaccessible page starts, for both code sizes, records longer than
+ * the code, and every count up to 70 (full blocks and tails). Skipped without AMX. */
+static void test_amx_dots32_bounds(void **state)
+{
+    (void)state;
+    if (!ra_kern_amx_ok()) {
+        print_message("    (no AMX on this host: skipped)\n");
+        skip();
+    }
+    int8_t q8[32 * 128];
+    for (int i = 0; i < 32 * 128; i++)
+        q8[i] = (int8_t)(i * 37 % 255 - 127);
+    int8_t *pack = aligned_alloc(64, 4096);
+    int32_t tau[32];
+    for (int j = 0; j < 32; j++)
+        tau[j] = INT32_MIN;
+    int32_t *dots = malloc(70 * 32 * sizeof *dots);
+    uint32_t mask[70], rows[70];
+    size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+    for (int cb = 64; cb <= 128; cb += 64)
+        for (size_t stride = (size_t)cb; stride <= (size_t)cb + 64; stride += 64)
+            for (size_t n = 1; n <= 70; n++) {
+                size_t bytes = (n - 1) * stride + (size_t)cb, tot = (bytes + pg - 1) / pg * pg + pg;
+                uint8_t *m =
+                    mmap(NULL, tot, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+                assert_true(m != MAP_FAILED);
+                assert_int_equal(mprotect(m + tot - pg, pg, PROT_NONE), 0);
+                uint8_t *codes = m + tot - pg - bytes;
+                memset(codes, 200, bytes);
+                ra_kern_amx_pack32(q8, 32, cb, pack);
+                ra_kern_amx_begin();
+                size_t nr = ra_kern_amx_dots32(pack, cb, codes, stride, n, tau, dots, mask, rows);
+                ra_kern_amx_end();
+                assert_int_equal(nr, n); /* every score beats INT32_MIN */
+                munmap(m, tot);
+            }
+    free(pack);
+    free(dots);
+}
+
 /* The u4 code kernel: exact int32 sums equal to a plain loop over both nibbles, for
  * groups of 1..9 queries, several code lengths, records longer than the code, and
  * extreme values (15 nibbles against -127 / 127 weights). */
@@ -710,6 +755,7 @@ int main(void)
         cmocka_unit_test_prestate_setup_teardown(test_u8dot, NULL, reset_isa, &isa_avx512),
         cmocka_unit_test_prestate_setup_teardown(test_u8dot, NULL, reset_isa, &isa_vnni),
         cmocka_unit_test(test_amx_dots32),
+        cmocka_unit_test(test_amx_dots32_bounds),
         cmocka_unit_test_prestate_setup_teardown(test_u4dot, NULL, reset_isa, &isa_scalar),
         cmocka_unit_test_prestate_setup_teardown(test_u4dot, NULL, reset_isa, &isa_avx2),
         cmocka_unit_test_prestate_setup_teardown(test_u4dot, NULL, reset_isa, &isa_avx512),
