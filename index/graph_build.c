@@ -905,11 +905,6 @@ static uint16_t *g_cluster_keys(const ra_graph *g, const void *keys, int nc)
  * portable kernel without AMX); RA_GRAPH_KK_C sets their length (study knobs). */
 #define G_KK_MAX_N 524288
 #define G_KK_C 96
-static int g_kk_amx(const ra_graph *g)
-{
-    return g->cb.bits == 8 && (g->cb.cbytes == 64 || g->cb.cbytes == 128) && ra_kern_amx_ok();
-}
-
 static void g_kk_codes_free(ra_graph *g)
 {
     if (g->kk_codes)
@@ -983,7 +978,6 @@ typedef struct g_proj_ctx {
  * counted (a stamp and a slot per distinct id: no sort of the multiset), the cmax most
  * frequent (ties by id), pruned into the node's row. This was a sort of every pair (up
  * to n x 32 x 65) in an array filled on one thread; the pairs are never stored now. */
-#define G_KK_BLOCK 256 /* nodes whose key->key lists one g_kk_block call makes */
 static void g_proj_task(void *arg, size_t b, size_t e)
 {
     g_proj_ctx *c = arg;
@@ -1004,7 +998,7 @@ static void g_proj_task(void *arg, size_t b, size_t e)
         size_t ui = (u - b) % G_KK_BLOCK;
         if (kc && ui == 0) { /* the next block's key->key lists */
             if (g_cancelled(g)) { /* a block costs ~10 ms: a Drop need not wait the phase */
-                atomic_store(&c->fail, 2);
+                atomic_store(&c->fail, 1); /* (g_project tells a cancel from a failure) */
                 goto done;
             }
             size_t nb = e - u < G_KK_BLOCK ? e - u : G_KK_BLOCK;

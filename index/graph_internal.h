@@ -176,6 +176,12 @@ static inline int g_pool_insert(g_cand *pool, int *np, int L, float s, int32_t i
  * the time stamp counter's ticks of the scoring kernels [0] and of the rest [1]. */
 ra_status g_kk_block(const ra_graph *g, const float *q, size_t nq, const int32_t *self, int c,
                      int amx, int32_t *out, uint64_t *cyc);
+/* graph_kk.c: whether g_kk_block can score g's codes on AMX (8-bit codes of 64 or 128
+ * bytes, and ra_kern_amx_ok) */
+int g_kk_amx(const ra_graph *g);
+/* the rows its callers hand it at once (keys of the projection, training queries): its
+ * buffers are nq x (4 c + 32) candidates */
+#define G_KK_BLOCK 256
 
 /* graph_build.c: the key->key candidates of later builds as RA_GRAPH_KK would set them
  * (-1 auto, 0 walks, 1 lists by code even without AMX); -2 goes back to RA_GRAPH_KK.

@@ -6,10 +6,11 @@
  * approximate (the 8-bit code keeps a query's true top-100 within its best ~110).
  *
  * On AMX a tile product scores 16 codes against 16 keys over 64 dimensions in one
- * instruction, and a 131K head's 17 G pairs cost ~0.2 s on 16 cores (one walk per key
- * cost ~2 s there); elsewhere the same integer dots come from ra_kern_u8dot_gather, so
- * the lists are the same on every host, bit for bit, but cost ~10x more, and the build
- * keeps its walks (graph_build.c, g_kk_use).
+ * instruction: a 131K head's 17 G pairs cost ~9.5 thread seconds, ~0.6 s on the GPU host's
+ * 16 cores, where one walk per key cost ~2 s (bench/README.md, "CPU build, eighth
+ * session"). Elsewhere the same integer dots come from ra_kern_u8dot_gather, so the
+ * lists are the same on every host, bit for bit, but a dot at a time: the build keeps its
+ * walks there (graph_build.c, g_kk_count).
  *
  * Keys are scanned in chunks against blocks of 32 queries, from the chunk of the block's
  * first key on (then from the start); a query keeps a buffer of up to 4 c + 32 candidates
@@ -49,15 +50,20 @@ KK_CLONES static size_t kk_masks(int32_t *dots, size_t n, const int32_t *tau, ui
     return nr;
 }
 
+int g_kk_amx(const ra_graph *g)
+{
+    return g->cb.bits == 8 && (g->cb.cbytes == 64 || g->cb.cbytes == 128) && ra_kern_amx_ok();
+}
+
 ra_status g_kk_block(const ra_graph *g, const float *q, size_t nq, const int32_t *self, int c,
                      int amx, int32_t *out, uint64_t *cyc)
 {
-    uint64_t t_sc = 0, t_sel = 0, t0 = __builtin_ia32_rdtsc();
+    uint64_t t_sc = 0, t0 = __builtin_ia32_rdtsc();
     if (nq == 0 || c <= 0)
         return RA_OK;
     size_t n = g->n, nsb = (nq + 31) / 32;
     int qb = g->cb.qbytes, cb = g->cb.cbytes, cap = 4 * c + 32;
-    amx = amx && g->cb.bits == 8 && (cb == 64 || cb == 128) && ra_kern_amx_ok();
+    amx = amx && g_kk_amx(g);
     int8_t *q8 = calloc(nsb * 32 * (size_t)qb, 1);
     int16_t *q16 = calloc(nsb * 32 * (size_t)qb, sizeof *q16);
     int8_t *pack = amx ? aligned_alloc(64, nsb * 4096) : NULL;
@@ -147,11 +153,6 @@ ra_status g_kk_block(const ra_graph *g, const float *q, size_t nq, const int32_t
     for (size_t qi = 0; qi < nq; qi++) {
         g_hc *w = W + qi * (size_t)cap;
         int k = cnt[qi];
-        if (qi == 0 && cyc) { /* scoring, and all else: preparation, selection, sorting */
-            t_sel = __builtin_ia32_rdtsc() - t0 - t_sc;
-            cyc[0] += t_sc;
-            cyc[1] += t_sel;
-        }
         if (k > c) {
             g_keep_best(w, k, c, key);
             k = c;
@@ -159,6 +160,10 @@ ra_status g_kk_block(const ra_graph *g, const float *q, size_t nq, const int32_t
         g_sort_best(w, k, tmp);
         for (int i = 0; i < c; i++)
             out[qi * (size_t)c + (size_t)i] = i < k ? w[i].id : -1;
+    }
+    if (cyc) { /* scoring, and all else: preparation, selection, sorting */
+        cyc[0] += t_sc;
+        cyc[1] += __builtin_ia32_rdtsc() - t0 - t_sc;
     }
 out:
     free(q8), free(q16), free(pack), free(dots), free(mask), free(rows), free(ids), free(tau);
@@ -174,29 +179,26 @@ typedef struct kq_ctx {
     const ra_graph *g;
     const void *keys;
     const float *q;
-    size_t nq;
     int K, c;
     int32_t *ids;
     float *scores;
     atomic_int fail;
 } kq_ctx;
 
-#define KQ_BLOCK 256
-
 static void kq_task(void *arg, size_t b, size_t e)
 {
     kq_ctx *x = arg;
     const ra_graph *g = x->g;
     size_t c = (size_t)x->c, dim = (size_t)g->dim;
-    int32_t *cand = malloc(KQ_BLOCK * c * sizeof *cand);
+    int32_t *cand = malloc(G_KK_BLOCK * c * sizeof *cand);
     float *sc = malloc(c * sizeof *sc);
     g_hc *h = malloc(c * sizeof *h), *tmp = malloc(c * sizeof *tmp);
     if (!cand || !sc || !h || !tmp) {
         atomic_store(&x->fail, 1);
         goto out;
     }
-    for (size_t q0 = b; q0 < e; q0 += KQ_BLOCK) {
-        size_t nb = e - q0 < KQ_BLOCK ? e - q0 : KQ_BLOCK;
+    for (size_t q0 = b; q0 < e; q0 += G_KK_BLOCK) {
+        size_t nb = e - q0 < G_KK_BLOCK ? e - q0 : G_KK_BLOCK;
         if (g_kk_block(g, x->q + q0 * dim, nb, NULL, x->c, 1, cand, NULL)) {
             atomic_store(&x->fail, 1);
             goto out;
@@ -230,9 +232,8 @@ ra_status g_code_knn(const ra_graph *g, const void *keys, const float *q, size_t
     size_t c = 2 * (size_t)K + 16;
     if (c > g->n)
         c = g->n;
-    kq_ctx x = {
-        .g = g, .keys = keys, .q = q, .nq = nq, .K = K, .c = (int)c, .ids = ids, .scores = scores};
+    kq_ctx x = {.g = g, .keys = keys, .q = q, .K = K, .c = (int)c, .ids = ids, .scores = scores};
     atomic_init(&x.fail, 0);
-    g_parallel(g->threads, nq, KQ_BLOCK, kq_task, &x);
+    g_parallel(g->threads, nq, G_KK_BLOCK, kq_task, &x);
     return atomic_load(&x.fail) ? RA_ENOMEM : RA_OK;
 }
