@@ -5,6 +5,8 @@
 # LD_LIBRARY_PATH and pkg-config at them (pkgconf itself from .dev/deps/*.deb when the
 # machine lacks it) and sets P (the prefix's usr) and RA_DEPS_CMAKE (the CMake arguments
 # that find them). Without the tarball it sets nothing: the system's packages are used.
+# It also gives the scripts their shared pieces: el (progress lines with the elapsed
+# seconds), ra_run_variants, ra_cuda_build and ra_dump_traces.
 RA_DEPS_CMAKE=()
 if [ -f .dev/deps/prefix.tar.xz ]; then
   D=/tmp/ra-deps
@@ -47,6 +49,11 @@ ra_run_variants() {
   RA_RUN_NAME="$RA_RUN-${rv#*:}"
 }
 
+# el MESSAGE: the message after the seconds since this file was sourced (the scripts'
+# progress lines)
+T0=$(date +%s)
+el() { echo "[$(($(date +%s) - T0)) s] $*"; }
+
 # ra_cuda_build OUT_DIR BUILD_DIR TARGET...: the device scripts' Release build for sm_90
 # of the given targets (the machine's GPU and cores in OUT_DIR/machine.txt, the logs in
 # OUT_DIR/configure.log and build.log). Returns 1 with the errors shown on failure.
@@ -58,4 +65,24 @@ ra_cuda_build() {
     >"$out/configure.log" 2>&1 || { tail -30 "$out/configure.log"; return 1; }
   cmake --build "$b" -j"$(nproc)" --target "$@" >"$out/build.log" 2>&1 ||
     { grep -E "error|Error" "$out/build.log" | head -30; return 1; }
+}
+
+# ra_dump_traces OUT_DIR BUILD_DIR: the traces of both models by a GPU prefill
+# (ratd-lm-eval --device cuda --dump-trace, built in BUILD_DIR), each to /tmp/NAME.trace:
+#   kjv16k   bench/models/kjv-byte-llama over 16,383 bytes of bench/data/heldout-kjv.txt
+#   sql128k  bench/models/kjv-byte-llama-128k over 131,071 bytes of heldout-sqlite.txt
+# with its JSON and log in OUT_DIR/NAME-trace.*. A failed dump leaves no file behind to
+# replay (the callers skip a trace that is missing or empty).
+ra_dump_traces() {
+  local out=$1 b=$2 name model text ctx
+  while read -r name model text ctx; do
+    timeout 300 "$b/bench/ratd-lm-eval" --device cuda --model "$model" --text "$text" --context "$ctx" \
+      --eval 1 --mode full --dump-trace "/tmp/$name.trace" --trace-dtype f16 --quiet --json \
+      >"$out/$name-trace.json" 2>"$out/$name-trace.log"
+    echo "$name trace rc=$? $(ls -la "/tmp/$name.trace" 2>&1 | awk '{print $5}') bytes"
+    el "$name trace"
+  done <<'EOT'
+kjv16k bench/models/kjv-byte-llama bench/data/heldout-kjv.txt 16383
+sql128k bench/models/kjv-byte-llama-128k bench/data/heldout-sqlite.txt 131071
+EOT
 }

@@ -11,8 +11,6 @@ set -uo pipefail
 out=${1:?usage: device-run-session.sh OUT_DIR [RUN...]}
 shift
 mkdir -p "$out"
-T0=$(date +%s)
-el() { echo "[$(($(date +%s) - T0)) s] $*"; }
 . bench/device-env.sh
 b=/tmp/build-session
 ra_cuda_build "$out" $b test_gpu_graph test_gpu_cuda ratd-bench-graph ratd-bench-index ratd ratd-bench-decode || exit 1

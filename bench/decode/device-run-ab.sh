@@ -14,8 +14,6 @@ shift 2
 runs=("$@")
 [ ${#runs[@]} -gt 0 ] || runs=(old new new:g)
 mkdir -p "$out"
-T0=$(date +%s)
-el() { echo "[$(($(date +%s) - T0)) s] $*"; }
 . bench/device-env.sh
 b=/tmp/build-new o=/tmp/build-old
 C=(-DCMAKE_BUILD_TYPE=Release -DRA_CUDA=ON -DRA_CUDA_ARCHS=90 -DBUILD_TESTING=OFF "${RA_DEPS_CMAKE[@]}")

@@ -19,8 +19,6 @@ shift
 runs=("$@")
 [ ${#runs[@]} -gt 0 ] || runs=(c128k l128k c1m)
 mkdir -p "$out"
-T0=$(date +%s)
-el() { echo "[$(($(date +%s) - T0)) s] $*"; }
 { nproc; lscpu | grep -E "Model name|L3"; free -g | head -2; git log -1 --format=%H 2>/dev/null
   echo "thp: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null)"; } >"$out/machine.txt" 2>&1
 . bench/device-env.sh

@@ -15,8 +15,6 @@ out=${1:?usage: device-run.sh OUT_DIR}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 PY=${PYTHON:-python3}
-T0=$(date +%s)
-el() { echo "[$(($(date +%s) - T0)) s] $*"; }
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc; lscpu | grep "Model name"
   $PY -c "import sys, torch, transformers, numpy; print(sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__, 'numpy', numpy.__version__, 'cuda', torch.cuda.is_available())"
   $PY -c "import pytest; print('pytest', pytest.__version__)"; git log -1 --format=%H; } >"$out/machine.txt" 2>&1

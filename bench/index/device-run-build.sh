@@ -10,8 +10,6 @@
 set -uo pipefail
 out=${1:?usage: device-run-build.sh OUT_DIR}
 mkdir -p "$out"
-T0=$(date +%s)
-el() { echo "[$(($(date +%s) - T0)) s] $*"; }
 . bench/device-env.sh
 b=build-cu
 ra_cuda_build "$out" $b ratd-bench-index ratd-bench-graph ratd ratd-bench-decode test_index_kernels \

@@ -7,8 +7,6 @@
 set -uo pipefail
 out=${1:?usage: device-run-search.sh OUT_DIR}
 mkdir -p "$out"
-T0=$(date +%s)
-el() { echo "[$(($(date +%s) - T0)) s] $*"; }
 { nproc; lscpu | grep -E "Model name|L3|NUMA"; grep -o -w 'avx512vnni\|amx_int8' /proc/cpuinfo | sort -u; git log -1 --format=%H; } >"$out/machine.txt" 2>&1
 cat "$out/machine.txt"
 . bench/device-env.sh

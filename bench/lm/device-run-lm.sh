@@ -10,8 +10,6 @@ set -uo pipefail
 out=${1:?usage: device-run-lm.sh OUT_DIR}
 CTX=${CTX:-15360} EVAL=${EVAL:-1024}
 mkdir -p "$out"
-T0=$(date +%s)
-el() { echo "[$(($(date +%s) - T0)) s] $*"; }
 . bench/device-env.sh
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvcc --version | tail -2; nproc;
   lscpu | grep "Model name"; } >"$out/machine.txt" 2>&1
