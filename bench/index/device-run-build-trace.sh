@@ -23,7 +23,7 @@ for t in kjv16k sql128k; do
         --efforts 100,200,300 --dtype bf16 --threads 16 --verbose >"$out/$t-L$L-kk$kk.txt" \
         2>"$out/$t-L$L-kk$kk.log"
       echo "$t layer $L RA_GRAPH_KK=$kk rc=$? $(grep -o 'in [0-9.]* s (cpu [0-9.]* s)' "$out/$t-L$L-kk$kk.log" | head -1)" \
-        "$(grep -E '^graph +effort=[0-9]+ ' "$out/$t-L$L-kk$kk.txt" | awk '{print $3}' | tr '\n' ' ')"
+        "$(grep -E '^graph +effort=[0-9]+ ' "$out/$t-L$L-kk$kk.txt" | awk '{print $4}' | tr '\n' ' ')"
     done
   done
   el "$t heads"
