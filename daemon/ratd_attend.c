@@ -14,7 +14,9 @@
  * cost: with one task per worker the layer waits for the slowest walk, with two a
  * worker that finished early takes another (8 KV heads x 4 query heads on 16 workers:
  * 32 single walks; on the GPU host 1.18 ms p50 at recall 0.951 against 1.65 ms at 0.957
- * for 16 walks of 2, bench/README.md "Decode step").
+ * for 16 walks of 2, bench/README.md "Decode step"). Sessions on the projected-code scan
+ * (pscan) take one task per KV head: the scan streams every code of the head once for
+ * all the query heads it serves.
  *
  * Results go into the job's own buffers, which are the reply's frames. Warm ids (the
  * previous step's ids per (layer, query head), graph entry points) belong to the
@@ -24,6 +26,12 @@
 #include <string.h>
 
 #include "ratd_internal.h"
+
+void ratd_attend_split_keys(int n_sess, int n_kv, int workers, int *P)
+{
+    long groups = (long)n_sess * n_kv, p = (workers + groups - 1) / groups;
+    *P = (int)(p < 1 ? 1 : p > RA_HEAD_MAX_PARTS ? RA_HEAD_MAX_PARTS : p);
+}
 
 void ratd_attend_split(int n_sess, int n_kv, int rep, int workers, int *P, int *gsize)
 {
@@ -46,8 +54,9 @@ static void attend_task(ratd_work *w, int t, int worker)
     int g = r / j->a.P, part = r % j->a.P;
     ratd_session *ss = j->ss[si];
     int dim = ss->dim, k = j->a.k;
-    int h0 = g * ss->rep + part * j->a.gsize;
-    int m = ss->rep - part * j->a.gsize;
+    int qpart = j->a.kparts ? 0 : part; /* key parts: every task has all the query heads */
+    int h0 = g * ss->rep + qpart * j->a.gsize;
+    int m = ss->rep - qpart * j->a.gsize;
     if (m > j->a.gsize)
         m = j->a.gsize;
     size_t row = (size_t)si * (size_t)ss->n_q + (size_t)h0; /* first row of this task */
@@ -77,11 +86,24 @@ static void attend_task(ratd_work *w, int t, int worker)
     ra_head *hd = __atomic_load_n(&ss->heads[(size_t)j->layer * (size_t)ss->n_kv + (size_t)g],
                                   __ATOMIC_ACQUIRE);
     ra_status st = RA_OK;
+    if (!hd && j->a.kparts && part > 0) { /* part 0 answers for the head */
+        tst[t] = RA_OK;
+        return;
+    }
     if (!hd) { /* the layer never got tokens */
         memset(o, 0, (size_t)m * (size_t)dim * sizeof *o);
         for (int x = 0; x < m; x++) {
             lse[x] = -INFINITY;
             n_out[x] = 0;
+        }
+    } else if (j->a.kparts) {
+        void *ctx = (char *)j->a.pctx.p + ((size_t)si * (size_t)ss->n_kv + (size_t)g) * j->a.pbytes;
+        int fin = 0;
+        st = ra_head_attend_part(hd, ctx, part, (size_t)m, q, prm, j->a.scale, RA_HEAD_Q_CHECKED, o,
+                                 lse, ids, sc, n_out, &fin);
+        if (!fin) { /* the part that completes the head writes its answer */
+            tst[t] = st;
+            return;
         }
     } else {
         st = ra_head_attend_group(hd, (size_t)m, q, prm, j->a.scale, RA_HEAD_Q_CHECKED, o, lse, ids,
@@ -126,7 +148,7 @@ static void attend_done(ratd_work *w, int worker)
             continue;
         int si = t / j->a.tasks_per_sess, r = t % j->a.tasks_per_sess;
         ratd_session *ss = j->ss[si];
-        int g = r / j->a.P, h0 = g * ss->rep + (r % j->a.P) * j->a.gsize;
+        int g = r / j->a.P, h0 = g * ss->rep + (j->a.kparts ? 0 : r % j->a.P) * j->a.gsize;
         int m = (g + 1) * ss->rep - h0;
         int h1 = h0 + (m < j->a.gsize ? m : j->a.gsize) - 1;
         if (tst[t] == RA_ENONFINITE)
@@ -278,6 +300,18 @@ ra_status ratd_attend_accept(ratd_server *s, ratd_job *j)
              ratd_buf_get(&j->a.cnt, rows * sizeof(int32_t));
     int P, gsize;
     ratd_attend_split((int)S, s0->n_kv, s0->rep, ratd_pool_workers(s->pool), &P, &gsize);
+    j->a.kparts = 0;
+    if (s0->iopts.kind == RA_INDEX_PSCAN) {
+        ratd_attend_split_keys((int)S, s0->n_kv, ratd_pool_workers(s->pool), &P);
+        gsize = s0->rep;
+        j->a.kparts = 1;
+        j->a.pbytes = (ra_head_part_bytes(P, (size_t)s0->rep, (int)K) + 63) / 64 * 64;
+        size_t nctx = S * (size_t)s0->n_kv;
+        char *c = ok ? ratd_buf_get(&j->a.pctx, nctx * j->a.pbytes) : NULL;
+        ok = c != NULL;
+        for (size_t x = 0; ok && x < nctx; x++)
+            ra_head_part_init(c + x * j->a.pbytes, P, (size_t)s0->rep, (int)K);
+    }
     j->a.P = P;
     j->a.gsize = gsize;
     j->a.tasks_per_sess = s0->n_kv * P;

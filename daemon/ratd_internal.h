@@ -143,10 +143,13 @@ struct ratd_job {
     /* Attend */
     struct {
         int k, effort, want, P, gsize, tasks_per_sess;
+        int kparts;    /* 1: the P tasks of a KV head cut its keys, not its query
+                          heads (ra_head_attend_part; pscan sessions) */
+        size_t pbytes; /* one KV head's merge context (ra_head_part_bytes) */
         float scale;
         const uint32_t *k_head; /* NULL or [n_q] */
         const float *q;         /* [n_sess][n_q][dim] */
-        ratd_buf qcopy, o, lse, ids, sc, pos, cnt;
+        ratd_buf qcopy, o, lse, ids, sc, pos, cnt, pctx;
     } a;
     /* Offload / Append */
     struct {
@@ -258,6 +261,9 @@ ra_status ratd_tokens_accept(ratd_server *s, ratd_job *j);
 /* The split of an Attend over the workers: P sub-groups of gsize query heads per KV
  * head (see ratd_attend.c). */
 void ratd_attend_split(int n_sess, int n_kv, int rep, int workers, int *P, int *gsize);
+/* pscan sessions: P parts over the keys of each KV head, enough to give every worker one
+ * (ceil(workers / (n_sess * n_kv)), 1..RA_HEAD_MAX_PARTS) */
+void ratd_attend_split_keys(int n_sess, int n_kv, int workers, int *P);
 
 /* ---- ratd_listen.c: the bind, the policy on the bound address, the connection
  * budget (stop accepting at max-clients, resume below it) ---------------------------- */

@@ -154,6 +154,8 @@ const char *ra_index_kind_name(ra_index_kind k)
         return "hnsw";
     case RA_INDEX_FAISS_FLAT:
         return "faiss-flat";
+    case RA_INDEX_PSCAN:
+        return "pscan";
     }
     return "?";
 }
@@ -179,6 +181,8 @@ static const ra_backend_ops *kind_ops(ra_index_kind k)
         return &ra_backend_ivf;
     case RA_INDEX_HNSW:
         return &ra_backend_hnsw;
+    case RA_INDEX_PSCAN:
+        return &ra_backend_pscan;
     case RA_INDEX_GRAPH:
 #ifdef RA_HAVE_GRAPH
         return &ra_backend_graph;
@@ -1038,6 +1042,155 @@ ra_status ra_head_attend_group(ra_head *h, size_t nq, const float *q, const ra_s
     if (r == RA_OK && n_out)
         memcpy(n_out, nbuf, nq * sizeof *n_out);
     return r;
+}
+
+/* ---------- an Attend cut over the keys (ra_head_attend_part) ---------- */
+
+typedef struct part_ctx {
+    int nparts, kmax;
+    size_t nq;
+    int done;                    /* parts finished (atomic) */
+    int err;                     /* the first error (atomic, RA_OK = 0) */
+    int whole;                   /* 1: part 0 answered the whole group itself */
+    int used[RA_HEAD_MAX_PARTS]; /* 1: the part left candidates */
+    /* then: ids [nparts][nq][kmax], scores [nparts][nq][kmax], counts [nparts][nq] */
+} part_ctx;
+
+size_t ra_head_part_bytes(int nparts, size_t nq, int kmax)
+{
+    size_t per = (size_t)nparts * nq;
+    return sizeof(part_ctx) + per * (size_t)kmax * (sizeof(int32_t) + sizeof(float)) +
+           per * sizeof(int);
+}
+
+void ra_head_part_init(void *ctx, int nparts, size_t nq, int kmax)
+{
+    part_ctx *c = ctx;
+    memset(c, 0, sizeof *c);
+    c->nparts = nparts;
+    c->nq = nq;
+    c->kmax = kmax;
+}
+
+static int32_t *part_ids(part_ctx *c, int part)
+{
+    return (int32_t *)(c + 1) + (size_t)part * c->nq * (size_t)c->kmax;
+}
+
+static float *part_sc(part_ctx *c, int part)
+{
+    return (float *)((int32_t *)(c + 1) + (size_t)c->nparts * c->nq * (size_t)c->kmax) +
+           (size_t)part * c->nq * (size_t)c->kmax;
+}
+
+static int *part_n(part_ctx *c, int part)
+{
+    return (int *)(part_sc(c, c->nparts)) + (size_t)part * c->nq;
+}
+
+int ra_head_partable(ra_head *h)
+{
+    return h && h->ops && h->ops->search_part;
+}
+
+ra_status ra_head_attend_part(ra_head *h, void *ctx, int part, size_t nq, const float *q,
+                              const ra_search_params *p, float scale, unsigned flags, float *o,
+                              float *lse, int32_t *ids, float *scores, int *n_out, int *finished)
+{
+    part_ctx *c = ctx;
+    *finished = 0;
+    if (!h || !c || !q || !p || !o || !lse || part < 0 || part >= c->nparts ||
+        c->nparts > RA_HEAD_MAX_PARTS || nq == 0 || nq > RA_HEAD_MAX_GROUP || nq != c->nq || !ids ||
+        !scores) {
+        RA_ERROR("head: attend_part with a bad part (%d of %d), NULL buffers or %zu queries", part,
+                 c ? c->nparts : 0, nq);
+        return RA_EINVAL;
+    }
+    ra_status r = RA_OK;
+    int kmax = 0;
+    for (size_t j = 0; j < nq; j++) {
+        if (p[j].k < 0 || p[j].k > RA_HEAD_MAX_K || p[j].effort < 0) {
+            RA_ERROR("head: bad search parameters of query %zu (k %d, effort %d)", j, p[j].k,
+                     p[j].effort);
+            r = RA_EINVAL;
+            goto count;
+        }
+        kmax = p[j].k > kmax ? p[j].k : kmax;
+    }
+    if (kmax > c->kmax) {
+        RA_ERROR("head: attend_part with k %d above its context's %d", kmax, c->kmax);
+        r = RA_EINVAL;
+        goto count;
+    }
+    pthread_rwlock_rdlock(&h->lock);
+    int cut =
+        h->state && __atomic_load_n(&h->ready, __ATOMIC_ACQUIRE) && h->ops->search_part && kmax > 0;
+    if (cut && (flags & RA_HEAD_Q_CHECKED ||
+                ra_kern_all_finite(q, RA_DTYPE_F32, nq * (size_t)ra_kv_dim(h->kv)))) {
+        r = h->ops->search_part(h->state, h->kv, part, c->nparts, nq, q, p, c->kmax,
+                                part_ids(c, part), part_sc(c, part), part_n(c, part));
+        c->used[part] = r == RA_OK;
+    } else if (cut) {
+        RA_ERROR("head: query contains NaN or Inf");
+        r = RA_ENONFINITE;
+    }
+    pthread_rwlock_unlock(&h->lock);
+    if (!cut && part == 0) { /* the whole group, here */
+        r = ra_head_attend_group(h, nq, q, p, scale, flags, o, lse, ids, scores, n_out, NULL);
+        c->whole = r == RA_OK;
+    }
+count:
+    if (r != RA_OK) {
+        int z = RA_OK;
+        __atomic_compare_exchange_n(&c->err, &z, (int)r, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+    }
+    if (__atomic_add_fetch(&c->done, 1, __ATOMIC_ACQ_REL) != c->nparts)
+        return RA_OK;
+    *finished = 1;
+    ra_status e = (ra_status)__atomic_load_n(&c->err, __ATOMIC_RELAXED);
+    if (e != RA_OK)
+        return e;
+    if (c->whole)
+        return RA_OK;
+    /* merge: each query's k best of the parts' sorted lists (ties: the lower id) */
+    int dim = ra_kv_dim(h->kv);
+    if (!(scale > 0.f))
+        scale = 1.0f / sqrtf((float)dim);
+    int nbuf[RA_HEAD_MAX_GROUP];
+    for (size_t j = 0; j < nq; j++) {
+        int pos[RA_HEAD_MAX_PARTS] = {0}, m = 0, k = p[j].k;
+        int32_t *io = ids + j * (size_t)kmax; /* rows of kmax, as ra_head_attend_group */
+        float *so = scores + j * (size_t)kmax;
+        while (m < k) {
+            int best = -1;
+            float bs = 0;
+            int32_t bi = 0;
+            for (int x = 0; x < c->nparts; x++) {
+                if (!c->used[x] || pos[x] >= part_n(c, x)[j])
+                    continue;
+                size_t at = j * (size_t)c->kmax + (size_t)pos[x];
+                float s = part_sc(c, x)[at];
+                int32_t i = part_ids(c, x)[at];
+                if (best < 0 || s > bs || (s == bs && i < bi))
+                    best = x, bs = s, bi = i;
+            }
+            if (best < 0)
+                break;
+            pos[best]++;
+            io[m] = bi;
+            so[m++] = bs;
+        }
+        nbuf[j] = m;
+    }
+    pthread_rwlock_rdlock(&h->lock);
+    for (size_t j = 0; j < nq; j++)
+        ra_kern_partial_attention(scores + j * (size_t)kmax, ids + j * (size_t)kmax,
+                                  (size_t)nbuf[j], scale, ra_kv_values(h->kv), ra_kv_dtype(h->kv),
+                                  dim, o + j * (size_t)dim, &lse[j]);
+    pthread_rwlock_unlock(&h->lock);
+    if (n_out)
+        memcpy(n_out, nbuf, nq * sizeof *n_out);
+    return RA_OK;
 }
 
 void ra_head_grow_cost(ra_head *h, size_t n, int exact, size_t *cap, size_t *bytes)

@@ -26,6 +26,10 @@ typedef void (*ra_kern_u8dot_fn)(const int8_t *q8, const int16_t *q16, int G, in
 typedef void (*ra_kern_u4dot_fn)(const int8_t *q8, int G, int cbytes, const uint8_t *base,
                                  size_t stride, const int32_t *ids, size_t n, int32_t *out);
 
+typedef size_t (*ra_kern_p4scan_fn)(const uint8_t *codes, int nch, size_t b, size_t b1, size_t step,
+                                    size_t n_valid, int g, const int32_t *qw, const int32_t *thr,
+                                    int32_t *const *sc, int32_t *const *id, int *cnt, int cap);
+
 typedef struct ra_kern_table {
     ra_kern_dot_range_fn dot_range[3];
     ra_kern_dot_gather_fn dot_gather[3];
@@ -35,6 +39,7 @@ typedef struct ra_kern_table {
     ra_kern_u8dot_fn u8dot_gather;
     ra_kern_u4dot_fn u4dot_gather;
     ra_kern_dotq4_fn dotq4_f32;
+    ra_kern_p4scan_fn p4scan; /* NULL: the scalar one */
 } ra_kern_table;
 
 extern const ra_kern_table ra_kern_table_scalar;
@@ -46,6 +51,9 @@ extern const ra_kern_table ra_kern_table_avx512;
 void ra_kern_u8dot_gather_vnni(const int8_t *q8, const int16_t *q16, int G, int cbytes,
                                const uint8_t *base, size_t stride, const int32_t *ids, size_t n,
                                int32_t *out);
+size_t ra_kern_p4scan_vnni(const uint8_t *codes, int nch, size_t b, size_t b1, size_t step,
+                           size_t n_valid, int g, const int32_t *qw, const int32_t *thr,
+                           int32_t *const *sc, int32_t *const *id, int *cnt, int cap);
 void ra_kern_u4dot_gather_vnni(const int8_t *q8, int G, int cbytes, const uint8_t *base,
                                size_t stride, const int32_t *ids, size_t n, int32_t *out);
 

@@ -114,6 +114,40 @@ static void dotq4_f32_scalar(const float *q, int dim, const float *rows, size_t 
             out[(size_t)k * n + i] = dot1_f32(q + (size_t)k * dim, rows + i * (size_t)dim, dim);
 }
 
+static size_t p4scan_scalar(const uint8_t *codes, int nch, size_t b, size_t b1, size_t step,
+                            size_t n_valid, int g, const int32_t *qw, const int32_t *thr,
+                            int32_t *const *sc, int32_t *const *id, int *cnt, int cap)
+{
+    for (; b < b1; b += step) {
+        const uint8_t *c = codes + b * (size_t)nch * 64;
+        int32_t acc[4][16] = {{0}};
+        for (int ch = 0; ch < nch; ch++)
+            for (int j = 0; j < g; j++) {
+                const int8_t *wl = (const int8_t *)&qw[j * RA_P4_QW + 2 * ch];
+                const int8_t *wh = (const int8_t *)&qw[j * RA_P4_QW + 2 * ch + 1];
+                for (int i = 0; i < 16; i++)
+                    for (int t = 0; t < 4; t++) {
+                        uint8_t x = c[ch * 64 + i * 4 + t];
+                        acc[j][i] += wl[t] * (x & 15) + wh[t] * (x >> 4);
+                    }
+            }
+        int full = 0;
+        for (int j = 0; j < g; j++) {
+            for (int i = 0; i < 16; i++) {
+                size_t r = b * 16 + (size_t)i;
+                if (r < n_valid && acc[j][i] > thr[j]) {
+                    sc[j][cnt[j]] = acc[j][i];
+                    id[j][cnt[j]++] = (int32_t)r;
+                }
+            }
+            full |= cnt[j] > cap - 16;
+        }
+        if (full)
+            return b + step;
+    }
+    return b;
+}
+
 const ra_kern_table ra_kern_table_scalar = {
     .dot_range = {dot_range_f32, dot_range_f16, dot_range_bf16},
     .dot_gather = {dot_gather_f32, dot_gather_f16, dot_gather_bf16},
@@ -122,6 +156,7 @@ const ra_kern_table ra_kern_table_scalar = {
     .from_f32 = {from_f32_f32, from_f32_f16, from_f32_bf16},
     .u8dot_gather = u8dot_gather_scalar,
     .u4dot_gather = u4dot_gather_scalar,
+    .p4scan = p4scan_scalar,
     .dotq4_f32 = dotq4_f32_scalar,
 };
 
@@ -136,6 +171,7 @@ static void vnni_init(void)
     g_table_vnni = ra_kern_table_avx512;
     g_table_vnni.u8dot_gather = ra_kern_u8dot_gather_vnni;
     g_table_vnni.u4dot_gather = ra_kern_u4dot_gather_vnni;
+    g_table_vnni.p4scan = ra_kern_p4scan_vnni;
 }
 
 static const ra_kern_table *const g_tables[4] = {&ra_kern_table_scalar, &ra_kern_table_avx2,
@@ -266,6 +302,16 @@ void ra_kern_u8dot_gather(const int8_t *q8, const int16_t *q16, int G, int cbyte
     if (G <= 0 || cbytes <= 0 || (cbytes & 63) || n == 0)
         return;
     tab()->u8dot_gather(q8, q16, G, cbytes, base, stride, ids, n, out);
+}
+
+size_t ra_kern_p4scan(const uint8_t *codes, int nch, size_t b, size_t b1, size_t step,
+                      size_t n_valid, int g, const int32_t *qw, const int32_t *thr,
+                      int32_t *const *sc, int32_t *const *id, int *cnt, int cap)
+{
+    if (g < 1 || g > 4 || nch < 1 || nch > RA_P4_QW / 2 || step < 1)
+        return b1;
+    ra_kern_p4scan_fn f = tab()->p4scan;
+    return (f ? f : p4scan_scalar)(codes, nch, b, b1, step, n_valid, g, qw, thr, sc, id, cnt, cap);
 }
 
 void ra_kern_u4dot_gather(const int8_t *q8, int G, int cbytes, const uint8_t *base, size_t stride,

@@ -13,8 +13,8 @@
 #define OFF(f) offsetof(ra_index_opts, f)
 
 static const ra_index_opt_def g_defs[] = {
-    {"kind", OFF(kind), 0, RA_INDEX_FAISS_FLAT, RA_INDEX_GRAPH, "graph",
-     "0 graph, 1 flat, 2 ivf, 3 hnsw, 4 faiss-flat"},
+    {"kind", OFF(kind), 0, RA_INDEX_PSCAN, RA_INDEX_GRAPH, "graph",
+     "0 graph, 1 flat, 2 ivf, 3 hnsw, 4 faiss-flat, 5 pscan"},
     {"graph_knn", OFF(graph_knn), 1, 1024, 100, "100",
      "graph: exact top-K keys per training query"},
     {"graph_degree", OFF(graph_degree), 2, 255, 48, "48", "graph: max out-degree M"},

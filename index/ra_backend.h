@@ -44,6 +44,12 @@ typedef struct ra_backend_ops {
      * effort (the candidate list of a search with effort 0); mult > 0 sets it, and the
      * factor in use is returned. Safe while searches run (they read it once). */
     float (*effort_mult)(void *state, float mult);
+    /* Optional (NULL: the index cannot be cut, ra_head_attend_part answers in part 0):
+     * search_group over share `part` of `nparts` of the keys (disjoint shares covering
+     * all keys); each query's best kmax... as search_group, best first, exact scores. */
+    ra_status (*search_part)(void *state, const ra_kv *kv, int part, int nparts, size_t nq,
+                             const float *q, const ra_search_params *p, int kmax, int32_t *ids,
+                             float *scores, int *n_out);
 } ra_backend_ops;
 
 /* 1 when the build that got these options was asked to end (ra_index_opts.cancel):
@@ -58,6 +64,7 @@ extern const ra_backend_ops ra_backend_flat;  /* index/flat.c (FAISS IndexFlatIP
 extern const ra_backend_ops ra_backend_ivf;   /* index/faiss_ivf.c */
 extern const ra_backend_ops ra_backend_hnsw;  /* index/faiss_hnsw.c */
 extern const ra_backend_ops ra_backend_graph; /* index/graph.c */
+extern const ra_backend_ops ra_backend_pscan; /* index/pscan.c */
 
 /* Exact top-k by plain SIMD scan over rows [0, n) (no FAISS): the reference and the
  * fallback while a build runs. */

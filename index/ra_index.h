@@ -18,12 +18,14 @@
 #include "ratd/status.h"
 
 typedef enum ra_index_kind {
-    RA_INDEX_GRAPH = 0,     /* attention-aware graph (default) */
-    RA_INDEX_FLAT = 1,      /* exact: SIMD scan of the stored keys, no copy */
-    RA_INDEX_IVF = 2,       /* FAISS IVF-Flat */
-    RA_INDEX_HNSW = 3,      /* FAISS HNSW32,Flat */
-    RA_INDEX_FAISS_FLAT = 4 /* exact through FAISS IndexFlatIP (fp32 copy): a benchmark
-                               baseline; RA_INDEX_FLAT is the same answer without a copy */
+    RA_INDEX_GRAPH = 0,      /* attention-aware graph (default) */
+    RA_INDEX_FLAT = 1,       /* exact: SIMD scan of the stored keys, no copy */
+    RA_INDEX_IVF = 2,        /* FAISS IVF-Flat */
+    RA_INDEX_HNSW = 3,       /* FAISS HNSW32,Flat */
+    RA_INDEX_FAISS_FLAT = 4, /* exact through FAISS IndexFlatIP (fp32 copy): a benchmark
+                                baseline; RA_INDEX_FLAT is the same answer without a copy */
+    RA_INDEX_PSCAN = 5       /* projected-code scan: every key as a 4-bit code of 64
+                                query-fitted directions, the best rescored exactly (pscan.c) */
 } ra_index_kind;
 
 const char *ra_index_kind_name(ra_index_kind k);
@@ -241,6 +243,26 @@ ra_status ra_head_attend(ra_head *h, const float *q, const ra_search_params *p, 
 ra_status ra_head_attend_group(ra_head *h, size_t nq, const float *q, const ra_search_params *p,
                                float scale, unsigned flags, float *o, float *lse, int32_t *ids,
                                float *scores, int *n_out, ra_search_stats *st);
+
+/* ra_head_attend_group cut over the keys instead of the queries, for an index that reads
+ * every key (the projected-code scan): `nparts` calls, each with its own `part` (any
+ * threads, any order), scan disjoint shares of the keys for all nq queries; the call that
+ * completes the set merges the shares' exact top-k and computes the attention, writes o,
+ * lse, ids, scores, n_out as ra_head_attend_group would, sets *finished = 1 and returns the
+ * first error of any part; the others set *finished = 0 and return RA_OK. The merge
+ * context is the caller's: ra_head_part_bytes(nparts, nq, kmax) bytes at `ctx`, zeroed by
+ * ra_head_part_init before the first call of a set (and again before the next set).
+ * Heads whose index cannot be cut (other kinds, a build still running) answer the whole
+ * group in the call of part 0; the other parts then read nothing. The caller must keep
+ * the head's rows from changing between the first and the last call (the daemon orders
+ * an Append after the Attend that precedes it). p[j].warm is ignored. */
+#define RA_HEAD_MAX_PARTS 64
+int ra_head_partable(ra_head *h);
+size_t ra_head_part_bytes(int nparts, size_t nq, int kmax);
+void ra_head_part_init(void *ctx, int nparts, size_t nq, int kmax);
+ra_status ra_head_attend_part(ra_head *h, void *ctx, int part, size_t nq, const float *q,
+                              const ra_search_params *p, float scale, unsigned flags, float *o,
+                              float *lse, int32_t *ids, float *scores, int *n_out, int *finished);
 
 size_t ra_head_count(ra_head *h);
 /* Copies the positions of n row ids (caller sized). */

@@ -84,6 +84,19 @@ size_t ra_kern_amx_dots32(const int8_t *pack, int cbytes, const uint8_t *codes, 
 void ra_kern_u4dot_gather(const int8_t *q8, int G, int cbytes, const uint8_t *base, size_t stride,
                           const int32_t *ids, size_t n, int32_t *out);
 
+/* The projected-code scan's kernel (index/pscan.c has the code layout): 4-bit codes in
+ * blocks of 16 keys, nch chunks of 64 bytes a block. For the blocks b, b + step, ... below
+ * b1 and the g <= 4 prepared queries qw[j * RA_P4_QW + w] (word 2 c: the int8 weights of
+ * dimensions 8 c .. 8 c + 3, word 2 c + 1: 8 c + 4 .. 8 c + 7), every key r = 16 block + i
+ * below n_valid whose score sum_d w8[j][d] code_r[d] (exact int32) exceeds thr[j] is
+ * appended to sc[j] / id[j] at cnt[j]++. After a block that leaves some cnt[j] above
+ * cap - 16 it returns the next block to scan (the caller makes room); else b1 or past it.
+ * Keys are appended in ascending order; the same on every ISA. nch <= RA_P4_QW / 2. */
+#define RA_P4_QW 32
+size_t ra_kern_p4scan(const uint8_t *codes, int nch, size_t b, size_t b1, size_t step,
+                      size_t n_valid, int g, const int32_t *qw, const int32_t *thr,
+                      int32_t *const *sc, int32_t *const *id, int *cnt, int cap);
+
 /* Convert n elements of type t to fp32 / from fp32 (round to nearest even). */
 void ra_kern_to_f32(const void *src, ra_dtype t, size_t n, float *dst);
 void ra_kern_from_f32(const float *src, ra_dtype t, size_t n, void *dst);

@@ -27,6 +27,8 @@ const char *dec_index_name(ra_client_index_kind k)
         return "ivf";
     case RA_CLIENT_INDEX_HNSW:
         return "hnsw";
+    case RA_CLIENT_INDEX_PSCAN:
+        return "pscan";
     default:
         return "graph";
     }
@@ -66,7 +68,7 @@ static void usage(FILE *f)
            "  --warmup W        untimed steps first (10)\n"
            "  --top-k K         keys retrieved per query head (100)\n"
            "  --effort E        search effort (graph: candidate list; 0: the daemon's default)\n"
-           "  --index graph|flat|ivf|hnsw   the sessions' index (graph)\n"
+           "  --index graph|flat|ivf|hnsw|pscan   the sessions' index (graph)\n"
            "  --batch B         B sessions with their own data; one Attend per layer for all\n"
            "  --append-every N  Append the N held-back newest tokens every N steps (16; 0: off)\n"
            "  --sweep E1,E2,... after the run, the same decode steps again at each effort\n"
@@ -298,6 +300,8 @@ static void parse_args(int argc, char **argv, dec_cfg *c)
                 c->index = RA_CLIENT_INDEX_IVF;
             else if (!strcmp(v, "hnsw"))
                 c->index = RA_CLIENT_INDEX_HNSW;
+            else if (!strcmp(v, "pscan"))
+                c->index = RA_CLIENT_INDEX_PSCAN;
             else
                 bad("--index must be graph, flat, ivf or hnsw, got '%s'", v);
             break;

@@ -70,8 +70,10 @@ static void usage(void)
         "                        [--keys K.npy --queries Q.npy [--train-queries T.npy]]\n"
         "                        [--topk K] [--seed S] [--json] [--threads T] [--dtype "
         "f16|bf16|f32]\n"
-        "                        [--index graph,ivf,hnsw,flat] [--insert N] [--efforts a,b,c]\n"
-        "                        [--knn K] [--degree M] [--build-ef E] [--entries E] [--ntrain N|all]\n"
+        "                        [--index graph,ivf,hnsw,flat,pscan] [--insert N] [--efforts "
+        "a,b,c]\n"
+        "                        [--knn K] [--degree M] [--build-ef E] [--entries E] [--ntrain "
+        "N|all]\n"
         "                        [--synth knob=v,...] [--overlap] [--no-train] [--eval-train] "
         "[--verbose]\n"
         "                        [--save PREFIX] [--gen calibrated|lin] [--group G]\n"
@@ -1103,13 +1105,14 @@ int main(int argc, char **argv)
         const ra_backend_ops *ops;
         int efforts[32];
         int ne;
-    } idx[4] = {
+    } idx[5] = {
         {"flat", &ra_backend_flat, {0}, 1},
         {"ivf", &ra_backend_ivf, {1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 768}, 12},
         {"hnsw", &ra_backend_hnsw, {16, 32, 64, 128, 256, 512, 1024, 2048}, 8},
         {"graph", &ra_backend_graph, {100, 120, 150, 200, 250, 300, 350, 400, 500, 650, 800}, 11},
+        {"pscan", &ra_backend_pscan, {0, 200, 300, 400, 500, 700, 1000, 1500, 2000}, 9},
     };
-    for (int ii = 0; ii < 4; ii++) {
+    for (int ii = 0; ii < 5; ii++) {
         if (!has_index(c.indexes, idx[ii].name))
             continue;
         ra_index_opts o;

@@ -133,7 +133,8 @@ typedef enum ra_client_index_kind {
     RA_CLIENT_INDEX_GRAPH = 0, /* attention-aware graph (default) */
     RA_CLIENT_INDEX_FLAT = 1,  /* exact scan */
     RA_CLIENT_INDEX_IVF = 2,   /* FAISS IVF-Flat */
-    RA_CLIENT_INDEX_HNSW = 3   /* FAISS HNSW */
+    RA_CLIENT_INDEX_HNSW = 3,  /* FAISS HNSW */
+    RA_CLIENT_INDEX_PSCAN = 5  /* projected-code scan (4 is the daemon's faiss-flat baseline) */
 } ra_client_index_kind;
 
 /* Index options; 0 means "daemon default" for every field. */

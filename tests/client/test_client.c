@@ -366,6 +366,92 @@ static void test_session_stats_ready(void **state)
     assert_int_equal(ra_client_session_drop(g_c, s), RA_OK);
 }
 
+/* A projected-code scan session (pscan) on a real ratd with 2 workers: one KV head, so
+ * each Attend is cut into 2 parts over the keys and merged by the part that ends last.
+ * After the build: every answer holds distinct positions with exact scores, best first,
+ * o/lse are attention over exactly them, recall@40 against exact top-k is high, a
+ * budget of 0 reads nothing; keys appended after the build are found. */
+static void test_pscan_session(void **state)
+{
+    (void)state;
+    const int H = 4, G = 1, D = 32, N = 6000, K = 40, NQ = 256;
+    uint64_t s = new_session(1, H, G, D, RA_DTYPE_F16, RA_CLIENT_INDEX_PSCAN);
+    layer_data L;
+    layer_make(&L, G, N, D, RA_DTYPE_F16);
+    ra_kv_batch b = batch_of(&L, 0, N - 100);
+    float *qt = rand_q(H * NQ, D, 1.0f);
+    b.n_q_heads = H;
+    b.n_queries = NQ;
+    b.q_train = qt;
+    assert_int_equal(ra_client_offload(g_c, s, 0, &b), RA_OK);
+    batch_free(&b);
+    assert_int_equal(ra_client_wait_ready(g_c, s, 300000), RA_OK);
+    b = batch_of(&L, N - 100, N); /* after the build: coded and scanned at once */
+    assert_int_equal(ra_client_append(g_c, s, 0, &b), RA_OK);
+    batch_free(&b);
+    float o[4 * 32], lse[4], sc[4 * 40];
+    int64_t pos[4 * 40];
+    int32_t cnt[4];
+    double *raw = malloc(N * sizeof *raw), *sorted = malloc(N * sizeof *sorted);
+    double ro[32], rl, hit = 0, tot = 0;
+    int32_t budget[4] = {K, 0, 7, K};
+    for (int step = 0; step < 6; step++) {
+        float *q = rand_q(H, D, 1.0f);
+        if (step == 0) /* head 0 aims at an appended key */
+            for (int d = 0; d < D; d++)
+                q[d] = 4.0f * L.K[(size_t)(N - 30) * D + d];
+        ra_attend_req r = {.n_q_heads = H,
+                           .head_dim = D,
+                           .q = q,
+                           .top_k = K,
+                           .want_topk = 1,
+                           .top_k_per_head = step & 1 ? budget : NULL};
+        ra_attend_out out = {.o = o, .lse = lse, .pos = pos, .scores = sc, .counts = cnt};
+        assert_int_equal(ra_client_attend(g_c, s, 0, &r, &out), RA_OK);
+        for (int h = 0; h < H; h++) {
+            int kh = step & 1 ? budget[h] : K;
+            assert_int_equal(cnt[h], kh);
+            if (!kh) {
+                assert_true(isinf(lse[h]) && lse[h] < 0);
+                continue;
+            }
+            for (int i = 0; i < N; i++) {
+                double x = 0;
+                for (int d = 0; d < D; d++)
+                    x += (double)q[h * D + d] * L.K[(size_t)i * D + d];
+                raw[i] = sorted[i] = x;
+            }
+            qsort(sorted, N, sizeof *sorted, cmp_desc);
+            int rows[40];
+            for (int j = 0; j < kh; j++) {
+                int row = (int)((pos[h * K + j] - 1000) / 3);
+                assert_true(row >= 0 && row < N);
+                rows[j] = row;
+                assert_true(fabs(sc[h * K + j] - raw[row]) <= 1e-2 * fmax(1.0, fabs(raw[row])));
+                if (j > 0)
+                    assert_true(sc[h * K + j] <= sc[h * K + j - 1] + 1e-6);
+                for (int x = 0; x < j; x++)
+                    assert_true(rows[x] != row);
+                hit += raw[row] >= sorted[kh - 1] - 1e-3;
+            }
+            tot += kh;
+            if (step == 0 && h == 0)
+                assert_int_equal(rows[0], N - 30);
+            ref_attend(q + h * D, L.K, L.V, D, rows, kh, 1.0 / sqrt(D), ro, &rl);
+            assert_true(rel_err(o + h * D, ro, D) <= 1e-2);
+            assert_true(fabs(lse[h] - rl) <= 1e-2 * fmax(1.0, fabs(rl)));
+        }
+        free(q);
+    }
+    fprintf(stderr, "# pscan session: recall@%d %.3f\n", K, hit / tot);
+    assert_true(hit / tot >= 0.95);
+    free(raw);
+    free(sorted);
+    free(qt);
+    layer_free(&L);
+    assert_int_equal(ra_client_session_drop(g_c, s), RA_OK);
+}
+
 /* Per-head budgets: head h reads exactly its own number of keys (the exact top of a
  * flat index), a budget of 0 reads nothing, and a budget over top_k is refused. */
 static void test_topk_per_head(void **state)
@@ -847,6 +933,7 @@ int main(void)
         cmocka_unit_test(test_graph_trained_consistent),
         cmocka_unit_test(test_session_stats_ready),
         cmocka_unit_test(test_topk_per_head),
+        cmocka_unit_test(test_pscan_session),
         cmocka_unit_test(test_offload_train_lists),
         cmocka_unit_test(test_merge_partial),
         cmocka_unit_test(test_async_out_of_order),

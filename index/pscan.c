@@ -1,0 +1,826 @@
+/* The projected-code scan (RA_INDEX_PSCAN): every key is read at every search, but as a
+ * 4-bit code of `dp` projected dimensions (32 bytes for dp 64) streamed from one
+ * contiguous array, scored against the whole GQA group at once; each query's best R
+ * by code are rescored exactly on the stored keys and its top k returned. Scores and the
+ * attention over them are exact; only the choice of candidates comes from the codes.
+ *
+ * The projection is attention-aware: it is fitted on the training (prefill) queries.
+ * With Sq = E[q q^T] over them (regularised), q.k = (Sq^-1/2 q) . (Sq^1/2 k), and in the
+ * whitened key space the dp directions of largest key energy keep the most of q.k for
+ * queries of that distribution: Ak = U^T Sq^1/2 maps keys to codes, Aq = U^T Sq^-1/2
+ * maps queries, U the top dp eigenvectors of Sq^1/2 E[k k^T] Sq^1/2. On the calibrated
+ * and the hidden-state 131K heads of dim 128, dp 64 at 4 bits puts 0.985-0.995 of the
+ * true top-100 among the best 500 by code (bench/README.md, "Projected-code scan").
+ *
+ * Why a scan: the graph walk is bound by dependent memory loads (~60 ns a key scored in
+ * the daemon); a scan streams 32 bytes a key at the memory's bandwidth, and the cost does
+ * not depend on how navigable the keys are, only on their number.
+ *
+ * Code layout: blocks of 16 keys, each nch = dp / 8 chunks of 64 bytes; chunk c holds 4
+ * bytes per key (key i at bytes 4 i .. 4 i + 3), byte t of key i: low nibble dimension
+ * 8 c + t, high nibble 8 c + 4 + t. vpdpbusd then scores 16 keys x 4 dimensions of one
+ * query per instruction with the query's 4 bytes broadcast (kernels_vnni.c). A query is
+ * prepared as w = (Aq q) * step, rounded to int8 at 127 / max|w|: the code score
+ * sum_j w8_j code_j orders keys as u . c does up to the rounding (the offset sum_j u_j lo_j
+ * is the same for every key). */
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ra_backend.h"
+#include "ra_env.h"
+#include "ra_kernels.h"
+#include "ra_log.h"
+
+#define PS_MAX_DP 128   /* projected dimensions kept, at most (RA_P4_QW / 2 chunks of 8) */
+#define PS_SAMPLE 65536 /* keys sampled for the key moments and the code ranges */
+#define PS_PRIME 96     /* blocks scored first to set the threshold */
+
+/* the fraction of the score variance the code keeps (RA_PSCAN_ENERGY, a study knob) */
+static double ps_energy(void)
+{
+    static ra_env_once once;
+    double e = ra_env_int(&once, "RA_PSCAN_ENERGY_PERMILLE", 985) / 1000.0;
+    return e > 0.5 && e <= 1.0 ? e : 0.985;
+}
+
+typedef struct ps_state {
+    int dim, dp, nch;
+    ra_dtype dtype;
+    float *ak, *aq;   /* [dp][dim] */
+    float *lo, *step; /* [dp]: code value c maps to lo + step * c */
+    float *mu;        /* [dim]: the keys' mean, subtracted before the projection (q . mu is
+                         the same for every key, so it does not change the ranking) */
+    uint8_t *codes;   /* [blocks][nch * 64] */
+    size_t n, cap_blocks;
+} ps_state;
+
+/* ---------- symmetric eigen decomposition (cyclic Jacobi, double) ---------- */
+
+/* a [n][n] symmetric (destroyed): eigenvalues w[n] descending, eigenvectors as the columns
+ * of v [n][n] (v[i * n + j]: component i of vector j). */
+static void ps_eig(double *a, int n, double *w, double *v)
+{
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < n; j++)
+            v[i * n + j] = i == j;
+    for (int sweep = 0; sweep < 60; sweep++) {
+        double off = 0, diag = 0;
+        for (int i = 0; i < n; i++) {
+            diag += a[i * n + i] * a[i * n + i];
+            for (int j = i + 1; j < n; j++)
+                off += a[i * n + j] * a[i * n + j];
+        }
+        if (off <= 1e-22 * diag || off == 0)
+            break;
+        for (int p = 0; p < n; p++)
+            for (int q = p + 1; q < n; q++) {
+                double apq = a[p * n + q];
+                if (fabs(apq) < 1e-300)
+                    continue;
+                double th = (a[q * n + q] - a[p * n + p]) / (2 * apq);
+                double t = (th >= 0 ? 1 : -1) / (fabs(th) + sqrt(th * th + 1));
+                double c = 1 / sqrt(t * t + 1), s = t * c;
+                for (int k = 0; k < n; k++) { /* columns p, q */
+                    double akp = a[k * n + p], akq = a[k * n + q];
+                    a[k * n + p] = c * akp - s * akq;
+                    a[k * n + q] = s * akp + c * akq;
+                }
+                for (int k = 0; k < n; k++) { /* rows p, q */
+                    double apk = a[p * n + k], aqk = a[q * n + k];
+                    a[p * n + k] = c * apk - s * aqk;
+                    a[q * n + k] = s * apk + c * aqk;
+                }
+                for (int k = 0; k < n; k++) {
+                    double vkp = v[k * n + p], vkq = v[k * n + q];
+                    v[k * n + p] = c * vkp - s * vkq;
+                    v[k * n + q] = s * vkp + c * vkq;
+                }
+            }
+    }
+    for (int i = 0; i < n; i++)
+        w[i] = a[i * n + i];
+    for (int i = 0; i < n; i++) { /* selection sort, descending, columns follow */
+        int m = i;
+        for (int j = i + 1; j < n; j++)
+            if (w[j] > w[m])
+                m = j;
+        if (m == i)
+            continue;
+        double t = w[i];
+        w[i] = w[m], w[m] = t;
+        for (int k = 0; k < n; k++) {
+            t = v[k * n + i];
+            v[k * n + i] = v[k * n + m], v[k * n + m] = t;
+        }
+    }
+}
+
+/* ---------- build ---------- */
+
+static double sum_kept(const double *w, int dp, int dim)
+{
+    double a = 0;
+    for (int i = 0; i < dp && i < dim; i++)
+        a += w[i] > 0 ? w[i] : 0;
+    return a;
+}
+
+static void ps_destroy(void *st)
+{
+    ps_state *s = st;
+    if (!s)
+        return;
+    free(s->ak), free(s->aq), free(s->lo), free(s->step), free(s->mu), free(s->codes);
+    free(s);
+}
+
+static size_t ps_block_bytes(const ps_state *s)
+{
+    return (size_t)s->nch * 64;
+}
+
+/* rows [first, first + n) of kv: projected by ak into f [n][dp] */
+static void ps_project(const ps_state *s, const ra_kv *kv, size_t first, size_t n, float *tmp,
+                       float *f)
+{
+    const char *k = (const char *)ra_kv_keys(kv) + first * (size_t)s->dim * ra_dtype_size(s->dtype);
+    ra_kern_to_f32(k, s->dtype, n * (size_t)s->dim, tmp);
+    for (size_t i = 0; i < n; i++)
+        for (int d = 0; d < s->dim; d++)
+            tmp[i * (size_t)s->dim + d] -= s->mu[d];
+    for (size_t i = 0; i < n; i++)
+        for (int j = 0; j < s->dp; j++) {
+            const float *a = s->ak + (size_t)j * s->dim, *x = tmp + i * (size_t)s->dim;
+            float acc = 0;
+            for (int d = 0; d < s->dim; d++)
+                acc += a[d] * x[d];
+            f[i * (size_t)s->dp + j] = acc;
+        }
+}
+
+static void ps_put(ps_state *s, size_t row, const float *f)
+{
+    uint8_t *blk = s->codes + row / 16 * ps_block_bytes(s);
+    int i = (int)(row % 16);
+    for (int j = 0; j < s->dp; j++) {
+        float x = (f[j] - s->lo[j]) / s->step[j];
+        int c = (int)lrintf(x < 0 ? 0 : x > 15 ? 15 : x);
+        int ch = j / 8, t = j % 8;
+        uint8_t *b = blk + (size_t)ch * 64 + (size_t)i * 4 + (t & 3);
+        if (t < 4)
+            *b = (uint8_t)((*b & 0xf0) | c);
+        else
+            *b = (uint8_t)((*b & 0x0f) | (c << 4));
+    }
+}
+
+static ra_status ps_reserve(ps_state *s, size_t n)
+{
+    size_t want = (n + 15) / 16;
+    if (want <= s->cap_blocks)
+        return RA_OK;
+    size_t cap = s->cap_blocks ? s->cap_blocks : 64;
+    while (cap < want)
+        cap *= 2;
+    uint8_t *c = realloc(s->codes, cap * ps_block_bytes(s));
+    if (!c)
+        return RA_ENOMEM;
+    memset(c + s->cap_blocks * ps_block_bytes(s), 0, (cap - s->cap_blocks) * ps_block_bytes(s));
+    s->codes = c;
+    s->cap_blocks = cap;
+    return RA_OK;
+}
+
+static ra_status ps_encode(ps_state *s, const ra_kv *kv, size_t first, size_t n,
+                           const ra_index_opts *opts)
+{
+    ra_status st = ps_reserve(s, first + n);
+    if (st != RA_OK)
+        return st;
+    int threads = opts && opts->threads > 0 ? opts->threads : omp_get_max_threads();
+    size_t chunk = 1024, nchunks = (n + chunk - 1) / chunk;
+    if (nchunks < (size_t)threads)
+        threads = nchunks ? (int)nchunks : 1;
+    int fail = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *tmp = malloc(chunk * (size_t)s->dim * sizeof *tmp);
+        float *f = malloc(chunk * (size_t)s->dp * sizeof *f);
+        if (!tmp || !f)
+            __atomic_store_n(&fail, 1, __ATOMIC_RELAXED);
+#pragma omp for schedule(dynamic, 4)
+        for (size_t c = 0; c < nchunks; c++) {
+            if (!tmp || !f || ra_index_cancelled(opts))
+                continue;
+            size_t a = first + c * chunk, m = first + n - a < chunk ? first + n - a : chunk;
+            ps_project(s, kv, a, m, tmp, f);
+            /* a chunk of 1024 rows is whole blocks (first is a multiple of 16 within a
+             * build; an append may share its first block with the previous one, written
+             * by this thread alone since rows of one block fall in one chunk) */
+            for (size_t i = 0; i < m; i++)
+                ps_put(s, a + i, f + i * (size_t)s->dp);
+        }
+        free(tmp), free(f);
+    }
+    if (ra_index_cancelled(opts))
+        return RA_ECLOSED;
+    return fail ? RA_ENOMEM : RA_OK;
+}
+
+static ra_status ps_build(void **out, const ra_kv *kv, size_t n, const float *train_q, size_t nq,
+                          const ra_index_opts *opts)
+{
+    int dim = ra_kv_dim(kv);
+    if (dim < 8)
+        return RA_ENOTSUP;
+    ps_state *s = calloc(1, sizeof *s);
+    if (!s)
+        return RA_ENOMEM;
+    s->dim = dim;
+    s->dtype = ra_kv_dtype(kv);
+    int dmax = (dim + 7) / 8 * 8;
+    dmax = dmax < PS_MAX_DP ? dmax : PS_MAX_DP;
+    size_t dd = (size_t)dim * dim;
+    double *sq = calloc(dd, sizeof *sq), *w = calloc((size_t)dim, sizeof *w);
+    double *v = calloc(dd, sizeof *v), *sh = calloc(dd, sizeof *sh), *shi = calloc(dd, sizeof *shi);
+    double *kk = calloc(dd, sizeof *kk), *c = calloc(dd, sizeof *c);
+    size_t ns = n < PS_SAMPLE ? n : PS_SAMPLE;
+    float *ks = malloc((ns ? ns : 1) * (size_t)dim * sizeof *ks);
+    s->ak = calloc((size_t)dmax * dim, sizeof *s->ak);
+    s->aq = calloc((size_t)dmax * dim, sizeof *s->aq);
+    s->lo = malloc((size_t)dmax * sizeof *s->lo);
+    s->step = malloc((size_t)dmax * sizeof *s->step);
+    s->mu = calloc((size_t)dim, sizeof *s->mu);
+    float *f = malloc((ns ? ns : 1) * (size_t)dmax * sizeof *f);
+    ra_status st = RA_ENOMEM;
+    if (!sq || !w || !v || !sh || !shi || !kk || !c || !ks || !s->ak || !s->aq || !s->lo ||
+        !s->step || !s->mu || !f)
+        goto out;
+    /* Sq = E[q q^T] of the training queries, plus 1 % of its mean eigenvalue on the
+     * diagonal: decode queries have components the prefill did not show, and an
+     * unregularised Sq^-1/2 would blow them up (no queries: Sq = I) */
+    for (size_t i = 0; i < nq; i++) {
+        const float *q = train_q + i * (size_t)dim;
+        for (int a = 0; a < dim; a++)
+            for (int b = a; b < dim; b++)
+                sq[a * dim + b] += (double)q[a] * q[b];
+    }
+    double tr = 0;
+    for (int a = 0; a < dim; a++) {
+        for (int b = a; b < dim; b++)
+            sq[b * dim + a] = sq[a * dim + b] = nq ? sq[a * dim + b] / (double)nq : (a == b);
+        tr += sq[a * dim + a];
+    }
+    for (int a = 0; a < dim; a++)
+        sq[a * dim + a] += 0.01 * (tr > 0 ? tr / dim : 1);
+    ps_eig(sq, dim, w, v);
+    for (int a = 0; a < dim; a++)
+        for (int b = 0; b < dim; b++) {
+            double x = 0, y = 0;
+            for (int e = 0; e < dim; e++) {
+                double we = w[e] > 1e-30 ? w[e] : 1e-30;
+                x += v[a * dim + e] * sqrt(we) * v[b * dim + e];
+                y += v[a * dim + e] / sqrt(we) * v[b * dim + e];
+            }
+            sh[a * dim + b] = x;
+            shi[a * dim + b] = y;
+        }
+    /* key moments on a stride sample: the mean, the covariance, then C = Sh Cov Sh */
+    size_t stride = ns ? n / ns : 1;
+    const char *keys = ra_kv_keys(kv);
+    size_t rb = (size_t)dim * ra_dtype_size(s->dtype);
+    for (size_t i = 0; i < ns; i++)
+        ra_kern_to_f32(keys + i * stride * rb, s->dtype, (size_t)dim, ks + i * (size_t)dim);
+    double *mu = w; /* scratch until the second eigen decomposition */
+    for (int a = 0; a < dim; a++)
+        mu[a] = 0;
+    for (size_t i = 0; i < ns; i++)
+        for (int a = 0; a < dim; a++)
+            mu[a] += ks[i * (size_t)dim + a];
+    for (int a = 0; a < dim; a++)
+        s->mu[a] = (float)(mu[a] / (double)(ns ? ns : 1));
+    for (size_t i = 0; i < ns; i++)
+        for (int a = 0; a < dim; a++)
+            ks[i * (size_t)dim + a] -= s->mu[a];
+    for (size_t i = 0; i < ns; i++) {
+        const float *k = ks + i * (size_t)dim;
+        for (int a = 0; a < dim; a++)
+            for (int b = a; b < dim; b++)
+                kk[a * dim + b] += (double)k[a] * k[b];
+    }
+    for (int a = 0; a < dim; a++)
+        for (int b = a; b < dim; b++)
+            kk[b * dim + a] = kk[a * dim + b] /= (double)(ns ? ns : 1);
+    if (ra_index_cancelled(opts)) {
+        st = RA_ECLOSED;
+        goto out;
+    }
+    /* c = sh kk sh, through sq as scratch */
+    for (int a = 0; a < dim; a++)
+        for (int b = 0; b < dim; b++) {
+            double x = 0;
+            for (int e = 0; e < dim; e++)
+                x += sh[a * dim + e] * kk[e * dim + b];
+            sq[a * dim + b] = x;
+        }
+    for (int a = 0; a < dim; a++)
+        for (int b = 0; b < dim; b++) {
+            double x = 0;
+            for (int e = 0; e < dim; e++)
+                x += sq[a * dim + e] * sh[e * dim + b];
+            c[a * dim + b] = x;
+        }
+    ps_eig(c, dim, w, v);
+    /* whitened queries are isotropic, so direction j carries w[j] of the score variance
+     * across keys: keep the fewest (a multiple of 8) that carry PS_ENERGY of it */
+    double tot = 0, acc = 0;
+    for (int a = 0; a < dim; a++)
+        tot += w[a] > 0 ? w[a] : 0;
+    s->dp = dmax;
+    for (int a = 0; a < dim; a++) {
+        acc += w[a] > 0 ? w[a] : 0;
+        if (acc >= ps_energy() * tot) {
+            int d8 = (a + 1 + 7) / 8 * 8;
+            s->dp = d8 < dmax ? d8 : dmax;
+            break;
+        }
+    }
+    s->nch = s->dp / 8;
+    for (int j = 0; j < s->dp && j < dim; j++) /* ak row j = u_j^T sh, aq row j = u_j^T shi */
+        for (int b = 0; b < dim; b++) {
+            double x = 0, y = 0;
+            for (int e = 0; e < dim; e++) {
+                x += v[e * dim + j] * sh[e * dim + b];
+                y += v[e * dim + j] * shi[e * dim + b];
+            }
+            s->ak[(size_t)j * dim + b] = (float)x;
+            s->aq[(size_t)j * dim + b] = (float)y;
+        }
+    /* code ranges from the sample, 3 % margin each side for keys appended later */
+    for (size_t i = 0; i < ns; i++)
+        for (int j = 0; j < s->dp; j++) {
+            const float *a = s->ak + (size_t)j * dim, *x = ks + i * (size_t)dim;
+            float acc = 0;
+            for (int d = 0; d < dim; d++)
+                acc += a[d] * x[d];
+            f[i * (size_t)s->dp + j] = acc;
+        }
+    for (int j = 0; j < s->dp; j++) {
+        float lo = INFINITY, hi = -INFINITY;
+        for (size_t i = 0; i < ns; i++) {
+            float x = f[i * (size_t)s->dp + j];
+            lo = x < lo ? x : lo;
+            hi = x > hi ? x : hi;
+        }
+        if (!ns || !(hi > lo))
+            lo = -1, hi = 1;
+        float m = 0.03f * (hi - lo);
+        s->lo[j] = lo - m;
+        s->step[j] = (hi - lo + 2 * m) / 15;
+    }
+    s->n = 0;
+    st = ps_encode(s, kv, 0, n, opts);
+    if (st == RA_OK) {
+        s->n = n;
+        RA_DEBUG("pscan: %zu keys of dim %d as %d projected dimensions (%.4f of the score "
+                 "variance, %d bytes a key) from %zu training queries",
+                 n, dim, s->dp, tot > 0 ? (double)sum_kept(w, s->dp, dim) / tot : 1.0, s->dp / 2,
+                 nq);
+    }
+out:
+    free(sq), free(w), free(v), free(sh), free(shi), free(kk), free(c), free(ks), free(f);
+    if (st != RA_OK) {
+        ps_destroy(s);
+        return st;
+    }
+    *out = s;
+    return RA_OK;
+}
+
+static ra_status ps_add(void *st, const ra_kv *kv, size_t first, size_t n)
+{
+    ps_state *s = st;
+    if (first != s->n)
+        return RA_EINTERNAL;
+    ra_status r = ps_encode(s, kv, first, n, NULL);
+    if (r == RA_OK)
+        s->n = first + n;
+    return r;
+}
+
+static size_t ps_bytes(void *st)
+{
+    const ps_state *s = st;
+    return sizeof *s + s->cap_blocks * ps_block_bytes(s) +
+           (size_t)s->dp * ((size_t)s->dim * 2 + 2) * sizeof(float);
+}
+
+/* ---------- search ---------- */
+
+#define PS_G 4 /* queries per pass of the kernel */
+
+typedef struct ps_tls {
+    int32_t *sc, *id; /* [PS_G][cap] */
+    int32_t *tmp;     /* [cap] */
+    float *ex;        /* [cap] exact scores */
+    float *u;         /* [dp] */
+    size_t cap;
+} ps_tls;
+
+static __thread ps_tls t_ps;
+
+static int ps_scratch(size_t cap, int dp)
+{
+    ps_tls *t = &t_ps;
+    if (t->cap >= cap)
+        return 1;
+    int32_t *sc = realloc(t->sc, PS_G * cap * sizeof *sc);
+    if (sc)
+        t->sc = sc;
+    int32_t *id = realloc(t->id, PS_G * cap * sizeof *id);
+    if (id)
+        t->id = id;
+    int32_t *tmp = realloc(t->tmp, cap * sizeof *tmp);
+    if (tmp)
+        t->tmp = tmp;
+    float *ex = realloc(t->ex, cap * sizeof *ex);
+    if (ex)
+        t->ex = ex;
+    float *u = realloc(t->u, PS_MAX_DP * sizeof *u);
+    if (u)
+        t->u = u;
+    (void)dp;
+    if (!sc || !id || !tmp || !ex || !u)
+        return 0;
+    t->cap = cap;
+    return 1;
+}
+
+/* the value of rank `k` (0: the largest) among a[0..n) by quickselect; a is reordered */
+static int32_t ps_kth(int32_t *a, size_t n, size_t k)
+{
+    size_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        int32_t piv = a[lo + (hi - lo) / 2];
+        size_t i = lo, j = hi;
+        for (;;) {
+            while (a[i] > piv)
+                i++;
+            while (a[j] < piv)
+                j--;
+            if (i >= j)
+                break;
+            int32_t t = a[i];
+            a[i] = a[j], a[j] = t;
+            i++, j--;
+        }
+        /* a[lo..j] >= piv >= a[j+1..hi] */
+        if (k <= j)
+            hi = j;
+        else
+            lo = j + 1;
+    }
+    return a[k];
+}
+
+/* query j's buffer cut back to its best R (ties at the R-th score: the earliest rows) and
+ * its threshold raised to the R-th score */
+static void ps_cut(int32_t *sc, int32_t *id, int *cnt, int32_t *thr, int R, int32_t *tmp)
+{
+    if (*cnt <= R)
+        return;
+    memcpy(tmp, sc, (size_t)*cnt * sizeof *tmp);
+    int32_t t = ps_kth(tmp, (size_t)*cnt, (size_t)R - 1);
+    int above = 0;
+    for (int i = 0; i < *cnt; i++)
+        above += sc[i] > t;
+    int eq_keep = R - above, m = 0;
+    for (int i = 0; i < *cnt; i++)
+        if (sc[i] > t || (sc[i] == t && eq_keep-- > 0)) {
+            sc[m] = sc[i];
+            id[m++] = id[i];
+        }
+    *cnt = m;
+    if (t > *thr)
+        *thr = t;
+}
+
+/* prepared int8 query words qw[2 nch] from fp32 q */
+static void ps_prepare(const ps_state *s, const float *q, float *u, int32_t *qw)
+{
+    float mx = 0;
+    for (int j = 0; j < s->dp; j++) {
+        const float *a = s->aq + (size_t)j * s->dim;
+        float acc = 0;
+        for (int d = 0; d < s->dim; d++)
+            acc += a[d] * q[d];
+        u[j] = acc * s->step[j];
+        mx = fabsf(u[j]) > mx ? fabsf(u[j]) : mx;
+    }
+    float m = mx > 0 ? 127.0f / mx : 0;
+    int8_t b[PS_MAX_DP];
+    for (int j = 0; j < s->dp; j++)
+        b[j] = (int8_t)lrintf(u[j] * m);
+    for (int c = 0; c < s->nch; c++) {
+        uint32_t lo = 0, hi = 0;
+        for (int t = 0; t < 4; t++) {
+            lo |= (uint32_t)(uint8_t)b[8 * c + t] << (8 * t);
+            hi |= (uint32_t)(uint8_t)b[8 * c + 4 + t] << (8 * t);
+        }
+        qw[2 * c] = (int32_t)lo;
+        qw[2 * c + 1] = (int32_t)hi;
+    }
+}
+
+/* The default number of candidates rescored: 5 k at 131,072 keys, grown as n^0.25 (at
+ * more keys more of them crowd the k-th score within the code's error), at least 4 k. */
+static int ps_default_R(int k, size_t n)
+{
+    double r = 5.0 * k * pow((double)n / 131072.0, 0.25);
+    if (r < 4.0 * k)
+        r = 4.0 * k;
+    if (r > 64.0 * k)
+        r = 64.0 * k;
+    return (int)r;
+}
+
+/* scans blocks [b0, b1) for g queries, cutting buffers as they fill */
+static void ps_sweep(const ps_state *s, size_t b0, size_t b1, size_t step, int g, const int32_t *qw,
+                     int32_t *thr, int32_t **sc, int32_t **id, int *cnt, int cap, const int *R)
+{
+    size_t b = b0;
+    while (b < b1) {
+        b = ra_kern_p4scan(s->codes, s->nch, b, b1, step, s->n, g, qw, thr, sc, id, cnt, cap);
+        for (int j = 0; j < g; j++)
+            if (cnt[j] > cap - 16)
+                ps_cut(sc[j], id[j], &cnt[j], &thr[j], R[j], t_ps.tmp);
+    }
+}
+
+typedef struct ps_pair {
+    float s;
+    int32_t id;
+} ps_pair;
+
+static inline int ps_before(ps_pair a, ps_pair b) /* better score, then lower id */
+{
+    return a.s > b.s || (a.s == b.s && a.id < b.id);
+}
+
+/* a[0..n) reordered so that its k best come first (k < n), by quickselect */
+static void ps_select(ps_pair *a, size_t n, size_t k)
+{
+    size_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        ps_pair piv = a[lo + (hi - lo) / 2];
+        size_t i = lo, j = hi;
+        for (;;) {
+            while (ps_before(a[i], piv))
+                i++;
+            while (ps_before(piv, a[j]))
+                j--;
+            if (i >= j)
+                break;
+            ps_pair t = a[i];
+            a[i] = a[j], a[j] = t;
+            i++, j--;
+        }
+        if (k - 1 <= j)
+            hi = j;
+        else
+            lo = j + 1;
+    }
+}
+
+/* a[0..n) sorted best first (insertion below 16, else quicksort) */
+static void ps_sort(ps_pair *a, size_t n)
+{
+    while (n > 16) {
+        ps_pair piv = a[n / 2];
+        size_t i = 0, j = n - 1;
+        for (;;) {
+            while (ps_before(a[i], piv))
+                i++;
+            while (ps_before(piv, a[j]))
+                j--;
+            if (i >= j)
+                break;
+            ps_pair t = a[i];
+            a[i] = a[j], a[j] = t;
+            i++, j--;
+        }
+        ps_sort(a, j + 1); /* the smaller side by recursion would bound the depth; both
+                              sides here are at most n - 1 and n is at most 65,536 */
+        a += j + 1;
+        n -= j + 1;
+    }
+    for (size_t i = 1; i < n; i++) {
+        ps_pair x = a[i];
+        size_t j = i;
+        for (; j > 0 && ps_before(x, a[j - 1]); j--)
+            a[j] = a[j - 1];
+        a[j] = x;
+    }
+}
+
+/* exact scores of the m rows ids (ascending) into ex, every line of each row prefetched
+ * 32 rows ahead (the rows come from DRAM; the kernel's own prefetch is one line 4 rows
+ * ahead) */
+static void ps_rescore(const ps_state *s, const void *keys, const float *q, const int32_t *ids,
+                       int m, float *ex)
+{
+    size_t rb = (size_t)s->dim * ra_dtype_size(s->dtype);
+    const char *base = keys;
+    enum { AHEAD = 32, CH = 16 };
+    for (int i = 0; i < m && i < AHEAD; i++)
+        for (size_t o = 0; o < rb; o += 64)
+            __builtin_prefetch(base + (size_t)ids[i] * rb + o, 0, 3);
+    for (int i = 0; i < m; i += CH) {
+        int c = m - i < CH ? m - i : CH;
+        for (int x = i + AHEAD; x < i + AHEAD + c && x < m; x++)
+            for (size_t o = 0; o < rb; o += 64)
+                __builtin_prefetch(base + (size_t)ids[x] * rb + o, 0, 3);
+        ra_kern_dot_gather(q, keys, s->dtype, s->dim, ids + i, (size_t)c, ex + i);
+    }
+}
+
+#define PS_UNIT                                                                                    \
+    64 /* blocks (1,024 keys) of one share at a time: parts take every                             \
+          nparts-th unit, so each sees keys from all positions */
+
+/* block i of this part's blocks */
+static size_t ps_part_block(size_t i, int part, int nparts)
+{
+    return ((size_t)part + i / PS_UNIT * (size_t)nparts) * PS_UNIT + i % PS_UNIT;
+}
+
+/* the part's blocks [0, nb) in order, through the kernel */
+static void ps_sweep_part(const ps_state *s, size_t nblk, int part, int nparts, int g,
+                          const int32_t *qw, int32_t *thr, int32_t **sc, int32_t **id, int *cnt,
+                          int cap, const int *R)
+{
+    for (size_t u = (size_t)part * PS_UNIT; u < nblk; u += (size_t)nparts * PS_UNIT)
+        ps_sweep(s, u, u + PS_UNIT < nblk ? u + PS_UNIT : nblk, 1, g, qw, thr, sc, id, cnt, cap, R);
+}
+
+/* The candidates of one part: a part of nparts holds about 1 / nparts of each query's
+ * best R by code, so it keeps R / nparts and three standard deviations more */
+static int ps_part_R(int R, int k, int nparts, size_t n_part)
+{
+    if (nparts > 1) {
+        double m = (double)R / nparts;
+        R = (int)ceil(m + 3 * sqrt(m));
+    }
+    R = R < k ? k : R;
+    return R > (int)n_part ? (int)n_part : R;
+}
+
+static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, int nparts,
+                                 size_t nq, const float *q, const ra_search_params *p, int kmax,
+                                 int32_t *ids, float *scores, int *n_out, ra_search_stats *stats)
+{
+    size_t n = s->n, nblk = (n + 15) / 16;
+    size_t nb = 0, n_part = 0; /* this part's blocks and keys */
+    for (size_t u = (size_t)part * PS_UNIT; u < nblk; u += (size_t)nparts * PS_UNIT) {
+        nb += u + PS_UNIT < nblk ? PS_UNIT : nblk - u;
+        n_part += ((u + PS_UNIT) * 16 < n ? (u + PS_UNIT) * 16 : n) - u * 16;
+    }
+    int Rmax = 0;
+    for (size_t j = 0; j < nq; j++) {
+        int R = p[j].effort > 0 ? p[j].effort : ps_default_R(p[j].k, n);
+        R = ps_part_R(R, p[j].k, nparts, n_part);
+        Rmax = R > Rmax ? R : Rmax;
+    }
+    int cap = 2 * Rmax + 64;
+    if (!ps_scratch((size_t)cap, s->dp))
+        return RA_ENOMEM;
+    ps_tls *t = &t_ps;
+    const void *keys = ra_kv_keys(kv);
+    for (size_t g0 = 0; g0 < nq; g0 += PS_G) {
+        int g = nq - g0 < PS_G ? (int)(nq - g0) : PS_G;
+        int32_t qw[PS_G * RA_P4_QW], thr[PS_G];
+        int32_t *sc[PS_G], *id[PS_G];
+        int cnt[PS_G], R[PS_G];
+        for (int j = 0; j < g; j++) {
+            const ra_search_params *pj = &p[g0 + j];
+            ps_prepare(s, q + (g0 + j) * (size_t)s->dim, t->u, qw + j * RA_P4_QW);
+            sc[j] = t->sc + (size_t)j * cap;
+            id[j] = t->id + (size_t)j * cap;
+            cnt[j] = 0;
+            thr[j] = INT32_MIN;
+            int r = pj->effort > 0 ? pj->effort : ps_default_R(pj->k, n);
+            R[j] = ps_part_R(r, pj->k, nparts, n_part);
+            if (pj->k <= 0 || R[j] <= 0) /* nothing for this query: no key passes */
+                R[j] = 0, thr[j] = INT32_MAX;
+        }
+        /* the threshold from a stratified sample of the part's blocks: its score of rank
+         * 2 R x sampled / total, so that about 2 R keys pass in the full scan */
+        int primed = 0;
+        if (nb > 4 * PS_PRIME) {
+            size_t step = nb / PS_PRIME, sampled = 0;
+            for (size_t i = 0; i < nb; i += step, sampled++) {
+                size_t b = ps_part_block(i, part, nparts);
+                ps_sweep(s, b, b + 1, 1, g, qw, thr, sc, id, cnt, cap, R);
+            }
+            double frac = (double)sampled / (double)nb;
+            for (int j = 0; j < g; j++) {
+                int rank = (int)(2.0 * R[j] * frac);
+                if (!R[j])
+                    continue;
+                if (rank >= 1 && cnt[j] > rank) {
+                    memcpy(t->tmp, sc[j], (size_t)cnt[j] * sizeof *t->tmp);
+                    thr[j] = ps_kth(t->tmp, (size_t)cnt[j], (size_t)rank - 1);
+                    primed = 1;
+                } else {
+                    thr[j] = INT32_MIN;
+                }
+                cnt[j] = 0;
+            }
+        }
+        int32_t thr0[PS_G];
+        memcpy(thr0, thr, sizeof thr0);
+        ps_sweep_part(s, nblk, part, nparts, g, qw, thr, sc, id, cnt, cap, R);
+        if (primed) { /* a threshold set too high by the sample: the scan again from none */
+            int again = 0;
+            for (int j = 0; j < g; j++)
+                again |= R[j] && cnt[j] < R[j] && thr0[j] != INT32_MIN;
+            if (again) {
+                for (int j = 0; j < g; j++)
+                    if (R[j])
+                        cnt[j] = 0, thr[j] = INT32_MIN;
+                ps_sweep_part(s, nblk, part, nparts, g, qw, thr, sc, id, cnt, cap, R);
+            }
+        }
+        for (int j = 0; j < g; j++) {
+            size_t qi = g0 + (size_t)j;
+            int k = p[qi].k;
+            if (!R[j]) {
+                n_out[qi] = 0;
+                if (stats)
+                    stats[qi] = (ra_search_stats){.shared = g};
+                continue;
+            }
+            ps_cut(sc[j], id[j], &cnt[j], &thr[j], R[j], t->tmp);
+            int m = cnt[j];
+            const float *qq = q + qi * (size_t)s->dim;
+            ps_rescore(s, keys, qq, id[j], m, t->ex);
+            /* the k best (score, id) pairs, best first */
+            ps_pair *pr = (ps_pair *)t->tmp; /* tmp holds cap int32: m <= cap / 2 pairs */
+            for (int i = 0; i < m; i++)
+                pr[i] = (ps_pair){t->ex[i], id[j][i]};
+            int nk = m < k ? m : k;
+            if (nk < m)
+                ps_select(pr, (size_t)m, (size_t)nk);
+            ps_sort(pr, (size_t)nk);
+            for (int i = 0; i < nk; i++) {
+                ids[qi * (size_t)kmax + (size_t)i] = pr[i].id;
+                if (scores)
+                    scores[qi * (size_t)kmax + (size_t)i] = pr[i].s;
+            }
+            n_out[qi] = nk;
+            if (stats) {
+                stats[qi] = (ra_search_stats){.scanned = n_part,
+                                              .hops = 0,
+                                              .rescored = (uint64_t)m,
+                                              .shared = g,
+                                              .exact_fallback = 0};
+            }
+        }
+    }
+    return RA_OK;
+}
+
+static ra_status ps_search_group(void *st, const ra_kv *kv, size_t nq, const float *q,
+                                 const ra_search_params *p, int kmax, int32_t *ids, float *scores,
+                                 int *n_out, ra_search_stats *stats)
+{
+    return ps_search_range(st, kv, 0, 1, nq, q, p, kmax, ids, scores, n_out, stats);
+}
+
+static ra_status ps_search_part(void *st, const ra_kv *kv, int part, int nparts, size_t nq,
+                                const float *q, const ra_search_params *p, int kmax, int32_t *ids,
+                                float *scores, int *n_out)
+{
+    if (part < 0 || nparts < 1 || part >= nparts)
+        return RA_EINVAL;
+    return ps_search_range(st, kv, part, nparts, nq, q, p, kmax, ids, scores, n_out, NULL);
+}
+
+static ra_status ps_search(void *st, const ra_kv *kv, const float *q, const ra_search_params *p,
+                           int32_t *ids, float *scores, int *n_out, ra_search_stats *stats)
+{
+    return ps_search_group(st, kv, 1, q, p, p->k, ids, scores, n_out, stats);
+}
+
+const ra_backend_ops ra_backend_pscan = {
+    .name = "pscan",
+    .build = ps_build,
+    .add = ps_add,
+    .search = ps_search,
+    .bytes = ps_bytes,
+    .destroy = ps_destroy,
+    .search_group = ps_search_group,
+    .search_part = ps_search_part,
+};
