@@ -1,16 +1,21 @@
 /* The projected-code scan (RA_INDEX_PSCAN): every key is read at every search, but as a
- * 4-bit code of `dp` projected dimensions (32 bytes for dp 64) streamed from one
+ * 4-bit code of `dp` projected dimensions (24 bytes for dp 48) streamed from one
  * contiguous array, scored against the whole GQA group at once; each query's best R
  * by code are rescored exactly on the stored keys and its top k returned. Scores and the
  * attention over them are exact; only the choice of candidates comes from the codes.
+ * A search may be cut over the keys (ra_head_attend_part): part p of P scans every P-th
+ * unit of 1,024 keys and keeps about R / P candidates.
  *
  * The projection is attention-aware: it is fitted on the training (prefill) queries.
  * With Sq = E[q q^T] over them (regularised), q.k = (Sq^-1/2 q) . (Sq^1/2 k), and in the
  * whitened key space the dp directions of largest key energy keep the most of q.k for
  * queries of that distribution: Ak = U^T Sq^1/2 maps keys to codes, Aq = U^T Sq^-1/2
- * maps queries, U the top dp eigenvectors of Sq^1/2 E[k k^T] Sq^1/2. On the calibrated
- * and the hidden-state 131K heads of dim 128, dp 64 at 4 bits puts 0.985-0.995 of the
- * true top-100 among the best 500 by code (bench/README.md, "Projected-code scan").
+ * maps queries, U the top eigenvectors of Sq^1/2 Cov(k) Sq^1/2 (keys centred: q . mean is
+ * the same for every key). Whitened queries are isotropic, so eigenvalue j is the share
+ * of the score variance across keys that direction j carries; dp is the fewest (a
+ * multiple of 8) that carry 93 % of it: 48 on the calibrated 131K head of dim 128, 56 on
+ * the hidden-state one, where the best 1,000 by code hold 0.991 / 0.996 of the true
+ * top-100 (bench/README.md, "Projected-code scan").
  *
  * Why a scan: the graph walk is bound by dependent memory loads (~60 ns a key scored in
  * the daemon); a scan streams 32 bytes a key at the memory's bandwidth, and the cost does
@@ -34,15 +39,15 @@
 #include "ra_log.h"
 
 #define PS_MAX_DP 128   /* projected dimensions kept, at most (RA_P4_QW / 2 chunks of 8) */
-#define PS_SAMPLE 65536 /* keys sampled for the key moments and the code ranges */
+#define PS_SAMPLE 16384 /* keys sampled for the key moments and the code ranges */
 #define PS_PRIME 96     /* blocks scored first to set the threshold */
 
-/* the fraction of the score variance the code keeps (RA_PSCAN_ENERGY, a study knob) */
+/* the share of the score variance the code keeps (RA_PSCAN_ENERGY_PERMILLE, a study knob) */
 static double ps_energy(void)
 {
     static ra_env_once once;
-    double e = ra_env_int(&once, "RA_PSCAN_ENERGY_PERMILLE", 985) / 1000.0;
-    return e > 0.5 && e <= 1.0 ? e : 0.985;
+    double e = ra_env_int(&once, "RA_PSCAN_ENERGY_PERMILLE", 930) / 1000.0;
+    return e > 0.5 && e <= 1.0 ? e : 0.93;
 }
 
 typedef struct ps_state {
@@ -52,6 +57,7 @@ typedef struct ps_state {
     float *lo, *step; /* [dp]: code value c maps to lo + step * c */
     float *mu;        /* [dim]: the keys' mean, subtracted before the projection (q . mu is
                          the same for every key, so it does not change the ranking) */
+    float *akmu;      /* [dp]: ak mu */
     uint8_t *codes;   /* [blocks][nch * 64] */
     size_t n, cap_blocks;
 } ps_state;
@@ -132,7 +138,8 @@ static void ps_destroy(void *st)
     ps_state *s = st;
     if (!s)
         return;
-    free(s->ak), free(s->aq), free(s->lo), free(s->step), free(s->mu), free(s->codes);
+    free(s->ak), free(s->aq), free(s->lo), free(s->step), free(s->mu), free(s->akmu),
+        free(s->codes);
     free(s);
 }
 
@@ -141,31 +148,28 @@ static size_t ps_block_bytes(const ps_state *s)
     return (size_t)s->nch * 64;
 }
 
-/* rows [first, first + n) of kv: projected by ak into f [n][dp] */
+/* rows [first, first + n) of kv: projected by ak into f [dp][n] (dimension-major, four
+ * projection rows at a time through the SIMD kernel); the mean's projection is taken off
+ * afterwards (ak (k - mu) = ak k - ak mu) */
 static void ps_project(const ps_state *s, const ra_kv *kv, size_t first, size_t n, float *tmp,
                        float *f)
 {
     const char *k = (const char *)ra_kv_keys(kv) + first * (size_t)s->dim * ra_dtype_size(s->dtype);
     ra_kern_to_f32(k, s->dtype, n * (size_t)s->dim, tmp);
-    for (size_t i = 0; i < n; i++)
-        for (int d = 0; d < s->dim; d++)
-            tmp[i * (size_t)s->dim + d] -= s->mu[d];
-    for (size_t i = 0; i < n; i++)
-        for (int j = 0; j < s->dp; j++) {
-            const float *a = s->ak + (size_t)j * s->dim, *x = tmp + i * (size_t)s->dim;
-            float acc = 0;
-            for (int d = 0; d < s->dim; d++)
-                acc += a[d] * x[d];
-            f[i * (size_t)s->dp + j] = acc;
-        }
+    for (int j = 0; j < s->dp; j += 4) /* dp is a multiple of 8 */
+        ra_kern_dot_q4_f32(s->ak + (size_t)j * s->dim, tmp, s->dim, n, f + (size_t)j * n);
+    for (int j = 0; j < s->dp; j++)
+        for (size_t i = 0; i < n; i++)
+            f[(size_t)j * n + i] -= s->akmu[j];
 }
 
-static void ps_put(ps_state *s, size_t row, const float *f)
+/* the code of `row` from its projection f[j * fs] */
+static void ps_put(ps_state *s, size_t row, const float *f, size_t fs)
 {
     uint8_t *blk = s->codes + row / 16 * ps_block_bytes(s);
     int i = (int)(row % 16);
     for (int j = 0; j < s->dp; j++) {
-        float x = (f[j] - s->lo[j]) / s->step[j];
+        float x = (f[(size_t)j * fs] - s->lo[j]) / s->step[j];
         int c = (int)lrintf(x < 0 ? 0 : x > 15 ? 15 : x);
         int ch = j / 8, t = j % 8;
         uint8_t *b = blk + (size_t)ch * 64 + (size_t)i * 4 + (t & 3);
@@ -220,7 +224,7 @@ static ra_status ps_encode(ps_state *s, const ra_kv *kv, size_t first, size_t n,
              * build; an append may share its first block with the previous one, written
              * by this thread alone since rows of one block fall in one chunk) */
             for (size_t i = 0; i < m; i++)
-                ps_put(s, a + i, f + i * (size_t)s->dp);
+                ps_put(s, a + i, f + i, m);
         }
         free(tmp), free(f);
     }
@@ -253,7 +257,7 @@ static ra_status ps_build(void **out, const ra_kv *kv, size_t n, const float *tr
     s->lo = malloc((size_t)dmax * sizeof *s->lo);
     s->step = malloc((size_t)dmax * sizeof *s->step);
     s->mu = calloc((size_t)dim, sizeof *s->mu);
-    float *f = malloc((ns ? ns : 1) * (size_t)dmax * sizeof *f);
+    float *f = malloc((ns ? ns : 1) * (size_t)(dmax > dim ? dmax : dim) * sizeof *f);
     ra_status st = RA_ENOMEM;
     if (!sq || !w || !v || !sh || !shi || !kk || !c || !ks || !s->ak || !s->aq || !s->lo ||
         !s->step || !s->mu || !f)
@@ -304,15 +308,33 @@ static ra_status ps_build(void **out, const ra_kv *kv, size_t n, const float *tr
     for (size_t i = 0; i < ns; i++)
         for (int a = 0; a < dim; a++)
             ks[i * (size_t)dim + a] -= s->mu[a];
-    for (size_t i = 0; i < ns; i++) {
-        const float *k = ks + i * (size_t)dim;
+    /* the Gram matrix of the centred sample's columns, four at a time through the SIMD
+     * kernel (f is the transposed sample, then the products) */
+    float *kt = f, *gram = NULL;
+    if (ns) {
+        for (size_t i = 0; i < ns; i++)
+            for (int a = 0; a < dim; a++)
+                kt[(size_t)a * ns + i] = ks[i * (size_t)dim + a];
+        gram = malloc((size_t)(dim + 3) / 4 * 4 * dim * sizeof *gram);
+        if (!gram)
+            goto out;
+        for (int a = 0; a + 4 <= dim; a += 4)
+            ra_kern_dot_q4_f32(kt + (size_t)a * ns, kt, (int)ns, (size_t)dim,
+                               gram + (size_t)a * dim);
+        for (int a = dim / 4 * 4; a < dim; a++)
+            for (int b = 0; b < dim; b++) {
+                double x = 0;
+                for (size_t i = 0; i < ns; i++)
+                    x += (double)kt[(size_t)a * ns + i] * kt[(size_t)b * ns + i];
+                gram[(size_t)a * dim + b] = (float)x;
+            }
         for (int a = 0; a < dim; a++)
-            for (int b = a; b < dim; b++)
-                kk[a * dim + b] += (double)k[a] * k[b];
+            for (int b = 0; b < dim; b++)
+                kk[a * dim + b] = 0.5 *
+                                  ((double)gram[(size_t)a * dim + b] + gram[(size_t)b * dim + a]) /
+                                  (double)ns;
+        free(gram);
     }
-    for (int a = 0; a < dim; a++)
-        for (int b = a; b < dim; b++)
-            kk[b * dim + a] = kk[a * dim + b] /= (double)(ns ? ns : 1);
     if (ra_index_cancelled(opts)) {
         st = RA_ECLOSED;
         goto out;
@@ -334,7 +356,7 @@ static ra_status ps_build(void **out, const ra_kv *kv, size_t n, const float *tr
         }
     ps_eig(c, dim, w, v);
     /* whitened queries are isotropic, so direction j carries w[j] of the score variance
-     * across keys: keep the fewest (a multiple of 8) that carry PS_ENERGY of it */
+     * across keys: keep the fewest (a multiple of 8) that carry ps_energy() of it */
     double tot = 0, acc = 0;
     for (int a = 0; a < dim; a++)
         tot += w[a] > 0 ? w[a] : 0;
@@ -348,6 +370,9 @@ static ra_status ps_build(void **out, const ra_kv *kv, size_t n, const float *tr
         }
     }
     s->nch = s->dp / 8;
+    s->akmu = calloc((size_t)s->dp, sizeof *s->akmu);
+    if (!s->akmu)
+        goto out;
     for (int j = 0; j < s->dp && j < dim; j++) /* ak row j = u_j^T sh, aq row j = u_j^T shi */
         for (int b = 0; b < dim; b++) {
             double x = 0, y = 0;
@@ -358,19 +383,19 @@ static ra_status ps_build(void **out, const ra_kv *kv, size_t n, const float *tr
             s->ak[(size_t)j * dim + b] = (float)x;
             s->aq[(size_t)j * dim + b] = (float)y;
         }
+    for (int j = 0; j < s->dp; j++) {
+        double x = 0;
+        for (int d = 0; d < dim; d++)
+            x += (double)s->ak[(size_t)j * dim + d] * s->mu[d];
+        s->akmu[j] = (float)x;
+    }
     /* code ranges from the sample, 3 % margin each side for keys appended later */
-    for (size_t i = 0; i < ns; i++)
-        for (int j = 0; j < s->dp; j++) {
-            const float *a = s->ak + (size_t)j * dim, *x = ks + i * (size_t)dim;
-            float acc = 0;
-            for (int d = 0; d < dim; d++)
-                acc += a[d] * x[d];
-            f[i * (size_t)s->dp + j] = acc;
-        }
+    for (int j = 0; ns && j < s->dp; j += 4) /* the centred sample's projections, [dp][ns] */
+        ra_kern_dot_q4_f32(s->ak + (size_t)j * dim, ks, dim, ns, f + (size_t)j * ns);
     for (int j = 0; j < s->dp; j++) {
         float lo = INFINITY, hi = -INFINITY;
         for (size_t i = 0; i < ns; i++) {
-            float x = f[i * (size_t)s->dp + j];
+            float x = f[(size_t)j * ns + i];
             lo = x < lo ? x : lo;
             hi = x > hi ? x : hi;
         }
@@ -534,11 +559,13 @@ static void ps_prepare(const ps_state *s, const float *q, float *u, int32_t *qw)
     }
 }
 
-/* The default number of candidates rescored: 5 k at 131,072 keys, grown as n^0.25 (at
- * more keys more of them crowd the k-th score within the code's error), at least 4 k. */
+/* The default number of candidates rescored: 10 k at 131,072 keys, grown as n^0.25 (at
+ * more keys more of them crowd the k-th score within the code's error), at least 4 k.
+ * Fewer code dimensions and more candidates rescored was the cheaper way to the same
+ * recall (bench/README.md, "Projected-code scan"). */
 static int ps_default_R(int k, size_t n)
 {
-    double r = 5.0 * k * pow((double)n / 131072.0, 0.25);
+    double r = 10.0 * k * pow((double)n / 131072.0, 0.25);
     if (r < 4.0 * k)
         r = 4.0 * k;
     if (r > 64.0 * k)

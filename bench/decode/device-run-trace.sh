@@ -7,6 +7,8 @@
 # and replays each through ratd-bench-decode twice: graphs built by the daemon on the
 # CPU, then built here on the GPU and sent in the Offload (--gpu-build). One JSON per
 # run in OUT_DIR: TRACE-cpu.json, TRACE-gpu.json. RA_RUN_TIMEOUT: seconds per run (200).
+# RA_TRACE_KINDS: which replays (default "cpu gpu"; pscan: the projected-code scan,
+# TRACE-pscan.json).
 set -uo pipefail
 out=${1:?usage: device-run-trace.sh OUT_DIR}
 mkdir -p "$out"
@@ -23,6 +25,11 @@ run() { local name=$1 tr=$2; shift 2
 ra_dump_traces "$out" $b
 for t in kjv16k sql128k; do
   [ -s /tmp/$t.trace ] || continue
-  run $t-cpu $t
-  run $t-gpu $t --gpu-build
+  for kind in ${RA_TRACE_KINDS:-cpu gpu}; do
+    case $kind in
+    cpu) run $t-cpu $t ;;
+    gpu) run $t-gpu $t --gpu-build ;;
+    pscan) run $t-pscan $t --index pscan ;;
+    esac
+  done
 done

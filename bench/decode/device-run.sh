@@ -8,7 +8,8 @@
 #   b128k  batch 8 at 128K, 1 layer (8 sessions per Attend)
 #   c128k0, c1m0  c128k and c1m at the default effort only (no sweep)
 #   c128k32, l128k32  all 32 layers at 128K, 16 steps (a model's indexes and codes, far
-#          more than the L3 holds); c1m4  c1m with 4 layers, 100 steps
+#          more than the L3 holds); c1m4  c1m with 4 layers, 100 steps; c1m4s the
+#          same with a sweep
 # A run may carry variants after a colon, joined by '-' (ra_run_variants in
 # bench/device-env.sh: b8 / b4 search-code bits, wN workers, pN --spin-us, g --gpu-build,
 # s a sweep); e.g. c128k:b8 and c128k:b4 (files c128k-b8.json, c128k-b4.json) compare
@@ -53,7 +54,8 @@ for rv in "${runs[@]}"; do
   c128k0) a=(--context 131072 --layers 2) ;;
   c128k32) a=(--context 131072 --layers 32 --steps 16) ;;
   l128k32) a=(--context 131072 --layers 32 --steps 16 --gen lin) ;;
-  c1m4) a=(--context 1048576 --layers 4 --q-heads 8 --kv-heads 2 --steps 100 --sweep 400,600,1200) ;;
+  c1m4) a=(--context 1048576 --layers 4 --q-heads 8 --kv-heads 2 --steps 100) ;;
+  c1m4s) a=(--context 1048576 --layers 4 --q-heads 8 --kv-heads 2 --steps 100 --sweep 400,600,1200) ;;
   c1m0) a=(--context 1048576 --layers 2 --q-heads 8 --kv-heads 2) ;;
   *) echo "unknown run $r"; continue ;;
   esac
