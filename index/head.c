@@ -943,6 +943,26 @@ ra_status ra_head_attend(ra_head *h, const float *q, const ra_search_params *p, 
     return r;
 }
 
+/* Every probe_every()-th default-effort group search of a head (under its read lock,
+ * index ready) hands one of its queries and the exact scores it got to the probe
+ * thread (probe_run), which adjusts the head's default effort. */
+static void maybe_probe(ra_head *h, size_t nq, const float *q, const ra_search_params *p,
+                        const float *S, int kmax, const int *nbuf)
+{
+    int every = probe_every(), dim = ra_kv_dim(h->kv);
+    if (every <= 0 || !h->ops->effort_mult)
+        return;
+    uint32_t c = __atomic_add_fetch(&h->n_default, 1, __ATOMIC_RELAXED);
+    size_t j = (size_t)(c / (uint32_t)every) % nq;
+    if (c % (uint32_t)every == 0 && p[j].effort == 0 && p[j].k >= 10 && p[j].k <= PROBE_KMAX &&
+        nbuf[j] == p[j].k && !__atomic_exchange_n(&h->probe_busy, 1, __ATOMIC_ACQUIRE)) {
+        memcpy(h->probe_q, q + j * (size_t)dim, (size_t)dim * sizeof *h->probe_q);
+        memcpy(h->probe_sc, S + j * (size_t)kmax, (size_t)p[j].k * sizeof *h->probe_sc);
+        h->probe_k = p[j].k;
+        probe_submit(h);
+    }
+}
+
 ra_status ra_head_attend_group(ra_head *h, size_t nq, const float *q, const ra_search_params *p,
                                float scale, unsigned flags, float *o, float *lse, int32_t *ids,
                                float *scores, int *n_out, ra_search_stats *st)
@@ -1007,19 +1027,8 @@ ra_status ra_head_attend_group(ra_head *h, size_t nq, const float *q, const ra_s
     } else if (h->ops->search_group) { /* one walk for the group (warm ids: the backend
                                           validates them against its own nodes) */
         r = h->ops->search_group(h->state, h->kv, nq, q, p, kmax, I, S, nbuf, st);
-        int every = probe_every();
-        if (r == RA_OK && every > 0 && h->ops->effort_mult) {
-            uint32_t c = __atomic_add_fetch(&h->n_default, 1, __ATOMIC_RELAXED);
-            size_t j = (size_t)(c / (uint32_t)every) % nq;
-            if (c % (uint32_t)every == 0 && p[j].effort == 0 && p[j].k >= 10 &&
-                p[j].k <= PROBE_KMAX && nbuf[j] == p[j].k &&
-                !__atomic_exchange_n(&h->probe_busy, 1, __ATOMIC_ACQUIRE)) {
-                memcpy(h->probe_q, q + j * (size_t)dim, (size_t)dim * sizeof *h->probe_q);
-                memcpy(h->probe_sc, S + j * (size_t)kmax, (size_t)p[j].k * sizeof *h->probe_sc);
-                h->probe_k = p[j].k;
-                probe_submit(h);
-            }
-        }
+        if (r == RA_OK)
+            maybe_probe(h, nq, q, p, S, kmax, nbuf);
     } else {
         for (size_t j = 0; j < nq && r == RA_OK; j++) {
             if (p[j].k == 0) {
@@ -1187,6 +1196,8 @@ count:
         ra_kern_partial_attention(scores + j * (size_t)kmax, ids + j * (size_t)kmax,
                                   (size_t)nbuf[j], scale, ra_kv_values(h->kv), ra_kv_dtype(h->kv),
                                   dim, o + j * (size_t)dim, &lse[j]);
+    if (h->state && __atomic_load_n(&h->ready, __ATOMIC_ACQUIRE))
+        maybe_probe(h, nq, q, p, scores, kmax, nbuf);
     pthread_rwlock_unlock(&h->lock);
     if (n_out)
         memcpy(n_out, nbuf, nq * sizeof *n_out);

@@ -39,6 +39,7 @@
 #include "ra_log.h"
 
 #define PS_MAX_DP 128   /* projected dimensions kept, at most (RA_P4_QW / 2 chunks of 8) */
+#define PS_MIN_DP 64    /* projected dimensions kept, at least (or all of a smaller head) */
 #define PS_SAMPLE 16384 /* keys sampled for the key moments and the code ranges */
 #define PS_PRIME 96     /* blocks scored first to set the threshold */
 
@@ -60,6 +61,7 @@ typedef struct ps_state {
     float *akmu;      /* [dp]: ak mu */
     uint8_t *codes;   /* [blocks][nch * 64] */
     size_t n, cap_blocks;
+    float mult; /* the default candidates' factor (ra_head's recall probes), atomic */
 } ps_state;
 
 /* ---------- symmetric eigen decomposition (cyclic Jacobi, double) ---------- */
@@ -243,6 +245,7 @@ static ra_status ps_build(void **out, const ra_kv *kv, size_t n, const float *tr
     if (!s)
         return RA_ENOMEM;
     s->dim = dim;
+    s->mult = 1.0f;
     s->dtype = ra_kv_dtype(kv);
     int dmax = (dim + 7) / 8 * 8;
     dmax = dmax < PS_MAX_DP ? dmax : PS_MAX_DP;
@@ -360,11 +363,14 @@ static ra_status ps_build(void **out, const ra_kv *kv, size_t n, const float *tr
     double tot = 0, acc = 0;
     for (int a = 0; a < dim; a++)
         tot += w[a] > 0 ? w[a] : 0;
+    /* and at least 64 (all of a head of dim 64): on the real model's heads, whose decode
+     * queries differ from the prefill's, 93 % alone lost recall (bench/README.md) */
     s->dp = dmax;
     for (int a = 0; a < dim; a++) {
         acc += w[a] > 0 ? w[a] : 0;
         if (acc >= ps_energy() * tot) {
             int d8 = (a + 1 + 7) / 8 * 8;
+            d8 = d8 < PS_MIN_DP ? PS_MIN_DP : d8;
             s->dp = d8 < dmax ? d8 : dmax;
             break;
         }
@@ -562,10 +568,11 @@ static void ps_prepare(const ps_state *s, const float *q, float *u, int32_t *qw)
 /* The default number of candidates rescored: 10 k at 131,072 keys, grown as n^0.25 (at
  * more keys more of them crowd the k-th score within the code's error), at least 4 k.
  * Fewer code dimensions and more candidates rescored was the cheaper way to the same
- * recall (bench/README.md, "Projected-code scan"). */
-static int ps_default_R(int k, size_t n)
+ * recall (bench/README.md, "Projected-code scan"). Times the head's factor (0.5..8, set
+ * by ra_head's recall probes of decode queries). */
+static int ps_default_R(int k, size_t n, float mult)
 {
-    double r = 10.0 * k * pow((double)n / 131072.0, 0.25);
+    double r = 10.0 * k * pow((double)n / 131072.0, 0.25) * mult;
     if (r < 4.0 * k)
         r = 4.0 * k;
     if (r > 64.0 * k)
@@ -709,6 +716,8 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
                                  int32_t *ids, float *scores, int *n_out, ra_search_stats *stats)
 {
     size_t n = s->n, nblk = (n + 15) / 16;
+    float mult;
+    __atomic_load(&s->mult, &mult, __ATOMIC_RELAXED); /* once: the probes may change it */
     size_t nb = 0, n_part = 0; /* this part's blocks and keys */
     for (size_t u = (size_t)part * PS_UNIT; u < nblk; u += (size_t)nparts * PS_UNIT) {
         nb += u + PS_UNIT < nblk ? PS_UNIT : nblk - u;
@@ -716,7 +725,7 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
     }
     int Rmax = 0;
     for (size_t j = 0; j < nq; j++) {
-        int R = p[j].effort > 0 ? p[j].effort : ps_default_R(p[j].k, n);
+        int R = p[j].effort > 0 ? p[j].effort : ps_default_R(p[j].k, n, mult);
         R = ps_part_R(R, p[j].k, nparts, n_part);
         Rmax = R > Rmax ? R : Rmax;
     }
@@ -737,7 +746,7 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
             id[j] = t->id + (size_t)j * cap;
             cnt[j] = 0;
             thr[j] = INT32_MIN;
-            int r = pj->effort > 0 ? pj->effort : ps_default_R(pj->k, n);
+            int r = pj->effort > 0 ? pj->effort : ps_default_R(pj->k, n, mult);
             R[j] = ps_part_R(r, pj->k, nparts, n_part);
             if (pj->k <= 0 || R[j] <= 0) /* nothing for this query: no key passes */
                 R[j] = 0, thr[j] = INT32_MAX;
@@ -841,6 +850,18 @@ static ra_status ps_search(void *st, const ra_kv *kv, const float *q, const ra_s
     return ps_search_group(st, kv, 1, q, p, p->k, ids, scores, n_out, stats);
 }
 
+static float ps_effort_mult(void *st, float mult)
+{
+    ps_state *s = st;
+    if (mult > 0) {
+        mult = mult < 0.5f ? 0.5f : mult > 8.f ? 8.f : mult;
+        __atomic_store(&s->mult, &mult, __ATOMIC_RELAXED);
+    }
+    float m;
+    __atomic_load(&s->mult, &m, __ATOMIC_RELAXED);
+    return m;
+}
+
 const ra_backend_ops ra_backend_pscan = {
     .name = "pscan",
     .build = ps_build,
@@ -850,4 +871,5 @@ const ra_backend_ops ra_backend_pscan = {
     .destroy = ps_destroy,
     .search_group = ps_search_group,
     .search_part = ps_search_part,
+    .effort_mult = ps_effort_mult,
 };

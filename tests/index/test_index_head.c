@@ -1129,6 +1129,71 @@ static void test_recall_probes(void **state)
     fx_fini(&f);
 }
 
+/* The recall probes on a projected-code scan, through ra_head_attend_part (the daemon's
+ * path for pscan): decode queries live in the directions the training queries and the
+ * keys gave least weight, which the code dropped, so the default candidates miss; the
+ * probes raise the head's factor and recall rises. */
+static void test_pscan_probes(void **state)
+{
+    (void)state;
+    enum { D = 128, N = 20000, K = 50, G = 4, NQ = 160, NT = 1024 };
+    trng r = {515};
+    float *kf = malloc((size_t)N * D * sizeof *kf);
+    for (size_t i = 0; i < (size_t)N * D; i++)
+        kf[i] = trng_gauss(&r) * (0.2f + 1.5f * (float)(i % D) / D);
+    fixture f = {
+        .h = new_head(RA_INDEX_PSCAN, D, RA_DTYPE_F16, NULL), .dim = D, .dt = RA_DTYPE_F16, .n = N};
+    f.k = malloc((size_t)N * D * 2);
+    f.v = malloc((size_t)N * D * 2);
+    ra_kern_from_f32(kf, RA_DTYPE_F16, (size_t)N * D, f.k);
+    ra_kern_from_f32(kf, RA_DTYPE_F16, (size_t)N * D, f.v);
+    int64_t *pos = malloc(N * sizeof *pos);
+    for (int i = 0; i < N; i++)
+        pos[i] = i;
+    assert_int_equal(ra_head_append(f.h, f.k, f.v, pos, N), RA_OK);
+    float *tq = rand_queries(516, NT, D, 1.f), *q = rand_queries(517, NQ, D, 1.f);
+    for (int i = 0; i < NQ; i++)
+        for (int d = 0; d < D; d++)
+            q[i * D + d] *= d < 16 ? 3.f : 0.3f;
+    assert_int_equal(ra_head_build(f.h, tq, NT, 0), RA_OK);
+    probes_settle();
+    void *ctx = malloc(ra_head_part_bytes(2, G, K));
+    double rec[2] = {0};
+    uint64_t p0, r0, l0, p1, r1, l1;
+    ra_index_probe_counts_get(&p0, &r0, &l0);
+    assert_true(ra_head_effort_mult(f.h, 0.5f) == 0.5f);
+    for (int round = 0; round < 8; round++) {
+        double hit = 0;
+        for (int i = 0; i + G <= NQ; i += G) {
+            ra_search_params p[G];
+            for (int j = 0; j < G; j++)
+                p[j] = (ra_search_params){.k = K};
+            float o[G * D], lse[G], sc[G * K];
+            int32_t ids[G * K];
+            int n[G], fin;
+            ra_head_part_init(ctx, 2, G, K);
+            for (int x = 0; x < 2; x++)
+                assert_int_equal(ra_head_attend_part(f.h, ctx, x, G, q + i * D, p, 0, 0, o, lse,
+                                                     ids, sc, n, &fin),
+                                 RA_OK);
+            for (int j = 0; j < G; j++)
+                hit += recall_vs_exact(&f, q + (i + j) * D, K, ids + j * K, n[j]);
+        }
+        if (round == 0)
+            rec[0] = hit / NQ;
+        rec[1] = hit / NQ;
+        probes_settle();
+    }
+    ra_index_probe_counts_get(&p1, &r1, &l1);
+    fprintf(stderr, "# pscan probes: recall@%d %.3f at x0.50, %.3f after %llu probes (x%.2f)\n", K,
+            rec[0], rec[1], (unsigned long long)(p1 - p0), (double)ra_head_effort_mult(f.h, 0.f));
+    assert_true(p1 - p0 >= 10);
+    assert_true(r1 > r0);
+    assert_true(rec[1] > rec[0] + 0.02);
+    free(ctx), free(tq), free(q), free(kf), free(pos);
+    fx_fini(&f);
+}
+
 /* ra_exact_topk and ra_exact_knn_batch (the graph build's ground truth) against each
  * other and a double reference: padding, ties, and the key slices of the batch path. */
 static void test_exact_paths(void **state)
@@ -1353,6 +1418,7 @@ int main(void)
         cmocka_unit_test(test_pscan),
         cmocka_unit_test(test_attend_part_whole),
         cmocka_unit_test(test_recall_probes),
+        cmocka_unit_test(test_pscan_probes),
         cmocka_unit_test(test_concurrent_search_append),
         cmocka_unit_test(test_opts_table),
         cmocka_unit_test(test_build_priority_and_cancel),
