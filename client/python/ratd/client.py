@@ -22,7 +22,7 @@ STATUS = ("RA_OK", "RA_EINVAL", "RA_ENOMEM", "RA_ETIMEDOUT", "RA_ENOSESSION", "R
           "RA_EBUSY", "RA_ENOTSUP", "RA_ENONFINITE", "RA_EDEVICE", "RA_EINTERNAL", "RA_EEXIST",
           "RA_ESTATE")
 RA_ETIMEDOUT, RA_ECLOSED = 3, 10
-INDEX_KINDS = {"graph": 0, "flat": 1, "ivf": 2, "hnsw": 3}
+INDEX_KINDS = {"graph": 0, "flat": 1, "ivf": 2, "hnsw": 3, "pscan": 5}
 CAPABILITIES = {"f16": 1, "bf16": 2, "graph": 4, "faiss": 8, "topk": 16, "numa": 32,
                 "batch": 64, "graph_adj": 128}
 INT32_MAX = 2**31 - 1
@@ -296,7 +296,7 @@ class Client:
                        graph_entries=0, n_train=0, ivf_nlist=0, hnsw_m=0, threads=0, seed=0):
         """Creates a session on the daemon(s) and returns its Session. n_q_heads must be a
         multiple of n_kv_heads (GQA); dtype 'f32' | 'f16' | 'bf16' is how K and V are
-        stored and sent; index 'graph' | 'flat' | 'ivf' | 'hnsw'; the index options are
+        stored and sent; index 'graph' | 'flat' | 'ivf' | 'hnsw' | 'pscan'; the index options are
         those of ra_client_index_opts (0: the daemon's default)."""
         lim = self._limit
         n_layers = _int("n_layers", n_layers, 1, lim("max_layers") or INT32_MAX)

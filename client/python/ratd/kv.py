@@ -45,7 +45,7 @@ class Options:
     Attend; append_batch: tokens per Append (1 mirrors the C decoder exactly);
     n_train: prefill queries sent per layer for the index; gpu_knn: send exact top-
     knn_k lists computed on the device (None: when the tensors are on CUDA); index and
-    index_opts: the session's index ('graph', 'flat', 'ivf', 'hnsw'; options of
+    index_opts: the session's index ('graph', 'flat', 'ivf', 'hnsw', 'pscan'; options of
     create_session); kv_dtype: how ratd stores K/V (None: the model's dtype);
     wait_index_ms: after the prefill, wait up to this long for the index builds (0:
     don't; Attend is answered by an exact scan meanwhile)."""
