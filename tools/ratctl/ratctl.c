@@ -166,8 +166,8 @@ static int cmd_stats(ra_client *c)
 
 static const char *kind_name(ra_client_index_kind k)
 {
-    static const char *n[] = {"graph", "flat", "ivf", "hnsw"};
-    return (unsigned)k < 4 ? n[k] : "?";
+    static const char *n[] = {"graph", "flat", "ivf", "hnsw", "faiss-flat", "pscan"};
+    return (unsigned)k < 6 ? n[k] : "?";
 }
 
 static int cmd_sessions(ra_client *c)
