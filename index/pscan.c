@@ -603,24 +603,31 @@ static inline int ps_before(ps_pair a, ps_pair b) /* better score, then lower id
     return a.s > b.s || (a.s == b.s && a.id < b.id);
 }
 
+/* Hoare partition of a[lo..hi] around its middle element: returns j, lo <= j < hi, with
+ * a[lo..j] not after the pivot and a[j+1..hi] not before it */
+static size_t ps_partition(ps_pair *a, size_t lo, size_t hi)
+{
+    ps_pair piv = a[lo + (hi - lo) / 2];
+    size_t i = lo, j = hi;
+    for (;;) {
+        while (ps_before(a[i], piv))
+            i++;
+        while (ps_before(piv, a[j]))
+            j--;
+        if (i >= j)
+            return j;
+        ps_pair t = a[i];
+        a[i] = a[j], a[j] = t;
+        i++, j--;
+    }
+}
+
 /* a[0..n) reordered so that its k best come first (k < n), by quickselect */
 static void ps_select(ps_pair *a, size_t n, size_t k)
 {
     size_t lo = 0, hi = n - 1;
     while (lo < hi) {
-        ps_pair piv = a[lo + (hi - lo) / 2];
-        size_t i = lo, j = hi;
-        for (;;) {
-            while (ps_before(a[i], piv))
-                i++;
-            while (ps_before(piv, a[j]))
-                j--;
-            if (i >= j)
-                break;
-            ps_pair t = a[i];
-            a[i] = a[j], a[j] = t;
-            i++, j--;
-        }
+        size_t j = ps_partition(a, lo, hi);
         if (k - 1 <= j)
             hi = j;
         else
@@ -632,19 +639,7 @@ static void ps_select(ps_pair *a, size_t n, size_t k)
 static void ps_sort(ps_pair *a, size_t n)
 {
     while (n > 16) {
-        ps_pair piv = a[n / 2];
-        size_t i = 0, j = n - 1;
-        for (;;) {
-            while (ps_before(a[i], piv))
-                i++;
-            while (ps_before(piv, a[j]))
-                j--;
-            if (i >= j)
-                break;
-            ps_pair t = a[i];
-            a[i] = a[j], a[j] = t;
-            i++, j--;
-        }
+        size_t j = ps_partition(a, 0, n - 1);
         ps_sort(a, j + 1); /* the smaller side by recursion would bound the depth; both
                               sides here are at most n - 1 and n is at most 65,536 */
         a += j + 1;
