@@ -1144,8 +1144,12 @@ ra_status ra_head_attend_part(ra_head *h, void *ctx, int part, size_t nq, const 
         r = RA_ENONFINITE;
     }
     pthread_rwlock_unlock(&h->lock);
-    if (!cut && part == 0) { /* the whole group, here */
-        r = ra_head_attend_group(h, nq, q, p, scale, flags, o, lse, ids, scores, n_out, NULL);
+    if (!cut && part == 0) { /* the whole group, here; the counts kept for the finisher,
+                                whose n_out may be another buffer */
+        r = ra_head_attend_group(h, nq, q, p, scale, flags, o, lse, ids, scores, part_n(c, 0),
+                                 NULL);
+        if (r == RA_OK && n_out)
+            memcpy(n_out, part_n(c, 0), nq * sizeof *n_out);
         c->whole = r == RA_OK;
     }
 count:
@@ -1159,8 +1163,11 @@ count:
     ra_status e = (ra_status)__atomic_load_n(&c->err, __ATOMIC_RELAXED);
     if (e != RA_OK)
         return e;
-    if (c->whole)
+    if (c->whole) {
+        if (n_out)
+            memcpy(n_out, part_n(c, 0), nq * sizeof *n_out);
         return RA_OK;
+    }
     /* merge: each query's k best of the parts' sorted lists (ties: the lower id) */
     int dim = ra_kv_dim(h->kv);
     if (!(scale > 0.f))

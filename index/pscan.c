@@ -30,6 +30,7 @@
  * is the same for every key). */
 #include <math.h>
 #include <omp.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -461,12 +462,30 @@ typedef struct ps_tls {
 } ps_tls;
 
 static __thread ps_tls t_ps;
+static pthread_key_t ps_key; /* only to free t_ps's buffers when its thread ends */
+static pthread_once_t ps_once = PTHREAD_ONCE_INIT;
+static int ps_key_ok;
+
+static void ps_tls_free(void *p)
+{
+    ps_tls *t = p;
+    free(t->sc), free(t->id), free(t->tmp), free(t->ex), free(t->u);
+    memset(t, 0, sizeof *t);
+}
+
+static void ps_key_init(void)
+{
+    ps_key_ok = pthread_key_create(&ps_key, ps_tls_free) == 0;
+}
 
 static int ps_scratch(size_t cap, int dp)
 {
     ps_tls *t = &t_ps;
     if (t->cap >= cap)
         return 1;
+    pthread_once(&ps_once, ps_key_init);
+    if (!ps_key_ok || pthread_setspecific(ps_key, t) != 0)
+        return 0;
     int32_t *sc = realloc(t->sc, PS_G * cap * sizeof *sc);
     if (sc)
         t->sc = sc;

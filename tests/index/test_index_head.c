@@ -905,6 +905,17 @@ static void test_attend_part_whole(void **state)
             assert_int_equal(ids[j * K + i], gi[j * K + i]);
         check_exact(&f, q + j * f.dim, K, ids + j * K, sc + j * K, n[j]);
     }
+    /* part 0 answers first, another part finishes: its own count buffer gets the counts */
+    ra_head_part_init(ctx, 3, G, K);
+    for (int x = 0; x < 3; x++) {
+        int nx[G] = {-7, -7, -7};
+        assert_int_equal(ra_head_attend_part(f.h, ctx, x, G, q, p, 0, 0, o, l, ids, sc, nx, &fin),
+                         RA_OK);
+        assert_int_equal(fin, x == 2);
+        if (x == 2)
+            for (int j = 0; j < G; j++)
+                assert_int_equal(nx[j], gn[j]);
+    }
     /* a k above the context's, then a part out of range: the set still completes with the
      * first error */
     ra_head_part_init(ctx, 2, G, K);
