@@ -128,6 +128,18 @@ static void ps_eig(double *a, int n, double *w, double *v)
 
 /* ---------- build ---------- */
 
+/* out = a b, all [n][n] */
+static void ps_matmul(const double *a, const double *b, double *out, int n)
+{
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < n; j++) {
+            double x = 0;
+            for (int e = 0; e < n; e++)
+                x += a[i * n + e] * b[e * n + j];
+            out[i * n + j] = x;
+        }
+}
+
 static double sum_kept(const double *w, int dp, int dim)
 {
     double a = 0;
@@ -223,9 +235,8 @@ static ra_status ps_encode(ps_state *s, const ra_kv *kv, size_t first, size_t n,
                 continue;
             size_t a = first + c * chunk, m = first + n - a < chunk ? first + n - a : chunk;
             ps_project(s, kv, a, m, tmp, f);
-            /* a chunk of 1024 rows is whole blocks (first is a multiple of 16 within a
-             * build; an append may share its first block with the previous one, written
-             * by this thread alone since rows of one block fall in one chunk) */
+            /* rows share no bytes (each has its own 4-byte lane in every chunk of its
+             * block), so chunks that split a block write it from two threads safely */
             for (size_t i = 0; i < m; i++)
                 ps_put(s, a + i, f + i, m);
         }
@@ -344,20 +355,8 @@ static ra_status ps_build(void **out, const ra_kv *kv, size_t n, const float *tr
         goto out;
     }
     /* c = sh kk sh, through sq as scratch */
-    for (int a = 0; a < dim; a++)
-        for (int b = 0; b < dim; b++) {
-            double x = 0;
-            for (int e = 0; e < dim; e++)
-                x += sh[a * dim + e] * kk[e * dim + b];
-            sq[a * dim + b] = x;
-        }
-    for (int a = 0; a < dim; a++)
-        for (int b = 0; b < dim; b++) {
-            double x = 0;
-            for (int e = 0; e < dim; e++)
-                x += sq[a * dim + e] * sh[e * dim + b];
-            c[a * dim + b] = x;
-        }
+    ps_matmul(sh, kk, sq, dim);
+    ps_matmul(sq, sh, c, dim);
     ps_eig(c, dim, w, v);
     /* whitened queries are isotropic, so direction j carries w[j] of the score variance
      * across keys: keep the fewest (a multiple of 8) that carry ps_energy() of it */
@@ -478,7 +477,7 @@ static void ps_key_init(void)
     ps_key_ok = pthread_key_create(&ps_key, ps_tls_free) == 0;
 }
 
-static int ps_scratch(size_t cap, int dp)
+static int ps_scratch(size_t cap)
 {
     ps_tls *t = &t_ps;
     if (t->cap >= cap)
@@ -501,7 +500,6 @@ static int ps_scratch(size_t cap, int dp)
     float *u = realloc(t->u, PS_MAX_DP * sizeof *u);
     if (u)
         t->u = u;
-    (void)dp;
     if (!sc || !id || !tmp || !ex || !u)
         return 0;
     t->cap = cap;
@@ -744,7 +742,7 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
         Rmax = R > Rmax ? R : Rmax;
     }
     int cap = 2 * Rmax + 64;
-    if (!ps_scratch((size_t)cap, s->dp))
+    if (!ps_scratch((size_t)cap))
         return RA_ENOMEM;
     ps_tls *t = &t_ps;
     const void *keys = ra_kv_keys(kv);
