@@ -90,7 +90,8 @@ static const ratd_option g_options[] = {
     {"index-threads", OPT_INT, OFF(index_threads), 0, 0, 256, "0",
      "threads of a background index build (0: every core)"},
     {"spin-us", OPT_INT, OFF(spin_us), 0, 0, 100000, "0",
-     "microseconds an idle worker spins for the next task before it sleeps (0: at once)"},
+     "microseconds an idle worker spins for the next task before it sleeps, and the I/O "
+     "thread polls for finished jobs while requests are in flight (0: at once)"},
     {"send-timeout-ms", OPT_INT, OFF(send_timeout_ms), 0, 1, 600000, "2000",
      "unused: replies never wait (one to a client whose queue is full is dropped and "
      "counted); kept so that older configurations still load"},

@@ -806,9 +806,23 @@ int ratd_server_run(ratd_server *s, volatile sig_atomic_t *stop)
             RATD_VERSION, s->bound, RA_PROTO_VERSION, ratd_pool_workers(s->pool), s->cfg.max_queue,
             ratd_pool_placement(s->pool), s->cfg.mem_limit ? "set" : "none", s->max_clients,
             s->zap ? "CURVE" : "no CURVE", (unsigned long long)s->instance_id);
-    while (!*stop)
-        if (serve_once(s, 250, 64, stop) < 0)
+    /* --spin-us: while requests are in flight the I/O thread polls without sleeping for
+     * that long, so that a finished job's reply does not wait for the thread to wake */
+    double spin_until = 0;
+    while (!*stop) {
+        int t = 250;
+        if (s->cfg.spin_us > 0 && s->active > 0) {
+            double now = ra_now_s();
+            if (spin_until == 0)
+                spin_until = now + s->cfg.spin_us * 1e-6;
+            if (now < spin_until)
+                t = 0;
+        } else {
+            spin_until = 0;
+        }
+        if (serve_once(s, t, 64, stop) < 0)
             break;
+    }
     /* Drain: requests already on their way are taken as usual, until the socket has
      * been quiet for 100 ms (bounded, so that a flood cannot hold the shutdown); then
      * every job in flight finishes and is answered. Jobs never wait for a build. */

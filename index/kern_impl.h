@@ -51,6 +51,10 @@ extern const ra_kern_table ra_kern_table_avx512;
 void ra_kern_u8dot_gather_vnni(const int8_t *q8, const int16_t *q16, int G, int cbytes,
                                const uint8_t *base, size_t stride, const int32_t *ids, size_t n,
                                int32_t *out);
+/* kernels_avx2.c: the projected-code scan on vpmaddubsw (the AVX2 and AVX-512 tables) */
+size_t ra_kern_p4scan_avx2(const uint8_t *codes, int nch, size_t b, size_t b1, size_t step,
+                           size_t n_valid, int g, const int32_t *qw, const int32_t *thr,
+                           int32_t *const *sc, int32_t *const *id, int *cnt, int cap);
 size_t ra_kern_p4scan_vnni(const uint8_t *codes, int nch, size_t b, size_t b1, size_t step,
                            size_t n_valid, int g, const int32_t *qw, const int32_t *thr,
                            int32_t *const *sc, int32_t *const *id, int *cnt, int cap);

@@ -284,9 +284,73 @@ static inline __attribute__((always_inline)) void u4dot_rows(const int8_t *q8, i
 }
 
 static void u4dot_gather(const int8_t *q8, int G, int cb, const uint8_t *base, size_t stride,
-                         const int32_t *ids, size_t n, int32_t *out)
+                         const int32_t *ids, size_t n, int32_t *out){RA_KERN_U4_GATHER(u4dot_rows)}
+
+/* The projected-code scan (ra_kernels.h, ra_kern_p4scan) without vpdpbusd: a block's 16
+ * keys as two halves of 8 lanes; per chunk and query, vpmaddubsw of the low and of the
+ * high nibbles against the query's 4 bytes broadcast (u4 x s8 pairs: at most 2 x 15 x 128
+ * = 3,840 a word, so no saturation even for their sum), then vpmaddwd by ones into the
+ * key's int32 lane: the same exact sums as the scalar reference. Keys that beat the
+ * threshold leave in ascending order through their mask bits. */
+size_t ra_kern_p4scan_avx2(const uint8_t *codes, int nch, size_t b, size_t b1, size_t step,
+                           size_t n_valid, int g, const int32_t *qw, const int32_t *thr,
+                           int32_t *const *sc, int32_t *const *id, int *cnt, int cap)
 {
-    RA_KERN_U4_GATHER(u4dot_rows)
+    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    size_t bb = (size_t)nch * 64;
+    for (; b < b1; b += step) {
+        const uint8_t *c = codes + b * bb;
+        if (step == 1) /* as the VNNI kernel: every line of the block 16 ahead */
+            for (int ch = 0; ch < nch; ch++)
+                _mm_prefetch((const char *)(c + 16 * bb + (size_t)ch * 64), _MM_HINT_T0);
+        __m256i acc[4][2];
+        for (int j = 0; j < 4; j++)
+            acc[j][0] = acc[j][1] = _mm256_setzero_si256();
+        for (int ch = 0; ch < nch; ch++) {
+            __m256i lo[2], hi[2];
+            for (int h = 0; h < 2; h++) {
+                __m256i x = _mm256_loadu_si256((const __m256i *)(c + ch * 64 + h * 32));
+                lo[h] = _mm256_and_si256(x, m4);
+                hi[h] = _mm256_and_si256(_mm256_srli_epi16(x, 4), m4);
+            }
+            for (int j = 0; j < g; j++) {
+                __m256i wl = _mm256_set1_epi32(qw[j * RA_P4_QW + 2 * ch]);
+                __m256i wh = _mm256_set1_epi32(qw[j * RA_P4_QW + 2 * ch + 1]);
+                for (int h = 0; h < 2; h++) {
+                    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], wl),
+                                                 _mm256_maddubs_epi16(hi[h], wh));
+                    acc[j][h] = _mm256_add_epi32(acc[j][h], _mm256_madd_epi16(p, ones));
+                }
+            }
+        }
+        unsigned valid = 0xffff;
+        if (b * 16 + 16 > n_valid)
+            valid = n_valid > b * 16 ? (1u << (n_valid - b * 16)) - 1 : 0;
+        int full = 0;
+        for (int j = 0; j < g; j++) {
+            __m256i t = _mm256_set1_epi32(thr[j]);
+            unsigned k =
+                (unsigned)_mm256_movemask_ps(
+                    _mm256_castsi256_ps(_mm256_cmpgt_epi32(acc[j][0], t))) |
+                (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(acc[j][1], t)))
+                    << 8;
+            k &= valid;
+            if (k) {
+                int32_t v[16];
+                _mm256_storeu_si256((__m256i *)v, acc[j][0]);
+                _mm256_storeu_si256((__m256i *)(v + 8), acc[j][1]);
+                for (; k; k &= k - 1) {
+                    int i = __builtin_ctz(k);
+                    sc[j][cnt[j]] = v[i];
+                    id[j][cnt[j]++] = (int32_t)(b * 16 + (size_t)i);
+                }
+            }
+            full |= cnt[j] > cap - 16;
+        }
+        if (full)
+            return b + step;
+    }
+    return b;
 }
 
 const ra_kern_table ra_kern_table_avx2 = {
@@ -298,4 +362,5 @@ const ra_kern_table ra_kern_table_avx2 = {
     .u8dot_gather = u8dot_gather,
     .u4dot_gather = u4dot_gather,
     .dotq4_f32 = dotq4_f32,
+    .p4scan = ra_kern_p4scan_avx2,
 };

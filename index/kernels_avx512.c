@@ -264,4 +264,5 @@ const ra_kern_table ra_kern_table_avx512 = {
     .u8dot_gather = u8dot_gather,
     .u4dot_gather = u4dot_gather,
     .dotq4_f32 = dotq4_f32,
+    .p4scan = ra_kern_p4scan_avx2, /* AVX-512 without VNNI has no faster one */
 };

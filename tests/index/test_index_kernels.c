@@ -831,6 +831,7 @@ int main(void)
         cmocka_unit_test_prestate_setup_teardown(test_u4dot, NULL, reset_isa, &isa_avx512),
         cmocka_unit_test_prestate_setup_teardown(test_u4dot, NULL, reset_isa, &isa_vnni),
         cmocka_unit_test_prestate_setup_teardown(test_p4scan, NULL, reset_isa, &isa_scalar),
+        cmocka_unit_test_prestate_setup_teardown(test_p4scan, NULL, reset_isa, &isa_avx2),
         cmocka_unit_test_prestate_setup_teardown(test_p4scan, NULL, reset_isa, &isa_avx512),
         cmocka_unit_test_prestate_setup_teardown(test_p4scan, NULL, reset_isa, &isa_vnni),
         cmocka_unit_test_prestate_setup_teardown(test_codebook, NULL, reset_isa, &isa_scalar),
