@@ -29,7 +29,8 @@ fi
 # (RA_GRAPH_CODE_BITS), wN the daemon's workers, pN its --spin-us (RATD_SPIN_US), g graphs
 # built on the GPU (--gpu-build), s a sweep of efforts 200,250,300,350, a128 records of a
 # multiple of 128 bytes (RA_GRAPH_REC_ALIGN), x the projected-code scan (--index pscan),
-# xs the same with a sweep of its candidates 500..1500. Returns 1 (with a
+# xs the same with a sweep of its candidates 500..1500, avx2 the kernels of an AVX2 host
+# (RA_ISA=avx2). Returns 1 (with a
 # message) on an unknown variant.
 ra_run_variants() {
   local rv=$1 v vs
@@ -46,6 +47,7 @@ ra_run_variants() {
     a128) RA_RUN_ENV+=("RA_GRAPH_REC_ALIGN=128") ;;
     x) RA_RUN_ARGS+=(--index pscan) ;;
     xs) RA_RUN_ARGS+=(--index pscan --sweep 500,700,1000,1500) ;;
+    avx2) RA_RUN_ENV+=("RA_ISA=avx2") ;;
     *) echo "unknown variant $v in $rv"; return 1 ;;
     esac
   done
