@@ -173,6 +173,8 @@ struct ratd_server {
     void *ctx, *sock;
     int efd; /* eventfd: workers wake the I/O thread */
     ratd_pool *pool;
+    int timeline; /* RATD_TIMELINE: log every N-th pool request's timeline (0: off) */
+    unsigned timeline_n;
     ra_mem mem;
     ra_proto_limits lim;
     /* sessions, sorted by id (random ids, never 0): binary search, I/O thread */

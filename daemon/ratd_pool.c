@@ -111,6 +111,13 @@ static ratd_work *ring_pop(ratd_pool *p)
     }
 }
 
+static void atomic_max(uint64_t *a, uint64_t v)
+{
+    uint64_t m = __atomic_load_n(a, __ATOMIC_RELAXED);
+    while (v > m && !__atomic_compare_exchange_n(a, &m, v, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        ; /* m reloaded */
+}
+
 /* Claims and runs tasks of w until none is left. The claim word holds the task count
  * with the index, so a stale ticket (of a finished phase, or of a work since reused)
  * claims either nothing or a task of the work as it is now, never a task twice. */
@@ -122,12 +129,12 @@ static void work_run(ratd_work *w, int worker)
         if (i >= n)
             return;
         uint64_t t0 = now_ns();
+        atomic_max(&w->start_last_ns, t0);
         w->fn(w, (int)i, worker);
-        uint64_t d = now_ns() - t0, m = __atomic_load_n(&w->task_max_ns, __ATOMIC_RELAXED);
-        __atomic_add_fetch(&w->work_ns, d, __ATOMIC_RELAXED);
-        while (d > m && !__atomic_compare_exchange_n(&w->task_max_ns, &m, d, 1, __ATOMIC_RELAXED,
-                                                     __ATOMIC_RELAXED))
-            ; /* m reloaded: another task's maximum */
+        uint64_t t1 = now_ns();
+        atomic_max(&w->end_last_ns, t1);
+        atomic_max(&w->task_max_ns, t1 - t0);
+        __atomic_add_fetch(&w->work_ns, t1 - t0, __ATOMIC_RELAXED);
         if (__atomic_sub_fetch(&w->left, 1, __ATOMIC_ACQ_REL) == 0) {
             w->done(w, worker); /* w may be reused from here on */
             return;
@@ -178,6 +185,9 @@ void ratd_pool_set_spin(ratd_pool *p, int spin_us)
 
 void ratd_pool_submit(ratd_pool *p, ratd_work *w, int n_tasks)
 {
+    w->submit_ns = now_ns();
+    __atomic_store_n(&w->start_last_ns, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&w->end_last_ns, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&w->left, n_tasks, __ATOMIC_RELAXED);
     __atomic_store_n(&w->claim, (uint64_t)(uint32_t)n_tasks << 32, __ATOMIC_RELEASE);
     int t = n_tasks < p->n_threads ? n_tasks : p->n_threads;

@@ -36,6 +36,9 @@ struct ratd_work {
     int left;               /* atomic: tasks not yet finished */
     uint64_t work_ns;       /* atomic: sum of the tasks' wall times */
     uint64_t task_max_ns;   /* atomic: the longest task's wall time */
+    /* the timeline (CLOCK_MONOTONIC ns): set by ratd_pool_submit, then the latest task
+     * start and the latest task end (atomic maxima) */
+    uint64_t submit_ns, start_last_ns, end_last_ns;
 };
 
 /* numa_node < 0 and cpuset NULL/"" : no binding. n_workers 0: one per CPU of the set.

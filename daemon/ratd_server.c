@@ -262,6 +262,7 @@ static ratd_job *job_get(ratd_server *s)
     j->work.done = job_work_done;
     __atomic_store_n(&j->work.work_ns, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&j->work.task_max_ns, 0, __ATOMIC_RELAXED);
+    j->work.submit_ns = 0;
     __atomic_store_n(&j->frames, 1, __ATOMIC_RELAXED);
     return j;
 }
@@ -325,6 +326,22 @@ static void peer_str(zmq_msg_t *id, char *buf, size_t len)
         snprintf(buf, len, "?");
 }
 
+/* RATD_TIMELINE=N (a study knob): every N-th request that ran on the pool logs where its
+ * time went, in µs from its arrival: its submission to the pool, the start of its last
+ * task, the end of its last task, and its reply (at warn level: asked for, and shown at
+ * the level ratd-bench-decode gives its private daemon) */
+static void log_timeline(const ratd_job *j, double us, uint64_t work_us, uint64_t task_max_us)
+{
+    double a = j->t_arrive * 1e9;
+    double sub = ((double)j->work.submit_ns - a) / 1e3;
+    double st = ((double)__atomic_load_n(&j->work.start_last_ns, __ATOMIC_RELAXED) - a) / 1e3;
+    double en = ((double)__atomic_load_n(&j->work.end_last_ns, __ATOMIC_RELAXED) - a) / 1e3;
+    RA_WARN("timeline: request %llu (%s) of %d tasks: submitted %.0f, last task started %.0f, "
+            "ended %.0f, reply %.0f us after arrival; work %llu us, longest task %llu us",
+            (unsigned long long)j->req_id, ra_proto_type_name(j->type), j->n_tasks, sub, st, en, us,
+            (unsigned long long)work_us, (unsigned long long)task_max_us);
+}
+
 /* Sends j's reply (parts only with RA_OK), counts it, and releases the request. */
 static void reply(ratd_server *s, ratd_job *j, Ratd__Header *rep, ra_status st,
                   ra_proto_part *parts, int n_parts)
@@ -351,6 +368,8 @@ static void reply(ratd_server *s, ratd_job *j, Ratd__Header *rep, ra_status st,
     double us = (ra_now_s() - j->t_arrive) * 1e6;
     uint64_t work_us = __atomic_load_n(&j->work.work_ns, __ATOMIC_RELAXED) / 1000;
     uint64_t task_max_us = __atomic_load_n(&j->work.task_max_ns, __ATOMIC_RELAXED) / 1000;
+    if (j->work.submit_ns && s->timeline > 0 && ++s->timeline_n % (unsigned)s->timeline == 0)
+        log_timeline(j, us, work_us, task_max_us);
     rep->server_us = us < 4e9 ? (uint32_t)us : UINT32_MAX;
     rep->work_us = work_us < UINT32_MAX ? (uint32_t)work_us : UINT32_MAX;
     rep->task_max_us = task_max_us < UINT32_MAX ? (uint32_t)task_max_us : UINT32_MAX;
@@ -758,6 +777,8 @@ ra_status ratd_server_create(ratd_server **out, const ratd_config *cfg, char *er
     s->lim.max_frame_bytes = cfg->max_frame_bytes;
     s->lim.max_message_bytes = cfg->max_message_bytes;
     s->t0 = ra_now_s();
+    const char *tl = getenv("RATD_TIMELINE");
+    s->timeline = tl ? atoi(tl) : 0;
     ra_index_opts probe; /* --index-threads against the index's own bound */
     memset(&probe, 0, sizeof probe);
     probe.threads = cfg->index_threads;
