@@ -286,9 +286,21 @@ ra_status ratd_attend_accept(ratd_server *s, ratd_job *j)
         st = RA_ETOOBIG;
         goto fail;
     }
-    /* the reply's buffers count on the memory limit while they are computed and until
-     * ZeroMQ has sent them: a client that never reads cannot pile them up outside it */
-    if ((st = ratd_job_charge(s, j, rows * per_row)) != RA_OK)
+    int P, gsize;
+    ratd_attend_split((int)S, s0->n_kv, s0->rep, ratd_pool_workers(s->pool), &P, &gsize);
+    j->a.kparts = 0;
+    size_t nctx = 0;
+    if (s0->iopts.kind == RA_INDEX_PSCAN) { /* parts over the keys, merged by the last */
+        ratd_attend_split_keys((int)S, s0->n_kv, ratd_pool_workers(s->pool), &P);
+        gsize = s0->rep;
+        j->a.kparts = 1;
+        j->a.pbytes = (ra_head_part_bytes(P, (size_t)s0->rep, (int)K) + 63) / 64 * 64;
+        nctx = S * (size_t)s0->n_kv;
+    }
+    /* the reply's buffers (and the parts' merge contexts) count on the memory limit while
+     * they are computed and until ZeroMQ has sent them: a client that never reads cannot
+     * pile them up outside it */
+    if ((st = ratd_job_charge(s, j, rows * per_row + nctx * j->a.pbytes)) != RA_OK)
         goto fail;
     j->a.q = ratd_frame_data(&j->v, iq, sizeof(float), &j->a.qcopy);
     int ok = j->a.q && ratd_buf_get(&j->a.o, rows * D * sizeof(float)) &&
@@ -298,15 +310,7 @@ ra_status ratd_attend_accept(ratd_server *s, ratd_job *j)
     if (ok && ap->want_topk)
         ok = ratd_buf_get(&j->a.pos, rows * K * sizeof(int64_t)) &&
              ratd_buf_get(&j->a.cnt, rows * sizeof(int32_t));
-    int P, gsize;
-    ratd_attend_split((int)S, s0->n_kv, s0->rep, ratd_pool_workers(s->pool), &P, &gsize);
-    j->a.kparts = 0;
-    if (s0->iopts.kind == RA_INDEX_PSCAN) {
-        ratd_attend_split_keys((int)S, s0->n_kv, ratd_pool_workers(s->pool), &P);
-        gsize = s0->rep;
-        j->a.kparts = 1;
-        j->a.pbytes = (ra_head_part_bytes(P, (size_t)s0->rep, (int)K) + 63) / 64 * 64;
-        size_t nctx = S * (size_t)s0->n_kv;
+    if (j->a.kparts) {
         char *c = ok ? ratd_buf_get(&j->a.pctx, nctx * j->a.pbytes) : NULL;
         ok = c != NULL;
         for (size_t x = 0; ok && x < nctx; x++)

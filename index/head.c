@@ -1168,6 +1168,17 @@ count:
             memcpy(n_out, part_n(c, 0), nq * sizeof *n_out);
         return RA_OK;
     }
+    /* A part that found no index (one was installed between the parts, after it ran and
+     * before part 0 did) searched nothing: its keys would be missing from the merge, so
+     * the finisher answers the whole group itself instead */
+    for (int x = 0; x < c->nparts; x++)
+        if (!c->used[x]) {
+            int nb[RA_HEAD_MAX_GROUP];
+            r = ra_head_attend_group(h, nq, q, p, scale, flags, o, lse, ids, scores, nb, NULL);
+            if (r == RA_OK && n_out)
+                memcpy(n_out, nb, nq * sizeof *n_out);
+            return r;
+        }
     /* merge: each query's k best of the parts' sorted lists (ties: the lower id) */
     int dim = ra_kv_dim(h->kv);
     if (!(scale > 0.f))

@@ -711,12 +711,13 @@ static void ps_sweep_part(const ps_state *s, size_t nblk, int part, int nparts, 
         ps_sweep(s, u, u + PS_UNIT < nblk ? u + PS_UNIT : nblk, 1, g, qw, thr, sc, id, cnt, cap, R);
 }
 
-/* The candidates of one part: a part of nparts holds about 1 / nparts of each query's
- * best R by code, so it keeps R / nparts and three standard deviations more */
-static int ps_part_R(int R, int k, int nparts, size_t n_part)
+/* The candidates of one part: a part of n_part of the n keys holds about n_part / n of
+ * each query's best R by code (the parts' shares differ by up to a unit), so it keeps
+ * that many and three standard deviations more */
+static int ps_part_R(int R, int k, int nparts, size_t n_part, size_t n)
 {
-    if (nparts > 1) {
-        double m = (double)R / nparts;
+    if (nparts > 1 && n > 0) {
+        double m = (double)R * (double)n_part / (double)n;
         R = (int)ceil(m + 3 * sqrt(m));
     }
     R = R < k ? k : R;
@@ -738,7 +739,7 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
     int Rmax = 0;
     for (size_t j = 0; j < nq; j++) {
         int R = p[j].effort > 0 ? p[j].effort : ps_default_R(p[j].k, n, mult);
-        R = ps_part_R(R, p[j].k, nparts, n_part);
+        R = ps_part_R(R, p[j].k, nparts, n_part, n);
         Rmax = R > Rmax ? R : Rmax;
     }
     int cap = 2 * Rmax + 64;
@@ -759,7 +760,7 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
             cnt[j] = 0;
             thr[j] = INT32_MIN;
             int r = pj->effort > 0 ? pj->effort : ps_default_R(pj->k, n, mult);
-            R[j] = ps_part_R(r, pj->k, nparts, n_part);
+            R[j] = ps_part_R(r, pj->k, nparts, n_part, n);
             if (pj->k <= 0 || R[j] <= 0) /* nothing for this query: no key passes */
                 R[j] = 0, thr[j] = INT32_MAX;
         }

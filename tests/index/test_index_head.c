@@ -934,6 +934,52 @@ static void test_attend_part_whole(void **state)
     fx_fini(&f);
 }
 
+/* An index installed while an Attend's parts run: a part that ran before it searched
+ * nothing, a part after it searched its share; the finisher must not merge without the
+ * first one's keys (it answers the whole group) */
+static void test_attend_part_installed_between(void **state)
+{
+    (void)state;
+    enum { G = 3, K = 40 };
+    float *q = rand_queries(74, G, 32, 1.f);
+    float *tq = rand_queries(75, 256, 32, 1.f);
+    ra_search_params p[G];
+    for (int j = 0; j < G; j++)
+        p[j] = (ra_search_params){.k = K};
+    void *ctx = malloc(ra_head_part_bytes(3, G, K));
+    int32_t ids[G * K];
+    float sc[G * K], o[G * 32], l[G];
+    int n[G], fin;
+    for (int order = 0; order < 2; order++) { /* the part without an index: 1, then 2 */
+        fixture f;
+        fx_init(&f, RA_INDEX_PSCAN, 32, RA_DTYPE_F16, 5000, 73);
+        assert_false(ra_head_ready(f.h));
+        ra_head_part_init(ctx, 3, G, K);
+        int early = 1 + order;
+        assert_int_equal(
+            ra_head_attend_part(f.h, ctx, early, G, q, p, 0, 0, o, l, ids, sc, n, &fin), RA_OK);
+        assert_int_equal(fin, 0);
+        assert_int_equal(ra_head_build(f.h, tq, 256, 0), RA_OK);
+        assert_true(ra_head_ready(f.h));
+        for (int x = 0; x < 3; x++) {
+            if (x == early)
+                continue;
+            for (int j = 0; j < G; j++)
+                n[j] = -1;
+            assert_int_equal(
+                ra_head_attend_part(f.h, ctx, x, G, q, p, 0, 0, o, l, ids, sc, n, &fin), RA_OK);
+        }
+        assert_int_equal(fin, 1);
+        for (int j = 0; j < G; j++) {
+            assert_int_equal(n[j], K);
+            check_exact(&f, q + j * f.dim, K, ids + j * K, sc + j * K, n[j]);
+        }
+        fx_fini(&f);
+    }
+    free(ctx);
+    free(q), free(tq);
+}
+
 static void test_attend_group(void **state)
 {
     (void)state;
@@ -1428,6 +1474,7 @@ int main(void)
         cmocka_unit_test(test_attend_group),
         cmocka_unit_test(test_pscan),
         cmocka_unit_test(test_attend_part_whole),
+        cmocka_unit_test(test_attend_part_installed_between),
         cmocka_unit_test(test_recall_probes),
         cmocka_unit_test(test_pscan_probes),
         cmocka_unit_test(test_concurrent_search_append),
