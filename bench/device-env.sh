@@ -30,7 +30,9 @@ fi
 # built on the GPU (--gpu-build), s a sweep of efforts 200,250,300,350, a128 records of a
 # multiple of 128 bytes (RA_GRAPH_REC_ALIGN), x the projected-code scan (--index pscan),
 # xs the same with a sweep of its candidates 500..1500, avx2 the kernels of an AVX2 host
-# (RA_ISA=avx2). Returns 1 (with a
+# (RA_ISA=avx2), np no recall probes (RA_HEAD_PROBE_EVERY=0), lb the build and probe
+# threads at SCHED_BATCH (RA_LOW_SCHED=batch, the ninth session's policy), kN N key parts
+# per KV head for pscan (RATD_KEY_PARTS). Returns 1 (with a
 # message) on an unknown variant.
 ra_run_variants() {
   local rv=$1 v vs
@@ -48,6 +50,9 @@ ra_run_variants() {
     x) RA_RUN_ARGS+=(--index pscan) ;;
     xs) RA_RUN_ARGS+=(--index pscan --sweep 500,700,1000,1500) ;;
     avx2) RA_RUN_ENV+=("RA_ISA=avx2") ;;
+    np) RA_RUN_ENV+=("RA_HEAD_PROBE_EVERY=0") ;;
+    lb) RA_RUN_ENV+=("RA_LOW_SCHED=batch") ;;
+    k[0-9]*) RA_RUN_ENV+=("RATD_KEY_PARTS=${v#k}") ;;
     *) echo "unknown variant $v in $rv"; return 1 ;;
     esac
   done

@@ -25,11 +25,16 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "ra_env.h"
 #include "ratd_internal.h"
 
 void ratd_attend_split_keys(int n_sess, int n_kv, int workers, int *P)
 {
+    static ra_env_once e_parts; /* RATD_KEY_PARTS: parts per KV head (a study knob) */
     long groups = (long)n_sess * n_kv, p = (workers + groups - 1) / groups;
+    int force = ra_env_int(&e_parts, "RATD_KEY_PARTS", 0);
+    if (force > 0)
+        p = force;
     *P = (int)(p < 1 ? 1 : p > RA_HEAD_MAX_PARTS ? RA_HEAD_MAX_PARTS : p);
 }
 

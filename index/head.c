@@ -371,16 +371,26 @@ void ra_head_cancel(ra_head *h)
     pthread_mutex_unlock(&g_gate_mu);
 }
 
-/* nice 19 and SCHED_BATCH for thread `tid` (0: the caller). An unprivileged thread can
- * lower its priority but never raise it back, so only threads that exist to build call
- * this: background build threads, the probe thread, and (ra_index_build_priority_setup)
- * library pools. */
+/* SCHED_IDLE (else SCHED_BATCH) at nice 19 for thread `tid` (0: the caller). An
+ * unprivileged thread can lower its priority but never raise it back, so only threads
+ * that exist to build call this: background build threads, the probe thread, and
+ * (ra_index_build_priority_setup) library pools.
+ * Why SCHED_IDLE: Linux's EEVDF scheduler lets a running task run on to its slice's end
+ * before a woken one (RUN_TO_PARITY), whatever their nice values, except that an idle-
+ * policy task gives way at once. With nice 19 alone, a worker woken for an Attend on
+ * the probe thread's core waited for that slice: on the GPU host, the last of 16 tasks
+ * of a 128K layer started ~1 ms after the request arrived (bench/README.md, "Tenth
+ * session"). RA_LOW_SCHED=batch keeps the old policy (a study knob). */
 static int lower_priority(pid_t tid)
 {
     if (!tid)
         tid = gettid();
     struct sched_param sp = {0};
-    int a = sched_setscheduler(tid, SCHED_BATCH, &sp);
+    const char *env = getenv("RA_LOW_SCHED");
+    int batch = env && strcmp(env, "batch") == 0;
+    int a = batch ? -1 : sched_setscheduler(tid, SCHED_IDLE, &sp);
+    if (a != 0)
+        a = sched_setscheduler(tid, SCHED_BATCH, &sp);
     int b = setpriority(PRIO_PROCESS, (id_t)tid, 19);
     return a == 0 && b == 0;
 }
