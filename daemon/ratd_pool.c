@@ -123,11 +123,13 @@ static void atomic_max(uint64_t *a, uint64_t v)
  * claims either nothing or a task of the work as it is now, never a task twice. */
 static void work_run(ratd_work *w, int worker)
 {
-    for (;;) {
+    for (int round = 0;; round++) {
         uint64_t c = __atomic_fetch_add(&w->claim, 1, __ATOMIC_ACQ_REL);
         uint32_t i = (uint32_t)c, n = (uint32_t)(c >> 32);
         if (i >= n)
             return;
+        if (round) /* a task that waited for this worker's previous one */
+            __atomic_add_fetch(&w->repeats, 1, __ATOMIC_RELAXED);
         uint64_t t0 = now_ns();
         atomic_max(&w->start_last_ns, t0);
         w->fn(w, (int)i, worker);
@@ -188,6 +190,7 @@ void ratd_pool_submit(ratd_pool *p, ratd_work *w, int n_tasks)
     w->submit_ns = now_ns();
     __atomic_store_n(&w->start_last_ns, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&w->end_last_ns, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&w->repeats, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&w->left, n_tasks, __ATOMIC_RELAXED);
     __atomic_store_n(&w->claim, (uint64_t)(uint32_t)n_tasks << 32, __ATOMIC_RELEASE);
     int t = n_tasks < p->n_threads ? n_tasks : p->n_threads;

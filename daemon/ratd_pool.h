@@ -39,6 +39,7 @@ struct ratd_work {
     /* the timeline (CLOCK_MONOTONIC ns): set by ratd_pool_submit, then the latest task
      * start and the latest task end (atomic maxima) */
     uint64_t submit_ns, start_last_ns, end_last_ns;
+    int repeats; /* atomic: tasks a worker took after one of its own (none free) */
 };
 
 /* numa_node < 0 and cpuset NULL/"" : no binding. n_workers 0: one per CPU of the set.

@@ -337,9 +337,11 @@ static void log_timeline(const ratd_job *j, double us, uint64_t work_us, uint64_
     double st = ((double)__atomic_load_n(&j->work.start_last_ns, __ATOMIC_RELAXED) - a) / 1e3;
     double en = ((double)__atomic_load_n(&j->work.end_last_ns, __ATOMIC_RELAXED) - a) / 1e3;
     RA_WARN("timeline: request %llu (%s) of %d tasks: submitted %.0f, last task started %.0f, "
-            "ended %.0f, reply %.0f us after arrival; work %llu us, longest task %llu us",
+            "ended %.0f, reply %.0f us after arrival; work %llu us, longest task %llu us, "
+            "%d tasks after another on one worker",
             (unsigned long long)j->req_id, ra_proto_type_name(j->type), j->n_tasks, sub, st, en, us,
-            (unsigned long long)work_us, (unsigned long long)task_max_us);
+            (unsigned long long)work_us, (unsigned long long)task_max_us,
+            __atomic_load_n(&j->work.repeats, __ATOMIC_RELAXED));
 }
 
 /* Sends j's reply (parts only with RA_OK), counts it, and releases the request. */

@@ -375,12 +375,12 @@ void ra_head_cancel(ra_head *h)
  * unprivileged thread can lower its priority but never raise it back, so only threads
  * that exist to build call this: background build threads, the probe thread, and
  * (ra_index_build_priority_setup) library pools.
- * Why SCHED_IDLE: Linux's EEVDF scheduler lets a running task run on to its slice's end
- * before a woken one (RUN_TO_PARITY), whatever their nice values, except that an idle-
- * policy task gives way at once. With nice 19 alone, a worker woken for an Attend on
- * the probe thread's core waited for that slice: on the GPU host, the last of 16 tasks
- * of a 128K layer started ~1 ms after the request arrived (bench/README.md, "Tenth
- * session"). RA_LOW_SCHED=batch keeps the old policy (a study knob). */
+ * Why SCHED_IDLE: Linux's EEVDF scheduler may let a running task finish its slice before
+ * a woken one (RUN_TO_PARITY) whatever their nice values, while an idle-policy task gives
+ * way to a woken normal one at once; a worker woken for an Attend must not wait behind a
+ * build or a probe. On the GPU host the two policies measured within the run-to-run
+ * spread (bench/README.md, "Tenth session"). RA_LOW_SCHED=batch keeps the old policy (a
+ * study knob). */
 static int lower_priority(pid_t tid)
 {
     if (!tid)
