@@ -980,6 +980,101 @@ static void test_attend_part_installed_between(void **state)
     free(q), free(tq);
 }
 
+/* The parts of one pscan search on their own threads, taking the keys from their shared
+ * counter: at effort n the merge is the group's exact answer, at the default effort
+ * every answer is exact for the keys it holds and the recall holds */
+typedef struct part_run {
+    ra_head *h;
+    void *ctx;
+    int part, G, fin;
+    const float *q;
+    const ra_search_params *p;
+    float *o, *l, *sc;
+    int32_t *ids;
+    int *n;
+    ra_status st;
+} part_run;
+
+static void *part_thread(void *arg)
+{
+    part_run *r = arg;
+    r->st = ra_head_attend_part(r->h, r->ctx, r->part, (size_t)r->G, r->q, r->p, 0, 0, r->o, r->l,
+                                r->ids, r->sc, r->n, &r->fin);
+    return NULL;
+}
+
+static void test_attend_part_threads(void **state)
+{
+    (void)state;
+    enum { G = 3, K = 30, NP = 4, D = 32 };
+    fixture f;
+    fx_init(&f, RA_INDEX_PSCAN, D, RA_DTYPE_F16, 40000, 76);
+    float *tq = rand_queries(77, 512, D, 1.f);
+    assert_int_equal(ra_head_build(f.h, tq, 512, 0), RA_OK);
+    float *q = rand_queries(78, G, D, 1.f);
+    for (int eff = 1; eff >= 0; eff--)
+        for (int rep = 0; rep < 3; rep++) {
+            ra_search_params p[G];
+            for (int j = 0; j < G; j++)
+                p[j] = (ra_search_params){.k = K, .effort = eff ? (int)f.n : 0};
+            void *ctx = malloc(ra_head_part_bytes(NP, G, K));
+            ra_head_part_init(ctx, NP, G, K);
+            part_run r[NP];
+            pthread_t th[NP];
+            float o[NP][G * D], l[NP][G], sc[NP][G * K];
+            int32_t ids[NP][G * K];
+            int n[NP][G];
+            for (int x = 0; x < NP; x++) {
+                r[x] = (part_run){.h = f.h,
+                                  .ctx = ctx,
+                                  .part = x,
+                                  .G = G,
+                                  .q = q,
+                                  .p = p,
+                                  .o = o[x],
+                                  .l = l[x],
+                                  .sc = sc[x],
+                                  .ids = ids[x],
+                                  .n = n[x]};
+                assert_int_equal(pthread_create(&th[x], NULL, part_thread, &r[x]), 0);
+            }
+            int fins = 0, w = -1;
+            for (int x = 0; x < NP; x++) {
+                pthread_join(th[x], NULL);
+                assert_int_equal(r[x].st, RA_OK);
+                fins += r[x].fin;
+                if (r[x].fin)
+                    w = x;
+            }
+            assert_int_equal(fins, 1);
+            float go[G * D], gl[G], gs[G * K];
+            int32_t gi[G * K];
+            int gn[G];
+            assert_int_equal(ra_head_attend_group(f.h, G, q, p, 0, 0, go, gl, gi, gs, gn, NULL),
+                             RA_OK);
+            double hit = 0;
+            for (int j = 0; j < G; j++) {
+                assert_int_equal(n[w][j], K);
+                double kth = kth_score(q + j * D, f.k, f.dt, D, f.n, K, NULL);
+                for (int i = 0; i < K; i++) {
+                    int32_t id = ids[w][j * K + i];
+                    double e = tdot(q + j * D, f.k, f.dt, D, id, NULL);
+                    assert_true(fabs(sc[w][j * K + i] - e) <= 1e-4 * (1 + fabs(e)));
+                    if (i) /* best first, no repeats */
+                        assert_true(sc[w][j * K + i] <= sc[w][j * K + i - 1] &&
+                                    id != ids[w][j * K + i - 1]);
+                    hit += e >= kth - 1e-5;
+                    if (eff)
+                        assert_int_equal(id, gi[j * K + i]);
+                }
+            }
+            assert_true(hit >= 0.95 * G * K);
+            free(ctx);
+        }
+    free(q), free(tq);
+    fx_fini(&f);
+}
+
 static void test_attend_group(void **state)
 {
     (void)state;
@@ -1475,6 +1570,7 @@ int main(void)
         cmocka_unit_test(test_pscan),
         cmocka_unit_test(test_attend_part_whole),
         cmocka_unit_test(test_attend_part_installed_between),
+        cmocka_unit_test(test_attend_part_threads),
         cmocka_unit_test(test_recall_probes),
         cmocka_unit_test(test_pscan_probes),
         cmocka_unit_test(test_concurrent_search_append),
