@@ -1071,7 +1071,6 @@ typedef struct part_ctx {
     int done;                    /* parts finished (atomic) */
     int err;                     /* the first error (atomic, RA_OK = 0) */
     int whole;                   /* 1: part 0 answered the whole group itself */
-    unsigned claim;              /* the keys the parts took so far (search_part's claim) */
     int used[RA_HEAD_MAX_PARTS]; /* 1: the part left candidates */
     /* then: ids [nparts][nq][kmax], scores [nparts][nq][kmax], counts [nparts][nq] */
 } part_ctx;
@@ -1147,7 +1146,7 @@ ra_status ra_head_attend_part(ra_head *h, void *ctx, int part, size_t nq, const 
         h->state && __atomic_load_n(&h->ready, __ATOMIC_ACQUIRE) && h->ops->search_part && kmax > 0;
     if (cut && (flags & RA_HEAD_Q_CHECKED ||
                 ra_kern_all_finite(q, RA_DTYPE_F32, nq * (size_t)ra_kv_dim(h->kv)))) {
-        r = h->ops->search_part(h->state, h->kv, part, c->nparts, &c->claim, nq, q, p, c->kmax,
+        r = h->ops->search_part(h->state, h->kv, part, c->nparts, nq, q, p, c->kmax,
                                 part_ids(c, part), part_sc(c, part), part_n(c, part));
         c->used[part] = r == RA_OK;
     } else if (cut) {

@@ -458,8 +458,6 @@ typedef struct ps_tls {
     float *ex;        /* [cap] exact scores */
     float *u;         /* [dp] */
     size_t cap;
-    uint32_t *units; /* [ucap] the units a part claimed (ps_search_range's dynamic mode) */
-    size_t ucap;
 } ps_tls;
 
 static __thread ps_tls t_ps;
@@ -470,7 +468,7 @@ static int ps_key_ok;
 static void ps_tls_free(void *p)
 {
     ps_tls *t = p;
-    free(t->sc), free(t->id), free(t->tmp), free(t->ex), free(t->u), free(t->units);
+    free(t->sc), free(t->id), free(t->tmp), free(t->ex), free(t->u);
     memset(t, 0, sizeof *t);
 }
 
@@ -698,19 +696,24 @@ static void ps_rescore(const ps_state *s, const void *keys, const float *q, cons
     64 /* blocks (1,024 keys) of one share at a time: parts take every                             \
           nparts-th unit, so each sees keys from all positions */
 
-/* the units (PS_UNIT blocks each) of list u[0..nu), through the kernel */
-static void ps_sweep_units(const ps_state *s, size_t nblk, const uint32_t *u, size_t nu, int g,
-                           const int32_t *qw, int32_t *thr, int32_t **sc, int32_t **id, int *cnt,
-                           int cap, const int *R)
+/* block i of this part's blocks */
+static size_t ps_part_block(size_t i, int part, int nparts)
 {
-    for (size_t x = 0; x < nu; x++) {
-        size_t b = (size_t)u[x] * PS_UNIT;
-        ps_sweep(s, b, b + PS_UNIT < nblk ? b + PS_UNIT : nblk, 1, g, qw, thr, sc, id, cnt, cap, R);
-    }
+    return ((size_t)part + i / PS_UNIT * (size_t)nparts) * PS_UNIT + i % PS_UNIT;
+}
+
+/* the part's blocks [0, nb) in order, through the kernel */
+static void ps_sweep_part(const ps_state *s, size_t nblk, int part, int nparts, int g,
+                          const int32_t *qw, int32_t *thr, int32_t **sc, int32_t **id, int *cnt,
+                          int cap, const int *R)
+{
+    for (size_t u = (size_t)part * PS_UNIT; u < nblk; u += (size_t)nparts * PS_UNIT)
+        ps_sweep(s, u, u + PS_UNIT < nblk ? u + PS_UNIT : nblk, 1, g, qw, thr, sc, id, cnt, cap, R);
 }
 
 /* The candidates of one part: a part of n_part of the n keys holds about n_part / n of
- * each query's best R by code, so it keeps that many and three standard deviations more */
+ * each query's best R by code (the parts' shares differ by up to a unit), so it keeps
+ * that many and three standard deviations more */
 static int ps_part_R(int R, int k, int nparts, size_t n_part, size_t n)
 {
     if (nparts > 1 && n > 0) {
@@ -721,50 +724,34 @@ static int ps_part_R(int R, int k, int nparts, size_t n_part, size_t n)
     return R > (int)n_part ? (int)n_part : R;
 }
 
-/* Part `part` of `nparts` (0 of 1: the whole head). Its share of the units of PS_UNIT
- * blocks: with `claim` (shared by the parts of one search, from 0), whichever units it
- * takes from that counter while it scans, so that a part whose worker started late
- * takes fewer and the others more (on the GPU host one of 16 workers was often not
- * there for the length of a task, bench/README.md "Tenth session"); without it, every
- * nparts-th unit. The buffers are cut to the whole head's R while it scans and to the
- * part's share of R (ps_part_R) at the end. */
 static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, int nparts,
-                                 unsigned *claim, size_t nq, const float *q,
-                                 const ra_search_params *p, int kmax, int32_t *ids, float *scores,
-                                 int *n_out, ra_search_stats *stats)
+                                 size_t nq, const float *q, const ra_search_params *p, int kmax,
+                                 int32_t *ids, float *scores, int *n_out, ra_search_stats *stats)
 {
-    size_t n = s->n, nblk = (n + 15) / 16, nunits = (nblk + PS_UNIT - 1) / PS_UNIT;
+    size_t n = s->n, nblk = (n + 15) / 16;
     float mult;
     __atomic_load(&s->mult, &mult, __ATOMIC_RELAXED); /* once: the probes may change it */
-    if (nparts <= 1)
-        claim = NULL;
+    size_t nb = 0, n_part = 0;                        /* this part's blocks and keys */
+    for (size_t u = (size_t)part * PS_UNIT; u < nblk; u += (size_t)nparts * PS_UNIT) {
+        nb += u + PS_UNIT < nblk ? PS_UNIT : nblk - u;
+        n_part += ((u + PS_UNIT) * 16 < n ? (u + PS_UNIT) * 16 : n) - u * 16;
+    }
     int Rmax = 0;
     for (size_t j = 0; j < nq; j++) {
         int R = p[j].effort > 0 ? p[j].effort : ps_default_R(p[j].k, n, mult);
-        R = ps_part_R(R, p[j].k, 1, n, n);
+        R = ps_part_R(R, p[j].k, nparts, n_part, n);
         Rmax = R > Rmax ? R : Rmax;
     }
     int cap = 2 * Rmax + 64;
     if (!ps_scratch((size_t)cap))
         return RA_ENOMEM;
     ps_tls *t = &t_ps;
-    if (t->ucap < nunits) {
-        uint32_t *u = realloc(t->units, nunits * sizeof *u);
-        if (!u)
-            return RA_ENOMEM;
-        t->units = u;
-        t->ucap = nunits;
-    }
-    size_t nu = 0, n_part = 0; /* this part's units (claimed during the first pass) and keys */
-    if (!claim)
-        for (size_t u = (size_t)part; u < nunits; u += (size_t)nparts)
-            t->units[nu++] = (uint32_t)u;
     const void *keys = ra_kv_keys(kv);
     for (size_t g0 = 0; g0 < nq; g0 += PS_G) {
         int g = nq - g0 < PS_G ? (int)(nq - g0) : PS_G;
         int32_t qw[PS_G * RA_P4_QW], thr[PS_G];
         int32_t *sc[PS_G], *id[PS_G];
-        int cnt[PS_G], R[PS_G], Rall[PS_G];
+        int cnt[PS_G], R[PS_G];
         for (int j = 0; j < g; j++) {
             const ra_search_params *pj = &p[g0 + j];
             ps_prepare(s, q + (g0 + j) * (size_t)s->dim, t->u, qw + j * RA_P4_QW);
@@ -773,20 +760,20 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
             cnt[j] = 0;
             thr[j] = INT32_MIN;
             int r = pj->effort > 0 ? pj->effort : ps_default_R(pj->k, n, mult);
-            Rall[j] = r;
-            R[j] = ps_part_R(r, pj->k, 1, n, n); /* the whole head's, while scanning */
+            R[j] = ps_part_R(r, pj->k, nparts, n_part, n);
             if (pj->k <= 0 || R[j] <= 0) /* nothing for this query: no key passes */
                 R[j] = 0, thr[j] = INT32_MAX;
         }
-        /* the threshold from a stratified sample of the head's blocks: its score of rank
-         * 2 R x sampled / total, so that about 2 R keys of the head pass the full scan,
-         * 2 R n_part / n of a part's */
+        /* the threshold from a stratified sample of the part's blocks: its score of rank
+         * 2 R x sampled / total, so that about 2 R keys pass in the full scan */
         int primed = 0;
-        if (nblk > 4 * PS_PRIME) {
-            size_t step = nblk / PS_PRIME, sampled = 0;
-            for (size_t b = 0; b < nblk; b += step, sampled++)
+        if (nb > 4 * PS_PRIME) {
+            size_t step = nb / PS_PRIME, sampled = 0;
+            for (size_t i = 0; i < nb; i += step, sampled++) {
+                size_t b = ps_part_block(i, part, nparts);
                 ps_sweep(s, b, b + 1, 1, g, qw, thr, sc, id, cnt, cap, R);
-            double frac = (double)sampled / (double)nblk;
+            }
+            double frac = (double)sampled / (double)nb;
             for (int j = 0; j < g; j++) {
                 int rank = (int)(2.0 * R[j] * frac);
                 if (!R[j])
@@ -803,28 +790,7 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
         }
         int32_t thr0[PS_G];
         memcpy(thr0, thr, sizeof thr0);
-        if (claim && g0 == 0) { /* claim units while scanning them */
-            for (;;) {
-                unsigned u = __atomic_fetch_add(claim, 1, __ATOMIC_RELAXED);
-                if (u >= nunits)
-                    break;
-                t->units[nu++] = u;
-                ps_sweep_units(s, nblk, &t->units[nu - 1], 1, g, qw, thr, sc, id, cnt, cap, R);
-            }
-        } else {
-            ps_sweep_units(s, nblk, t->units, nu, g, qw, thr, sc, id, cnt, cap, R);
-        }
-        if (g0 == 0)
-            for (size_t x = 0; x < nu; x++) {
-                size_t a = (size_t)t->units[x] * PS_UNIT * 16, e = a + PS_UNIT * 16;
-                n_part += (e < n ? e : n) - a;
-            }
-        for (int j = 0; j < g; j++) /* the part's share of R, never above the head's (the
-                                       buffers and the pairs in tmp are sized by it) */
-            if (R[j]) {
-                int rp = ps_part_R(Rall[j], p[g0 + j].k, nparts, n_part, n);
-                R[j] = rp < R[j] ? rp : R[j];
-            }
+        ps_sweep_part(s, nblk, part, nparts, g, qw, thr, sc, id, cnt, cap, R);
         if (primed) { /* a threshold set too high by the sample: the scan again from none */
             int again = 0;
             for (int j = 0; j < g; j++)
@@ -833,7 +799,7 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
                 for (int j = 0; j < g; j++)
                     if (R[j])
                         cnt[j] = 0, thr[j] = INT32_MIN;
-                ps_sweep_units(s, nblk, t->units, nu, g, qw, thr, sc, id, cnt, cap, R);
+                ps_sweep_part(s, nblk, part, nparts, g, qw, thr, sc, id, cnt, cap, R);
             }
         }
         for (int j = 0; j < g; j++) {
@@ -879,16 +845,16 @@ static ra_status ps_search_group(void *st, const ra_kv *kv, size_t nq, const flo
                                  const ra_search_params *p, int kmax, int32_t *ids, float *scores,
                                  int *n_out, ra_search_stats *stats)
 {
-    return ps_search_range(st, kv, 0, 1, NULL, nq, q, p, kmax, ids, scores, n_out, stats);
+    return ps_search_range(st, kv, 0, 1, nq, q, p, kmax, ids, scores, n_out, stats);
 }
 
-static ra_status ps_search_part(void *st, const ra_kv *kv, int part, int nparts, unsigned *claim,
-                                size_t nq, const float *q, const ra_search_params *p, int kmax,
-                                int32_t *ids, float *scores, int *n_out)
+static ra_status ps_search_part(void *st, const ra_kv *kv, int part, int nparts, size_t nq,
+                                const float *q, const ra_search_params *p, int kmax, int32_t *ids,
+                                float *scores, int *n_out)
 {
     if (part < 0 || nparts < 1 || part >= nparts)
         return RA_EINVAL;
-    return ps_search_range(st, kv, part, nparts, claim, nq, q, p, kmax, ids, scores, n_out, NULL);
+    return ps_search_range(st, kv, part, nparts, nq, q, p, kmax, ids, scores, n_out, NULL);
 }
 
 static ra_status ps_search(void *st, const ra_kv *kv, const float *q, const ra_search_params *p,

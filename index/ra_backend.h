@@ -46,13 +46,10 @@ typedef struct ra_backend_ops {
     float (*effort_mult)(void *state, float mult);
     /* Optional (NULL: the index cannot be cut, ra_head_attend_part answers in part 0):
      * search_group over share `part` of `nparts` of the keys (disjoint shares covering
-     * all keys); each query's best kmax... as search_group, best first, exact scores.
-     * claim (NULL: fixed shares): a counter, 0 at first, that the parts of one search
-     * share: each takes its keys from it while it runs, so the shares are whatever each
-     * part claimed. */
-    ra_status (*search_part)(void *state, const ra_kv *kv, int part, int nparts, unsigned *claim,
-                             size_t nq, const float *q, const ra_search_params *p, int kmax,
-                             int32_t *ids, float *scores, int *n_out);
+     * all keys); each query's best kmax... as search_group, best first, exact scores. */
+    ra_status (*search_part)(void *state, const ra_kv *kv, int part, int nparts, size_t nq,
+                             const float *q, const ra_search_params *p, int kmax, int32_t *ids,
+                             float *scores, int *n_out);
 } ra_backend_ops;
 
 /* 1 when the build that got these options was asked to end (ra_index_opts.cancel):

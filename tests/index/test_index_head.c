@@ -980,9 +980,9 @@ static void test_attend_part_installed_between(void **state)
     free(q), free(tq);
 }
 
-/* The parts of one pscan search on their own threads, taking the keys from their shared
- * counter: at effort n the merge is the group's exact answer, at the default effort
- * every answer is exact for the keys it holds and the recall holds */
+/* The parts of one pscan search on their own threads, as the daemon runs them: at
+ * effort n the merge is the group's exact answer, at the default effort every answer
+ * is exact for the keys it holds and the recall holds */
 typedef struct part_run {
     ra_head *h;
     void *ctx;
