@@ -451,6 +451,9 @@ static size_t ps_bytes(void *st)
 /* ---------- search ---------- */
 
 #define PS_G 4 /* queries per pass of the kernel */
+#define PS_KEEP_CAP                                                                                \
+    65536 /* scratch entries a thread keeps between searches (the default R at 1M keys             \
+             is ~1,700, its buffers ~3,500) */
 
 typedef struct ps_tls {
     int32_t *sc, *id; /* [PS_G][cap] */
@@ -838,6 +841,10 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
             }
         }
     }
+    /* a search at a large effort (up to 2^24 candidates) grew the scratch: give it back
+     * rather than keep tens of MB a worker, outside the memory limit */
+    if (t->cap > PS_KEEP_CAP)
+        ps_tls_free(t);
     return RA_OK;
 }
 
