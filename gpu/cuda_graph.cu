@@ -16,6 +16,42 @@
 #include "ra_env.h"
 #include "ra_log.h"
 
+#include <pthread.h>
+
+/* A kernel's dynamic shared-memory ceiling (cudaFuncAttributeMaxDynamicSharedMemorySize)
+ * is the function's, for every thread and stream of the device: two builds that set it
+ * each to their own size could lower it under the other's launch. So it is only ever
+ * raised, under one lock, to what a launch needs; the table keeps what each (kernel,
+ * device) has (beyond its 64 entries it is set every time, as before). */
+static cudaError_t smem_at_least(const void *fn, int bytes)
+{
+    static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+    static struct {
+        const void *fn;
+        int dev, bytes;
+    } tab[64];
+    static int n;
+    int dev = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e != cudaSuccess)
+        return e;
+    pthread_mutex_lock(&mu);
+    int i = 0;
+    while (i < n && !(tab[i].fn == fn && tab[i].dev == dev))
+        i++;
+    if (i == n && n < 64) {
+        tab[n].fn = fn, tab[n].dev = dev, tab[n].bytes = 0;
+        n++;
+    }
+    if (i >= 64 || tab[i].bytes < bytes) {
+        e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+        if (e == cudaSuccess && i < 64)
+            tab[i].bytes = bytes;
+    }
+    pthread_mutex_unlock(&mu);
+    return e;
+}
+
 #define GB_THREADS 128
 #define GB_WARPS (GB_THREADS / 32)
 #define GB_MS 4096          /* multiset of projection candidates: 32 lists x max(66, K - 1) */
@@ -753,13 +789,11 @@ static ra_status launch_kernels(ra_gpu_cache *c, struct cuda_graph *g, const voi
         sm = phase == 0 ? proj_bytes<C>(dim, M, mma) : rev_bytes<C>(dim, M, mma);
     }
     if (phase == 0) {
-        CK(cudaFuncSetAttribute(proj_kernel<T, C>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                (int)sm));
+        CK(smem_at_least((const void *)proj_kernel<T, C>, (int)sm));
         proj_kernel<T, C><<<(unsigned)n, GB_THREADS, sm, g->s>>>((const T *)dk, dim, ql, K, occ_v,
                                                                  off, kk, L, M, mma, adj1);
     } else {
-        CK(cudaFuncSetAttribute(rev_kernel<T, C>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                (int)sm));
+        CK(smem_at_least((const void *)rev_kernel<T, C>, (int)sm));
         rev_kernel<T, C><<<(unsigned)n, GB_THREADS, sm, g->s>>>((const T *)dk, dim, adj1, ioff,
                                                                 isrc, M, mma, adj2);
     }
@@ -887,8 +921,7 @@ static ra_status mma_filter_t(ra_gpu_cache *c, struct cuda_graph *g, const void 
     ra_status s = RA_OK;
     int committed = 0;
     const int sm = (int)mt_filter_smem(D, sizeof(T));
-    CK(cudaFuncSetAttribute(mt_filter_kernel<D, T, SYM>,
-                            cudaFuncAttributeMaxDynamicSharedMemorySize, sm));
+    CK(smem_at_least((const void *)mt_filter_kernel<D, T, SYM>, sm));
     mt_filter_kernel<D, T, SYM><<<(unsigned)((nr + MT_BM - 1) / MT_BM), MT_THREADS, sm, g->s>>>(
         (const T *)rows, nr, (const T *)keys, n, thr, cnt, cand, cap);
     CK(cudaGetLastError());
@@ -949,7 +982,16 @@ static ra_status top_lists(ra_gpu_cache *c, struct cuda_graph *g, gb_mem &mem_, 
     /* RA_GPU_MMA_PROFILE=1: the phases' times on stderr (a study knob; it synchronises) */
     static ra_env_once prof_once;
     const int prof = ra_env_int(&prof_once, "RA_GPU_MMA_PROFILE", 0);
-    cudaEvent_t pe[2] = {NULL, NULL};
+    struct prof_events { /* destroyed on every way out, the early error returns too */
+        cudaEvent_t e[2] = {NULL, NULL};
+        ~prof_events()
+        {
+            for (cudaEvent_t x : e)
+                if (x)
+                    cudaEventDestroy(x);
+        }
+    } pev;
+    cudaEvent_t *pe = pev.e;
     float ms_sample = 0, ms_filter = 0, ms_select = 0, ms_e;
     auto lap = [&](float *acc) {
         if (!prof)
@@ -1034,8 +1076,6 @@ static ra_status top_lists(ra_gpu_cache *c, struct cuda_graph *g, gb_mem &mem_, 
                 "%.2f ms, select %.2f ms, %u rows exact in %.2f ms\n",
                 nrows, n, k, stride, rank, sym ? "symmetric" : "chunked", cap, ms_sample, ms_filter,
                 ms_select, h_over, ms_over);
-        cudaEventDestroy(pe[0]);
-        cudaEventDestroy(pe[1]);
     }
     return RA_OK;
 fail:
