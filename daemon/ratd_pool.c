@@ -1,20 +1,29 @@
 /* Worker pool and hwloc placement (see ratd_pool.h). The ticket ring is Dmitry Vyukov's
  * bounded MPMC queue: each cell carries a sequence number that tells producers and
- * consumers whose turn it is, so a push or a pop is one CAS on its own index. A
- * semaphore counts the tickets, so a worker only pops after a push completed and idle
- * workers sleep in the kernel instead of spinning. */
+ * consumers whose turn it is, so a push or a pop is one CAS on its own index. A counter
+ * on a futex counts the tickets, so a worker only pops after a push completed and idle
+ * workers sleep in the kernel instead of spinning.
+ *
+ * Why not a semaphore: a submission of t tickets posted it t times, one futex wake per
+ * post, and the first worker woken on the submitting I/O thread's core preempted it
+ * there, so the other posts waited for that worker's whole task: in most 128K Attends
+ * one of 16 workers started a task time late (bench/README.md, "Tenth session"). One
+ * FUTEX_WAKE of t waiters wakes them all before the submitter can be preempted. */
 #define _GNU_SOURCE
 #include "ratd_pool.h"
 
 #include <errno.h>
 #include <hwloc.h>
+#include <linux/futex.h>
 #include <pthread.h>
 #include <sched.h>
 #include <semaphore.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "ra_log.h"
 
@@ -40,7 +49,9 @@ struct ratd_pool {
     char pad1[64];
     size_t tail; /* atomic: next cell to pop */
     char pad2[64];
-    sem_t tickets;
+    uint32_t tickets; /* atomic, the futex word: tickets pushed and not yet taken */
+    char pad3[60];
+    uint32_t sleepers; /* atomic: workers about to sleep or asleep on tickets */
     uint64_t spin_ns; /* idle workers poll the semaphore this long before sleeping */
     run_work run;     /* ratd_pool_run's, one at a time */
     pthread_mutex_t run_mu;
@@ -62,6 +73,44 @@ static uint64_t now_ns(void)
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+static long futex(uint32_t *uaddr, int op, uint32_t val)
+{
+    return syscall(SYS_futex, uaddr, op, val, NULL, NULL, 0);
+}
+
+/* one ticket taken if there is one */
+static int tickets_try(ratd_pool *p)
+{
+    uint32_t v = __atomic_load_n(&p->tickets, __ATOMIC_RELAXED);
+    while (v > 0)
+        if (__atomic_compare_exchange_n(&p->tickets, &v, v - 1, 1, __ATOMIC_ACQUIRE,
+                                        __ATOMIC_RELAXED))
+            return 1;
+    return 0;
+}
+
+/* one ticket taken, sleeping while there is none. The sleeper is counted before it
+ * looks again, and the poster counts tickets before it looks for sleepers (both
+ * sequentially consistent), so either the poster sees the sleeper and wakes it or the
+ * sleeper sees the ticket; FUTEX_WAIT itself sleeps only while the word is still 0. */
+static void tickets_take(ratd_pool *p)
+{
+    while (!tickets_try(p)) {
+        __atomic_add_fetch(&p->sleepers, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&p->tickets, __ATOMIC_SEQ_CST) == 0)
+            futex(&p->tickets, FUTEX_WAIT_PRIVATE, 0);
+        __atomic_sub_fetch(&p->sleepers, 1, __ATOMIC_SEQ_CST);
+    }
+}
+
+/* t tickets made available and up to t sleepers woken, by one system call */
+static void tickets_post(ratd_pool *p, uint32_t t)
+{
+    __atomic_add_fetch(&p->tickets, t, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&p->sleepers, __ATOMIC_SEQ_CST) > 0)
+        futex(&p->tickets, FUTEX_WAKE_PRIVATE, t);
 }
 
 static void ring_push(ratd_pool *p, ratd_work *w)
@@ -87,7 +136,7 @@ static void ring_push(ratd_pool *p, ratd_work *w)
     }
 }
 
-/* Only after a successful sem_wait: a ticket is there or about to be published. */
+/* Only after a ticket was taken (tickets_try, tickets_take): its cell is published. */
 static ratd_work *ring_pop(ratd_pool *p)
 {
     size_t pos = __atomic_load_n(&p->tail, __ATOMIC_RELAXED);
@@ -162,15 +211,14 @@ static void *worker_main(void *vp)
         uint64_t spin = __atomic_load_n(&p->spin_ns, __ATOMIC_RELAXED);
         if (spin) {
             uint64_t until = now_ns() + spin;
-            for (unsigned i = 0; !(got = sem_trywait(&p->tickets) == 0); i++) {
+            for (unsigned i = 0; !(got = tickets_try(p)); i++) {
                 __builtin_ia32_pause();
                 if ((i & 63) == 63 && now_ns() > until)
                     break;
             }
         }
         if (!got)
-            while (sem_wait(&p->tickets) != 0 && errno == EINTR)
-                ;
+            tickets_take(p);
         ratd_work *w = ring_pop(p);
         if (!w) /* stop */
             break;
@@ -194,10 +242,10 @@ void ratd_pool_submit(ratd_pool *p, ratd_work *w, int n_tasks)
     __atomic_store_n(&w->left, n_tasks, __ATOMIC_RELAXED);
     __atomic_store_n(&w->claim, (uint64_t)(uint32_t)n_tasks << 32, __ATOMIC_RELEASE);
     int t = n_tasks < p->n_threads ? n_tasks : p->n_threads;
-    for (int i = 0; i < t; i++) {
+    for (int i = 0; i < t; i++)
         ring_push(p, w);
-        sem_post(&p->tickets);
-    }
+    if (t > 0)
+        tickets_post(p, (uint32_t)t); /* all the wakes at once, after all the pushes */
 }
 
 static void run_task(ratd_work *w, int task, int worker)
@@ -236,7 +284,6 @@ ra_status ratd_pool_create(ratd_pool **out, int n_workers, int numa_node, const 
         return RA_ENOMEM;
     }
     ra_status st = RA_EINVAL;
-    sem_init(&p->tickets, 0, 0);
     sem_init(&p->run.done, 0, 0);
     pthread_mutex_init(&p->run_mu, NULL);
     p->run.w.fn = run_task;
@@ -348,7 +395,7 @@ void ratd_pool_destroy(ratd_pool *p)
         return;
     for (int i = 0; i < p->n_threads; i++) { /* after every ticket already queued */
         ring_push(p, NULL);
-        sem_post(&p->tickets);
+        tickets_post(p, 1);
     }
     for (int i = 0; i < p->n_threads; i++)
         pthread_join(p->threads[i], NULL);
@@ -358,7 +405,6 @@ void ratd_pool_destroy(ratd_pool *p)
         hwloc_bitmap_free(p->cpuset);
     if (p->topo)
         hwloc_topology_destroy(p->topo);
-    sem_destroy(&p->tickets);
     sem_destroy(&p->run.done);
     pthread_mutex_destroy(&p->run_mu);
     free(p);

@@ -89,7 +89,7 @@ struct ra_head {
 #define PROBE_MIN 8
 #define PROBE_TARGET 0.96
 #define PROBE_SLACK 0.025
-#define PROBE_CHUNK 16384
+#define PROBE_CHUNK 4096 /* keys a probe scores between looks at g_serving (~0.1 ms) */
 #define PROBE_QCAP 256
 
 static struct {
@@ -395,6 +395,12 @@ static int lower_priority(pid_t tid)
     return a == 0 && b == 0;
 }
 
+/* Attend calls running now (atomic). The probe thread waits while there is one: under
+ * EEVDF even an idle-policy thread can be picked before a woken worker whose lag is
+ * negative, and then runs on for its slice; on the dev box a probe chunk held a woken
+ * worker off its core for 1.3 ms (bench/README.md, "Tenth session"). */
+static int g_serving;
+
 /* One probe of h (the probe thread; h stays alive while g_probe.cur == h). */
 static void probe_run(ra_head *h)
 {
@@ -403,6 +409,8 @@ static void probe_run(ra_head *h)
     int k = h->probe_k, nt = 0, dim = ra_kv_dim(h->kv);
     size_t done = 0;
     for (;;) { /* the k best exact scores (ra_topk: top[0] is the k-th once nt == k) */
+        for (int w = 0; __atomic_load_n(&g_serving, __ATOMIC_RELAXED) > 0 && w < 20000; w++)
+            usleep(50); /* decode first (at most ~1 s: a daemon never idle still probes) */
         pthread_rwlock_rdlock(&h->lock);
         size_t cnt = ra_kv_count(h->kv), m = cnt - done < PROBE_CHUNK ? cnt - done : PROBE_CHUNK;
         if (done < cnt)
@@ -973,9 +981,23 @@ static void maybe_probe(ra_head *h, size_t nq, const float *q, const ra_search_p
     }
 }
 
+static ra_status attend_group(ra_head *h, size_t nq, const float *q, const ra_search_params *p,
+                              float scale, unsigned flags, float *o, float *lse, int32_t *ids,
+                              float *scores, int *n_out, ra_search_stats *st);
+
 ra_status ra_head_attend_group(ra_head *h, size_t nq, const float *q, const ra_search_params *p,
                                float scale, unsigned flags, float *o, float *lse, int32_t *ids,
                                float *scores, int *n_out, ra_search_stats *st)
+{
+    __atomic_add_fetch(&g_serving, 1, __ATOMIC_RELAXED);
+    ra_status r = attend_group(h, nq, q, p, scale, flags, o, lse, ids, scores, n_out, st);
+    __atomic_sub_fetch(&g_serving, 1, __ATOMIC_RELAXED);
+    return r;
+}
+
+static ra_status attend_group(ra_head *h, size_t nq, const float *q, const ra_search_params *p,
+                              float scale, unsigned flags, float *o, float *lse, int32_t *ids,
+                              float *scores, int *n_out, ra_search_stats *st)
 {
     if (!h || !q || !p || !o || !lse || nq == 0 || nq > RA_HEAD_MAX_GROUP) {
         RA_ERROR("head: attend_group with a NULL argument or %zu query heads (1..%d)", nq,
@@ -1112,9 +1134,24 @@ int ra_head_partable(ra_head *h)
     return h && h->ops && h->ops->search_part;
 }
 
+static ra_status attend_part(ra_head *h, void *ctx, int part, size_t nq, const float *q,
+                             const ra_search_params *p, float scale, unsigned flags, float *o,
+                             float *lse, int32_t *ids, float *scores, int *n_out, int *finished);
+
 ra_status ra_head_attend_part(ra_head *h, void *ctx, int part, size_t nq, const float *q,
                               const ra_search_params *p, float scale, unsigned flags, float *o,
                               float *lse, int32_t *ids, float *scores, int *n_out, int *finished)
+{
+    __atomic_add_fetch(&g_serving, 1, __ATOMIC_RELAXED);
+    ra_status r =
+        attend_part(h, ctx, part, nq, q, p, scale, flags, o, lse, ids, scores, n_out, finished);
+    __atomic_sub_fetch(&g_serving, 1, __ATOMIC_RELAXED);
+    return r;
+}
+
+static ra_status attend_part(ra_head *h, void *ctx, int part, size_t nq, const float *q,
+                             const ra_search_params *p, float scale, unsigned flags, float *o,
+                             float *lse, int32_t *ids, float *scores, int *n_out, int *finished)
 {
     part_ctx *c = ctx;
     *finished = 0;
