@@ -4,6 +4,7 @@
  * the worker pool (every task exactly once, many runs, many works in flight at once,
  * bad placement refused) and the Attend split rule. */
 #include <fcntl.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -367,6 +368,66 @@ static void test_pool_works_in_flight(void **state)
     free(w);
 }
 
+/* Several submitters at once, with idle workers sleeping or spinning: the ticket
+ * counter loses no wake (a lost one would leave tickets behind sleeping workers and
+ * the works unfinished) and every task still runs once */
+typedef struct submitter {
+    ratd_pool *p;
+    multi_work *w;
+    int nw, seed;
+} submitter;
+
+static void *submit_main(void *arg)
+{
+    submitter *s = arg;
+    for (int i = 0; i < s->nw; i++) {
+        ratd_pool_submit(s->p, &s->w[i].w, s->w[i].n);
+        if ((i + s->seed) % 7 == 0) /* now and then let the workers fall asleep */
+            usleep(200);
+    }
+    return NULL;
+}
+
+static void test_pool_submitters(void **state)
+{
+    (void)state;
+    enum { NS = 4, NW = 150 };
+    for (int spin = 0; spin <= 50; spin += 50) {
+        ratd_pool *p;
+        char err[256];
+        assert_int_equal(ratd_pool_create(&p, 3, -1, NULL, err, sizeof err), RA_OK);
+        ratd_pool_set_spin(p, spin);
+        multi_work *w = calloc(NS * NW, sizeof *w);
+        int finished = 0;
+        for (int i = 0; i < NS * NW; i++) {
+            w[i].w.fn = multi_task;
+            w[i].w.done = multi_done;
+            w[i].n = 1 + (i * 5) % 16;
+            w[i].finished = &finished;
+        }
+        submitter sub[NS];
+        pthread_t th[NS];
+        for (int t = 0; t < NS; t++) {
+            sub[t] = (submitter){.p = p, .w = w + t * NW, .nw = NW, .seed = t};
+            assert_int_equal(pthread_create(&th[t], NULL, submit_main, &sub[t]), 0);
+        }
+        for (int t = 0; t < NS; t++)
+            pthread_join(th[t], NULL);
+        for (int t = 0; t < 20000 && __atomic_load_n(&finished, __ATOMIC_ACQUIRE) < NS * NW; t++)
+            usleep(1000);
+        assert_int_equal(__atomic_load_n(&finished, __ATOMIC_ACQUIRE), NS * NW);
+        for (int i = 0; i < NS * NW; i++) {
+            assert_int_equal(w[i].done, 1);
+            assert_int_equal(w[i].early, 0);
+            for (int t = 0; t < 64; t++)
+                if (w[i].hits[t] != (t < w[i].n ? 1 : 0))
+                    fail_msg("spin %d work %d: task %d ran %d times", spin, i, t, w[i].hits[t]);
+        }
+        ratd_pool_destroy(p);
+        free(w);
+    }
+}
+
 /* The Attend split rule (ratd_attend.c): sub-groups only when the batch's KV heads
  * cannot feed the workers, none empty, never more than the query heads. */
 static void test_attend_split(void **state)
@@ -405,6 +466,7 @@ int main(void)
         cmocka_unit_test(test_pool_runs_each_task_once),
         cmocka_unit_test(test_pool_placement),
         cmocka_unit_test(test_pool_works_in_flight),
+        cmocka_unit_test(test_pool_submitters),
         cmocka_unit_test(test_attend_split),
     };
     return cmocka_run_group_tests_name("daemon-unit", tests, NULL, NULL);
