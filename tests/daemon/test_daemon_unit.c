@@ -2,7 +2,7 @@
  * (defaults, sizes with suffixes, bounds, config file, environment, flags and their
  * order), the endpoint policy (default ipc://, tcp:// non-loopback needs allow-remote),
  * the worker pool (every task exactly once, many runs, many works in flight at once,
- * bad placement refused) and the Attend split rule. */
+ * several submitters at once, bad placement refused) and the Attend split rule. */
 #include <fcntl.h>
 #include <pthread.h>
 #include <setjmp.h>
