@@ -52,7 +52,7 @@ struct ratd_pool {
     uint32_t tickets; /* atomic, the futex word: tickets pushed and not yet taken */
     char pad3[60];
     uint32_t sleepers; /* atomic: workers about to sleep or asleep on tickets */
-    uint64_t spin_ns; /* idle workers poll the semaphore this long before sleeping */
+    uint64_t spin_ns; /* idle workers poll the ticket count this long before sleeping */
     run_work run;     /* ratd_pool_run's, one at a time */
     pthread_mutex_t run_mu;
     pthread_t *threads;
