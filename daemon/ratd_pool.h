@@ -4,9 +4,9 @@
  * is first in line. The submitter does not wait: the worker that finishes a work's
  * last task calls its `done`. Submitting pushes min(n, workers) tickets naming the
  * work onto a bounded lock-free ring (Vyukov's MPMC queue), adds them to a ticket count
- * and wakes that many sleeping workers with one futex call; a worker holding a ticket claims task indices from the work's atomic counter
- * until none are left, so tasks need no lock and no allocation, and no lock is shared
- * by all workers. Tickets left over once a work is done are harmless: they find no
+ * and wakes that many sleeping workers with one futex call; a worker holding a ticket
+ * claims task indices from the work's atomic counter until none are left, so tasks need
+ * no lock and no allocation, and no lock is shared by all workers. Tickets left over once a work is done are harmless: they find no
  * task (works are never freed while the pool runs, only reused).
  *
  * Placement (hwloc, only here): with --numa-node or --cpuset, the process, hence every

@@ -451,9 +451,9 @@ static size_t ps_bytes(void *st)
 /* ---------- search ---------- */
 
 #define PS_G 4 /* queries per pass of the kernel */
-#define PS_KEEP_CAP                                                                                \
-    65536 /* scratch entries a thread keeps between searches (the default R at 1M keys             \
-             is ~1,700, its buffers ~3,500) */
+/* scratch entries a thread keeps between searches (the default R at 1M keys is ~1,700,
+ * its buffers ~3,500) */
+#define PS_KEEP_CAP 65536
 
 typedef struct ps_tls {
     int32_t *sc, *id; /* [PS_G][cap] */
