@@ -32,7 +32,8 @@ fi
 # xs the same with a sweep of its candidates 500..1500, avx2 the kernels of an AVX2 host
 # (RA_ISA=avx2), np no recall probes (RA_HEAD_PROBE_EVERY=0), lb the build and probe
 # threads at SCHED_BATCH (RA_LOW_SCHED=batch, the ninth session's policy), kN N key parts
-# per KV head for pscan (RATD_KEY_PARTS). Returns 1 (with a
+# per KV head for pscan (RATD_KEY_PARTS), pin the daemon's workers one per CPU
+# (--pin-workers, RATD_PIN_WORKERS). Returns 1 (with a
 # message) on an unknown variant.
 ra_run_variants() {
   local rv=$1 v vs
@@ -53,6 +54,7 @@ ra_run_variants() {
     np) RA_RUN_ENV+=("RA_HEAD_PROBE_EVERY=0") ;;
     lb) RA_RUN_ENV+=("RA_LOW_SCHED=batch") ;;
     k[0-9]*) RA_RUN_ENV+=("RATD_KEY_PARTS=${v#k}") ;;
+    pin) RA_RUN_ENV+=("RATD_PIN_WORKERS=1") ;;
     *) echo "unknown variant $v in $rv"; return 1 ;;
     esac
   done

@@ -26,6 +26,7 @@ typedef struct ratd_config {
     int workers;                   /* 0: one per CPU of the binding set */
     int numa_node;                 /* -1: none */
     char cpuset[256];
+    int pin_workers;    /* worker i on the i-th CPU of the set */
     uint64_t mem_limit; /* bytes, 0: none */
     uint64_t max_frame_bytes;
     uint64_t max_message_bytes;

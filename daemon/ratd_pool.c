@@ -200,8 +200,8 @@ static void *worker_main(void *vp)
     char name[16];
     snprintf(name, sizeof name, "ratd-w%d", a->index);
     pthread_setname_np(pthread_self(), name);
-    if (p->cpuset)
-        hwloc_set_cpubind(p->topo, p->cpuset, HWLOC_CPUBIND_THREAD);
+    /* bound with the process before it was created (its mask is inherited), and only
+     * rebound from outside by ratd_pool_pin_workers */
     for (;;) {
         /* --spin-us: spin a little first, as a worker asleep in the kernel takes tens of
          * microseconds to wake. Off by default: on the GPU host (16 vCPUs) a spinning
@@ -226,6 +226,58 @@ static void *worker_main(void *vp)
     }
     free(a);
     return NULL;
+}
+
+ra_status ratd_pool_pin_workers(ratd_pool *p, char *err, size_t errlen)
+{
+    hwloc_const_cpuset_t set = p->cpuset ? p->cpuset : hwloc_topology_get_allowed_cpuset(p->topo);
+    int n_pu = hwloc_get_nbobjs_inside_cpuset_by_type(p->topo, set, HWLOC_OBJ_PU);
+    if (n_pu <= 0) {
+        snprintf(err, errlen, "--pin-workers: hwloc finds no CPU in the binding set");
+        return RA_EIO;
+    }
+    /* the first PU of every core, then the cores' other PUs (SMT siblings) */
+    hwloc_obj_t *pus = malloc((size_t)n_pu * sizeof *pus);
+    if (!pus) {
+        snprintf(err, errlen, "out of memory");
+        return RA_ENOMEM;
+    }
+    int m = 0, n_core = hwloc_get_nbobjs_inside_cpuset_by_type(p->topo, set, HWLOC_OBJ_CORE);
+    hwloc_bitmap_t in = hwloc_bitmap_alloc();
+    for (int rank = 0, added = 1; in && added && m < n_pu; rank++) { /* rank-th PU of each core */
+        added = 0;
+        for (int c = 0; c < n_core && m < n_pu; c++) {
+            hwloc_obj_t core = hwloc_get_obj_inside_cpuset_by_type(p->topo, set, HWLOC_OBJ_CORE, c);
+            hwloc_bitmap_and(in, core->cpuset, set);
+            hwloc_obj_t pu =
+                hwloc_get_obj_inside_cpuset_by_type(p->topo, in, HWLOC_OBJ_PU, (unsigned)rank);
+            if (pu) {
+                pus[m++] = pu;
+                added = 1;
+            }
+        }
+    }
+    hwloc_bitmap_free(in);
+    for (int i = 0; m == 0 && i < n_pu; i++) /* no cores in the topology: the PUs in order */
+        pus[m++] = hwloc_get_obj_inside_cpuset_by_type(p->topo, set, HWLOC_OBJ_PU, (unsigned)i);
+    ra_status st = RA_OK;
+    for (int i = 0; i < p->n_threads && m > 0; i++) {
+        hwloc_obj_t pu = pus[i % m];
+        if (hwloc_set_thread_cpubind(p->topo, p->threads[i], pu->cpuset, HWLOC_CPUBIND_THREAD) <
+            0) {
+            snprintf(err, errlen, "--pin-workers: hwloc cannot bind worker %d to CPU %u", i,
+                     pu->os_index);
+            st = RA_EIO;
+            break;
+        }
+    }
+    if (st == RA_OK) {
+        size_t len = strlen(p->placement);
+        snprintf(p->placement + len, sizeof p->placement - len, ", %d workers pinned to %d CPU(s)",
+                 p->n_threads, m < p->n_threads ? m : p->n_threads);
+    }
+    free(pus);
+    return st;
 }
 
 void ratd_pool_set_spin(ratd_pool *p, int spin_us)

@@ -60,6 +60,13 @@ void ratd_pool_submit(ratd_pool *p, ratd_work *w, int n_tasks);
 typedef void (*ratd_task_fn)(void *arg, int task);
 void ratd_pool_run(ratd_pool *p, int n_tasks, ratd_task_fn fn, void *arg);
 
+/* --pin-workers: worker i bound to the i-th CPU of the binding set (the allowed set when
+ * unbound), one CPU per core first, round robin when there are more workers than CPUs.
+ * Then the scheduler cannot wake two workers of one Attend on one core (bench/README.md,
+ * "Eleventh session"); the I/O and index threads stay on the whole set. err gets a
+ * message when a binding fails (the workers already bound stay bound). */
+ra_status ratd_pool_pin_workers(ratd_pool *p, char *err, size_t errlen);
+
 /* An idle worker spins this long for the next ticket before it sleeps (0: sleeps at
  * once). Set before the first submit. */
 void ratd_pool_set_spin(ratd_pool *p, int spin_us);

@@ -23,6 +23,7 @@
 #include "ra_index.h"
 #include "ra_kernels.h"
 #include "ra_log.h"
+#include "ra_thread.h"
 #include "ra_topk.h"
 
 #define RA_HEAD_MAX_K 65536
@@ -506,6 +507,7 @@ static void probe_submit(ra_head *h)
         pthread_attr_t a;
         pthread_attr_init(&a);
         pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+        ra_thread_attr_wide(&a); /* not on the CPU of a pinned worker that submits first */
         g_probe.state = pthread_create(&t, &a, probe_main, NULL) == 0 ? 1 : -1;
         pthread_attr_destroy(&a);
     }
@@ -796,7 +798,11 @@ static ra_status start_build(ra_head *h, const float *train_q, size_t nq, const 
         /* Created under bmu so the thread is recorded before it can finish and another
          * build can start (the thread takes bmu last thing). */
         pthread_mutex_lock(&h->bmu);
-        int rc = pthread_create(&h->thr, NULL, build_thread_main, h);
+        pthread_attr_t a; /* with its OpenMP helpers, not on a pinned worker's one CPU */
+        pthread_attr_init(&a);
+        ra_thread_attr_wide(&a);
+        int rc = pthread_create(&h->thr, &a, build_thread_main, h);
+        pthread_attr_destroy(&a);
         h->thr_live = rc == 0;
         pthread_mutex_unlock(&h->bmu);
         if (rc == 0)

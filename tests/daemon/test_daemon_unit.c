@@ -2,9 +2,12 @@
  * (defaults, sizes with suffixes, bounds, config file, environment, flags and their
  * order), the endpoint policy (default ipc://, tcp:// non-loopback needs allow-remote),
  * the worker pool (every task exactly once, many runs, many works in flight at once,
- * several submitters at once, bad placement refused) and the Attend split rule. */
+ * several submitters at once, bad placement refused, workers pinned one per CPU) and the
+ * Attend split rule. */
+#define _GNU_SOURCE
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -19,6 +22,7 @@
 
 #include <cmocka.h>
 
+#include "ra_thread.h"
 #include "ratd_config.h"
 #include "ratd_internal.h"
 #include "ratd_pool.h"
@@ -287,6 +291,8 @@ static void test_pool_placement(void **state)
     (void)state;
     ratd_pool *p = NULL;
     char err[256];
+    cpu_set_t mine; /* a binding binds the whole process: given back at the end */
+    assert_int_equal(sched_getaffinity(0, sizeof mine, &mine), 0);
     assert_int_equal(ratd_pool_create(&p, 2, 4000, NULL, err, sizeof err), RA_EINVAL);
     assert_non_null(strstr(err, "NUMA"));
     assert_int_equal(ratd_pool_create(&p, 2, -1, "garbage!", err, sizeof err), RA_EINVAL);
@@ -302,6 +308,102 @@ static void test_pool_placement(void **state)
     ratd_pool_destroy(p);
     assert_int_equal(ratd_pool_create(&p, 0, -1, "0", err, sizeof err), RA_OK);
     assert_int_equal(ratd_pool_workers(p), 1); /* one CPU in the set: one worker */
+    ratd_pool_destroy(p);
+    assert_int_equal(sched_setaffinity(0, sizeof mine, &mine), 0);
+}
+
+/* --pin-workers: every worker's affinity is one CPU, where it runs, the first
+ * min(workers, CPUs) on distinct ones and the rest round robin (5 workers on however
+ * many CPUs this machine lets us) */
+typedef struct cpu_work {
+    ratd_work w;
+    int cpu[8][64]; /* [worker][sample]: sched_getcpu() at each task */
+    int mask[8];    /* the worker's affinity: its one CPU, -1 for none or several */
+    int n_seen[8];  /* atomic */
+    int finished;   /* atomic */
+    int wide_cpus;  /* CPUs of a thread a worker started with ra_thread_attr_wide */
+} cpu_work;
+
+static void *count_cpus(void *arg)
+{
+    cpu_set_t m;
+    *(int *)arg = sched_getaffinity(0, sizeof m, &m) == 0 ? CPU_COUNT(&m) : -1;
+    return NULL;
+}
+
+static void cpu_task(ratd_work *w, int task, int worker)
+{
+    (void)task;
+    cpu_work *c = (cpu_work *)w;
+    int i = __atomic_fetch_add(&c->n_seen[worker], 1, __ATOMIC_RELAXED);
+    if (i < 64)
+        c->cpu[worker][i] = sched_getcpu();
+    cpu_set_t m;
+    int one = -1;
+    if (sched_getaffinity(0, sizeof m, &m) == 0 && CPU_COUNT(&m) == 1)
+        for (int k = 0; k < CPU_SETSIZE && one < 0; k++)
+            one = CPU_ISSET(k, &m) ? k : -1;
+    c->mask[worker] = one;
+    if (task == 0) { /* a thread started from a pinned worker, as an index build is */
+        pthread_attr_t a;
+        pthread_t t;
+        pthread_attr_init(&a);
+        if (ra_thread_attr_wide(&a) == 0 && pthread_create(&t, &a, count_cpus, &c->wide_cpus) == 0)
+            pthread_join(t, NULL);
+        pthread_attr_destroy(&a);
+    }
+    usleep(100); /* long enough that every worker gets tasks */
+}
+
+static void cpu_done(ratd_work *w, int worker)
+{
+    (void)worker;
+    __atomic_store_n(&((cpu_work *)w)->finished, 1, __ATOMIC_RELEASE);
+}
+
+static void test_pool_pin_workers(void **state)
+{
+    (void)state;
+    enum { NW = 5 };
+    ratd_pool *p;
+    char err[256];
+    assert_int_equal(ratd_pool_create(&p, NW, -1, NULL, err, sizeof err), RA_OK);
+    assert_int_equal(ratd_pool_pin_workers(p, err, sizeof err), RA_OK);
+    assert_non_null(strstr(ratd_pool_placement(p), "pinned"));
+    cpu_set_t allowed;
+    assert_int_equal(sched_getaffinity(0, sizeof allowed, &allowed), 0);
+    int n_cpu = CPU_COUNT(&allowed);
+    cpu_work *c = calloc(1, sizeof *c);
+    for (int round = 0; round < 4; round++) {
+        c->w.fn = cpu_task;
+        c->w.done = cpu_done;
+        __atomic_store_n(&c->finished, 0, __ATOMIC_RELAXED);
+        ratd_pool_submit(p, &c->w, 100);
+        for (int t = 0; t < 20000 && !__atomic_load_n(&c->finished, __ATOMIC_ACQUIRE); t++)
+            usleep(1000);
+        assert_int_equal(__atomic_load_n(&c->finished, __ATOMIC_ACQUIRE), 1);
+    }
+    int cpu_of[NW];
+    for (int w = 0; w < NW; w++) {
+        cpu_of[w] = -1;
+        int n = c->n_seen[w] < 64 ? c->n_seen[w] : 64;
+        if (n == 0)
+            fail_msg("worker %d ran no task", w);
+        cpu_of[w] = c->mask[w];
+        if (cpu_of[w] < 0)
+            fail_msg("worker %d is not bound to one CPU", w);
+        for (int i = 0; i < n; i++) {
+            if (c->cpu[w][i] != cpu_of[w])
+                fail_msg("worker %d ran on CPU %d and on CPU %d", w, cpu_of[w], c->cpu[w][i]);
+        }
+    }
+    for (int a = 0; a < NW; a++)
+        for (int b = a + 1; b < NW && b < n_cpu; b++)
+            if (cpu_of[a] == cpu_of[b])
+                fail_msg("workers %d and %d share CPU %d with %d CPUs free", a, b, cpu_of[a],
+                         n_cpu);
+    assert_int_equal(c->wide_cpus, n_cpu); /* every CPU of the process, not the worker's one */
+    free(c);
     ratd_pool_destroy(p);
 }
 
@@ -465,6 +567,7 @@ int main(void)
         cmocka_unit_test(test_usage_lists_options),
         cmocka_unit_test(test_pool_runs_each_task_once),
         cmocka_unit_test(test_pool_placement),
+        cmocka_unit_test(test_pool_pin_workers),
         cmocka_unit_test(test_pool_works_in_flight),
         cmocka_unit_test(test_pool_submitters),
         cmocka_unit_test(test_attend_split),
