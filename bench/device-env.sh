@@ -32,8 +32,9 @@ fi
 # xs the same with a sweep of its candidates 500..1500, avx2 the kernels of an AVX2 host
 # (RA_ISA=avx2), np no recall probes (RA_HEAD_PROBE_EVERY=0), lb the build and probe
 # threads at SCHED_BATCH (RA_LOW_SCHED=batch, the ninth session's policy), kN N key parts
-# per KV head for pscan (RATD_KEY_PARTS), pin the daemon's workers one per CPU
-# (--pin-workers, RATD_PIN_WORKERS). Returns 1 (with a
+# per KV head for pscan (RATD_KEY_PARTS), pin / free the daemon's workers pinned one per
+# CPU (the default since the eleventh session) or free to move (RATD_PIN_WORKERS=1 / 0).
+# Returns 1 (with a
 # message) on an unknown variant.
 ra_run_variants() {
   local rv=$1 v vs
@@ -55,6 +56,7 @@ ra_run_variants() {
     lb) RA_RUN_ENV+=("RA_LOW_SCHED=batch") ;;
     k[0-9]*) RA_RUN_ENV+=("RATD_KEY_PARTS=${v#k}") ;;
     pin) RA_RUN_ENV+=("RATD_PIN_WORKERS=1") ;;
+    free) RA_RUN_ENV+=("RATD_PIN_WORKERS=0") ;;
     *) echo "unknown variant $v in $rv"; return 1 ;;
     esac
   done

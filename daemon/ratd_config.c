@@ -62,9 +62,10 @@ static const ratd_option g_options[] = {
      "bind workers to the cores of this NUMA node and allocate memory there (-1: off)"},
     {"cpuset", OPT_STR, OFF(cpuset), SZ(cpuset), 0, 0, "",
      "bind workers to these CPUs, a list such as 0-7,16 (overrides numa-node's cores)"},
-    {"pin-workers", OPT_BOOL, OFF(pin_workers), 0, 0, 1, "0",
+    {"pin-workers", OPT_BOOL, OFF(pin_workers), 0, 0, 1, "1",
      "bind each worker to one CPU of the binding set (one per core first), so that the "
-     "scheduler cannot stack two workers of one Attend on a core"},
+     "scheduler cannot stack two workers of one Attend on a core (0: workers move freely; "
+     "a binding the system refuses is logged and the workers stay free)"},
     {"mem-limit", OPT_SIZE, OFF(mem_limit), 0, 0, INT64_MAX, "0",
      "daemon-wide memory budget for K, V and indexes, e.g. 64G (0: unlimited); requests "
      "beyond it fail with RA_ENOMEM"},

@@ -268,6 +268,8 @@ ra_status ratd_pool_pin_workers(ratd_pool *p, char *err, size_t errlen)
             snprintf(err, errlen, "--pin-workers: hwloc cannot bind worker %d to CPU %u", i,
                      pu->os_index);
             st = RA_EIO;
+            for (int j = 0; j < i; j++) /* all free again, as without the option */
+                hwloc_set_thread_cpubind(p->topo, p->threads[j], set, HWLOC_CPUBIND_THREAD);
             break;
         }
     }

@@ -64,7 +64,7 @@ void ratd_pool_run(ratd_pool *p, int n_tasks, ratd_task_fn fn, void *arg);
  * unbound), one CPU per core first, round robin when there are more workers than CPUs.
  * Then the scheduler cannot wake two workers of one Attend on one core (bench/README.md,
  * "Eleventh session"); the I/O and index threads stay on the whole set. err gets a
- * message when a binding fails (the workers already bound stay bound). */
+ * message when a binding fails, and then every worker is on the whole set again. */
 ra_status ratd_pool_pin_workers(ratd_pool *p, char *err, size_t errlen);
 
 /* An idle worker spins this long for the next ticket before it sleeps (0: sleeps at

@@ -789,8 +789,11 @@ ra_status ratd_server_create(ratd_server **out, const ratd_config *cfg, char *er
     st = ratd_pool_create(&s->pool, cfg->workers, cfg->numa_node, cfg->cpuset, err, errlen);
     if (st == RA_OK)
         ratd_pool_set_spin(s->pool, cfg->spin_us);
-    if (st == RA_OK && cfg->pin_workers)
-        st = ratd_pool_pin_workers(s->pool, err, errlen);
+    if (st == RA_OK && cfg->pin_workers) {
+        char perr[256];
+        if (ratd_pool_pin_workers(s->pool, perr, sizeof perr) != RA_OK)
+            RA_WARN("%s; the workers move freely", perr);
+    }
     if (st != RA_OK)
         goto fail;
     if ((s->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) < 0) {

@@ -42,7 +42,17 @@
 #define PS_MAX_DP 128   /* projected dimensions kept, at most (RA_P4_QW / 2 chunks of 8) */
 #define PS_MIN_DP 64    /* projected dimensions kept, at least (or all of a smaller head) */
 #define PS_SAMPLE 16384 /* keys sampled for the key moments and the code ranges */
-#define PS_PRIME 96     /* blocks scored first to set the threshold */
+/* The threshold is primed from a stratified sample of at least PS_PRIME blocks, at the
+ * sample's score of rank PS_PRIME_X R x sampled / total, so that about PS_PRIME_X R keys
+ * would pass the full scan (the buffer cuts raise it on the way), and the sample is
+ * large enough for that rank to be PS_PRIME_RANK at least. When fewer than R keys pass,
+ * the part is scanned again from no threshold: with a margin of 2 R and 96 blocks, 5 % of
+ * the 131K lin heads at R 1000 and 30 % at R 200 were scanned twice (a head's keys come
+ * in runs of related positions, so 96 blocks are far fewer independent draws), and with
+ * 16 parts an Attend that often waits for one part's second scan. */
+#define PS_PRIME 96
+#define PS_PRIME_X 4.0
+#define PS_PRIME_RANK 32
 
 /* the share of the score variance the code keeps (RA_PSCAN_ENERGY_PERMILLE, a study knob) */
 static double ps_energy(void)
@@ -771,14 +781,20 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
          * 2 R x sampled / total, so that about 2 R keys pass in the full scan */
         int primed = 0;
         if (nb > 4 * PS_PRIME) {
-            size_t step = nb / PS_PRIME, sampled = 0;
+            int rmin = 0; /* the sample for the smallest R: its rank PS_PRIME_RANK at least */
+            for (int j = 0; j < g; j++)
+                rmin = R[j] && (!rmin || R[j] < rmin) ? R[j] : rmin;
+            double want = rmin ? PS_PRIME_RANK * (double)nb / (PS_PRIME_X * rmin) : 0;
+            want = want < PS_PRIME ? PS_PRIME : want > (double)nb / 8 ? (double)nb / 8 : want;
+            size_t step = (size_t)((double)nb / want), sampled = 0;
+            step = step ? step : 1;
             for (size_t i = 0; i < nb; i += step, sampled++) {
                 size_t b = ps_part_block(i, part, nparts);
                 ps_sweep(s, b, b + 1, 1, g, qw, thr, sc, id, cnt, cap, R);
             }
             double frac = (double)sampled / (double)nb;
             for (int j = 0; j < g; j++) {
-                int rank = (int)(2.0 * R[j] * frac);
+                int rank = (int)(PS_PRIME_X * R[j] * frac);
                 if (!R[j])
                     continue;
                 if (rank >= 1 && cnt[j] > rank) {
@@ -793,6 +809,7 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
         }
         int32_t thr0[PS_G];
         memcpy(thr0, thr, sizeof thr0);
+        int passes = 1;
         ps_sweep_part(s, nblk, part, nparts, g, qw, thr, sc, id, cnt, cap, R);
         if (primed) { /* a threshold set too high by the sample: the scan again from none */
             int again = 0;
@@ -803,6 +820,7 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
                     if (R[j])
                         cnt[j] = 0, thr[j] = INT32_MIN;
                 ps_sweep_part(s, nblk, part, nparts, g, qw, thr, sc, id, cnt, cap, R);
+                passes = 2;
             }
         }
         for (int j = 0; j < g; j++) {
@@ -833,7 +851,7 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
             }
             n_out[qi] = nk;
             if (stats) {
-                stats[qi] = (ra_search_stats){.scanned = n_part,
+                stats[qi] = (ra_search_stats){.scanned = n_part * (size_t)passes,
                                               .hops = 0,
                                               .rescored = (uint64_t)m,
                                               .shared = g,
