@@ -33,8 +33,8 @@ fi
 # (RA_ISA=avx2), np no recall probes (RA_HEAD_PROBE_EVERY=0), lb the build and probe
 # threads at SCHED_BATCH (RA_LOW_SCHED=batch, the ninth session's policy), kN N key parts
 # per KV head for pscan (RATD_KEY_PARTS), pin / free the daemon's workers pinned one per
-# CPU (the default since the eleventh session) or free to move (RATD_PIN_WORKERS=1 / 0).
-# Returns 1 (with a
+# CPU (the default since the eleventh session) or free to move (RATD_PIN_WORKERS=1 / 0),
+# pxN pscan's threshold primed for N R passing keys (RA_PSCAN_PRIME_X). Returns 1 (with a
 # message) on an unknown variant.
 ra_run_variants() {
   local rv=$1 v vs
@@ -57,6 +57,7 @@ ra_run_variants() {
     k[0-9]*) RA_RUN_ENV+=("RATD_KEY_PARTS=${v#k}") ;;
     pin) RA_RUN_ENV+=("RATD_PIN_WORKERS=1") ;;
     free) RA_RUN_ENV+=("RATD_PIN_WORKERS=0") ;;
+    px[0-9]*) RA_RUN_ENV+=("RA_PSCAN_PRIME_X=${v#px}") ;;
     *) echo "unknown variant $v in $rv"; return 1 ;;
     esac
   done

@@ -43,18 +43,27 @@
 #define PS_MIN_DP 64    /* projected dimensions kept, at least (or all of a smaller head) */
 #define PS_SAMPLE 16384 /* keys sampled for the key moments and the code ranges */
 /* The threshold is primed from a stratified sample of at least PS_PRIME blocks, at the
- * sample's score of rank PS_PRIME_X R x sampled / total, so that about PS_PRIME_X R keys
+ * sample's score of rank X R x sampled / total (X = ps_prime_x(), 3), so that about X R keys
  * would pass the full scan (the buffer cuts raise it on the way), and the sample is
  * large enough for that rank to be PS_PRIME_RANK at least. When fewer than R keys pass,
- * the part is scanned again from no threshold: with a margin of 2 R and 96 blocks, 5 % of
- * the 131K lin heads at R 1000 and 30 % at R 200 were scanned twice (a head's keys come
- * in runs of related positions, so 96 blocks are far fewer independent draws), and with
- * 16 parts an Attend that often waits for one part's second scan. */
+ * the part is scanned again from no threshold. With X 2 and 96 blocks, 5 % of the 131K
+ * lin heads at R 1000 and 30 % at R 200 were scanned twice (a head's keys come in runs
+ * of related positions, so 96 blocks are far fewer independent draws), and with 16
+ * parts most Attends waited for one part's second scan; with X 3 and the larger sample,
+ * 0-0.25 % of the lin parts of 64K and 512K keys. X 4 leaves none but costs more
+ * candidates (bench/README.md, "Eleventh session"). */
 #define PS_PRIME 96
-#define PS_PRIME_X 4.0
 #define PS_PRIME_RANK 32
 
 /* the share of the score variance the code keeps (RA_PSCAN_ENERGY_PERMILLE, a study knob) */
+/* X of the priming rank (RA_PSCAN_PRIME_X, 1..16, a study knob; default 3) */
+static double ps_prime_x(void)
+{
+    static ra_env_once once;
+    int x = ra_env_int(&once, "RA_PSCAN_PRIME_X", 3);
+    return x >= 1 && x <= 16 ? x : 3;
+}
+
 static double ps_energy(void)
 {
     static ra_env_once once;
@@ -784,7 +793,8 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
             int rmin = 0; /* the sample for the smallest R: its rank PS_PRIME_RANK at least */
             for (int j = 0; j < g; j++)
                 rmin = R[j] && (!rmin || R[j] < rmin) ? R[j] : rmin;
-            double want = rmin ? PS_PRIME_RANK * (double)nb / (PS_PRIME_X * rmin) : 0;
+            double px = ps_prime_x();
+            double want = rmin ? PS_PRIME_RANK * (double)nb / (px * rmin) : 0;
             want = want < PS_PRIME ? PS_PRIME : want > (double)nb / 8 ? (double)nb / 8 : want;
             size_t step = (size_t)((double)nb / want), sampled = 0;
             step = step ? step : 1;
@@ -794,7 +804,7 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
             }
             double frac = (double)sampled / (double)nb;
             for (int j = 0; j < g; j++) {
-                int rank = (int)(PS_PRIME_X * R[j] * frac);
+                int rank = (int)(px * R[j] * frac);
                 if (!R[j])
                     continue;
                 if (rank >= 1 && cnt[j] > rank) {
