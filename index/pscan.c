@@ -55,7 +55,6 @@
 #define PS_PRIME 96
 #define PS_PRIME_RANK 32
 
-/* the share of the score variance the code keeps (RA_PSCAN_ENERGY_PERMILLE, a study knob) */
 /* X of the priming rank (RA_PSCAN_PRIME_X, 1..16, a study knob; default 3) */
 static double ps_prime_x(void)
 {
@@ -64,6 +63,7 @@ static double ps_prime_x(void)
     return x >= 1 && x <= 16 ? x : 3;
 }
 
+/* the share of the score variance the code keeps (RA_PSCAN_ENERGY_PERMILLE, a study knob) */
 static double ps_energy(void)
 {
     static ra_env_once once;
@@ -787,7 +787,7 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
                 R[j] = 0, thr[j] = INT32_MAX;
         }
         /* the threshold from a stratified sample of the part's blocks: its score of rank
-         * 2 R x sampled / total, so that about 2 R keys pass in the full scan */
+         * X R x sampled / total, so that about X R keys pass in the full scan (PS_PRIME) */
         int primed = 0;
         if (nb > 4 * PS_PRIME) {
             int rmin = 0; /* the sample for the smallest R: its rank PS_PRIME_RANK at least */
