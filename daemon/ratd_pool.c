@@ -261,7 +261,7 @@ ra_status ratd_pool_pin_workers(ratd_pool *p, char *err, size_t errlen)
     for (int i = 0; m == 0 && i < n_pu; i++) /* no cores in the topology: the PUs in order */
         pus[m++] = hwloc_get_obj_inside_cpuset_by_type(p->topo, set, HWLOC_OBJ_PU, (unsigned)i);
     ra_status st = RA_OK;
-    for (int i = 0; i < p->n_threads && m > 0; i++) {
+    for (int i = 0; i < p->n_threads; i++) { /* m >= 1: n_pu >= 1 */
         hwloc_obj_t pu = pus[i % m];
         if (hwloc_set_thread_cpubind(p->topo, p->threads[i], pu->cpuset, HWLOC_CPUBIND_THREAD) <
             0) {

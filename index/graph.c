@@ -169,15 +169,11 @@ void g_parallel(int threads, size_t n, size_t chunk, g_task_fn fn, void *ctx)
         t = (int)want;
     pthread_t tid[G_MAX_THREADS];
     int started = 0;
-    pthread_attr_t a; /* the helpers of a caller pinned to one CPU are not */
-    pthread_attr_init(&a);
-    ra_thread_attr_wide(&a);
-    for (int i = 1; i < t; i++) {
-        if (pthread_create(&tid[started], &a, g_par_worker, &p) != 0)
+    for (int i = 1; i < t; i++) { /* the helpers of a caller pinned to one CPU are not */
+        if (ra_thread_create_wide(&tid[started], 0, g_par_worker, &p) != 0)
             break; /* fewer threads: the caller's thread does the rest */
         started++;
     }
-    pthread_attr_destroy(&a);
     g_par_worker(&p);
     for (int i = 0; i < started; i++)
         pthread_join(tid[i], NULL);

@@ -504,12 +504,8 @@ static void probe_submit(ra_head *h)
     pthread_mutex_lock(&g_probe.mu);
     if (g_probe.state == 0) {
         pthread_t t;
-        pthread_attr_t a;
-        pthread_attr_init(&a);
-        pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
-        ra_thread_attr_wide(&a); /* not on the CPU of a pinned worker that submits first */
-        g_probe.state = pthread_create(&t, &a, probe_main, NULL) == 0 ? 1 : -1;
-        pthread_attr_destroy(&a);
+        /* not on the CPU of a pinned worker that submits first */
+        g_probe.state = ra_thread_create_wide(&t, 1, probe_main, NULL) == 0 ? 1 : -1;
     }
     if (g_probe.state == 1 && g_probe.n < PROBE_QCAP) {
         g_probe.q[g_probe.n++] = h;
@@ -798,11 +794,8 @@ static ra_status start_build(ra_head *h, const float *train_q, size_t nq, const 
         /* Created under bmu so the thread is recorded before it can finish and another
          * build can start (the thread takes bmu last thing). */
         pthread_mutex_lock(&h->bmu);
-        pthread_attr_t a; /* with its OpenMP helpers, not on a pinned worker's one CPU */
-        pthread_attr_init(&a);
-        ra_thread_attr_wide(&a);
-        int rc = pthread_create(&h->thr, &a, build_thread_main, h);
-        pthread_attr_destroy(&a);
+        /* with its OpenMP helpers, not on a pinned worker's one CPU */
+        int rc = ra_thread_create_wide(&h->thr, 0, build_thread_main, h);
         h->thr_live = rc == 0;
         pthread_mutex_unlock(&h->bmu);
         if (rc == 0)

@@ -321,7 +321,7 @@ typedef struct cpu_work {
     int mask[8];    /* the worker's affinity: its one CPU, -1 for none or several */
     int n_seen[8];  /* atomic */
     int finished;   /* atomic */
-    int wide_cpus;  /* CPUs of a thread a worker started with ra_thread_attr_wide */
+    int wide_cpus;  /* CPUs of a thread a worker started with ra_thread_create_wide */
 } cpu_work;
 
 static void *count_cpus(void *arg)
@@ -345,12 +345,9 @@ static void cpu_task(ratd_work *w, int task, int worker)
             one = CPU_ISSET(k, &m) ? k : -1;
     c->mask[worker] = one;
     if (task == 0) { /* a thread started from a pinned worker, as an index build is */
-        pthread_attr_t a;
         pthread_t t;
-        pthread_attr_init(&a);
-        if (ra_thread_attr_wide(&a) == 0 && pthread_create(&t, &a, count_cpus, &c->wide_cpus) == 0)
+        if (ra_thread_create_wide(&t, 0, count_cpus, &c->wide_cpus) == 0)
             pthread_join(t, NULL);
-        pthread_attr_destroy(&a);
     }
     usleep(100); /* long enough that every worker gets tasks */
 }
