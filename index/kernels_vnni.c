@@ -136,26 +136,33 @@ size_t ra_kern_p4scan_vnni(const uint8_t *codes, int nch, size_t b, size_t b1, s
                           (bench/README.md, "Projected-code scan") */
             for (int ch = 0; ch < nch; ch++)
                 _mm_prefetch((const char *)(c + 16 * bb + (size_t)ch * 64), _MM_HINT_T0);
+        /* two sums a query (low and high nibbles), so that eight chains of vpdpbusd are
+           in flight (latency 5): with four, the chains, not the ports, set the pace */
         __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+        __m512i h0 = a0, h1 = a0, h2 = a0, h3 = a0;
         for (int ch = 0; ch < nch; ch++) {
             __m512i x = _mm512_loadu_si512(c + ch * 64);
             __m512i lo = _mm512_and_si512(x, m4);
             __m512i hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), m4);
             a0 = _mm512_dpbusd_epi32(a0, lo, _mm512_set1_epi32(q0[2 * ch]));
-            a0 = _mm512_dpbusd_epi32(a0, hi, _mm512_set1_epi32(q0[2 * ch + 1]));
+            h0 = _mm512_dpbusd_epi32(h0, hi, _mm512_set1_epi32(q0[2 * ch + 1]));
             if (g > 1) {
                 a1 = _mm512_dpbusd_epi32(a1, lo, _mm512_set1_epi32(q1[2 * ch]));
-                a1 = _mm512_dpbusd_epi32(a1, hi, _mm512_set1_epi32(q1[2 * ch + 1]));
+                h1 = _mm512_dpbusd_epi32(h1, hi, _mm512_set1_epi32(q1[2 * ch + 1]));
             }
             if (g > 2) {
                 a2 = _mm512_dpbusd_epi32(a2, lo, _mm512_set1_epi32(q2[2 * ch]));
-                a2 = _mm512_dpbusd_epi32(a2, hi, _mm512_set1_epi32(q2[2 * ch + 1]));
+                h2 = _mm512_dpbusd_epi32(h2, hi, _mm512_set1_epi32(q2[2 * ch + 1]));
             }
             if (g > 3) {
                 a3 = _mm512_dpbusd_epi32(a3, lo, _mm512_set1_epi32(q3[2 * ch]));
-                a3 = _mm512_dpbusd_epi32(a3, hi, _mm512_set1_epi32(q3[2 * ch + 1]));
+                h3 = _mm512_dpbusd_epi32(h3, hi, _mm512_set1_epi32(q3[2 * ch + 1]));
             }
         }
+        a0 = _mm512_add_epi32(a0, h0);
+        a1 = _mm512_add_epi32(a1, h1);
+        a2 = _mm512_add_epi32(a2, h2);
+        a3 = _mm512_add_epi32(a3, h3);
         __mmask16 valid = 0xffff;
         if (b * 16 + 16 > n_valid)
             valid = n_valid > b * 16 ? (__mmask16)((1u << (n_valid - b * 16)) - 1) : 0;

@@ -33,6 +33,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "ra_backend.h"
 #include "ra_env.h"
@@ -61,6 +62,49 @@ static double ps_prime_x(void)
     static ra_env_once once;
     int x = ra_env_int(&once, "RA_PSCAN_PRIME_X", 3);
     return x >= 1 && x <= 16 ? x : 3;
+}
+
+/* RA_PSCAN_PROFILE=1 (a study knob): every search adds the time of its phases to
+ * process-wide totals, logged at exit, to tell where a search's time goes in the daemon */
+enum { PP_PREP, PP_PRIME, PP_SCAN, PP_RESCAN, PP_RESCORE, PP_SELECT, PP_CUT, PP_N };
+static uint64_t ps_prof[PP_N + 3]; /* ns per phase, then searches, cuts, keys cut */
+static __thread uint64_t t_cut_ns, t_cuts, t_cut_keys;
+
+static void ps_prof_print(void)
+{
+    uint64_t n = ps_prof[PP_N];
+    if (!n)
+        return;
+    double d = (double)n * 1e3;
+    RA_WARN("pscan profile: %llu searches; us a search: prepare %.1f, prime %.1f, scan %.1f "
+            "(of which cut %.1f), rescan %.1f, rescore %.1f, select %.1f; %.2f cuts of %.0f "
+            "keys a search",
+            (unsigned long long)n, ps_prof[PP_PREP] / d, ps_prof[PP_PRIME] / d,
+            ps_prof[PP_SCAN] / d, ps_prof[PP_CUT] / d, ps_prof[PP_RESCAN] / d,
+            ps_prof[PP_RESCORE] / d, ps_prof[PP_SELECT] / d, (double)ps_prof[PP_N + 1] / (double)n,
+            ps_prof[PP_N + 1] ? (double)ps_prof[PP_N + 2] / (double)ps_prof[PP_N + 1] : 0.0);
+}
+
+static pthread_once_t ps_prof_once = PTHREAD_ONCE_INIT;
+static void ps_prof_init(void)
+{
+    atexit(ps_prof_print);
+}
+
+static int ps_profiling(void)
+{
+    static ra_env_once once;
+    if (ra_env_int(&once, "RA_PSCAN_PROFILE", 0) != 1)
+        return 0;
+    pthread_once(&ps_prof_once, ps_prof_init);
+    return 1;
+}
+
+static inline uint64_t ps_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
 /* the share of the score variance the code keeps (RA_PSCAN_ENERGY_PERMILLE, a study knob) */
@@ -483,6 +527,7 @@ typedef struct ps_tls {
 } ps_tls;
 
 static __thread ps_tls t_ps;
+static __thread int t_ps_prof; /* this search is profiled (ps_profiling) */
 static pthread_key_t ps_key; /* only to free t_ps's buffers when its thread ends */
 static pthread_once_t ps_once = PTHREAD_ONCE_INIT;
 static int ps_key_ok;
@@ -555,23 +600,66 @@ static int32_t ps_kth(int32_t *a, size_t n, size_t k)
     return a[k];
 }
 
+#define PS_BINS 1024 /* bins of ps_rank's histogram */
+
+/* The value of rank k (0: the largest) among a[0..n) (n > k), and in *gt the number of
+ * elements above it; a is not changed. A histogram of 1,024 bins over [min, max] finds
+ * the bin of rank k, and a quickselect only that bin's elements (copied to tmp, which
+ * holds n). Branch-free but for the select of the few: a quickselect over all of them
+ * mispredicted about every other comparison and took ~25 cycles an element (a quarter
+ * of the scan's time at R 1,000; bench/README.md, "Twelfth session"). */
+static int32_t ps_rank(const int32_t *a, size_t n, size_t k, int32_t *tmp, size_t *gt)
+{
+    int32_t mn = a[0], mx = a[0];
+    for (size_t i = 1; i < n; i++) {
+        mn = a[i] < mn ? a[i] : mn;
+        mx = a[i] > mx ? a[i] : mx;
+    }
+    uint32_t span = (uint32_t)((int64_t)mx - mn);
+    int sh = 0;
+    while ((span >> sh) >= PS_BINS)
+        sh++;
+    uint32_t h[PS_BINS];
+    uint32_t nbin = (span >> sh) + 1;
+    memset(h, 0, nbin * sizeof *h);
+    for (size_t i = 0; i < n; i++)
+        h[(uint32_t)(a[i] - mn) >> sh]++;
+    size_t above = 0;
+    uint32_t b = nbin - 1;
+    while (above + h[b] <= k) /* the bins hold n > k: stops at b >= 0 */
+        above += h[b--];
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++) {
+        tmp[m] = a[i];
+        m += ((uint32_t)(a[i] - mn) >> sh) == b;
+    }
+    int32_t t = ps_kth(tmp, m, k - above);
+    for (size_t i = 0; i < m; i++)
+        above += tmp[i] > t;
+    *gt = above;
+    return t;
+}
+
 /* query j's buffer cut back to its best R (ties at the R-th score: the earliest rows) and
  * its threshold raised to the R-th score */
 static void ps_cut(int32_t *sc, int32_t *id, int *cnt, int32_t *thr, int R, int32_t *tmp)
 {
     if (*cnt <= R)
         return;
-    memcpy(tmp, sc, (size_t)*cnt * sizeof *tmp);
-    int32_t t = ps_kth(tmp, (size_t)*cnt, (size_t)R - 1);
-    int above = 0;
-    for (int i = 0; i < *cnt; i++)
-        above += sc[i] > t;
-    int eq_keep = R - above, m = 0;
-    for (int i = 0; i < *cnt; i++)
-        if (sc[i] > t || (sc[i] == t && eq_keep-- > 0)) {
-            sc[m] = sc[i];
-            id[m++] = id[i];
-        }
+    uint64_t c0 = t_ps_prof ? ps_ns() : 0;
+    size_t above;
+    int32_t t = ps_rank(sc, (size_t)*cnt, (size_t)R - 1, tmp, &above);
+    int eq_keep = R - (int)above, m = 0;
+    for (int i = 0; i < *cnt; i++) { /* in place, branch-free: m <= i */
+        int32_t v = sc[i], d = id[i];
+        int keep = (v > t) | ((v == t) & (eq_keep > 0));
+        eq_keep -= v == t;
+        sc[m] = v;
+        id[m] = d;
+        m += keep;
+    }
+    if (t_ps_prof)
+        t_cut_ns += ps_ns() - c0, t_cuts++, t_cut_keys += (uint64_t)*cnt;
     *cnt = m;
     if (t > *thr)
         *thr = t;
@@ -658,19 +746,6 @@ static size_t ps_partition(ps_pair *a, size_t lo, size_t hi)
         ps_pair t = a[i];
         a[i] = a[j], a[j] = t;
         i++, j--;
-    }
-}
-
-/* a[0..n) reordered so that its k best come first (k < n), by quickselect */
-static void ps_select(ps_pair *a, size_t n, size_t k)
-{
-    size_t lo = 0, hi = n - 1;
-    while (lo < hi) {
-        size_t j = ps_partition(a, lo, hi);
-        if (k - 1 <= j)
-            hi = j;
-        else
-            lo = j + 1;
     }
 }
 
@@ -769,6 +844,18 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
         return RA_ENOMEM;
     ps_tls *t = &t_ps;
     const void *keys = ra_kv_keys(kv);
+    uint64_t pt[PP_N] = {0}, tp = 0;
+    t_ps_prof = ps_profiling();
+    if (t_ps_prof)
+        t_cut_ns = t_cuts = t_cut_keys = 0, tp = ps_ns();
+#define PS_MARK(ph)                                                                                \
+    do {                                                                                           \
+        if (t_ps_prof) {                                                                           \
+            uint64_t now_ = ps_ns();                                                               \
+            pt[ph] += now_ - tp;                                                                   \
+            tp = now_;                                                                             \
+        }                                                                                          \
+    } while (0)
     for (size_t g0 = 0; g0 < nq; g0 += PS_G) {
         int g = nq - g0 < PS_G ? (int)(nq - g0) : PS_G;
         int32_t qw[PS_G * RA_P4_QW], thr[PS_G];
@@ -786,6 +873,7 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
             if (pj->k <= 0 || R[j] <= 0) /* nothing for this query: no key passes */
                 R[j] = 0, thr[j] = INT32_MAX;
         }
+        PS_MARK(PP_PREP);
         /* the threshold from a stratified sample of the part's blocks: its score of rank
          * X R x sampled / total, so that about X R keys pass in the full scan (PS_PRIME) */
         int primed = 0;
@@ -798,7 +886,14 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
             want = want < PS_PRIME ? PS_PRIME : want > (double)nb / 8 ? (double)nb / 8 : want;
             size_t step = (size_t)((double)nb / want), sampled = 0;
             step = step ? step : 1;
+            size_t bb = ps_block_bytes(s);
             for (size_t i = 0; i < nb; i += step, sampled++) {
+                /* the sampled blocks are far apart: each one's lines asked for 4 ahead */
+                if (i + 4 * step < nb) {
+                    const uint8_t *c = s->codes + ps_part_block(i + 4 * step, part, nparts) * bb;
+                    for (size_t o = 0; o < bb; o += 64)
+                        __builtin_prefetch(c + o, 0, 3);
+                }
                 size_t b = ps_part_block(i, part, nparts);
                 ps_sweep(s, b, b + 1, 1, g, qw, thr, sc, id, cnt, cap, R);
             }
@@ -808,8 +903,8 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
                 if (!R[j])
                     continue;
                 if (rank >= 1 && cnt[j] > rank) {
-                    memcpy(t->tmp, sc[j], (size_t)cnt[j] * sizeof *t->tmp);
-                    thr[j] = ps_kth(t->tmp, (size_t)cnt[j], (size_t)rank - 1);
+                    size_t above;
+                    thr[j] = ps_rank(sc[j], (size_t)cnt[j], (size_t)rank - 1, t->tmp, &above);
                     primed = 1;
                 } else {
                     thr[j] = INT32_MIN;
@@ -817,10 +912,12 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
                 cnt[j] = 0;
             }
         }
+        PS_MARK(PP_PRIME);
         int32_t thr0[PS_G];
         memcpy(thr0, thr, sizeof thr0);
         int passes = 1;
         ps_sweep_part(s, nblk, part, nparts, g, qw, thr, sc, id, cnt, cap, R);
+        PS_MARK(PP_SCAN);
         if (primed) { /* a threshold set too high by the sample: the scan again from none */
             int again = 0;
             for (int j = 0; j < g; j++)
@@ -833,6 +930,7 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
                 passes = 2;
             }
         }
+        PS_MARK(PP_RESCAN);
         for (int j = 0; j < g; j++) {
             size_t qi = g0 + (size_t)j;
             int k = p[qi].k;
@@ -846,13 +944,30 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
             int m = cnt[j];
             const float *qq = q + qi * (size_t)s->dim;
             ps_rescore(s, keys, qq, id[j], m, t->ex);
-            /* the k best (score, id) pairs, best first */
-            ps_pair *pr = (ps_pair *)t->tmp; /* tmp holds cap int32: m <= cap / 2 pairs */
-            for (int i = 0; i < m; i++)
-                pr[i] = (ps_pair){t->ex[i], id[j][i]};
+            PS_MARK(PP_RESCORE);
+            /* the k best (score, id) pairs, best first: the k-th score by ps_rank on the
+             * scores as ordered integers (in sc[j], free now), then the pairs above it and
+             * the ties at it of the lowest ids (id[j] is ascending) */
+            ps_pair *pr = (ps_pair *)t->tmp; /* tmp holds cap int32: k <= m <= cap / 2 */
             int nk = m < k ? m : k;
-            if (nk < m)
-                ps_select(pr, (size_t)m, (size_t)nk);
+            if (nk < m) {
+                int32_t *key = sc[j];
+                for (int i = 0; i < m; i++) {
+                    float f = t->ex[i] + 0.0f; /* -0 as +0: equal scores, equal keys */
+                    int32_t b;
+                    memcpy(&b, &f, sizeof b);
+                    key[i] = b ^ ((b >> 31) & 0x7fffffff);
+                }
+                size_t above;
+                int32_t kt = ps_rank(key, (size_t)m, (size_t)nk - 1, t->tmp, &above);
+                int eq_keep = nk - (int)above, w = 0;
+                for (int i = 0; i < m; i++)
+                    if (key[i] > kt || (key[i] == kt && eq_keep-- > 0))
+                        pr[w++] = (ps_pair){t->ex[i], id[j][i]};
+            } else {
+                for (int i = 0; i < m; i++)
+                    pr[i] = (ps_pair){t->ex[i], id[j][i]};
+            }
             ps_sort(pr, (size_t)nk);
             for (int i = 0; i < nk; i++) {
                 ids[qi * (size_t)kmax + (size_t)i] = pr[i].id;
@@ -860,6 +975,7 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
                     scores[qi * (size_t)kmax + (size_t)i] = pr[i].s;
             }
             n_out[qi] = nk;
+            PS_MARK(PP_SELECT);
             if (stats) {
                 stats[qi] = (ra_search_stats){.scanned = n_part * (size_t)passes,
                                               .hops = 0,
@@ -868,6 +984,16 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
                                               .exact_fallback = 0};
             }
         }
+    }
+#undef PS_MARK
+    if (t_ps_prof) {
+        for (int i = 0; i < PP_N; i++)
+            __atomic_add_fetch(&ps_prof[i], pt[i], __ATOMIC_RELAXED);
+        __atomic_add_fetch(&ps_prof[PP_CUT], t_cut_ns, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&ps_prof[PP_N], 1, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&ps_prof[PP_N + 1], t_cuts, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&ps_prof[PP_N + 2], t_cut_keys, __ATOMIC_RELAXED);
+        t_ps_prof = 0;
     }
     /* a search at a large effort (up to 2^24 candidates) grew the scratch: give it back
      * rather than keep tens of MB a worker, outside the memory limit */

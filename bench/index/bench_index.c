@@ -1176,13 +1176,13 @@ int main(int argc, char **argv)
             char params[64];
             snprintf(params, sizeof params, "effort=%d", eff[e]);
             emit(&c, idx[ii].name, params, &so, build_s, NULL);
-            if (!strcmp(idx[ii].name, "graph") && d.G > 1) {
+            if (d.G > 1 && idx[ii].ops->search_group) { /* graph, pscan */
                 sweep_out sg;
                 if (run_group(idx[ii].ops, st, kv, d.n, d.queries, d.nq, d.G, D, k, eff[e], gt,
                               &sg))
                     break;
                 snprintf(params, sizeof params, "effort=%d,group=%d", eff[e], d.G);
-                emit(&c, "graph", params, &sg, build_s, NULL);
+                emit(&c, idx[ii].name, params, &sg, build_s, NULL);
             }
             if (!strcmp(idx[ii].name, "graph") && !c.no_warm_start) {
                 sweep_out sw;
