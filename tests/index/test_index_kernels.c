@@ -634,16 +634,16 @@ static void test_u4dot(void **state)
         }
 }
 
-/* The projected-code scan kernel against a plain loop: every ISA, 1-4 queries, 1-8
- * chunks, a tail block (n_valid not a multiple of 16), a block step, thresholds that pass
- * everything / some / nothing, and the early return when a buffer fills (the caller's
- * resumption gives the same keys in the same order). */
+/* The projected-code scan kernel against a plain loop: every ISA, 1-4 queries, 1-8,
+ * 12 and 16 chunks (pscan keeps 64-128 dimensions: 8-16), a tail block (n_valid not a multiple of
+ * 16), a block step, thresholds that pass everything / some / nothing, and the early return when a
+ * buffer fills (the caller's resumption gives the same keys in the same order). */
 static void test_p4scan(void **state)
 {
     use_isa(state);
     trng r = {97};
     enum { NB = 37, CAP = 96 };
-    for (int nch = 1; nch <= 8; nch++)
+    for (int nch = 1; nch <= 16; nch += nch < 8 ? 1 : 4) /* 1-8, 12, 16 (pscan: 8-16) */
         for (int g = 1; g <= 4; g++)
             for (int step = 1; step <= 3; step += 2) {
                 size_t bb = (size_t)nch * 64, nvalid = NB * 16 - 5;
