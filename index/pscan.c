@@ -600,15 +600,20 @@ static int32_t ps_kth(int32_t *a, size_t n, size_t k)
     return a[k];
 }
 
-#define PS_BINS 1024 /* bins of ps_rank's histogram */
+#define PS_BINS 1024 /* bins of the cuts' histogram */
 
-/* The value of rank k (0: the largest) among a[0..n) (n > k), and in *gt the number of
- * elements above it; a is not changed. A histogram of 1,024 bins over [min, max] finds
- * the bin of rank k, and a quickselect only that bin's elements (copied to tmp, which
- * holds n). Branch-free but for the select of the few: a quickselect over all of them
- * mispredicted about every other comparison and took ~25 cycles an element (a quarter
- * of the scan's time at R 1,000; bench/README.md, "Twelfth session"). */
-static int32_t ps_rank(const int32_t *a, size_t n, size_t k, int32_t *tmp, size_t *gt)
+/* A histogram of a[0..n) (n >= 1) in at most PS_BINS bins over [min, max]: v is in bin
+ * (v - mn) >> sh. The cuts find the bin of a rank in it instead of a quickselect over
+ * every element, which mispredicted about every other comparison and took ~25 cycles an
+ * element (a quarter of the scan's time at R 1,000; bench/README.md, "Twelfth session"). */
+typedef struct ps_hist {
+    int32_t mn;
+    int sh;
+    uint32_t nbin;
+    uint32_t h[PS_BINS];
+} ps_hist;
+
+static void ps_hist_fill(ps_hist *H, const int32_t *a, size_t n)
 {
     int32_t mn = a[0], mx = a[0];
     for (size_t i = 1; i < n; i++) {
@@ -619,25 +624,63 @@ static int32_t ps_rank(const int32_t *a, size_t n, size_t k, int32_t *tmp, size_
     int sh = 0;
     while ((span >> sh) >= PS_BINS)
         sh++;
-    uint32_t h[PS_BINS];
-    uint32_t nbin = (span >> sh) + 1;
-    memset(h, 0, nbin * sizeof *h);
+    H->mn = mn;
+    H->sh = sh;
+    H->nbin = (span >> sh) + 1;
+    memset(H->h, 0, H->nbin * sizeof *H->h);
     for (size_t i = 0; i < n; i++)
-        h[(uint32_t)(a[i] - mn) >> sh]++;
-    size_t above = 0;
-    uint32_t b = nbin - 1;
-    while (above + h[b] <= k) /* the bins hold n > k: stops at b >= 0 */
-        above += h[b--];
+        H->h[(uint32_t)(a[i] - mn) >> sh]++;
+}
+
+/* the bin of rank k (0: the largest; k below the count), and in *above the count of the
+ * bins above it */
+static uint32_t ps_hist_bin(const ps_hist *H, size_t k, size_t *above)
+{
+    size_t ab = 0;
+    uint32_t b = H->nbin - 1;
+    while (ab + H->h[b] <= k) /* the bins hold more than k: stops at b >= 0 */
+        ab += H->h[b--];
+    *above = ab;
+    return b;
+}
+
+/* The value of rank k (0: the largest) among a[0..n) (n > k), and in *gt the number of
+ * elements above it; a is not changed. Only the elements of rank k's bin are copied to
+ * tmp (which holds n) and selected among. */
+static int32_t ps_rank(const int32_t *a, size_t n, size_t k, int32_t *tmp, size_t *gt)
+{
+    ps_hist H;
+    ps_hist_fill(&H, a, n);
+    size_t above;
+    uint32_t b = ps_hist_bin(&H, k, &above);
     size_t m = 0;
     for (size_t i = 0; i < n; i++) {
         tmp[m] = a[i];
-        m += ((uint32_t)(a[i] - mn) >> sh) == b;
+        m += ((uint32_t)(a[i] - H.mn) >> H.sh) == b;
     }
     int32_t t = ps_kth(tmp, m, k - above);
     for (size_t i = 0; i < m; i++)
         above += tmp[i] > t;
     *gt = above;
     return t;
+}
+
+/* A value e with at least k + 1 of a[0..n) (n > k) at or above it, and at most the bin of
+ * rank k more: the lower edge of that bin; *n_at_or_above gets their count. */
+static int32_t ps_edge(const int32_t *a, size_t n, size_t k, size_t *n_at_or_above)
+{
+    ps_hist H;
+    ps_hist_fill(&H, a, n);
+    size_t above;
+    uint32_t b = ps_hist_bin(&H, k, &above);
+    *n_at_or_above = above + H.h[b];
+    return (int32_t)((int64_t)H.mn + ((int64_t)b << H.sh));
+}
+
+static void ps_prof_cut(uint64_t c0, int n)
+{
+    if (t_ps_prof)
+        t_cut_ns += ps_ns() - c0, t_cuts++, t_cut_keys += (uint64_t)n;
 }
 
 /* query j's buffer cut back to its best R (ties at the R-th score: the earliest rows) and
@@ -658,23 +701,50 @@ static void ps_cut(int32_t *sc, int32_t *id, int *cnt, int32_t *thr, int R, int3
         id[m] = d;
         m += keep;
     }
-    if (t_ps_prof)
-        t_cut_ns += ps_ns() - c0, t_cuts++, t_cut_keys += (uint64_t)*cnt;
+    ps_prof_cut(c0, *cnt);
     *cnt = m;
     if (t > *thr)
         *thr = t;
+}
+
+/* The cut of a full buffer during a scan: at least its best R kept (every key at or above
+ * the lower edge of the R-th score's bin) and the threshold raised to just below that
+ * edge. What it keeps beyond the best R only costs room: the final ps_cut leaves the
+ * same R as an exact cut here would have (the keys an exact cut drops, and the later
+ * ones it would not admit, all rank below its R), so the answers are the same. Where
+ * ties would keep too many to make room, the exact cut. */
+static void ps_cut_scan(int32_t *sc, int32_t *id, int *cnt, int32_t *thr, int R, int cap,
+                        int32_t *tmp)
+{
+    if (*cnt <= R)
+        return;
+    uint64_t c0 = t_ps_prof ? ps_ns() : 0;
+    size_t keep_n;
+    int32_t e = ps_edge(sc, (size_t)*cnt, (size_t)R - 1, &keep_n);
+    if (keep_n + 64 > (size_t)cap) {
+        ps_cut(sc, id, cnt, thr, R, tmp);
+        return;
+    }
+    int m = 0;
+    for (int i = 0; i < *cnt; i++) {
+        int32_t v = sc[i], d = id[i];
+        sc[m] = v;
+        id[m] = d;
+        m += v >= e;
+    }
+    ps_prof_cut(c0, *cnt);
+    *cnt = m;
+    if (e - 1 > *thr) /* e > every threshold so far: the buffer holds only keys above it */
+        *thr = e - 1;
 }
 
 /* prepared int8 query words qw[2 nch] from fp32 q */
 static void ps_prepare(const ps_state *s, const float *q, float *u, int32_t *qw)
 {
     float mx = 0;
+    ra_kern_dot_range(q, s->aq, RA_DTYPE_F32, s->dim, 0, (size_t)s->dp, u); /* Aq q */
     for (int j = 0; j < s->dp; j++) {
-        const float *a = s->aq + (size_t)j * s->dim;
-        float acc = 0;
-        for (int d = 0; d < s->dim; d++)
-            acc += a[d] * q[d];
-        u[j] = acc * s->step[j];
+        u[j] *= s->step[j];
         mx = fabsf(u[j]) > mx ? fabsf(u[j]) : mx;
     }
     float m = mx > 0 ? 127.0f / mx : 0;
@@ -716,7 +786,7 @@ static void ps_sweep(const ps_state *s, size_t b0, size_t b1, size_t step, int g
         b = ra_kern_p4scan(s->codes, s->nch, b, b1, step, s->n, g, qw, thr, sc, id, cnt, cap);
         for (int j = 0; j < g; j++)
             if (cnt[j] > cap - 16)
-                ps_cut(sc[j], id[j], &cnt[j], &thr[j], R[j], t_ps.tmp);
+                ps_cut_scan(sc[j], id[j], &cnt[j], &thr[j], R[j], cap, t_ps.tmp);
     }
 }
 
@@ -766,6 +836,49 @@ static void ps_sort(ps_pair *a, size_t n)
             a[j] = a[j - 1];
         a[j] = x;
     }
+}
+
+/* a float score as an unsigned key whose ascending order is the scores' descending one
+ * (-0 as +0; scores are finite) */
+static inline uint32_t ps_desc_key(float f)
+{
+    f += 0.0f;
+    int32_t b;
+    memcpy(&b, &f, sizeof b);
+    uint32_t k = (uint32_t)(b ^ ((b >> 31) & 0x7fffffff)) ^ 0x80000000u;
+    return ~k;
+}
+
+/* a[0..n) sorted best first, ties kept in their order (the callers' ids ascend, so ties
+ * go lower id first, as ps_before): a stable radix sort, 8 bits a pass, passes where
+ * every key has the same byte skipped; tmp holds n. A quicksort's comparisons
+ * mispredicted as the cuts' did (~5 us of a group's 10 us selection, dev box). */
+static void ps_sort_stable(ps_pair *a, size_t n, ps_pair *tmp)
+{
+    if (n <= 32) {
+        ps_sort(a, n); /* unique ids: the same order */
+        return;
+    }
+    ps_pair *src = a, *dst = tmp;
+    for (int sh = 0; sh < 32; sh += 8) {
+        uint32_t c[256] = {0};
+        for (size_t i = 0; i < n; i++)
+            c[(ps_desc_key(src[i].s) >> sh) & 255]++;
+        if (c[(ps_desc_key(src[0].s) >> sh) & 255] == n)
+            continue;
+        uint32_t o = 0;
+        for (int d = 0; d < 256; d++) {
+            uint32_t x = c[d];
+            c[d] = o;
+            o += x;
+        }
+        for (size_t i = 0; i < n; i++)
+            dst[c[(ps_desc_key(src[i].s) >> sh) & 255]++] = src[i];
+        ps_pair *t = src;
+        src = dst, dst = t;
+    }
+    if (src != a)
+        memcpy(a, src, n * sizeof *a);
 }
 
 /* exact scores of the m rows ids (ascending) into ex, every line of each row prefetched
@@ -884,10 +997,19 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
             double px = ps_prime_x();
             double want = rmin ? PS_PRIME_RANK * (double)nb / (px * rmin) : 0;
             want = want < PS_PRIME ? PS_PRIME : want > (double)nb / 8 ? (double)nb / 8 : want;
-            size_t step = (size_t)((double)nb / want), sampled = 0;
+            size_t step = (size_t)((double)nb / want);
             step = step ? step : 1;
+            size_t sampled = (nb + step - 1) / step;
+            double frac = (double)sampled / (double)nb;
+            /* each query's rank in the sample, and its buffer cut to about that many
+             * while the sample is read (not to R: the sample may hold more than R) */
+            int rank[PS_G], Rp[PS_G];
+            for (int j = 0; j < g; j++) {
+                rank[j] = (int)(px * R[j] * frac);
+                Rp[j] = rank[j] >= 1 ? rank[j] : R[j];
+            }
             size_t bb = ps_block_bytes(s);
-            for (size_t i = 0; i < nb; i += step, sampled++) {
+            for (size_t i = 0; i < nb; i += step) {
                 /* the sampled blocks are far apart: each one's lines asked for 4 ahead */
                 if (i + 4 * step < nb) {
                     const uint8_t *c = s->codes + ps_part_block(i + 4 * step, part, nparts) * bb;
@@ -895,16 +1017,16 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
                         __builtin_prefetch(c + o, 0, 3);
                 }
                 size_t b = ps_part_block(i, part, nparts);
-                ps_sweep(s, b, b + 1, 1, g, qw, thr, sc, id, cnt, cap, R);
+                ps_sweep(s, b, b + 1, 1, g, qw, thr, sc, id, cnt, cap, Rp);
             }
-            double frac = (double)sampled / (double)nb;
             for (int j = 0; j < g; j++) {
-                int rank = (int)(px * R[j] * frac);
                 if (!R[j])
                     continue;
-                if (rank >= 1 && cnt[j] > rank) {
-                    size_t above;
-                    thr[j] = ps_rank(sc[j], (size_t)cnt[j], (size_t)rank - 1, t->tmp, &above);
+                if (rank[j] >= 1 && cnt[j] > rank[j]) {
+                    /* just below the lower edge of the bin of that rank: a little more
+                     * than X R pass, and the answers are the same (ps_cut_scan) */
+                    size_t at_or_above;
+                    thr[j] = ps_edge(sc[j], (size_t)cnt[j], (size_t)rank[j] - 1, &at_or_above) - 1;
                     primed = 1;
                 } else {
                     thr[j] = INT32_MIN;
@@ -968,7 +1090,7 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
                 for (int i = 0; i < m; i++)
                     pr[i] = (ps_pair){t->ex[i], id[j][i]};
             }
-            ps_sort(pr, (size_t)nk);
+            ps_sort_stable(pr, (size_t)nk, (ps_pair *)t->ex); /* ex: cap floats, free now */
             for (int i = 0; i < nk; i++) {
                 ids[qi * (size_t)kmax + (size_t)i] = pr[i].id;
                 if (scores)

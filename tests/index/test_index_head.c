@@ -932,6 +932,56 @@ static void test_pscan_second_scan(void **state)
     fx_fini(&f);
 }
 
+/* pscan with every key one of three vectors: the code scores tie in the thousands, so a
+ * full buffer cannot be cut to its best R by score alone (the cut during the scan falls
+ * back to the exact one, earliest rows first) and the answer is the k lowest rows of the
+ * best vector, in row order, each with the exact score. */
+static void test_pscan_ties(void **state)
+{
+    (void)state;
+    enum { D = 64, NT = 256, NQ = 4, K = 50 };
+    size_t n = 30000;
+    trng r = {4711};
+    float base[3][D];
+    for (int t = 0; t < 3; t++)
+        for (int j = 0; j < D; j++)
+            base[t][j] = trng_gauss(&r);
+    float *kf = malloc(n * D * sizeof *kf);
+    for (size_t i = 0; i < n; i++)
+        memcpy(kf + i * D, base[i % 3], sizeof base[0]);
+    float *tq = malloc((NT + NQ) * D * sizeof *tq);
+    for (int i = 0; i < NT + NQ; i++)
+        for (int j = 0; j < D; j++)
+            tq[i * D + j] = base[0][j] + 0.3f * trng_gauss(&r);
+    float *q = tq + NT * D;
+    fixture f = {
+        .h = new_head(RA_INDEX_PSCAN, D, RA_DTYPE_F16, NULL), .dim = D, .dt = RA_DTYPE_F16, .n = n};
+    f.k = malloc(n * D * 2);
+    f.v = malloc(n * D * 2);
+    ra_kern_from_f32(kf, RA_DTYPE_F16, n * D, f.k);
+    ra_kern_from_f32(kf, RA_DTYPE_F16, n * D, f.v);
+    int64_t *pos = malloc(n * sizeof *pos);
+    for (size_t i = 0; i < n; i++)
+        pos[i] = (int64_t)i;
+    assert_int_equal(ra_head_append(f.h, f.k, f.v, pos, n), RA_OK);
+    assert_int_equal(ra_head_build(f.h, tq, NT, 0), RA_OK);
+    for (int t = 0; t < NQ; t++)
+        for (int eff = 0; eff <= 200; eff += 200) { /* the default R, and R 200 */
+            int32_t ids[K];
+            float sc[K];
+            int no;
+            ra_search_params p = {.k = K, .effort = eff};
+            assert_int_equal(ra_head_search(f.h, q + t * D, &p, ids, sc, &no, NULL), RA_OK);
+            check_exact(&f, q + t * D, K, ids, sc, no);
+            for (int i = 0; i < no; i++)
+                if (ids[i] != 3 * i)
+                    fail_msg("query %d effort %d: rank %d is row %d, not %d", t, eff, i, ids[i],
+                             3 * i);
+        }
+    free(pos), free(kf), free(tq);
+    fx_fini(&f);
+}
+
 /* A head whose index cannot be cut over the keys (the graph; any head during a build)
  * answers the whole group in part 0 of ra_head_attend_part, the same as the group call;
  * bad arguments are refused and still count, so the set completes. */
@@ -1627,6 +1677,7 @@ int main(void)
         cmocka_unit_test(test_attend_group),
         cmocka_unit_test(test_pscan),
         cmocka_unit_test(test_pscan_second_scan),
+        cmocka_unit_test(test_pscan_ties),
         cmocka_unit_test(test_attend_part_whole),
         cmocka_unit_test(test_attend_part_installed_between),
         cmocka_unit_test(test_attend_part_threads),
