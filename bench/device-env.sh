@@ -34,8 +34,9 @@ fi
 # threads at SCHED_BATCH (RA_LOW_SCHED=batch, the ninth session's policy), kN N key parts
 # per KV head for pscan (RATD_KEY_PARTS), pin / free the daemon's workers pinned one per
 # CPU (the default since the eleventh session) or free to move (RATD_PIN_WORKERS=1 / 0),
-# pxN pscan's threshold primed for N R passing keys (RA_PSCAN_PRIME_X). Returns 1 (with a
-# message) on an unknown variant.
+# pxN pscan's threshold primed for N R passing keys (RA_PSCAN_PRIME_X), wuN N untimed
+# warm-up steps (--warmup N: the recall probes settle the default effort first). Returns
+# 1 (with a message) on an unknown variant.
 ra_run_variants() {
   local rv=$1 v vs
   RA_RUN=${rv%%:*} RA_RUN_NAME=${rv%%:*} RA_RUN_ENV=() RA_RUN_ARGS=()
@@ -58,6 +59,7 @@ ra_run_variants() {
     pin) RA_RUN_ENV+=("RATD_PIN_WORKERS=1") ;;
     free) RA_RUN_ENV+=("RATD_PIN_WORKERS=0") ;;
     px[0-9]*) RA_RUN_ENV+=("RA_PSCAN_PRIME_X=${v#px}") ;;
+    wu[0-9]*) RA_RUN_ARGS+=(--warmup "${v#wu}") ;;
     *) echo "unknown variant $v in $rv"; return 1 ;;
     esac
   done

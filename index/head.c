@@ -83,13 +83,16 @@ struct ra_head {
  * so the cost is bounded by one core at nice 19. After PROBE_MIN probes at the current
  * factor, a mean below PROBE_TARGET raises the head's factor of the default candidate
  * list (x1.25, x1.5 when more than 0.05 below); after 2 PROBE_MIN a mean above
- * PROBE_TARGET + PROBE_SLACK lowers it (x0.9): the walk gets cheaper where decode queries
- * are easier than the formula assumed. RA_HEAD_PROBE_EVERY=N sets the period (0: off). */
+ * PROBE_TARGET + PROBE_SLACK lowers it (x0.9, x0.75 above PROBE_HIGH): the search gets
+ * cheaper where decode queries are easier than the formula assumed (pscan's default gave
+ * 0.9997 on the calibrated 128K heads, where x0.9 a step took ~100 probes a head to
+ * halve its candidates). RA_HEAD_PROBE_EVERY=N sets the period (0: off). */
 #define PROBE_EVERY 8
 #define PROBE_KMAX 1024
 #define PROBE_MIN 8
 #define PROBE_TARGET 0.96
 #define PROBE_SLACK 0.025
+#define PROBE_HIGH 0.995
 #define PROBE_CHUNK 4096 /* keys a probe scores between looks at g_serving (~0.1 ms) */
 #define PROBE_QCAP 256
 
@@ -447,7 +450,7 @@ static void probe_run(ra_head *h)
         if (h->probe_cnt >= PROBE_MIN && mean < PROBE_TARGET)
             nf = f * (mean < PROBE_TARGET - 0.05 ? 1.5f : 1.25f);
         else if (h->probe_cnt >= 2 * PROBE_MIN && mean > PROBE_TARGET + PROBE_SLACK)
-            nf = f * 0.9f;
+            nf = f * (mean > PROBE_HIGH ? 0.75f : 0.9f);
         if (nf != f) {
             float got = h->ops->effort_mult(h->state, nf);
             if (got != f) {

@@ -1454,6 +1454,37 @@ static void test_pscan_probes(void **state)
     fx_fini(&f);
 }
 
+/* The other way: a pscan head set to 8 times its default candidates, on queries it
+ * answers exactly: the probes lower the factor (by x0.75 steps while the recall stays
+ * above 0.995) and the recall stays above the probes' target. */
+static void test_pscan_probes_lower(void **state)
+{
+    (void)state;
+    enum { D = 64, N = 20000, K = 50, G = 4, NQ = 160, NT = 1024 };
+    fixture f;
+    fx_init(&f, RA_INDEX_PSCAN, D, RA_DTYPE_F16, N, 519);
+    float *tq = rand_queries(520, NT, D, 1.f), *q = rand_queries(521, NQ, D, 1.f);
+    assert_int_equal(ra_head_build(f.h, tq, NT, 0), RA_OK);
+    probes_settle();
+    assert_true(ra_head_effort_mult(f.h, 8.f) == 8.f);
+    uint64_t p0, r0, l0, p1, r1, l1;
+    ra_index_probe_counts_get(&p0, &r0, &l0);
+    double rec = 0;
+    for (int round = 0; round < 12; round++) {
+        rec = group_recall(&f, q, NQ, K, G);
+        probes_settle();
+    }
+    ra_index_probe_counts_get(&p1, &r1, &l1);
+    float m = ra_head_effort_mult(f.h, 0.f);
+    fprintf(stderr, "# pscan probes from x8: x%.2f after %llu probes (%llu lowers), recall %.3f\n",
+            (double)m, (unsigned long long)(p1 - p0), (unsigned long long)(l1 - l0), rec);
+    assert_true(l1 - l0 >= 2);
+    assert_true(m <= 8.f * 0.75f * 0.75f + 1e-3f);
+    assert_true(rec >= 0.96);
+    free(tq), free(q);
+    fx_fini(&f);
+}
+
 /* ra_exact_topk and ra_exact_knn_batch (the graph build's ground truth) against each
  * other and a double reference: padding, ties, and the key slices of the batch path. */
 static void test_exact_paths(void **state)
@@ -1683,6 +1714,7 @@ int main(void)
         cmocka_unit_test(test_attend_part_threads),
         cmocka_unit_test(test_recall_probes),
         cmocka_unit_test(test_pscan_probes),
+        cmocka_unit_test(test_pscan_probes_lower),
         cmocka_unit_test(test_concurrent_search_append),
         cmocka_unit_test(test_opts_table),
         cmocka_unit_test(test_build_priority_and_cancel),
