@@ -875,6 +875,25 @@ static void test_pscan(void **state)
     }
 }
 
+/* A pscan head of the n keys kf [n][D] (as f16; V the same), built on nt training
+ * queries tq. */
+static fixture pscan_f16(const float *kf, size_t n, int D, const float *tq, int nt)
+{
+    fixture f = {
+        .h = new_head(RA_INDEX_PSCAN, D, RA_DTYPE_F16, NULL), .dim = D, .dt = RA_DTYPE_F16, .n = n};
+    f.k = malloc(n * D * 2);
+    f.v = malloc(n * D * 2);
+    ra_kern_from_f32(kf, RA_DTYPE_F16, n * D, f.k);
+    ra_kern_from_f32(kf, RA_DTYPE_F16, n * D, f.v);
+    int64_t *pos = malloc(n * sizeof *pos);
+    for (size_t i = 0; i < n; i++)
+        pos[i] = (int64_t)i;
+    assert_int_equal(ra_head_append(f.h, f.k, f.v, pos, n), RA_OK);
+    assert_int_equal(ra_head_build(f.h, tq, nt, 0), RA_OK);
+    free(pos);
+    return f;
+}
+
 /* pscan's second scan: keys whose best ones all sit in the blocks the threshold's sample
  * reads (every 13th block of 1,250, as pscan.c's PS_PRIME 96 gives at this size), so the
  * sample sets the threshold far too high, fewer than R keys pass, and the part is
@@ -904,17 +923,7 @@ static void test_pscan_second_scan(void **state)
         for (int j = 0; j < D; j++)
             tq[i * D + j] = 3.f * u[j] + 0.5f * trng_gauss(&r);
     float *q = tq + NT * D;
-    fixture f = {
-        .h = new_head(RA_INDEX_PSCAN, D, RA_DTYPE_F16, NULL), .dim = D, .dt = RA_DTYPE_F16, .n = n};
-    f.k = malloc(n * D * 2);
-    f.v = malloc(n * D * 2);
-    ra_kern_from_f32(kf, RA_DTYPE_F16, n * D, f.k);
-    ra_kern_from_f32(kf, RA_DTYPE_F16, n * D, f.v);
-    int64_t *pos = malloc(n * sizeof *pos);
-    for (size_t i = 0; i < n; i++)
-        pos[i] = (int64_t)i;
-    assert_int_equal(ra_head_append(f.h, f.k, f.v, pos, n), RA_OK);
-    assert_int_equal(ra_head_build(f.h, tq, NT, 0), RA_OK);
+    fixture f = pscan_f16(kf, n, D, tq, NT);
     for (int t = 0; t < NQ; t++) {
         int32_t ids[K];
         float sc[K];
@@ -928,7 +937,7 @@ static void test_pscan_second_scan(void **state)
         assert_int_equal(no, K);
         check_exact(&f, q + t * D, K, ids, sc, no);
     }
-    free(pos), free(kf), free(tq);
+    free(kf), free(tq);
     fx_fini(&f);
 }
 
@@ -954,17 +963,7 @@ static void test_pscan_ties(void **state)
         for (int j = 0; j < D; j++)
             tq[i * D + j] = base[0][j] + 0.3f * trng_gauss(&r);
     float *q = tq + NT * D;
-    fixture f = {
-        .h = new_head(RA_INDEX_PSCAN, D, RA_DTYPE_F16, NULL), .dim = D, .dt = RA_DTYPE_F16, .n = n};
-    f.k = malloc(n * D * 2);
-    f.v = malloc(n * D * 2);
-    ra_kern_from_f32(kf, RA_DTYPE_F16, n * D, f.k);
-    ra_kern_from_f32(kf, RA_DTYPE_F16, n * D, f.v);
-    int64_t *pos = malloc(n * sizeof *pos);
-    for (size_t i = 0; i < n; i++)
-        pos[i] = (int64_t)i;
-    assert_int_equal(ra_head_append(f.h, f.k, f.v, pos, n), RA_OK);
-    assert_int_equal(ra_head_build(f.h, tq, NT, 0), RA_OK);
+    fixture f = pscan_f16(kf, n, D, tq, NT);
     for (int t = 0; t < NQ; t++)
         for (int eff = 0; eff <= 200; eff += 200) { /* the default R, and R 200 */
             int32_t ids[K];
@@ -978,7 +977,7 @@ static void test_pscan_ties(void **state)
                     fail_msg("query %d effort %d: rank %d is row %d, not %d", t, eff, i, ids[i],
                              3 * i);
         }
-    free(pos), free(kf), free(tq);
+    free(kf), free(tq);
     fx_fini(&f);
 }
 
