@@ -1017,7 +1017,9 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
                         __builtin_prefetch(c + o, 0, 3);
                 }
                 size_t b = ps_part_block(i, part, nparts);
-                ps_sweep(s, b, b + 1, 1, g, qw, thr, sc, id, cnt, cap, Rp);
+                /* step 2 over one block: the kernel's prefetch 16 blocks ahead is for a
+                   sweep, and here it read as many lines again as the sample */
+                ps_sweep(s, b, b + 1, 2, g, qw, thr, sc, id, cnt, cap, Rp);
             }
             for (int j = 0; j < g; j++) {
                 if (!R[j])
