@@ -629,7 +629,7 @@ static void ps_hist_fill(ps_hist *H, const int32_t *a, size_t n)
     H->nbin = (span >> sh) + 1;
     memset(H->h, 0, H->nbin * sizeof *H->h);
     for (size_t i = 0; i < n; i++)
-        H->h[(uint32_t)(a[i] - mn) >> sh]++;
+        H->h[((uint32_t)a[i] - (uint32_t)mn) >> sh]++; /* unsigned: the span may pass 2^31 */
 }
 
 /* the bin of rank k (0: the largest; k below the count), and in *above the count of the
@@ -656,7 +656,7 @@ static int32_t ps_rank(const int32_t *a, size_t n, size_t k, int32_t *tmp, size_
     size_t m = 0;
     for (size_t i = 0; i < n; i++) {
         tmp[m] = a[i];
-        m += ((uint32_t)(a[i] - H.mn) >> H.sh) == b;
+        m += (((uint32_t)a[i] - (uint32_t)H.mn) >> H.sh) == b;
     }
     int32_t t = ps_kth(tmp, m, k - above);
     for (size_t i = 0; i < m; i++)
