@@ -35,7 +35,8 @@ fi
 # per KV head for pscan (RATD_KEY_PARTS), pin / free the daemon's workers pinned one per
 # CPU (the default since the eleventh session) or free to move (RATD_PIN_WORKERS=1 / 0),
 # pxN pscan's threshold primed for N R passing keys (RA_PSCAN_PRIME_X), wuN N untimed
-# warm-up steps (--warmup N: the recall probes settle the default effort first). Returns
+# warm-up steps (--warmup N: the recall probes settle the default effort first), csN
+# the bench's client polling N us for each reply (--client-spin-us N). Returns
 # 1 (with a message) on an unknown variant.
 ra_run_variants() {
   local rv=$1 v vs
@@ -60,6 +61,7 @@ ra_run_variants() {
     free) RA_RUN_ENV+=("RATD_PIN_WORKERS=0") ;;
     px[0-9]*) RA_RUN_ENV+=("RA_PSCAN_PRIME_X=${v#px}") ;;
     wu[0-9]*) RA_RUN_ARGS+=(--warmup "${v#wu}") ;;
+    cs[0-9]*) RA_RUN_ARGS+=(--client-spin-us "${v#cs}") ;;
     *) echo "unknown variant $v in $rv"; return 1 ;;
     esac
   done

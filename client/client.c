@@ -60,6 +60,7 @@ struct ra_client {
     smap *map;
     int n_map, cap_map;
     int timeout_ms;
+    int spin_us; /* ra_client_set_spin_us */
     int max_inflight;
     uint64_t next_id;
     pending *pend;
@@ -221,6 +222,12 @@ void ra_client_set_timeout(ra_client *c, int timeout_ms)
         zmq_setsockopt(c->socks[i], ZMQ_SNDTIMEO, &c->timeout_ms, sizeof c->timeout_ms);
 }
 
+void ra_client_set_spin_us(ra_client *c, int spin_us)
+{
+    if (c)
+        c->spin_us = spin_us < 0 ? 0 : spin_us > 100000 ? 100000 : spin_us;
+}
+
 /* ---- request / reply ---------------------------------------------------------------- */
 
 /* Layer l lives on daemon l % n; the session id there comes from the map. */
@@ -320,7 +327,18 @@ static ra_status wait_reply(ra_client *c, int shard, uint64_t id, int timeout_ms
         if (left < 0)
             left = 0;
         zmq_pollitem_t it = {c->socks[shard], 0, ZMQ_POLLIN, 0};
-        int rc = zmq_poll(&it, 1, left);
+        int rc = 0;
+        if (c->spin_us > 0) { /* ra_client_set_spin_us: poll awake first */
+            double until = ra_now_s() + c->spin_us * 1e-6;
+            if (until > deadline)
+                until = deadline;
+            while ((rc = zmq_poll(&it, 1, 0)) == 0 && ra_now_s() < until)
+                ;
+            left = (int)((deadline - ra_now_s()) * 1000.0 + 0.5);
+            left = left < 0 ? 0 : left;
+        }
+        if (rc == 0)
+            rc = zmq_poll(&it, 1, left);
         if (rc < 0) {
             if (errno == EINTR)
                 continue;

@@ -27,6 +27,7 @@ typedef struct dec_cfg {
     ra_dtype dtype;
     size_t context; /* offloaded keys per KV head */
     int steps, warmup;
+    int client_spin_us; /* ra_client_set_spin_us on the bench's client; 0: off */
     int top_k, effort;
     int sweep[16], n_sweep; /* --sweep: more decode passes at these efforts */
     int batch;

@@ -66,6 +66,7 @@ static void usage(FILE *f)
            "decode:\n"
            "  --steps S         timed decode steps (256)\n"
            "  --warmup W        untimed steps first (10)\n"
+           "  --client-spin-us N  the client polls N us for each reply before it sleeps (0)\n"
            "  --top-k K         keys retrieved per query head (100)\n"
            "  --effort E        search effort (graph: candidate list; 0: the daemon's default)\n"
            "  --index graph|flat|ivf|hnsw|pscan   the sessions' index (graph)\n"
@@ -130,6 +131,7 @@ enum {
     O_NTRAIN,
     O_STEPS,
     O_WARMUP,
+    O_CSPIN,
     O_TOPK,
     O_EFFORT,
     O_INDEX,
@@ -165,6 +167,7 @@ static const struct option g_long[] = {
     {"n-train", required_argument, 0, O_NTRAIN},
     {"steps", required_argument, 0, O_STEPS},
     {"warmup", required_argument, 0, O_WARMUP},
+    {"client-spin-us", required_argument, 0, O_CSPIN},
     {"top-k", required_argument, 0, O_TOPK},
     {"effort", required_argument, 0, O_EFFORT},
     {"index", required_argument, 0, O_INDEX},
@@ -284,6 +287,9 @@ static void parse_args(int argc, char **argv, dec_cfg *c)
             break;
         case O_WARMUP:
             c->warmup = (int)parse_int("--warmup", v, 0, 1 << 20);
+            break;
+        case O_CSPIN:
+            c->client_spin_us = (int)parse_int("--client-spin-us", v, 0, 100000);
             break;
         case O_TOPK:
             c->top_k = (int)parse_int("--top-k", v, 1, 1 << 20);
@@ -412,6 +418,7 @@ static void print_json(const dec_cfg *c, const dec_run *r)
     dec_json_int(&j, "n_train", (long long)r->n_train);
     dec_json_int(&j, "steps", c->steps);
     dec_json_int(&j, "warmup", c->warmup);
+    dec_json_int(&j, "client_spin_us", c->client_spin_us);
     dec_json_int(&j, "top_k", c->top_k);
     dec_json_int(&j, "effort", c->effort);
     dec_json_str(&j, "index", dec_index_name(c->index));

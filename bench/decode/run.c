@@ -152,6 +152,7 @@ static int connect_daemon(bench *b)
         return fail("no ratd answers on %s: %s (%s)", r->endpoint, ra_strerror(s),
                     ra_client_errmsg(b->cl));
     ra_client_set_timeout(b->cl, 120000); /* an Offload of a long context takes a while */
+    ra_client_set_spin_us(b->cl, b->c->client_spin_us);
     return 0;
 }
 

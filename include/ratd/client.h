@@ -84,6 +84,12 @@ const char *ra_client_errmsg(const ra_client *c);
 
 /* Changes the wait bound of later calls (<= 0: 30000 ms). */
 void ra_client_set_timeout(ra_client *c, int timeout_ms);
+/* While waiting for a reply, poll for up to spin_us microseconds without sleeping before
+ * blocking (0, the default: block at once; at most 100000). A reply that comes while the
+ * thread sleeps waits for its wake-up: on the GPU host's KVM guest ~50 us an Attend, on
+ * top of the round trip (bench/README.md, "Twelfth session"). It costs a core while it
+ * spins: leave one free of ratd's workers. */
+void ra_client_set_spin_us(ra_client *c, int spin_us);
 
 /* ---- Hello -------------------------------------------------------------------- */
 

@@ -227,6 +227,15 @@ static void test_exact_bf16(void **state)
     exact_case(RA_DTYPE_BF16, 1e-2);
 }
 
+/* The same answers with the client polling for its replies (ra_client_set_spin_us) */
+static void test_exact_spin(void **state)
+{
+    (void)state;
+    ra_client_set_spin_us(g_c, 2000);
+    exact_case(RA_DTYPE_F32, 1e-3);
+    ra_client_set_spin_us(g_c, 0);
+}
+
 static int cmp_desc(const void *a, const void *b)
 {
     double x = *(const double *)a, y = *(const double *)b;
@@ -662,7 +671,14 @@ static void test_timeouts(void **state)
     float out_o[8], out_l[1];
     ra_attend_out out = {.o = out_o, .lse = out_l};
     assert_int_equal(ra_client_attend_wait(c, t, &out, 50), RA_ETIMEDOUT);
+    /* a spin longer than the wait (and one above the bound, clamped to 100 ms) ends at
+     * the wait's deadline */
+    ra_client_set_spin_us(c, 1 << 30);
+    t0 = ra_now_s();
     assert_int_equal(ra_client_attend_wait(c, t, &out, 50), RA_ETIMEDOUT); /* still valid */
+    dt = ra_now_s() - t0;
+    assert_true(dt >= 0.04 && dt < 0.095);
+    ra_client_set_spin_us(c, 0);
     ra_client_attend_cancel(c, t);
     assert_int_equal(ra_client_attend_wait(c, t, &out, 50), RA_EINVAL);
     ra_client_close(c);
@@ -929,6 +945,7 @@ int main(void)
         cmocka_unit_test(test_exact_f32),
         cmocka_unit_test(test_exact_f16),
         cmocka_unit_test(test_exact_bf16),
+        cmocka_unit_test(test_exact_spin),
         cmocka_unit_test(test_topk_subset_exact),
         cmocka_unit_test(test_graph_trained_consistent),
         cmocka_unit_test(test_session_stats_ready),

@@ -108,6 +108,7 @@ SIGNATURES = {
     "ra_client_default_endpoint": (c_int, [ctypes.c_char_p, c_size]),
     "ra_client_errmsg": (ctypes.c_char_p, [c_vp]),
     "ra_client_set_timeout": (None, [c_vp, c_int]),
+    "ra_client_set_spin_us": (None, [c_vp, c_int]),
     "ra_client_hello": (c_int, [c_vp, P(ServerInfo)]),
     "ra_session_desc_init": (None, [P(SessionDesc)]),
     "ra_client_session_create": (c_int, [c_vp, P(SessionDesc), P(c_u64)]),

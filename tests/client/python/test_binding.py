@@ -90,6 +90,13 @@ def test_attend_exact(client, data, index):
     assert st["heads"] == G
     client.wait_ready(s, 60000)
     assert client.session_stats(s)["heads_building"] == 0
+    client.set_spin_us(2000)  # polling for the reply: the same answer
+    r = client.attend(s, 1, q, top_k=N)
+    client.set_spin_us(0)
+    close(r.o, o, 1e-4)
+    close(r.lse, lse, 1e-4)
+    with pytest.raises(ValueError, match=r"spin_us"):
+        client.set_spin_us(100001)
     client.session_drop(s)
 
 
