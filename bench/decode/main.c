@@ -309,7 +309,7 @@ static void parse_args(int argc, char **argv, dec_cfg *c)
             else if (!strcmp(v, "pscan"))
                 c->index = RA_CLIENT_INDEX_PSCAN;
             else
-                bad("--index must be graph, flat, ivf or hnsw, got '%s'", v);
+                bad("--index must be graph, flat, ivf, hnsw or pscan, got '%s'", v);
             break;
         case O_BATCH:
             c->batch = (int)parse_int("--batch", v, 1, DEC_MAX_BATCH);

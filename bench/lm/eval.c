@@ -126,26 +126,29 @@ static void die_usage(const char *msg)
 {
     if (msg)
         fprintf(stderr, "ratd-lm-eval: %s\n", msg);
-    fprintf(stderr,
-            "usage: ratd-lm-eval --model DIR --text FILE --context C --eval E\n"
-            "         [--mode full|window|ratd|all|LIST] [--offset O] [--sink 128] [--window 512]\n"
-            "         [--topk K[,K2,...]] [--adaptive EPS [--adaptive-min 100]\n"
-            "         [--adaptive-max 2000] [--adaptive-quantile 0.9]] [--repeat N] [--seed S]\n"
-            "         [--endpoint ipc://...|tcp://...] [--ratd BIN] [--index graph|flat|ivf|hnsw]\n"
-            "         [--kv-dtype f16|bf16|f32] [--n-train Q] [--effort E] [--wait-index MS]\n"
-            "         [--dump-trace FILE [--trace-dtype f32|f16|bf16]] [--json] [--quiet]\n"
-            "         [--device cpu|cuda] [--cpu-build] [--ratd-timeout-ms MS]\n"
-            "  --ratd-timeout-ms MS: bound of every call to ratd (default 120000); a daemon that\n"
-            "               does not answer within it (killed, restarted) is given up: the rest of\n"
-            "               the run is window-only attention, with a warning (CPU decoder)\n"
-            "  --cpu-build: with --device cuda, ratd mode: ratd builds each head's graph on its\n"
-            "               CPUs (default: the GPU builds it, ra_gpu_graph_build, and the\n"
-            "               Offload carries it; a failed GPU build falls back to ratd's)\n"
-            "  --gpu-knn K: with --device cuda --cpu-build, ratd mode: the exact top-K keys of every training\n"
-            "               query come from the GPU (ra_gpu_knn) with the Offload, so ratd skips\n"
-            "               its own kNN (default 100; 0: ratd computes them)\n"
-            "  --wait-index MS: after Offload, wait up to MS for ratd's index builds before decoding\n"
-            "                   (default 600000; 0: start at once, early steps use exact scans)\n");
+    fprintf(
+        stderr,
+        "usage: ratd-lm-eval --model DIR --text FILE --context C --eval E\n"
+        "         [--mode full|window|ratd|all|LIST] [--offset O] [--sink 128] [--window 512]\n"
+        "         [--topk K[,K2,...]] [--adaptive EPS [--adaptive-min 100]\n"
+        "         [--adaptive-max 2000] [--adaptive-quantile 0.9]] [--repeat N] [--seed S]\n"
+        "         [--endpoint ipc://...|tcp://...] [--ratd BIN] [--index "
+        "graph|flat|ivf|hnsw|pscan]\n"
+        "         [--kv-dtype f16|bf16|f32] [--n-train Q] [--effort E] [--wait-index MS]\n"
+        "         [--dump-trace FILE [--trace-dtype f32|f16|bf16]] [--json] [--quiet]\n"
+        "         [--device cpu|cuda] [--cpu-build] [--ratd-timeout-ms MS]\n"
+        "  --ratd-timeout-ms MS: bound of every call to ratd (default 120000); a daemon that\n"
+        "               does not answer within it (killed, restarted) is given up: the rest of\n"
+        "               the run is window-only attention, with a warning (CPU decoder)\n"
+        "  --cpu-build: with --device cuda, ratd mode: ratd builds each head's graph on its\n"
+        "               CPUs (default: the GPU builds it, ra_gpu_graph_build, and the\n"
+        "               Offload carries it; a failed GPU build falls back to ratd's)\n"
+        "  --gpu-knn K: with --device cuda --cpu-build, ratd mode: the exact top-K keys of every "
+        "training\n"
+        "               query come from the GPU (ra_gpu_knn) with the Offload, so ratd skips\n"
+        "               its own kNN (default 100; 0: ratd computes them)\n"
+        "  --wait-index MS: after Offload, wait up to MS for ratd's index builds before decoding\n"
+        "                   (default 600000; 0: start at once, early steps use exact scans)\n");
     exit(2);
 }
 
@@ -293,8 +296,9 @@ static void parse_args(int argc, char **argv, opts *o)
                 die_usage("--mode must be full, window, ratd, a comma list of them, or all");
         free(dup);
     }
-    if (strcmp(o->index, "graph") && strcmp(o->index, "flat") && strcmp(o->index, "ivf") && strcmp(o->index, "hnsw"))
-        die_usage("--index must be graph, flat, ivf or hnsw");
+    if (strcmp(o->index, "graph") && strcmp(o->index, "flat") && strcmp(o->index, "ivf") &&
+        strcmp(o->index, "hnsw") && strcmp(o->index, "pscan"))
+        die_usage("--index must be graph, flat, ivf, hnsw or pscan");
     if (o->cuda && o->adaptive > 0)
         die_usage("--adaptive calibrates on the CPU decoder's KV cache: not with --device cuda");
 }
@@ -961,10 +965,11 @@ static ra_status open_session(shared *S, run *R)
     d.n_kv_heads = (int)c->n_kv_heads;
     d.head_dim = (int)c->head_dim;
     d.dtype = o->kv_dtype;
-    d.index.kind = !strcmp(o->index, "flat")   ? RA_CLIENT_INDEX_FLAT
-                   : !strcmp(o->index, "ivf")  ? RA_CLIENT_INDEX_IVF
-                   : !strcmp(o->index, "hnsw") ? RA_CLIENT_INDEX_HNSW
-                                               : RA_CLIENT_INDEX_GRAPH;
+    d.index.kind = !strcmp(o->index, "flat")    ? RA_CLIENT_INDEX_FLAT
+                   : !strcmp(o->index, "ivf")   ? RA_CLIENT_INDEX_IVF
+                   : !strcmp(o->index, "hnsw")  ? RA_CLIENT_INDEX_HNSW
+                   : !strcmp(o->index, "pscan") ? RA_CLIENT_INDEX_PSCAN
+                                                : RA_CLIENT_INDEX_GRAPH;
     d.index.seed = o->seed;
     if ((s = ra_client_session_create(R->cl, &d, &R->session)) != RA_OK)
         fprintf(stderr, "ratd-lm-eval: session: %s (%s)\n", ra_strerror(s), ra_client_errmsg(R->cl));

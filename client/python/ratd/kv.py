@@ -66,8 +66,9 @@ class Options:
             raise TypeError("gpu_knn must be None (auto), True or False")
         if kv_dtype is not None and kv_dtype not in _TORCH_DTYPES:
             raise ValueError("kv_dtype %r is not None, 'f32', 'f16' or 'bf16'" % (kv_dtype,))
-        if index not in ("graph", "flat", "ivf", "hnsw"):
-            raise ValueError("index %r is not one of 'graph', 'flat', 'ivf', 'hnsw'" % (index,))
+        if index not in ("graph", "flat", "ivf", "hnsw", "pscan"):
+            raise ValueError("index %r is not one of 'graph', 'flat', 'ivf', 'hnsw', 'pscan'"
+                             % (index,))
         self.gpu_knn, self.index, self.kv_dtype = gpu_knn, index, kv_dtype
         self.index_opts = dict(index_opts or {})
 

@@ -96,6 +96,14 @@ def test_batch_bf16_graph_knn(client):
     kv.close()
 
 
+def test_pscan_index(client):
+    """index='pscan' reaches the daemon (Options refused it before): exact at top_k >= n."""
+    kv, _ = run(client, steps=6, index="pscan", wait_index_ms=60000)
+    assert client.session_stats(kv.sessions[0])["heads_building"] == 0
+    assert kv.opts.index == "pscan"
+    kv.close()
+
+
 def test_refusals(client):
     kv = rkv.RatdKV(client, n_layers=1, n_q_heads=H, n_kv_heads=G, head_dim=D,
                     options=rkv.Options(sink=2, window=4, index="flat"))
