@@ -36,8 +36,10 @@ fi
 # CPU (the default since the eleventh session) or free to move (RATD_PIN_WORKERS=1 / 0),
 # pxN pscan's threshold primed for N R passing keys (RA_PSCAN_PRIME_X), wuN N untimed
 # warm-up steps (--warmup N: the recall probes settle the default effort first), csN
-# the bench's client polling N us for each reply (--client-spin-us N). Returns
-# 1 (with a message) on an unknown variant.
+# the bench's client polling N us for each reply (--client-spin-us N), gr the graph index
+# (--index graph). A run with neither x nor gr gets ratd-bench-decode's default index:
+# pscan since the thirteenth session, the graph before (older results' plain runs).
+# Returns 1 (with a message) on an unknown variant.
 ra_run_variants() {
   local rv=$1 v vs
   RA_RUN=${rv%%:*} RA_RUN_NAME=${rv%%:*} RA_RUN_ENV=() RA_RUN_ARGS=()
@@ -52,6 +54,7 @@ ra_run_variants() {
     s) RA_RUN_ARGS+=(--sweep 200,250,300,350) ;;
     a128) RA_RUN_ENV+=("RA_GRAPH_REC_ALIGN=128") ;;
     x) RA_RUN_ARGS+=(--index pscan) ;;
+    gr) RA_RUN_ARGS+=(--index graph) ;;
     xs) RA_RUN_ARGS+=(--index pscan --sweep 500,700,1000,1500) ;;
     avx2) RA_RUN_ENV+=("RA_ISA=avx2") ;;
     np) RA_RUN_ENV+=("RA_HEAD_PROBE_EVERY=0") ;;

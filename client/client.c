@@ -116,7 +116,7 @@ void ra_session_desc_init(ra_session_desc *d)
 {
     memset(d, 0, sizeof *d);
     d->dtype = RA_DTYPE_F16;
-    d->index.kind = RA_CLIENT_INDEX_GRAPH;
+    d->index.kind = RA_CLIENT_INDEX_PSCAN;
 }
 
 const char *ra_op_name(ra_op op)

@@ -69,7 +69,8 @@ static void usage(FILE *f)
            "  --client-spin-us N  the client polls N us for each reply before it sleeps (0)\n"
            "  --top-k K         keys retrieved per query head (100)\n"
            "  --effort E        search effort (graph: candidate list; 0: the daemon's default)\n"
-           "  --index graph|flat|ivf|hnsw|pscan   the sessions' index (graph)\n"
+           "  --index graph|flat|ivf|hnsw|pscan   the sessions' index (pscan; graph with\n"
+           "                    --gpu-build)\n"
            "  --batch B         B sessions with their own data; one Attend per layer for all\n"
            "  --append-every N  Append the N held-back newest tokens every N steps (16; 0: off)\n"
            "  --sweep E1,E2,... after the run, the same decode steps again at each effort\n"
@@ -203,12 +204,12 @@ static void parse_args(int argc, char **argv, dec_cfg *c)
     c->steps = 256;
     c->warmup = 10;
     c->top_k = 100;
-    c->index = RA_CLIENT_INDEX_GRAPH;
+    c->index = RA_CLIENT_INDEX_PSCAN;
     c->batch = 1;
     c->append_every = 16;
     c->sample_every = 10;
     c->wait_index_ms = 600000;
-    int set_sink = 0, set_window = 0, set_synth_shape = 0;
+    int set_sink = 0, set_window = 0, set_synth_shape = 0, set_index = 0;
     opterr = 0;
     int ch;
     while ((ch = getopt_long(argc, argv, ":h", g_long, NULL)) != -1) {
@@ -310,6 +311,7 @@ static void parse_args(int argc, char **argv, dec_cfg *c)
                 c->index = RA_CLIENT_INDEX_PSCAN;
             else
                 bad("--index must be graph, flat, ivf, hnsw or pscan, got '%s'", v);
+            set_index = 1;
             break;
         case O_BATCH:
             c->batch = (int)parse_int("--batch", v, 1, DEC_MAX_BATCH);
@@ -365,6 +367,10 @@ static void parse_args(int argc, char **argv, dec_cfg *c)
         bad("unexpected argument '%s'", argv[optind]);
     if (c->ratd_bin && c->endpoint)
         bad("--ratd and --endpoint exclude each other");
+    if (c->gpu_build && !set_index) /* prebuilt graphs: the graph index's */
+        c->index = RA_CLIENT_INDEX_GRAPH;
+    if (c->gpu_build && c->index != RA_CLIENT_INDEX_GRAPH)
+        bad("--gpu-build builds graphs: it needs --index graph");
     if (c->endpoint && c->workers)
         bad("--workers sets a private daemon's workers; a running one (--endpoint) keeps its "
             "own");

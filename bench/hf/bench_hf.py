@@ -154,7 +154,7 @@ def main():
     ap.add_argument("--top-k", type=int, default=500)
     ap.add_argument("--append-batch", type=int, default=32)
     ap.add_argument("--n-train", type=int, default=4096)
-    ap.add_argument("--index", default="graph")
+    ap.add_argument("--index", default="pscan", choices=("graph", "flat", "ivf", "hnsw", "pscan"))
     ap.add_argument("--wait-index-ms", type=int, default=600000)
     ap.add_argument("--gen", type=int, default=256, help="bytes generate() makes (0: skip)")
     ap.add_argument("--endpoint")

@@ -140,10 +140,13 @@ static void die_usage(const char *msg)
         "  --ratd-timeout-ms MS: bound of every call to ratd (default 120000); a daemon that\n"
         "               does not answer within it (killed, restarted) is given up: the rest of\n"
         "               the run is window-only attention, with a warning (CPU decoder)\n"
+        "  --index: the sessions' index (default pscan; with --device cuda, graph, built on\n"
+        "               the GPU unless --cpu-build)\n"
         "  --cpu-build: with --device cuda, ratd mode: ratd builds each head's graph on its\n"
         "               CPUs (default: the GPU builds it, ra_gpu_graph_build, and the\n"
         "               Offload carries it; a failed GPU build falls back to ratd's)\n"
-        "  --gpu-knn K: with --device cuda --cpu-build, ratd mode: the exact top-K keys of every "
+        "  --gpu-knn K: with --device cuda --cpu-build --index graph, ratd mode: the exact top-K "
+        "keys of every "
         "training\n"
         "               query come from the GPU (ra_gpu_knn) with the Offload, so ratd skips\n"
         "               its own kNN (default 100; 0: ratd computes them)\n"
@@ -187,7 +190,7 @@ static void parse_args(int argc, char **argv, opts *o)
     o->n_train = 4096;
     o->trace_dtype = RA_DTYPE_F32;
     o->kv_dtype = RA_DTYPE_F16;
-    o->index = "graph";
+    o->index = NULL; /* pscan; with --device cuda and no --cpu-build, graph (GPU-built) */
     o->seed = 1;
     o->adaptive_max = 2000;
     o->adaptive_q = 0.9;
@@ -296,6 +299,8 @@ static void parse_args(int argc, char **argv, opts *o)
                 die_usage("--mode must be full, window, ratd, a comma list of them, or all");
         free(dup);
     }
+    if (!o->index)
+        o->index = o->cuda && !o->cpu_build ? "graph" : "pscan";
     if (strcmp(o->index, "graph") && strcmp(o->index, "flat") && strcmp(o->index, "ivf") &&
         strcmp(o->index, "hnsw") && strcmp(o->index, "pscan"))
         die_usage("--index must be graph, flat, ivf, hnsw or pscan");
@@ -1570,7 +1575,7 @@ static ra_status setup_ratd_gpu(shared *S, run *R)
                 b.q_train = S->cap->q_train + (size_t)l * nh * S->cap->n_q * hd;
                 if (gpu_graph && (s = gpu_graphs(R, &sv, &b, o->seed)) != RA_OK)
                     break;
-                if (!b.graph_adj && o->gpu_knn &&
+                if (!b.graph_adj && o->gpu_knn && !strcmp(o->index, "graph") &&
                     (s = gpu_train_lists(R, &sv, &b, o->gpu_knn)) != RA_OK)
                     break;
             }

@@ -136,11 +136,12 @@ ra_status ra_client_hello(ra_client *c, ra_server_info *info);
 
 /* Index kinds; same values as the daemon's. */
 typedef enum ra_client_index_kind {
-    RA_CLIENT_INDEX_GRAPH = 0, /* attention-aware graph (default) */
+    RA_CLIENT_INDEX_GRAPH = 0, /* attention-aware graph (kind 0 on the wire) */
     RA_CLIENT_INDEX_FLAT = 1,  /* exact scan */
     RA_CLIENT_INDEX_IVF = 2,   /* FAISS IVF-Flat */
     RA_CLIENT_INDEX_HNSW = 3,  /* FAISS HNSW */
-    RA_CLIENT_INDEX_PSCAN = 5  /* projected-code scan (4 is the daemon's faiss-flat baseline) */
+    RA_CLIENT_INDEX_PSCAN = 5  /* projected-code scan, ra_session_desc_init's default (4 is the
+                                  daemon's faiss-flat baseline) */
 } ra_client_index_kind;
 
 /* Index options; 0 means "daemon default" for every field. */
@@ -166,7 +167,8 @@ typedef struct ra_session_desc {
     ra_client_index_opts index;
 } ra_session_desc;
 
-/* Zeroes *d (defaults: graph index, fp16). */
+/* Zeroes *d, then sets the defaults: the projected-code scan (RA_CLIENT_INDEX_PSCAN),
+ * fp16. A zeroed desc without it asks for the graph index (kind 0). */
 void ra_session_desc_init(ra_session_desc *d);
 
 /* Creates a session on the daemon; *session is its id (never 0; random, so ids do not

@@ -1,7 +1,8 @@
 /* Integration test of ratd-bench-decode against a real ratd ($RATD_BIN): a small run
  * with the exact index must report recall 1 and attention mass 1 with every JSON field
  * present and sane (counts that follow from the flags, ordered percentiles, a clean
- * daemon exit); a graph run must complete with recall in (0, 1]; a batch of sessions and
+ * daemon exit); a graph run must complete with recall in (0, 1]; a run without --index
+ * must use pscan at recall >= 0.95; a batch of sessions and
  * a trace's heads (a trace written here) must be exact with the exact index too; and bad
  * input (an unknown flag, --context 0, flags that contradict each other, a missing
  * trace, a trace too short for the request) must exit 2 or 1 with a message. Small
@@ -216,6 +217,25 @@ static void test_graph_completes(void **state)
     result_free(&r);
 }
 
+/* No --index: the sessions get the default kind, the projected-code scan; its recall at
+ * the default effort is high on this small head (every key is scored on its code) */
+static void test_default_pscan(void **state)
+{
+    (void)state;
+    skip_without_env();
+    result r = run_bench("--context 4096 --layers 1 --q-heads 4 --kv-heads 1 --dim 64 --steps 20 "
+                         "--sample-every 5 --json");
+    assert_int_equal(r.rc, 0);
+    assert_non_null(r.j);
+    assert_string_equal(str(&r, "index"), "pscan");
+    double rec = num(&r, "recall_mean");
+    print_message("# default (pscan): recall %.4f\n", rec);
+    assert_true(rec >= 0.95 && rec <= 1.0);
+    assert_int_equal((int)num(&r, "lse_mismatch"), 0);
+    assert_int_equal((int)num(&r, "bad_positions"), 0);
+    result_free(&r);
+}
+
 /* B sessions with their own data: one Attend per layer for all of them. */
 static void test_batch_exact(void **state)
 {
@@ -319,6 +339,7 @@ static void test_bad_input(void **state)
         {"--steps", 2, "needs a value"},
         {"--dtype f32", 2, "--dtype must be bf16 or f16"},
         {"--index lsh", 2, "--index must be"},
+        {"--gpu-build --index pscan", 2, "it needs --index graph"},
         {"--q-heads 6 --kv-heads 4", 2, "multiple of --kv-heads"},
         {"--gen nosuch", 2, "unknown generator"},
         {"--synth bogus=1", 2, "unknown knob bogus"},
@@ -342,6 +363,7 @@ int main(void)
         cmocka_unit_test(test_flat_exact),  cmocka_unit_test(test_graph_completes),
         cmocka_unit_test(test_batch_exact), cmocka_unit_test(test_trace),
         cmocka_unit_test(test_bad_input),
+        cmocka_unit_test(test_default_pscan),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

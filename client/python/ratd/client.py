@@ -300,7 +300,7 @@ class Client:
                 "instance_id": info.instance_id}
 
     def create_session(self, *, n_layers, n_q_heads, n_kv_heads, head_dim, dtype="f16",
-                       index="graph", graph_knn=0, graph_degree=0, graph_build_ef=0,
+                       index="pscan", graph_knn=0, graph_degree=0, graph_build_ef=0,
                        graph_entries=0, n_train=0, ivf_nlist=0, hnsw_m=0, threads=0, seed=0):
         """Creates a session on the daemon(s) and returns its Session. n_q_heads must be a
         multiple of n_kv_heads (GQA); dtype 'f32' | 'f16' | 'bf16' is how K and V are

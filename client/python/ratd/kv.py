@@ -55,7 +55,7 @@ class Options:
               "knn_k": (100, 1, 1024), "wait_index_ms": (0, 0, 1 << 30)}
 
     def __init__(self, *, sink=128, window=512, top_k=500, effort=0, append_batch=32, n_train=4096,
-                 gpu_knn=None, knn_k=100, index="graph", index_opts=None, kv_dtype=None,
+                 gpu_knn=None, knn_k=100, index="pscan", index_opts=None, kv_dtype=None,
                  wait_index_ms=0):
         for name, value in (("sink", sink), ("window", window), ("top_k", top_k), ("effort", effort),
                             ("append_batch", append_batch), ("n_train", n_train), ("knn_k", knn_k),
@@ -355,7 +355,8 @@ class RatdKV:
         n = k_mid.shape[2]
         dt = _TORCH_DTYPES[self.sessions[0].dtype]
         P = torch.from_numpy(sample_positions(T, self.opts.n_train)).to(q.device)
-        use_knn = self.opts.gpu_knn if self.opts.gpu_knn is not None else q.device.type == "cuda"
+        use_knn = (self.opts.gpu_knn if self.opts.gpu_knn is not None
+                   else q.device.type == "cuda" and self.opts.index == "graph")
         kk = min(self.opts.knn_k, n)
         pos = torch.arange(pos0, pos0 + n, dtype=torch.int64)
         for b, s in enumerate(self.sessions):

@@ -97,7 +97,9 @@ def test_batch_bf16_graph_knn(client):
 
 
 def test_pscan_index(client):
-    """index='pscan' reaches the daemon (Options refused it before): exact at top_k >= n."""
+    """index='pscan' (the default) reaches the daemon (Options refused it before): exact at
+    top_k >= n."""
+    assert rkv.Options().index == "pscan"
     kv, _ = run(client, steps=6, index="pscan", wait_index_ms=60000)
     assert client.session_stats(kv.sessions[0])["heads_building"] == 0
     assert kv.opts.index == "pscan"
