@@ -36,6 +36,7 @@
 #include <time.h>
 
 #include "ra_backend.h"
+#include "ra_eig.h"
 #include "ra_env.h"
 #include "ra_kernels.h"
 #include "ra_log.h"
@@ -127,67 +128,6 @@ typedef struct ps_state {
     size_t n, cap_blocks;
     float mult; /* the default candidates' factor (ra_head's recall probes), atomic */
 } ps_state;
-
-/* ---------- symmetric eigen decomposition (cyclic Jacobi, double) ---------- */
-
-/* a [n][n] symmetric (destroyed): eigenvalues w[n] descending, eigenvectors as the columns
- * of v [n][n] (v[i * n + j]: component i of vector j). */
-static void ps_eig(double *a, int n, double *w, double *v)
-{
-    for (int i = 0; i < n; i++)
-        for (int j = 0; j < n; j++)
-            v[i * n + j] = i == j;
-    for (int sweep = 0; sweep < 60; sweep++) {
-        double off = 0, diag = 0;
-        for (int i = 0; i < n; i++) {
-            diag += a[i * n + i] * a[i * n + i];
-            for (int j = i + 1; j < n; j++)
-                off += a[i * n + j] * a[i * n + j];
-        }
-        if (off <= 1e-22 * diag || off == 0)
-            break;
-        for (int p = 0; p < n; p++)
-            for (int q = p + 1; q < n; q++) {
-                double apq = a[p * n + q];
-                if (fabs(apq) < 1e-300)
-                    continue;
-                double th = (a[q * n + q] - a[p * n + p]) / (2 * apq);
-                double t = (th >= 0 ? 1 : -1) / (fabs(th) + sqrt(th * th + 1));
-                double c = 1 / sqrt(t * t + 1), s = t * c;
-                for (int k = 0; k < n; k++) { /* columns p, q */
-                    double akp = a[k * n + p], akq = a[k * n + q];
-                    a[k * n + p] = c * akp - s * akq;
-                    a[k * n + q] = s * akp + c * akq;
-                }
-                for (int k = 0; k < n; k++) { /* rows p, q */
-                    double apk = a[p * n + k], aqk = a[q * n + k];
-                    a[p * n + k] = c * apk - s * aqk;
-                    a[q * n + k] = s * apk + c * aqk;
-                }
-                for (int k = 0; k < n; k++) {
-                    double vkp = v[k * n + p], vkq = v[k * n + q];
-                    v[k * n + p] = c * vkp - s * vkq;
-                    v[k * n + q] = s * vkp + c * vkq;
-                }
-            }
-    }
-    for (int i = 0; i < n; i++)
-        w[i] = a[i * n + i];
-    for (int i = 0; i < n; i++) { /* selection sort, descending, columns follow */
-        int m = i;
-        for (int j = i + 1; j < n; j++)
-            if (w[j] > w[m])
-                m = j;
-        if (m == i)
-            continue;
-        double t = w[i];
-        w[i] = w[m], w[m] = t;
-        for (int k = 0; k < n; k++) {
-            t = v[k * n + i];
-            v[k * n + i] = v[k * n + m], v[k * n + m] = t;
-        }
-    }
-}
 
 /* ---------- build ---------- */
 
@@ -357,7 +297,10 @@ static ra_status ps_build(void **out, const ra_kv *kv, size_t n, const float *tr
     }
     for (int a = 0; a < dim; a++)
         sq[a * dim + a] += 0.01 * (tr > 0 ? tr / dim : 1);
-    ps_eig(sq, dim, w, v);
+    if (ra_eig_sym(sq, dim, w, v) != 0) { /* only a non-finite query does this */
+        st = RA_EINVAL;
+        goto out;
+    }
     for (int a = 0; a < dim; a++)
         for (int b = 0; b < dim; b++) {
             double x = 0, y = 0;
@@ -420,7 +363,10 @@ static ra_status ps_build(void **out, const ra_kv *kv, size_t n, const float *tr
     /* c = sh kk sh, through sq as scratch */
     ps_matmul(sh, kk, sq, dim);
     ps_matmul(sq, sh, c, dim);
-    ps_eig(c, dim, w, v);
+    if (ra_eig_sym(c, dim, w, v) != 0) {
+        st = RA_EINVAL;
+        goto out;
+    }
     /* whitened queries are isotropic, so direction j carries w[j] of the score variance
      * across keys: keep the fewest (a multiple of 8) that carry ps_energy() of it */
     double tot = 0, acc = 0;
