@@ -271,6 +271,7 @@ static void job_destroy(ratd_job *j)
 {
     ratd_buf *bufs[] = {&j->ss_buf,    &j->node_buf,  &j->tst,      &j->a.qcopy,   &j->a.o,
                         &j->a.lse,     &j->a.ids,     &j->a.sc,     &j->a.pos,     &j->a.cnt,
+                        &j->a.pctx, /* the key parts' merge contexts (pscan) */
                         &j->t.bad,     &j->t.bad_at,  &j->t.bst,    &j->t.copy[0], &j->t.copy[1],
                         &j->t.copy[2], &j->t.copy[3], &j->t.copy[4], &j->t.copy[5],
                         &j->t.copy[6], &j->t.fault,   &j->t.grow};

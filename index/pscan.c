@@ -143,6 +143,37 @@ static void ps_matmul(const double *a, const double *b, double *out, int n)
         }
 }
 
+#define PS_GRAM_CHUNK 4096 /* training queries transposed at a time for their Gram matrix */
+
+/* g[a][b] += sum_i xt[a][i] xt[b][i] for every a, b < dim (both triangles), from xt
+ * [dim][m] (m vectors, transposed): the SIMD kernel scores four rows at a time against
+ * the rows from theirs on (the upper triangle, half the products of the whole matrix);
+ * each block's sums in float, added in double. out4 holds 4 dim floats. */
+static void ps_gram_add(const float *xt, size_t m, int dim, double *g, float *out4)
+{
+    int a = 0;
+    for (; a + 4 <= dim; a += 4) {
+        size_t nc = (size_t)(dim - a);
+        ra_kern_dot_q4_f32(xt + (size_t)a * m, xt + (size_t)a * m, (int)m, nc, out4);
+        for (int k = 0; k < 4; k++)
+            for (size_t i = (size_t)k; i < nc; i++) { /* row a + k, column a + i >= it */
+                double x = out4[(size_t)k * nc + i];
+                g[(size_t)(a + k) * dim + (size_t)a + i] += x;
+                if (i != (size_t)k)
+                    g[((size_t)a + i) * dim + (size_t)(a + k)] += x;
+            }
+    }
+    for (; a < dim; a++) /* the last dim % 4 rows */
+        for (int b = a; b < dim; b++) {
+            double x = 0;
+            for (size_t i = 0; i < m; i++)
+                x += (double)xt[(size_t)a * m + i] * xt[(size_t)b * m + i];
+            g[(size_t)a * dim + b] += x;
+            if (b != a)
+                g[(size_t)b * dim + a] += x;
+        }
+}
+
 static double sum_kept(const double *w, int dp, int dim)
 {
     double a = 0;
@@ -276,23 +307,27 @@ static ra_status ps_build(void **out, const ra_kv *kv, size_t n, const float *tr
     s->step = malloc((size_t)dmax * sizeof *s->step);
     s->mu = calloc((size_t)dim, sizeof *s->mu);
     float *f = malloc((ns ? ns : 1) * (size_t)(dmax > dim ? dmax : dim) * sizeof *f);
+    float *xt = NULL, *out4 = malloc(4 * (size_t)dim * sizeof *out4); /* the Gram's scratch */
     ra_status st = RA_ENOMEM;
     if (!sq || !w || !v || !sh || !shi || !kk || !c || !ks || !s->ak || !s->aq || !s->lo ||
-        !s->step || !s->mu || !f)
+        !s->step || !s->mu || !f || !out4)
         goto out;
     /* Sq = E[q q^T] of the training queries, plus 1 % of its mean eigenvalue on the
      * diagonal: decode queries have components the prefill did not show, and an
      * unregularised Sq^-1/2 would blow them up (no queries: Sq = I) */
-    for (size_t i = 0; i < nq; i++) {
-        const float *q = train_q + i * (size_t)dim;
-        for (int a = 0; a < dim; a++)
-            for (int b = a; b < dim; b++)
-                sq[a * dim + b] += (double)q[a] * q[b];
+    if (nq && !(xt = malloc((size_t)PS_GRAM_CHUNK * dim * sizeof *xt)))
+        goto out;
+    for (size_t i0 = 0; i0 < nq; i0 += PS_GRAM_CHUNK) { /* chunks transposed, then products */
+        size_t m = nq - i0 < PS_GRAM_CHUNK ? nq - i0 : PS_GRAM_CHUNK;
+        for (size_t i = 0; i < m; i++)
+            for (int a = 0; a < dim; a++)
+                xt[(size_t)a * m + i] = train_q[(i0 + i) * (size_t)dim + a];
+        ps_gram_add(xt, m, dim, sq, out4);
     }
     double tr = 0;
     for (int a = 0; a < dim; a++) {
-        for (int b = a; b < dim; b++)
-            sq[b * dim + a] = sq[a * dim + b] = nq ? sq[a * dim + b] / (double)nq : (a == b);
+        for (int b = 0; b < dim; b++)
+            sq[a * dim + b] = nq ? sq[a * dim + b] / (double)nq : (a == b);
         tr += sq[a * dim + a];
     }
     for (int a = 0; a < dim; a++)
@@ -329,32 +364,15 @@ static ra_status ps_build(void **out, const ra_kv *kv, size_t n, const float *tr
     for (size_t i = 0; i < ns; i++)
         for (int a = 0; a < dim; a++)
             ks[i * (size_t)dim + a] -= s->mu[a];
-    /* the Gram matrix of the centred sample's columns, four at a time through the SIMD
-     * kernel (f is the transposed sample, then the products) */
-    float *kt = f, *gram = NULL;
+    /* the Gram matrix of the centred sample's columns (f is the transposed sample) */
+    float *kt = f;
     if (ns) {
         for (size_t i = 0; i < ns; i++)
             for (int a = 0; a < dim; a++)
                 kt[(size_t)a * ns + i] = ks[i * (size_t)dim + a];
-        gram = malloc((size_t)(dim + 3) / 4 * 4 * dim * sizeof *gram);
-        if (!gram)
-            goto out;
-        for (int a = 0; a + 4 <= dim; a += 4)
-            ra_kern_dot_q4_f32(kt + (size_t)a * ns, kt, (int)ns, (size_t)dim,
-                               gram + (size_t)a * dim);
-        for (int a = dim / 4 * 4; a < dim; a++)
-            for (int b = 0; b < dim; b++) {
-                double x = 0;
-                for (size_t i = 0; i < ns; i++)
-                    x += (double)kt[(size_t)a * ns + i] * kt[(size_t)b * ns + i];
-                gram[(size_t)a * dim + b] = (float)x;
-            }
-        for (int a = 0; a < dim; a++)
-            for (int b = 0; b < dim; b++)
-                kk[a * dim + b] = 0.5 *
-                                  ((double)gram[(size_t)a * dim + b] + gram[(size_t)b * dim + a]) /
-                                  (double)ns;
-        free(gram);
+        ps_gram_add(kt, ns, dim, kk, out4);
+        for (size_t i = 0; i < dd; i++)
+            kk[i] /= (double)ns;
     }
     if (ra_index_cancelled(opts)) {
         st = RA_ECLOSED;
@@ -431,6 +449,7 @@ static ra_status ps_build(void **out, const ra_kv *kv, size_t n, const float *tr
     }
 out:
     free(sq), free(w), free(v), free(sh), free(shi), free(kk), free(c), free(ks), free(f);
+    free(xt), free(out4);
     if (st != RA_OK) {
         ps_destroy(s);
         return st;
