@@ -153,7 +153,7 @@ static int ql_implicit(double *v, int n, double *d, double *e)
                         V(k, i) = c * V(k, i) - s * h;
                     }
                 }
-                p = -s * s2 * c3 * el1 * e[l] / dl1;
+                p = -s * s2 * c3 * el1 * (e[l] / dl1); /* |e[l] / dl1| <= 1: no overflow */
                 e[l] = s * p;
                 d[l] = c * p;
             } while (!(fabs(e[l]) <= eps * tst1));
@@ -172,6 +172,9 @@ int ra_eig_sym(double *a, int n, double *w, double *v)
     tridiagonalize(v, n, w, e);
     if (ql_implicit(v, n, w, e) != 0)
         return -1;
+    for (int i = 0; i < n; i++) /* a non-finite diagonal alone converges to itself */
+        if (!isfinite(w[i]))
+            return -1;
     for (int i = 0; i < n; i++) { /* selection sort, descending; the columns follow */
         int m = i;
         for (int j = i + 1; j < n; j++)

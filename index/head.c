@@ -612,6 +612,9 @@ static void *build_main(void *arg)
     } else if (st == RA_ECLOSED) {
         RA_INFO("index build: %s: %s build over %zu keys cancelled after %.3f s", who, h->ops->name,
                 h->n_build, t1 - t0);
+    } else if (st == RA_ENOTSUP) { /* a shape the kind does not index (pscan below dim 8) */
+        RA_INFO("index build: %s: %s does not index this head (dim %d); searches stay exact", who,
+                h->ops->name, ra_kv_dim(h->kv));
     } else {
         RA_ERROR("index build: %s: %s build over %zu keys failed (%s); searches stay exact", who,
                  h->ops->name, h->n_build, ra_strerror(st));

@@ -332,7 +332,7 @@ static ra_status ps_build(void **out, const ra_kv *kv, size_t n, const float *tr
     }
     for (int a = 0; a < dim; a++)
         sq[a * dim + a] += 0.01 * (tr > 0 ? tr / dim : 1);
-    if (ra_eig_sym(sq, dim, w, v) != 0) { /* only a non-finite query does this */
+    if (ra_eig_sym(sq, dim, w, v) != 0) { /* a non-finite query (or key, below) */
         st = RA_EINVAL;
         goto out;
     }

@@ -7,8 +7,9 @@
 /* a [n][n] symmetric, row-major (destroyed): the
  * eigenvalues into w[n], descending, and the eigenvectors as the columns of v [n][n]
  * (v[i * n + j]: component i of vector j), orthonormal. 0 on success, -1 when the QL
- * iteration did not converge within 60 steps for some eigenvalue (a non-finite input):
- * w and v are then unspecified. n >= 1. */
+ * iteration did not converge within 60 steps for some eigenvalue or an eigenvalue is not
+ * finite (a non-finite input does one or the other): w and v are then unspecified.
+ * n >= 1; a and v must not overlap. */
 int ra_eig_sym(double *a, int n, double *w, double *v);
 
 #endif

@@ -140,8 +140,8 @@ static void die_usage(const char *msg)
         "  --ratd-timeout-ms MS: bound of every call to ratd (default 120000); a daemon that\n"
         "               does not answer within it (killed, restarted) is given up: the rest of\n"
         "               the run is window-only attention, with a warning (CPU decoder)\n"
-        "  --index: the sessions' index (default pscan; with --device cuda, graph, built on\n"
-        "               the GPU unless --cpu-build)\n"
+        "  --index: the sessions' index (default pscan; with --device cuda, graph: built on\n"
+        "               the GPU, or by ratd with --cpu-build)\n"
         "  --cpu-build: with --device cuda, ratd mode: ratd builds each head's graph on its\n"
         "               CPUs (default: the GPU builds it, ra_gpu_graph_build, and the\n"
         "               Offload carries it; a failed GPU build falls back to ratd's)\n"
@@ -190,7 +190,7 @@ static void parse_args(int argc, char **argv, opts *o)
     o->n_train = 4096;
     o->trace_dtype = RA_DTYPE_F32;
     o->kv_dtype = RA_DTYPE_F16;
-    o->index = NULL; /* pscan; with --device cuda and no --cpu-build, graph (GPU-built) */
+    o->index = NULL; /* pscan; with --device cuda, graph (GPU-built unless --cpu-build) */
     o->seed = 1;
     o->adaptive_max = 2000;
     o->adaptive_q = 0.9;
@@ -300,7 +300,7 @@ static void parse_args(int argc, char **argv, opts *o)
         free(dup);
     }
     if (!o->index)
-        o->index = o->cuda && !o->cpu_build ? "graph" : "pscan";
+        o->index = o->cuda ? "graph" : "pscan";
     if (strcmp(o->index, "graph") && strcmp(o->index, "flat") && strcmp(o->index, "ivf") &&
         strcmp(o->index, "hnsw") && strcmp(o->index, "pscan"))
         die_usage("--index must be graph, flat, ivf, hnsw or pscan");
@@ -1604,7 +1604,8 @@ static ra_status setup_ratd_gpu(shared *S, run *R)
                 "ratd-lm-eval: offload: %u of %u layers with GPU-built graphs (%.3f s); training "
                 "lists %s (GPU kNN %.3f s), index builds done %.2f s after the last Offload\n",
                 R->graph_layers, c->n_layers, R->graph_s,
-                o->gpu_knn ? "from the GPU" : "computed by ratd", R->knn_s, now_s() - tw);
+                R->knn_s > 0 ? "from the GPU" : "computed by ratd (or none)", R->knn_s,
+                now_s() - tw);
 out:
     ra_gpu_lm_free(g, kbuf);
     ra_gpu_lm_free(g, vbuf);

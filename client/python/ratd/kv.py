@@ -44,7 +44,8 @@ class Options:
     sink, window: tokens kept on the device (first / last); top_k, effort: ratd's
     Attend; append_batch: tokens per Append (1 mirrors the C decoder exactly);
     n_train: prefill queries sent per layer for the index; gpu_knn: send exact top-
-    knn_k lists computed on the device (None: when the tensors are on CUDA); index and
+    knn_k lists computed on the device (graph only, which alone uses them; None: when
+    the tensors are on CUDA); index and
     index_opts: the session's index ('graph', 'flat', 'ivf', 'hnsw', 'pscan'; options of
     create_session); kv_dtype: how ratd stores K/V (None: the model's dtype);
     wait_index_ms: after the prefill, wait up to this long for the index builds (0:
@@ -355,8 +356,8 @@ class RatdKV:
         n = k_mid.shape[2]
         dt = _TORCH_DTYPES[self.sessions[0].dtype]
         P = torch.from_numpy(sample_positions(T, self.opts.n_train)).to(q.device)
-        use_knn = (self.opts.gpu_knn if self.opts.gpu_knn is not None
-                   else q.device.type == "cuda" and self.opts.index == "graph")
+        use_knn = self.opts.index == "graph" and (self.opts.gpu_knn if self.opts.gpu_knn is not None
+                                                  else q.device.type == "cuda")
         kk = min(self.opts.knn_k, n)
         pos = torch.arange(pos0, pos0 + n, dtype=torch.int64)
         for b, s in enumerate(self.sessions):

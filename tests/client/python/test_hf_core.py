@@ -101,7 +101,8 @@ def test_pscan_index(client):
     top_k >= n."""
     assert rkv.Options().index == "pscan"
     kv, _ = run(client, steps=6, index="pscan", wait_index_ms=60000)
-    assert client.session_stats(kv.sessions[0])["heads_building"] == 0
+    st = client.session_stats(kv.sessions[0])
+    assert st["heads_building"] == 0 and st["heads_ready"] == L * G  # built, not failed
     assert kv.opts.index == "pscan"
     kv.close()
 
