@@ -174,6 +174,20 @@ static void ps_gram_add(const float *xt, size_t m, int dim, double *g, float *ou
         }
 }
 
+/* g += the Gram matrix of rows [n][dim] (row-major): chunk rows at a time transposed
+ * into xt [dim][chunk], then ps_gram_add */
+static void ps_gram_rows(const float *rows, size_t n, int dim, size_t chunk, float *xt, double *g,
+                         float *out4)
+{
+    for (size_t i0 = 0; i0 < n; i0 += chunk) {
+        size_t m = n - i0 < chunk ? n - i0 : chunk;
+        for (size_t i = 0; i < m; i++)
+            for (int a = 0; a < dim; a++)
+                xt[(size_t)a * m + i] = rows[(i0 + i) * (size_t)dim + a];
+        ps_gram_add(xt, m, dim, g, out4);
+    }
+}
+
 static double sum_kept(const double *w, int dp, int dim)
 {
     double a = 0;
@@ -317,13 +331,7 @@ static ra_status ps_build(void **out, const ra_kv *kv, size_t n, const float *tr
      * unregularised Sq^-1/2 would blow them up (no queries: Sq = I) */
     if (nq && !(xt = malloc((size_t)PS_GRAM_CHUNK * dim * sizeof *xt)))
         goto out;
-    for (size_t i0 = 0; i0 < nq; i0 += PS_GRAM_CHUNK) { /* chunks transposed, then products */
-        size_t m = nq - i0 < PS_GRAM_CHUNK ? nq - i0 : PS_GRAM_CHUNK;
-        for (size_t i = 0; i < m; i++)
-            for (int a = 0; a < dim; a++)
-                xt[(size_t)a * m + i] = train_q[(i0 + i) * (size_t)dim + a];
-        ps_gram_add(xt, m, dim, sq, out4);
-    }
+    ps_gram_rows(train_q, nq, dim, PS_GRAM_CHUNK, xt, sq, out4);
     double tr = 0;
     for (int a = 0; a < dim; a++) {
         for (int b = 0; b < dim; b++)
@@ -364,13 +372,9 @@ static ra_status ps_build(void **out, const ra_kv *kv, size_t n, const float *tr
     for (size_t i = 0; i < ns; i++)
         for (int a = 0; a < dim; a++)
             ks[i * (size_t)dim + a] -= s->mu[a];
-    /* the Gram matrix of the centred sample's columns (f is the transposed sample) */
-    float *kt = f;
+    /* the Gram matrix of the centred sample, in one chunk (f holds its transpose) */
     if (ns) {
-        for (size_t i = 0; i < ns; i++)
-            for (int a = 0; a < dim; a++)
-                kt[(size_t)a * ns + i] = ks[i * (size_t)dim + a];
-        ps_gram_add(kt, ns, dim, kk, out4);
+        ps_gram_rows(ks, ns, dim, ns, f, kk, out4);
         for (size_t i = 0; i < dd; i++)
             kk[i] /= (double)ns;
     }

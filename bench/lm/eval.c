@@ -43,7 +43,9 @@ typedef enum { MODE_FULL = 0, MODE_WINDOW = 1, MODE_RATD = 2 } eval_mode;
 static const char *const mode_names[] = {"full", "window", "ratd"};
 
 typedef struct opts {
-    const char *model, *text, *mode, *endpoint, *ratd_bin, *dump_trace, *index;
+    const char *model, *text, *mode, *endpoint, *ratd_bin, *dump_trace;
+    int set_index;              /* --index given */
+    ra_client_index_kind index; /* the sessions' index kind */
     unsigned context, eval, offset, sink, window, repeat, n_train, effort;
     unsigned topk[MAX_SWEEP], n_topk;
     double adaptive;      /* > 0: per-head adaptive budget, tail-mass threshold */
@@ -190,7 +192,6 @@ static void parse_args(int argc, char **argv, opts *o)
     o->n_train = 4096;
     o->trace_dtype = RA_DTYPE_F32;
     o->kv_dtype = RA_DTYPE_F16;
-    o->index = NULL; /* pscan; with --device cuda, graph (GPU-built unless --cpu-build) */
     o->seed = 1;
     o->adaptive_max = 2000;
     o->adaptive_q = 0.9;
@@ -229,9 +230,23 @@ static void parse_args(int argc, char **argv, opts *o)
             o->ratd_bin = v;
         else if (ARG("--dump-trace"))
             o->dump_trace = v;
-        else if (ARG("--index"))
-            o->index = v;
-        else if (ARG("--context"))
+        else if (ARG("--index")) {
+            static const struct {
+                const char *name;
+                ra_client_index_kind kind;
+            } kinds[] = {{"graph", RA_CLIENT_INDEX_GRAPH},
+                         {"flat", RA_CLIENT_INDEX_FLAT},
+                         {"ivf", RA_CLIENT_INDEX_IVF},
+                         {"hnsw", RA_CLIENT_INDEX_HNSW},
+                         {"pscan", RA_CLIENT_INDEX_PSCAN}};
+            size_t k = 0;
+            while (k < sizeof kinds / sizeof *kinds && strcmp(v, kinds[k].name))
+                k++;
+            if (k == sizeof kinds / sizeof *kinds)
+                die_usage("--index must be graph, flat, ivf, hnsw or pscan");
+            o->index = kinds[k].kind;
+            o->set_index = 1;
+        } else if (ARG("--context"))
             o->context = parse_uint(a, v, 1, 1u << 24);
         else if (ARG("--eval"))
             o->eval = parse_uint(a, v, 1, 1u << 24);
@@ -299,11 +314,8 @@ static void parse_args(int argc, char **argv, opts *o)
                 die_usage("--mode must be full, window, ratd, a comma list of them, or all");
         free(dup);
     }
-    if (!o->index)
-        o->index = o->cuda ? "graph" : "pscan";
-    if (strcmp(o->index, "graph") && strcmp(o->index, "flat") && strcmp(o->index, "ivf") &&
-        strcmp(o->index, "hnsw") && strcmp(o->index, "pscan"))
-        die_usage("--index must be graph, flat, ivf, hnsw or pscan");
+    if (!o->set_index) /* pscan; with --device cuda, graph (GPU-built unless --cpu-build) */
+        o->index = o->cuda ? RA_CLIENT_INDEX_GRAPH : RA_CLIENT_INDEX_PSCAN;
     if (o->cuda && o->adaptive > 0)
         die_usage("--adaptive calibrates on the CPU decoder's KV cache: not with --device cuda");
 }
@@ -970,11 +982,7 @@ static ra_status open_session(shared *S, run *R)
     d.n_kv_heads = (int)c->n_kv_heads;
     d.head_dim = (int)c->head_dim;
     d.dtype = o->kv_dtype;
-    d.index.kind = !strcmp(o->index, "flat")    ? RA_CLIENT_INDEX_FLAT
-                   : !strcmp(o->index, "ivf")   ? RA_CLIENT_INDEX_IVF
-                   : !strcmp(o->index, "hnsw")  ? RA_CLIENT_INDEX_HNSW
-                   : !strcmp(o->index, "pscan") ? RA_CLIENT_INDEX_PSCAN
-                                                : RA_CLIENT_INDEX_GRAPH;
+    d.index.kind = o->index;
     d.index.seed = o->seed;
     if ((s = ra_client_session_create(R->cl, &d, &R->session)) != RA_OK)
         fprintf(stderr, "ratd-lm-eval: session: %s (%s)\n", ra_strerror(s), ra_client_errmsg(R->cl));
@@ -1547,7 +1555,7 @@ static ra_status setup_ratd_gpu(shared *S, run *R)
     if ((s = open_session(S, R)) != RA_OK)
         goto out;
     int gpu_graph = 0; /* the GPU builds the graphs: graph index, a daemon that takes them */
-    if (!o->cpu_build && !strcmp(o->index, "graph")) {
+    if (!o->cpu_build && o->index == RA_CLIENT_INDEX_GRAPH) {
         ra_server_info info;
         gpu_graph = ra_client_hello(R->cl, &info) == RA_OK &&
                     (info.capabilities & RA_CAP_GRAPH_ADJ) != 0;
@@ -1575,7 +1583,7 @@ static ra_status setup_ratd_gpu(shared *S, run *R)
                 b.q_train = S->cap->q_train + (size_t)l * nh * S->cap->n_q * hd;
                 if (gpu_graph && (s = gpu_graphs(R, &sv, &b, o->seed)) != RA_OK)
                     break;
-                if (!b.graph_adj && o->gpu_knn && !strcmp(o->index, "graph") &&
+                if (!b.graph_adj && o->gpu_knn && o->index == RA_CLIENT_INDEX_GRAPH &&
                     (s = gpu_train_lists(R, &sv, &b, o->gpu_knn)) != RA_OK)
                     break;
             }
