@@ -970,7 +970,7 @@ typedef struct g_proj_ctx {
     int amx;             /* g_kk_block's kernel */
     atomic_int fail;
     atomic_ullong kk_us;     /* thread time in g_kk_block, for the log */
-    atomic_ullong kk_cyc[2]; /* its ticks scoring / the rest */
+    atomic_ullong kk_cyc[3]; /* its ticks scoring / the rest, keys scanned twice */
 } g_proj_ctx;
 
 /* Per node: the candidates of its occurrences (each key of a list gets the keys within
@@ -1007,13 +1007,14 @@ static void g_proj_task(void *arg, size_t b, size_t e)
                 ra_kern_to_f32(g_row(g, c->keys, self[i]), g->dtype, dim, kq + i * dim);
             }
             double t0 = ra_now_s();
-            uint64_t cyc[2] = {0, 0};
+            uint64_t cyc[3] = {0, 0, 0};
             if (g_kk_block(g, kq, nb, self, (int)kc, c->amx, kk, cyc)) {
                 atomic_store(&c->fail, 1);
                 goto done;
             }
             atomic_fetch_add(&c->kk_cyc[0], cyc[0]);
             atomic_fetch_add(&c->kk_cyc[1], cyc[1]);
+            atomic_fetch_add(&c->kk_cyc[2], cyc[2]);
             atomic_fetch_add(&c->kk_us, (unsigned long long)((ra_now_s() - t0) * 1e6));
         }
         if (!kc && c->off[u] == c->off[u + 1])
@@ -1168,6 +1169,7 @@ static ra_status g_project(ra_graph *g, const void *keys, const int32_t *knn, si
     atomic_init(&c.kk_us, 0);
     atomic_init(&c.kk_cyc[0], 0);
     atomic_init(&c.kk_cyc[1], 0);
+    atomic_init(&c.kk_cyc[2], 0);
     g_clock(&w1, &c1);
     g_parallel(g->threads, n, 256, g_proj_task, &c);
     g_clock(&w2, &c2);
@@ -1192,13 +1194,15 @@ static ra_status g_project(ra_graph *g, const void *keys, const int32_t *knn, si
         free(e);
     }
     g_clock(&w3, &c3);
-    char kks[128] = "";
+    char kks[192] = "";
     if (kc)
         snprintf(kks, sizeof kks,
-                 " (key->key lists of %d by code%s: %.2f thread s, %.0f %% of it scoring)", kc,
-                 c.amx ? ", AMX" : "", (double)atomic_load(&c.kk_us) / 1e6,
+                 " (key->key lists of %d by code%s: %.2f thread s, %.0f %% of it scoring, %llu "
+                 "keys scanned twice)",
+                 kc, c.amx ? ", AMX" : "", (double)atomic_load(&c.kk_us) / 1e6,
                  100.0 * (double)atomic_load(&c.kk_cyc[0]) /
-                     (double)(atomic_load(&c.kk_cyc[0]) + atomic_load(&c.kk_cyc[1]) + 1));
+                     (double)(atomic_load(&c.kk_cyc[0]) + atomic_load(&c.kk_cyc[1]) + 1),
+                 (unsigned long long)atomic_load(&c.kk_cyc[2]));
     RA_DEBUG("graph: projection of %zu lists: occurrences %.2f/%.2f s, candidates and pruning "
              "%.2f/%.2f s%s, reverse edges %.2f/%.2f s (wall/cpu)",
              nq, w1 - w0, c1 - c0, w2 - w1, c2 - c1, kks, w3 - w2, c3 - c2);

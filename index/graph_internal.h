@@ -180,13 +180,16 @@ ra_status g_kk_block(const ra_graph *g, const float *q, size_t nq, const int32_t
  * bytes, and ra_kern_amx_ok) */
 int g_kk_amx(const ra_graph *g);
 /* the rows its callers hand it at once (keys of the projection, training queries): its
- * buffers are nq x (4 c + 32) candidates */
+ * buffers are nq x (2 c + 32) candidates */
 #define G_KK_BLOCK 256
 
 /* graph_build.c: the key->key candidates of later builds as RA_GRAPH_KK would set them
  * (-1 auto, 0 walks, 1 lists by code even without AMX); -2 goes back to RA_GRAPH_KK.
  * For tests. */
 void g_kk_force(int mode);
+/* graph_kk.c: the key->key scans' priming (g_kk_block): -1 as the build chooses it, 0 off,
+ * r > 0 at rank r of a sample of ~256 keys whatever n (to make rescans happen). For tests. */
+void g_kk_prime_force(int r);
 
 /* graph_kk.c: the training lists as g_exact_knn gives them (best first, -1 / -inf
  * padded), from each query's best 2 K + 16 by search code rescored exactly on the keys

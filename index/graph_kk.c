@@ -13,7 +13,7 @@
  * walks there (graph_build.c, g_kk_count).
  *
  * Keys are scanned in chunks against blocks of 32 queries, from the chunk of the block's
- * first key on (then from the start); a query keeps a buffer of up to 4 c + 32 candidates
+ * first key on (then from the start); a query keeps a buffer of up to 2 c + 32 candidates
  * not worse than its threshold (the worst of its best c at the last cut, ties by id), cut
  * back by g_keep_best when full: the lists do not depend on the order. */
 #include <math.h>
@@ -55,106 +55,250 @@ int g_kk_amx(const ra_graph *g)
     return g->cb.bits == 8 && (g->cb.cbytes == 64 || g->cb.cbytes == 128) && ra_kern_amx_ok();
 }
 
+/* Priming (key->key blocks of heads of KK_PRIME_MIN_N keys or more): before the scan, a
+ * query is scored on an evenly spaced sample of S = n / step codes (step = n / KK_PRIME_S)
+ * and its threshold starts at the sample's r-th best score, so that the scan's buffer is
+ * not first filled with whatever the first chunks hold. About r n / S keys score at or
+ * above it; with lambda = c S / n, r = lambda + 3 sqrt(lambda) + 3 makes fewer than c of
+ * them (the Poisson tail) rare: ~1e-4 a query at lambda 3 (c 96, n 131,072, S 4,096). A
+ * query with fewer than c at or above its threshold and no cut is scanned again from no
+ * threshold, so the lists are exactly those of a scan without priming. On the dev box
+ * (131K keys, dim 128) the buffer took ~930 candidates a key without it, ~400 with it. */
+#define KK_PRIME_MIN_N 16384
+#define KK_PRIME_S 4096
+#define KK_PRIME_RMAX 32
+
+static atomic_int kk_prime_forced = -1; /* g_kk_prime_force: -1 = not forced */
+
+void g_kk_prime_force(int r)
+{
+    atomic_store(&kk_prime_forced, r);
+}
+
+/* the sample's rank r for c of n keys, 0 for no priming; *step its spacing */
+static int kk_prime_rank(size_t n, int c, size_t *step)
+{
+    int forced = atomic_load(&kk_prime_forced);
+    if (forced == 0 || (forced < 0 && n < KK_PRIME_MIN_N))
+        return 0;
+    size_t st = n / (forced > 0 ? 256 : KK_PRIME_S);
+    if (st < 1)
+        st = 1;
+    *step = st;
+    if (forced > 0)
+        return forced < KK_PRIME_RMAX ? forced : KK_PRIME_RMAX;
+    double lam = (double)c * (double)(n / st) / (double)n;
+    int r = (int)ceil(lam + 3.0 * sqrt(lam) + 3.0);
+    return r <= KK_PRIME_RMAX ? r : 0; /* c near n / 64 and beyond: no gain */
+}
+
+/* One block's scan state (g_kk_block) */
+typedef struct kk_scan {
+    const ra_graph *g;
+    size_t nq, nsb;
+    const int32_t *self;
+    int c, cap, amx, qb, cb;
+    int8_t *q8, *pack;
+    int16_t *q16;
+    int32_t *dots, *ids, *tau, *wsc, *wid, *key;
+    uint32_t *mask, *rows;
+    int *cnt;
+    uint8_t *cut; /* [nq]: the query's buffer has been cut */
+    g_hc *W;
+    uint64_t t_sc;
+} kk_scan;
+
+/* Scores query block sb on the m codes from key j0 on, `step` keys apart (step > 1: the
+ * priming sample), into x->dots / mask / rows; returns the rows with a flag. */
+static size_t kk_score(kk_scan *x, size_t sb, size_t j0, size_t m, size_t step)
+{
+    const ra_graph *g = x->g;
+    int32_t *ts = x->tau + sb * 32;
+    uint64_t ta = __builtin_ia32_rdtsc();
+    size_t nr;
+    if (x->amx) {
+        const uint8_t *base = g->kk_codes ? g->kk_codes + j0 * (size_t)x->cb : g_code(g, j0);
+        size_t stride = g->kk_codes ? (size_t)x->cb : g->rec_bytes;
+        nr = ra_kern_amx_dots32(x->pack + sb * 4096, x->cb, base, stride * step, m, ts, x->dots,
+                                x->mask, x->rows);
+    } else {
+        for (size_t i = 0; i < m; i++)
+            x->ids[i] = (int32_t)(j0 + i * step);
+        ra_codebook_dots(&g->cb, x->q8 + sb * 32 * (size_t)x->qb, x->q16 + sb * 32 * (size_t)x->qb,
+                         32, g->rec, g->rec_bytes, x->ids, m, x->dots);
+        nr = kk_masks(x->dots, m, ts, x->mask, x->rows);
+    }
+    x->t_sc += __builtin_ia32_rdtsc() - ta;
+    return nr;
+}
+
+/* The scan over every chunk, from the block's own on (then from the start): nearby keys
+ * (in position) tend to score high, and an early high threshold lets fewer keys in */
+static void kk_scan_all(kk_scan *x)
+{
+    size_t n = x->g->n, nch = (n + KK_CH - 1) / KK_CH;
+    size_t c0 = x->self ? (size_t)x->self[0] / KK_CH % nch : 0;
+    int c = x->c, cap = x->cap;
+    uint64_t live = 0; /* the query blocks that can take anything (a second scan: few) */
+    for (size_t s = 0; s < x->nsb && s < 64; s++)
+        for (int j = 0; j < 32; j++)
+            live |= (uint64_t)(x->tau[s * 32 + (size_t)j] != INT32_MAX) << s;
+    for (size_t k = 0; k < nch; k++) {
+        size_t j0 = (c0 + k) % nch * KK_CH;
+        size_t m = n - j0 < KK_CH ? n - j0 : KK_CH;
+        for (size_t s = 0; s < x->nsb; s++) {
+            if (s < 64 && !(live >> s & 1))
+                continue;
+            int32_t *ts = x->tau + s * 32;
+            size_t nr = kk_score(x, s, j0, m, 1);
+            for (size_t r = 0; r < nr; r++) {
+                size_t i = x->rows[r];
+                uint32_t mk = x->mask[r];
+                while (mk) {
+                    int j = __builtin_ctz(mk);
+                    mk &= mk - 1;
+                    size_t qi = s * 32 + (size_t)j;
+                    int32_t id = (int32_t)(j0 + i), d = x->dots[r * 32 + (size_t)j];
+                    if (d < x->wsc[qi] || (d == x->wsc[qi] && id > x->wid[qi]) ||
+                        (x->self && x->self[qi] == id))
+                        continue; /* (a cut since the mask) */
+                    g_hc *w = x->W + qi * (size_t)cap;
+                    w[x->cnt[qi]++] = (g_hc){(float)d, id};
+                    if (x->cnt[qi] == cap) {
+                        g_hc worst = g_keep_best(w, cap, c, x->key);
+                        x->wsc[qi] = (int32_t)worst.s, x->wid[qi] = worst.id;
+                        ts[j] = x->wsc[qi] - 1;
+                        x->cnt[qi] = c;
+                        x->cut[qi] = 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* The priming thresholds (see KK_PRIME_S): each query's r-th best sample score, self
+ * skipped, in tau (INT32_MIN where the sample has fewer than r) */
+static void kk_prime(kk_scan *x, int r, size_t step)
+{
+    size_t n = x->g->n, S = n / step;
+    int32_t *best = malloc(x->nsb * 32 * (size_t)r * sizeof *best);
+    int *nb = calloc(x->nsb * 32, sizeof *nb);
+    if (!best || !nb) { /* no priming: the plain scan */
+        free(best), free(nb);
+        return;
+    }
+    for (size_t s0 = 0; s0 < S; s0 += KK_CH) {
+        size_t m = S - s0 < KK_CH ? S - s0 : KK_CH;
+        for (size_t sb = 0; sb < x->nsb; sb++) {
+            int32_t *ts = x->tau + sb * 32;
+            size_t nr = kk_score(x, sb, s0 * step, m, step);
+            for (size_t k = 0; k < nr; k++) {
+                uint32_t mk = x->mask[k];
+                int32_t id = (int32_t)((s0 + x->rows[k]) * step);
+                while (mk) {
+                    int j = __builtin_ctz(mk);
+                    mk &= mk - 1;
+                    size_t qi = sb * 32 + (size_t)j;
+                    if (x->self && x->self[qi] == id)
+                        continue;
+                    int32_t d = x->dots[k * 32 + (size_t)j], *b = best + qi * (size_t)r;
+                    int e = nb[qi] < r ? nb[qi]++ : r - 1; /* insertion, best first */
+                    while (e > 0 && b[e - 1] < d) {
+                        b[e] = b[e - 1];
+                        e--;
+                    }
+                    b[e] = d;
+                    if (nb[qi] == r)
+                        ts[j] = b[r - 1];
+                }
+            }
+        }
+    }
+    /* the scan flags scores at or above the r-th best */
+    for (size_t qi = 0; qi < x->nq; qi++) {
+        int32_t t = nb[qi] == r ? best[qi * (size_t)r + (size_t)r - 1] : INT32_MIN;
+        x->tau[qi] = t == INT32_MIN ? INT32_MIN : t - 1;
+    }
+    free(best), free(nb);
+}
+
 ra_status g_kk_block(const ra_graph *g, const float *q, size_t nq, const int32_t *self, int c,
                      int amx, int32_t *out, uint64_t *cyc)
 {
-    uint64_t t_sc = 0, t0 = __builtin_ia32_rdtsc();
+    uint64_t t0 = __builtin_ia32_rdtsc();
     if (nq == 0 || c <= 0)
         return RA_OK;
-    size_t n = g->n, nsb = (nq + 31) / 32;
-    int qb = g->cb.qbytes, cb = g->cb.cbytes, cap = 4 * c + 32;
-    amx = amx && g_kk_amx(g);
-    int8_t *q8 = calloc(nsb * 32 * (size_t)qb, 1);
-    int16_t *q16 = calloc(nsb * 32 * (size_t)qb, sizeof *q16);
-    int8_t *pack = amx ? aligned_alloc(64, nsb * 4096) : NULL;
-    int32_t *dots = aligned_alloc(64, (KK_CH + 16) * 32 * sizeof *dots);
-    uint32_t *mask = malloc(KK_CH * sizeof *mask), *rows = malloc(KK_CH * sizeof *rows);
-    int32_t *ids = amx ? NULL : malloc(KK_CH * sizeof *ids);
-    int32_t *tau = malloc(nsb * 32 * sizeof *tau), *wsc = malloc(nq * sizeof *wsc);
-    int32_t *wid = malloc(nq * sizeof *wid);
-    int *cnt = calloc(nsb * 32, sizeof *cnt);
-    g_hc *W = malloc(nq * (size_t)cap * sizeof *W), *tmp = malloc((size_t)cap * sizeof *tmp);
-    int32_t *key = malloc((size_t)cap * sizeof *key);
+    kk_scan x = {.g = g, .nq = nq, .nsb = (nq + 31) / 32, .self = self, .c = c};
+    size_t nsb = x.nsb;
+    /* a cut keeps c of 2 c + 32: on the dev box 4 c + 32 held more candidates longer (~7 %
+     * more time in the lists), c + 32 cut too often */
+    x.cap = 2 * c + 32, x.qb = g->cb.qbytes, x.cb = g->cb.cbytes;
+    int cap = x.cap, qb = x.qb;
+    x.amx = amx = amx && g_kk_amx(g);
+    x.q8 = calloc(nsb * 32 * (size_t)qb, 1);
+    x.q16 = calloc(nsb * 32 * (size_t)qb, sizeof *x.q16);
+    x.pack = amx ? aligned_alloc(64, nsb * 4096) : NULL;
+    x.dots = aligned_alloc(64, (KK_CH + 16) * 32 * sizeof *x.dots);
+    x.mask = malloc(KK_CH * sizeof *x.mask), x.rows = malloc(KK_CH * sizeof *x.rows);
+    x.ids = amx ? NULL : malloc(KK_CH * sizeof *x.ids);
+    x.tau = malloc(nsb * 32 * sizeof *x.tau), x.wsc = malloc(nq * sizeof *x.wsc);
+    x.wid = malloc(nq * sizeof *x.wid);
+    x.cnt = calloc(nsb * 32, sizeof *x.cnt);
+    x.cut = calloc(nq, 1);
+    x.W = malloc(nq * (size_t)cap * sizeof *x.W);
+    g_hc *tmp = malloc((size_t)cap * sizeof *tmp);
+    x.key = malloc((size_t)cap * sizeof *x.key);
     ra_status st = RA_OK;
-    if (!q8 || !q16 || (amx && !pack) || !dots || !mask || !rows || (!amx && !ids) || !tau ||
-        !wsc || !wid || !cnt || !W || !tmp || !key) {
+    if (!x.q8 || !x.q16 || (amx && !x.pack) || !x.dots || !x.mask || !x.rows || (!amx && !x.ids) ||
+        !x.tau || !x.wsc || !x.wid || !x.cnt || !x.cut || !x.W || !tmp || !x.key) {
         st = RA_ENOMEM;
         goto out;
     }
     /* a query's worst kept (score, id) once it has c, INT32_MIN before; the kernels flag
      * the scores at or above it (tau = worst - 1: ties are decided by id here) */
     for (size_t i = 0; i < nsb * 32; i++) /* padding queries take nothing */
-        tau[i] = i < nq ? INT32_MIN : INT32_MAX;
+        x.tau[i] = i < nq ? INT32_MIN : INT32_MAX;
     for (size_t i = 0; i < nq; i++)
-        wsc[i] = INT32_MIN, wid[i] = INT32_MAX;
+        x.wsc[i] = INT32_MIN, x.wid[i] = INT32_MAX;
     for (size_t i = 0; i < nq; i++) {
         float mul, add;
-        ra_codebook_prep(&g->cb, q + i * (size_t)g->dim, q8 + i * (size_t)qb, q16 + i * (size_t)qb,
-                         &mul, &add);
+        ra_codebook_prep(&g->cb, q + i * (size_t)g->dim, x.q8 + i * (size_t)qb,
+                         x.q16 + i * (size_t)qb, &mul, &add);
     }
     if (amx)
         for (size_t s = 0; s < nsb; s++) {
             size_t left = nq - s * 32;
-            ra_kern_amx_pack32(q8 + s * 32 * (size_t)qb, left < 32 ? (int)left : 32, cb,
-                               pack + s * 4096);
+            ra_kern_amx_pack32(x.q8 + s * 32 * (size_t)qb, left < 32 ? (int)left : 32, x.cb,
+                               x.pack + s * 4096);
         }
-    /* the chunks from the block's own onwards, then from the start: nearby keys (in
-     * position) tend to score high, and an early high threshold lets fewer keys in */
-    size_t nch = (n + KK_CH - 1) / KK_CH, c0 = self ? (size_t)self[0] / KK_CH % nch : 0;
+    size_t step = 1;
+    int r = self ? kk_prime_rank(g->n, c, &step) : 0;
     if (amx)
         ra_kern_amx_begin();
-    for (size_t k = 0; k < nch; k++) {
-        size_t j0 = (c0 + k) % nch * KK_CH;
-        size_t m = n - j0 < KK_CH ? n - j0 : KK_CH;
-        if (!amx)
-            for (size_t i = 0; i < m; i++)
-                ids[i] = (int32_t)(j0 + i);
-        for (size_t s = 0; s < nsb; s++) {
-            int32_t *ts = tau + s * 32;
-            size_t nr;
-            uint64_t ta = __builtin_ia32_rdtsc();
-            if (amx) {
-                nr = g->kk_codes
-                         ? ra_kern_amx_dots32(pack + s * 4096, cb, g->kk_codes + j0 * (size_t)cb,
-                                              (size_t)cb, m, ts, dots, mask, rows)
-                         : ra_kern_amx_dots32(pack + s * 4096, cb, g_code(g, j0), g->rec_bytes, m,
-                                              ts, dots, mask, rows);
-            } else {
-                ra_codebook_dots(&g->cb, q8 + s * 32 * (size_t)qb, q16 + s * 32 * (size_t)qb, 32,
-                                 g->rec, g->rec_bytes, ids, m, dots);
-                nr = kk_masks(dots, m, ts, mask, rows);
-            }
-            uint64_t tb = __builtin_ia32_rdtsc();
-            t_sc += tb - ta;
-            for (size_t r = 0; r < nr; r++) {
-                size_t i = rows[r];
-                uint32_t mk = mask[r];
-                while (mk) {
-                    int j = __builtin_ctz(mk);
-                    mk &= mk - 1;
-                    size_t qi = s * 32 + (size_t)j;
-                    int32_t id = (int32_t)(j0 + i), d = dots[r * 32 + (size_t)j];
-                    if (d < wsc[qi] || (d == wsc[qi] && id > wid[qi]) || (self && self[qi] == id))
-                        continue; /* (a cut since the mask) */
-                    g_hc *w = W + qi * (size_t)cap;
-                    w[cnt[qi]++] = (g_hc){(float)d, id};
-                    if (cnt[qi] == cap) {
-                        g_hc worst = g_keep_best(w, cap, c, key);
-                        wsc[qi] = (int32_t)worst.s, wid[qi] = worst.id;
-                        ts[j] = wsc[qi] - 1;
-                        cnt[qi] = c;
-                    }
-                }
-            }
+    if (r)
+        kk_prime(&x, r, step);
+    kk_scan_all(&x);
+    if (r) { /* queries with fewer than c at or above the primed threshold: again */
+        size_t again = 0;
+        for (size_t qi = 0; qi < nsb * 32; qi++) {
+            int redo = qi < nq && !x.cut[qi] && x.cnt[qi] < c && x.tau[qi] != INT32_MIN;
+            x.tau[qi] = redo ? INT32_MIN : INT32_MAX;
+            if (redo)
+                x.cnt[qi] = 0, again++;
         }
+        if (again)
+            kk_scan_all(&x);
+        if (cyc)
+            cyc[2] += again;
     }
     if (amx)
         ra_kern_amx_end();
     for (size_t qi = 0; qi < nq; qi++) {
-        g_hc *w = W + qi * (size_t)cap;
-        int k = cnt[qi];
+        g_hc *w = x.W + qi * (size_t)cap;
+        int k = x.cnt[qi];
         if (k > c) {
-            g_keep_best(w, k, c, key);
+            g_keep_best(w, k, c, x.key);
             k = c;
         }
         g_sort_best(w, k, tmp);
@@ -162,14 +306,13 @@ ra_status g_kk_block(const ra_graph *g, const float *q, size_t nq, const int32_t
             out[qi * (size_t)c + (size_t)i] = i < k ? w[i].id : -1;
     }
     if (cyc) { /* scoring, and all else: preparation, selection, sorting */
-        cyc[0] += t_sc;
-        cyc[1] += __builtin_ia32_rdtsc() - t0 - t_sc;
+        cyc[0] += x.t_sc;
+        cyc[1] += __builtin_ia32_rdtsc() - t0 - x.t_sc;
     }
 out:
-    free(q8), free(q16), free(pack), free(dots), free(mask), free(rows), free(ids), free(tau);
-    free(wsc), free(wid);
-    free(cnt);
-    free(W), free(tmp), free(key);
+    free(x.q8), free(x.q16), free(x.pack), free(x.dots), free(x.mask), free(x.rows), free(x.ids);
+    free(x.tau), free(x.wsc), free(x.wid), free(x.cnt), free(x.cut), free(x.W), free(x.key);
+    free(tmp);
     return st;
 }
 

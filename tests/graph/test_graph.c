@@ -498,7 +498,8 @@ static void test_search_scores_exact(void **state)
  * the portable kernels give exactly those lists, at codes of 64 and 128 bytes, for a
  * block that is not a multiple of 32 queries, whose scan starts at a chunk other than the
  * first, with keys repeated (ties at the cut), with the codes in the records and in a
- * back-to-back copy (kk_codes), and for c beyond n - 1. */
+ * back-to-back copy (kk_codes), for c beyond n - 1, and with the scan primed from a
+ * sample at ranks that make some or all queries scan again. */
 static void test_kk_lists_reference(void **state)
 {
     (void)state;
@@ -519,8 +520,12 @@ static void test_kk_lists_reference(void **state)
         ra_graph *g = st;
         enum { NQ = 45 };
         const int CS[] = {96, 1499, 1600};
-        for (int ci = 0; ci < 3; ci++) {
-            int c = CS[ci];
+        /* priming off, and at sample ranks (of 300 keys) that let too few in for some
+         * queries (1, 19) or for few (32); the second scan makes them good */
+        const int PR[] = {0, 1, 19, 32};
+        for (int pi = 0; pi < 12; pi++) {
+            int c = CS[pi % 3];
+            g_kk_prime_force(PR[pi / 3]);
             float *q = malloc(NQ * (size_t)dim * sizeof *q);
             int32_t self[NQ];
             int32_t *a = malloc(NQ * (size_t)c * sizeof *a),
@@ -530,7 +535,14 @@ static void test_kk_lists_reference(void **state)
                 memcpy(q + (size_t)i * dim, s.keys + (size_t)self[i] * dim,
                        (size_t)dim * sizeof *q);
             }
-            assert_int_equal(g_kk_block(g, q, NQ, self, c, 1, a, NULL), RA_OK);
+            uint64_t cyc[3] = {0, 0, 0};
+            assert_int_equal(g_kk_block(g, q, NQ, self, c, 1, a, cyc), RA_OK);
+            if (PR[pi / 3] == 0) /* the second scan is what makes a primed one good */
+                assert_int_equal(cyc[2], 0);
+            else if (c > 96) /* fewer than c keys at all: every query again */
+                assert_int_equal(cyc[2], NQ);
+            else if (PR[pi / 3] < 32) /* some of them (many keys tie on the codes here) */
+                assert_true(cyc[2] > 0 && cyc[2] < NQ);
             assert_int_equal(g_kk_block(g, q, NQ, self, c, 0, b, NULL), RA_OK);
             assert_memory_equal(a, b, NQ * (size_t)c * sizeof *a);
             uint8_t *copy = aligned_alloc(64, s.n * (size_t)g->cb.cbytes);
@@ -561,12 +573,13 @@ static void test_kk_lists_reference(void **state)
                 for (int r = 0; r < c; r++) {
                     int32_t want = (size_t)r < m ? (int32_t)(uint32_t)key[r] : -1;
                     if (a[(size_t)i * c + r] != want)
-                        fail_msg("kk dim %d c %d query %d rank %d: %d, expected %d", dim, c, i, r,
-                                 a[(size_t)i * c + r], want);
+                        fail_msg("kk dim %d c %d priming %d query %d rank %d: %d, expected %d",
+                                 dim, c, PR[pi / 3], i, r, a[(size_t)i * c + r], want);
                 }
             }
             free(q), free(a), free(b), free(q8), free(q16), free(all), free(dots), free(key);
         }
+        g_kk_prime_force(-1);
         G->destroy(st);
         ra_kv_destroy(kv);
         ra_synth_free(&s);
