@@ -96,6 +96,9 @@ static const ratd_option g_options[] = {
     {"spin-us", OPT_INT, OFF(spin_us), 0, 0, 100000, "0",
      "microseconds an idle worker spins for the next task before it sleeps, and the I/O "
      "thread polls for finished jobs while requests are in flight (0: at once)"},
+    {"timeline", OPT_INT, OFF(timeline), 0, 0, 1000000, "0",
+     "log every N-th pooled request's timeline (arrival, tasks started and ended, reply) at "
+     "warn level, a study aid (0: off)"},
     {"send-timeout-ms", OPT_INT, OFF(send_timeout_ms), 0, 1, 600000, "2000",
      "unused: replies never wait (one to a client whose queue is full is dropped and "
      "counted); kept so that older configurations still load"},

@@ -42,6 +42,7 @@ typedef struct ratd_config {
     int index_threads;
     int send_timeout_ms;
     int spin_us;
+    int timeline; /* --timeline N: every N-th pooled request's timeline logged (0: off) */
     char log_level[16];
     char config_file[512];
     char log_file[512]; /* "": stderr */

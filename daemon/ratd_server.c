@@ -780,8 +780,7 @@ ra_status ratd_server_create(ratd_server **out, const ratd_config *cfg, char *er
     s->lim.max_frame_bytes = cfg->max_frame_bytes;
     s->lim.max_message_bytes = cfg->max_message_bytes;
     s->t0 = ra_now_s();
-    const char *tl = getenv("RATD_TIMELINE");
-    s->timeline = tl ? atoi(tl) : 0;
+    s->timeline = cfg->timeline;
     ra_index_opts probe; /* --index-threads against the index's own bound */
     memset(&probe, 0, sizeof probe);
     probe.threads = cfg->index_threads;

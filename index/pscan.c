@@ -903,6 +903,13 @@ static int ps_part_R(int R, int k, int nparts, size_t n_part, size_t n)
     return R > (int)n_part ? (int)n_part : R;
 }
 
+/* a query's candidates in one part of n_part of the n keys: its effort, or the default */
+static int ps_query_R(const ra_search_params *pj, size_t n, float mult, int nparts, size_t n_part)
+{
+    int r = pj->effort > 0 ? pj->effort : ps_default_R(pj->k, n, mult);
+    return ps_part_R(r, pj->k, nparts, n_part, n);
+}
+
 static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, int nparts,
                                  size_t nq, const float *q, const ra_search_params *p, int kmax,
                                  int32_t *ids, float *scores, int *n_out, ra_search_stats *stats)
@@ -917,8 +924,7 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
     }
     int Rmax = 0;
     for (size_t j = 0; j < nq; j++) {
-        int R = p[j].effort > 0 ? p[j].effort : ps_default_R(p[j].k, n, mult);
-        R = ps_part_R(R, p[j].k, nparts, n_part, n);
+        int R = ps_query_R(&p[j], n, mult, nparts, n_part);
         Rmax = R > Rmax ? R : Rmax;
     }
     int cap = 2 * Rmax + 64;
@@ -950,8 +956,7 @@ static ra_status ps_search_range(const ps_state *s, const ra_kv *kv, int part, i
             id[j] = t->id + (size_t)j * cap;
             cnt[j] = 0;
             thr[j] = INT32_MIN;
-            int r = pj->effort > 0 ? pj->effort : ps_default_R(pj->k, n, mult);
-            R[j] = ps_part_R(r, pj->k, nparts, n_part, n);
+            R[j] = ps_query_R(pj, n, mult, nparts, n_part);
             if (pj->k <= 0 || R[j] <= 0) /* nothing for this query: no key passes */
                 R[j] = 0, thr[j] = INT32_MAX;
         }

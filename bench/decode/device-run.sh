@@ -9,7 +9,8 @@
 #   c128k0, c1m0  c128k and c1m at the default effort only (no sweep)
 #   c128k32, l128k32  all 32 layers at 128K, 16 steps (a model's indexes and codes, far
 #          more than the L3 holds); c1m4  c1m with 4 layers, 100 steps; c1m4s the
-#          same with a sweep
+#          same with a sweep (a sweep's efforts are pscan's candidates rescored, or the
+#          graph's candidate lists with the variant gr)
 # A run may carry variants after a colon, joined by '-' (ra_run_variants in
 # bench/device-env.sh: b8 / b4 search-code bits, wN workers, pN --spin-us, g --gpu-build,
 # s a sweep); e.g. c128k:b8 and c128k:b4 (files c128k-b8.json, c128k-b4.json) compare
@@ -43,19 +44,23 @@ D="$b/bench/ratd-bench-decode --ratd $b/daemon/ratd --json --steps 200"
 for rv in "${runs[@]}"; do
   ra_run_variants "$rv" || continue
   r=$RA_RUN name=$RA_RUN_NAME
+  # a sweep's efforts: the graph's candidate lists under --index graph (variant gr),
+  # else pscan's candidates rescored (the default index since the thirteenth session)
+  g=0; [[ " ${RA_RUN_ARGS[*]} " == *" --index graph "* ]] && g=1
+  sw() { if [ $g = 1 ]; then echo "$1"; else echo "$2"; fi; }
   case $r in
   c32k) a=(--context 32768 --layers 2) ;;
-  c128k) a=(--context 131072 --layers 2 --sweep 150,200,250,300,400) ;;
-  c128ks) a=(--context 131072 --layers 2 --sweep 200,250,300,350,400,500) ;;
-  l128ks) a=(--context 131072 --layers 2 --gen lin --steps 120 --sweep 200,250,300,400,500) ;;
+  c128k) a=(--context 131072 --layers 2 --sweep "$(sw 150,200,250,300,400 300,500,700,1000,1500)") ;;
+  c128ks) a=(--context 131072 --layers 2 --sweep "$(sw 200,250,300,350,400,500 300,400,500,700,1000,1500)") ;;
+  l128ks) a=(--context 131072 --layers 2 --gen lin --steps 120 --sweep "$(sw 200,250,300,400,500 300,500,700,1000,1500)") ;;
   l128k) a=(--context 131072 --layers 2 --gen lin) ;;
-  c1m) a=(--context 1048576 --layers 2 --q-heads 8 --kv-heads 2 --sweep 400,600,1000) ;;
+  c1m) a=(--context 1048576 --layers 2 --q-heads 8 --kv-heads 2 --sweep "$(sw 400,600,1000 700,1000,1500)") ;;
   b128k) a=(--context 131072 --layers 1 --batch 8 --steps 100) ;;
   c128k0) a=(--context 131072 --layers 2) ;;
   c128k32) a=(--context 131072 --layers 32 --steps 16) ;;
   l128k32) a=(--context 131072 --layers 32 --steps 16 --gen lin) ;;
   c1m4) a=(--context 1048576 --layers 4 --q-heads 8 --kv-heads 2 --steps 100) ;;
-  c1m4s) a=(--context 1048576 --layers 4 --q-heads 8 --kv-heads 2 --steps 100 --sweep 400,600,1200) ;;
+  c1m4s) a=(--context 1048576 --layers 4 --q-heads 8 --kv-heads 2 --steps 100 --sweep "$(sw 400,600,1200 700,1000,1500)") ;;
   c1m0) a=(--context 1048576 --layers 2 --q-heads 8 --kv-heads 2) ;;
   *) echo "unknown run $r"; continue ;;
   esac
