@@ -610,13 +610,11 @@ static void test_limits(void **state)
     check_keeper();
 }
 
-static void test_vanishing_client(void **state)
+/* One client that sends 20 Attends while the daemon is stopped (SIGSTOP) and closes
+ * before it is continued: the requests wait in the kernel's socket buffer behind the end
+ * of the connection, and the daemon, once continued, finds nobody to answer. */
+static void vanish_once(void)
 {
-    (void)state;
-    /* a client sends requests and disappears before the replies. To make "before"
-     * certain, the daemon is stopped (SIGSTOP) while the client sends and closes: the
-     * requests wait in the kernel's socket buffer behind the end of the connection,
-     * and the daemon, once continued, finds nobody to answer. */
     void *ctx2 = zmq_ctx_new();
     void *v = zmq_socket(ctx2, ZMQ_DEALER);
     int lg = 5000;
@@ -640,6 +638,26 @@ static void test_vanishing_client(void **state)
     zmq_close(v);
     zmq_ctx_term(ctx2); /* returns once the requests are written and the socket closed */
     kill(g_d.pid, SIGCONT);
+}
+
+static void test_vanishing_client(void **state)
+{
+    (void)state;
+    /* Whether a reply meets the closed connection depends on when the daemon's ZeroMQ
+     * thread takes in its end: before the first reply (the replies fail: "went away"),
+     * after the last (they are dropped quietly), or before the daemon read the requests
+     * (ZeroMQ drops them unread). One try in ~20 saw no "went away"; each try must leave
+     * the daemon serving, and one of five must see it. */
+    int seen = 0;
+    for (int t = 0; t < 5 && !seen; t++) {
+        vanish_once();
+        for (int i = 0; i < 20 && !(seen = ratd_log_has(&g_d, "went away")); i++)
+            usleep(50000);
+        assert_int_equal(ra_client_hello(g_c, NULL), RA_OK);
+        check_keeper();
+    }
+    if (!seen)
+        fail_msg("no log line containing 'went away' in %s after 5 vanishing clients", g_d.log);
     /* a half-sent multipart message never reaches the daemon at all (ZeroMQ delivers
      * whole messages): the socket closes with a frame still flagged "more" */
     void *s = zmq_socket(g_ctx, ZMQ_DEALER);
@@ -648,7 +666,6 @@ static void test_vanishing_client(void **state)
     zmq_connect(s, g_d.endpoint);
     zmq_send(s, "x", 1, ZMQ_SNDMORE);
     zmq_close(s);
-    expect_log("went away");
     assert_int_equal(ra_client_hello(g_c, NULL), RA_OK);
     check_keeper();
 }
