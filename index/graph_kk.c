@@ -55,7 +55,8 @@ int g_kk_amx(const ra_graph *g)
     return g->cb.bits == 8 && (g->cb.cbytes == 64 || g->cb.cbytes == 128) && ra_kern_amx_ok();
 }
 
-/* Priming (key->key blocks of heads of KK_PRIME_MIN_N keys or more): before the scan, a
+/* Priming (the key->key lists and the training queries' lists of heads of KK_PRIME_MIN_N
+ * keys or more): before the scan, a
  * query is scored on an evenly spaced sample of S = n / step codes (step = n / KK_PRIME_S)
  * and its threshold starts at the sample's r-th best score, so that the scan's buffer is
  * not first filled with whatever the first chunks hold. About r n / S keys score at or
@@ -63,7 +64,8 @@ int g_kk_amx(const ra_graph *g)
  * them (the Poisson tail) rare: ~1e-4 a query at lambda 3 (c 96, n 131,072, S 4,096). A
  * query with fewer than c at or above its threshold and no cut is scanned again from no
  * threshold, so the lists are exactly those of a scan without priming. On the dev box
- * (131K keys, dim 128) the buffer took ~930 candidates a key without it, ~400 with it. */
+ * (131K keys, dim 128) the buffer took ~930 candidates a key without it, and the lists'
+ * thread time fell 17 % with it (bench/README.md, "Fourteenth session"). */
 #define KK_PRIME_MIN_N 16384
 #define KK_PRIME_S 4096
 #define KK_PRIME_RMAX 32
@@ -273,7 +275,7 @@ ra_status g_kk_block(const ra_graph *g, const float *q, size_t nq, const int32_t
                                x.pack + s * 4096);
         }
     size_t step = 1;
-    int r = self ? kk_prime_rank(g->n, c, &step) : 0;
+    int r = kk_prime_rank(g->n, c, &step);
     if (amx)
         ra_kern_amx_begin();
     if (r)
