@@ -119,6 +119,33 @@ void ra_session_desc_init(ra_session_desc *d)
     d->index.kind = RA_CLIENT_INDEX_PSCAN;
 }
 
+static const struct {
+    ra_client_index_kind kind;
+    const char *name;
+} g_index_kinds[] = {{RA_CLIENT_INDEX_GRAPH, "graph"},
+                     {RA_CLIENT_INDEX_FLAT, "flat"},
+                     {RA_CLIENT_INDEX_IVF, "ivf"},
+                     {RA_CLIENT_INDEX_HNSW, "hnsw"},
+                     {RA_CLIENT_INDEX_PSCAN, "pscan"}};
+
+const char *ra_client_index_kind_name(ra_client_index_kind k)
+{
+    for (size_t i = 0; i < sizeof g_index_kinds / sizeof *g_index_kinds; i++)
+        if (g_index_kinds[i].kind == k)
+            return g_index_kinds[i].name;
+    return NULL;
+}
+
+ra_status ra_client_index_kind_parse(const char *name, ra_client_index_kind *out)
+{
+    for (size_t i = 0; name && i < sizeof g_index_kinds / sizeof *g_index_kinds; i++)
+        if (!strcmp(name, g_index_kinds[i].name)) {
+            *out = g_index_kinds[i].kind;
+            return RA_OK;
+        }
+    return RA_EINVAL;
+}
+
 const char *ra_op_name(ra_op op)
 {
     static const char *n[] = {"hello", "create", "offload", "append", "attend", "drop", "stats"};

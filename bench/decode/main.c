@@ -20,18 +20,8 @@
 
 const char *dec_index_name(ra_client_index_kind k)
 {
-    switch (k) {
-    case RA_CLIENT_INDEX_FLAT:
-        return "flat";
-    case RA_CLIENT_INDEX_IVF:
-        return "ivf";
-    case RA_CLIENT_INDEX_HNSW:
-        return "hnsw";
-    case RA_CLIENT_INDEX_PSCAN:
-        return "pscan";
-    default:
-        return "graph";
-    }
+    const char *n = ra_client_index_kind_name(k);
+    return n ? n : "graph";
 }
 
 static void usage(FILE *f)
@@ -300,17 +290,7 @@ static void parse_args(int argc, char **argv, dec_cfg *c)
             c->effort = (int)parse_int("--effort", v, 0, 1 << 24);
             break;
         case O_INDEX:
-            if (!strcmp(v, "graph"))
-                c->index = RA_CLIENT_INDEX_GRAPH;
-            else if (!strcmp(v, "flat"))
-                c->index = RA_CLIENT_INDEX_FLAT;
-            else if (!strcmp(v, "ivf"))
-                c->index = RA_CLIENT_INDEX_IVF;
-            else if (!strcmp(v, "hnsw"))
-                c->index = RA_CLIENT_INDEX_HNSW;
-            else if (!strcmp(v, "pscan"))
-                c->index = RA_CLIENT_INDEX_PSCAN;
-            else
+            if (ra_client_index_kind_parse(v, &c->index) != RA_OK)
                 bad("--index must be graph, flat, ivf, hnsw or pscan, got '%s'", v);
             set_index = 1;
             break;

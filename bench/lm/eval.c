@@ -231,20 +231,8 @@ static void parse_args(int argc, char **argv, opts *o)
         else if (ARG("--dump-trace"))
             o->dump_trace = v;
         else if (ARG("--index")) {
-            static const struct {
-                const char *name;
-                ra_client_index_kind kind;
-            } kinds[] = {{"graph", RA_CLIENT_INDEX_GRAPH},
-                         {"flat", RA_CLIENT_INDEX_FLAT},
-                         {"ivf", RA_CLIENT_INDEX_IVF},
-                         {"hnsw", RA_CLIENT_INDEX_HNSW},
-                         {"pscan", RA_CLIENT_INDEX_PSCAN}};
-            size_t k = 0;
-            while (k < sizeof kinds / sizeof *kinds && strcmp(v, kinds[k].name))
-                k++;
-            if (k == sizeof kinds / sizeof *kinds)
+            if (ra_client_index_kind_parse(v, &o->index) != RA_OK)
                 die_usage("--index must be graph, flat, ivf, hnsw or pscan");
-            o->index = kinds[k].kind;
             o->set_index = 1;
         } else if (ARG("--context"))
             o->context = parse_uint(a, v, 1, 1u << 24);

@@ -144,6 +144,13 @@ typedef enum ra_client_index_kind {
                                   daemon's faiss-flat baseline) */
 } ra_client_index_kind;
 
+/* The name of an index kind as the tools spell it ("graph", "flat", "ivf", "hnsw",
+ * "pscan"), or NULL for a value that is none of them. */
+const char *ra_client_index_kind_name(ra_client_index_kind k);
+/* The kind of one of those names into *out: RA_OK, or RA_EINVAL (nothing written) for
+ * NULL or any other text. */
+ra_status ra_client_index_kind_parse(const char *name, ra_client_index_kind *out);
+
 /* Index options; 0 means "daemon default" for every field. */
 typedef struct ra_client_index_opts {
     ra_client_index_kind kind;

@@ -168,6 +168,31 @@ static int teardown(void **state)
 
 /* ---- tests --------------------------------------------------------------------------- */
 
+/* ra_client_index_kind_name / _parse: every kind round-trips, anything else is refused
+ * and leaves the output alone */
+static void test_index_kind_names(void **state)
+{
+    (void)state;
+    const ra_client_index_kind all[] = {RA_CLIENT_INDEX_GRAPH, RA_CLIENT_INDEX_FLAT,
+                                        RA_CLIENT_INDEX_IVF, RA_CLIENT_INDEX_HNSW,
+                                        RA_CLIENT_INDEX_PSCAN};
+    const char *want[] = {"graph", "flat", "ivf", "hnsw", "pscan"};
+    for (int i = 0; i < 5; i++) {
+        assert_string_equal(ra_client_index_kind_name(all[i]), want[i]);
+        ra_client_index_kind k = RA_CLIENT_INDEX_FLAT;
+        assert_int_equal(ra_client_index_kind_parse(want[i], &k), RA_OK);
+        assert_int_equal(k, all[i]);
+    }
+    assert_null(ra_client_index_kind_name((ra_client_index_kind)4)); /* the daemon's faiss-flat */
+    assert_null(ra_client_index_kind_name((ra_client_index_kind)99));
+    const char *bad[] = {NULL, "", "Graph", "pscan ", "faiss-flat", "graphx"};
+    for (int i = 0; i < 6; i++) {
+        ra_client_index_kind k = RA_CLIENT_INDEX_IVF;
+        assert_int_equal(ra_client_index_kind_parse(bad[i], &k), RA_EINVAL);
+        assert_int_equal(k, RA_CLIENT_INDEX_IVF);
+    }
+}
+
 static void test_hello(void **state)
 {
     (void)state;
@@ -941,6 +966,7 @@ static void test_numa_placement(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_index_kind_names),
         cmocka_unit_test(test_hello),
         cmocka_unit_test(test_exact_f32),
         cmocka_unit_test(test_exact_f16),
