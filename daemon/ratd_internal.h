@@ -173,7 +173,7 @@ struct ratd_server {
     void *ctx, *sock;
     int efd; /* eventfd: workers wake the I/O thread */
     ratd_pool *pool;
-    int timeline; /* --timeline (or RATD_TIMELINE): log every N-th pool request's timeline (0: off) */
+    int timeline; /* --timeline (RATD_TIMELINE): every N-th pool request's timeline (0: off) */
     unsigned timeline_n;
     ra_mem mem;
     ra_proto_limits lim;

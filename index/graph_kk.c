@@ -56,12 +56,12 @@ int g_kk_amx(const ra_graph *g)
 }
 
 /* Priming (the key->key lists and the training queries' lists of heads of KK_PRIME_MIN_N
- * keys or more): before the scan, a
- * query is scored on an evenly spaced sample of S = n / step codes (step = n / KK_PRIME_S)
- * and its threshold starts at the sample's r-th best score, so that the scan's buffer is
- * not first filled with whatever the first chunks hold. About r n / S keys score at or
- * above it; with lambda = c S / n, r = lambda + 3 sqrt(lambda) + 3 makes fewer than c of
- * them (the Poisson tail) rare: ~1e-4 a query at lambda 3 (c 96, n 131,072, S 4,096). A
+ * keys or more): before the scan, a query is scored on an evenly spaced sample of
+ * S = n / step codes (step = n / KK_PRIME_S) and its threshold starts at the sample's r-th
+ * best score, so that the scan's buffer is not first filled with whatever the first
+ * chunks hold. About r n / S keys score at or above it; with lambda = c S / n,
+ * r = lambda + 3 sqrt(lambda) + 3 makes fewer than c of them (the Poisson tail) rare:
+ * ~1e-4 a query at lambda 3 (c 96, n 131,072, S 4,096). A
  * query with fewer than c at or above its threshold and no cut is scanned again from no
  * threshold, so the lists are exactly those of a scan without priming. On the dev box
  * (131K keys, dim 128) the buffer took ~930 candidates a key without it, and the lists'
@@ -104,8 +104,7 @@ typedef struct kk_scan {
     int16_t *q16;
     int32_t *dots, *ids, *tau, *wsc, *wid, *key;
     uint32_t *mask, *rows;
-    int *cnt;
-    uint8_t *cut; /* [nq]: the query's buffer has been cut */
+    int *cnt; /* a query's candidates in W: c or more once it has been cut */
     g_hc *W;
     uint64_t t_sc;
 } kk_scan;
@@ -171,7 +170,6 @@ static void kk_scan_all(kk_scan *x)
                         x->wsc[qi] = (int32_t)worst.s, x->wid[qi] = worst.id;
                         ts[j] = x->wsc[qi] - 1;
                         x->cnt[qi] = c;
-                        x->cut[qi] = 1;
                     }
                 }
             }
@@ -247,13 +245,12 @@ ra_status g_kk_block(const ra_graph *g, const float *q, size_t nq, const int32_t
     x.tau = malloc(nsb * 32 * sizeof *x.tau), x.wsc = malloc(nq * sizeof *x.wsc);
     x.wid = malloc(nq * sizeof *x.wid);
     x.cnt = calloc(nsb * 32, sizeof *x.cnt);
-    x.cut = calloc(nq, 1);
     x.W = malloc(nq * (size_t)cap * sizeof *x.W);
     g_hc *tmp = malloc((size_t)cap * sizeof *tmp);
     x.key = malloc((size_t)cap * sizeof *x.key);
     ra_status st = RA_OK;
     if (!x.q8 || !x.q16 || (amx && !x.pack) || !x.dots || !x.mask || !x.rows || (!amx && !x.ids) ||
-        !x.tau || !x.wsc || !x.wid || !x.cnt || !x.cut || !x.W || !tmp || !x.key) {
+        !x.tau || !x.wsc || !x.wid || !x.cnt || !x.W || !tmp || !x.key) {
         st = RA_ENOMEM;
         goto out;
     }
@@ -281,10 +278,11 @@ ra_status g_kk_block(const ra_graph *g, const float *q, size_t nq, const int32_t
     if (r)
         kk_prime(&x, r, step);
     kk_scan_all(&x);
-    if (r) { /* queries with fewer than c at or above the primed threshold: again */
+    if (r) { /* queries with fewer than c at or above the primed threshold (so never cut,
+              * which leaves c): again */
         size_t again = 0;
         for (size_t qi = 0; qi < nsb * 32; qi++) {
-            int redo = qi < nq && !x.cut[qi] && x.cnt[qi] < c && x.tau[qi] != INT32_MIN;
+            int redo = qi < nq && x.cnt[qi] < c && x.tau[qi] != INT32_MIN;
             x.tau[qi] = redo ? INT32_MIN : INT32_MAX;
             if (redo)
                 x.cnt[qi] = 0, again++;
@@ -313,7 +311,7 @@ ra_status g_kk_block(const ra_graph *g, const float *q, size_t nq, const int32_t
     }
 out:
     free(x.q8), free(x.q16), free(x.pack), free(x.dots), free(x.mask), free(x.rows), free(x.ids);
-    free(x.tau), free(x.wsc), free(x.wid), free(x.cnt), free(x.cut), free(x.W), free(x.key);
+    free(x.tau), free(x.wsc), free(x.wid), free(x.cnt), free(x.W), free(x.key);
     free(tmp);
     return st;
 }
