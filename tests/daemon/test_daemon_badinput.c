@@ -146,16 +146,23 @@ static void check_keeper(void)
     assert_memory_equal(lse, g_klse, sizeof lse);
 }
 
-/* The log gets a line with `needle` (the daemon writes it before replying; allow a
- * moment for stdio). */
-static void expect_log(const char *needle)
+/* Whether the log gets a line with `needle` within `tries` looks 50 ms apart (the daemon
+ * writes it before replying; allow a moment for stdio); expect_log fails the test
+ * without one in 2 s. */
+static int wait_log(const char *needle, int tries)
 {
-    for (int i = 0; i < 40; i++) {
+    for (int i = 0; i < tries; i++) {
         if (ratd_log_has(&g_d, needle))
-            return;
+            return 1;
         usleep(50000);
     }
-    fail_msg("no log line containing '%s' in %s", needle, g_d.log);
+    return 0;
+}
+
+static void expect_log(const char *needle)
+{
+    if (!wait_log(needle, 40))
+        fail_msg("no log line containing '%s' in %s", needle, g_d.log);
 }
 
 static int setup(void **state)
@@ -651,8 +658,7 @@ static void test_vanishing_client(void **state)
     int seen = 0;
     for (int t = 0; t < 5 && !seen; t++) {
         vanish_once();
-        for (int i = 0; i < 20 && !(seen = ratd_log_has(&g_d, "went away")); i++)
-            usleep(50000);
+        seen = wait_log("went away", 20);
         assert_int_equal(ra_client_hello(g_c, NULL), RA_OK);
         check_keeper();
     }
