@@ -41,13 +41,14 @@ if [ -n "${RA_BUILD_HEAD:-}" ]; then # one 131K head's CPU graph build, phase by
   el "head builds"
 fi
 D="$b/bench/ratd-bench-decode --ratd $b/daemon/ratd --json --steps 200"
+# sw GRAPH PSCAN: a sweep's efforts, the graph's candidate lists when the run has --index
+# graph (variant gr: is_graph=1), else pscan's candidates rescored (the default index since the
+# thirteenth session)
+sw() { if [ "$is_graph" = 1 ]; then echo "$1"; else echo "$2"; fi; }
 for rv in "${runs[@]}"; do
   ra_run_variants "$rv" || continue
   r=$RA_RUN name=$RA_RUN_NAME
-  # a sweep's efforts: the graph's candidate lists under --index graph (variant gr),
-  # else pscan's candidates rescored (the default index since the thirteenth session)
-  g=0; [[ " ${RA_RUN_ARGS[*]} " == *" --index graph "* ]] && g=1
-  sw() { if [ $g = 1 ]; then echo "$1"; else echo "$2"; fi; }
+  is_graph=0; [[ " ${RA_RUN_ARGS[*]} " == *" --index graph "* ]] && is_graph=1
   case $r in
   c32k) a=(--context 32768 --layers 2) ;;
   c128k) a=(--context 131072 --layers 2 --sweep "$(sw 150,200,250,300,400 300,500,700,1000,1500)") ;;
