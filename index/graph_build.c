@@ -236,6 +236,9 @@ static int g_prune(const ra_graph *g, const void *keys, const uint64_t *c, int n
         int32_t cid = g_nb_id(c[i]);
         float cd2 = g_nb_d2(c[i]);
         dropped[i] = 0;
+        if (i + 4 < lim) /* the row converted 4 candidates on (cold again after the gather) */
+            for (size_t o = 0; o < g->row_bytes; o += 64)
+                __builtin_prefetch((const char *)g_row(g, keys, g_nb_id(c[i + 4])) + o, 0, 1);
         float *cf = t->kf + (size_t)kept * dim; /* its fp32 copy stays there if kept */
         ra_kern_to_f32(g_row(g, keys, cid), g->dtype, dim, cf);
         if (kept) {
@@ -1171,7 +1174,7 @@ static ra_status g_project(ra_graph *g, const void *keys, const int32_t *knn, si
     atomic_init(&c.kk_cyc[1], 0);
     atomic_init(&c.kk_cyc[2], 0);
     g_clock(&w1, &c1);
-    g_parallel(g->threads, n, 256, g_proj_task, &c);
+    g_parallel(g->threads, n, kc ? G_KK_BLOCK : 256, g_proj_task, &c);
     g_clock(&w2, &c2);
     if (atomic_load(&c.fail)) {
         st = g_cancelled(g) ? RA_ECLOSED : RA_ENOMEM;

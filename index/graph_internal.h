@@ -181,7 +181,9 @@ ra_status g_kk_block(const ra_graph *g, const float *q, size_t nq, const int32_t
 int g_kk_amx(const ra_graph *g);
 /* the rows its callers hand it at once (keys of the projection, training queries): its
  * buffers are nq x (2 c + 32) candidates */
+#ifndef G_KK_BLOCK /* (-DG_KK_BLOCK=n for the A/B benchmarks) */
 #define G_KK_BLOCK 256
+#endif
 
 /* graph_build.c: the key->key candidates of later builds as RA_GRAPH_KK would set them
  * (-1 auto, 0 walks, 1 lists by code even without AMX); -2 goes back to RA_GRAPH_KK.

@@ -111,7 +111,7 @@ typedef struct kk_scan {
 
 /* Scores query block sb on the m codes from key j0 on, `step` keys apart (step > 1: the
  * priming sample), into x->dots / mask / rows; returns the rows with a flag. */
-static size_t kk_score(kk_scan *x, size_t sb, size_t j0, size_t m, size_t step)
+static size_t kk_score(kk_scan *x, size_t sb, size_t j0, size_t m, size_t step, int pf)
 {
     const ra_graph *g = x->g;
     int32_t *ts = x->tau + sb * 32;
@@ -120,7 +120,7 @@ static size_t kk_score(kk_scan *x, size_t sb, size_t j0, size_t m, size_t step)
     if (x->amx) {
         const uint8_t *base = g->kk_codes ? g->kk_codes + j0 * (size_t)x->cb : g_code(g, j0);
         size_t stride = g->kk_codes ? (size_t)x->cb : g->rec_bytes;
-        nr = ra_kern_amx_dots32(x->pack + sb * 4096, x->cb, base, stride * step, m, ts, x->dots,
+        nr = ra_kern_amx_dots32(x->pack + sb * 4096, x->cb, base, stride * step, m, pf, ts, x->dots,
                                 x->mask, x->rows);
     } else {
         for (size_t i = 0; i < m; i++)
@@ -147,11 +147,13 @@ static void kk_scan_all(kk_scan *x)
     for (size_t k = 0; k < nch; k++) {
         size_t j0 = (c0 + k) % nch * KK_CH;
         size_t m = n - j0 < KK_CH ? n - j0 : KK_CH;
+        int pf = 1; /* the chunk's first pass reads its codes from L2 or beyond */
         for (size_t s = 0; s < x->nsb; s++) {
             if (s < 64 && !(live >> s & 1))
                 continue;
             int32_t *ts = x->tau + s * 32;
-            size_t nr = kk_score(x, s, j0, m, 1);
+            size_t nr = kk_score(x, s, j0, m, 1, pf);
+            pf = 0;
             for (size_t r = 0; r < nr; r++) {
                 size_t i = x->rows[r];
                 uint32_t mk = x->mask[r];
@@ -192,7 +194,7 @@ static void kk_prime(kk_scan *x, int r, size_t step)
         size_t m = S - s0 < KK_CH ? S - s0 : KK_CH;
         for (size_t sb = 0; sb < x->nsb; sb++) {
             int32_t *ts = x->tau + sb * 32;
-            size_t nr = kk_score(x, sb, s0 * step, m, step);
+            size_t nr = kk_score(x, sb, s0 * step, m, step, sb == 0);
             for (size_t k = 0; k < nr; k++) {
                 uint32_t mk = x->mask[k];
                 int32_t id = (int32_t)((s0 + x->rows[k]) * step);

@@ -42,6 +42,18 @@ typedef struct ra_kern_table {
     ra_kern_p4scan_fn p4scan; /* NULL: the scalar one */
 } ra_kern_table;
 
+/* The gathers' prefetch: every cache line of the rows ids[b .. e) (rows scattered over
+ * the store, so a gather waits on memory; one line a row left the other lines of a bf16
+ * row of dim 128 to the hardware, 4 lines a row) */
+#define RA_GATHER_AHEAD 8 /* rows */
+static inline void ra_kern_prefetch_rows(const char *base, size_t rb, const int32_t *ids, size_t b,
+                                         size_t e)
+{
+    for (size_t i = b; i < e; i++)
+        for (size_t off = 0; off < rb; off += 64)
+            __builtin_prefetch(base + (size_t)ids[i] * rb + off, 0, 1);
+}
+
 extern const ra_kern_table ra_kern_table_scalar;
 /* Filled only when the compiler can target the ISA; NULL entries are never used
  * because kernels.c checks the CPU first. */

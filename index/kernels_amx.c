@@ -119,7 +119,7 @@ void ra_kern_amx_end(void)
 }
 
 size_t ra_kern_amx_dots32(const int8_t *pack, int cbytes, const uint8_t *codes, size_t stride,
-                          size_t n, const int32_t *tau, int32_t *dots, uint32_t *mask,
+                          size_t n, int pf, const int32_t *tau, int32_t *dots, uint32_t *mask,
                           uint32_t *rows)
 {
     int ks = cbytes / 64;
@@ -131,13 +131,14 @@ size_t ra_kern_amx_dots32(const int8_t *pack, int cbytes, const uint8_t *codes, 
     }
     __m512i t0 = _mm512_loadu_si512(tau), t1 = _mm512_loadu_si512(tau + 16);
     /* two blocks' scores in turn, so that the stores of one and the loads of the other
-     * do not wait on each other; most blocks beat no threshold late in a scan, and one
-     * vertical max of its 16 rows says so */
+     * do not wait on each other; each row is compared once (a vertical max of the 16 rows
+     * first, to skip blocks that beat no threshold, cost ~12 % more on the build's scan,
+     * where ~3 in 4 blocks have a hit: bench/README.md, "Sixteenth session") */
     int32_t blk[2][16 * 32] __attribute__((aligned(64)));
     size_t full = n / 16 * 16, nr = 0;
     for (size_t j = 0; j < n; j += 16) {
         int32_t *o = blk[(j / 16) & 1];
-        if (j + 48 < full) /* the codes of the block 3 ahead: tile loads do not prefetch */
+        if (pf && j + 48 < full) /* the codes of the block 3 ahead */
             for (int r = 0; r < 16; r++)
                 for (int b = 0; b < cbytes; b += 64)
                     _mm_prefetch((const char *)codes + (j + 48 + (size_t)r) * stride + b,
@@ -154,13 +155,6 @@ size_t ra_kern_amx_dots32(const int8_t *pack, int cbytes, const uint8_t *codes, 
         _tile_stored(0, o, 128);
         _tile_stored(1, o + 16, 128);
         size_t m = n - j < 16 ? n - j : 16;
-        __m512i m0 = _mm512_load_si512(o), m1 = _mm512_load_si512(o + 16);
-        for (size_t i = 1; i < m; i++) {
-            m0 = _mm512_max_epi32(m0, _mm512_load_si512(o + i * 32));
-            m1 = _mm512_max_epi32(m1, _mm512_load_si512(o + i * 32 + 16));
-        }
-        if (!(_mm512_cmpgt_epi32_mask(m0, t0) | _mm512_cmpgt_epi32_mask(m1, t1)))
-            continue;
         for (size_t i = 0; i < m; i++) {
             __m512i a = _mm512_load_si512(o + i * 32), b = _mm512_load_si512(o + i * 32 + 16);
             uint32_t mk = (uint32_t)_mm512_cmpgt_epi32_mask(a, t0) |
@@ -206,10 +200,10 @@ void ra_kern_amx_pack32(const int8_t *q8, int nq, int cbytes, int8_t *pack)
 }
 
 size_t ra_kern_amx_dots32(const int8_t *pack, int cbytes, const uint8_t *codes, size_t stride,
-                          size_t n, const int32_t *tau, int32_t *dots, uint32_t *mask,
+                          size_t n, int pf, const int32_t *tau, int32_t *dots, uint32_t *mask,
                           uint32_t *rows)
 {
-    (void)pack, (void)cbytes, (void)codes, (void)stride, (void)n, (void)tau, (void)dots;
+    (void)pack, (void)cbytes, (void)codes, (void)stride, (void)n, (void)pf, (void)tau, (void)dots;
     (void)mask, (void)rows;
     abort();
 }

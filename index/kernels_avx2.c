@@ -100,11 +100,11 @@ static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d)
     {                                                                                          \
         size_t rb = (size_t)dim * ESZ;                                                         \
         const char *b = rows;                                                                  \
-        size_t i = 0;                                                                          \
+        size_t i = 0, ah = RA_GATHER_AHEAD;                                                    \
+        ra_kern_prefetch_rows(b, rb, ids, 0, n < ah ? n : ah);                                 \
         for (; i + 4 <= n; i += 4) {                                                           \
-            if (i + 8 <= n)                                                                    \
-                for (int c = 4; c < 8; c++)                                                    \
-                    __builtin_prefetch(b + (size_t)ids[i + c] * rb, 0, 1);                     \
+            if (i + ah < n)                                                                    \
+                ra_kern_prefetch_rows(b, rb, ids, i + ah, i + ah + 4 < n ? i + ah + 4 : n);    \
             dot4_##NAME(q, b + (size_t)ids[i] * rb, b + (size_t)ids[i + 1] * rb,               \
                         b + (size_t)ids[i + 2] * rb, b + (size_t)ids[i + 3] * rb, dim,         \
                         out + i);                                                              \

@@ -80,11 +80,11 @@ static inline float ld1_bf16(const void *p, int j) { return ra_bf16_to_f32(((con
     {                                                                                          \
         size_t rb = (size_t)dim * ESZ;                                                         \
         const char *b = rows;                                                                  \
-        size_t i = 0;                                                                          \
+        size_t i = 0, ah = RA_GATHER_AHEAD;                                                    \
+        ra_kern_prefetch_rows(b, rb, ids, 0, n < ah ? n : ah);                                 \
         for (; i + 4 <= n; i += 4) {                                                           \
-            if (i + 8 <= n)                                                                    \
-                for (int c = 4; c < 8; c++)                                                    \
-                    __builtin_prefetch(b + (size_t)ids[i + c] * rb, 0, 1);                     \
+            if (i + ah < n)                                                                    \
+                ra_kern_prefetch_rows(b, rb, ids, i + ah, i + ah + 4 < n ? i + ah + 4 : n);    \
             dot4_##NAME(q, b + (size_t)ids[i] * rb, b + (size_t)ids[i + 1] * rb,               \
                         b + (size_t)ids[i + 2] * rb, b + (size_t)ids[i + 3] * rb, dim,         \
                         out + i);                                                              \

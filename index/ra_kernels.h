@@ -73,9 +73,11 @@ void ra_kern_amx_pack32(const int8_t *q8, int nq, int cbytes, int8_t *pack);
  * codes at codes + i * stride against the 32 packed queries j; of the codes i with some
  * score above tau[j], in ascending order: i in rows[], the mask of those j in mask[], and
  * the 32 scores in dots[r * 32 ..]. Returns their count (at most n); nothing past code
- * n - 1 is read. Only when ra_kern_amx_ok(). */
+ * n - 1 is read. pf 1 prefetches the codes ahead (the first pass over codes not in L1:
+ * tile loads do not prefetch), 0 not (codes a pass before has just read). Only when
+ * ra_kern_amx_ok(). */
 size_t ra_kern_amx_dots32(const int8_t *pack, int cbytes, const uint8_t *codes, size_t stride,
-                          size_t n, const int32_t *tau, int32_t *dots, uint32_t *mask,
+                          size_t n, int pf, const int32_t *tau, int32_t *dots, uint32_t *mask,
                           uint32_t *rows);
 
 /* The same for 4-bit codes (ra_codes.h has the packing): out[i * G + j] = sum_{b < cbytes}

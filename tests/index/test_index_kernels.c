@@ -525,7 +525,8 @@ static void test_amx_dots32(void **state)
                                     : INT32_MAX;
                 ra_kern_amx_pack32(q8, nq, cb, pack);
                 ra_kern_amx_begin();
-                size_t nr = ra_kern_amx_dots32(pack, cb, base, stride, n, tau, dots, mask, rows);
+                size_t nr = ra_kern_amx_dots32(pack, cb, base, stride, n, (int)(n & 1), tau, dots,
+                                               mask, rows);
                 ra_kern_amx_end();
                 size_t k = 0;
                 for (size_t i = 0; i < n; i++) {
@@ -580,7 +581,8 @@ static void test_amx_dots32_bounds(void **state)
                 memset(codes, 200, bytes);
                 ra_kern_amx_pack32(q8, 32, cb, pack);
                 ra_kern_amx_begin();
-                size_t nr = ra_kern_amx_dots32(pack, cb, codes, stride, n, tau, dots, mask, rows);
+                size_t nr =
+                    ra_kern_amx_dots32(pack, cb, codes, stride, n, 1, tau, dots, mask, rows);
                 ra_kern_amx_end();
                 assert_int_equal(nr, n); /* every score beats INT32_MIN */
                 munmap(m, tot);
