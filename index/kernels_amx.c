@@ -131,9 +131,11 @@ size_t ra_kern_amx_dots32(const int8_t *pack, int cbytes, const uint8_t *codes, 
     }
     __m512i t0 = _mm512_loadu_si512(tau), t1 = _mm512_loadu_si512(tau + 16);
     /* two blocks' scores in turn, so that the stores of one and the loads of the other
-     * do not wait on each other; each row is compared once (a vertical max of the 16 rows
-     * first, to skip blocks that beat no threshold, cost ~12 % more on the build's scan,
-     * where ~3 in 4 blocks have a hit: bench/README.md, "Sixteenth session") */
+     * do not wait on each other; each row is compared once: a vertical max of the 16 rows
+     * first, to skip blocks that beat no threshold, was mostly extra work in the build's
+     * scan, where ~3 blocks in 4 have a hit (with the first-pass-only prefetch, a
+     * calibrated head's key->key lists took 14 % less thread time on the H200 host:
+     * bench/README.md, "Sixteenth session") */
     int32_t blk[2][16 * 32] __attribute__((aligned(64)));
     size_t full = n / 16 * 16, nr = 0;
     for (size_t j = 0; j < n; j += 16) {
