@@ -237,8 +237,7 @@ static int g_prune(const ra_graph *g, const void *keys, const uint64_t *c, int n
         float cd2 = g_nb_d2(c[i]);
         dropped[i] = 0;
         if (i + 4 < lim) /* the row converted 4 candidates on (cold again after the gather) */
-            for (size_t o = 0; o < g->row_bytes; o += 64)
-                __builtin_prefetch((const char *)g_row(g, keys, g_nb_id(c[i + 4])) + o, 0, 1);
+            ra_kern_prefetch_row(g_row(g, keys, g_nb_id(c[i + 4])), g->row_bytes);
         float *cf = t->kf + (size_t)kept * dim; /* its fp32 copy stays there if kept */
         ra_kern_to_f32(g_row(g, keys, cid), g->dtype, dim, cf);
         if (kept) {

@@ -42,16 +42,14 @@ typedef struct ra_kern_table {
     ra_kern_p4scan_fn p4scan; /* NULL: the scalar one */
 } ra_kern_table;
 
-/* The gathers' prefetch: every cache line of the rows ids[b .. e) (rows scattered over
- * the store, so a gather waits on memory; one line a row left the other lines of a bf16
- * row of dim 128 to the hardware, 4 lines a row) */
+/* The gathers' prefetch (ra_kern_prefetch_row): the rows ids[b .. e) of rb bytes at base,
+ * RA_GATHER_AHEAD rows ahead of the one being scored */
 #define RA_GATHER_AHEAD 8 /* rows */
 static inline void ra_kern_prefetch_rows(const char *base, size_t rb, const int32_t *ids, size_t b,
                                          size_t e)
 {
     for (size_t i = b; i < e; i++)
-        for (size_t off = 0; off < rb; off += 64)
-            __builtin_prefetch(base + (size_t)ids[i] * rb + off, 0, 1);
+        ra_kern_prefetch_row(base + (size_t)ids[i] * rb, rb);
 }
 
 extern const ra_kern_table ra_kern_table_scalar;

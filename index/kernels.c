@@ -357,14 +357,6 @@ int ra_kern_all_finite(const void *src, ra_dtype t, size_t n)
     return !bad;
 }
 
-/* Prefetch every cache line of a V row a few rows ahead: the rows of a top-k set are
- * scattered over the store, so the gather is bound by memory latency, not arithmetic. */
-static inline void prefetch_row(const char *p, size_t bytes)
-{
-    for (size_t off = 0; off < bytes; off += 64)
-        __builtin_prefetch(p + off, 0, 1);
-}
-
 void ra_kern_partial_attention(const float *scores, const int32_t *ids, size_t n, float scale,
                                const void *vrows, ra_dtype t, int dim, float *o, float *lse)
 {
@@ -411,11 +403,11 @@ void ra_kern_partial_attention(const float *scores, const int32_t *ids, size_t n
 #endif
     enum { AHEAD = RA_PA_AHEAD };
     for (size_t i = 0; i < n && i < AHEAD; i++)
-        prefetch_row(V + (size_t)ids[i] * rb, rb);
+        ra_kern_prefetch_row(V + (size_t)ids[i] * rb, rb);
     double sum = 0.0;
     for (size_t i = 0; i < n; i++) {
         if (i + AHEAD < n)
-            prefetch_row(V + (size_t)ids[i + AHEAD] * rb, rb);
+            ra_kern_prefetch_row(V + (size_t)ids[i + AHEAD] * rb, rb);
         float z = scale * scores[i];
         if (!(z >= -INFINITY)) /* NaN: weight 0 */
             continue;

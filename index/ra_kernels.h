@@ -19,6 +19,14 @@ typedef enum ra_isa {
     RA_ISA_AVX512VNNI = 3 /* the same + VNNI: the u8 code kernel uses vpdpbusd */
 } ra_isa;
 
+/* Prefetches every cache line of the `bytes` at p (a stored row a gather will read soon:
+ * scattered rows wait on memory, and one line a row leaves the rest to the hardware) */
+static inline void ra_kern_prefetch_row(const void *p, size_t bytes)
+{
+    for (size_t off = 0; off < bytes; off += 64)
+        __builtin_prefetch((const char *)p + off, 0, 1);
+}
+
 /* Best ISA this CPU supports (cached). */
 ra_isa ra_kern_isa_best(void);
 /* ISA in use; ra_kern_isa_set() forces one (tests); returns RA_ENOTSUP if the CPU lacks it. */
